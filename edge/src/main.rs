@@ -1,0 +1,172 @@
+//! The `backhaul-edge` command line (SPEC.md, "Edge command line"). Glue only: the work is in the
+//! library's modules.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use backhaul_edge::queue::{Durability, Queue, QueueConfig};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "backhaul-edge",
+    version,
+    about = "Store-and-forward of BLE detections from a Raspberry Pi to the cloud"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service (systemd Type=notify).
+    Run {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Show the running service's queue and link state.
+    Status,
+    /// Inspect the queue offline (stop the service first).
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+    /// Requeue retained, already acked batches under their original batch_id (offline, on the
+    /// data_dir, for now: stop the service first).
+    Replay {
+        /// Batches acked at or after this time (RFC 3339, e.g. 2026-11-21T10:00:00Z).
+        #[arg(long, value_name = "TIME")]
+        since: String,
+        /// ... and before this time (default: now).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/backhaul")]
+        data_dir: PathBuf,
+    },
+    /// Watch BLE advertisements, optionally record them for the replay source.
+    Scan {
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
+    },
+    /// Validate a config and print the effective settings, secrets masked.
+    CheckConfig {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueAction {
+    /// Counts by state, bytes, oldest pending age, drops, quarantined.
+    Stats {
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/backhaul")]
+        data_dir: PathBuf,
+    },
+    /// Read every record and check its checksum; exit 1 if any is damaged.
+    Verify {
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/backhaul")]
+        data_dir: PathBuf,
+    },
+    /// Write every record as a JSON line to stdout.
+    Export {
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/backhaul")]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    backhaul_shared::logging::init("info");
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("backhaul-edge: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn not_yet(what: &str, issue: u32) -> Result<ExitCode> {
+    eprintln!("backhaul-edge {what}: not implemented yet (tracked in issue #{issue})");
+    Ok(ExitCode::from(2))
+}
+
+fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Run { .. } => not_yet("run", 5),
+        Command::Status => not_yet("status", 5),
+        Command::Scan { .. } => not_yet("scan", 6),
+        Command::CheckConfig { .. } => not_yet("check-config", 5),
+        Command::Queue { action } => queue_command(action),
+        Command::Replay { since, until, data_dir } => {
+            let since = parse_time(&since).context("--since")?;
+            let until = until.as_deref().map(parse_time).transpose().context("--until")?;
+            let queue = open_offline(&data_dir)?;
+            let n = queue.requeue_acked(since, until)?;
+            println!(
+                "requeued {n} acked batches under their original batch_id; they are sent again when the service runs"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn parse_time(s: &str) -> Result<SystemTime> {
+    let t: backhaul_shared::Timestamp = s.parse().map_err(anyhow::Error::msg)?;
+    let micros = u64::try_from(t.unix_micros()).context("times before 1970 are not supported")?;
+    Ok(SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(micros))
+}
+
+fn open_offline(data_dir: &std::path::Path) -> Result<Queue> {
+    if !data_dir.join("queue").exists() {
+        anyhow::bail!("no queue in {} (is --data-dir the service's data_dir?)", data_dir.display());
+    }
+    // Offline tools must not shrink anything: no budget, keep every acked batch.
+    let config = QueueConfig {
+        max_bytes: u64::MAX,
+        retain_acked: std::time::Duration::MAX / 2,
+        durability: Durability::Fsync,
+        ..QueueConfig::default()
+    };
+    Ok(Queue::open(data_dir, config)?)
+}
+
+fn queue_command(action: QueueAction) -> Result<ExitCode> {
+    match action {
+        QueueAction::Stats { data_dir } => {
+            let stats = open_offline(&data_dir)?.stats()?;
+            println!("{}", serde_json::to_string_pretty(&stats)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        QueueAction::Verify { data_dir } => {
+            let report = open_offline(&data_dir)?.verify()?;
+            println!(
+                "{} records intact, {} quarantined earlier, {} damaged",
+                report.ok,
+                report.quarantined,
+                report.bad.len()
+            );
+            for line in &report.bad {
+                println!("damaged: {line}");
+            }
+            Ok(if report.bad.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        QueueAction::Export { data_dir } => {
+            let queue = open_offline(&data_dir)?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            queue.export(|record| {
+                serde_json::to_writer(&mut out, &record)?;
+                out.write_all(b"\n")
+            })?;
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The on-disk layout of the queue: keys, record values and the persisted counters.
+//!
+//! Never reorder or repurpose these fields or key prefixes: data written by an older build must be
+//! readable by a newer one. Add a new `RECORD_VERSION` instead.
+
+use backhaul_shared::record::{self, RecordError};
+use backhaul_shared::BatchId;
+
+/// Key prefixes: the queue's logical trees, inside one sled tree so that every state change
+/// (a record moving from pending to acked together with the counters) is one atomic `apply_batch`.
+pub(crate) const PENDING: u8 = b'p';
+pub(crate) const ACKED: u8 = b'h';
+pub(crate) const QUARANTINE: u8 = b'q';
+
+pub(crate) const META_COUNTERS: &[u8] = b"mcounters";
+pub(crate) const META_SOURCE_POSITION: &[u8] = b"msource_position";
+
+/// `p` + seq (u64 big-endian): byte order is seq order, so iteration is oldest first.
+pub(crate) fn pending_key(seq: u64) -> [u8; 9] {
+    let mut k = [PENDING; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// `h` + acked_at (ms since the epoch, u64 BE) + seq (u64 BE): ordered by ack time, for pruning and
+/// for replaying "everything acked since T".
+pub(crate) fn acked_key(acked_at_ms: u64, seq: u64) -> [u8; 17] {
+    let mut k = [ACKED; 17];
+    k[1..9].copy_from_slice(&acked_at_ms.to_be_bytes());
+    k[9..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(crate) fn acked_key_time(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(1..9)?.try_into().ok()?))
+}
+
+pub(crate) fn pending_key_seq(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(1..9)?.try_into().ok()?))
+}
+
+pub(crate) fn quarantine_key(original: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(original.len() + 1);
+    k.push(QUARANTINE);
+    k.extend_from_slice(original);
+    k
+}
+
+/// The version of [`StoredBatch`]'s layout inside the frame.
+const RECORD_VERSION: u8 = 1;
+const RECORD_HEADER: usize = 1 + 16 + 8 + 8 + 4;
+
+/// One batch as stored, before framing:
+///
+/// ```text
+/// 0   1   record version (1)
+/// 1   16  batch_id (ULID bytes)
+/// 17  8   seq, u64 LE
+/// 25  8   enqueued_at, ms since the epoch, u64 LE
+/// 33  4   detections, u32 LE
+/// 37  ..  the batch's wire JSON, exactly as it is sent (so a resend is byte-identical)
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoredBatch {
+    pub batch_id: BatchId,
+    pub seq: u64,
+    pub enqueued_at_ms: u64,
+    pub detections: u32,
+    pub json: Vec<u8>,
+}
+
+/// Why a stored value is not a readable batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum StoredError {
+    #[error(transparent)]
+    Frame(#[from] RecordError),
+    #[error("record layout version {0} is unknown to this build")]
+    UnknownLayout(u8),
+    #[error("record is {0} bytes, shorter than its header")]
+    Short(usize),
+}
+
+impl StoredBatch {
+    /// The framed value to store.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut payload = Vec::with_capacity(RECORD_HEADER + self.json.len());
+        payload.push(RECORD_VERSION);
+        payload.extend_from_slice(&self.batch_id.to_bytes());
+        payload.extend_from_slice(&self.seq.to_le_bytes());
+        payload.extend_from_slice(&self.enqueued_at_ms.to_le_bytes());
+        payload.extend_from_slice(&self.detections.to_le_bytes());
+        payload.extend_from_slice(&self.json);
+        record::encode(&payload)
+    }
+
+    /// Checks the frame's CRC and reads the record back.
+    pub fn decode(value: &[u8]) -> Result<Self, StoredError> {
+        let p = record::decode(value)?;
+        if p.len() < RECORD_HEADER {
+            return Err(StoredError::Short(p.len()));
+        }
+        if p[0] != RECORD_VERSION {
+            return Err(StoredError::UnknownLayout(p[0]));
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().expect("8 bytes"));
+        Ok(Self {
+            batch_id: BatchId::from_bytes(p[1..17].try_into().expect("16 bytes")),
+            seq: u64_at(17),
+            enqueued_at_ms: u64_at(25),
+            detections: u32::from_le_bytes(p[33..37].try_into().expect("4 bytes")),
+            json: p[RECORD_HEADER..].to_vec(),
+        })
+    }
+}
+
+/// The queue's counters, persisted under [`META_COUNTERS`] in the same atomic write as every change
+/// they describe, so they never disagree with the records after a crash.
+///
+/// Stored as a framed list of u64 LE in this order. Never reorder; append new fields at the end (an
+/// older record simply has fewer, and the missing ones read as 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// The seq the next enqueued batch gets.
+    pub next_seq: u64,
+    /// Batches in the pending tree (waiting or in flight).
+    pub pending_batches: u64,
+    /// Bytes of keys + values in the pending tree.
+    pub pending_bytes: u64,
+    /// Acked batches retained for replay.
+    pub acked_batches: u64,
+    pub acked_bytes: u64,
+    /// Batches and detections ever enqueued (since the queue was created).
+    pub produced_batches: u64,
+    pub produced_detections: u64,
+    /// Batches and detections dropped by the `drop_oldest` budget.
+    pub dropped_batches: u64,
+    pub dropped_detections: u64,
+    /// Records that failed their checksum and were moved to quarantine.
+    pub quarantined: u64,
+    /// Batches acked by the cloud (or broker), ever.
+    pub acked_total: u64,
+}
+
+impl Counters {
+    fn fields(&self) -> [u64; 11] {
+        [
+            self.next_seq,
+            self.pending_batches,
+            self.pending_bytes,
+            self.acked_batches,
+            self.acked_bytes,
+            self.produced_batches,
+            self.produced_detections,
+            self.dropped_batches,
+            self.dropped_detections,
+            self.quarantined,
+            self.acked_total,
+        ]
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let payload: Vec<u8> = self.fields().iter().flat_map(|f| f.to_le_bytes()).collect();
+        record::encode(&payload)
+    }
+
+    pub(crate) fn decode(value: &[u8]) -> Result<Self, StoredError> {
+        let p = record::decode(value)?;
+        let mut f = [0u64; 11];
+        for (slot, chunk) in f.iter_mut().zip(p.chunks_exact(8)) {
+            *slot = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+        }
+        Ok(Self {
+            next_seq: f[0],
+            pending_batches: f[1],
+            pending_bytes: f[2],
+            acked_batches: f[3],
+            acked_bytes: f[4],
+            produced_batches: f[5],
+            produced_detections: f[6],
+            dropped_batches: f[7],
+            dropped_detections: f[8],
+            quarantined: f[9],
+            acked_total: f[10],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_batch_round_trips() {
+        let b = StoredBatch {
+            batch_id: BatchId::new(),
+            seq: 42,
+            enqueued_at_ms: 1_700_000_000_000,
+            detections: 7,
+            json: b"{\"x\":1}".to_vec(),
+        };
+        assert_eq!(StoredBatch::decode(&b.encode()).unwrap(), b);
+    }
+
+    #[test]
+    fn counters_round_trip_and_old_records_read_as_zero() {
+        let c = Counters { next_seq: 9, dropped_detections: 3, acked_total: 2, ..Counters::default() };
+        assert_eq!(Counters::decode(&c.encode()).unwrap(), c);
+        let short = record::encode(&5u64.to_le_bytes());
+        assert_eq!(Counters::decode(&short).unwrap(), Counters { next_seq: 5, ..Counters::default() });
+    }
+
+    #[test]
+    fn keys_sort_as_their_numbers() {
+        assert!(pending_key(255) < pending_key(256));
+        assert!(acked_key(1, 9) < acked_key(2, 0));
+        assert_eq!(pending_key_seq(&pending_key(77)), Some(77));
+        assert_eq!(acked_key_time(&acked_key(123, 4)), Some(123));
+    }
+}

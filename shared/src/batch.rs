@@ -1,0 +1,637 @@
+//! The batch, schema 1: what an edge device sends and the cloud stores (SPEC.md, "The batch").
+//!
+//! Parsing and validation are separate steps with one entry point, [`Batch::from_json`], that does
+//! both, so every consumer (the cloud's HTTP and MQTT adapters, the edge's own checks) rejects the same
+//! inputs with the same messages. Every error names the offending field by its JSON path, e.g.
+//! `detections[3].rssi`, so an operator reading a log or a 400 body knows what to fix.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use thiserror::Error;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Longest `device_id` accepted, in bytes. It is an MQTT topic level, so it is kept short.
+pub const MAX_DEVICE_ID_BYTES: usize = 64;
+/// RSSI values outside this range (dBm) are not physical and are rejected.
+pub const RSSI_RANGE: std::ops::RangeInclusive<i32> = -127..=20;
+/// Longest free-text field (`name`, `location`, `node`), in bytes.
+pub const MAX_TEXT_BYTES: usize = 256;
+
+/// The idempotency key of a batch: a ULID made at enqueue time.
+///
+/// Unique forever (48 bits of milliseconds + 80 random bits), also when a device's data directory is
+/// wiped and its `seq` starts again, and sortable by creation time. On the wire it is the 26-character
+/// Crockford base32 form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BatchId(ulid::Ulid);
+
+impl BatchId {
+    /// A new id for a batch made now.
+    pub fn new() -> Self {
+        Self(ulid::Ulid::new())
+    }
+
+    /// The id's 16 bytes, big-endian: byte order is time order.
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0.to_bytes()
+    }
+
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(ulid::Ulid::from_bytes(bytes))
+    }
+
+    /// Milliseconds since the Unix epoch at which the id was made.
+    pub fn timestamp_ms(self) -> u64 {
+        self.0.timestamp_ms()
+    }
+}
+
+impl Default for BatchId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for BatchId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for BatchId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ulid::Ulid::from_string(s).map(Self).map_err(|e| format!("`{s}` is not a batch id (a 26-character ULID): {e}"))
+    }
+}
+
+impl Serialize for BatchId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A point in time, on the wire as RFC 3339 (UTC, `Z`), internally UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(OffsetDateTime);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self(OffsetDateTime::now_utc())
+    }
+
+    /// Microseconds since the Unix epoch (how the cloud stores time).
+    pub fn unix_micros(self) -> i64 {
+        (self.0.unix_timestamp_nanos() / 1_000) as i64
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn unix_millis(self) -> i64 {
+        (self.0.unix_timestamp_nanos() / 1_000_000) as i64
+    }
+
+    /// `None` when out of the representable range.
+    pub fn from_unix_micros(micros: i64) -> Option<Self> {
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000).ok().map(Self)
+    }
+
+    pub fn from_unix_millis(millis: i64) -> Option<Self> {
+        Self::from_unix_micros(millis.checked_mul(1_000)?)
+    }
+
+    pub fn as_offset_date_time(self) -> OffsetDateTime {
+        self.0
+    }
+}
+
+impl From<OffsetDateTime> for Timestamp {
+    fn from(t: OffsetDateTime) -> Self {
+        Self(t.to_offset(time::UtcOffset::UTC))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.format(&Rfc3339) {
+            Ok(s) => f.write_str(&s),
+            Err(_) => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl FromStr for Timestamp {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        OffsetDateTime::parse(s, &Rfc3339)
+            .map(Self::from)
+            .map_err(|e| format!("`{s}` is not an RFC 3339 timestamp (like 2026-11-21T10:30:00Z): {e}"))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One batch of detections from one device.
+///
+/// Never reorder or rename these fields: they are the wire format, and the cloud hashes the bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    /// Always [`SCHEMA_VERSION`].
+    pub schema: u32,
+    /// The idempotency key.
+    pub batch_id: BatchId,
+    /// The device's id, also a topic level: 1..=64 bytes, no `/`, `+`, `#`.
+    pub device_id: String,
+    /// Per-device sequence assigned at enqueue; a gap means batches were dropped by policy.
+    pub seq: u64,
+    /// A human name for the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Where the device is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// When the batch was cut.
+    pub timestamp: Timestamp,
+    /// The detections, oldest first.
+    pub detections: Vec<Detection>,
+}
+
+/// One observation of one advertiser.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Detection {
+    Presence(Presence),
+    Sensor(Sensor),
+}
+
+impl Detection {
+    pub fn timestamp(&self) -> Timestamp {
+        match self {
+            Detection::Presence(p) => p.timestamp,
+            Detection::Sensor(s) => s.timestamp,
+        }
+    }
+
+    pub fn rssi(&self) -> i16 {
+        match self {
+            Detection::Presence(p) => p.rssi,
+            Detection::Sensor(s) => s.rssi,
+        }
+    }
+}
+
+/// A passer-by, known only by a keyed hash of its address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Presence {
+    /// HMAC of the advertiser's address, hex (16 digits as the edge writes it).
+    pub device_hash: String,
+    /// dBm.
+    pub rssi: i16,
+    pub zone: Zone,
+    pub timestamp: Timestamp,
+}
+
+/// Distance class derived from RSSI thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Zone {
+    Near,
+    Medium,
+    Far,
+}
+
+/// A Thingy:52 sensor reading. Absent values are omitted, never zero-filled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sensor {
+    /// The sensor node's address (the fleet's own hardware, not a passer-by).
+    pub node: String,
+    /// dBm.
+    pub rssi: i16,
+    /// °C.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temp: Option<f64>,
+    /// % relative humidity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub humidity: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub co2_ppm: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_open: Option<bool>,
+    /// Battery %.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub battery: Option<u8>,
+    pub timestamp: Timestamp,
+}
+
+/// Limits a consumer enforces beyond the schema itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most detections one batch may carry.
+    pub max_detections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_detections: 10_000 }
+    }
+}
+
+/// A batch that parsed but breaks a rule. `field` is the JSON path of the offending value.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("field `{field}`: {problem}")]
+pub struct ValidationError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl ValidationError {
+    fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self { field: field.into(), problem: problem.into() }
+    }
+}
+
+/// Why bytes are not an acceptable batch.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BatchError {
+    /// Not JSON, or JSON of the wrong shape. `field` is the path where it went wrong (`.` = the root).
+    #[error("malformed batch at `{field}`: {message}")]
+    Malformed { field: String, message: String },
+    /// Well-formed but breaks a rule.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+}
+
+impl BatchError {
+    /// The JSON path of the offending field.
+    pub fn field(&self) -> &str {
+        match self {
+            BatchError::Malformed { field, .. } => field,
+            BatchError::Invalid(v) => &v.field,
+        }
+    }
+}
+
+impl Batch {
+    /// Parses and validates a batch from its wire bytes.
+    pub fn from_json(bytes: &[u8], limits: &Limits) -> Result<Self, BatchError> {
+        // Check the schema first, so a batch of a future schema gets that message rather than one
+        // about whatever field it renamed.
+        #[derive(Deserialize)]
+        struct SchemaOnly {
+            schema: Option<serde_json::Value>,
+        }
+        if let Ok(SchemaOnly { schema: Some(v) }) = serde_json::from_slice::<SchemaOnly>(bytes) {
+            if v.as_u64() != Some(u64::from(SCHEMA_VERSION)) {
+                return Err(ValidationError::new(
+                    "schema",
+                    format!("unsupported schema {v} (this build reads schema {SCHEMA_VERSION})"),
+                )
+                .into());
+            }
+        }
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let batch: Batch = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            refine_detection_error(bytes, &path)
+                .unwrap_or_else(|| BatchError::Malformed { field: path, message: e.into_inner().to_string() })
+        })?;
+        de.end().map_err(|e| BatchError::Malformed { field: ".".into(), message: e.to_string() })?;
+        batch.validate(limits)?;
+        Ok(batch)
+    }
+
+    /// The wire bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a Batch always serializes")
+    }
+
+    /// Checks every rule that the types alone do not.
+    pub fn validate(&self, limits: &Limits) -> Result<(), ValidationError> {
+        if self.schema != SCHEMA_VERSION {
+            return Err(ValidationError::new(
+                "schema",
+                format!("unsupported schema {} (this build reads schema {SCHEMA_VERSION})", self.schema),
+            ));
+        }
+        validate_device_id(&self.device_id).map_err(|p| ValidationError::new("device_id", p))?;
+        for (field, value) in [("name", &self.name), ("location", &self.location)] {
+            if let Some(v) = value {
+                check_text(v).map_err(|p| ValidationError::new(field, p))?;
+            }
+        }
+        if self.detections.len() > limits.max_detections {
+            return Err(ValidationError::new(
+                "detections",
+                format!("{} detections, more than the limit of {}", self.detections.len(), limits.max_detections),
+            ));
+        }
+        for (i, d) in self.detections.iter().enumerate() {
+            let at = |f: &str| format!("detections[{i}].{f}");
+            let rssi = i32::from(d.rssi());
+            if !RSSI_RANGE.contains(&rssi) {
+                return Err(ValidationError::new(
+                    at("rssi"),
+                    format!("{rssi} dBm is outside {}..={}", RSSI_RANGE.start(), RSSI_RANGE.end()),
+                ));
+            }
+            match d {
+                Detection::Presence(p) => {
+                    let h = &p.device_hash;
+                    if h.is_empty() || h.len() > 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(ValidationError::new(at("device_hash"), "must be 1 to 64 hex digits"));
+                    }
+                }
+                Detection::Sensor(s) => {
+                    if s.node.is_empty() {
+                        return Err(ValidationError::new(at("node"), "must not be empty"));
+                    }
+                    check_text(&s.node).map_err(|p| ValidationError::new(at("node"), p))?;
+                    if let Some(t) = s.temp {
+                        if !(-40.0..=85.0).contains(&t) {
+                            return Err(ValidationError::new(at("temp"), format!("{t} °C is outside -40..=85")));
+                        }
+                    }
+                    if let Some(h) = s.humidity {
+                        if h > 100 {
+                            return Err(ValidationError::new(at("humidity"), format!("{h} % is over 100")));
+                        }
+                    }
+                    if let Some(b) = s.battery {
+                        if b > 100 {
+                            return Err(ValidationError::new(at("battery"), format!("{b} % is over 100")));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serde reads an internally tagged enum through a buffer, which hides the path inside a detection
+/// (`detections[3]` instead of `detections[3].rssi`). On that error path only, read the offending
+/// detection again on its own to name the field.
+fn refine_detection_error(bytes: &[u8], path: &str) -> Option<BatchError> {
+    let index: usize = path.strip_prefix("detections[")?.strip_suffix(']')?.parse().ok()?;
+    let root: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let element = root.get("detections")?.get(index)?;
+    let at = |f: &str| format!("detections[{index}].{f}");
+    let kind = element.get("kind").and_then(|k| k.as_str());
+    let result = match kind {
+        Some("presence") => serde_path_to_error::deserialize::<_, Presence>(element).map(drop),
+        Some("sensor") => serde_path_to_error::deserialize::<_, Sensor>(element).map(drop),
+        _ => {
+            return Some(BatchError::Malformed {
+                field: at("kind"),
+                message: "must be \"presence\" or \"sensor\"".into(),
+            })
+        }
+    };
+    let e = result.err()?;
+    Some(BatchError::Malformed { field: at(&e.path().to_string()), message: e.into_inner().to_string() })
+}
+
+/// Checks a device id: 1..=64 bytes, and nothing that would break an MQTT topic level.
+pub fn validate_device_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if id.len() > MAX_DEVICE_ID_BYTES {
+        return Err(format!("is {} bytes, over the limit of {MAX_DEVICE_ID_BYTES}", id.len()));
+    }
+    if let Some(c) = id.chars().find(|c| matches!(c, '/' | '+' | '#') || c.is_control()) {
+        return Err(format!("must not contain {c:?} (it is an MQTT topic level)"));
+    }
+    Ok(())
+}
+
+fn check_text(s: &str) -> Result<(), String> {
+    if s.len() > MAX_TEXT_BYTES {
+        return Err(format!("is {} bytes, over the limit of {MAX_TEXT_BYTES}", s.len()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SPEC_EXAMPLE: &str = r#"{
+      "schema": 1,
+      "batch_id": "01JD3Q8Z9X6K1V2B3N4M5P6Q7R",
+      "device_id": "rpi-entrance-01",
+      "seq": 1842,
+      "name": "Entrance Pi",
+      "location": "Main entrance",
+      "timestamp": "2026-11-21T10:30:00Z",
+      "detections": [
+        {"kind": "presence", "device_hash": "a3f2b1c4d5e6f708", "rssi": -58, "zone": "near",
+         "timestamp": "2026-11-21T10:29:55Z"},
+        {"kind": "sensor", "node": "c1:0e:5a:33:9f:02", "rssi": -71, "temp": 21.5, "humidity": 40,
+         "co2_ppm": 612, "window_open": false, "battery": 87, "timestamp": "2026-11-21T10:29:58Z"}
+      ]
+    }"#;
+
+    fn parse(s: &str) -> Result<Batch, BatchError> {
+        Batch::from_json(s.as_bytes(), &Limits::default())
+    }
+
+    fn with(mutate: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(SPEC_EXAMPLE).unwrap();
+        mutate(&mut v);
+        v.to_string()
+    }
+
+    #[test]
+    fn spec_example_parses_and_round_trips() {
+        let b = parse(SPEC_EXAMPLE).unwrap();
+        assert_eq!(b.seq, 1842);
+        assert_eq!(b.detections.len(), 2);
+        match &b.detections[1] {
+            Detection::Sensor(s) => {
+                assert_eq!(s.temp, Some(21.5));
+                assert_eq!(s.co2_ppm, Some(612));
+            }
+            other => panic!("expected a sensor detection, got {other:?}"),
+        }
+        let again = Batch::from_json(&b.to_json(), &Limits::default()).unwrap();
+        assert_eq!(again, b);
+        // The wire form is what SPEC.md shows, field for field.
+        let a: serde_json::Value = serde_json::from_slice(&b.to_json()).unwrap();
+        let e: serde_json::Value = serde_json::from_str(SPEC_EXAMPLE).unwrap();
+        assert_eq!(a, e);
+    }
+
+    #[test]
+    fn absent_sensor_values_are_omitted_not_zero_filled() {
+        let s = Detection::Sensor(Sensor {
+            node: "n".into(),
+            rssi: -70,
+            temp: None,
+            humidity: None,
+            co2_ppm: None,
+            window_open: None,
+            battery: Some(50),
+            timestamp: "2026-11-21T10:29:58Z".parse().unwrap(),
+        });
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(json, r#"{"kind":"sensor","node":"n","rssi":-70,"battery":50,"timestamp":"2026-11-21T10:29:58Z"}"#);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: Vec<(String, &str)> = vec![
+            (with(|v| v["device_id"] = "".into()), "device_id"),
+            (with(|v| v["device_id"] = "a/b".into()), "device_id"),
+            (with(|v| v["device_id"] = "a+b".into()), "device_id"),
+            (with(|v| v["device_id"] = "a#".into()), "device_id"),
+            (with(|v| v["device_id"] = "x".repeat(65).into()), "device_id"),
+            (with(|v| v["detections"][1]["rssi"] = 21.into()), "detections[1].rssi"),
+            (with(|v| v["detections"][0]["rssi"] = (-128).into()), "detections[0].rssi"),
+            (with(|v| v["detections"][0]["rssi"] = 100000.into()), "detections[0].rssi"),
+            (with(|v| v["timestamp"] = "yesterday".into()), "timestamp"),
+            (with(|v| v["detections"][1]["timestamp"] = "2026-13-01T00:00:00Z".into()), "detections[1].timestamp"),
+            (with(|v| v["batch_id"] = "nope".into()), "batch_id"),
+            (with(|v| v["schema"] = 2.into()), "schema"),
+            (with(|v| v["detections"][0]["zone"] = "inside".into()), "detections[0].zone"),
+            (with(|v| v["detections"][0]["device_hash"] = "xyz".into()), "detections[0].device_hash"),
+            (with(|v| v["detections"][1]["humidity"] = 101.into()), "detections[1].humidity"),
+            (with(|v| v["seq"] = (-1).into()), "seq"),
+        ];
+        for (json, field) in cases {
+            let err = parse(&json).expect_err(&json);
+            assert_eq!(err.field(), field, "{err}");
+            assert!(err.to_string().contains(field), "{err}");
+        }
+    }
+
+    #[test]
+    fn device_id_of_exactly_64_bytes_is_fine() {
+        parse(&with(|v| v["device_id"] = "x".repeat(64).into())).unwrap();
+    }
+
+    #[test]
+    fn rssi_edges_are_accepted() {
+        parse(&with(|v| v["detections"][0]["rssi"] = (-127).into())).unwrap();
+        parse(&with(|v| v["detections"][0]["rssi"] = 20.into())).unwrap();
+    }
+
+    #[test]
+    fn too_many_detections_is_rejected() {
+        let limits = Limits { max_detections: 1 };
+        let err = Batch::from_json(SPEC_EXAMPLE.as_bytes(), &limits).unwrap_err();
+        assert_eq!(err.field(), "detections");
+    }
+
+    #[test]
+    fn trailing_garbage_and_truncation_are_malformed() {
+        assert!(matches!(parse(&format!("{SPEC_EXAMPLE} x")), Err(BatchError::Malformed { .. })));
+        for cut in [1, 10, SPEC_EXAMPLE.len() / 2, SPEC_EXAMPLE.len() - 1] {
+            assert!(parse(&SPEC_EXAMPLE[..cut]).is_err());
+        }
+        assert!(Batch::from_json(&[0xff, 0xfe, 0x00], &Limits::default()).is_err());
+    }
+
+    #[test]
+    fn batch_ids_sort_by_time_and_round_trip() {
+        let a = BatchId::new();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = BatchId::new();
+        assert!(a < b);
+        assert_eq!(a.to_string().parse::<BatchId>().unwrap(), a);
+        assert_eq!(BatchId::from_bytes(a.to_bytes()), a);
+        assert_eq!(a.to_string().len(), 26);
+    }
+
+    fn arb_ts() -> impl Strategy<Value = Timestamp> {
+        (0i64..4_000_000_000_000_000).prop_map(|us| Timestamp::from_unix_micros(us).unwrap())
+    }
+
+    fn arb_detection() -> impl Strategy<Value = Detection> {
+        let presence = ("[0-9a-f]{16}", -127i16..=20, 0u8..3, arb_ts()).prop_map(|(h, rssi, z, t)| {
+            Detection::Presence(Presence {
+                device_hash: h,
+                rssi,
+                zone: [Zone::Near, Zone::Medium, Zone::Far][z as usize],
+                timestamp: t,
+            })
+        });
+        let sensor = (
+            "[0-9a-f:]{1,17}",
+            -127i16..=20,
+            proptest::option::of(-400i32..=850),
+            proptest::option::of(0u8..=100),
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(any::<bool>()),
+            proptest::option::of(0u8..=100),
+            arb_ts(),
+        )
+            .prop_map(|(node, rssi, t10, humidity, co2_ppm, window_open, battery, timestamp)| {
+                Detection::Sensor(Sensor {
+                    node,
+                    rssi,
+                    temp: t10.map(|t| f64::from(t) / 10.0),
+                    humidity,
+                    co2_ppm,
+                    window_open,
+                    battery,
+                    timestamp,
+                })
+            });
+        prop_oneof![presence, sensor]
+    }
+
+    proptest! {
+        #[test]
+        fn any_valid_batch_round_trips(
+            device_id in "[a-zA-Z0-9_.-]{1,64}",
+            seq in any::<u64>(),
+            name in proptest::option::of("[ -~]{0,40}"),
+            ts in arb_ts(),
+            detections in proptest::collection::vec(arb_detection(), 0..20),
+        ) {
+            let b = Batch {
+                schema: 1,
+                batch_id: BatchId::new(),
+                device_id,
+                seq,
+                name,
+                location: None,
+                timestamp: ts,
+                detections,
+            };
+            let parsed = Batch::from_json(&b.to_json(), &Limits::default()).unwrap();
+            prop_assert_eq!(parsed, b);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Batch::from_json(&bytes, &Limits::default());
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The backhaul wire contract and what both binaries share.
+//!
+//! - [`batch`]: the schema-1 batch, its idempotency key ([`BatchId`]) and validation.
+//! - [`wire`]: acks, device status and the MQTT topic layout.
+//! - [`record`]: the version + length + CRC32 framing of every record stored on disk.
+//! - [`config`]: TOML + environment configuration with errors that name the key.
+//! - [`logging`]: `tracing` for a terminal or for journald.
+
+pub mod batch;
+pub mod config;
+pub mod logging;
+pub mod record;
+pub mod wire;
+
+pub use batch::{Batch, BatchError, BatchId, Detection, Limits, Presence, Sensor, Timestamp, ValidationError, Zone};
+pub use wire::{Ack, AckMessage, AckStatus, DeviceStatus, Topics};

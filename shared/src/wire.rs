@@ -1,0 +1,161 @@
+//! The other messages on the wire (acks, device status) and the MQTT topic layout (SPEC.md, "MQTT topics").
+
+use serde::{Deserialize, Serialize};
+
+use crate::batch::BatchId;
+
+/// The default topic prefix.
+pub const DEFAULT_PREFIX: &str = "backhaul";
+
+/// Builds and parses the topics of one deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self::new(DEFAULT_PREFIX)
+    }
+}
+
+impl Topics {
+    /// `prefix` without leading or trailing `/`.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        let prefix: String = prefix.into();
+        Self { prefix: prefix.trim_matches('/').to_owned() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `{prefix}/{device_id}/batches`: edge → cloud, QoS 1.
+    pub fn batches(&self, device_id: &str) -> String {
+        format!("{}/{device_id}/batches", self.prefix)
+    }
+
+    /// `{prefix}/{device_id}/acks`: cloud → edge, QoS 1.
+    pub fn acks(&self, device_id: &str) -> String {
+        format!("{}/{device_id}/acks", self.prefix)
+    }
+
+    /// `{prefix}/{device_id}/status`: edge → cloud, QoS 1, retained, with a last will.
+    pub fn status(&self, device_id: &str) -> String {
+        format!("{}/{device_id}/status", self.prefix)
+    }
+
+    /// The cloud's subscription: `$share/{group}/{prefix}/+/batches`.
+    pub fn shared_batches_filter(&self, group: &str) -> String {
+        format!("$share/{group}/{}/+/batches", self.prefix)
+    }
+
+    /// `{prefix}/+/status`.
+    pub fn all_status_filter(&self) -> String {
+        format!("{}/+/status", self.prefix)
+    }
+
+    /// The device id and kind (`batches`, `acks`, `status`) of a topic under this prefix.
+    pub fn parse<'t>(&self, topic: &'t str) -> Option<(&'t str, TopicKind)> {
+        let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?;
+        let (device, kind) = rest.split_once('/')?;
+        if device.is_empty() {
+            return None;
+        }
+        let kind = match kind {
+            "batches" => TopicKind::Batches,
+            "acks" => TopicKind::Acks,
+            "status" => TopicKind::Status,
+            _ => return None,
+        };
+        Some((device, kind))
+    }
+}
+
+/// What a topic carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind {
+    Batches,
+    Acks,
+    Status,
+}
+
+/// The cloud's answer to one or more batches, on `{prefix}/{device_id}/acks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckMessage {
+    pub acks: Vec<Ack>,
+}
+
+/// The fate of one batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub batch_id: BatchId,
+    pub status: AckStatus,
+    /// Why, for `rejected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckStatus {
+    /// Newly stored.
+    Stored,
+    /// Already stored with the same payload; nothing new was written.
+    Duplicate,
+    /// Will never be stored (invalid, or the key was used for a different payload). Final.
+    Rejected,
+}
+
+/// An edge device's status, retained on `{prefix}/{device_id}/status`. The last will is
+/// `{"online":false}`, so every field but `online` is optional.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct DeviceStatus {
+    pub online: bool,
+    /// Batches waiting to be sent (pending + in flight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_depth: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_age_s: Option<u64>,
+    /// Batches dropped by the queue's byte budget since the queue was created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_batches: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_detections: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_s: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_build_and_parse() {
+        let t = Topics::new("backhaul/");
+        assert_eq!(t.batches("pi-1"), "backhaul/pi-1/batches");
+        assert_eq!(t.acks("pi-1"), "backhaul/pi-1/acks");
+        assert_eq!(t.status("pi-1"), "backhaul/pi-1/status");
+        assert_eq!(t.shared_batches_filter("ingest"), "$share/ingest/backhaul/+/batches");
+        assert_eq!(t.parse("backhaul/pi-1/batches"), Some(("pi-1", TopicKind::Batches)));
+        assert_eq!(t.parse("backhaul/pi-1/status"), Some(("pi-1", TopicKind::Status)));
+        assert_eq!(t.parse("backhaulx/pi-1/batches"), None);
+        assert_eq!(t.parse("backhaul//batches"), None);
+        assert_eq!(t.parse("backhaul/pi-1/other"), None);
+        assert_eq!(t.parse("backhaul/a/b/batches"), None);
+    }
+
+    #[test]
+    fn ack_message_matches_spec() {
+        let json = r#"{"acks":[{"batch_id":"01JD3Q8Z9X6K1V2B3N4M5P6Q7R","status":"stored"},{"batch_id":"01JD3Q8Z9X6K1V2B3N4M5P6Q7S","status":"rejected","reason":"bad"}]}"#;
+        let m: AckMessage = serde_json::from_str(json).unwrap();
+        assert_eq!(m.acks[1].status, AckStatus::Rejected);
+        assert_eq!(serde_json::to_string(&m).unwrap(), json);
+    }
+
+    #[test]
+    fn last_will_parses_as_status() {
+        let s: DeviceStatus = serde_json::from_str(r#"{"online":false}"#).unwrap();
+        assert_eq!(s, DeviceStatus::default());
+    }
+}

@@ -1,0 +1,54 @@
+//! Crash-test child: enqueues batches into the durable queue in a loop, printing `E <seq> <batch_id>`
+//! after each enqueue returned (that is, after it is durable), and acking every third batch it handed
+//! out, printing `A <seq>`. The parent SIGKILLs it at random moments and checks that every printed seq
+//! is still there.
+//!
+//! Usage: queue-crash-child DATA_DIR DETECTIONS_PER_BATCH
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use backhaul_edge::queue::{NewBatch, Queue, QueueConfig};
+use backhaul_shared::{Detection, Presence, Timestamp, Zone};
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let data_dir = PathBuf::from(args.next().expect("DATA_DIR"));
+    let detections: usize = args.next().expect("DETECTIONS_PER_BATCH").parse()?;
+    let queue = Queue::open(&data_dir, QueueConfig { max_bytes: u64::MAX, ..QueueConfig::default() })?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    writeln!(out, "OPEN")?;
+    out.flush()?;
+    let mut n = 0u64;
+    loop {
+        let batch = NewBatch {
+            device_id: "crash-test".into(),
+            name: None,
+            location: None,
+            timestamp: Timestamp::now(),
+            detections: (0..detections)
+                .map(|i| {
+                    Detection::Presence(Presence {
+                        device_hash: format!("{:016x}", n * 1000 + i as u64),
+                        rssi: -70,
+                        zone: Zone::Medium,
+                        timestamp: Timestamp::now(),
+                    })
+                })
+                .collect(),
+            source_position: Some(n.to_le_bytes().to_vec()),
+        };
+        let e = queue.enqueue(batch)?;
+        writeln!(out, "E {} {}", e.seq, e.batch_id)?;
+        out.flush()?;
+        n += 1;
+        if n.is_multiple_of(3) {
+            if let Some(b) = queue.next_batch()? {
+                queue.ack(b.batch_id)?;
+                writeln!(out, "A {}", b.seq)?;
+                out.flush()?;
+            }
+        }
+    }
+}

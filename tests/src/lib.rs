@@ -1,0 +1,358 @@
+//! Test harness: a private Mosquitto per test, the project's own binaries as child processes, and
+//! waits that are conditions with deadlines (never a fixed sleep that hopes).
+//!
+//! Everything listens on 127.0.0.1 on ports picked free at start, and lives in a temp dir removed on
+//! drop, so tests run in parallel and never depend on what a previous run left behind.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub mod mqtt;
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` naming `what` was awaited.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Some(v) = check() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Polls `check` until it is true, or fails after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
+    wait_for(what, timeout, || check().then_some(()))
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding an ephemeral port on 127.0.0.1")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn accepts_connections(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// Finds a program on PATH or in the sbin directories Debian installs daemons to.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Sends SIGKILL to a child and reaps it.
+pub fn kill9(child: &mut Child) -> Result<()> {
+    // `Child::kill` is SIGKILL on Unix.
+    match child.kill() {
+        Ok(()) => {}
+        // Already exited: nothing to kill, but still reap it below.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {}
+        Err(e) => return Err(e).context("sending SIGKILL"),
+    }
+    child.wait().context("reaping the killed process")?;
+    Ok(())
+}
+
+/// Sends SIGTERM (a graceful stop request).
+pub fn sigterm(child: &Child) -> Result<()> {
+    // `unsafe_code` is denied workspace-wide, so no libc::kill: the `kill` command does the same.
+    let pid = child.id();
+    let status = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().context("running kill")?;
+    if !status.success() {
+        bail!("kill -TERM {pid} failed");
+    }
+    Ok(())
+}
+
+/// Options for a test broker. The default: no persistence, unlimited queues and in-flight windows.
+#[derive(Debug, Clone, Default)]
+pub struct MosquittoOptions {
+    /// Keep messages in a persistence file (snapshotted at `autosave_interval` and on a clean exit,
+    /// not on SIGKILL).
+    pub persistence: bool,
+    /// Per-client queue limit; 0 = unlimited (Mosquitto's default is 1000, which silently drops).
+    pub max_queued_messages: u32,
+    /// Per-client in-flight limit.
+    pub max_inflight_messages: u32,
+}
+
+
+/// A private Mosquitto on a free loopback port, in its own temp dir. Killed when dropped.
+#[derive(Debug)]
+pub struct Mosquitto {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    /// Starts a broker with default options (no persistence, unlimited queues).
+    pub fn start() -> Result<Self> {
+        Self::start_with(MosquittoOptions::default())
+    }
+
+    pub fn start_with(options: MosquittoOptions) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("backhaul-mosquitto-").tempdir()?;
+        let port = free_port()?;
+        // Run as whoever we are: as root Mosquitto would otherwise drop to the `mosquitto` user and
+        // then could not write its persistence file into our root-owned temp dir.
+        let user = if is_root() { "user root\n" } else { "" };
+        let config = format!(
+            "{user}listener {port} 127.0.0.1\n\
+             allow_anonymous true\n\
+             persistence {persistence}\n\
+             persistence_location {dir}/\n\
+             autosave_interval 1800\n\
+             max_queued_messages {mq}\n\
+             max_inflight_messages {mi}\n\
+             log_dest file {dir}/mosquitto.log\n\
+             log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
+             connection_messages true\n",
+            persistence = options.persistence,
+            dir = dir.path().display(),
+            mq = options.max_queued_messages,
+            mi = options.max_inflight_messages,
+        );
+        std::fs::write(dir.path().join("mosquitto.conf"), config)?;
+        let mut broker = Self { dir, port, child: None };
+        broker.spawn()?;
+        Ok(broker)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let program = find_program("mosquitto").context(
+            "mosquitto is not installed: run the README's test command (it installs it), \
+             or `apt-get install mosquitto`",
+        )?;
+        let child = Command::new(program)
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting mosquitto")?;
+        self.child = Some(child);
+        let addr = self.addr();
+        let started = wait_until("mosquitto to accept connections", Duration::from_secs(10), || {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                // Exited already (e.g. the port was taken): retrying won't help.
+                let _ = status;
+                return true;
+            }
+            accepts_connections(addr)
+        });
+        if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+            bail!("mosquitto exited with {status} at start; its log:\n{}", self.log());
+        }
+        started.with_context(|| format!("mosquitto log:\n{}", self.log()))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// `mqtt://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// The broker's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no clean shutdown, no persistence snapshot.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            kill9(&mut child)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the broker again on the same port (after [`Mosquitto::kill9`]).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9()?;
+        // The port is free as soon as the process is gone (Mosquitto sets SO_REUSEADDR).
+        self.spawn()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.kill9();
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+/// Path of one of the workspace's binaries (`backhaul-edge`, `backhaul-cloud`), built by
+/// `cargo test --workspace` (each binary's crate has an integration test, so cargo builds it first).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let var = format!("CARGO_BIN_EXE_{name}");
+    if let Some(p) = std::env::var_os(&var) {
+        return Ok(PathBuf::from(p));
+    }
+    // target/<profile>/deps/<test-binary> → target/<profile>/<name>
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe.parent().and_then(Path::parent).context("test binary is not under target/<profile>/deps")?;
+    let path = profile_dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it first with `cargo build --workspace` (the README's test command does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// One of the project's binaries running as a child process, its stdout and stderr collected line
+/// by line. Killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Option<Child>,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    /// Lines before this index were passed over by `wait_for_line`.
+    consumed: usize,
+}
+
+impl Process {
+    /// Runs `name` (a workspace binary) with `args` and extra environment.
+    pub fn spawn(name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let mut cmd = Command::new(binary(name)?);
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().context("stdout piped")?;
+        let stderr = child.stderr.take().context("stderr piped")?;
+        for (stream, prefix) in
+            [(Box::new(stdout) as Box<dyn std::io::Read + Send>, ""), (Box::new(stderr), "stderr: ")]
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(format!("{prefix}{line}")).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Self { name: name.to_owned(), child: Some(child), lines, seen: Vec::new(), consumed: 0 })
+    }
+
+    /// Every line printed so far (stdout as is, stderr prefixed `stderr: `).
+    pub fn output(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
+    /// Waits for the next line matching `pred` after the last line this returned, and returns it.
+    pub fn wait_for_line(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        self.output();
+        if let Some(i) = self.seen[self.consumed..].iter().position(|l| pred(l)) {
+            self.consumed += i + 1;
+            return Ok(self.seen[self.consumed - 1].clone());
+        }
+        self.consumed = self.seen.len();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    self.consumed = self.seen.len();
+                    if pred(&line) {
+                        return Ok(line);
+                    }
+                }
+                Err(_) => bail!(
+                    "{} printed no matching line within {timeout:?}; output:\n{}",
+                    self.name,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit; returns its exit code (None if killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let child = self.child.as_mut().context("process already reaped")?;
+        let status = wait_for(&format!("{} to exit", self.name), timeout, || child.try_wait().ok().flatten())?;
+        // Drain the rest of the output: the reader threads end when the pipes close.
+        let drain_deadline = Instant::now() + Duration::from_secs(5);
+        while let Ok(line) = self.lines.recv_timeout(drain_deadline.saturating_duration_since(Instant::now())) {
+            self.seen.push(line);
+        }
+        self.child = None;
+        Ok(status.code())
+    }
+
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            kill9(&mut child)?;
+        }
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn child(&self) -> Option<&Child> {
+        self.child.as_ref()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.kill9();
+    }
+}
+
+/// Runs a workspace binary to completion and returns (exit code, stdout, stderr).
+pub fn run(name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<(i32, String, String)> {
+    let mut cmd = Command::new(binary(name)?);
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().with_context(|| format!("running {name}"))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
