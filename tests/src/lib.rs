@@ -91,7 +91,6 @@ pub struct MosquittoOptions {
     pub max_inflight_messages: u32,
 }
 
-
 /// A private Mosquitto on a free loopback port, in its own temp dir. Killed when dropped.
 #[derive(Debug)]
 pub struct Mosquitto {

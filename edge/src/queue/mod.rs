@@ -63,7 +63,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use backhaul_shared::{BatchId, Detection, Timestamp};
@@ -185,6 +185,8 @@ pub enum QueueOpenError {
     DataDir { data_dir: PathBuf, source: io::Error },
     #[error("cannot open the queue database in {}: {source}", path.display())]
     Storage { path: PathBuf, source: sled::Error },
+    #[error("pruning old acked batches in {} at start: {source}", path.display())]
+    Prune { path: PathBuf, source: QueueError },
 }
 
 #[derive(Debug, Error)]
@@ -206,6 +208,8 @@ pub enum QueueError {
     Sled(#[from] sled::Error),
     #[error("syncing the queue to disk: {0}")]
     Sync(#[from] io::Error),
+    #[error("the queue's database is closed after a disk error and could not be reopened yet; free space on the data_dir's filesystem")]
+    Unavailable,
 }
 
 impl QueueError {
@@ -215,7 +219,8 @@ impl QueueError {
             QueueError::Sync(e) => e,
             _ => return false,
         };
-        io.raw_os_error() == Some(28) // ENOSPC
+        // sled re-creates the io::Error when it clones its stored global error, keeping only the kind.
+        io.raw_os_error() == Some(libc_enospc()) || io.kind() == io::ErrorKind::StorageFull
     }
 }
 
@@ -227,13 +232,12 @@ pub struct Queue {
 
 #[derive(Debug)]
 struct Inner {
-    db: sled::Db,
-    /// Everything lives in the default tree (see the module docs).
-    tree: sled::Tree,
+    /// The open database; `None` only while it is being reopened after a disk error, or if that
+    /// failed. An RwLock: operations share it, only a reopen takes it exclusively.
+    /// Lock order: `sync`, then `store`, then `state`.
+    store: RwLock<Option<Store>>,
     /// `data_dir/queue`.
     path: PathBuf,
-    /// sled's log file, for our fdatasync.
-    log_file: File,
     config: QueueConfig,
     /// In-memory state and the write order. A std Mutex: it is held only for in-memory work and
     /// sled's in-memory `apply_batch`, never across a disk sync, and never from async code.
@@ -244,6 +248,27 @@ struct Inner {
     sync: Mutex<SyncState>,
     /// Held for the life of the queue: one process per data_dir.
     _lock: File,
+}
+
+#[derive(Debug)]
+struct Store {
+    db: sled::Db,
+    /// Everything lives in the default tree (see the module docs).
+    tree: sled::Tree,
+    /// sled's log file, for our fdatasync.
+    log_file: File,
+}
+
+impl Store {
+    fn new(db: sled::Db, path: &Path) -> io::Result<Self> {
+        let log_file = File::open(path.join("db"))?;
+        let tree: sled::Tree = (*db).clone();
+        Ok(Self { db, tree, log_file })
+    }
+
+    fn get(guard: &Option<Store>) -> Result<&Store, QueueError> {
+        guard.as_ref().ok_or(QueueError::Unavailable)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -298,25 +323,13 @@ impl Queue {
         let db = open_or_move_aside(data_dir, &path, &config)?;
         sync_dir(data_dir).map_err(dir_err)?;
         sync_dir(&path).map_err(dir_err)?;
-        let log_file = File::open(path.join("db")).map_err(dir_err)?;
-        let tree: sled::Tree = (*db).clone();
+        let store = Store::new(db, &path).map_err(dir_err)?;
         let storage = |source| QueueOpenError::Storage { path: path.clone(), source };
-        let counters = match tree.get(layout::META_COUNTERS).map_err(storage)? {
-            Some(v) => match Counters::decode(&v) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "the queue's counters record is damaged; recounting from the records");
-                    recount(&tree).map_err(storage)?
-                }
-            },
-            None => recount(&tree).map_err(storage)?,
-        };
+        let counters = load_counters(&store.tree).map_err(storage)?;
         let queue = Self {
             inner: Arc::new(Inner {
-                db,
-                tree,
+                store: RwLock::new(Some(store)),
                 path: path.clone(),
-                log_file,
                 config,
                 state: Mutex::new(State { counters, ..State::default() }),
                 space: Condvar::new(),
@@ -324,10 +337,7 @@ impl Queue {
                 _lock: lock,
             }),
         };
-        queue.prune_acked().map_err(|e| match e {
-            QueueError::Sled(source) => storage(source),
-            QueueError::Sync(source) => dir_err(source),
-        })?;
+        queue.prune_acked().map_err(|source| QueueOpenError::Prune { path: path.clone(), source })?;
         tracing::info!(
             path = %queue.inner.path.display(),
             pending = counters.pending_batches,
@@ -348,16 +358,44 @@ impl Queue {
         let batch_id = BatchId::new();
         let detections = u32::try_from(batch.detections.len()).unwrap_or(u32::MAX);
         let parts = WireParts::new(&batch, batch_id);
-        let enqueued_at_ms = now_ms();
         // Size is known before the seq: the seq's digits change it by a few bytes at most.
         let estimate = (parts.len() + 64 + 9) as u64;
         let max_bytes = self.inner.config.max_bytes;
         if estimate > max_bytes {
             return Err(EnqueueError::TooLarge { size: estimate, max_bytes });
         }
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.try_enqueue(&parts, batch_id, detections, estimate, batch.source_position.as_deref()) {
+                // A full disk behaves like on_full = "block" (dropping batches would not shrink
+                // sled's files): wait for space, up to block_timeout, reopening the database, which
+                // sled poisons after a failed write.
+                Err(EnqueueError::DiskFull) if started.elapsed() < self.inner.config.block_timeout => {
+                    std::thread::sleep(pause.min(self.inner.config.block_timeout.saturating_sub(started.elapsed())));
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    if let Err(e) = self.reopen() {
+                        tracing::warn!(error = %e, "reopening the queue after a full disk failed; retrying");
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
 
+    fn try_enqueue(
+        &self,
+        parts: &WireParts,
+        batch_id: BatchId,
+        detections: u32,
+        estimate: u64,
+        source_position: Option<&[u8]>,
+    ) -> Result<Enqueued, EnqueueError> {
+        let enqueued_at_ms = now_ms();
         let (ticket, seq, dropped) = {
-            let (mut st, dropped) = self.make_room(self.lock_state(), estimate)?;
+            let guard = self.read_store();
+            let store = Store::get(&guard).map_err(storage_error)?;
+            let (mut st, dropped) = self.make_room(store, self.lock_state(), estimate)?;
             let seq = st.counters.next_seq;
             let record = StoredBatch { batch_id, seq, enqueued_at_ms, detections, json: parts.json(seq) }.encode();
             let size = (record.len() + 9) as u64;
@@ -370,10 +408,10 @@ impl Queue {
             let mut write = sled::Batch::default();
             write.insert(&layout::pending_key(seq), record);
             write.insert(layout::META_COUNTERS, counters.encode());
-            if let Some(pos) = &batch.source_position {
-                write.insert(layout::META_SOURCE_POSITION, pos.as_slice());
+            if let Some(pos) = source_position {
+                write.insert(layout::META_SOURCE_POSITION, pos);
             }
-            self.inner.tree.apply_batch(write).map_err(|e| storage_error(e.into()))?;
+            store.tree.apply_batch(write).map_err(|e| storage_error(e.into()))?;
             st.counters = counters;
             st.applied += 1;
             (st.applied, seq, dropped)
@@ -388,9 +426,37 @@ impl Queue {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn read_store(&self) -> RwLockReadGuard<'_, Option<Store>> {
+        self.inner.store.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes and reopens the database after a write failed (sled refuses every operation after
+    /// one failed write). In-flight batches stay in flight; the counters are read back from disk,
+    /// and the cursor restarts so that a batch whose ack was lost with the failed write is sent again.
+    fn reopen(&self) -> Result<(), QueueError> {
+        let mut sync = self.inner.sync.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.inner.store.write().unwrap_or_else(|p| p.into_inner());
+        // sled releases its file lock when the last handle is dropped.
+        drop(slot.take());
+        let db = sled_config(&self.inner.path, &self.inner.config).open()?;
+        let store = Store::new(db, &self.inner.path)?;
+        store.db.flush()?;
+        store.log_file.sync_data()?;
+        let counters = load_counters(&store.tree)?;
+        let mut st = self.lock_state();
+        st.counters = counters;
+        st.cursor = 0;
+        st.applied += 1;
+        sync.durable = st.applied;
+        *slot = Some(store);
+        tracing::warn!(next_seq = counters.next_seq, "queue database reopened after a disk error");
+        Ok(())
+    }
+
     /// Frees budget for `needed` bytes as the policy says. Returns the guard (Block waits on it).
     fn make_room<'a>(
         &'a self,
+        store: &Store,
         mut st: MutexGuard<'a, State>,
         needed: u64,
     ) -> Result<(MutexGuard<'a, State>, u64), EnqueueError> {
@@ -401,14 +467,14 @@ impl Queue {
         }
         // Delivered batches go first.
         let over = used(&st) + needed - max;
-        self.prune_acked_locked(&mut st, None, Some(over)).map_err(storage_error)?;
+        prune_acked_locked(store, &mut st, None, Some(over)).map_err(storage_error)?;
         if used(&st) + needed <= max {
             return Ok((st, 0));
         }
         match self.inner.config.on_full {
             OnFull::DropOldest => {
                 let over = used(&st) + needed - max;
-                let dropped = self.drop_oldest_locked(&mut st, over).map_err(storage_error)?;
+                let dropped = drop_oldest_locked(store, &mut st, over).map_err(storage_error)?;
                 // What is left is in flight (bounded by max_inflight): go over budget by that much
                 // rather than refuse a new batch.
                 Ok((st, dropped))
@@ -428,7 +494,7 @@ impl Queue {
                     }
                     st = self.inner.space.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
                     let over = (used(&st) + needed).saturating_sub(max);
-                    self.prune_acked_locked(&mut st, None, Some(over)).map_err(storage_error)?;
+                    prune_acked_locked(store, &mut st, None, Some(over)).map_err(storage_error)?;
                     if used(&st) + needed <= max {
                         return Ok((st, 0));
                     }
@@ -437,71 +503,18 @@ impl Queue {
         }
     }
 
-    /// Drops the oldest pending batches that are not in flight until `to_free` bytes are freed.
-    fn drop_oldest_locked(&self, st: &mut State, to_free: u64) -> Result<u64, QueueError> {
-        let mut freed = 0;
-        let mut write = sled::Batch::default();
-        let mut counters = st.counters;
-        let mut dropped = Vec::new();
-        for item in self.inner.tree.range(layout::pending_key(0)..=layout::pending_key(u64::MAX)) {
-            if freed >= to_free {
-                break;
-            }
-            let (key, value) = item?;
-            let Some(seq) = layout::pending_key_seq(&key) else { continue };
-            if st.in_flight.contains(&seq) {
-                continue;
-            }
-            let size = (key.len() + value.len()) as u64;
-            let detections = match StoredBatch::decode(&value) {
-                Ok(b) => {
-                    st.handed.remove(&b.batch_id);
-                    u64::from(b.detections)
-                }
-                // Unreadable anyway: count the batch, its detections are unknown.
-                Err(_) => 0,
-            };
-            write.remove(key.as_ref());
-            counters.pending_batches -= 1;
-            counters.pending_bytes = counters.pending_bytes.saturating_sub(size);
-            counters.dropped_batches += 1;
-            counters.dropped_detections += detections;
-            freed += size;
-            dropped.push((seq, detections));
-        }
-        if dropped.is_empty() {
-            return Ok(0);
-        }
-        write.insert(layout::META_COUNTERS, counters.encode());
-        self.inner.tree.apply_batch(write)?;
-        for (seq, _) in &dropped {
-            st.retry.remove(seq);
-        }
-        st.counters = counters;
-        st.applied += 1;
-        let first = dropped.first().map(|d| d.0);
-        let last = dropped.last().map(|d| d.0);
-        tracing::warn!(
-            batches = dropped.len(),
-            detections = dropped.iter().map(|d| d.1).sum::<u64>(),
-            first_seq = first,
-            last_seq = last,
-            total_dropped = counters.dropped_batches,
-            "queue over its byte budget: dropped the oldest pending batches (on_full = drop_oldest)"
-        );
-        Ok(dropped.len() as u64)
-    }
-
     /// Makes everything applied up to `ticket` durable, sharing the sync with concurrent callers.
     fn sync_to(&self, ticket: u64) -> Result<(), QueueError> {
         let mut sync = self.inner.sync.lock().unwrap_or_else(|p| p.into_inner());
         if sync.durable >= ticket {
             return Ok(()); // someone else's sync covered our write
         }
+        let guard = self.read_store();
+        let store = Store::get(&guard)?;
         let target = self.lock_state().applied;
-        self.inner.db.flush()?;
+        store.db.flush()?;
         if self.inner.config.durability == Durability::Fsync {
-            self.inner.log_file.sync_data()?;
+            store.log_file.sync_data()?;
             sync.blobs_synced = sync_new_blobs(&self.inner.path.join("blobs"), sync.blobs_synced)?;
         }
         sync.durable = target;
@@ -520,16 +533,18 @@ impl Queue {
 
     /// Hands out the oldest pending batch that is not in flight, or `None`.
     pub fn next_batch(&self) -> Result<Option<QueuedBatch>, QueueError> {
+        let guard = self.read_store();
+        let store = Store::get(&guard)?;
         let mut st = self.lock_state();
         loop {
             let (key, value) = if let Some(seq) = st.retry.pop_first() {
-                match self.inner.tree.get(layout::pending_key(seq))? {
+                match store.tree.get(layout::pending_key(seq))? {
                     Some(v) => (layout::pending_key(seq).to_vec(), v),
                     None => continue, // dropped or acked meanwhile
                 }
             } else {
                 let from = layout::pending_key(st.cursor);
-                match self.inner.tree.range(from..=layout::pending_key(u64::MAX)).next() {
+                match store.tree.range(from..=layout::pending_key(u64::MAX)).next() {
                     Some(item) => {
                         let (k, v) = item?;
                         (k.to_vec(), v)
@@ -554,56 +569,21 @@ impl Queue {
                         payload: b.json,
                     }));
                 }
-                Err(e) => self.quarantine_locked(&mut st, &key, &value, &e)?,
+                Err(e) => quarantine_locked(store, &mut st, &key, &value, &e)?,
             }
         }
-    }
-
-    fn quarantine_locked(
-        &self,
-        st: &mut State,
-        key: &[u8],
-        value: &[u8],
-        error: &StoredError,
-    ) -> Result<(), QueueError> {
-        let mut counters = st.counters;
-        counters.quarantined += 1;
-        let size = (key.len() + value.len()) as u64;
-        match key.first() {
-            Some(&layout::PENDING) => {
-                counters.pending_batches = counters.pending_batches.saturating_sub(1);
-                counters.pending_bytes = counters.pending_bytes.saturating_sub(size);
-            }
-            Some(&layout::ACKED) => {
-                counters.acked_batches = counters.acked_batches.saturating_sub(1);
-                counters.acked_bytes = counters.acked_bytes.saturating_sub(size);
-            }
-            _ => {}
-        }
-        let mut write = sled::Batch::default();
-        write.insert(layout::quarantine_key(key), value);
-        write.remove(key);
-        write.insert(layout::META_COUNTERS, counters.encode());
-        self.inner.tree.apply_batch(write)?;
-        st.counters = counters;
-        st.applied += 1;
-        tracing::error!(
-            key = %hex(key),
-            error = %error,
-            quarantined_total = counters.quarantined,
-            "queue record failed its integrity check: moved to quarantine (inspect with `backhaul-edge queue export`); the queue goes on"
-        );
-        Ok(())
     }
 
     /// Marks a batch acknowledged: it leaves pending (kept for replay for `retain_acked`).
     pub fn ack(&self, batch_id: BatchId) -> Result<AckOutcome, QueueError> {
+        let guard = self.read_store();
+        let store = Store::get(&guard)?;
         let mut st = self.lock_state();
         let Some(seq) = st.handed.remove(&batch_id) else { return Ok(AckOutcome::Unknown) };
         st.in_flight.remove(&seq);
         st.retry.remove(&seq);
         let key = layout::pending_key(seq);
-        let Some(value) = self.inner.tree.get(key)? else { return Ok(AckOutcome::Unknown) };
+        let Some(value) = store.tree.get(key)? else { return Ok(AckOutcome::Unknown) };
         let size = (key.len() + value.len()) as u64;
         let mut counters = st.counters;
         counters.pending_batches = counters.pending_batches.saturating_sub(1);
@@ -618,7 +598,7 @@ impl Queue {
             write.insert(&hkey, value);
         }
         write.insert(layout::META_COUNTERS, counters.encode());
-        self.inner.tree.apply_batch(write)?;
+        store.tree.apply_batch(write)?;
         st.counters = counters;
         st.applied += 1;
         drop(st);
@@ -651,43 +631,13 @@ impl Queue {
     /// Removes acked batches older than `retain_acked`. Returns how many.
     pub fn prune_acked(&self) -> Result<u64, QueueError> {
         let cutoff = now_ms().saturating_sub(self.inner.config.retain_acked.as_millis() as u64);
+        let guard = self.read_store();
+        let store = Store::get(&guard)?;
         let mut st = self.lock_state();
-        let n = self.prune_acked_locked(&mut st, Some(cutoff), None)?;
+        let n = prune_acked_locked(store, &mut st, Some(cutoff), None)?;
         drop(st);
         if n > 0 {
             self.inner.space.notify_all();
-        }
-        Ok(n)
-    }
-
-    /// Removes acked batches oldest first: those acked before `before_ms`, or until `bytes` are freed.
-    fn prune_acked_locked(
-        &self,
-        st: &mut State,
-        before_ms: Option<u64>,
-        bytes: Option<u64>,
-    ) -> Result<u64, QueueError> {
-        let end = layout::acked_key(before_ms.unwrap_or(u64::MAX), 0);
-        let mut write = sled::Batch::default();
-        let mut counters = st.counters;
-        let (mut n, mut freed) = (0u64, 0u64);
-        for item in self.inner.tree.range(layout::acked_key(0, 0)..end) {
-            if bytes.is_some_and(|b| freed >= b) {
-                break;
-            }
-            let (key, value) = item?;
-            let size = (key.len() + value.len()) as u64;
-            write.remove(key);
-            counters.acked_batches = counters.acked_batches.saturating_sub(1);
-            counters.acked_bytes = counters.acked_bytes.saturating_sub(size);
-            freed += size;
-            n += 1;
-        }
-        if n > 0 {
-            write.insert(layout::META_COUNTERS, counters.encode());
-            self.inner.tree.apply_batch(write)?;
-            st.counters = counters;
-            st.applied += 1;
         }
         Ok(n)
     }
@@ -698,66 +648,67 @@ impl Queue {
         let ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let start = layout::acked_key(ms(since), 0);
         let end = layout::acked_key(until.map(ms).unwrap_or(u64::MAX), 0);
-        let mut st = self.lock_state();
-        let mut write = sled::Batch::default();
-        let mut counters = st.counters;
-        let mut seqs = Vec::new();
-        for item in self.inner.tree.range(start..end) {
-            let (key, value) = item?;
-            let batch = match StoredBatch::decode(&value) {
-                Ok(b) => b,
-                Err(e) => {
-                    // Apply what we have so far, then quarantine this one.
-                    self.quarantine_locked(&mut st, &key, &value, &e)?;
-                    counters.quarantined = st.counters.quarantined;
-                    counters.acked_batches = st.counters.acked_batches;
-                    counters.acked_bytes = st.counters.acked_bytes;
-                    continue;
+        let ticket = {
+            let guard = self.read_store();
+            let store = Store::get(&guard)?;
+            let mut st = self.lock_state();
+            // Damaged records are quarantined first, so the move below is one atomic write.
+            let mut found = Vec::new();
+            for item in store.tree.range(start..end) {
+                let (key, value) = item?;
+                match StoredBatch::decode(&value) {
+                    Ok(b) => found.push((key, value, b.seq)),
+                    Err(e) => quarantine_locked(store, &mut st, &key, &value, &e)?,
                 }
-            };
-            let pkey = layout::pending_key(batch.seq);
-            counters.acked_batches = counters.acked_batches.saturating_sub(1);
-            counters.acked_bytes = counters.acked_bytes.saturating_sub((key.len() + value.len()) as u64);
-            counters.pending_batches += 1;
-            counters.pending_bytes += (pkey.len() + value.len()) as u64;
-            write.remove(key);
-            write.insert(&pkey, value);
-            seqs.push(batch.seq);
-        }
-        if seqs.is_empty() {
-            return Ok(0);
-        }
-        write.insert(layout::META_COUNTERS, counters.encode());
-        self.inner.tree.apply_batch(write)?;
-        st.counters = counters;
-        st.applied += 1;
-        st.retry.extend(seqs.iter().copied());
-        let ticket = st.applied;
-        drop(st);
-        self.sync_to(ticket)?;
-        tracing::info!(batches = seqs.len(), "requeued acked batches for replay");
-        Ok(seqs.len() as u64)
+            }
+            if found.is_empty() {
+                return Ok(0);
+            }
+            let mut write = sled::Batch::default();
+            let mut counters = st.counters;
+            for (key, value, seq) in &found {
+                let pkey = layout::pending_key(*seq);
+                counters.acked_batches = counters.acked_batches.saturating_sub(1);
+                counters.acked_bytes = counters.acked_bytes.saturating_sub((key.len() + value.len()) as u64);
+                counters.pending_batches += 1;
+                counters.pending_bytes += (pkey.len() + value.len()) as u64;
+                write.remove(key);
+                write.insert(&pkey, value);
+            }
+            write.insert(layout::META_COUNTERS, counters.encode());
+            store.tree.apply_batch(write)?;
+            st.counters = counters;
+            st.applied += 1;
+            st.retry.extend(found.iter().map(|f| f.2));
+            tracing::info!(batches = found.len(), "requeued acked batches for replay");
+            (st.applied, found.len() as u64)
+        };
+        self.sync_to(ticket.0)?;
+        Ok(ticket.1)
     }
 
     /// The last source position stored with a batch.
     pub fn source_position(&self) -> Result<Option<Vec<u8>>, QueueError> {
-        Ok(self.inner.tree.get(layout::META_SOURCE_POSITION)?.map(|v| v.to_vec()))
+        let guard = self.read_store();
+        Ok(Store::get(&guard)?.tree.get(layout::META_SOURCE_POSITION)?.map(|v| v.to_vec()))
     }
 
     /// Counts by state and the budget's use.
     pub fn stats(&self) -> Result<Stats, QueueError> {
+        let guard = self.read_store();
+        let store = Store::get(&guard)?;
         let st = self.lock_state();
         let c = st.counters;
         let in_flight = st.in_flight.len() as u64;
         drop(st);
-        let oldest_pending_age_s =
-            match self.inner.tree.range(layout::pending_key(0)..=layout::pending_key(u64::MAX)).next() {
-                Some(item) => {
-                    let (_, v) = item?;
-                    StoredBatch::decode(&v).ok().map(|b| now_ms().saturating_sub(b.enqueued_at_ms) / 1000)
-                }
-                None => None,
-            };
+        let oldest_pending_age_s = match store.tree.range(layout::pending_key(0)..=layout::pending_key(u64::MAX)).next()
+        {
+            Some(item) => {
+                let (_, v) = item?;
+                StoredBatch::decode(&v).ok().map(|b| now_ms().saturating_sub(b.enqueued_at_ms) / 1000)
+            }
+            None => None,
+        };
         Ok(Stats {
             pending: c.pending_batches.saturating_sub(in_flight),
             in_flight,
@@ -778,28 +729,26 @@ impl Queue {
 
     /// Reads every record and checks it, without changing anything.
     pub fn verify(&self) -> Result<VerifyReport, QueueError> {
+        let guard = self.read_store();
+        let store = Store::get(&guard)?;
         let mut report = VerifyReport::default();
-        for item in self.inner.tree.iter() {
+        let any_size = backhaul_shared::Limits { max_detections: usize::MAX };
+        for item in store.tree.iter() {
             let (key, value) = item?;
             match key.first() {
                 Some(&layout::PENDING) | Some(&layout::ACKED) => match StoredBatch::decode(&value) {
-                    Ok(b) => {
-                        if let Err(e) = backhaul_shared::Batch::from_json(
-                            &b.json,
-                            &backhaul_shared::Limits { max_detections: usize::MAX },
-                        ) {
-                            report.bad.push(format!("{}: stored JSON does not parse: {e}", hex(&key)));
-                        } else {
-                            report.ok += 1;
-                        }
-                    }
+                    Ok(b) => match backhaul_shared::Batch::from_json(&b.json, &any_size) {
+                        Ok(batch) if batch.batch_id == b.batch_id && batch.seq == b.seq => report.ok += 1,
+                        Ok(_) => report.bad.push(format!("{}: header and JSON disagree on batch_id or seq", hex(&key))),
+                        Err(e) => report.bad.push(format!("{}: stored JSON does not parse: {e}", hex(&key))),
+                    },
                     Err(e) => report.bad.push(format!("{}: {e}", hex(&key))),
                 },
                 Some(&layout::QUARANTINE) => report.quarantined += 1,
                 _ => {}
             }
         }
-        let counted = recount(&self.inner.tree)?;
+        let counted = recount(&store.tree)?;
         let stored = self.lock_state().counters;
         if (counted.pending_batches, counted.acked_batches) != (stored.pending_batches, stored.acked_batches) {
             report.bad.push(format!(
@@ -812,7 +761,9 @@ impl Queue {
 
     /// Every stored record, for `queue export`.
     pub fn export(&self, mut each: impl FnMut(ExportedRecord) -> io::Result<()>) -> Result<(), ExportError> {
-        for item in self.inner.tree.iter() {
+        let guard = self.read_store();
+        let store = Store::get(&guard)?;
+        for item in store.tree.iter() {
             let (key, value) = item.map_err(QueueError::from)?;
             let (state, acked_at_ms) = match key.first() {
                 Some(&layout::PENDING) => ("pending", None),
@@ -854,17 +805,143 @@ impl Queue {
     /// Test hook: writes raw bytes under a pending key, as a damaged disk would leave them.
     #[doc(hidden)]
     pub fn debug_overwrite_pending(&self, seq: u64, value: &[u8]) -> Result<(), QueueError> {
-        self.inner.tree.insert(layout::pending_key(seq), value)?;
+        {
+            let guard = self.read_store();
+            Store::get(&guard)?.tree.insert(layout::pending_key(seq), value)?;
+        }
         self.flush()
     }
 
     /// Test hook: the raw stored value of a pending record.
     #[doc(hidden)]
     pub fn debug_pending_raw(&self, seq: u64) -> Result<Option<Vec<u8>>, QueueError> {
-        Ok(self.inner.tree.get(layout::pending_key(seq))?.map(|v| v.to_vec()))
+        let guard = self.read_store();
+        Ok(Store::get(&guard)?.tree.get(layout::pending_key(seq))?.map(|v| v.to_vec()))
     }
 }
 
+/// Drops the oldest pending batches that are not in flight until `to_free` bytes are freed.
+fn drop_oldest_locked(store: &Store, st: &mut State, to_free: u64) -> Result<u64, QueueError> {
+    let mut freed = 0;
+    let mut write = sled::Batch::default();
+    let mut counters = st.counters;
+    let mut dropped = Vec::new();
+    for item in store.tree.range(layout::pending_key(0)..=layout::pending_key(u64::MAX)) {
+        if freed >= to_free {
+            break;
+        }
+        let (key, value) = item?;
+        let Some(seq) = layout::pending_key_seq(&key) else { continue };
+        if st.in_flight.contains(&seq) {
+            continue;
+        }
+        let size = (key.len() + value.len()) as u64;
+        let detections = match StoredBatch::decode(&value) {
+            Ok(b) => {
+                st.handed.remove(&b.batch_id);
+                u64::from(b.detections)
+            }
+            // Unreadable anyway: count the batch, its detections are unknown.
+            Err(_) => 0,
+        };
+        write.remove(key.as_ref());
+        counters.pending_batches -= 1;
+        counters.pending_bytes = counters.pending_bytes.saturating_sub(size);
+        counters.dropped_batches += 1;
+        counters.dropped_detections += detections;
+        freed += size;
+        dropped.push((seq, detections));
+    }
+    if dropped.is_empty() {
+        return Ok(0);
+    }
+    write.insert(layout::META_COUNTERS, counters.encode());
+    store.tree.apply_batch(write)?;
+    for (seq, _) in &dropped {
+        st.retry.remove(seq);
+    }
+    st.counters = counters;
+    st.applied += 1;
+    tracing::warn!(
+        batches = dropped.len(),
+        detections = dropped.iter().map(|d| d.1).sum::<u64>(),
+        first_seq = dropped.first().map(|d| d.0),
+        last_seq = dropped.last().map(|d| d.0),
+        total_dropped = counters.dropped_batches,
+        "queue over its byte budget: dropped the oldest pending batches (on_full = drop_oldest)"
+    );
+    Ok(dropped.len() as u64)
+}
+
+/// Moves a record that failed its check to quarantine, counted and logged.
+fn quarantine_locked(
+    store: &Store,
+    st: &mut State,
+    key: &[u8],
+    value: &[u8],
+    error: &StoredError,
+) -> Result<(), QueueError> {
+    let mut counters = st.counters;
+    counters.quarantined += 1;
+    let size = (key.len() + value.len()) as u64;
+    match key.first() {
+        Some(&layout::PENDING) => {
+            counters.pending_batches = counters.pending_batches.saturating_sub(1);
+            counters.pending_bytes = counters.pending_bytes.saturating_sub(size);
+        }
+        Some(&layout::ACKED) => {
+            counters.acked_batches = counters.acked_batches.saturating_sub(1);
+            counters.acked_bytes = counters.acked_bytes.saturating_sub(size);
+        }
+        _ => {}
+    }
+    let mut write = sled::Batch::default();
+    write.insert(layout::quarantine_key(key), value);
+    write.remove(key);
+    write.insert(layout::META_COUNTERS, counters.encode());
+    store.tree.apply_batch(write)?;
+    st.counters = counters;
+    st.applied += 1;
+    tracing::error!(
+        key = %hex(key),
+        error = %error,
+        quarantined_total = counters.quarantined,
+        "queue record failed its integrity check: moved to quarantine (inspect with `backhaul-edge queue export`); the queue goes on"
+    );
+    Ok(())
+}
+
+/// Removes acked batches oldest first: those acked before `before_ms`, or until `bytes` are freed.
+fn prune_acked_locked(
+    store: &Store,
+    st: &mut State,
+    before_ms: Option<u64>,
+    bytes: Option<u64>,
+) -> Result<u64, QueueError> {
+    let end = layout::acked_key(before_ms.unwrap_or(u64::MAX), 0);
+    let mut write = sled::Batch::default();
+    let mut counters = st.counters;
+    let (mut n, mut freed) = (0u64, 0u64);
+    for item in store.tree.range(layout::acked_key(0, 0)..end) {
+        if bytes.is_some_and(|b| freed >= b) {
+            break;
+        }
+        let (key, value) = item?;
+        let size = (key.len() + value.len()) as u64;
+        write.remove(key);
+        counters.acked_batches = counters.acked_batches.saturating_sub(1);
+        counters.acked_bytes = counters.acked_bytes.saturating_sub(size);
+        freed += size;
+        n += 1;
+    }
+    if n > 0 {
+        write.insert(layout::META_COUNTERS, counters.encode());
+        store.tree.apply_batch(write)?;
+        st.counters = counters;
+        st.applied += 1;
+    }
+    Ok(n)
+}
 /// Result of [`Queue::verify`].
 #[derive(Debug, Default)]
 pub struct VerifyReport {
@@ -906,7 +983,8 @@ pub enum ExportError {
 }
 
 fn storage_error(e: QueueError) -> EnqueueError {
-    if e.is_disk_full() {
+    // Unavailable: a reopen after a disk error failed, most likely for the same reason.
+    if e.is_disk_full() || matches!(e, QueueError::Unavailable) {
         tracing::error!(error = %e, "the disk holding the queue is full; the batch was not stored");
         EnqueueError::DiskFull
     } else {
@@ -974,15 +1052,20 @@ impl WireParts {
     }
 }
 
+fn sled_config(path: &Path, config: &QueueConfig) -> sled::Config {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(config.cache_capacity)
+        .mode(sled::Mode::LowSpace)
+        // Our own syncs make enqueues durable; this periodic flush covers acks and pruning.
+        .flush_every_ms(Some(1000))
+}
+
 /// Opens sled; if it reports corruption (or panics, as sled 0.34 can on damaged files), moves the
 /// database aside to `data_dir/corrupt-<time>/` and starts a fresh one.
 fn open_or_move_aside(data_dir: &Path, path: &Path, config: &QueueConfig) -> Result<sled::Db, QueueOpenError> {
     let open = || {
-        let cfg = sled::Config::new()
-            .path(path)
-            .cache_capacity(config.cache_capacity)
-            .mode(sled::Mode::LowSpace)
-            .flush_every_ms(Some(1000));
+        let cfg = sled_config(path, config);
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cfg.open())) {
             Ok(r) => r,
             Err(panic) => {
@@ -1013,6 +1096,20 @@ fn open_or_move_aside(data_dir: &Path, path: &Path, config: &QueueConfig) -> Res
             open().map_err(|source| QueueOpenError::Storage { path: path.to_owned(), source })
         }
         Err(source) => Err(QueueOpenError::Storage { path: path.to_owned(), source }),
+    }
+}
+
+/// The persisted counters, or a recount from the records if they are missing or damaged.
+fn load_counters(tree: &sled::Tree) -> Result<Counters, sled::Error> {
+    match tree.get(layout::META_COUNTERS)? {
+        Some(v) => match Counters::decode(&v) {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                tracing::error!(error = %e, "the queue's counters record is damaged; recounting from the records");
+                recount(tree)
+            }
+        },
+        None => recount(tree),
     }
 }
 
@@ -1070,6 +1167,10 @@ fn sync_new_blobs(dir: &Path, synced: u64) -> io::Result<u64> {
         sync_dir(dir)?;
     }
     Ok(high)
+}
+
+const fn libc_enospc() -> i32 {
+    28 // ENOSPC on Linux
 }
 
 fn now_ms() -> u64 {
