@@ -78,6 +78,16 @@ pub fn decode(frame: &[u8]) -> Result<&[u8], RecordError> {
     Ok(payload)
 }
 
+/// Whether `frame` is a correct beginning of a longer frame: its header declares more payload than
+/// is present. (A torn write looks like this; a damaged complete frame does not.)
+pub fn is_incomplete(frame: &[u8]) -> bool {
+    if frame.len() < HEADER_LEN {
+        return true;
+    }
+    let declared = u32::from_le_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize;
+    frame[0] == FRAME_VERSION && declared > frame.len() - HEADER_LEN
+}
+
 /// CRC over the header without its CRC field, then the payload.
 fn checksum(frame: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
@@ -104,6 +114,15 @@ mod tests {
         }
         // Cutting the payload short is caught by the checksum (the length is covered by it).
         assert!(decode(&frame[..frame.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn a_torn_frame_is_incomplete_and_a_whole_one_is_not() {
+        let frame = encode(&[7u8; 100]);
+        assert!(!is_incomplete(&frame));
+        for cut in 0..frame.len() {
+            assert!(is_incomplete(&frame[..cut]), "cut at {cut}");
+        }
     }
 
     #[test]

@@ -71,6 +71,13 @@ fn crash_cycles(cycles: usize, detections: &str) {
                 let batch: Batch =
                     Batch::from_json(&serde_json::to_vec(&r.batch.unwrap()).unwrap(), &Limits::default()).unwrap();
                 assert_eq!(batch.seq, seq);
+                // The child's n-th batch carries hashes n*1000.. and must have seq n.
+                match &batch.detections[0] {
+                    backhaul_shared::Detection::Presence(p) => {
+                        assert_eq!(p.device_hash, format!("{:016x}", seq * 1000))
+                    }
+                    other => panic!("unexpected detection {other:?}"),
+                }
                 assert_eq!(batch.batch_id.to_string(), *r.batch_id.as_ref().unwrap());
                 stored.insert(seq, r.batch_id.unwrap());
                 Ok(())
@@ -82,6 +89,10 @@ fn crash_cycles(cycles: usize, detections: &str) {
         // In order with no holes: seqs are 0..n (a batch that was durable but not yet printed is fine).
         let seqs: Vec<u64> = stored.keys().copied().collect();
         assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "cycle {cycle}: seqs have a hole");
+        // The source position is the one stored with the newest batch: nothing produced twice,
+        // nothing skipped.
+        let position = u64::from_le_bytes(queue.source_position().unwrap().unwrap().as_slice().try_into().unwrap());
+        assert_eq!(Some(&position), stored.keys().last(), "cycle {cycle}: source position is not the newest batch's");
         let report = queue.verify().unwrap();
         assert!(report.bad.is_empty(), "cycle {cycle}: {:?}", report.bad);
         assert_eq!(queue.stats().unwrap().quarantined, 0);
@@ -95,7 +106,8 @@ fn crash_cycles(cycles: usize, detections: &str) {
 
 #[test]
 fn every_returned_enqueue_survives_sigkill_50_cycles() {
-    crash_cycles(50, "20");
+    // 200 detections: several chunks per record, so kills land between a record's chunks too.
+    crash_cycles(50, "200");
 }
 
 #[test]

@@ -57,6 +57,7 @@
 //! - recover: open → counters from `mcounters` (recounted from the records if missing or damaged) →
 //!   nothing in flight, cursor at the start → prune acked batches older than `retain_acked`.
 
+mod chunks;
 pub(crate) mod layout;
 
 use std::collections::{BTreeSet, HashMap};
@@ -175,6 +176,8 @@ pub struct Stats {
     pub quarantined: u64,
     pub acked_total: u64,
     pub next_seq: u64,
+    /// Disk syncs since the queue was opened (with group commit, fewer than enqueues).
+    pub syncs_since_open: u64,
 }
 
 #[derive(Debug, Error)]
@@ -250,6 +253,21 @@ struct Inner {
     _lock: File,
 }
 
+impl Drop for Inner {
+    /// A clean close writes the acks still in memory, so they are not sent again.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(store) = self.store.get_mut().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            if let Err(e) = write_meta(store, st, sled::Batch::default()) {
+                tracing::warn!(error = %e, "writing acks and counters at close failed; recounted at the next open");
+            }
+            if let Err(e) = store.db.flush() {
+                tracing::warn!(error = %e, "flushing the queue at close failed");
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Store {
     db: sled::Db,
@@ -280,8 +298,16 @@ struct State {
     retry: BTreeSet<u64>,
     /// Next seq to look at in the pending range.
     cursor: u64,
-    /// batch_id → seq of every batch handed out since open and not yet acked.
-    handed: HashMap<BatchId, u64>,
+    /// batch_id → (seq, record length) of every batch handed out since open and not yet acked.
+    handed: HashMap<BatchId, (u64, usize)>,
+    /// Acked batches whose move from pending to acked is not written yet: seq → acked_at_ms.
+    /// Written in groups (see [`ACK_WRITE_GROUP`]) with the counters; lost in a crash, they are
+    /// simply sent again.
+    unwritten_acks: std::collections::BTreeMap<u64, u64>,
+    /// The source position stored with the newest batch.
+    latest_position: Option<Vec<u8>>,
+    /// `retain_acked` is not zero: acked batches go to the acked tree.
+    retain_acked: bool,
     /// Number of writes applied (for group commit).
     applied: u64,
 }
@@ -291,6 +317,8 @@ struct SyncState {
     durable: u64,
     /// Highest blob file number already fsynced.
     blobs_synced: u64,
+    /// Disk syncs done since open (group commit: fewer than enqueues).
+    syncs: u64,
 }
 
 /// The outcome of an ack.
@@ -325,13 +353,14 @@ impl Queue {
         sync_dir(&path).map_err(dir_err)?;
         let store = Store::new(db, &path).map_err(dir_err)?;
         let storage = |source| QueueOpenError::Storage { path: path.clone(), source };
-        let counters = load_counters(&store.tree).map_err(storage)?;
+        let (counters, latest_position) = load_counters(&store.tree).map_err(storage)?;
+        let retain_acked = !config.retain_acked.is_zero();
         let queue = Self {
             inner: Arc::new(Inner {
                 store: RwLock::new(Some(store)),
                 path: path.clone(),
                 config,
-                state: Mutex::new(State { counters, ..State::default() }),
+                state: Mutex::new(State { counters, latest_position, retain_acked, ..State::default() }),
                 space: Condvar::new(),
                 sync: Mutex::new(SyncState::default()),
                 _lock: lock,
@@ -355,19 +384,28 @@ impl Queue {
 
     /// Stores a batch durably and returns its seq and batch_id.
     pub fn enqueue(&self, batch: NewBatch) -> Result<Enqueued, EnqueueError> {
-        let batch_id = BatchId::new();
-        let detections = u32::try_from(batch.detections.len()).unwrap_or(u32::MAX);
-        let parts = WireParts::new(&batch, batch_id);
-        // Size is known before the seq: the seq's digits change it by a few bytes at most.
-        let estimate = (parts.len() + 64 + 9) as u64;
+        let mut done = self.enqueue_many(vec![batch])?;
+        Ok(done.remove(0))
+    }
+
+    /// Stores several batches, in order, with one disk sync for all of them; returns once all are
+    /// durable. For a producer that has more than one batch ready (a replay at full speed).
+    pub fn enqueue_many(&self, batches: Vec<NewBatch>) -> Result<Vec<Enqueued>, EnqueueError> {
         let max_bytes = self.inner.config.max_bytes;
-        if estimate > max_bytes {
-            return Err(EnqueueError::TooLarge { size: estimate, max_bytes });
-        }
+        let prepared = batches
+            .into_iter()
+            .map(|batch| {
+                let prepared = Prepared::new(batch);
+                if prepared.estimate > max_bytes {
+                    return Err(EnqueueError::TooLarge { size: prepared.estimate, max_bytes });
+                }
+                Ok(prepared)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let started = Instant::now();
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.try_enqueue(&parts, batch_id, detections, estimate, batch.source_position.as_deref()) {
+            match self.try_enqueue(&prepared) {
                 // A full disk behaves like on_full = "block" (dropping batches would not shrink
                 // sled's files): wait for space, up to block_timeout, reopening the database, which
                 // sled poisons after a failed write.
@@ -383,41 +421,50 @@ impl Queue {
         }
     }
 
-    fn try_enqueue(
-        &self,
-        parts: &WireParts,
-        batch_id: BatchId,
-        detections: u32,
-        estimate: u64,
-        source_position: Option<&[u8]>,
-    ) -> Result<Enqueued, EnqueueError> {
+    fn try_enqueue(&self, prepared: &[Prepared]) -> Result<Vec<Enqueued>, EnqueueError> {
         let enqueued_at_ms = now_ms();
-        let (ticket, seq, dropped) = {
+        let mut done = Vec::with_capacity(prepared.len());
+        let ticket = {
             let guard = self.read_store();
             let store = Store::get(&guard).map_err(storage_error)?;
-            let (mut st, dropped) = self.make_room(store, self.lock_state(), estimate)?;
-            let seq = st.counters.next_seq;
-            let record = StoredBatch { batch_id, seq, enqueued_at_ms, detections, json: parts.json(seq) }.encode();
-            let size = (record.len() + 9) as u64;
-            let mut counters = st.counters;
-            counters.next_seq += 1;
-            counters.pending_batches += 1;
-            counters.pending_bytes += size;
-            counters.produced_batches += 1;
-            counters.produced_detections += u64::from(detections);
-            let mut write = sled::Batch::default();
-            write.insert(&layout::pending_key(seq), record);
-            write.insert(layout::META_COUNTERS, counters.encode());
-            if let Some(pos) = source_position {
-                write.insert(layout::META_SOURCE_POSITION, pos);
+            let mut st = self.lock_state();
+            for p in prepared {
+                let (st_back, dropped) = self.make_room(store, st, p.estimate)?;
+                st = st_back;
+                let seq = st.counters.next_seq;
+                let record = StoredBatch {
+                    batch_id: p.batch_id,
+                    seq,
+                    enqueued_at_ms,
+                    detections: p.detections,
+                    source_position: p.source_position.clone(),
+                    head: p.parts.head.clone(),
+                    tail: Vec::new(),
+                }
+                .encode_compressed(&p.parts.tail_lz4);
+                // Plain inserts: the counters on disk are brought up to date at open by counting
+                // the records past their `next_seq` (sled's `apply_batch` would cost two extra log
+                // buffer writes, each waited for with sync_file_range).
+                chunks::insert(&store.tree, &layout::pending_key(seq), &record).map_err(|e| storage_error(e.into()))?;
+                st.counters.next_seq += 1;
+                st.counters.pending_batches += 1;
+                st.counters.pending_bytes += chunks::stored_size(9, record.len());
+                st.counters.produced_batches += 1;
+                st.counters.produced_detections += u64::from(p.detections);
+                if let Some(pos) = &p.source_position {
+                    st.latest_position = Some(pos.clone());
+                }
+                st.applied += 1;
+                // Bound what the next open must count (see `load_counters`).
+                if st.counters.next_seq.is_multiple_of(META_EVERY_ENQUEUES) {
+                    write_meta(store, &mut st, sled::Batch::default()).map_err(storage_error)?;
+                }
+                done.push(Enqueued { seq, batch_id: p.batch_id, dropped });
             }
-            store.tree.apply_batch(write).map_err(|e| storage_error(e.into()))?;
-            st.counters = counters;
-            st.applied += 1;
-            (st.applied, seq, dropped)
+            st.applied
         };
         self.sync_to(ticket).map_err(storage_error)?;
-        Ok(Enqueued { seq, batch_id, dropped })
+        Ok(done)
     }
 
     fn lock_state(&self) -> MutexGuard<'_, State> {
@@ -442,9 +489,12 @@ impl Queue {
         let store = Store::new(db, &self.inner.path)?;
         store.db.flush()?;
         store.log_file.sync_data()?;
-        let counters = load_counters(&store.tree)?;
+        let (counters, latest_position) = load_counters(&store.tree)?;
         let mut st = self.lock_state();
         st.counters = counters;
+        st.latest_position = latest_position;
+        // Acks not written before the failure are forgotten: those batches are sent again.
+        st.unwritten_acks.clear();
         st.cursor = 0;
         st.applied += 1;
         sync.durable = st.applied;
@@ -518,13 +568,19 @@ impl Queue {
             sync.blobs_synced = sync_new_blobs(&self.inner.path.join("blobs"), sync.blobs_synced)?;
         }
         sync.durable = target;
+        sync.syncs += 1;
         Ok(())
     }
 
-    /// Makes every write so far durable (acks included).
+    /// Writes pending acks and makes every write so far durable.
     pub fn flush(&self) -> Result<(), QueueError> {
         let ticket = {
+            let guard = self.read_store();
+            let store = Store::get(&guard)?;
             let mut st = self.lock_state();
+            if !st.unwritten_acks.is_empty() {
+                write_meta(store, &mut st, sled::Batch::default())?;
+            }
             st.applied += 1;
             st.applied
         };
@@ -537,70 +593,63 @@ impl Queue {
         let store = Store::get(&guard)?;
         let mut st = self.lock_state();
         loop {
-            let (key, value) = if let Some(seq) = st.retry.pop_first() {
-                match store.tree.get(layout::pending_key(seq))? {
-                    Some(v) => (layout::pending_key(seq).to_vec(), v),
+            let record = if let Some(seq) = st.retry.pop_first() {
+                match chunks::get(&store.tree, &layout::pending_key(seq))? {
+                    Some(r) => r,
                     None => continue, // dropped or acked meanwhile
                 }
             } else {
                 let from = layout::pending_key(st.cursor);
-                match store.tree.range(from..=layout::pending_key(u64::MAX)).next() {
-                    Some(item) => {
-                        let (k, v) = item?;
-                        (k.to_vec(), v)
-                    }
+                match chunks::records(store.tree.range(from..=layout::pending_key(u64::MAX))).next() {
+                    Some(r) => r?,
                     None => return Ok(None),
                 }
             };
-            let Some(seq) = layout::pending_key_seq(&key) else { continue };
+            let Some(seq) = layout::pending_key_seq(&record.prefix) else { continue };
             st.cursor = st.cursor.max(seq + 1);
-            if st.in_flight.contains(&seq) {
+            if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) {
                 continue;
             }
-            match StoredBatch::decode(&value) {
+            match StoredBatch::decode(&record.value) {
                 Ok(b) => {
                     st.in_flight.insert(seq);
-                    st.handed.insert(b.batch_id, seq);
+                    st.handed.insert(b.batch_id, (seq, record.value.len()));
                     return Ok(Some(QueuedBatch {
                         seq,
                         batch_id: b.batch_id,
                         detections: b.detections,
                         enqueued_at_ms: b.enqueued_at_ms,
-                        payload: b.json,
+                        payload: b.json(),
                     }));
                 }
-                Err(e) => quarantine_locked(store, &mut st, &key, &value, &e)?,
+                Err(e) => quarantine_locked(store, &mut st, &record, &e)?,
             }
         }
     }
 
     /// Marks a batch acknowledged: it leaves pending (kept for replay for `retain_acked`).
+    ///
+    /// The move is written to disk with the next group of acks ([`ACK_WRITE_GROUP`]), the next
+    /// [`Queue::flush`], [`Queue::prune_acked`], or any other write of the counters; an ack lost
+    /// in a crash only means the batch is sent again, which the cloud absorbs as a duplicate.
     pub fn ack(&self, batch_id: BatchId) -> Result<AckOutcome, QueueError> {
         let guard = self.read_store();
         let store = Store::get(&guard)?;
         let mut st = self.lock_state();
-        let Some(seq) = st.handed.remove(&batch_id) else { return Ok(AckOutcome::Unknown) };
+        let Some((seq, value_len)) = st.handed.remove(&batch_id) else { return Ok(AckOutcome::Unknown) };
         st.in_flight.remove(&seq);
         st.retry.remove(&seq);
-        let key = layout::pending_key(seq);
-        let Some(value) = store.tree.get(key)? else { return Ok(AckOutcome::Unknown) };
-        let size = (key.len() + value.len()) as u64;
-        let mut counters = st.counters;
-        counters.pending_batches = counters.pending_batches.saturating_sub(1);
-        counters.pending_bytes = counters.pending_bytes.saturating_sub(size);
-        counters.acked_total += 1;
-        let mut write = sled::Batch::default();
-        write.remove(&key);
-        if !self.inner.config.retain_acked.is_zero() {
-            let hkey = layout::acked_key(now_ms(), seq);
-            counters.acked_batches += 1;
-            counters.acked_bytes += (hkey.len() + value.len()) as u64;
-            write.insert(&hkey, value);
+        st.counters.pending_batches = st.counters.pending_batches.saturating_sub(1);
+        st.counters.pending_bytes = st.counters.pending_bytes.saturating_sub(chunks::stored_size(9, value_len));
+        st.counters.acked_total += 1;
+        if st.retain_acked {
+            st.counters.acked_batches += 1;
+            st.counters.acked_bytes += chunks::stored_size(17, value_len);
         }
-        write.insert(layout::META_COUNTERS, counters.encode());
-        store.tree.apply_batch(write)?;
-        st.counters = counters;
-        st.applied += 1;
+        st.unwritten_acks.insert(seq, now_ms());
+        if st.unwritten_acks.len() >= ACK_WRITE_GROUP {
+            write_meta(store, &mut st, sled::Batch::default())?;
+        }
         drop(st);
         self.inner.space.notify_all();
         Ok(AckOutcome::Acked)
@@ -610,7 +659,7 @@ impl Queue {
     /// before newer batches.
     pub fn nack(&self, batch_id: BatchId) -> bool {
         let mut st = self.lock_state();
-        let Some(&seq) = st.handed.get(&batch_id) else { return false };
+        let Some(&(seq, _)) = st.handed.get(&batch_id) else { return false };
         if st.in_flight.remove(&seq) {
             st.retry.insert(seq);
             true
@@ -652,13 +701,16 @@ impl Queue {
             let guard = self.read_store();
             let store = Store::get(&guard)?;
             let mut st = self.lock_state();
+            if !st.unwritten_acks.is_empty() {
+                write_meta(store, &mut st, sled::Batch::default())?;
+            }
             // Damaged records are quarantined first, so the move below is one atomic write.
             let mut found = Vec::new();
-            for item in store.tree.range(start..end) {
-                let (key, value) = item?;
-                match StoredBatch::decode(&value) {
-                    Ok(b) => found.push((key, value, b.seq)),
-                    Err(e) => quarantine_locked(store, &mut st, &key, &value, &e)?,
+            for record in chunks::records(store.tree.range(start..end)) {
+                let record = record?;
+                match StoredBatch::decode_header(&record.value) {
+                    Ok(h) => found.push((record, h.seq)),
+                    Err(e) => quarantine_locked(store, &mut st, &record, &e)?,
                 }
             }
             if found.is_empty() {
@@ -666,20 +718,17 @@ impl Queue {
             }
             let mut write = sled::Batch::default();
             let mut counters = st.counters;
-            for (key, value, seq) in &found {
+            for (record, seq) in &found {
                 let pkey = layout::pending_key(*seq);
                 counters.acked_batches = counters.acked_batches.saturating_sub(1);
-                counters.acked_bytes = counters.acked_bytes.saturating_sub((key.len() + value.len()) as u64);
+                counters.acked_bytes = counters.acked_bytes.saturating_sub(record.stored_size());
                 counters.pending_batches += 1;
-                counters.pending_bytes += (pkey.len() + value.len()) as u64;
-                write.remove(key);
-                write.insert(&pkey, value);
+                counters.pending_bytes += chunks::stored_size(pkey.len(), record.value.len());
+                chunks::move_into(&mut write, record, &pkey);
             }
-            write.insert(layout::META_COUNTERS, counters.encode());
-            store.tree.apply_batch(write)?;
             st.counters = counters;
-            st.applied += 1;
-            st.retry.extend(found.iter().map(|f| f.2));
+            write_meta(store, &mut st, write)?;
+            st.retry.extend(found.iter().map(|f| f.1));
             tracing::info!(batches = found.len(), "requeued acked batches for replay");
             (st.applied, found.len() as u64)
         };
@@ -689,8 +738,7 @@ impl Queue {
 
     /// The last source position stored with a batch.
     pub fn source_position(&self) -> Result<Option<Vec<u8>>, QueueError> {
-        let guard = self.read_store();
-        Ok(Store::get(&guard)?.tree.get(layout::META_SOURCE_POSITION)?.map(|v| v.to_vec()))
+        Ok(self.lock_state().latest_position.clone())
     }
 
     /// Counts by state and the budget's use.
@@ -701,12 +749,11 @@ impl Queue {
         let c = st.counters;
         let in_flight = st.in_flight.len() as u64;
         drop(st);
-        let oldest_pending_age_s = match store.tree.range(layout::pending_key(0)..=layout::pending_key(u64::MAX)).next()
-        {
-            Some(item) => {
-                let (_, v) = item?;
-                StoredBatch::decode(&v).ok().map(|b| now_ms().saturating_sub(b.enqueued_at_ms) / 1000)
-            }
+        let oldest = chunks::records(store.tree.range(layout::pending_key(0)..=layout::pending_key(u64::MAX))).next();
+        let oldest_pending_age_s = match oldest {
+            Some(record) => StoredBatch::decode_header(&record?.value)
+                .ok()
+                .map(|h| now_ms().saturating_sub(h.enqueued_at_ms) / 1000),
             None => None,
         };
         Ok(Stats {
@@ -724,31 +771,35 @@ impl Queue {
             quarantined: c.quarantined,
             acked_total: c.acked_total,
             next_seq: c.next_seq,
+            syncs_since_open: self.inner.sync.lock().unwrap_or_else(|p| p.into_inner()).syncs,
         })
     }
 
     /// Reads every record and checks it, without changing anything.
     pub fn verify(&self) -> Result<VerifyReport, QueueError> {
+        // Write pending acks first, so the records on disk are what the counters describe.
+        self.flush()?;
         let guard = self.read_store();
         let store = Store::get(&guard)?;
         let mut report = VerifyReport::default();
         let any_size = backhaul_shared::Limits { max_detections: usize::MAX };
-        for item in store.tree.iter() {
-            let (key, value) = item?;
+        for record in chunks::records(store.tree.iter()) {
+            let record = record?;
+            let key = &record.prefix;
             match key.first() {
-                Some(&layout::PENDING) | Some(&layout::ACKED) => match StoredBatch::decode(&value) {
-                    Ok(b) => match backhaul_shared::Batch::from_json(&b.json, &any_size) {
+                Some(&layout::PENDING) | Some(&layout::ACKED) => match StoredBatch::decode(&record.value) {
+                    Ok(b) => match backhaul_shared::Batch::from_json(&b.json(), &any_size) {
                         Ok(batch) if batch.batch_id == b.batch_id && batch.seq == b.seq => report.ok += 1,
-                        Ok(_) => report.bad.push(format!("{}: header and JSON disagree on batch_id or seq", hex(&key))),
-                        Err(e) => report.bad.push(format!("{}: stored JSON does not parse: {e}", hex(&key))),
+                        Ok(_) => report.bad.push(format!("{}: header and JSON disagree on batch_id or seq", hex(key))),
+                        Err(e) => report.bad.push(format!("{}: stored JSON does not parse: {e}", hex(key))),
                     },
-                    Err(e) => report.bad.push(format!("{}: {e}", hex(&key))),
+                    Err(e) => report.bad.push(format!("{}: {e}", hex(key))),
                 },
                 Some(&layout::QUARANTINE) => report.quarantined += 1,
                 _ => {}
             }
         }
-        let counted = recount(&store.tree)?;
+        let (counted, _) = recount(&store.tree)?;
         let stored = self.lock_state().counters;
         if (counted.pending_batches, counted.acked_batches) != (stored.pending_batches, stored.acked_batches) {
             report.bad.push(format!(
@@ -761,32 +812,34 @@ impl Queue {
 
     /// Every stored record, for `queue export`.
     pub fn export(&self, mut each: impl FnMut(ExportedRecord) -> io::Result<()>) -> Result<(), ExportError> {
+        self.flush()?;
         let guard = self.read_store();
         let store = Store::get(&guard)?;
-        for item in store.tree.iter() {
-            let (key, value) = item.map_err(QueueError::from)?;
+        for record in chunks::records(store.tree.iter()) {
+            let record = record.map_err(QueueError::from)?;
+            let (key, value) = (&record.prefix, &record.value);
             let (state, acked_at_ms) = match key.first() {
                 Some(&layout::PENDING) => ("pending", None),
-                Some(&layout::ACKED) => ("acked", layout::acked_key_time(&key)),
+                Some(&layout::ACKED) => ("acked", layout::acked_key_time(key)),
                 Some(&layout::QUARANTINE) => ("quarantined", None),
                 _ => continue,
             };
-            let record = match StoredBatch::decode(&value) {
+            let exported = match StoredBatch::decode(value) {
                 Ok(b) => ExportedRecord {
                     state,
-                    key: hex(&key),
+                    key: hex(key),
                     seq: Some(b.seq),
                     batch_id: Some(b.batch_id.to_string()),
                     enqueued_at_ms: Some(b.enqueued_at_ms),
                     acked_at_ms,
                     detections: Some(b.detections),
-                    batch: serde_json::from_slice(&b.json).ok(),
+                    batch: serde_json::from_slice(&b.json()).ok(),
                     error: None,
                     raw_hex: None,
                 },
                 Err(e) => ExportedRecord {
                     state,
-                    key: hex(&key),
+                    key: hex(key),
                     seq: None,
                     batch_id: None,
                     enqueued_at_ms: None,
@@ -794,10 +847,10 @@ impl Queue {
                     detections: None,
                     batch: None,
                     error: Some(e.to_string()),
-                    raw_hex: Some(hex(&value)),
+                    raw_hex: Some(hex(value)),
                 },
             };
-            each(record).map_err(ExportError::Write)?;
+            each(exported).map_err(ExportError::Write)?;
         }
         Ok(())
     }
@@ -807,7 +860,13 @@ impl Queue {
     pub fn debug_overwrite_pending(&self, seq: u64, value: &[u8]) -> Result<(), QueueError> {
         {
             let guard = self.read_store();
-            Store::get(&guard)?.tree.insert(layout::pending_key(seq), value)?;
+            let store = Store::get(&guard)?;
+            if let Some(old) = chunks::get(&store.tree, &layout::pending_key(seq))? {
+                let mut write = sled::Batch::default();
+                chunks::remove_into(&mut write, &old);
+                store.tree.apply_batch(write)?;
+            }
+            chunks::insert(&store.tree, &layout::pending_key(seq), value)?;
         }
         self.flush()
     }
@@ -816,7 +875,7 @@ impl Queue {
     #[doc(hidden)]
     pub fn debug_pending_raw(&self, seq: u64) -> Result<Option<Vec<u8>>, QueueError> {
         let guard = self.read_store();
-        Ok(Store::get(&guard)?.tree.get(layout::pending_key(seq))?.map(|v| v.to_vec()))
+        Ok(chunks::get(&Store::get(&guard)?.tree, &layout::pending_key(seq))?.map(|r| r.value))
     }
 }
 
@@ -826,17 +885,17 @@ fn drop_oldest_locked(store: &Store, st: &mut State, to_free: u64) -> Result<u64
     let mut write = sled::Batch::default();
     let mut counters = st.counters;
     let mut dropped = Vec::new();
-    for item in store.tree.range(layout::pending_key(0)..=layout::pending_key(u64::MAX)) {
+    for record in chunks::records(store.tree.range(layout::pending_key(0)..=layout::pending_key(u64::MAX))) {
         if freed >= to_free {
             break;
         }
-        let (key, value) = item?;
-        let Some(seq) = layout::pending_key_seq(&key) else { continue };
-        if st.in_flight.contains(&seq) {
+        let record = record?;
+        let Some(seq) = layout::pending_key_seq(&record.prefix) else { continue };
+        if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) {
             continue;
         }
-        let size = (key.len() + value.len()) as u64;
-        let detections = match StoredBatch::decode(&value) {
+        let size = record.stored_size();
+        let detections = match StoredBatch::decode_header(&record.value) {
             Ok(b) => {
                 st.handed.remove(&b.batch_id);
                 u64::from(b.detections)
@@ -844,7 +903,7 @@ fn drop_oldest_locked(store: &Store, st: &mut State, to_free: u64) -> Result<u64
             // Unreadable anyway: count the batch, its detections are unknown.
             Err(_) => 0,
         };
-        write.remove(key.as_ref());
+        chunks::remove_into(&mut write, &record);
         counters.pending_batches -= 1;
         counters.pending_bytes = counters.pending_bytes.saturating_sub(size);
         counters.dropped_batches += 1;
@@ -855,13 +914,11 @@ fn drop_oldest_locked(store: &Store, st: &mut State, to_free: u64) -> Result<u64
     if dropped.is_empty() {
         return Ok(0);
     }
-    write.insert(layout::META_COUNTERS, counters.encode());
-    store.tree.apply_batch(write)?;
+    st.counters = counters;
+    write_meta(store, st, write)?;
     for (seq, _) in &dropped {
         st.retry.remove(seq);
     }
-    st.counters = counters;
-    st.applied += 1;
     tracing::warn!(
         batches = dropped.len(),
         detections = dropped.iter().map(|d| d.1).sum::<u64>(),
@@ -877,13 +934,13 @@ fn drop_oldest_locked(store: &Store, st: &mut State, to_free: u64) -> Result<u64
 fn quarantine_locked(
     store: &Store,
     st: &mut State,
-    key: &[u8],
-    value: &[u8],
+    record: &chunks::Record,
     error: &StoredError,
 ) -> Result<(), QueueError> {
+    let key = &record.prefix;
     let mut counters = st.counters;
     counters.quarantined += 1;
-    let size = (key.len() + value.len()) as u64;
+    let size = record.stored_size();
     match key.first() {
         Some(&layout::PENDING) => {
             counters.pending_batches = counters.pending_batches.saturating_sub(1);
@@ -896,12 +953,9 @@ fn quarantine_locked(
         _ => {}
     }
     let mut write = sled::Batch::default();
-    write.insert(layout::quarantine_key(key), value);
-    write.remove(key);
-    write.insert(layout::META_COUNTERS, counters.encode());
-    store.tree.apply_batch(write)?;
+    chunks::move_into(&mut write, record, &layout::quarantine_key(key));
     st.counters = counters;
-    st.applied += 1;
+    write_meta(store, st, write)?;
     tracing::error!(
         key = %hex(key),
         error = %error,
@@ -918,29 +972,61 @@ fn prune_acked_locked(
     before_ms: Option<u64>,
     bytes: Option<u64>,
 ) -> Result<u64, QueueError> {
+    // Acks still in memory first, so that what is pruned is everything acked.
+    if !st.unwritten_acks.is_empty() {
+        write_meta(store, st, sled::Batch::default())?;
+    }
     let end = layout::acked_key(before_ms.unwrap_or(u64::MAX), 0);
     let mut write = sled::Batch::default();
     let mut counters = st.counters;
     let (mut n, mut freed) = (0u64, 0u64);
-    for item in store.tree.range(layout::acked_key(0, 0)..end) {
+    for record in chunks::records(store.tree.range(layout::acked_key(0, 0)..end)) {
         if bytes.is_some_and(|b| freed >= b) {
             break;
         }
-        let (key, value) = item?;
-        let size = (key.len() + value.len()) as u64;
-        write.remove(key);
+        let record = record?;
+        let size = record.stored_size();
+        chunks::remove_into(&mut write, &record);
         counters.acked_batches = counters.acked_batches.saturating_sub(1);
         counters.acked_bytes = counters.acked_bytes.saturating_sub(size);
         freed += size;
         n += 1;
     }
     if n > 0 {
-        write.insert(layout::META_COUNTERS, counters.encode());
-        store.tree.apply_batch(write)?;
         st.counters = counters;
-        st.applied += 1;
+        write_meta(store, st, write)?;
     }
     Ok(n)
+}
+
+/// The counters are written at least every this many enqueues, so that an open after a crash
+/// counts at most this many records past them.
+const META_EVERY_ENQUEUES: u64 = 1024;
+
+/// Acks are written in groups of this many (or sooner, see [`Queue::ack`]).
+pub const ACK_WRITE_GROUP: usize = 64;
+
+/// Applies `write` together with every unwritten ack, the counters and the latest source position,
+/// as one atomic sled batch. Every write of the counters goes through here, so the counters on disk
+/// always describe the records on disk (up to the enqueues after `next_seq`, counted at open).
+fn write_meta(store: &Store, st: &mut State, mut write: sled::Batch) -> Result<(), QueueError> {
+    for (&seq, &acked_at_ms) in &st.unwritten_acks {
+        if let Some(record) = chunks::get(&store.tree, &layout::pending_key(seq))? {
+            if st.retain_acked {
+                chunks::move_into(&mut write, &record, &layout::acked_key(acked_at_ms, seq));
+            } else {
+                chunks::remove_into(&mut write, &record);
+            }
+        }
+    }
+    write.insert(layout::META_COUNTERS, st.counters.encode());
+    if let Some(pos) = &st.latest_position {
+        write.insert(layout::META_SOURCE_POSITION, pos.as_slice());
+    }
+    store.tree.apply_batch(write)?;
+    st.unwritten_acks.clear();
+    st.applied += 1;
+    Ok(())
 }
 /// Result of [`Queue::verify`].
 #[derive(Debug, Default)]
@@ -992,6 +1078,31 @@ fn storage_error(e: QueueError) -> EnqueueError {
     }
 }
 
+/// A batch made ready for the lock: id assigned, JSON serialized and compressed, size known.
+struct Prepared {
+    batch_id: BatchId,
+    detections: u32,
+    parts: WireParts,
+    source_position: Option<Vec<u8>>,
+    /// Bytes the budget will count (the seq's digits are in the fixed-size header).
+    estimate: u64,
+}
+
+impl Prepared {
+    fn new(batch: NewBatch) -> Self {
+        let batch_id = BatchId::new();
+        let parts = WireParts::new(&batch, batch_id);
+        let position_len = batch.source_position.as_ref().map_or(0, Vec::len);
+        Self {
+            batch_id,
+            detections: u32::try_from(batch.detections.len()).unwrap_or(u32::MAX),
+            estimate: chunks::stored_size(9, parts.stored_len() + position_len + 64),
+            parts,
+            source_position: batch.source_position,
+        }
+    }
+}
+
 /// The batch's wire JSON split around `seq`, serialized before the seq is known (outside the lock),
 /// so that under the lock only a concatenation remains. The field order is the one of
 /// [`backhaul_shared::Batch`], and the result is byte-identical to `Batch::to_json`.
@@ -999,7 +1110,10 @@ struct WireParts {
     /// `{"schema":1,"batch_id":"…","device_id":"…"`
     head: Vec<u8>,
     /// `"name":…,"location":…,"timestamp":"…","detections":[…]}`
+    #[cfg_attr(not(test), allow(dead_code))]
     tail: Vec<u8>,
+    /// `tail`, LZ4-compressed outside the lock.
+    tail_lz4: Vec<u8>,
 }
 
 impl WireParts {
@@ -1034,15 +1148,18 @@ impl WireParts {
         })
         .expect("serializes");
         tail.remove(0); // the opening brace
-        Self { head, tail }
+        let tail_lz4 = layout::compress_tail(&tail);
+        Self { head, tail, tail_lz4 }
     }
 
-    fn len(&self) -> usize {
-        self.head.len() + self.tail.len() + ",\"seq\":".len() + 20 + 1
+    /// Bytes stored for the batch's JSON (head plain, tail compressed).
+    fn stored_len(&self) -> usize {
+        self.head.len() + self.tail_lz4.len()
     }
 
+    #[cfg(test)]
     fn json(&self, seq: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.len());
+        let mut out = Vec::with_capacity(self.head.len() + self.tail.len() + 32);
         out.extend_from_slice(&self.head);
         out.extend_from_slice(b",\"seq\":");
         out.extend_from_slice(seq.to_string().as_bytes());
@@ -1099,46 +1216,110 @@ fn open_or_move_aside(data_dir: &Path, path: &Path, config: &QueueConfig) -> Res
     }
 }
 
-/// The persisted counters, or a recount from the records if they are missing or damaged.
-fn load_counters(tree: &sled::Tree) -> Result<Counters, sled::Error> {
-    match tree.get(layout::META_COUNTERS)? {
+/// The counters and latest source position as of the records on disk: the persisted counters
+/// (written with every ack group, drop, prune, quarantine and requeue), brought up to date by
+/// counting the batches enqueued after them (seq ≥ their `next_seq`; enqueue writes only its
+/// record). Recounted from every record if the counters are missing or damaged.
+fn load_counters(tree: &sled::Tree) -> Result<(Counters, Option<Vec<u8>>), sled::Error> {
+    let (mut c, mut position) = match tree.get(layout::META_COUNTERS)? {
         Some(v) => match Counters::decode(&v) {
-            Ok(c) => Ok(c),
+            Ok(c) => (c, tree.get(layout::META_SOURCE_POSITION)?.map(|p| p.to_vec())),
             Err(e) => {
                 tracing::error!(error = %e, "the queue's counters record is damaged; recounting from the records");
-                recount(tree)
+                return recount(tree);
             }
         },
-        None => recount(tree),
+        None => return recount(tree),
+    };
+    let mut last = None;
+    for record in chunks::records(tree.range(layout::pending_key(c.next_seq)..=layout::pending_key(u64::MAX))) {
+        let record = record?;
+        let Some(seq) = layout::pending_key_seq(&record.prefix) else { continue };
+        c.pending_batches += 1;
+        c.pending_bytes += record.stored_size();
+        c.produced_batches += 1;
+        c.next_seq = seq + 1;
+        // A damaged record is counted here and quarantined when it is read.
+        if let Ok(h) = StoredBatch::decode_header(&record.value) {
+            c.produced_detections += u64::from(h.detections);
+            if h.source_position.is_some() {
+                position = h.source_position;
+            }
+        }
+        last = Some(record);
     }
+    if let Some(record) = last.filter(|r| backhaul_shared::record::is_incomplete(&r.value)) {
+        discard_interrupted_enqueue(tree, &record, &mut c)?;
+    }
+    Ok((c, position))
 }
 
-/// Counts pending and acked records (used when the counters record is missing or damaged).
-fn recount(tree: &sled::Tree) -> Result<Counters, sled::Error> {
+/// The newest record is missing chunks: its enqueue was interrupted by a crash before it returned
+/// (chunks are written in one go under the lock, before the sync), so it was never reported stored.
+/// Remove it and reuse its seq.
+fn discard_interrupted_enqueue(
+    tree: &sled::Tree,
+    record: &chunks::Record,
+    c: &mut Counters,
+) -> Result<(), sled::Error> {
+    let mut write = sled::Batch::default();
+    chunks::remove_into(&mut write, record);
+    tree.apply_batch(write)?;
+    c.pending_batches -= 1;
+    c.pending_bytes = c.pending_bytes.saturating_sub(record.stored_size());
+    c.produced_batches -= 1;
+    if let Some(seq) = layout::pending_key_seq(&record.prefix) {
+        c.next_seq = seq;
+    }
+    tracing::warn!(
+        seq = c.next_seq,
+        "discarded the last batch of an enqueue interrupted by a crash (it was never reported stored)"
+    );
+    Ok(())
+}
+
+/// Counts every record (used when the counters record is missing or damaged). What was produced
+/// and dropped before can't be known: produced counts what is still stored.
+fn recount(tree: &sled::Tree) -> Result<(Counters, Option<Vec<u8>>), sled::Error> {
     let mut c = Counters::default();
-    let mut max_seq = None;
-    for item in tree.iter() {
-        let (key, value) = item?;
-        let size = (key.len() + value.len()) as u64;
-        match key.first() {
-            Some(&layout::PENDING) => {
-                c.pending_batches += 1;
-                c.pending_bytes += size;
-                max_seq = max_seq.max(layout::pending_key_seq(&key));
+    let mut newest: Option<(u64, Option<Vec<u8>>)> = None;
+    let mut last_pending = None;
+    for record in chunks::records(tree.iter()) {
+        let record = record?;
+        let key = &record.prefix;
+        let (count, bytes) = match key.first() {
+            Some(&layout::PENDING) => (&mut c.pending_batches, &mut c.pending_bytes),
+            Some(&layout::ACKED) => (&mut c.acked_batches, &mut c.acked_bytes),
+            Some(&layout::QUARANTINE) => {
+                c.quarantined += 1;
+                continue;
             }
-            Some(&layout::ACKED) => {
-                c.acked_batches += 1;
-                c.acked_bytes += size;
-                if let Ok(b) = StoredBatch::decode(&value) {
-                    max_seq = max_seq.max(Some(b.seq));
-                }
+            _ => continue,
+        };
+        *count += 1;
+        *bytes += record.stored_size();
+        c.produced_batches += 1;
+        if let Ok(h) = StoredBatch::decode_header(&record.value) {
+            c.produced_detections += u64::from(h.detections);
+            if newest.as_ref().is_none_or(|(seq, _)| h.seq > *seq) {
+                newest = Some((h.seq, h.source_position));
             }
-            Some(&layout::QUARANTINE) => c.quarantined += 1,
-            _ => {}
+        } else if let (Some(&layout::PENDING), Some(seq)) = (key.first(), layout::pending_key_seq(key)) {
+            if newest.as_ref().is_none_or(|(s, _)| seq > *s) {
+                newest = Some((seq, None));
+            }
+        }
+        if key.first() == Some(&layout::PENDING) {
+            last_pending = Some(record);
         }
     }
-    c.next_seq = max_seq.map_or(0, |s| s + 1);
-    Ok(c)
+    c.next_seq = newest.as_ref().map_or(0, |(seq, _)| seq + 1);
+    if let Some(record) = last_pending.filter(|r| backhaul_shared::record::is_incomplete(&r.value)) {
+        if layout::pending_key_seq(&record.prefix).map(|s| s + 1) == Some(c.next_seq) {
+            discard_interrupted_enqueue(tree, &record, &mut c)?;
+        }
+    }
+    Ok((c, newest.and_then(|(_, p)| p)))
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -1158,7 +1339,12 @@ fn sync_new_blobs(dir: &Path, synced: u64) -> io::Result<u64> {
         let entry = entry?;
         let Some(n) = entry.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else { continue };
         if n > synced {
-            File::open(entry.path())?.sync_data()?;
+            match File::open(entry.path()) {
+                Ok(f) => f.sync_data()?,
+                // sled deletes blobs whose page was rewritten: nothing left to sync.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
             high = high.max(n);
             any = true;
         }

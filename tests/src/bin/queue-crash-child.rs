@@ -3,6 +3,9 @@
 //! out, printing `A <seq>`. The parent SIGKILLs it at random moments and checks that every printed seq
 //! is still there.
 //!
+//! Its batches carry a source position (the batch's index), and it resumes after the stored one, as
+//! the simulated and replay sources do: so batch `n` must always be the one with seq `n`.
+//!
 //! Usage: queue-crash-child DATA_DIR DETECTIONS_PER_BATCH
 
 use std::io::Write;
@@ -20,7 +23,11 @@ fn main() -> anyhow::Result<()> {
     let mut out = stdout.lock();
     writeln!(out, "OPEN")?;
     out.flush()?;
-    let mut n = 0u64;
+    // A resumable source: continue after the position stored with the last durable batch.
+    let mut n = match queue.source_position()? {
+        Some(pos) => u64::from_le_bytes(pos.as_slice().try_into()?) + 1,
+        None => 0,
+    };
     loop {
         let batch = NewBatch {
             device_id: "crash-test".into(),

@@ -1,0 +1,445 @@
+//! The benchmark command. Every scenario runs in its own child process (so peak RSS and disk bytes
+//! written are that scenario's alone), several times; the table shows medians, with the baselines
+//! measured in the same run.
+//!
+//! ```text
+//! cargo run --release -p backhaul-tests --bin bench -- all            # everything, a few minutes
+//! cargo run --release -p backhaul-tests --bin bench -- all --quick    # smoke run, under a minute
+//! cargo run --release -p backhaul-tests --bin bench -- queue [--runs N] [--dir DIR]
+//! ```
+//!
+//! `--dir` is where the scenarios put their data (default: a temp dir under /var/tmp, which is on
+//! the real disk; /tmp may be a tmpfs, where fsync is free and the figures would lie).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use backhaul_edge::queue::{Durability, NewBatch, Queue, QueueConfig};
+use backhaul_shared::{Detection, Presence, Sensor, Timestamp, Zone};
+use serde_json::{json, Value};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    match args.first().map(String::as_str) {
+        Some("scenario") => {
+            let result = run_scenario(&args[1..])?;
+            println!("{result}");
+            Ok(())
+        }
+        Some(group @ ("all" | "queue")) => {
+            let quick = flag("--quick");
+            let runs: usize = value("--runs").map(|r| r.parse()).transpose()?.unwrap_or(if quick { 1 } else { 3 });
+            let base = match value("--dir") {
+                Some(d) => PathBuf::from(d),
+                None => PathBuf::from("/var/tmp"),
+            };
+            let dir = tempfile::Builder::new().prefix("backhaul-bench-").tempdir_in(&base)?;
+            println!(
+                "# backhaul benchmarks ({group}{}), {runs} run(s) each, medians",
+                if quick { ", quick" } else { "" }
+            );
+            println!("# machine: {}", machine());
+            println!("# data dir: {} ({})", dir.path().display(), filesystem(dir.path()));
+            queue_benchmarks(dir.path(), runs, quick)
+        }
+        _ => {
+            eprintln!("usage: bench all|queue [--quick] [--runs N] [--dir DIR]");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("{cores} cores, {cpu}")
+}
+
+fn filesystem(path: &Path) -> String {
+    Command::new("df")
+        .args(["--output=fstype,source"])
+        .arg(path)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().nth(1).map(|l| l.split_whitespace().collect::<Vec<_>>().join(" on ")))
+        .unwrap_or_default()
+}
+
+/// Runs `bench scenario ARGS` in a child `runs` times and returns the parsed results.
+fn child(args: &[String], runs: usize) -> Result<Vec<Value>> {
+    let exe = std::env::current_exe()?;
+    (0..runs)
+        .map(|_| {
+            let out = Command::new(&exe).arg("scenario").args(args).output().context("running a scenario")?;
+            if !out.status.success() {
+                bail!("scenario {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let text = String::from_utf8(out.stdout)?;
+            serde_json::from_str(text.trim()).with_context(|| format!("scenario output: {text}"))
+        })
+        .collect()
+}
+
+fn median(results: &[Value], key: &str) -> f64 {
+    let mut v: Vec<f64> = results.iter().filter_map(|r| r[key].as_f64()).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn s(v: &str) -> String {
+    v.to_owned()
+}
+
+fn queue_benchmarks(dir: &Path, runs: usize, quick: bool) -> Result<()> {
+    let secs = if quick { "1" } else { "3" };
+    let d = dir.display().to_string();
+
+    let fsync = child(&[s("fsync"), s(&d), s(secs)], runs)?;
+    let fsync_rate = median(&fsync, "ops_per_s");
+    println!();
+    println!("| scenario | batches/s | detections/s | vs raw fsync | batches per sync | disk bytes written / payload byte | peak RSS MiB |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| baseline: raw 512 B append + fdatasync | {fsync_rate:.0} | | 1.0x | 1 | | |");
+    let cases = [
+        ("1", "1", "1"),
+        ("1", "4", "1"),
+        ("1", "4", "8"),
+        ("50", "1", "1"),
+        ("50", "4", "1"),
+        ("500", "1", "1"),
+        ("500", "4", "1"),
+    ];
+    for (detections, producers, many) in cases {
+        let r = child(&[s("enqueue"), s(&d), s(detections), s(producers), s(secs), s(many)], runs)?;
+        let bps = median(&r, "batches_per_s");
+        let how = if many == "1" { String::new() } else { format!(", enqueue_many of {many}") };
+        println!(
+            "| enqueue durable, {detections} det/batch, {producers} producer(s){how} | {bps:.0} | {:.0} | {:.1}x | {:.1} | {:.2} | {:.1} |",
+            median(&r, "detections_per_s"),
+            bps / fsync_rate,
+            median(&r, "batches_per_sync"),
+            median(&r, "write_amplification"),
+            median(&r, "peak_rss_mib"),
+        );
+    }
+
+    let total = if quick { "100000" } else { "1000000" };
+    println!();
+    println!("| backlog of {total} detections (500/batch) | value |");
+    println!("| --- | ---: |");
+    let r = child(&[s("backlog"), s(&d), s(total), s("500")], runs)?;
+    let r0 = child(&[s("backlog"), s(&d), s(total), s("500"), s("retain0")], runs)?;
+    println!("| fill: detections/s (durable enqueue, 1 producer) | {:.0} |", median(&r, "fill_detections_per_s"));
+    println!("| fill: disk bytes written / payload byte | {:.2} |", median(&r, "fill_write_amplification"));
+    println!("| queue size on disk, MiB | {:.1} |", median(&r, "disk_mib"));
+    println!("| open after restart, ms | {:.0} |", median(&r, "open_ms"));
+    println!("| RSS right after open, MiB | {:.1} |", median(&r, "rss_after_open_mib"));
+    println!("| peak RSS while filling, MiB | {:.1} |", median(&r, "fill_peak_rss_mib"));
+    if !quick {
+        // About 1 GiB of wire JSON: the backlog of a long outage. One run: it takes a while.
+        let big = child(&[s("backlog"), s(&d), s("7500000"), s("500")], 1)?;
+        println!(
+            "| 7,500,000-detection backlog (~1 GiB of JSON): queue size on disk, MiB | {:.0} |",
+            median(&big, "disk_mib")
+        );
+        println!("| ... open after restart, ms | {:.0} |", median(&big, "open_ms"));
+        println!("| ... peak RSS while filling, MiB | {:.1} |", median(&big, "fill_peak_rss_mib"));
+        println!(
+            "| ... peak RSS while opening and draining (acked kept 24 h), MiB | {:.1} |",
+            median(&big, "drain_peak_rss_mib")
+        );
+        println!("| ... drain detections/s | {:.0} |", median(&big, "drain_detections_per_s"));
+    }
+    for (label, r) in [("acked kept 24 h (default)", &r), ("retain_acked = 0", &r0)] {
+        println!("| drain (next + ack), {label}: batches/s | {:.0} |", median(r, "drain_batches_per_s"));
+        println!("| drain (next + ack), {label}: detections/s | {:.0} |", median(r, "drain_detections_per_s"));
+        println!("| peak RSS while opening and draining, {label}, MiB | {:.1} |", median(r, "drain_peak_rss_mib"));
+    }
+    Ok(())
+}
+
+fn run_scenario(args: &[String]) -> Result<Value> {
+    let arg = |i: usize| args.get(i).cloned().context("missing scenario argument");
+    match args.first().map(String::as_str) {
+        Some("fsync") => raw_fsync(Path::new(&arg(1)?), arg(2)?.parse()?),
+        Some("enqueue") => {
+            let many = args.get(5).map(|m| m.parse()).transpose()?.unwrap_or(1);
+            enqueue(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?, arg(4)?.parse()?, many)
+        }
+        Some("backlog") => backlog(
+            Path::new(&arg(1)?),
+            arg(2)?.parse()?,
+            arg(3)?.parse()?,
+            args.get(4).is_some_and(|a| a == "retain0"),
+        ),
+        Some("backlog-drain") => backlog_drain(Path::new(&arg(1)?), args.get(2).is_some_and(|a| a == "retain0")),
+        Some("fill") => {
+            let q = Queue::open(Path::new(&arg(1)?), QueueConfig { max_bytes: u64::MAX, ..QueueConfig::default() })?;
+            let (total, per): (u64, usize) = (arg(2)?.parse()?, arg(3)?.parse()?);
+            for i in 0..total / per as u64 {
+                q.enqueue(sample_batch(per, i))?;
+            }
+            Ok(json!({ "rss_mib": current_rss_mib() }))
+        }
+        Some("open-only") => {
+            let q = Queue::open(Path::new(&arg(1)?), QueueConfig { max_bytes: u64::MAX, ..QueueConfig::default() })?;
+            Ok(json!({ "pending": q.stats()?.pending, "rss_mib": current_rss_mib() }))
+        }
+        other => bail!("unknown scenario {other:?}"),
+    }
+}
+
+/// The disk's raw durable-write rate: append 512 bytes, fdatasync, repeat.
+fn raw_fsync(dir: &Path, seconds: u64) -> Result<Value> {
+    use std::io::Write;
+    let path = dir.join(format!("fsync-{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    let block = [0xABu8; 512];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(seconds) {
+        f.write_all(&block)?;
+        f.sync_data()?;
+        n += 1;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    std::fs::remove_file(&path)?;
+    Ok(json!({ "ops_per_s": n as f64 / elapsed }))
+}
+
+/// splitmix64: a cheap, well-mixed pseudo-random stream.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A batch like a busy site's: mostly presence (keyed hashes look random, so they are random
+/// here: no help for the compressor), some Thingy:52 readings, detection times spread over the
+/// batch's window with sub-second precision, RSSI varying.
+fn sample_batch(detections: usize, salt: u64) -> NewBatch {
+    let now = Timestamp::now();
+    let base = now.unix_micros() - 5_000_000;
+    NewBatch {
+        device_id: "rpi-bench-01".into(),
+        name: Some("Bench Pi".into()),
+        location: Some("Lab".into()),
+        timestamp: now,
+        detections: (0..detections)
+            .map(|i| {
+                let r = mix(salt.wrapping_mul(1_000_003).wrapping_add(i as u64));
+                let t = Timestamp::from_unix_micros(base + (r % 5_000_000) as i64).unwrap_or(now);
+                if i % 10 == 9 {
+                    Detection::Sensor(Sensor {
+                        node: format!("c1:0e:5a:33:9f:{:02x}", r % 8),
+                        rssi: -60 - (r % 30) as i16,
+                        temp: Some(f64::from((r % 300) as u32) / 10.0),
+                        humidity: Some((r % 100) as u8),
+                        co2_ppm: Some(400 + (r % 1000) as u32),
+                        window_open: Some(r.is_multiple_of(2)),
+                        battery: Some((r % 100) as u8),
+                        timestamp: t,
+                    })
+                } else {
+                    Detection::Presence(Presence {
+                        device_hash: format!("{:016x}", mix(r)),
+                        rssi: -30 - (r % 70) as i16,
+                        zone: [Zone::Near, Zone::Medium, Zone::Far][(r % 3) as usize],
+                        timestamp: t,
+                    })
+                }
+            })
+            .collect(),
+        source_position: None,
+    }
+}
+
+fn disk_write_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("write_bytes: ").and_then(|v| v.trim().parse().ok())))
+        .unwrap_or(0)
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmHWM:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            })
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn current_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            })
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                dir_size(&p)
+            } else {
+                e.metadata().map(|m| m.len()).unwrap_or(0)
+            }
+        })
+        .sum()
+}
+
+fn payload_len(batch: &NewBatch) -> u64 {
+    // The wire JSON is what the queue stores; measure it the same way.
+    let b = backhaul_shared::Batch {
+        schema: 1,
+        batch_id: backhaul_shared::BatchId::new(),
+        device_id: batch.device_id.clone(),
+        seq: 1_000_000,
+        name: batch.name.clone(),
+        location: batch.location.clone(),
+        timestamp: batch.timestamp,
+        detections: batch.detections.clone(),
+    };
+    b.to_json().len() as u64
+}
+
+/// Durable enqueues from `producers` threads for `seconds`, `many` batches per call.
+fn enqueue(dir: &Path, detections: usize, producers: usize, seconds: u64, many: usize) -> Result<Value> {
+    let data = tempfile::tempdir_in(dir)?;
+    let queue = Queue::open(data.path(), QueueConfig { max_bytes: u64::MAX, ..QueueConfig::default() })?;
+    let template = sample_batch(detections, 1);
+    let per_batch = payload_len(&template);
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let written_before = disk_write_bytes();
+    let start = Instant::now();
+    let handles: Vec<_> = (0..producers)
+        .map(|_| {
+            let (queue, stop, count, template) = (queue.clone(), stop.clone(), count.clone(), template.clone());
+            std::thread::spawn(move || -> Result<()> {
+                while !stop.load(Ordering::Relaxed) {
+                    if many == 1 {
+                        queue.enqueue(template.clone())?;
+                    } else {
+                        queue.enqueue_many(vec![template.clone(); many])?;
+                    }
+                    count.fetch_add(many as u64, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(seconds));
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().map_err(|_| anyhow::anyhow!("producer panicked"))??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let n = count.load(Ordering::Relaxed);
+    let written = disk_write_bytes() - written_before;
+    let syncs = queue.stats()?.syncs_since_open;
+    Ok(json!({
+        "batches_per_sync": n as f64 / syncs.max(1) as f64,
+        "batches_per_s": n as f64 / elapsed,
+        "detections_per_s": (n * detections as u64) as f64 / elapsed,
+        "write_amplification": written as f64 / (n * per_batch) as f64,
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
+/// Fills a backlog of `total` detections, then (in a fresh process) opens it and drains it.
+fn backlog(dir: &Path, total: u64, per_batch: usize, retain0: bool) -> Result<Value> {
+    let data = tempfile::tempdir_in(dir)?;
+    let batches = total / per_batch as u64;
+    let fill = {
+        let queue = Queue::open(data.path(), QueueConfig { max_bytes: u64::MAX, ..QueueConfig::default() })?;
+        let written_before = disk_write_bytes();
+        let mut payload = 0;
+        let start = Instant::now();
+        for i in 0..batches {
+            let b = sample_batch(per_batch, i);
+            if i == 0 {
+                payload = payload_len(&b);
+            }
+            queue.enqueue(b)?;
+        }
+        queue.flush()?;
+        let elapsed = start.elapsed().as_secs_f64();
+        let written = disk_write_bytes() - written_before;
+        json!({
+            "fill_detections_per_s": total as f64 / elapsed,
+            "fill_write_amplification": written as f64 / (payload * batches) as f64,
+            "fill_peak_rss_mib": peak_rss_mib(),
+        })
+    };
+    let disk_mib = dir_size(data.path()) as f64 / (1 << 20) as f64;
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe)
+        .args(["scenario", "backlog-drain"])
+        .arg(data.path())
+        .args(retain0.then_some("retain0"))
+        .output()?;
+    if !out.status.success() {
+        bail!("drain failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut drain: Value = serde_json::from_slice(&out.stdout)?;
+    let obj = drain.as_object_mut().context("object")?;
+    for (k, v) in fill.as_object().context("object")? {
+        obj.insert(k.clone(), v.clone());
+    }
+    obj.insert("disk_mib".into(), json!(disk_mib));
+    Ok(drain)
+}
+
+fn backlog_drain(data: &Path, retain0: bool) -> Result<Value> {
+    let start = Instant::now();
+    let retain_acked = if retain0 { Duration::ZERO } else { QueueConfig::default().retain_acked };
+    let queue = Queue::open(
+        data,
+        QueueConfig { max_bytes: u64::MAX, durability: Durability::Fsync, retain_acked, ..QueueConfig::default() },
+    )?;
+    let open_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let rss_after_open_mib = current_rss_mib();
+    let start = Instant::now();
+    let (mut batches, mut detections) = (0u64, 0u64);
+    while let Some(b) = queue.next_batch()? {
+        queue.ack(b.batch_id)?;
+        batches += 1;
+        detections += u64::from(b.detections);
+    }
+    queue.flush()?;
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(json!({
+        "open_ms": open_ms,
+        "rss_after_open_mib": rss_after_open_mib,
+        "drain_batches_per_s": batches as f64 / elapsed,
+        "drain_detections_per_s": detections as f64 / elapsed,
+        "drain_peak_rss_mib": peak_rss_mib(),
+    }))
+}
