@@ -6,8 +6,8 @@
 use backhaul_shared::record::{self, RecordError};
 use backhaul_shared::BatchId;
 
-/// Key prefixes: the queue's logical trees, inside one sled tree so that every state change
-/// (a record moving from pending to acked together with the counters) is one atomic `apply_batch`.
+/// Key prefixes: the queue's logical trees, inside one sled tree so that a state change (a record
+/// moving from pending to acked together with the counters) can be one atomic `apply_batch`.
 pub(crate) const PENDING: u8 = b'p';
 pub(crate) const ACKED: u8 = b'h';
 pub(crate) const QUARANTINE: u8 = b'q';
@@ -206,7 +206,8 @@ impl StoredBatch {
 }
 
 /// The queue's counters, persisted under [`META_COUNTERS`] in the same atomic write as every change
-/// they describe, so they never disagree with the records after a crash.
+/// but an enqueue (which writes only its record); at open, the records past `next_seq` are counted
+/// in, so after a crash the counters agree with the records on disk.
 ///
 /// Stored as a framed list of u64 LE in this order. Never reorder; append new fields at the end (an
 /// older record simply has fewer, and the missing ones read as 0).

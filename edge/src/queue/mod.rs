@@ -3,59 +3,85 @@
 //!
 //! # Storage
 //! One sled 0.34.7 database in `data_dir/queue/`, one tree, with logical trees as key prefixes
-//! (see [`layout`]) so that every state change is a single atomic `apply_batch`:
+//! (see [`layout`]). A record (one batch) is stored as chunks of at most 4 KiB under its key +
+//! a chunk index ([`chunks`] says why: sled's memory grows with value size, not `cache_capacity`).
 //!
 //! | key | value | meaning |
 //! | --- | --- | --- |
-//! | `p` + seq (BE) | framed [`layout::StoredBatch`] | pending: waiting, or in flight |
-//! | `h` + acked_at_ms (BE) + seq (BE) | the same record | acked, retained for `retain_acked` for replay |
-//! | `q` + original key | the raw bytes as found | quarantined: failed its checksum |
-//! | `mcounters` | framed [`Counters`] | counts, updated in the same write as what they count |
-//! | `msource_position` | opaque bytes | where a resumable source stands, written with each batch |
+//! | `p` + seq (BE) + chunk | framed [`layout::StoredBatch`], in pieces | pending: waiting, or in flight |
+//! | `h` + acked_at_ms (BE) + seq (BE) + chunk | the same record | acked, retained `retain_acked` for replay |
+//! | `q` + original key | the pieces as found | quarantined: failed its checksum |
+//! | `mcounters` | framed [`Counters`] | counts as of the last metadata write (see below) |
+//! | `msource_position` | opaque bytes | the newest source position as of that write |
 //!
-//! Every record goes through the shared CRC framing (`backhaul_shared::record`).
+//! Every record goes through the shared CRC framing (`backhaul_shared::record`): the CRC covers
+//! the whole record, so a missing, extra or damaged chunk is detected. The record carries the
+//! batch's wire JSON (head plain, detections LZ4-compressed), its batch_id, seq, enqueue time,
+//! detection count and the source position after it.
 //!
 //! # States
 //! pending → in flight (handed out by [`Queue::next_batch`]) → acked ([`Queue::ack`]), or back to
-//! pending ([`Queue::nack`]). "In flight" lives only in memory: after a restart everything that was in
-//! flight is pending again, and is sent again (the cloud absorbs the duplicate by `batch_id`).
+//! pending ([`Queue::nack`]). "In flight" lives only in memory: after a restart everything that was
+//! in flight is pending again, and is sent again (the cloud absorbs the duplicate by `batch_id`).
+//!
+//! # Writes, and why the counters can be trusted
+//! - An enqueue writes only its record's chunks, with plain inserts (sled's atomic `apply_batch`
+//!   costs two extra log-buffer writes, each waited for). Batch and source position are one record,
+//!   so they are never separated by a crash.
+//! - Every other change (acks, drops, pruning, quarantine, replay) goes through `write_meta`: one
+//!   atomic `apply_batch` of the change, the counters and the newest source position.
+//! - So the counters on disk describe every record with a seq below their `next_seq`; at open the
+//!   records from `next_seq` on are counted in (a range scan; the counters are rewritten every 1024
+//!   enqueues to keep it short). The newest such record can be torn (chunks missing) only if its
+//!   enqueue was cut by a crash before it returned: it is discarded and its seq reused.
+//! - Acks are kept in memory and written in groups of 64 (and at flush, prune, close): a lost ack
+//!   only means a resend, which the cloud deduplicates.
 //!
 //! # Invariants
-//! - A batch is deleted from pending only after its ack (or, under `on_full = "drop_oldest"`, by the
-//!   byte budget, which counts every dropped batch and detection: the cloud sees a `seq` gap).
+//! - A batch is deleted from pending only after its ack, or under `on_full = "drop_oldest"` by the
+//!   byte budget (which counts every dropped batch and detection: the cloud sees a `seq` gap), or
+//!   moved to quarantine when it fails its check. (The torn record of an enqueue that never
+//!   returned is discarded at open.)
+//! - Only durable batches are handed out: a batch a crash could still take back is never sent.
 //! - [`Queue::enqueue`] returns only once the batch is durable: after sled's `flush` (which on Linux
 //!   ends in `sync_file_range`, enough for a process kill but not for a power cut, sled #1452) we
-//!   `fdatasync` sled's log file ourselves and `fsync` any new blob file (sled 0.34 writes values over
-//!   ~128 KiB to `blobs/` and never syncs them) and the blob directory. [`Durability::Flush`] skips
-//!   the extra syncs for tests and benchmarks that only need to survive a kill.
+//!   `fdatasync` sled's log file ourselves and `fsync` any new blob file (sled 0.34 writes large log
+//!   messages to `blobs/` and never syncs them) and the blob directory (checked with strace: one
+//!   `fdatasync` of `queue/db` after sled's `sync_file_range` for every sync). [`Durability::Flush`]
+//!   skips the extra syncs for tests and benchmarks that only need to survive a kill.
 //! - Group commit: concurrent enqueues apply their writes in memory under the state lock, then meet
-//!   at the sync lock. The first to get it syncs everything applied so far, and the others find their
-//!   write already durable, so N producers share one flush.
-//! - Delivery is at least once: acks are not synced one by one (a lost ack only means a resend, which
-//!   the cloud deduplicates); they become durable with the next enqueue's sync or sled's periodic flush.
-//! - seqs are assigned in commit order under the state lock, so a crash leaves no hole in `seq`.
+//!   at the sync lock; the first to get it syncs everything applied so far, and the others find
+//!   their write already durable. [`Queue::enqueue_many`] puts several batches under one sync.
+//! - seqs are assigned in write order under the state lock, so a crash leaves no hole in `seq`.
 //! - A record that fails its check on read is moved to quarantine, counted and logged with its key;
-//!   the queue goes on. A database sled cannot open (its `Corruption` error, or a panic while opening)
-//!   is moved aside to `data_dir/corrupt-<time>/` and a fresh queue is started, loudly: an unattended
-//!   device must come back up.
+//!   the queue goes on. A database sled cannot open (its `Corruption` error, or a panic while
+//!   opening) is moved aside to `data_dir/corrupt-<time>/` and a fresh queue is started, loudly: an
+//!   unattended device must come back up.
+//! - A full disk (ENOSPC) makes `enqueue` wait like `on_full = "block"`; sled refuses all work after
+//!   one failed write, so the database is closed and reopened (it sits behind an RwLock) until space
+//!   returns. A write applied before a reopen is not taken as durable: its enqueue retries (and
+//!   finds its batch if it did reach the disk). Lock order: `sync`, then `store`, then `state`.
+//!   Known limit: an enqueue blocked by `on_full = "block"` holds the store's read lock, so a
+//!   reopen waits for it (up to `block_timeout`).
 //! - One process per `data_dir`: an advisory lock on `data_dir/lock`.
 //!
 //! # Byte budget
-//! `max_bytes` bounds the bytes of keys and records of pending and retained acked batches. When a
-//! new batch does not fit, retained acked batches are pruned first (oldest first: they are delivered),
-//! then `drop_oldest` drops the oldest pending batches that are not in flight, while `block` makes
-//! `enqueue` wait for acks to free space, up to `block_timeout`, then fail with
-//! [`EnqueueError::Full`]. sled's files are larger than the logical bytes (its log keeps old versions
-//! until segments are cleaned), so leave headroom on the disk.
+//! `max_bytes` bounds the bytes of keys and records (compressed) of pending and retained acked
+//! batches. When a new batch does not fit, retained acked batches are pruned first (oldest first:
+//! they are delivered), then `drop_oldest` drops the oldest pending batches that are neither in
+//! flight nor acked, while `block` makes `enqueue` wait for acks to free space, up to
+//! `block_timeout`, then fail with [`EnqueueError::Full`]. sled's files are larger than the logical
+//! bytes (its log keeps old versions until segments are cleaned), so leave headroom on the disk.
 //!
 //! # Walk-through
-//! - write: `enqueue` → serialize the wire JSON (outside the lock) → lock state → make room →
-//!   seq = next_seq → one `apply_batch` of record + counters (+ source position) → unlock → sync.
-//! - read: `next_batch` → the oldest retried (nacked or requeued) batch, else the next seq after the
-//!   cursor → decode (quarantine on failure) → mark in flight.
-//! - ack: move `p`+seq to `h`+now+seq with the counters, in one `apply_batch`.
-//! - recover: open → counters from `mcounters` (recounted from the records if missing or damaged) →
-//!   nothing in flight, cursor at the start → prune acked batches older than `retain_acked`.
+//! - write: `enqueue` → serialize the wire JSON and compress it (outside the lock) → lock state →
+//!   make room → seq = next_seq → insert the record's chunks → unlock → group sync.
+//! - read: `next_batch` → the oldest retried (nacked or requeued) batch, else the first record
+//!   after the cursor → check (quarantine on failure) → mark in flight.
+//! - ack: in memory at once; written as a move `p`+seq → `h`+now+seq with the next metadata write.
+//! - recover: open → counters from `mcounters` plus the records past them (all records are counted
+//!   if the counters are missing or damaged) → nothing in flight, cursor at the start → prune acked
+//!   batches older than `retain_acked`.
 
 mod chunks;
 pub(crate) mod layout;
@@ -213,6 +239,8 @@ pub enum QueueError {
     Sync(#[from] io::Error),
     #[error("the queue's database is closed after a disk error and could not be reopened yet; free space on the data_dir's filesystem")]
     Unavailable,
+    #[error("the queue's database was reopened after a disk error before this write was synced; retry it")]
+    Reopened,
 }
 
 impl QueueError {
@@ -243,7 +271,8 @@ struct Inner {
     path: PathBuf,
     config: QueueConfig,
     /// In-memory state and the write order. A std Mutex: it is held only for in-memory work and
-    /// sled's in-memory `apply_batch`, never across a disk sync, and never from async code.
+    /// sled writes (which may wait for sled's log buffers), never across our sync, and never from
+    /// async code.
     state: Mutex<State>,
     /// Signalled when acks or pruning free budget (for `OnFull::Block`).
     space: Condvar,
@@ -308,6 +337,14 @@ struct State {
     latest_position: Option<Vec<u8>>,
     /// `retain_acked` is not zero: acked batches go to the acked tree.
     retain_acked: bool,
+    /// Every seq below this is durable: only those are handed out, so nothing is sent that a
+    /// crash could take back (and whose seq would then be reused for other detections).
+    durable_next_seq: u64,
+    /// Raised by every reopen after a disk error: a write applied before it is not known durable.
+    epoch: u64,
+    /// After a reopen: batches found on disk past the counters, so that a retried enqueue does not
+    /// store them twice.
+    recovered: HashMap<BatchId, u64>,
     /// Number of writes applied (for group commit).
     applied: u64,
 }
@@ -315,8 +352,8 @@ struct State {
 #[derive(Debug, Default)]
 struct SyncState {
     durable: u64,
-    /// Highest blob file number already fsynced.
-    blobs_synced: u64,
+    /// Blob files already fsynced (sled names them by number).
+    blobs_synced: std::collections::HashSet<u64>,
     /// Disk syncs done since open (group commit: fewer than enqueues).
     syncs: u64,
 }
@@ -353,14 +390,20 @@ impl Queue {
         sync_dir(&path).map_err(dir_err)?;
         let store = Store::new(db, &path).map_err(dir_err)?;
         let storage = |source| QueueOpenError::Storage { path: path.clone(), source };
-        let (counters, latest_position) = load_counters(&store.tree).map_err(storage)?;
+        let Loaded { counters, latest_position, .. } = load_counters(&store.tree, true).map_err(storage)?;
         let retain_acked = !config.retain_acked.is_zero();
         let queue = Self {
             inner: Arc::new(Inner {
                 store: RwLock::new(Some(store)),
                 path: path.clone(),
                 config,
-                state: Mutex::new(State { counters, latest_position, retain_acked, ..State::default() }),
+                state: Mutex::new(State {
+                    counters,
+                    latest_position,
+                    retain_acked,
+                    durable_next_seq: counters.next_seq,
+                    ..State::default()
+                }),
                 space: Condvar::new(),
                 sync: Mutex::new(SyncState::default()),
                 _lock: lock,
@@ -390,6 +433,9 @@ impl Queue {
 
     /// Stores several batches, in order, with one disk sync for all of them; returns once all are
     /// durable. For a producer that has more than one batch ready (a replay at full speed).
+    ///
+    /// On an error, the batches before the failing one may be stored (and, under `drop_oldest`, a
+    /// full budget may drop an earlier batch of the same call, counted as any drop).
     pub fn enqueue_many(&self, batches: Vec<NewBatch>) -> Result<Vec<Enqueued>, EnqueueError> {
         let max_bytes = self.inner.config.max_bytes;
         let prepared = batches
@@ -424,11 +470,16 @@ impl Queue {
     fn try_enqueue(&self, prepared: &[Prepared]) -> Result<Vec<Enqueued>, EnqueueError> {
         let enqueued_at_ms = now_ms();
         let mut done = Vec::with_capacity(prepared.len());
-        let ticket = {
+        let (epoch, ticket) = {
             let guard = self.read_store();
             let store = Store::get(&guard).map_err(storage_error)?;
             let mut st = self.lock_state();
             for p in prepared {
+                // Stored by an attempt cut short by a disk error, and found on disk at the reopen.
+                if let Some(&seq) = st.recovered.get(&p.batch_id) {
+                    done.push(Enqueued { seq, batch_id: p.batch_id, dropped: 0 });
+                    continue;
+                }
                 let (st_back, dropped) = self.make_room(store, st, p.estimate)?;
                 st = st_back;
                 let seq = st.counters.next_seq;
@@ -461,9 +512,10 @@ impl Queue {
                 }
                 done.push(Enqueued { seq, batch_id: p.batch_id, dropped });
             }
-            st.applied
+            (st.epoch, st.applied)
         };
-        self.sync_to(ticket).map_err(storage_error)?;
+        self.sync_to(epoch, ticket).map_err(storage_error)?;
+        self.lock_state().recovered.clear();
         Ok(done)
     }
 
@@ -478,8 +530,9 @@ impl Queue {
     }
 
     /// Closes and reopens the database after a write failed (sled refuses every operation after
-    /// one failed write). In-flight batches stay in flight; the counters are read back from disk,
-    /// and the cursor restarts so that a batch whose ack was lost with the failed write is sent again.
+    /// one failed write), and starts over from what is on disk, as after a restart: the counters are
+    /// read back, nothing is in flight, and the writes applied before are not counted as durable
+    /// (their enqueues retry).
     fn reopen(&self) -> Result<(), QueueError> {
         let mut sync = self.inner.sync.lock().unwrap_or_else(|p| p.into_inner());
         let mut slot = self.inner.store.write().unwrap_or_else(|p| p.into_inner());
@@ -489,12 +542,20 @@ impl Queue {
         let store = Store::new(db, &self.inner.path)?;
         store.db.flush()?;
         store.log_file.sync_data()?;
-        let (counters, latest_position) = load_counters(&store.tree)?;
+        let Loaded { counters, latest_position, tail } = load_counters(&store.tree, true)?;
         let mut st = self.lock_state();
         st.counters = counters;
         st.latest_position = latest_position;
-        // Acks not written before the failure are forgotten: those batches are sent again.
+        st.durable_next_seq = counters.next_seq;
+        // Writes applied before now may be lost: their enqueues must not count as durable.
+        st.epoch += 1;
+        st.recovered = tail.into_iter().collect();
+        // Start over as after a restart: everything not acked on disk is pending and is sent again
+        // (acks not written before the failure are forgotten; the cloud absorbs the resends).
         st.unwritten_acks.clear();
+        st.in_flight.clear();
+        st.handed.clear();
+        st.retry.clear();
         st.cursor = 0;
         st.applied += 1;
         sync.durable = st.applied;
@@ -554,27 +615,36 @@ impl Queue {
     }
 
     /// Makes everything applied up to `ticket` durable, sharing the sync with concurrent callers.
-    fn sync_to(&self, ticket: u64) -> Result<(), QueueError> {
+    fn sync_to(&self, epoch: u64, ticket: u64) -> Result<(), QueueError> {
         let mut sync = self.inner.sync.lock().unwrap_or_else(|p| p.into_inner());
+        if self.lock_state().epoch != epoch {
+            return Err(QueueError::Reopened);
+        }
         if sync.durable >= ticket {
             return Ok(()); // someone else's sync covered our write
         }
         let guard = self.read_store();
         let store = Store::get(&guard)?;
-        let target = self.lock_state().applied;
+        let (target, next_seq) = {
+            let st = self.lock_state();
+            (st.applied, st.counters.next_seq)
+        };
         store.db.flush()?;
         if self.inner.config.durability == Durability::Fsync {
+            // Blob files first: the log that points to them must not be durable before they are.
+            sync_new_blobs(&self.inner.path.join("blobs"), &mut sync.blobs_synced)?;
             store.log_file.sync_data()?;
-            sync.blobs_synced = sync_new_blobs(&self.inner.path.join("blobs"), sync.blobs_synced)?;
         }
         sync.durable = target;
         sync.syncs += 1;
+        let mut st = self.lock_state();
+        st.durable_next_seq = st.durable_next_seq.max(next_seq);
         Ok(())
     }
 
     /// Writes pending acks and makes every write so far durable.
     pub fn flush(&self) -> Result<(), QueueError> {
-        let ticket = {
+        let (epoch, ticket) = {
             let guard = self.read_store();
             let store = Store::get(&guard)?;
             let mut st = self.lock_state();
@@ -582,9 +652,9 @@ impl Queue {
                 write_meta(store, &mut st, sled::Batch::default())?;
             }
             st.applied += 1;
-            st.applied
+            (st.epoch, st.applied)
         };
-        self.sync_to(ticket)
+        self.sync_to(epoch, ticket)
     }
 
     /// Hands out the oldest pending batch that is not in flight, or `None`.
@@ -606,6 +676,10 @@ impl Queue {
                 }
             };
             let Some(seq) = layout::pending_key_seq(&record.prefix) else { continue };
+            if seq >= st.durable_next_seq {
+                // Not synced yet: a crash could still take it back. Its enqueue is about to return.
+                return Ok(None);
+            }
             st.cursor = st.cursor.max(seq + 1);
             if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) {
                 continue;
@@ -730,10 +804,10 @@ impl Queue {
             write_meta(store, &mut st, write)?;
             st.retry.extend(found.iter().map(|f| f.1));
             tracing::info!(batches = found.len(), "requeued acked batches for replay");
-            (st.applied, found.len() as u64)
+            (st.epoch, st.applied, found.len() as u64)
         };
-        self.sync_to(ticket.0)?;
-        Ok(ticket.1)
+        self.sync_to(ticket.0, ticket.1)?;
+        Ok(ticket.2)
     }
 
     /// The last source position stored with a batch.
@@ -743,6 +817,8 @@ impl Queue {
 
     /// Counts by state and the budget's use.
     pub fn stats(&self) -> Result<Stats, QueueError> {
+        // Before the store guard: the lock order is sync, store, state.
+        let syncs_since_open = self.inner.sync.lock().unwrap_or_else(|p| p.into_inner()).syncs;
         let guard = self.read_store();
         let store = Store::get(&guard)?;
         let st = self.lock_state();
@@ -771,11 +847,11 @@ impl Queue {
             quarantined: c.quarantined,
             acked_total: c.acked_total,
             next_seq: c.next_seq,
-            syncs_since_open: self.inner.sync.lock().unwrap_or_else(|p| p.into_inner()).syncs,
+            syncs_since_open,
         })
     }
 
-    /// Reads every record and checks it, without changing anything.
+    /// Reads every record and checks it. It changes nothing but writing the acks still in memory.
     pub fn verify(&self) -> Result<VerifyReport, QueueError> {
         // Write pending acks first, so the records on disk are what the counters describe.
         self.flush()?;
@@ -799,7 +875,7 @@ impl Queue {
                 _ => {}
             }
         }
-        let (counted, _) = recount(&store.tree)?;
+        let counted = recount(&store.tree, None, false)?.counters;
         let stored = self.lock_state().counters;
         if (counted.pending_batches, counted.acked_batches) != (stored.pending_batches, stored.acked_batches) {
             report.bad.push(format!(
@@ -904,7 +980,7 @@ fn drop_oldest_locked(store: &Store, st: &mut State, to_free: u64) -> Result<u64
             Err(_) => 0,
         };
         chunks::remove_into(&mut write, &record);
-        counters.pending_batches -= 1;
+        counters.pending_batches = counters.pending_batches.saturating_sub(1);
         counters.pending_bytes = counters.pending_bytes.saturating_sub(size);
         counters.dropped_batches += 1;
         counters.dropped_detections += detections;
@@ -938,6 +1014,12 @@ fn quarantine_locked(
     error: &StoredError,
 ) -> Result<(), QueueError> {
     let key = &record.prefix;
+    if let (Some(&layout::PENDING), Some(seq)) = (key.first(), layout::pending_key_seq(key)) {
+        // A late ack of it must not count it again.
+        st.handed.retain(|_, (s, _)| *s != seq);
+        st.in_flight.remove(&seq);
+        st.retry.remove(&seq);
+    }
     let mut counters = st.counters;
     counters.quarantined += 1;
     let size = record.stored_size();
@@ -1070,7 +1152,8 @@ pub enum ExportError {
 
 fn storage_error(e: QueueError) -> EnqueueError {
     // Unavailable: a reopen after a disk error failed, most likely for the same reason.
-    if e.is_disk_full() || matches!(e, QueueError::Unavailable) {
+    // Reopened: the write was lost with the failed database; the caller's retry loop redoes it.
+    if e.is_disk_full() || matches!(e, QueueError::Unavailable | QueueError::Reopened) {
         tracing::error!(error = %e, "the disk holding the queue is full; the batch was not stored");
         EnqueueError::DiskFull
     } else {
@@ -1216,21 +1299,35 @@ fn open_or_move_aside(data_dir: &Path, path: &Path, config: &QueueConfig) -> Res
     }
 }
 
+/// What [`load_counters`] found.
+struct Loaded {
+    counters: Counters,
+    /// The source position stored with the newest batch.
+    latest_position: Option<Vec<u8>>,
+    /// batch_id → seq of the records past the persisted counters.
+    tail: Vec<(BatchId, u64)>,
+}
+
 /// The counters and latest source position as of the records on disk: the persisted counters
-/// (written with every ack group, drop, prune, quarantine and requeue), brought up to date by
-/// counting the batches enqueued after them (seq ≥ their `next_seq`; enqueue writes only its
-/// record). Recounted from every record if the counters are missing or damaged.
-fn load_counters(tree: &sled::Tree) -> Result<(Counters, Option<Vec<u8>>), sled::Error> {
-    let (mut c, mut position) = match tree.get(layout::META_COUNTERS)? {
+/// (written by `write_meta`: with every ack group, drop, prune, quarantine, requeue, every 1024th
+/// enqueue and at close), brought up to date by counting the batches enqueued after them
+/// (seq ≥ their `next_seq`; an enqueue writes only its record). Recounted from every record if the
+/// counters are missing or damaged. With `repair`, a torn newest record (an interrupted enqueue)
+/// is discarded; without, nothing is changed.
+fn load_counters(tree: &sled::Tree, repair: bool) -> Result<Loaded, sled::Error> {
+    let stored_position = tree.get(layout::META_SOURCE_POSITION)?.map(|p| p.to_vec());
+    let mut c = match tree.get(layout::META_COUNTERS)? {
         Some(v) => match Counters::decode(&v) {
-            Ok(c) => (c, tree.get(layout::META_SOURCE_POSITION)?.map(|p| p.to_vec())),
+            Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "the queue's counters record is damaged; recounting from the records");
-                return recount(tree);
+                return recount(tree, stored_position, repair);
             }
         },
-        None => return recount(tree),
+        None => return recount(tree, stored_position, repair),
     };
+    let mut position = stored_position;
+    let mut tail = Vec::new();
     let mut last = None;
     for record in chunks::records(tree.range(layout::pending_key(c.next_seq)..=layout::pending_key(u64::MAX))) {
         let record = record?;
@@ -1245,18 +1342,34 @@ fn load_counters(tree: &sled::Tree) -> Result<(Counters, Option<Vec<u8>>), sled:
             if h.source_position.is_some() {
                 position = h.source_position;
             }
+            tail.push((h.batch_id, seq));
         }
         last = Some(record);
     }
-    if let Some(record) = last.filter(|r| backhaul_shared::record::is_incomplete(&r.value)) {
+    if let Some(record) = last.filter(|r| repair && is_torn(r)) {
         discard_interrupted_enqueue(tree, &record, &mut c)?;
     }
-    Ok((c, position))
+    Ok(Loaded { counters: c, latest_position: position, tail })
 }
 
-/// The newest record is missing chunks: its enqueue was interrupted by a crash before it returned
-/// (chunks are written in one go under the lock, before the sync), so it was never reported stored.
-/// Remove it and reuse its seq.
+/// Whether a record looks like an enqueue cut short: chunks are written in order, each whole, so a
+/// torn record is chunks 0..k, all full-sized, adding up to less than its frame declares. (A
+/// complete record whose length field was damaged is a multiple of the chunk size only by chance:
+/// it is quarantined when read instead.)
+fn is_torn(record: &chunks::Record) -> bool {
+    let contiguous = record
+        .keys
+        .iter()
+        .enumerate()
+        .all(|(i, k)| k.len() >= 2 && usize::from(u16::from_be_bytes([k[k.len() - 2], k[k.len() - 1]])) == i);
+    contiguous
+        && record.value.len().is_multiple_of(chunks::CHUNK_SIZE)
+        && backhaul_shared::record::is_incomplete(&record.value)
+}
+
+/// The newest record is torn: its enqueue was interrupted by a crash before it returned (chunks
+/// are written in one go under the lock, before the sync), so it was never reported stored. Remove
+/// it and reuse its seq.
 fn discard_interrupted_enqueue(
     tree: &sled::Tree,
     record: &chunks::Record,
@@ -1265,9 +1378,9 @@ fn discard_interrupted_enqueue(
     let mut write = sled::Batch::default();
     chunks::remove_into(&mut write, record);
     tree.apply_batch(write)?;
-    c.pending_batches -= 1;
+    c.pending_batches = c.pending_batches.saturating_sub(1);
     c.pending_bytes = c.pending_bytes.saturating_sub(record.stored_size());
-    c.produced_batches -= 1;
+    c.produced_batches = c.produced_batches.saturating_sub(1);
     if let Some(seq) = layout::pending_key_seq(&record.prefix) {
         c.next_seq = seq;
     }
@@ -1278,12 +1391,15 @@ fn discard_interrupted_enqueue(
     Ok(())
 }
 
-/// Counts every record (used when the counters record is missing or damaged). What was produced
-/// and dropped before can't be known: produced counts what is still stored.
-fn recount(tree: &sled::Tree) -> Result<(Counters, Option<Vec<u8>>), sled::Error> {
+/// Counts every record (when the counters record is missing or damaged). What was produced and
+/// dropped before can't be known: produced counts what is still stored.
+fn recount(tree: &sled::Tree, stored_position: Option<Vec<u8>>, repair: bool) -> Result<Loaded, sled::Error> {
     let mut c = Counters::default();
-    let mut newest: Option<(u64, Option<Vec<u8>>)> = None;
+    let mut max_seq: Option<u64> = None;
+    // The newest position stored in a record, by seq; else the one in the metadata.
+    let mut newest_position: Option<(u64, Vec<u8>)> = None;
     let mut last_pending = None;
+    let mut tail = Vec::new();
     for record in chunks::records(tree.iter()) {
         let record = record?;
         let key = &record.prefix;
@@ -1299,60 +1415,68 @@ fn recount(tree: &sled::Tree) -> Result<(Counters, Option<Vec<u8>>), sled::Error
         *count += 1;
         *bytes += record.stored_size();
         c.produced_batches += 1;
+        if let Some(seq) = layout::pending_key_seq(key).filter(|_| key.first() == Some(&layout::PENDING)) {
+            max_seq = max_seq.max(Some(seq));
+        }
         if let Ok(h) = StoredBatch::decode_header(&record.value) {
             c.produced_detections += u64::from(h.detections);
-            if newest.as_ref().is_none_or(|(seq, _)| h.seq > *seq) {
-                newest = Some((h.seq, h.source_position));
+            max_seq = max_seq.max(Some(h.seq));
+            if key.first() == Some(&layout::PENDING) {
+                tail.push((h.batch_id, h.seq));
             }
-        } else if let (Some(&layout::PENDING), Some(seq)) = (key.first(), layout::pending_key_seq(key)) {
-            if newest.as_ref().is_none_or(|(s, _)| seq > *s) {
-                newest = Some((seq, None));
+            if let Some(pos) = h.source_position {
+                if newest_position.as_ref().is_none_or(|(seq, _)| h.seq > *seq) {
+                    newest_position = Some((h.seq, pos));
+                }
             }
         }
         if key.first() == Some(&layout::PENDING) {
             last_pending = Some(record);
         }
     }
-    c.next_seq = newest.as_ref().map_or(0, |(seq, _)| seq + 1);
-    if let Some(record) = last_pending.filter(|r| backhaul_shared::record::is_incomplete(&r.value)) {
+    c.next_seq = max_seq.map_or(0, |seq| seq + 1);
+    if let Some(record) = last_pending.filter(|r| repair && is_torn(r)) {
         if layout::pending_key_seq(&record.prefix).map(|s| s + 1) == Some(c.next_seq) {
             discard_interrupted_enqueue(tree, &record, &mut c)?;
         }
     }
-    Ok((c, newest.and_then(|(_, p)| p)))
+    let latest_position = newest_position.map(|(_, p)| p).or(stored_position);
+    Ok(Loaded { counters: c, latest_position, tail })
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// fsyncs blob files numbered above `synced`, then the blob directory; returns the new high mark.
-fn sync_new_blobs(dir: &Path, synced: u64) -> io::Result<u64> {
+/// fsyncs the blob files not synced yet, then the blob directory. (With records in 4 KiB chunks
+/// sled should never write a blob; this is the safety net if it does.)
+fn sync_new_blobs(dir: &Path, synced: &mut std::collections::HashSet<u64>) -> io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(synced),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    let mut high = synced;
+    let mut present = std::collections::HashSet::new();
     let mut any = false;
     for entry in entries {
         let entry = entry?;
         let Some(n) = entry.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else { continue };
-        if n > synced {
+        present.insert(n);
+        if !synced.contains(&n) {
             match File::open(entry.path()) {
                 Ok(f) => f.sync_data()?,
                 // sled deletes blobs whose page was rewritten: nothing left to sync.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-            high = high.max(n);
             any = true;
         }
     }
     if any {
         sync_dir(dir)?;
     }
-    Ok(high)
+    *synced = present;
+    Ok(())
 }
 
 const fn libc_enospc() -> i32 {

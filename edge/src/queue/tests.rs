@@ -499,13 +499,13 @@ fn an_enqueue_torn_by_a_crash_is_discarded_and_its_seq_reused() {
     let dir = tempfile::tempdir().unwrap();
     {
         let q = open(dir.path(), config());
-        q.enqueue(new_batch(500)).unwrap();
+        q.enqueue(NewBatch { source_position: Some(b"pos-0".to_vec()), ..new_batch(500) }).unwrap();
         {
             // Counters on disk as of seq 0, so the open below counts seq 1 in its tail scan.
             let guard = q.read_store();
             write_meta(Store::get(&guard).unwrap(), &mut q.lock_state(), sled::Batch::default()).unwrap();
         }
-        q.enqueue(new_batch(500)).unwrap();
+        q.enqueue(NewBatch { source_position: Some(b"pos-1".to_vec()), ..new_batch(500) }).unwrap();
         // What a crash in the middle of writing seq 1's chunks leaves: its first chunk only.
         let guard = q.read_store();
         let store = Store::get(&guard).unwrap();
@@ -528,6 +528,7 @@ fn an_enqueue_torn_by_a_crash_is_discarded_and_its_seq_reused() {
     let q = open(copy.path(), config());
     let s = q.stats().unwrap();
     assert_eq!((s.pending, s.next_seq, s.quarantined), (1, 1, 0), "{s:?}");
+    assert_eq!(q.source_position().unwrap().as_deref(), Some(&b"pos-0"[..]), "the source resumes after seq 0");
     assert_eq!(q.enqueue(new_batch(1)).unwrap().seq, 1, "the torn batch's seq is reused: no gap");
     assert!(q.verify().unwrap().bad.is_empty());
 }
@@ -556,4 +557,37 @@ fn enqueue_many_stores_in_order_with_one_sync() {
     for e in &done {
         assert_eq!(q.next_batch().unwrap().unwrap().batch_id, e.batch_id);
     }
+}
+
+#[test]
+fn a_batch_not_yet_synced_is_not_handed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), config());
+    q.enqueue(new_batch(1)).unwrap();
+    q.enqueue(new_batch(1)).unwrap();
+    // As if seq 1 were written but its sync had not finished.
+    q.lock_state().durable_next_seq = 1;
+    assert_eq!(q.next_batch().unwrap().unwrap().seq, 0);
+    assert!(q.next_batch().unwrap().is_none(), "seq 1 could still be lost in a crash: not sent");
+    q.flush().unwrap();
+    assert_eq!(q.next_batch().unwrap().unwrap().seq, 1);
+}
+
+#[test]
+fn a_late_ack_of_a_quarantined_batch_does_not_count_it_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), config());
+    q.enqueue(new_batch(2)).unwrap();
+    q.enqueue(new_batch(2)).unwrap();
+    let first = q.next_batch().unwrap().unwrap();
+    assert!(q.nack(first.batch_id));
+    let mut raw = q.debug_pending_raw(0).unwrap().unwrap();
+    let mid = raw.len() / 2;
+    raw[mid] ^= 1;
+    q.debug_overwrite_pending(0, &raw).unwrap();
+    assert_eq!(q.next_batch().unwrap().unwrap().seq, 1, "seq 0 is quarantined on the way");
+    assert_eq!(q.ack(first.batch_id).unwrap(), AckOutcome::Unknown);
+    let s = q.stats().unwrap();
+    assert_eq!((s.pending, s.in_flight, s.quarantined, s.acked_retained), (0, 1, 1, 0), "{s:?}");
+    assert!(q.verify().unwrap().bad.is_empty());
 }
