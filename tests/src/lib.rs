@@ -355,3 +355,25 @@ pub fn run(name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<(i32, Stri
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
 }
+
+/// A batch of `detections` presence detections for `device_id`, to enqueue in tests.
+pub fn presence_batch(device_id: &str, detections: usize) -> backhaul_edge::queue::NewBatch {
+    use backhaul_shared::{Detection, Presence, Timestamp, Zone};
+    backhaul_edge::queue::NewBatch {
+        device_id: device_id.into(),
+        name: None,
+        location: None,
+        timestamp: Timestamp::now(),
+        detections: (0..detections)
+            .map(|i| {
+                Detection::Presence(Presence {
+                    device_hash: format!("{i:016x}"),
+                    rssi: -60,
+                    zone: Zone::Near,
+                    timestamp: Timestamp::now(),
+                })
+            })
+            .collect(),
+        source_position: None,
+    }
+}

@@ -4,27 +4,10 @@
 use std::time::Duration;
 
 use backhaul_edge::queue::{NewBatch, Queue, QueueConfig};
-use backhaul_shared::{Detection, Presence, Timestamp, Zone};
-use backhaul_tests::run;
+use backhaul_tests::{presence_batch, run};
 
 fn batch(n: usize) -> NewBatch {
-    NewBatch {
-        device_id: "rpi-cli".into(),
-        name: None,
-        location: None,
-        timestamp: Timestamp::now(),
-        detections: (0..n)
-            .map(|i| {
-                Detection::Presence(Presence {
-                    device_hash: format!("{i:016x}"),
-                    rssi: -61,
-                    zone: Zone::Near,
-                    timestamp: Timestamp::now(),
-                })
-            })
-            .collect(),
-        source_position: None,
-    }
+    presence_batch("rpi-cli", n)
 }
 
 #[test]

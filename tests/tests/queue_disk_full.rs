@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use backhaul_edge::queue::{EnqueueError, NewBatch, OnFull, Queue, QueueConfig};
-use backhaul_shared::{Detection, Presence, Timestamp, Zone};
+use backhaul_tests::presence_batch;
 
 struct Tmpfs(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
@@ -37,23 +37,7 @@ impl Drop for Tmpfs {
 }
 
 fn batch(n: usize) -> NewBatch {
-    NewBatch {
-        device_id: "disk-full".into(),
-        name: None,
-        location: None,
-        timestamp: Timestamp::now(),
-        detections: (0..n)
-            .map(|i| {
-                Detection::Presence(Presence {
-                    device_hash: format!("{i:016x}"),
-                    rssi: -60,
-                    zone: Zone::Near,
-                    timestamp: Timestamp::now(),
-                })
-            })
-            .collect(),
-        source_position: None,
-    }
+    presence_batch("disk-full", n)
 }
 
 #[test]

@@ -153,30 +153,21 @@ impl StoredBatch {
     /// Checks the frame's CRC and reads the record back.
     pub fn decode(value: &[u8]) -> Result<Self, StoredError> {
         let p = record::decode(value)?;
-        if p.len() < RECORD_HEADER {
-            return Err(StoredError::Short(p.len()));
-        }
-        if p[0] != RECORD_VERSION {
-            return Err(StoredError::UnknownLayout(p[0]));
-        }
-        let flags = p[1];
-        let u64_at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().expect("8 bytes"));
-        let u32_at = |i: usize| u32::from_le_bytes(p[i..i + 4].try_into().expect("4 bytes")) as usize;
-        let (position_len, head_len) = (u32_at(38), u32_at(42));
-        let head_at = RECORD_HEADER.checked_add(position_len).ok_or(StoredError::Short(p.len()))?;
+        let (header, head_at) = parse_header(p)?;
+        let head_len = u32::from_le_bytes(p[42..46].try_into().expect("4 bytes")) as usize;
         let tail_at = head_at.checked_add(head_len).filter(|&end| end <= p.len()).ok_or(StoredError::Short(p.len()))?;
         let tail = &p[tail_at..];
-        let tail = if flags & FLAG_TAIL_LZ4 != 0 {
+        let tail = if p[1] & FLAG_TAIL_LZ4 != 0 {
             lz4_flex::decompress_size_prepended(tail).map_err(|e| StoredError::Decompress(e.to_string()))?
         } else {
             tail.to_vec()
         };
         Ok(Self {
-            batch_id: BatchId::from_bytes(p[2..18].try_into().expect("16 bytes")),
-            seq: u64_at(18),
-            enqueued_at_ms: u64_at(26),
-            detections: u32_at(34) as u32,
-            source_position: (position_len > 0).then(|| p[RECORD_HEADER..head_at].to_vec()),
+            batch_id: header.batch_id,
+            seq: header.seq,
+            enqueued_at_ms: header.enqueued_at_ms,
+            detections: header.detections,
+            source_position: header.source_position,
             head: p[head_at..tail_at].to_vec(),
             tail,
         })
@@ -184,25 +175,30 @@ impl StoredBatch {
 
     /// Reads only the header fields (checks the CRC, no decompression): for counting.
     pub fn decode_header(value: &[u8]) -> Result<RecordHeader, StoredError> {
-        let p = record::decode(value)?;
-        if p.len() < RECORD_HEADER {
-            return Err(StoredError::Short(p.len()));
-        }
-        if p[0] != RECORD_VERSION {
-            return Err(StoredError::UnknownLayout(p[0]));
-        }
-        let u64_at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().expect("8 bytes"));
-        let position_len = u32::from_le_bytes(p[38..42].try_into().expect("4 bytes")) as usize;
-        let position =
-            p.get(RECORD_HEADER..RECORD_HEADER.saturating_add(position_len)).ok_or(StoredError::Short(p.len()))?;
-        Ok(RecordHeader {
-            batch_id: BatchId::from_bytes(p[2..18].try_into().expect("16 bytes")),
-            seq: u64_at(18),
-            enqueued_at_ms: u64_at(26),
-            detections: u32::from_le_bytes(p[34..38].try_into().expect("4 bytes")),
-            source_position: (position_len > 0).then(|| position.to_vec()),
-        })
+        parse_header(record::decode(value)?).map(|(header, _)| header)
     }
+}
+
+/// The fixed fields of a checked payload, and where the head starts.
+fn parse_header(p: &[u8]) -> Result<(RecordHeader, usize), StoredError> {
+    if p.len() < RECORD_HEADER {
+        return Err(StoredError::Short(p.len()));
+    }
+    if p[0] != RECORD_VERSION {
+        return Err(StoredError::UnknownLayout(p[0]));
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().expect("8 bytes"));
+    let position_len = u32::from_le_bytes(p[38..42].try_into().expect("4 bytes")) as usize;
+    let head_at =
+        RECORD_HEADER.checked_add(position_len).filter(|&end| end <= p.len()).ok_or(StoredError::Short(p.len()))?;
+    let header = RecordHeader {
+        batch_id: BatchId::from_bytes(p[2..18].try_into().expect("16 bytes")),
+        seq: u64_at(18),
+        enqueued_at_ms: u64_at(26),
+        detections: u32::from_le_bytes(p[34..38].try_into().expect("4 bytes")),
+        source_position: (position_len > 0).then(|| p[RECORD_HEADER..head_at].to_vec()),
+    };
+    Ok((header, head_at))
 }
 
 /// The queue's counters, persisted under [`META_COUNTERS`] in the same atomic write as every change
