@@ -238,15 +238,17 @@ fn block_lets_an_enqueue_through_once_space_is_freed() {
     let q = open(dir.path(), QueueConfig { block_timeout: Duration::from_secs(60), ..cfg });
     let q2 = q.clone();
     let (tx, rx) = std::sync::mpsc::channel();
+    // Twice the size of the batches that filled it: it cannot fit in what is left (sizes vary by
+    // a few bytes with compression, so a same-size batch might).
     let waiter = std::thread::spawn(move || {
-        let r = q2.enqueue(new_batch(10));
+        let r = q2.enqueue(new_batch(20));
         tx.send(()).unwrap();
         r
     });
     // It is blocked: nothing arrives while no space is freed (a short bounded look; the assertion
     // holds however long it looks).
     assert!(rx.recv_timeout(Duration::from_millis(100)).is_err(), "enqueue should block while full");
-    for _ in 0..2 {
+    for _ in 0..4 {
         let b = q.next_batch().unwrap().unwrap();
         q.ack(b.batch_id).unwrap();
     }
