@@ -1,1 +1,10 @@
-//! backhaul-cloud: ingest that stores every batch exactly once. Not built yet (issue #4).
+//! backhaul-cloud: ingest that stores every batch exactly once by its `batch_id`.
+//!
+//! `http` and `mqtt` are thin ingress adapters that both call [`ingest::Ingest::accept`], which
+//! validates, deduplicates and calls [`store`]; no SQL in the adapters.
+
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod mqtt;
+pub mod store;

@@ -1,9 +1,17 @@
-//! The `backhaul-cloud` command line (SPEC.md, "Cloud command line and configuration").
+//! The `backhaul-cloud` command line (SPEC.md, "Cloud command line and configuration"). Glue only.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use anyhow::{Context, Result};
+use backhaul_cloud::config::{ApiKeys, CloudConfig};
+use backhaul_cloud::http::{router, App};
+use backhaul_cloud::ingest::Ingest;
+use backhaul_cloud::store::Store;
+use backhaul_shared::Limits;
 use clap::{Parser, Subcommand};
+use tokio::sync::{watch, Semaphore};
 
 #[derive(Debug, Parser)]
 #[command(name = "backhaul-cloud", version, about = "Cloud ingest for backhaul: stores every batch exactly once")]
@@ -26,10 +34,86 @@ enum Command {
 fn main() -> ExitCode {
     backhaul_shared::logging::init("info");
     let cli = Cli::parse();
-    let (what, issue) = match cli.command {
-        Command::Serve { .. } => ("serve", 4),
-        Command::Demo => ("demo", 5),
+    let result = match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Demo => {
+            eprintln!("backhaul-cloud demo: not implemented yet (tracked in issue #5)");
+            return ExitCode::from(2);
+        }
     };
-    eprintln!("backhaul-cloud {what}: not implemented yet (tracked in issue #{issue})");
-    ExitCode::from(2)
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("backhaul-cloud: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config_file: PathBuf) -> Result<()> {
+    let loaded = CloudConfig::load(&config_file)?;
+    let config = loaded.config;
+    let keys = ApiKeys::load(config.auth.keys_file.as_deref(), std::env::var("BACKHAUL_API_KEYS").ok().as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let store = Store::connect(&config.database)
+            .await
+            .with_context(|| format!("opening the database {} (key `database`)", redact(&config.database)))?;
+        let ingest = Arc::new(Ingest::new(store, Limits { max_detections: config.max_detections }));
+        let app = Arc::new(App { ingest: ingest.clone(), keys, permits: Semaphore::new(config.max_concurrent_ingest) });
+        let listener = tokio::net::TcpListener::bind(config.listen_addr()?)
+            .await
+            .with_context(|| format!("listening on {} (key `listen`): is another service using it?", config.listen))?;
+        let addr = listener.local_addr()?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mqtt = config.mqtt.clone().map(|m| {
+            let password = std::env::var("BACKHAUL_MQTT_PASSWORD").ok();
+            tokio::spawn(backhaul_cloud::mqtt::run(ingest.clone(), m, password, stop_rx.clone()))
+        });
+        tracing::info!(%addr, mqtt = config.mqtt.is_some(), "backhaul-cloud serving");
+        println!("listening on {addr}");
+        let mut http_stop = stop_rx.clone();
+        let server =
+            axum::serve(listener, router(app, config.max_body_bytes.0 as usize)).with_graceful_shutdown(async move {
+                let _ = http_stop.changed().await;
+            });
+        let server = tokio::spawn(async move { server.await });
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing the requests and messages in hand");
+        let _ = stop_tx.send(true);
+        server.await??;
+        if let Some(m) = mqtt {
+            m.await??;
+        }
+        Ok(())
+    })
+}
+
+/// SIGTERM (systemd stop) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// A database URL without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
 }

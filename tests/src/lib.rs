@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod cloud;
 pub mod mqtt;
 
 /// Polls `check` until it returns `Some`, or fails after `timeout` naming `what` was awaited.
@@ -375,5 +376,29 @@ pub fn presence_batch(device_id: &str, detections: usize) -> backhaul_edge::queu
             })
             .collect(),
         source_position: None,
+    }
+}
+
+/// A schema-1 batch as a device would send it.
+pub fn wire_batch(device_id: &str, seq: u64, detections: usize) -> backhaul_shared::Batch {
+    use backhaul_shared::{Batch, BatchId, Detection, Presence, Timestamp, Zone};
+    Batch {
+        schema: 1,
+        batch_id: BatchId::new(),
+        device_id: device_id.into(),
+        seq,
+        name: Some("Test Pi".into()),
+        location: Some("Lab".into()),
+        timestamp: Timestamp::now(),
+        detections: (0..detections)
+            .map(|i| {
+                Detection::Presence(Presence {
+                    device_hash: format!("{:016x}", seq * 10_000 + i as u64),
+                    rssi: -60,
+                    zone: Zone::Near,
+                    timestamp: Timestamp::now(),
+                })
+            })
+            .collect(),
     }
 }

@@ -35,7 +35,10 @@ impl TestClient {
     /// Connects to `127.0.0.1:port` as `client_id`. `clean_session = false` keeps the session in the broker.
     pub fn connect(port: u16, client_id: &str, clean_session: bool) -> Self {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
-        options.set_keep_alive(Duration::from_secs(5)).set_clean_session(clean_session);
+        options
+            .set_keep_alive(Duration::from_secs(5))
+            .set_clean_session(clean_session)
+            .set_max_packet_size(64 << 20, 64 << 20);
         let (client, eventloop) = AsyncClient::new(options, 100);
         let (tx, events) = mpsc::unbounded_channel();
         let task = tokio::spawn(poll(eventloop, tx));

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use backhaul_shared::{Batch, BatchId, Detection, Limits, Presence, Timestamp, Topics, Zone};
+use backhaul_shared::{Batch, Limits, Topics};
 use backhaul_tests::mqtt::{ClientEvent, TestClient};
 use backhaul_tests::Mosquitto;
 use rumqttc::QoS;
@@ -11,25 +11,7 @@ use rumqttc::QoS;
 const T: Duration = Duration::from_secs(15);
 
 fn sample_batch(seq: u64, detections: usize) -> Batch {
-    Batch {
-        schema: 1,
-        batch_id: BatchId::new(),
-        device_id: "rpi-test-01".into(),
-        seq,
-        name: Some("Test Pi".into()),
-        location: None,
-        timestamp: Timestamp::now(),
-        detections: (0..detections)
-            .map(|i| {
-                Detection::Presence(Presence {
-                    device_hash: format!("{i:016x}"),
-                    rssi: -60,
-                    zone: Zone::Near,
-                    timestamp: Timestamp::now(),
-                })
-            })
-            .collect(),
-    }
+    backhaul_tests::wire_batch("rpi-test-01", seq, detections)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,203 @@
+//! The MQTT ingress adapter (SPEC.md, "MQTT topics").
+//!
+//! - Subscribes with QoS 1 through `$share/{group}/{prefix}/+/batches` and to `{prefix}/+/status`,
+//!   on a persistent session (`clean_session = false`, a fixed client id per replica), with manual
+//!   acks: the broker keeps redelivering a message until we PUBACK it.
+//! - One worker handles messages in arrival order: it commits a batch, then PUBACKs it (MQTT 3.1.1
+//!   wants PUBACKs in arrival order), then publishes the end-to-end ack on `{prefix}/{device}/acks`.
+//!   A crash between commit and PUBACK means a redelivery, which is then a duplicate.
+//! - A malformed message is recorded in the dead-letter table and PUBACKed, so the broker stops
+//!   redelivering it; a batch whose topic names another device than its payload is rejected.
+//! - Bounded work: the event loop hands messages over a bounded channel, so a slow database stops
+//!   reading from the broker instead of growing memory. While storage fails, the worker retries the
+//!   same message with backoff and acks nothing.
+//! - The event loop is polled in its own task (awaiting a publish from the polling task deadlocks).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use backhaul_shared::wire::TopicKind;
+use backhaul_shared::{Ack, AckMessage, AckStatus, DeviceStatus, Topics};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeFilter};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{parse_mqtt_url, MqttConfig};
+use crate::ingest::{Accepted, Ingest};
+
+/// Largest MQTT message read; bigger ones end the connection in rumqttc, so keep it generous and
+/// let validation reject what is too large.
+const MAX_INCOMING: usize = 16 << 20;
+
+/// Test-only fault injection: `BACKHAUL_FAILPOINT=before_puback` parks the worker after a commit,
+/// before its PUBACK, so a test can SIGKILL the process exactly there.
+fn failpoint_before_puback() -> bool {
+    std::env::var("BACKHAUL_FAILPOINT").is_ok_and(|v| v == "before_puback")
+}
+
+/// Runs until `shutdown` turns true.
+pub async fn run(
+    ingest: Arc<Ingest>,
+    cfg: MqttConfig,
+    password: Option<String>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let (host, port) = parse_mqtt_url(&cfg.url)?;
+    let mut options = MqttOptions::new(cfg.client_id.clone(), host, port);
+    options
+        .set_keep_alive(Duration::from_secs(15))
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_max_packet_size(MAX_INCOMING, MAX_INCOMING);
+    if let Some(user) = &cfg.username {
+        options.set_credentials(user.clone(), password.unwrap_or_default());
+    }
+    let (client, eventloop) = AsyncClient::new(options, 64);
+    let topics = Topics::new(cfg.topic_prefix.clone());
+    let (tx, mut rx) = mpsc::channel::<Publish>(64);
+    let poller = tokio::spawn(poll(eventloop, client.clone(), topics.clone(), cfg.shared_group.clone(), tx));
+
+    loop {
+        let publish = tokio::select! {
+            p = rx.recv() => match p { Some(p) => p, None => break },
+            _ = shutdown.changed() => break,
+        };
+        handle(&ingest, &client, &topics, &publish).await;
+        if failpoint_before_puback() {
+            eprintln!("FAILPOINT before_puback: committed, parked before PUBACK");
+            loop {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        }
+        if let Err(e) = client.ack(&publish).await {
+            tracing::warn!(error = %e, "queueing a PUBACK failed; the broker will redeliver (a duplicate)");
+        }
+    }
+    let _ = client.disconnect().await;
+    poller.abort();
+    Ok(())
+}
+
+async fn poll(mut eventloop: EventLoop, client: AsyncClient, topics: Topics, group: String, tx: mpsc::Sender<Publish>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = Duration::from_millis(100);
+                tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
+                // try_subscribe_many only queues the request: never await from the polling task.
+                let filters = [topics.shared_batches_filter(&group), topics.all_status_filter()]
+                    .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
+                if let Err(e) = client.try_subscribe_many(filters) {
+                    tracing::error!(error = %e, "subscribing failed");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                tracing::info!("subscribed to batches and status");
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                // Bounded: a slow worker stops us reading from the broker.
+                if tx.send(p).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection lost; reconnecting");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Handles one message to completion: stored (or recorded as unusable) before it returns.
+async fn handle(ingest: &Ingest, client: &AsyncClient, topics: &Topics, publish: &Publish) {
+    let Some((device, kind)) = topics.parse(&publish.topic) else {
+        dead_letter(ingest, publish, None, "topic is not {prefix}/{device}/batches or /status").await;
+        return;
+    };
+    match kind {
+        TopicKind::Batches => handle_batch(ingest, client, topics, publish, device).await,
+        TopicKind::Status => match serde_json::from_slice::<DeviceStatus>(&publish.payload) {
+            Ok(status) => {
+                retry_storage(|| ingest.store.device_status(device, &status)).await;
+            }
+            Err(e) => dead_letter(ingest, publish, Some(device), &format!("status is not valid: {e}")).await,
+        },
+        TopicKind::Acks => {}
+    }
+}
+
+async fn handle_batch(ingest: &Ingest, client: &AsyncClient, topics: &Topics, publish: &Publish, device: &str) {
+    let batch = match ingest.parse(&publish.payload) {
+        Ok(b) => b,
+        Err(e) => {
+            dead_letter(ingest, publish, Some(device), &e.to_string()).await;
+            return;
+        }
+    };
+    if batch.device_id != device {
+        let reason = format!("payload device_id `{}` differs from the topic's `{device}`", batch.device_id);
+        retry_storage(|| ingest.store.count_rejected()).await;
+        tracing::warn!(topic = %publish.topic, batch_id = %batch.batch_id, "{reason}");
+        send_ack(
+            client,
+            topics,
+            device,
+            Ack { batch_id: batch.batch_id, status: AckStatus::Rejected, reason: Some(reason) },
+        )
+        .await;
+        return;
+    }
+    let batch_id = batch.batch_id;
+    let mut batch = Some(batch);
+    let accepted = loop {
+        let b = batch.take().expect("put back on every retry");
+        match ingest.accept(b.clone(), &publish.payload, "mqtt").await {
+            Ok(a) => break a,
+            Err(e) => {
+                tracing::error!(error = %e, %batch_id, "storing a batch failed; retrying (nothing is acked meanwhile)");
+                batch = Some(b);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let (status, reason) = match &accepted {
+        Accepted::Stored(_) => (AckStatus::Stored, None),
+        Accepted::Duplicate(_) => (AckStatus::Duplicate, None),
+        Accepted::Conflict(_) => {
+            (AckStatus::Rejected, Some("batch_id already stored with a different payload".to_owned()))
+        }
+    };
+    send_ack(client, topics, device, Ack { batch_id, status, reason }).await;
+}
+
+async fn send_ack(client: &AsyncClient, topics: &Topics, device: &str, ack: Ack) {
+    let payload = serde_json::to_vec(&AckMessage { acks: vec![ack] }).expect("an ack serializes");
+    if let Err(e) = client.publish(topics.acks(device), QoS::AtLeastOnce, false, payload).await {
+        tracing::warn!(error = %e, device, "publishing an ack failed; the device will resend and get a duplicate ack");
+    }
+}
+
+async fn dead_letter(ingest: &Ingest, publish: &Publish, device: Option<&str>, error: &str) {
+    tracing::warn!(topic = %publish.topic, size = publish.payload.len(), error, "unusable MQTT message: dead-lettered");
+    retry_storage(|| ingest.store.dead_letter("mqtt", Some(&publish.topic), device, publish.payload.len(), error))
+        .await;
+}
+
+async fn retry_storage<F, Fut>(mut op: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), crate::store::StoreError>>,
+{
+    loop {
+        match op().await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "storage failed; retrying (nothing is acked meanwhile)");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! Storage through sqlx's `Any` driver, so the same code runs on SQLite (the embedded default: WAL,
+//! `synchronous=FULL`) and PostgreSQL. Timestamps are integers (UTC microseconds), as `Any` needs.
+//!
+//! The schema is created by the migrations below, applied in order and recorded in
+//! `schema_version`. Never edit a released migration; add a new one.
+
+use std::time::Duration;
+
+use backhaul_shared::{Batch, Detection, DeviceStatus, Timestamp, Zone};
+use serde::Serialize;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
+use thiserror::Error;
+
+/// Schema migrations, in order. Portable SQL: it runs on SQLite and PostgreSQL.
+const MIGRATIONS: &[&[&str]] = &[&[
+    "CREATE TABLE IF NOT EXISTS batches (
+        batch_id TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        payload_sha256 TEXT NOT NULL,
+        received_at BIGINT NOT NULL,
+        detections BIGINT NOT NULL,
+        via TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS batches_device_seq ON batches (device_id, seq)",
+    "CREATE TABLE IF NOT EXISTS devices (
+        device_id TEXT PRIMARY KEY,
+        name TEXT,
+        location TEXT,
+        first_seen BIGINT NOT NULL,
+        last_seen BIGINT NOT NULL,
+        last_seq BIGINT NOT NULL,
+        batches BIGINT NOT NULL,
+        detections BIGINT NOT NULL,
+        online INTEGER NOT NULL DEFAULT 0,
+        status_json TEXT,
+        status_at BIGINT)",
+    "CREATE TABLE IF NOT EXISTS detections (
+        batch_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        device_id TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        rssi INTEGER NOT NULL,
+        device_hash TEXT,
+        zone TEXT,
+        node TEXT,
+        temp DOUBLE PRECISION,
+        humidity INTEGER,
+        co2_ppm BIGINT,
+        window_open INTEGER,
+        battery INTEGER,
+        PRIMARY KEY (batch_id, idx))",
+    "CREATE INDEX IF NOT EXISTS detections_device_ts ON detections (device_id, ts)",
+    "CREATE INDEX IF NOT EXISTS detections_ts ON detections (ts)",
+    "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+    "INSERT INTO counters (name, value) VALUES ('batches', 0), ('detections', 0), ('duplicates', 0),
+        ('rejected', 0), ('dead_letters', 0) ON CONFLICT (name) DO NOTHING",
+    "CREATE TABLE IF NOT EXISTS dead_letters (
+        received_at BIGINT NOT NULL,
+        via TEXT NOT NULL,
+        topic TEXT,
+        device_id TEXT,
+        size BIGINT NOT NULL,
+        error TEXT NOT NULL)",
+]];
+
+/// Detections per INSERT statement (14 parameters each; far below SQLite's and PostgreSQL's limits).
+const ROWS_PER_INSERT: usize = 500;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// What storing a batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Stored,
+    /// Already stored with the same payload: nothing new written.
+    Duplicate,
+    /// Already stored with a different payload under the same batch_id.
+    Conflict,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    pool: AnyPool,
+    /// SQLite allows one writer: writes queue here rather than fail with SQLITE_BUSY.
+    write_lock: Option<tokio::sync::Mutex<()>>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Stats {
+    pub batches: i64,
+    pub detections: i64,
+    pub duplicates: i64,
+    pub rejected: i64,
+    pub dead_letters: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceRow {
+    pub device_id: String,
+    pub name: Option<String>,
+    pub location: Option<String>,
+    pub last_seen: String,
+    pub online: bool,
+    pub batches: i64,
+    pub detections: i64,
+    pub last_seq: i64,
+    /// seq numbers missing below `last_seq` (dropped at the edge, or not arrived yet).
+    pub gaps: i64,
+    pub status: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DetectionRow {
+    pub device_id: String,
+    pub batch_id: String,
+    pub kind: String,
+    pub timestamp: String,
+    pub rssi: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_hash: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temp: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub humidity: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub co2_ppm: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_open: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub battery: Option<i64>,
+    /// Paging position of this row.
+    #[serde(skip)]
+    pub cursor: String,
+}
+
+/// A page query on detections.
+#[derive(Debug, Clone, Default)]
+pub struct DetectionQuery {
+    pub device_id: Option<String>,
+    pub since_us: Option<i64>,
+    pub until_us: Option<i64>,
+    pub limit: i64,
+    /// (ts, batch_id, idx) of the last row of the previous page.
+    pub after: Option<(i64, String, i64)>,
+}
+
+fn zone_str(z: Zone) -> &'static str {
+    match z {
+        Zone::Near => "near",
+        Zone::Medium => "medium",
+        Zone::Far => "far",
+    }
+}
+
+fn ts_string(us: i64) -> String {
+    Timestamp::from_unix_micros(us).map(|t| t.to_string()).unwrap_or_default()
+}
+
+impl Store {
+    /// Connects and applies the migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let sqlite = url.starts_with("sqlite:");
+        let url = if sqlite && !url.contains("mode=") {
+            format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
+        } else {
+            url.to_owned()
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if sqlite { 4 } else { 16 })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if sqlite {
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = FULL").await?;
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await?;
+        let store = Self { pool, write_lock: sqlite.then(|| tokio::sync::Mutex::new(())) };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        self.pool.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)").await?;
+        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        for (i, statements) in MIGRATIONS.iter().enumerate() {
+            let version = i as i64 + 1;
+            if version <= current {
+                continue;
+            }
+            let mut tx = self.pool.begin().await?;
+            for sql in *statements {
+                tx.execute(*sql).await?;
+            }
+            sqlx::query("INSERT INTO schema_version (version) VALUES ($1)").bind(version).execute(&mut *tx).await?;
+            tx.commit().await?;
+            tracing::info!(version, "database migrated");
+        }
+        Ok(())
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").fetch_one(&self.pool).await.is_ok()
+    }
+
+    /// Stores a validated batch in one transaction: the batch_id with its payload hash, the device,
+    /// the detections and the counters; or counts a duplicate or a conflict.
+    pub async fn store_batch(&self, batch: &Batch, payload_sha256: &str, via: &str) -> Result<Outcome, StoreError> {
+        let _writer = match &self.write_lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        };
+        let now = Timestamp::now().unix_micros();
+        let batch_id = batch.batch_id.to_string();
+        let mut tx = self.pool.begin().await?;
+        let existing: Option<String> = sqlx::query("SELECT payload_sha256 FROM batches WHERE batch_id = $1")
+            .bind(&batch_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        if let Some(hash) = existing {
+            let (outcome, counter) = if hash == payload_sha256 {
+                (Outcome::Duplicate, "duplicates")
+            } else {
+                (Outcome::Conflict, "rejected")
+            };
+            bump(&mut tx, counter, 1).await?;
+            tx.commit().await?;
+            return Ok(outcome);
+        }
+        let n = batch.detections.len() as i64;
+        let seq = i64::try_from(batch.seq).unwrap_or(i64::MAX);
+        sqlx::query(
+            "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&batch_id)
+        .bind(&batch.device_id)
+        .bind(seq)
+        .bind(payload_sha256)
+        .bind(now)
+        .bind(n)
+        .bind(via)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO devices (device_id, name, location, first_seen, last_seen, last_seq, batches, detections)
+             VALUES ($1, $2, $3, $4, $4, $5, 1, $6)
+             ON CONFLICT (device_id) DO UPDATE SET
+                name = COALESCE(excluded.name, devices.name),
+                location = COALESCE(excluded.location, devices.location),
+                last_seen = excluded.last_seen,
+                last_seq = CASE WHEN excluded.last_seq > devices.last_seq THEN excluded.last_seq ELSE devices.last_seq END,
+                batches = devices.batches + 1,
+                detections = devices.detections + excluded.detections",
+        )
+        .bind(&batch.device_id)
+        .bind(batch.name.clone())
+        .bind(batch.location.clone())
+        .bind(now)
+        .bind(seq)
+        .bind(n)
+        .execute(&mut *tx)
+        .await?;
+        for (chunk_no, chunk) in batch.detections.chunks(ROWS_PER_INSERT).enumerate() {
+            let mut sql = String::from(
+                "INSERT INTO detections (batch_id, idx, device_id, ts, kind, rssi, device_hash, zone, node, temp,
+                 humidity, co2_ppm, window_open, battery) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                let b = i * 14;
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push('(');
+                sql.push_str(&(1..=14).map(|k| format!("${}", b + k)).collect::<Vec<_>>().join(","));
+                sql.push(')');
+            }
+            // Only placeholders are spliced in; values are bound.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (i, d) in chunk.iter().enumerate() {
+                let idx = (chunk_no * ROWS_PER_INSERT + i) as i64;
+                q = q.bind(batch_id.clone()).bind(idx).bind(batch.device_id.clone()).bind(d.timestamp().unix_micros());
+                q = match d {
+                    Detection::Presence(p) => q
+                        .bind("presence")
+                        .bind(i64::from(p.rssi))
+                        .bind(Some(p.device_hash.clone()))
+                        .bind(Some(zone_str(p.zone)))
+                        .bind(None::<String>)
+                        .bind(None::<f64>)
+                        .bind(None::<i64>)
+                        .bind(None::<i64>)
+                        .bind(None::<i64>)
+                        .bind(None::<i64>),
+                    Detection::Sensor(s) => q
+                        .bind("sensor")
+                        .bind(i64::from(s.rssi))
+                        .bind(None::<String>)
+                        .bind(None::<String>)
+                        .bind(Some(s.node.clone()))
+                        .bind(s.temp)
+                        .bind(s.humidity.map(i64::from))
+                        .bind(s.co2_ppm.map(i64::from))
+                        .bind(s.window_open.map(i64::from))
+                        .bind(s.battery.map(i64::from)),
+                };
+            }
+            q.execute(&mut *tx).await?;
+        }
+        bump(&mut tx, "batches", 1).await?;
+        bump(&mut tx, "detections", n).await?;
+        tx.commit().await?;
+        Ok(Outcome::Stored)
+    }
+
+    /// Counts a batch rejected before storage (invalid, or not allowed).
+    pub async fn count_rejected(&self) -> Result<(), StoreError> {
+        let _writer = match &self.write_lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        };
+        let mut tx = self.pool.begin().await?;
+        bump(&mut tx, "rejected", 1).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records an unusable message (kept for inspection: where it came from, its size, why).
+    pub async fn dead_letter(
+        &self,
+        via: &str,
+        topic: Option<&str>,
+        device_id: Option<&str>,
+        size: usize,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let _writer = match &self.write_lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        };
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO dead_letters (received_at, via, topic, device_id, size, error) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(Timestamp::now().unix_micros())
+        .bind(via)
+        .bind(topic.map(str::to_owned))
+        .bind(device_id.map(str::to_owned))
+        .bind(size as i64)
+        .bind(error.chars().take(500).collect::<String>())
+        .execute(&mut *tx)
+        .await?;
+        bump(&mut tx, "dead_letters", 1).await?;
+        bump(&mut tx, "rejected", 1).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records a device's status message (online, queue depth, drops).
+    pub async fn device_status(&self, device_id: &str, status: &DeviceStatus) -> Result<(), StoreError> {
+        let _writer = match &self.write_lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        };
+        let now = Timestamp::now().unix_micros();
+        let json = serde_json::to_string(status).unwrap_or_default();
+        sqlx::query(
+            "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, online, status_json, status_at)
+             VALUES ($1, $2, $2, -1, 0, 0, $3, $4, $2)
+             ON CONFLICT (device_id) DO UPDATE SET online = excluded.online, status_json = excluded.status_json,
+                status_at = excluded.status_at",
+        )
+        .bind(device_id)
+        .bind(now)
+        .bind(i64::from(status.online))
+        .bind(json)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        let rows = sqlx::query("SELECT name, value FROM counters").fetch_all(&self.pool).await?;
+        let mut s = Stats { batches: 0, detections: 0, duplicates: 0, rejected: 0, dead_letters: 0 };
+        for r in rows {
+            let name: String = r.try_get(0)?;
+            let value: i64 = r.try_get(1)?;
+            match name.as_str() {
+                "batches" => s.batches = value,
+                "detections" => s.detections = value,
+                "duplicates" => s.duplicates = value,
+                "rejected" => s.rejected = value,
+                "dead_letters" => s.dead_letters = value,
+                _ => {}
+            }
+        }
+        Ok(s)
+    }
+
+    pub async fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT d.device_id, d.name, d.location, d.last_seen, d.online, d.batches, d.detections, d.last_seq,
+                    d.status_json,
+                    (SELECT COALESCE(MAX(b.seq) + 1 - COUNT(DISTINCT b.seq), 0) FROM batches b WHERE b.device_id = d.device_id)
+             FROM devices d ORDER BY d.device_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(device_row).collect::<Result<_, sqlx::Error>>().map_err(Into::into)
+    }
+
+    pub async fn detections(&self, q: &DetectionQuery) -> Result<Vec<DetectionRow>, StoreError> {
+        let mut sql = String::from(
+            "SELECT device_id, batch_id, idx, kind, ts, rssi, device_hash, zone, node, temp, humidity, co2_ppm,
+                    window_open, battery FROM detections WHERE 1 = 1",
+        );
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if q.device_id.is_some() {
+            sql.push_str(&format!(" AND device_id = {}", next()));
+        }
+        if q.since_us.is_some() {
+            sql.push_str(&format!(" AND ts >= {}", next()));
+        }
+        if q.until_us.is_some() {
+            sql.push_str(&format!(" AND ts < {}", next()));
+        }
+        if q.after.is_some() {
+            let (a, b, c, d, e) = (next(), next(), next(), next(), next());
+            sql.push_str(&format!(
+                " AND (ts < {a} OR (ts = {b} AND (batch_id < {c} OR (batch_id = {d} AND idx < {e}))))"
+            ));
+        }
+        sql.push_str(&format!(" ORDER BY ts DESC, batch_id DESC, idx DESC LIMIT {}", next()));
+        // Only placeholders are spliced in; values are bound.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if let Some(d) = &q.device_id {
+            query = query.bind(d.clone());
+        }
+        if let Some(s) = q.since_us {
+            query = query.bind(s);
+        }
+        if let Some(u) = q.until_us {
+            query = query.bind(u);
+        }
+        if let Some((ts, batch, idx)) = &q.after {
+            query = query.bind(*ts).bind(*ts).bind(batch.clone()).bind(batch.clone()).bind(*idx);
+        }
+        query = query.bind(q.limit);
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(detection_row).collect::<Result<_, sqlx::Error>>().map_err(Into::into)
+    }
+}
+
+async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>, counter: &str, by: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE counters SET value = value + $1 WHERE name = $2")
+        .bind(by)
+        .bind(counter)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn device_row(r: &AnyRow) -> Result<DeviceRow, sqlx::Error> {
+    let status: Option<String> = r.try_get(8)?;
+    Ok(DeviceRow {
+        device_id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        location: r.try_get(2)?,
+        last_seen: ts_string(r.try_get(3)?),
+        online: r.try_get::<i64, _>(4)? != 0,
+        batches: r.try_get(5)?,
+        detections: r.try_get(6)?,
+        last_seq: r.try_get(7)?,
+        status: status.and_then(|s| serde_json::from_str(&s).ok()),
+        gaps: r.try_get(9)?,
+    })
+}
+
+fn detection_row(r: &AnyRow) -> Result<DetectionRow, sqlx::Error> {
+    let ts: i64 = r.try_get(4)?;
+    let batch_id: String = r.try_get(1)?;
+    let idx: i64 = r.try_get(2)?;
+    Ok(DetectionRow {
+        device_id: r.try_get(0)?,
+        cursor: format!("{ts}.{batch_id}.{idx}"),
+        batch_id,
+        kind: r.try_get(3)?,
+        timestamp: ts_string(ts),
+        rssi: r.try_get(5)?,
+        device_hash: r.try_get(6)?,
+        zone: r.try_get(7)?,
+        node: r.try_get(8)?,
+        temp: r.try_get(9)?,
+        humidity: r.try_get(10)?,
+        co2_ppm: r.try_get(11)?,
+        window_open: r.try_get::<Option<i64>, _>(12)?.map(|v| v != 0),
+        battery: r.try_get(13)?,
+    })
+}

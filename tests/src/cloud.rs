@@ -1,0 +1,130 @@
+//! A `backhaul-cloud serve` process for tests: its own SQLite file and keys in a temp dir, a free
+//! loopback port, SIGKILL and restart on the same database.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::{free_port, Process};
+
+/// The device key and the fleet key every test cloud accepts.
+pub const DEVICE: &str = "rpi-test-01";
+pub const DEVICE_KEY: &str = "device-key-rpi-test-01-0123456789";
+pub const FLEET_KEY: &str = "fleet-key-0123456789abcdef";
+
+#[derive(Debug)]
+pub struct Cloud {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    env: Vec<(String, String)>,
+    pub port: u16,
+    pub process: Process,
+}
+
+/// Extra settings for a test cloud.
+#[derive(Debug, Clone, Default)]
+pub struct CloudOptions {
+    /// `mqtt://127.0.0.1:PORT` to ingest over MQTT too.
+    pub mqtt_url: Option<String>,
+    /// Extra lines for the top of the config file.
+    pub extra: String,
+    /// Where the database lives (default: the temp dir).
+    pub database_dir: Option<PathBuf>,
+    /// Extra environment (e.g. a failpoint).
+    pub env: Vec<(String, String)>,
+}
+
+impl Cloud {
+    pub fn start(options: CloudOptions) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("backhaul-cloud-").tempdir()?;
+        let port = free_port()?;
+        let db_dir = options.database_dir.clone().unwrap_or_else(|| dir.path().to_owned());
+        let keys = dir.path().join("keys.toml");
+        std::fs::write(&keys, format!("\"{DEVICE}\" = \"{DEVICE_KEY}\"\n\"*\" = \"{FLEET_KEY}\"\n"))?;
+        let mut config = format!(
+            "listen = \"127.0.0.1:{port}\"\ndatabase = \"sqlite:{}\"\n{}\n[auth]\nkeys_file = \"{}\"\n",
+            db_dir.join("ingest.db").display(),
+            options.extra,
+            keys.display()
+        );
+        if let Some(url) = &options.mqtt_url {
+            config.push_str(&format!(
+                "\n[mqtt]\nurl = \"{url}\"\ntopic_prefix = \"backhaul\"\nshared_group = \"ingest\"\nclient_id = \"cloud-{port}\"\n"
+            ));
+        }
+        let config_path = dir.path().join("cloud.toml");
+        std::fs::write(&config_path, config)?;
+        let env: Vec<(String, String)> =
+            [("BACKHAUL_LOG".to_owned(), "info".to_owned())].into_iter().chain(options.env.clone()).collect();
+        let process = spawn(&config_path, &env)?;
+        Ok(Self { dir, config: config_path, env, port, process })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// SIGKILL, then start again on the same database and port (without extra environment such as
+    /// a failpoint).
+    pub fn kill9_and_restart(&mut self) -> Result<()> {
+        self.process.kill9()?;
+        self.env.retain(|(k, _)| k != "BACKHAUL_FAILPOINT");
+        self.process = spawn(&self.config, &self.env)?;
+        Ok(())
+    }
+}
+
+fn spawn(config: &Path, env: &[(String, String)]) -> Result<Process> {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut p = Process::spawn("backhaul-cloud", &["serve", "--config", config.to_str().context("utf-8 path")?], &env)?;
+    p.wait_for_line(Duration::from_secs(30), |l| l.starts_with("listening on "))?;
+    Ok(p)
+}
+
+/// A blocking HTTP client that reads error statuses as responses.
+pub fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+/// (status, body, Retry-After) of a POST to the bulk endpoint.
+pub fn post_batch(
+    agent: &ureq::Agent,
+    cloud: &Cloud,
+    key: Option<&str>,
+    idempotency: Option<&str>,
+    body: &[u8],
+) -> (u16, String, Option<String>) {
+    let mut req = agent.post(cloud.url("/api/v1/detections/bulk")).header("Content-Type", "application/json");
+    if let Some(k) = key {
+        req = req.header("X-API-Key", k);
+    }
+    if let Some(i) = idempotency {
+        req = req.header("Idempotency-Key", i);
+    }
+    match req.send(body) {
+        Ok(mut r) => {
+            let status = r.status().as_u16();
+            let retry = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            (status, r.body_mut().read_to_string().unwrap_or_default(), retry)
+        }
+        // The server may close the connection on an oversized body before reading it all.
+        Err(e) => (0, e.to_string(), None),
+    }
+}
+
+/// GET with the fleet key; returns (status, JSON body).
+pub fn get_json(agent: &ureq::Agent, cloud: &Cloud, path: &str) -> (u16, serde_json::Value) {
+    let mut r = agent.get(cloud.url(path)).header("X-API-Key", FLEET_KEY).call().expect("GET");
+    let status = r.status().as_u16();
+    let body = r.body_mut().read_to_string().unwrap_or_default();
+    (status, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+}
