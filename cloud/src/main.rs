@@ -85,6 +85,8 @@ fn serve(config_file: PathBuf) -> Result<()> {
         if let Some(m) = mqtt {
             m.await??;
         }
+        ingest.store.flush_counts().await.context("writing the last duplicate counts")?;
+        tracing::info!("stopped");
         Ok(())
     })
 }

@@ -12,6 +12,9 @@
 //!   reading from the broker instead of growing memory. While storage fails, the worker retries the
 //!   same message with backoff and acks nothing.
 //! - The event loop is polled in its own task (awaiting a publish from the polling task deadlocks).
+//!   Acks go out on a second connection with its own event loop: the ingest connection's loop
+//!   may be blocked handing a message to the busy worker, and a worker waiting on that same loop
+//!   to publish would never be freed. Its request queue is deep enough that PUBACKs never wait.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,17 +55,23 @@ pub async fn run(
     if let Some(user) = &cfg.username {
         options.set_credentials(user.clone(), password.unwrap_or_default());
     }
-    let (client, eventloop) = AsyncClient::new(options, 64);
+    // Deep request queue: it only carries PUBACKs (one per message in hand) and subscriptions.
+    let (client, eventloop) = AsyncClient::new(options.clone(), 4096);
     let topics = Topics::new(cfg.topic_prefix.clone());
     let (tx, mut rx) = mpsc::channel::<Publish>(64);
     let poller = tokio::spawn(poll(eventloop, client.clone(), topics.clone(), cfg.shared_group.clone(), tx));
+
+    let mut ack_options = options;
+    ack_options.set_client_id(format!("{}-acks", cfg.client_id)).set_clean_session(true).set_manual_acks(false);
+    let (acks, ack_eventloop) = AsyncClient::new(ack_options, 1024);
+    let ack_poller = tokio::spawn(poll_acks(ack_eventloop));
 
     loop {
         let publish = tokio::select! {
             p = rx.recv() => match p { Some(p) => p, None => break },
             _ = shutdown.changed() => break,
         };
-        handle(&ingest, &client, &topics, &publish).await;
+        handle(&ingest, &acks, &topics, &publish).await;
         if failpoint_before_puback() {
             eprintln!("FAILPOINT before_puback: committed, parked before PUBACK");
             loop {
@@ -74,8 +83,25 @@ pub async fn run(
         }
     }
     let _ = client.disconnect().await;
+    let _ = acks.disconnect().await;
     poller.abort();
+    ack_poller.abort();
     Ok(())
+}
+
+/// The ack connection's event loop: nothing comes in that matters; keep it connected.
+async fn poll_acks(mut eventloop: EventLoop) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match eventloop.poll().await {
+            Ok(_) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "MQTT ack connection lost; reconnecting");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
 }
 
 async fn poll(mut eventloop: EventLoop, client: AsyncClient, topics: Topics, group: String, tx: mpsc::Sender<Publish>) {
