@@ -211,3 +211,21 @@ fn devices_report_gaps_and_detections_page_newest_first() {
     // Reads need a key too.
     assert_eq!(agent.get(cloud.url("/api/v1/stats")).call().unwrap().status().as_u16(), 401);
 }
+
+#[test]
+fn sigterm_stops_gracefully_and_the_data_is_there_after_a_restart() {
+    let mut cloud = Cloud::start(CloudOptions::default()).unwrap();
+    let agent = http();
+    let b = wire_batch(DEVICE, 0, 3);
+    let id = b.batch_id.to_string();
+    assert_eq!(post_batch(&agent, &cloud, Some(DEVICE_KEY), Some(&id), &b.to_json()).0, 201);
+    assert_eq!(post_batch(&agent, &cloud, Some(DEVICE_KEY), Some(&id), &b.to_json()).0, 200);
+    backhaul_tests::sigterm(cloud.process.child().unwrap()).unwrap();
+    let code = cloud.process.wait_exit(std::time::Duration::from_secs(20)).unwrap();
+    assert_eq!(code, Some(0), "{:?}", cloud.process.output());
+    assert!(cloud.process.output().iter().any(|l| l.contains("stopped")));
+    // Same database, new process: the batch and the duplicate count survived the stop.
+    cloud.kill9_and_restart().unwrap();
+    let (_, stats) = get_json(&agent, &cloud, "/api/v1/stats");
+    assert_eq!((stats["batches"].as_i64(), stats["duplicates"].as_i64()), (Some(1), Some(1)), "{stats}");
+}
