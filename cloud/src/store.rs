@@ -72,6 +72,18 @@ const ROWS_PER_INSERT: usize = 500;
 pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// The group transaction this batch was written in failed.
+    #[error("database: {0}")]
+    Group(String),
+}
+
+/// A new batch waiting for the next group transaction.
+#[derive(Debug)]
+struct WriteRequest {
+    batch: Batch,
+    hash: String,
+    via: String,
+    reply: tokio::sync::oneshot::Sender<Result<Outcome, String>>,
 }
 
 /// What storing a batch did.
@@ -94,6 +106,9 @@ pub struct Store {
     /// loses these counts only, never a batch.
     unwritten_duplicates: std::sync::atomic::AtomicI64,
     unwritten_rejected: std::sync::atomic::AtomicI64,
+    /// Group commit: new batches wait here; whoever holds the write lock next writes all of them
+    /// in one transaction (one fsync), and answers each. A std Mutex: held only to push or take.
+    pending: std::sync::Mutex<Vec<WriteRequest>>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -202,6 +217,7 @@ impl Store {
             write_lock: sqlite.then(|| tokio::sync::Mutex::new(())),
             unwritten_duplicates: Default::default(),
             unwritten_rejected: Default::default(),
+            pending: Default::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -235,41 +251,107 @@ impl Store {
     }
 
     /// Stores a validated batch in one transaction: the batch_id with its payload hash, the device,
-    /// the detections and the counters; or counts a duplicate or a conflict.
+    /// the detections and the counters; or counts a duplicate or a conflict. Concurrent new batches
+    /// share a transaction (group commit); each is still all or nothing.
     pub async fn store_batch(&self, batch: &Batch, payload_sha256: &str, via: &str) -> Result<Outcome, StoreError> {
         let batch_id = batch.batch_id.to_string();
         // The common resend: already stored. A read, no write lock, no transaction.
         if let Some(outcome) = self.seen(&self.pool, &batch_id, payload_sha256).await? {
             return Ok(outcome);
         }
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        self.lock_pending().push(WriteRequest {
+            batch: batch.clone(),
+            hash: payload_sha256.to_owned(),
+            via: via.to_owned(),
+            reply,
+        });
         let _writer = match &self.write_lock {
             Some(l) => Some(l.lock().await),
             None => None,
         };
+        // Written by the previous holder of the lock, with its group?
+        if let Ok(result) = answer.try_recv() {
+            return result.map_err(StoreError::Group);
+        }
+        let group = std::mem::take(&mut *self.lock_pending());
+        match self.write_group(&group).await {
+            Ok(outcomes) => {
+                for (request, outcome) in group.into_iter().zip(outcomes) {
+                    let _ = request.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for request in group {
+                    let _ = request.reply.send(Err(message.clone()));
+                }
+            }
+        }
+        answer.try_recv().unwrap_or_else(|_| Err("the batch was not written".to_owned())).map_err(StoreError::Group)
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Vec<WriteRequest>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes a group of new batches in one transaction.
+    async fn write_group(&self, group: &[WriteRequest]) -> Result<Vec<Outcome>, StoreError> {
         let now = Timestamp::now().unix_micros();
         let mut tx = self.pool.begin().await?;
-        // Again inside the transaction: another writer may have stored it meanwhile.
-        if let Some(outcome) = self.seen(&mut *tx, &batch_id, payload_sha256).await? {
-            self.write_unwritten_counts(&mut tx).await?;
-            tx.commit().await?;
-            return Ok(outcome);
+        let mut outcomes = Vec::with_capacity(group.len());
+        for request in group {
+            let batch_id = request.batch.batch_id.to_string();
+            // Again inside the transaction: stored meanwhile, or twice in this group.
+            if let Some(outcome) = self.seen(&mut *tx, &batch_id, &request.hash).await? {
+                outcomes.push(outcome);
+                continue;
+            }
+            insert_batch(
+                &mut tx,
+                &request.batch,
+                &batch_id,
+                &request.hash,
+                &request.via,
+                now,
+                self.write_lock.is_some(),
+            )
+            .await?;
+            outcomes.push(Outcome::Stored);
         }
-        let n = batch.detections.len() as i64;
-        let seq = i64::try_from(batch.seq).unwrap_or(i64::MAX);
-        sqlx::query(
-            "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via)
+        self.write_unwritten_counts(&mut tx).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+}
+
+/// The rows of one new batch, in `tx`. `positional` uses `?` placeholders (SQLite) rather than `$N`.
+async fn insert_batch(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    batch: &Batch,
+    batch_id: &str,
+    payload_sha256: &str,
+    via: &str,
+    now: i64,
+    positional: bool,
+) -> Result<(), sqlx::Error> {
+    let batch_id = batch_id.to_owned();
+    let n = batch.detections.len() as i64;
+    let seq = i64::try_from(batch.seq).unwrap_or(i64::MAX);
+    sqlx::query(
+        "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via)
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&batch_id)
-        .bind(&batch.device_id)
-        .bind(seq)
-        .bind(payload_sha256)
-        .bind(now)
-        .bind(n)
-        .bind(via)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
+    )
+    .bind(&batch_id)
+    .bind(&batch.device_id)
+    .bind(seq)
+    .bind(payload_sha256)
+    .bind(now)
+    .bind(n)
+    .bind(via)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
             "INSERT INTO devices (device_id, name, location, first_seen, last_seen, last_seq, batches, detections)
              VALUES ($1, $2, $3, $4, $4, $5, 1, $6)
              ON CONFLICT (device_id) DO UPDATE SET
@@ -286,67 +368,66 @@ impl Store {
         .bind(now)
         .bind(seq)
         .bind(n)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        for (chunk_no, chunk) in batch.detections.chunks(ROWS_PER_INSERT).enumerate() {
-            let mut sql = String::from(
-                "INSERT INTO detections (batch_id, idx, device_id, ts, kind, rssi, device_hash, zone, node, temp,
+    for (chunk_no, chunk) in batch.detections.chunks(ROWS_PER_INSERT).enumerate() {
+        let mut sql = String::from(
+            "INSERT INTO detections (batch_id, idx, device_id, ts, kind, rssi, device_hash, zone, node, temp,
                  humidity, co2_ppm, window_open, battery) VALUES ",
-            );
-            for i in 0..chunk.len() {
-                let b = i * 14;
-                if i > 0 {
-                    sql.push(',');
-                }
-                // SQLite looks up `$N` parameters by name, which is quadratic in their number
-                // (measured: 80-180 ms for 500 rows); `?` is positional. PostgreSQL needs `$N`.
-                if self.write_lock.is_some() {
-                    sql.push_str("(?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
-                } else {
-                    sql.push('(');
-                    sql.push_str(&(1..=14).map(|k| format!("${}", b + k)).collect::<Vec<_>>().join(","));
-                    sql.push(')');
-                }
+        );
+        for i in 0..chunk.len() {
+            let b = i * 14;
+            if i > 0 {
+                sql.push(',');
             }
-            // Only placeholders are spliced in; values are bound.
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (i, d) in chunk.iter().enumerate() {
-                let idx = (chunk_no * ROWS_PER_INSERT + i) as i64;
-                q = q.bind(batch_id.clone()).bind(idx).bind(batch.device_id.clone()).bind(d.timestamp().unix_micros());
-                q = match d {
-                    Detection::Presence(p) => q
-                        .bind("presence")
-                        .bind(i64::from(p.rssi))
-                        .bind(Some(p.device_hash.clone()))
-                        .bind(Some(zone_str(p.zone)))
-                        .bind(None::<String>)
-                        .bind(None::<f64>)
-                        .bind(None::<i64>)
-                        .bind(None::<i64>)
-                        .bind(None::<i64>)
-                        .bind(None::<i64>),
-                    Detection::Sensor(s) => q
-                        .bind("sensor")
-                        .bind(i64::from(s.rssi))
-                        .bind(None::<String>)
-                        .bind(None::<String>)
-                        .bind(Some(s.node.clone()))
-                        .bind(s.temp)
-                        .bind(s.humidity.map(i64::from))
-                        .bind(s.co2_ppm.map(i64::from))
-                        .bind(s.window_open.map(i64::from))
-                        .bind(s.battery.map(i64::from)),
-                };
+            // SQLite looks up `$N` parameters by name, which is quadratic in their number
+            // (measured: 80-180 ms for 500 rows); `?` is positional. PostgreSQL needs `$N`.
+            if positional {
+                sql.push_str("(?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+            } else {
+                sql.push('(');
+                sql.push_str(&(1..=14).map(|k| format!("${}", b + k)).collect::<Vec<_>>().join(","));
+                sql.push(')');
             }
-            q.execute(&mut *tx).await?;
         }
-        bump(&mut tx, "batches", 1).await?;
-        bump(&mut tx, "detections", n).await?;
-        self.write_unwritten_counts(&mut tx).await?;
-        tx.commit().await?;
-        Ok(Outcome::Stored)
+        // Only placeholders are spliced in; values are bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (i, d) in chunk.iter().enumerate() {
+            let idx = (chunk_no * ROWS_PER_INSERT + i) as i64;
+            q = q.bind(batch_id.clone()).bind(idx).bind(batch.device_id.clone()).bind(d.timestamp().unix_micros());
+            q = match d {
+                Detection::Presence(p) => q
+                    .bind("presence")
+                    .bind(i64::from(p.rssi))
+                    .bind(Some(p.device_hash.clone()))
+                    .bind(Some(zone_str(p.zone)))
+                    .bind(None::<String>)
+                    .bind(None::<f64>)
+                    .bind(None::<i64>)
+                    .bind(None::<i64>)
+                    .bind(None::<i64>)
+                    .bind(None::<i64>),
+                Detection::Sensor(s) => q
+                    .bind("sensor")
+                    .bind(i64::from(s.rssi))
+                    .bind(None::<String>)
+                    .bind(None::<String>)
+                    .bind(Some(s.node.clone()))
+                    .bind(s.temp)
+                    .bind(s.humidity.map(i64::from))
+                    .bind(s.co2_ppm.map(i64::from))
+                    .bind(s.window_open.map(i64::from))
+                    .bind(s.battery.map(i64::from)),
+            };
+        }
+        q.execute(&mut **tx).await?;
     }
+    bump(tx, "batches", 1).await?;
+    bump(tx, "detections", n).await?;
+    Ok(())
+}
 
+impl Store {
     /// Whether `batch_id` is stored: a duplicate (same payload hash) or a conflict, counted.
     async fn seen<'e, E>(
         &self,
