@@ -266,10 +266,7 @@ impl Store {
             via: via.to_owned(),
             reply,
         });
-        let _writer = match &self.write_lock {
-            Some(l) => Some(l.lock().await),
-            None => None,
-        };
+        let _writer = self.writer().await;
         // Written by the previous holder of the lock, with its group?
         if let Ok(result) = answer.try_recv() {
             return result.map_err(StoreError::Group);
@@ -289,6 +286,14 @@ impl Store {
             }
         }
         answer.try_recv().unwrap_or_else(|_| Err("the batch was not written".to_owned())).map_err(StoreError::Group)
+    }
+
+    /// SQLite's single-writer lock (none for PostgreSQL).
+    async fn writer(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.write_lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        }
     }
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, Vec<WriteRequest>> {
@@ -481,10 +486,7 @@ impl Store {
 
     /// Writes the duplicates and conflicts counted in memory (at shutdown).
     pub async fn flush_counts(&self) -> Result<(), StoreError> {
-        let _writer = match &self.write_lock {
-            Some(l) => Some(l.lock().await),
-            None => None,
-        };
+        let _writer = self.writer().await;
         let mut tx = self.pool.begin().await?;
         self.write_unwritten_counts(&mut tx).await?;
         tx.commit().await?;
@@ -493,10 +495,7 @@ impl Store {
 
     /// Counts a batch rejected before storage (invalid, or not allowed).
     pub async fn count_rejected(&self) -> Result<(), StoreError> {
-        let _writer = match &self.write_lock {
-            Some(l) => Some(l.lock().await),
-            None => None,
-        };
+        let _writer = self.writer().await;
         let mut tx = self.pool.begin().await?;
         bump(&mut tx, "rejected", 1).await?;
         self.write_unwritten_counts(&mut tx).await?;
@@ -513,10 +512,7 @@ impl Store {
         size: usize,
         error: &str,
     ) -> Result<(), StoreError> {
-        let _writer = match &self.write_lock {
-            Some(l) => Some(l.lock().await),
-            None => None,
-        };
+        let _writer = self.writer().await;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO dead_letters (received_at, via, topic, device_id, size, error) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -538,10 +534,7 @@ impl Store {
 
     /// Records a device's status message (online, queue depth, drops).
     pub async fn device_status(&self, device_id: &str, status: &DeviceStatus) -> Result<(), StoreError> {
-        let _writer = match &self.write_lock {
-            Some(l) => Some(l.lock().await),
-            None => None,
-        };
+        let _writer = self.writer().await;
         let now = Timestamp::now().unix_micros();
         let json = serde_json::to_string(status).unwrap_or_default();
         sqlx::query(
