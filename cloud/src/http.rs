@@ -131,14 +131,22 @@ async fn bulk(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> R
         .into_response();
     }
     let idempotency = match headers.get("idempotency-key").map(|v| v.to_str()) {
-        Some(Ok(key)) if key == batch.batch_id.to_string() => Ok(()),
+        Some(Ok(key)) if key.parse::<backhaul_shared::BatchId>().is_ok_and(|k| k == batch.batch_id) => Ok(()),
         Some(_) => Err("the Idempotency-Key header must equal the body's batch_id"),
         None => Err("the Idempotency-Key header (the batch_id) is missing"),
     };
     if let Err(message) = idempotency {
         return error(StatusCode::BAD_REQUEST, message, Some("batch_id")).into_response();
     }
-    match app.ingest.accept(batch, &body, "http").await {
+    // In its own task: if the client goes away, axum drops this handler, and the write (which may
+    // carry other clients' batches in its group) must still finish.
+    let ingest = app.ingest.clone();
+    let accepted = tokio::spawn(async move { ingest.accept(batch, &body, "http").await }).await;
+    let accepted = match accepted {
+        Ok(result) => result,
+        Err(e) => return storage_down(format!("ingest task failed: {e}")),
+    };
+    match accepted {
         Ok(Accepted::Stored(b)) => {
             (StatusCode::CREATED, Json(json!({ "status": "stored", "batch_id": b.batch_id }))).into_response()
         }

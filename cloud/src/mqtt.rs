@@ -16,6 +16,7 @@
 //!   may be blocked handing a message to the busy worker, and a worker waiting on that same loop
 //!   to publish would never be freed. Its request queue is deep enough that PUBACKs never wait.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,8 +59,10 @@ pub async fn run(
     // Deep request queue: it only carries PUBACKs (one per message in hand) and subscriptions.
     let (client, eventloop) = AsyncClient::new(options.clone(), 4096);
     let topics = Topics::new(cfg.topic_prefix.clone());
-    let (tx, mut rx) = mpsc::channel::<Publish>(64);
-    let poller = tokio::spawn(poll(eventloop, client.clone(), topics.clone(), cfg.shared_group.clone(), tx));
+    let (tx, mut rx) = mpsc::channel::<(u64, Publish)>(64);
+    let connection = Arc::new(AtomicU64::new(0));
+    let poller =
+        tokio::spawn(poll(eventloop, client.clone(), topics.clone(), cfg.shared_group.clone(), tx, connection.clone()));
 
     let mut ack_options = options;
     ack_options.set_client_id(format!("{}-acks", cfg.client_id)).set_clean_session(true).set_manual_acks(false);
@@ -67,7 +70,7 @@ pub async fn run(
     let ack_poller = tokio::spawn(poll_acks(ack_eventloop));
 
     loop {
-        let publish = tokio::select! {
+        let (received_on, publish) = tokio::select! {
             p = rx.recv() => match p { Some(p) => p, None => break },
             _ = shutdown.changed() => break,
         };
@@ -77,6 +80,12 @@ pub async fn run(
             loop {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
+        }
+        // A message from an earlier connection: its packet id means nothing now (after a session
+        // loss the ids start again, and the PUBACK could acknowledge a new, uncommitted message).
+        // It is stored; the broker redelivers it if it kept the session, as a duplicate.
+        if received_on != connection.load(Ordering::SeqCst) {
+            continue;
         }
         if let Err(e) = client.ack(&publish).await {
             tracing::warn!(error = %e, "queueing a PUBACK failed; the broker will redeliver (a duplicate)");
@@ -104,12 +113,20 @@ async fn poll_acks(mut eventloop: EventLoop) {
     }
 }
 
-async fn poll(mut eventloop: EventLoop, client: AsyncClient, topics: Topics, group: String, tx: mpsc::Sender<Publish>) {
+async fn poll(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    topics: Topics,
+    group: String,
+    tx: mpsc::Sender<(u64, Publish)>,
+    connection: Arc<AtomicU64>,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff = Duration::from_millis(100);
+                connection.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
                 // try_subscribe_many only queues the request: never await from the polling task.
                 let filters = [topics.shared_batches_filter(&group), topics.all_status_filter()]
@@ -123,7 +140,7 @@ async fn poll(mut eventloop: EventLoop, client: AsyncClient, topics: Topics, gro
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 // Bounded: a slow worker stops us reading from the broker.
-                if tx.send(p).await.is_err() {
+                if tx.send((connection.load(Ordering::SeqCst), p)).await.is_err() {
                     return;
                 }
             }
@@ -160,6 +177,17 @@ async fn handle_batch(ingest: &Ingest, client: &AsyncClient, topics: &Topics, pu
         Ok(b) => b,
         Err(e) => {
             dead_letter(ingest, publish, Some(device), &e.to_string()).await;
+            // If its batch_id can be read, tell the device: a rejected batch is final, so it stops
+            // resending it.
+            if let Some(batch_id) = readable_batch_id(&publish.payload) {
+                send_ack(
+                    client,
+                    topics,
+                    device,
+                    Ack { batch_id, status: AckStatus::Rejected, reason: Some(e.to_string()) },
+                )
+                .await;
+            }
             return;
         }
     };
@@ -199,9 +227,19 @@ async fn handle_batch(ingest: &Ingest, client: &AsyncClient, topics: &Topics, pu
     send_ack(client, topics, device, Ack { batch_id, status, reason }).await;
 }
 
+fn readable_batch_id(payload: &[u8]) -> Option<backhaul_shared::BatchId> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        batch_id: backhaul_shared::BatchId,
+    }
+    serde_json::from_slice::<IdOnly>(payload).ok().map(|i| i.batch_id)
+}
+
 async fn send_ack(client: &AsyncClient, topics: &Topics, device: &str, ack: Ack) {
     let payload = serde_json::to_vec(&AckMessage { acks: vec![ack] }).expect("an ack serializes");
-    if let Err(e) = client.publish(topics.acks(device), QoS::AtLeastOnce, false, payload).await {
+    // Never wait: if the ack connection is down and its queue full, the device resends after its
+    // timeout and gets a duplicate ack.
+    if let Err(e) = client.try_publish(topics.acks(device), QoS::AtLeastOnce, false, payload) {
         tracing::warn!(error = %e, device, "publishing an ack failed; the device will resend and get a duplicate ack");
     }
 }

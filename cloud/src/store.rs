@@ -259,6 +259,13 @@ impl Store {
         if let Some(outcome) = self.seen(&self.pool, &batch_id, payload_sha256).await? {
             return Ok(outcome);
         }
+        if self.write_lock.is_none() {
+            // PostgreSQL: no single writer, so no leader to gather a group; each writes its own.
+            let (reply, _) = tokio::sync::oneshot::channel();
+            let own =
+                [WriteRequest { batch: batch.clone(), hash: payload_sha256.to_owned(), via: via.to_owned(), reply }];
+            return Ok(self.write_group(&own).await?[0]);
+        }
         let (reply, mut answer) = tokio::sync::oneshot::channel();
         self.lock_pending().push(WriteRequest {
             batch: batch.clone(),
@@ -497,7 +504,7 @@ impl Store {
     pub async fn count_rejected(&self) -> Result<(), StoreError> {
         let _writer = self.writer().await;
         let mut tx = self.pool.begin().await?;
-        bump(&mut tx, "rejected", 1).await?;
+        self.unwritten_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.write_unwritten_counts(&mut tx).await?;
         tx.commit().await?;
         Ok(())
@@ -525,8 +532,10 @@ impl Store {
         .bind(error.chars().take(500).collect::<String>())
         .execute(&mut *tx)
         .await?;
+        // Counters in one fixed order everywhere (batches, detections, dead_letters, duplicates,
+        // rejected), so concurrent PostgreSQL transactions cannot deadlock on them.
         bump(&mut tx, "dead_letters", 1).await?;
-        bump(&mut tx, "rejected", 1).await?;
+        self.unwritten_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.write_unwritten_counts(&mut tx).await?;
         tx.commit().await?;
         Ok(())

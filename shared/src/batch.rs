@@ -338,6 +338,9 @@ impl Batch {
             ));
         }
         validate_device_id(&self.device_id).map_err(|p| ValidationError::new("device_id", p))?;
+        if i64::try_from(self.seq).is_err() {
+            return Err(ValidationError::new("seq", format!("{} is over {}", self.seq, i64::MAX)));
+        }
         for (field, value) in [("name", &self.name), ("location", &self.location)] {
             if let Some(v) = value {
                 check_text(v).map_err(|p| ValidationError::new(field, p))?;
@@ -433,6 +436,10 @@ fn check_text(s: &str) -> Result<(), String> {
     if s.len() > MAX_TEXT_BYTES {
         return Err(format!("is {} bytes, over the limit of {MAX_TEXT_BYTES}", s.len()));
     }
+    // NUL in particular: PostgreSQL refuses it in TEXT.
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(format!("must not contain control characters (found {c:?})"));
+    }
     Ok(())
 }
 
@@ -522,6 +529,9 @@ mod tests {
             (with(|v| v["detections"][0]["device_hash"] = "xyz".into()), "detections[0].device_hash"),
             (with(|v| v["detections"][1]["humidity"] = 101.into()), "detections[1].humidity"),
             (with(|v| v["seq"] = (-1).into()), "seq"),
+            (with(|v| v["seq"] = u64::MAX.into()), "seq"),
+            (with(|v| v["name"] = "nul\u{0}inside".into()), "name"),
+            (with(|v| v["detections"][1]["node"] = "a\u{7}b".into()), "detections[1].node"),
         ];
         for (json, field) in cases {
             let err = parse(&json).expect_err(&json);
@@ -610,7 +620,7 @@ mod tests {
         #[test]
         fn any_valid_batch_round_trips(
             device_id in "[a-zA-Z0-9_.-]{1,64}",
-            seq in any::<u64>(),
+            seq in 0..=i64::MAX as u64,
             name in proptest::option::of("[ -~]{0,40}"),
             ts in arb_ts(),
             detections in proptest::collection::vec(arb_detection(), 0..20),

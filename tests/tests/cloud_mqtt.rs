@@ -72,6 +72,18 @@ async fn the_same_batch_over_http_and_mqtt_twice_each_is_stored_once() {
     assert_eq!(ack.acks[0].status, AckStatus::Rejected);
     assert!(ack.acks[0].reason.as_deref().unwrap_or("").contains("differs"), "{ack:?}");
 
+    // An invalid batch whose batch_id can be read is rejected by name: the device stops resending.
+    let mut invalid = serde_json::to_value(wire_batch(DEVICE, 5, 2)).unwrap();
+    invalid["detections"][0]["rssi"] = 999.into();
+    edge.client
+        .publish(topics.batches(DEVICE), QoS::AtLeastOnce, false, invalid.to_string().into_bytes())
+        .await
+        .unwrap();
+    let ack = next_ack(&mut edge).await;
+    assert_eq!(ack.acks[0].batch_id.to_string(), invalid["batch_id"].as_str().unwrap());
+    assert_eq!(ack.acks[0].status, AckStatus::Rejected);
+    assert!(ack.acks[0].reason.as_deref().unwrap_or("").contains("detections[0].rssi"), "{ack:?}");
+
     // Status messages reach the device table.
     edge.client
         .publish(topics.status(DEVICE), QoS::AtLeastOnce, true, br#"{"online":true,"queue_depth":7}"#.to_vec())
