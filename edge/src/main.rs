@@ -102,7 +102,15 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Run { .. } => not_yet("run", 5),
         Command::Status => not_yet("status", 5),
         Command::Scan { .. } => not_yet("scan", 6),
-        Command::CheckConfig { .. } => not_yet("check-config", 5),
+        Command::CheckConfig { config } => {
+            let (loaded, secrets) = backhaul_edge::config::EdgeConfig::load(&config)?;
+            println!("# {}: valid", config.display());
+            for (key, var) in &loaded.from_env {
+                println!("# {key} set by environment variable {var}");
+            }
+            print!("{}", loaded.config.effective(&secrets));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Queue { action } => queue_command(action),
         Command::Replay { since, until, data_dir } => {
             let since = parse_time(&since).context("--since")?;

@@ -1,0 +1,375 @@
+//! The edge's configuration (SPEC.md, "Edge configuration"): a TOML file with every key also
+//! settable from the environment (`BACKHAUL_` + the key path, sections joined by `__`), validated at
+//! start with errors that name the key and where its value came from.
+//!
+//! Secrets never live in the file: the hash secret comes from `BACKHAUL_HASH_SECRET` or
+//! `decode.hash_secret_file`, the MQTT password from `BACKHAUL_MQTT_PASSWORD` or
+//! `transport.mqtt.password_file`, the HTTP API key from `BACKHAUL_API_KEY` or
+//! `transport.http.api_key_file` (systemd credentials are files). `check-config` prints them masked.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use backhaul_shared::config::{self, ByteSize, ConfigError, EnvMap, HumanDuration, Loaded};
+use serde::{Deserialize, Serialize};
+
+use crate::queue::{OnFull, QueueConfig};
+
+/// Environment variables under `BACKHAUL_` that are not config keys.
+pub const RESERVED_ENV: &[&str] =
+    &["BACKHAUL_HASH_SECRET", "BACKHAUL_MQTT_PASSWORD", "BACKHAUL_API_KEY", "BACKHAUL_LOG", "BACKHAUL_FAILPOINT"];
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    pub device_id: String,
+    pub name: Option<String>,
+    pub location: Option<String>,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Loopback status and Prometheus metrics.
+    #[serde(default = "default_status_listen")]
+    pub status_listen: String,
+    #[serde(default)]
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub decode: DecodeConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub queue: QueueSection,
+    #[serde(default)]
+    pub transport: TransportConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    #[default]
+    Ble,
+    Simulated,
+    Replay,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    /// simulated: detections per second.
+    pub rate: f64,
+    /// simulated: detections over the device's life; 0 = forever.
+    pub count: u64,
+    /// simulated: distinct advertisers.
+    pub devices: u32,
+    /// simulated: seed of the deterministic generator.
+    pub seed: u64,
+    /// replay: a capture written by `scan --record`.
+    pub path: Option<PathBuf>,
+    /// ble: the adapter to use (default: the first).
+    pub adapter: Option<String>,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self { kind: SourceKind::Ble, rate: 10.0, count: 0, devices: 50, seed: 1, path: None, adapter: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecodeConfig {
+    pub profiles: Vec<String>,
+    pub hash_secret_file: Option<PathBuf>,
+    pub dedup_window_s: u64,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self { profiles: vec!["presence".into(), "thingy52".into()], hash_secret_file: None, dedup_window_s: 10 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    pub max_detections: usize,
+    pub max_age_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self { max_detections: 500, max_age_ms: 5000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSection {
+    pub max_bytes: ByteSize,
+    pub on_full: OnFull,
+    pub retain_acked: HumanDuration,
+    /// How long an enqueue waits for space under `on_full = "block"`.
+    pub block_timeout: HumanDuration,
+}
+
+impl Default for QueueSection {
+    fn default() -> Self {
+        let q = QueueConfig::default();
+        Self {
+            max_bytes: ByteSize(q.max_bytes),
+            on_full: q.on_full,
+            retain_acked: HumanDuration(q.retain_acked),
+            block_timeout: HumanDuration(q.block_timeout),
+        }
+    }
+}
+
+impl QueueSection {
+    pub fn queue_config(&self) -> QueueConfig {
+        QueueConfig {
+            max_bytes: self.max_bytes.0,
+            on_full: self.on_full,
+            retain_acked: self.retain_acked.0,
+            block_timeout: self.block_timeout.0,
+            ..QueueConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportMode {
+    #[default]
+    Mqtt,
+    Http,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportConfig {
+    pub mode: TransportMode,
+    /// Batches per second, with `burst`.
+    pub rate_per_sec: u32,
+    pub burst: u32,
+    pub max_inflight: u32,
+    pub mqtt: MqttSection,
+    pub http: HttpSection,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            mode: TransportMode::Mqtt,
+            rate_per_sec: 50,
+            burst: 100,
+            max_inflight: 32,
+            mqtt: MqttSection::default(),
+            http: HttpSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    #[default]
+    Cloud,
+    Broker,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSection {
+    pub url: String,
+    pub ack: AckMode,
+    pub topic_prefix: String,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        Self {
+            url: "mqtt://127.0.0.1:1883".into(),
+            ack: AckMode::Cloud,
+            topic_prefix: backhaul_shared::wire::DEFAULT_PREFIX.into(),
+            username: None,
+            password_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    pub url: String,
+    pub api_key_file: Option<PathBuf>,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self { url: "http://127.0.0.1:8080".into(), api_key_file: None }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/backhaul")
+}
+
+fn default_status_listen() -> String {
+    "127.0.0.1:9901".into()
+}
+
+/// A secret and where it came from, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret {
+    value: String,
+    pub origin: String,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret(*** from {})", self.origin)
+    }
+}
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.value
+    }
+}
+
+/// The secrets the edge needs, each from the environment or a file.
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    pub hash_secret: Option<Secret>,
+    pub mqtt_password: Option<Secret>,
+    pub api_key: Option<Secret>,
+}
+
+fn secret(env_var: &str, file: Option<&Path>, file_key: &str) -> Result<Option<Secret>, ConfigError> {
+    if let Ok(v) = std::env::var(env_var) {
+        if !v.is_empty() {
+            return Ok(Some(Secret { value: v, origin: format!("environment variable {env_var}") }));
+        }
+    }
+    let Some(file) = file else { return Ok(None) };
+    let value = std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid {
+        key: file_key.to_owned(),
+        origin: config::Origin::File(file.to_owned()),
+        message: format!("cannot read the secret file: {e}"),
+    })?;
+    let value = value.trim_end_matches(['\n', '\r']).to_owned();
+    if value.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: file_key.to_owned(),
+            origin: config::Origin::File(file.to_owned()),
+            message: "the secret file is empty".into(),
+        });
+    }
+    Ok(Some(Secret { value, origin: format!("file {}", file.display()) }))
+}
+
+impl EdgeConfig {
+    /// Loads `file` with the environment applied, and checks every rule that can be checked
+    /// before starting.
+    pub fn load(file: &Path) -> Result<(Loaded<Self>, Secrets), ConfigError> {
+        let env_map = EnvMap { prefix: "BACKHAUL_", aliases: &[], reserved: RESERVED_ENV };
+        let loaded: Loaded<Self> = config::load(file, &env_map, std::env::vars())?;
+        let c = &loaded.config;
+        backhaul_shared::batch::validate_device_id(&c.device_id).map_err(|e| loaded.invalid("device_id", e))?;
+        c.status_listen
+            .parse::<SocketAddr>()
+            .map_err(|e| loaded.invalid("status_listen", format!("`{}` is not an address: {e}", c.status_listen)))
+            .and_then(|a| {
+                if a.ip().is_loopback() {
+                    Ok(())
+                } else {
+                    Err(loaded.invalid(
+                        "status_listen",
+                        "must be a loopback address (127.0.0.1 or [::1]): it is unauthenticated",
+                    ))
+                }
+            })?;
+        if c.batch.max_detections == 0 || c.batch.max_detections > 10_000 {
+            return Err(loaded.invalid("batch.max_detections", "must be 1..=10000"));
+        }
+        if c.transport.rate_per_sec == 0 || c.transport.burst == 0 || c.transport.max_inflight == 0 {
+            let key = if c.transport.rate_per_sec == 0 {
+                "transport.rate_per_sec"
+            } else if c.transport.burst == 0 {
+                "transport.burst"
+            } else {
+                "transport.max_inflight"
+            };
+            return Err(loaded.invalid(key, "must be at least 1"));
+        }
+        match c.source.kind {
+            SourceKind::Simulated if !(c.source.rate > 0.0 && c.source.rate.is_finite()) => {
+                return Err(loaded.invalid("source.rate", "must be a positive number of detections per second"));
+            }
+            SourceKind::Replay if c.source.path.is_none() => {
+                return Err(loaded.invalid("source.path", "the replay source needs a capture file (`scan --record`)"));
+            }
+            _ => {}
+        }
+        match c.transport.mode {
+            TransportMode::Mqtt
+                if !c.transport.mqtt.url.starts_with("mqtt://") && !c.transport.mqtt.url.starts_with("mqtts://") =>
+            {
+                return Err(loaded.invalid("transport.mqtt.url", "must start with mqtt:// or mqtts://"));
+            }
+            TransportMode::Http
+                if !c.transport.http.url.starts_with("http://") && !c.transport.http.url.starts_with("https://") =>
+            {
+                return Err(loaded.invalid("transport.http.url", "must start with http:// or https://"));
+            }
+            _ => {}
+        }
+        let secrets = Secrets {
+            hash_secret: secret(
+                "BACKHAUL_HASH_SECRET",
+                c.decode.hash_secret_file.as_deref(),
+                "decode.hash_secret_file",
+            )?,
+            mqtt_password: secret(
+                "BACKHAUL_MQTT_PASSWORD",
+                c.transport.mqtt.password_file.as_deref(),
+                "transport.mqtt.password_file",
+            )?,
+            api_key: secret(
+                "BACKHAUL_API_KEY",
+                c.transport.http.api_key_file.as_deref(),
+                "transport.http.api_key_file",
+            )?,
+        };
+        let hashes_addresses =
+            c.decode.profiles.iter().any(|p| p == "presence") && c.source.kind != SourceKind::Simulated;
+        if hashes_addresses && secrets.hash_secret.is_none() {
+            return Err(loaded.invalid(
+                "decode.hash_secret_file",
+                "the presence profile needs a hash secret: set BACKHAUL_HASH_SECRET or decode.hash_secret_file \
+                 (an unkeyed hash of a MAC address can be reversed by brute force)",
+            ));
+        }
+        Ok((loaded, secrets))
+    }
+
+    /// The effective settings as TOML, secrets shown only as where they come from.
+    pub fn effective(&self, secrets: &Secrets) -> String {
+        let mut out = toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print the settings: {e}\n"));
+        out.push_str("\n# secrets (values never shown)\n");
+        for (name, s) in [
+            ("hash secret", &secrets.hash_secret),
+            ("MQTT password", &secrets.mqtt_password),
+            ("HTTP API key", &secrets.api_key),
+        ] {
+            match s {
+                Some(s) => out.push_str(&format!("# {name}: *** (from {})\n", s.origin)),
+                None => out.push_str(&format!("# {name}: not set\n")),
+            }
+        }
+        out
+    }
+}
