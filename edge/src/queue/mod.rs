@@ -538,7 +538,7 @@ impl Queue {
         let mut slot = self.inner.store.write().unwrap_or_else(|p| p.into_inner());
         // sled releases its file lock when the last handle is dropped.
         drop(slot.take());
-        let db = sled_config(&self.inner.path, &self.inner.config).open()?;
+        let db = open_sled(&self.inner.path, &self.inner.config)?;
         let store = Store::new(db, &self.inner.path)?;
         store.db.flush()?;
         store.log_file.sync_data()?;
@@ -1261,10 +1261,12 @@ fn sled_config(path: &Path, config: &QueueConfig) -> sled::Config {
         .flush_every_ms(Some(1000))
 }
 
-/// Opens sled; if it reports corruption (or panics, as sled 0.34 can on damaged files), moves the
-/// database aside to `data_dir/corrupt-<time>/` and starts a fresh one.
-fn open_or_move_aside(data_dir: &Path, path: &Path, config: &QueueConfig) -> Result<sled::Db, QueueOpenError> {
-    let open = || {
+/// Opens sled, turning a panic (sled 0.34 can panic on damaged files) into `Corruption`, and
+/// waiting out sled's own file lock if an earlier handle in this process is still closing: we hold
+/// `data_dir/lock`, so no other process has this database, and sled's background threads close the
+/// file a moment after the handle is dropped.
+fn open_sled(path: &Path, config: &QueueConfig) -> Result<sled::Db, sled::Error> {
+    let open_once = || {
         let cfg = sled_config(path, config);
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cfg.open())) {
             Ok(r) => r,
@@ -1274,12 +1276,28 @@ fn open_or_move_aside(data_dir: &Path, path: &Path, config: &QueueConfig) -> Res
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
                     .unwrap_or_default();
-                Err(sled::Error::Corruption { at: None, bt: () }).inspect_err(|_| {
-                    tracing::error!(panic = %msg, "sled panicked while opening the queue");
-                })
+                tracing::error!(panic = %msg, "sled panicked while opening the queue");
+                Err(sled::Error::Corruption { at: None, bt: () })
             }
         }
     };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match open_once() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Opens sled; if it reports corruption (or panics), moves the database aside to
+/// `data_dir/corrupt-<time>/` and starts a fresh one.
+fn open_or_move_aside(data_dir: &Path, path: &Path, config: &QueueConfig) -> Result<sled::Db, QueueOpenError> {
+    let open = || open_sled(path, config);
     match open() {
         Ok(db) => Ok(db),
         Err(e @ sled::Error::Corruption { .. }) => {
