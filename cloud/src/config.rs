@@ -109,17 +109,7 @@ impl CloudConfig {
 
 /// `mqtt://host:port` → (host, port).
 pub fn parse_mqtt_url(url: &str) -> Result<(String, u16)> {
-    let Some(rest) = url.strip_prefix("mqtt://") else {
-        bail!("`{url}` is not mqtt://HOST:PORT (mqtts:// is not supported by the cloud yet)")
-    };
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse().with_context(|| format!("bad port in `{url}`"))?),
-        None => (rest, 1883),
-    };
-    if host.is_empty() {
-        bail!("no host in `{url}`");
-    }
-    Ok((host.to_owned(), port))
+    backhaul_shared::wire::parse_mqtt_url(url).map_err(anyhow::Error::msg)
 }
 
 /// API keys: which device each key may post for (`None` = any device, the `*` key).

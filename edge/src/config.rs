@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Result;
 use backhaul_shared::config::{self, ByteSize, ConfigError, EnvMap, HumanDuration, Loaded};
@@ -19,6 +20,17 @@ use crate::queue::{OnFull, QueueConfig};
 /// Environment variables under `BACKHAUL_` that are not config keys.
 pub const RESERVED_ENV: &[&str] =
     &["BACKHAUL_HASH_SECRET", "BACKHAUL_MQTT_PASSWORD", "BACKHAUL_API_KEY", "BACKHAUL_LOG", "BACKHAUL_FAILPOINT"];
+
+/// The seed agent's environment names, still honoured so existing unit files keep working.
+/// (`MQTT_PASSWORD` is read as a secret, like `BACKHAUL_MQTT_PASSWORD`.)
+pub const SEED_ALIASES: &[(&str, &str)] = &[
+    ("DEVICE_ID", "device_id"),
+    ("COMMUNICATION_MODE", "transport.mode"),
+    ("MQTT_BROKER", "transport.mqtt.host"),
+    ("MQTT_PORT", "transport.mqtt.port"),
+    ("MQTT_USERNAME", "transport.mqtt.username"),
+    ("HTTP_BASE_URL", "transport.http.url"),
+];
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -140,8 +152,11 @@ impl QueueSection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum TransportMode {
+    /// (`MQTT` is the seed agent's spelling.)
     #[default]
+    #[serde(alias = "MQTT")]
     Mqtt,
+    #[serde(alias = "HTTP")]
     Http,
 }
 
@@ -153,6 +168,11 @@ pub struct TransportConfig {
     pub rate_per_sec: u32,
     pub burst: u32,
     pub max_inflight: u32,
+    /// MQTT: a batch without the cloud's (or, with `ack = "broker"`, the broker's) answer after
+    /// this long is sent again.
+    pub ack_timeout: HumanDuration,
+    /// Longest wait between reconnect attempts or retries (backoff with full jitter).
+    pub backoff_max: HumanDuration,
     pub mqtt: MqttSection,
     pub http: HttpSection,
 }
@@ -164,6 +184,8 @@ impl Default for TransportConfig {
             rate_per_sec: 50,
             burst: 100,
             max_inflight: 32,
+            ack_timeout: HumanDuration(Duration::from_secs(30)),
+            backoff_max: HumanDuration(Duration::from_secs(60)),
             mqtt: MqttSection::default(),
             http: HttpSection::default(),
         }
@@ -182,8 +204,17 @@ pub enum AckMode {
 #[serde(deny_unknown_fields, default)]
 pub struct MqttSection {
     pub url: String,
+    /// Replaces the url's host (the seed agent's `MQTT_BROKER`).
+    pub host: Option<String>,
+    /// Replaces the url's port (the seed agent's `MQTT_PORT`).
+    pub port: Option<u16>,
     pub ack: AckMode,
     pub topic_prefix: String,
+    /// Default `backhaul-edge-{device_id}`; the broker keeps the session (and acks) under it.
+    pub client_id: Option<String>,
+    pub keep_alive: HumanDuration,
+    /// How often the retained status is published.
+    pub status_interval: HumanDuration,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
 }
@@ -192,8 +223,13 @@ impl Default for MqttSection {
     fn default() -> Self {
         Self {
             url: "mqtt://127.0.0.1:1883".into(),
+            host: None,
+            port: None,
             ack: AckMode::Cloud,
             topic_prefix: backhaul_shared::wire::DEFAULT_PREFIX.into(),
+            client_id: None,
+            keep_alive: HumanDuration(Duration::from_secs(15)),
+            status_interval: HumanDuration(Duration::from_secs(30)),
             username: None,
             password_file: None,
         }
@@ -205,11 +241,28 @@ impl Default for MqttSection {
 pub struct HttpSection {
     pub url: String,
     pub api_key_file: Option<PathBuf>,
+    /// Requests in flight at once (each on its own thread).
+    pub workers: u32,
+    /// Whole-request timeout.
+    pub timeout: HumanDuration,
 }
 
 impl Default for HttpSection {
     fn default() -> Self {
-        Self { url: "http://127.0.0.1:8080".into(), api_key_file: None }
+        Self {
+            url: "http://127.0.0.1:8080".into(),
+            api_key_file: None,
+            workers: 4,
+            timeout: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl MqttSection {
+    /// The broker's (host, port): the url's, with `host` and `port` applied.
+    pub fn broker(&self) -> Result<(String, u16), String> {
+        let (host, port) = backhaul_shared::wire::parse_mqtt_url(&self.url)?;
+        Ok((self.host.clone().unwrap_or(host), self.port.unwrap_or(port)))
     }
 }
 
@@ -275,7 +328,7 @@ impl EdgeConfig {
     /// Loads `file` with the environment applied, and checks every rule that can be checked
     /// before starting.
     pub fn load(file: &Path) -> Result<(Loaded<Self>, Secrets), ConfigError> {
-        let env_map = EnvMap { prefix: "BACKHAUL_", aliases: &[], reserved: RESERVED_ENV };
+        let env_map = EnvMap { prefix: "BACKHAUL_", aliases: SEED_ALIASES, reserved: RESERVED_ENV };
         let loaded: Loaded<Self> = config::load(file, &env_map, std::env::vars())?;
         let c = &loaded.config;
         backhaul_shared::batch::validate_device_id(&c.device_id).map_err(|e| loaded.invalid("device_id", e))?;
@@ -315,17 +368,21 @@ impl EdgeConfig {
             _ => {}
         }
         match c.transport.mode {
-            TransportMode::Mqtt
-                if !c.transport.mqtt.url.starts_with("mqtt://") && !c.transport.mqtt.url.starts_with("mqtts://") =>
-            {
-                return Err(loaded.invalid("transport.mqtt.url", "must start with mqtt:// or mqtts://"));
+            TransportMode::Mqtt => {
+                c.transport.mqtt.broker().map_err(|e| loaded.invalid("transport.mqtt.url", e))?;
             }
-            TransportMode::Http
-                if !c.transport.http.url.starts_with("http://") && !c.transport.http.url.starts_with("https://") =>
-            {
-                return Err(loaded.invalid("transport.http.url", "must start with http:// or https://"));
+            TransportMode::Http if !c.transport.http.url.starts_with("http://") => {
+                let why = if c.transport.http.url.starts_with("https://") {
+                    "https:// is not supported by this build yet (no TLS): use http:// to a local TLS proxy"
+                } else {
+                    "must start with http://"
+                };
+                return Err(loaded.invalid("transport.http.url", why));
             }
             _ => {}
+        }
+        if c.transport.http.workers == 0 {
+            return Err(loaded.invalid("transport.http.workers", "must be at least 1"));
         }
         let secrets = Secrets {
             hash_secret: secret(
@@ -333,11 +390,14 @@ impl EdgeConfig {
                 c.decode.hash_secret_file.as_deref(),
                 "decode.hash_secret_file",
             )?,
-            mqtt_password: secret(
+            mqtt_password: match secret(
                 "BACKHAUL_MQTT_PASSWORD",
                 c.transport.mqtt.password_file.as_deref(),
                 "transport.mqtt.password_file",
-            )?,
+            )? {
+                Some(s) => Some(s),
+                None => secret("MQTT_PASSWORD", None, "transport.mqtt.password_file")?,
+            },
             api_key: secret(
                 "BACKHAUL_API_KEY",
                 c.transport.http.api_key_file.as_deref(),

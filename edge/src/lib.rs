@@ -1,10 +1,14 @@
 //! backhaul-edge: the store-and-forward service for a BLE-listening Raspberry Pi.
 //!
-//! Stages: `source` → `decode` → `batch` → [`queue`] → `forward`. Only the binary's `main` wires
-//! them together. Built so far: the durable [`queue`], the [`config`], the [`batch`] cutter and the simulated
-//! [`source`].
+//! Stages: [`source`] → `decode` → [`batch`] → [`queue`] → [`forward`], the producing half driven
+//! by [`pipeline`]. Only the binary's `main` wires them together. [`status`] serves what
+//! [`telemetry`] and the queue know on a loopback port.
 
 pub mod batch;
 pub mod config;
+pub mod forward;
+pub mod pipeline;
 pub mod queue;
 pub mod source;
+pub mod status;
+pub mod telemetry;

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
+mod service;
+
 use anyhow::{Context, Result};
 use backhaul_edge::queue::{Durability, Queue, QueueConfig};
 use clap::{Parser, Subcommand};
@@ -28,8 +30,18 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Show the running service's queue and link state.
-    Status,
+    /// Show the running service's queue and link state (from its loopback status endpoint).
+    Status {
+        /// Read status_listen from this config (default: 127.0.0.1:9901).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The status endpoint's address, e.g. 127.0.0.1:9901 (overrides --config).
+        #[arg(long, value_name = "ADDR")]
+        addr: Option<String>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the queue offline (stop the service first).
     Queue {
         #[command(subcommand)]
@@ -99,8 +111,12 @@ fn not_yet(what: &str, issue: u32) -> Result<ExitCode> {
 
 fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Run { .. } => not_yet("run", 5),
-        Command::Status => not_yet("status", 5),
+        Command::Run { config } => {
+            let (loaded, secrets) = backhaul_edge::config::EdgeConfig::load(&config)?;
+            service::run(loaded.config, secrets)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { config, addr, json } => status(config, addr, json),
         Command::Scan { .. } => not_yet("scan", 6),
         Command::CheckConfig { config } => {
             let (loaded, secrets) = backhaul_edge::config::EdgeConfig::load(&config)?;
@@ -123,6 +139,34 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn status(config: Option<PathBuf>, addr: Option<String>, json: bool) -> Result<ExitCode> {
+    let addr = match (addr, config) {
+        (Some(a), _) => a,
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let table: toml::Table = text.parse().with_context(|| format!("{} is not valid TOML", file.display()))?;
+            std::env::var("BACKHAUL_STATUS_LISTEN").ok().unwrap_or_else(|| {
+                table.get("status_listen").and_then(|v| v.as_str()).unwrap_or("127.0.0.1:9901").to_owned()
+            })
+        }
+        (None, None) => std::env::var("BACKHAUL_STATUS_LISTEN").unwrap_or_else(|_| "127.0.0.1:9901".to_owned()),
+    };
+    let url = format!("http://{addr}/status");
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(std::time::Duration::from_secs(5))).build().into();
+    let body = agent.get(&url).call().and_then(|mut r| r.body_mut().read_to_string()).with_context(|| {
+        format!("asking {url}: is backhaul-edge running (systemctl status backhaul-edge)? Is its status_listen {addr}?")
+    })?;
+    if json {
+        println!("{body}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report: backhaul_edge::status::StatusReport =
+        serde_json::from_str(&body).with_context(|| format!("{url} did not answer with a status report"))?;
+    print!("{}", backhaul_edge::status::render(&report));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_time(s: &str) -> Result<SystemTime> {

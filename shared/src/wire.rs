@@ -7,6 +7,26 @@ use crate::batch::BatchId;
 /// The default topic prefix.
 pub const DEFAULT_PREFIX: &str = "backhaul";
 
+/// `mqtt://host[:port]` → (host, port), port 1883 by default. (`mqtts://` needs TLS, which these
+/// builds do not have yet: refused with a message that says so.)
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    if url.starts_with("mqtts://") {
+        return Err(format!(
+            "`{url}`: mqtts:// (TLS) is not supported by this build yet; use mqtt:// to a broker on a trusted network or a local TLS bridge"
+        ));
+    }
+    let Some(rest) = url.strip_prefix("mqtt://") else { return Err(format!("`{url}` is not mqtt://HOST:PORT")) };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().map_err(|_| format!("bad port in `{url}`"))?),
+        None => (rest, 1883),
+    };
+    if host.is_empty() {
+        return Err(format!("no host in `{url}`"));
+    }
+    Ok((host.to_owned(), port))
+}
+
 /// Builds and parses the topics of one deployment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
@@ -143,6 +163,16 @@ mod tests {
         assert_eq!(t.parse("backhaul//batches"), None);
         assert_eq!(t.parse("backhaul/pi-1/other"), None);
         assert_eq!(t.parse("backhaul/a/b/batches"), None);
+    }
+
+    #[test]
+    fn mqtt_urls_parse_with_a_default_port_and_tls_is_refused_plainly() {
+        assert_eq!(parse_mqtt_url("mqtt://broker.local:1884"), Ok(("broker.local".into(), 1884)));
+        assert_eq!(parse_mqtt_url("mqtt://10.0.0.2"), Ok(("10.0.0.2".into(), 1883)));
+        assert!(parse_mqtt_url("mqtts://b:8883").unwrap_err().contains("TLS"));
+        assert!(parse_mqtt_url("http://b").is_err());
+        assert!(parse_mqtt_url("mqtt://:1883").is_err());
+        assert!(parse_mqtt_url("mqtt://b:notaport").is_err());
     }
 
     #[test]

@@ -94,11 +94,12 @@ pub(crate) fn get(tree: &sled::Tree, prefix: &[u8]) -> sled::Result<Option<Recor
 }
 
 /// Length of a record key's prefix (without the chunk index), from its first byte: `p` + seq,
-/// `h` + time + seq, `q` + a quarantined key's prefix. `None` for other keys (metadata).
+/// `h` + time + seq, `d` + seq, `q` + a quarantined key's prefix. `None` for other keys (metadata).
 pub(crate) fn prefix_len(key: &[u8]) -> Option<usize> {
     match *key.first()? {
         super::layout::PENDING => Some(9),
         super::layout::ACKED => Some(17),
+        super::layout::DEAD => Some(9),
         super::layout::QUARANTINE => Some(1 + prefix_len(&key[1..])?),
         _ => None,
     }

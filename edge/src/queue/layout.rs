@@ -11,6 +11,10 @@ use backhaul_shared::BatchId;
 pub(crate) const PENDING: u8 = b'p';
 pub(crate) const ACKED: u8 = b'h';
 pub(crate) const QUARANTINE: u8 = b'q';
+/// Batches the cloud refused for good (a `rejected` ack, HTTP 400/413/422), kept for inspection.
+pub(crate) const DEAD: u8 = b'd';
+/// `r` + seq: why the dead-lettered batch with that seq was refused (UTF-8 text, not chunked).
+pub(crate) const DEAD_REASON: u8 = b'r';
 
 pub(crate) const META_COUNTERS: &[u8] = b"mcounters";
 pub(crate) const META_SOURCE_POSITION: &[u8] = b"msource_position";
@@ -28,6 +32,20 @@ pub(crate) fn acked_key(acked_at_ms: u64, seq: u64) -> [u8; 17] {
     let mut k = [ACKED; 17];
     k[1..9].copy_from_slice(&acked_at_ms.to_be_bytes());
     k[9..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// `d` + seq (u64 BE): a dead-lettered batch, oldest first.
+pub(crate) fn dead_key(seq: u64) -> [u8; 9] {
+    let mut k = [DEAD; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// `r` + seq (u64 BE): the reason stored beside the dead-lettered batch `seq`.
+pub(crate) fn dead_reason_key(seq: u64) -> [u8; 9] {
+    let mut k = [DEAD_REASON; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
     k
 }
 
@@ -228,10 +246,15 @@ pub struct Counters {
     pub quarantined: u64,
     /// Batches acked by the cloud (or broker), ever.
     pub acked_total: u64,
+    /// Dead-lettered batches kept (refused by the cloud for good), and their bytes (with reasons).
+    pub dead_batches: u64,
+    pub dead_bytes: u64,
+    /// Batches dead-lettered, ever.
+    pub dead_total: u64,
 }
 
 impl Counters {
-    fn fields(&self) -> [u64; 11] {
+    fn fields(&self) -> [u64; 14] {
         [
             self.next_seq,
             self.pending_batches,
@@ -244,6 +267,9 @@ impl Counters {
             self.dropped_detections,
             self.quarantined,
             self.acked_total,
+            self.dead_batches,
+            self.dead_bytes,
+            self.dead_total,
         ]
     }
 
@@ -254,7 +280,7 @@ impl Counters {
 
     pub(crate) fn decode(value: &[u8]) -> Result<Self, StoredError> {
         let p = record::decode(value)?;
-        let mut f = [0u64; 11];
+        let mut f = [0u64; 14];
         for (slot, chunk) in f.iter_mut().zip(p.chunks_exact(8)) {
             *slot = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
         }
@@ -270,6 +296,9 @@ impl Counters {
             dropped_detections: f[8],
             quarantined: f[9],
             acked_total: f[10],
+            dead_batches: f[11],
+            dead_bytes: f[12],
+            dead_total: f[13],
         })
     }
 }

@@ -190,7 +190,7 @@ pub struct Stats {
     pub pending: u64,
     pub in_flight: u64,
     pub acked_retained: u64,
-    /// Bytes of pending + retained records (what the budget counts).
+    /// Bytes of pending, retained and dead-lettered records (what the budget counts).
     pub bytes: u64,
     pub pending_bytes: u64,
     pub acked_bytes: u64,
@@ -201,6 +201,9 @@ pub struct Stats {
     pub dropped_detections: u64,
     pub quarantined: u64,
     pub acked_total: u64,
+    /// Batches the cloud refused for good, kept for inspection (`queue export`), and ever.
+    pub dead_letters: u64,
+    pub dead_lettered_total: u64,
     pub next_seq: u64,
     /// Disk syncs since the queue was opened (with group commit, fewer than enqueues).
     pub syncs_since_open: u64,
@@ -572,13 +575,18 @@ impl Queue {
         needed: u64,
     ) -> Result<(MutexGuard<'a, State>, u64), EnqueueError> {
         let max = self.inner.config.max_bytes;
-        let used = |st: &State| st.counters.pending_bytes + st.counters.acked_bytes;
+        let used = |st: &State| st.counters.pending_bytes + st.counters.acked_bytes + st.counters.dead_bytes;
         if used(&st) + needed <= max {
             return Ok((st, 0));
         }
-        // Delivered batches go first.
+        // Delivered batches go first, then dead letters (refused for good, kept only for inspection).
         let over = used(&st) + needed - max;
         prune_acked_locked(store, &mut st, None, Some(over)).map_err(storage_error)?;
+        if used(&st) + needed <= max {
+            return Ok((st, 0));
+        }
+        let over = used(&st) + needed - max;
+        prune_dead_locked(store, &mut st, over).map_err(storage_error)?;
         if used(&st) + needed <= max {
             return Ok((st, 0));
         }
@@ -729,6 +737,85 @@ impl Queue {
         Ok(AckOutcome::Acked)
     }
 
+    /// Moves a handed-out batch that the cloud refused for good (a `rejected` ack, HTTP 400, 413,
+    /// 422) from pending to the dead-letter tree, with `reason`; it is counted, kept for inspection
+    /// (`queue export`) within the byte budget, and never sent again. Written at once (it is rare).
+    pub fn dead_letter(&self, batch_id: BatchId, reason: &str) -> Result<AckOutcome, QueueError> {
+        let guard = self.read_store();
+        let store = Store::get(&guard)?;
+        let mut st = self.lock_state();
+        let Some(&(seq, _)) = st.handed.get(&batch_id) else { return Ok(AckOutcome::Unknown) };
+        if st.unwritten_acks.contains_key(&seq) {
+            return Ok(AckOutcome::Unknown); // acked meanwhile: the earlier answer stands
+        }
+        let Some(record) = chunks::get(&store.tree, &layout::pending_key(seq))? else {
+            st.handed.remove(&batch_id);
+            return Ok(AckOutcome::Unknown);
+        };
+        st.handed.remove(&batch_id);
+        st.in_flight.remove(&seq);
+        st.retry.remove(&seq);
+        let size = record.stored_size();
+        let mut write = sled::Batch::default();
+        chunks::move_into(&mut write, &record, &layout::dead_key(seq));
+        let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
+        write.insert(&layout::dead_reason_key(seq)[..], reason.as_bytes());
+        let c = &mut st.counters;
+        c.pending_batches = c.pending_batches.saturating_sub(1);
+        c.pending_bytes = c.pending_bytes.saturating_sub(size);
+        c.dead_batches += 1;
+        c.dead_bytes += size;
+        c.dead_total += 1;
+        write_meta(store, &mut st, write)?;
+        tracing::error!(
+            seq,
+            %batch_id,
+            reason = %reason,
+            dead_letters = st.counters.dead_batches,
+            "the cloud refused a batch for good: moved to the dead-letter tree (inspect with `backhaul-edge queue export`)"
+        );
+        drop(st);
+        self.inner.space.notify_all();
+        Ok(AckOutcome::Acked)
+    }
+
+    /// Hands out the newest durable pending batch that is not in flight, or `None`: the forwarder
+    /// alternates this with [`Queue::next_batch`] so live data is not stuck behind a backlog.
+    pub fn next_newest_batch(&self) -> Result<Option<QueuedBatch>, QueueError> {
+        let guard = self.read_store();
+        let store = Store::get(&guard)?;
+        let mut st = self.lock_state();
+        let Some(last) = st.durable_next_seq.checked_sub(1) else { return Ok(None) };
+        // Newest first: walk the keys backwards, reading a record once its first chunk is reached.
+        let mut upto = layout::pending_key(last).to_vec();
+        upto.extend_from_slice(&[0xff, 0xff]);
+        let mut iter = store.tree.range(layout::pending_key(0).to_vec()..=upto).rev();
+        loop {
+            let Some(item) = iter.next() else { return Ok(None) };
+            let (key, _) = item?;
+            let Some(seq) = layout::pending_key_seq(&key).filter(|_| key.len() == 11) else { continue };
+            if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) {
+                continue;
+            }
+            let Some(record) = chunks::get(&store.tree, &layout::pending_key(seq))? else { continue };
+            match StoredBatch::decode(&record.value) {
+                Ok(b) => {
+                    st.retry.remove(&seq);
+                    st.in_flight.insert(seq);
+                    st.handed.insert(b.batch_id, (seq, record.value.len()));
+                    return Ok(Some(QueuedBatch {
+                        seq,
+                        batch_id: b.batch_id,
+                        detections: b.detections,
+                        enqueued_at_ms: b.enqueued_at_ms,
+                        payload: b.json(),
+                    }));
+                }
+                Err(e) => quarantine_locked(store, &mut st, &record, &e)?,
+            }
+        }
+    }
+
     /// Puts an in-flight batch back to pending (e.g. after a reconnect); it is handed out again
     /// before newer batches.
     pub fn nack(&self, batch_id: BatchId) -> bool {
@@ -836,7 +923,7 @@ impl Queue {
             pending: c.pending_batches.saturating_sub(in_flight),
             in_flight,
             acked_retained: c.acked_batches,
-            bytes: c.pending_bytes + c.acked_bytes,
+            bytes: c.pending_bytes + c.acked_bytes + c.dead_bytes,
             pending_bytes: c.pending_bytes,
             acked_bytes: c.acked_bytes,
             oldest_pending_age_s,
@@ -846,6 +933,8 @@ impl Queue {
             dropped_detections: c.dropped_detections,
             quarantined: c.quarantined,
             acked_total: c.acked_total,
+            dead_letters: c.dead_batches,
+            dead_lettered_total: c.dead_total,
             next_seq: c.next_seq,
             syncs_since_open,
         })
@@ -863,14 +952,18 @@ impl Queue {
             let record = record?;
             let key = &record.prefix;
             match key.first() {
-                Some(&layout::PENDING) | Some(&layout::ACKED) => match StoredBatch::decode(&record.value) {
-                    Ok(b) => match backhaul_shared::Batch::from_json(&b.json(), &any_size) {
-                        Ok(batch) if batch.batch_id == b.batch_id && batch.seq == b.seq => report.ok += 1,
-                        Ok(_) => report.bad.push(format!("{}: header and JSON disagree on batch_id or seq", hex(key))),
-                        Err(e) => report.bad.push(format!("{}: stored JSON does not parse: {e}", hex(key))),
-                    },
-                    Err(e) => report.bad.push(format!("{}: {e}", hex(key))),
-                },
+                Some(&layout::PENDING) | Some(&layout::ACKED) | Some(&layout::DEAD) => {
+                    match StoredBatch::decode(&record.value) {
+                        Ok(b) => match backhaul_shared::Batch::from_json(&b.json(), &any_size) {
+                            Ok(batch) if batch.batch_id == b.batch_id && batch.seq == b.seq => report.ok += 1,
+                            Ok(_) => {
+                                report.bad.push(format!("{}: header and JSON disagree on batch_id or seq", hex(key)))
+                            }
+                            Err(e) => report.bad.push(format!("{}: stored JSON does not parse: {e}", hex(key))),
+                        },
+                        Err(e) => report.bad.push(format!("{}: {e}", hex(key))),
+                    }
+                }
                 Some(&layout::QUARANTINE) => report.quarantined += 1,
                 _ => {}
             }
@@ -897,11 +990,21 @@ impl Queue {
             let (state, acked_at_ms) = match key.first() {
                 Some(&layout::PENDING) => ("pending", None),
                 Some(&layout::ACKED) => ("acked", layout::acked_key_time(key)),
+                Some(&layout::DEAD) => ("dead_letter", None),
                 Some(&layout::QUARANTINE) => ("quarantined", None),
                 _ => continue,
             };
+            let reason = match (key.first(), layout::pending_key_seq(key)) {
+                (Some(&layout::DEAD), Some(seq)) => store
+                    .tree
+                    .get(layout::dead_reason_key(seq))
+                    .map_err(QueueError::from)?
+                    .map(|r| String::from_utf8_lossy(&r).into_owned()),
+                _ => None,
+            };
             let exported = match StoredBatch::decode(value) {
                 Ok(b) => ExportedRecord {
+                    reason,
                     state,
                     key: hex(key),
                     seq: Some(b.seq),
@@ -914,6 +1017,7 @@ impl Queue {
                     raw_hex: None,
                 },
                 Err(e) => ExportedRecord {
+                    reason,
                     state,
                     key: hex(key),
                     seq: None,
@@ -1032,6 +1136,10 @@ fn quarantine_locked(
             counters.acked_batches = counters.acked_batches.saturating_sub(1);
             counters.acked_bytes = counters.acked_bytes.saturating_sub(size);
         }
+        Some(&layout::DEAD) => {
+            counters.dead_batches = counters.dead_batches.saturating_sub(1);
+            counters.dead_bytes = counters.dead_bytes.saturating_sub(size);
+        }
         _ => {}
     }
     let mut write = sled::Batch::default();
@@ -1084,6 +1192,37 @@ fn prune_acked_locked(
 /// The counters are written at least every this many enqueues, so that an open after a crash
 /// counts at most this many records past them.
 const META_EVERY_ENQUEUES: u64 = 1024;
+
+/// A dead letter's reason is kept up to this many characters.
+const MAX_REASON_CHARS: usize = 512;
+
+/// Removes dead letters oldest first until `bytes` are freed (the budget needs the room).
+fn prune_dead_locked(store: &Store, st: &mut State, bytes: u64) -> Result<u64, QueueError> {
+    let mut write = sled::Batch::default();
+    let mut counters = st.counters;
+    let (mut n, mut freed) = (0u64, 0u64);
+    for record in chunks::records(store.tree.range(layout::dead_key(0)..=layout::dead_key(u64::MAX))) {
+        if freed >= bytes {
+            break;
+        }
+        let record = record?;
+        let size = record.stored_size();
+        chunks::remove_into(&mut write, &record);
+        if let Some(seq) = layout::pending_key_seq(&record.prefix) {
+            write.remove(&layout::dead_reason_key(seq)[..]);
+        }
+        counters.dead_batches = counters.dead_batches.saturating_sub(1);
+        counters.dead_bytes = counters.dead_bytes.saturating_sub(size);
+        freed += size;
+        n += 1;
+    }
+    if n > 0 {
+        st.counters = counters;
+        write_meta(store, st, write)?;
+        tracing::warn!(batches = n, "queue over its byte budget: removed the oldest dead-lettered batches");
+    }
+    Ok(n)
+}
 
 /// Acks are written in groups of this many (or sooner, see [`Queue::ack`]).
 pub const ACK_WRITE_GROUP: usize = 64;
@@ -1138,6 +1277,9 @@ pub struct ExportedRecord {
     pub batch: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why the cloud refused a dead-lettered batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw_hex: Option<String>,
 }
@@ -1424,6 +1566,7 @@ fn recount(tree: &sled::Tree, stored_position: Option<Vec<u8>>, repair: bool) ->
         let (count, bytes) = match key.first() {
             Some(&layout::PENDING) => (&mut c.pending_batches, &mut c.pending_bytes),
             Some(&layout::ACKED) => (&mut c.acked_batches, &mut c.acked_bytes),
+            Some(&layout::DEAD) => (&mut c.dead_batches, &mut c.dead_bytes),
             Some(&layout::QUARANTINE) => {
                 c.quarantined += 1;
                 continue;

@@ -593,3 +593,68 @@ fn a_late_ack_of_a_quarantined_batch_does_not_count_it_twice() {
     assert_eq!((s.pending, s.in_flight, s.quarantined, s.acked_retained), (0, 1, 1, 0), "{s:?}");
     assert!(q.verify().unwrap().bad.is_empty());
 }
+
+#[test]
+fn dead_letter_moves_a_refused_batch_out_of_pending_with_its_reason_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), config());
+    let first = q.enqueue(new_batch(3)).unwrap();
+    let second = q.enqueue(new_batch(2)).unwrap();
+    let b = q.next_batch().unwrap().unwrap();
+    assert_eq!(b.seq, first.seq);
+    assert_eq!(q.dead_letter(b.batch_id, "HTTP 422: conflict").unwrap(), AckOutcome::Acked);
+    assert_eq!(q.dead_letter(b.batch_id, "again").unwrap(), AckOutcome::Unknown, "only once");
+    assert_eq!(q.ack(b.batch_id).unwrap(), AckOutcome::Unknown, "a late ack does not count it again");
+    let s = q.stats().unwrap();
+    assert_eq!((s.pending, s.dead_letters, s.dead_lettered_total), (1, 1, 1));
+    assert!(s.bytes > 0);
+    drop(q);
+    let q = open(dir.path(), config());
+    let s = q.stats().unwrap();
+    assert_eq!((s.pending, s.dead_letters), (1, 1), "counted the same after a restart");
+    assert_eq!(q.next_batch().unwrap().unwrap().seq, second.seq, "never handed out again");
+    assert!(q.next_batch().unwrap().is_none());
+    let mut exported = Vec::new();
+    q.export(|r| {
+        exported.push((r.state, r.reason.clone()));
+        Ok(())
+    })
+    .unwrap();
+    assert!(exported.contains(&("dead_letter", Some("HTTP 422: conflict".to_owned()))), "{exported:?}");
+    assert!(q.verify().unwrap().bad.is_empty());
+}
+
+#[test]
+fn dead_letters_are_removed_before_pending_batches_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = batch_bytes(20);
+    let q = open(dir.path(), QueueConfig { max_bytes: size * 3 + size / 2, ..config() });
+    q.enqueue(new_batch(20)).unwrap();
+    let b = q.next_batch().unwrap().unwrap();
+    q.dead_letter(b.batch_id, "rejected").unwrap();
+    q.enqueue(new_batch(20)).unwrap();
+    q.enqueue(new_batch(20)).unwrap();
+    let r = q.enqueue(new_batch(20)).unwrap();
+    assert_eq!(r.dropped, 0, "the dead letter made room, not a pending batch");
+    let s = q.stats().unwrap();
+    assert_eq!((s.pending, s.dead_letters, s.dropped_batches), (3, 0, 0));
+}
+
+#[test]
+fn next_newest_hands_out_the_newest_durable_batch_and_the_oldest_still_comes_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), config());
+    let seqs: Vec<u64> = (0..5).map(|_| q.enqueue(new_batch(600)).unwrap().seq).collect();
+    assert_eq!(q.next_newest_batch().unwrap().unwrap().seq, seqs[4]);
+    assert_eq!(q.next_newest_batch().unwrap().unwrap().seq, seqs[3]);
+    assert_eq!(q.next_batch().unwrap().unwrap().seq, seqs[0]);
+    assert_eq!(q.next_batch().unwrap().unwrap().seq, seqs[1]);
+    let b = q.next_batch().unwrap().unwrap();
+    assert_eq!(b.seq, seqs[2]);
+    assert!(q.next_batch().unwrap().is_none(), "the newest ones are in flight");
+    assert!(q.next_newest_batch().unwrap().is_none());
+    q.ack(b.batch_id).unwrap();
+    assert_eq!(q.nack_all(), 4);
+    assert_eq!(q.next_newest_batch().unwrap().unwrap().seq, seqs[4], "a nacked batch comes back");
+    assert_eq!(q.next_batch().unwrap().unwrap().seq, seqs[0]);
+}

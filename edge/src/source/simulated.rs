@@ -6,7 +6,11 @@
 //! Most detections are presence detections of `devices` distinct simulated advertisers; one in ten
 //! is a Thingy:52 reading. The simulated advertisers' hashes are not derived from any address.
 
+use std::time::{Duration, Instant};
+
 use backhaul_shared::{Detection, Presence, Sensor, Timestamp, Zone};
+
+use super::{Next, Source};
 
 #[derive(Debug, Clone)]
 pub struct Simulated {
@@ -16,6 +20,10 @@ pub struct Simulated {
     count: u64,
     /// The next detection's index.
     next: u64,
+    /// Detections per second, when used as a [`Source`].
+    rate: f64,
+    /// When pacing started, and the index then: detection `i` is due `(i - first) / rate` later.
+    paced_from: Option<(Instant, u64)>,
 }
 
 /// splitmix64: a cheap, well-mixed function of its input.
@@ -38,7 +46,13 @@ impl Simulated {
                 u64::from_le_bytes(bytes) + 1
             }
         };
-        Ok(Self { seed, devices: devices.max(1), count, next })
+        Ok(Self { seed, devices: devices.max(1), count, next, rate: f64::INFINITY, paced_from: None })
+    }
+
+    /// Paces the source at `rate` detections per second (as a [`Source`]).
+    pub fn with_rate(mut self, rate: f64) -> Self {
+        self.rate = rate;
+        self
     }
 
     /// Whether `count` detections have been produced.
@@ -90,6 +104,23 @@ impl Simulated {
                 },
                 timestamp: at,
             })
+        }
+    }
+}
+
+impl Source for Simulated {
+    fn next(&mut self, now: Instant) -> Next {
+        if self.exhausted() {
+            return Next::Done;
+        }
+        let (start, first) = *self.paced_from.get_or_insert((now, self.next));
+        let due = start + Duration::from_secs_f64((self.next - first) as f64 / self.rate);
+        if now < due {
+            return Next::Wait(due - now);
+        }
+        match self.next_detection(Timestamp::now()) {
+            Some((d, position)) => Next::Detection(d, Some(position)),
+            None => Next::Done,
         }
     }
 }
@@ -159,5 +190,17 @@ mod tests {
         assert_eq!(rest, 5, "exactly count = 10 over the device's life");
         assert!(resumed.exhausted());
         assert!(Simulated::resume(3, 5, 10, Some(&[1, 2, 3])).is_err());
+    }
+
+    #[test]
+    fn as_a_source_it_keeps_its_pace_and_ends() {
+        let mut s = Simulated::resume(1, 5, 3, None).unwrap().with_rate(10.0);
+        let t0 = Instant::now();
+        assert!(matches!(s.next(t0), Next::Detection(..)));
+        assert_eq!(s.next(t0), Next::Wait(Duration::from_millis(100)));
+        assert!(matches!(s.next(t0 + Duration::from_millis(100)), Next::Detection(..)));
+        // Late: everything due comes at once.
+        assert!(matches!(s.next(t0 + Duration::from_secs(5)), Next::Detection(..)));
+        assert_eq!(s.next(t0 + Duration::from_secs(5)), Next::Done);
     }
 }

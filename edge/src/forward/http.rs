@@ -1,0 +1,323 @@
+//! The HTTP transport (ureq, blocking, on worker threads of its own): `POST
+//! /api/v1/detections/bulk` with `Idempotency-Key: <batch_id>` and the API key.
+//!
+//! What an answer means ([`classify`], SPEC.md "HTTP ingest"):
+//! - 2xx: acked (200 `duplicate`: the cloud had it).
+//! - 400, 413, 422: refused for good: the batch goes to the dead-letter tree.
+//! - 401, 403: the key is wrong or not allowed for this device. SPEC.md calls these final, but
+//!   that is a configuration mistake, not a bad batch: dead-lettering would empty the whole queue
+//!   in seconds. So they count as a link failure: batches stay queued, the error says to fix the
+//!   key, and sending resumes by itself once it is fixed.
+//! - 408, 429, 5xx, any other status, a network error: the batch goes back to the queue and the
+//!   link is down: nothing more is sent until, after a backoff (full jitter, capped, never below
+//!   `Retry-After`), `GET /health` answers 200. The backoff only resets on a delivered batch, so a
+//!   cloud whose `/health` is fine but which keeps failing posts is not hammered.
+
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backhaul_shared::{BatchId, DeviceStatus};
+
+use super::backoff::Backoff;
+use super::{Event, Outcome, Transport};
+use crate::queue::QueuedBatch;
+
+/// Where and how to post.
+#[derive(Clone)]
+pub struct HttpSettings {
+    /// `http://host:port` (no trailing slash needed).
+    pub base_url: String,
+    /// Never logged.
+    pub api_key: Option<String>,
+    /// Concurrent requests.
+    pub workers: usize,
+    /// Whole-request timeout.
+    pub timeout: Duration,
+    pub backoff_max: Duration,
+}
+
+impl std::fmt::Debug for HttpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSettings")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a worker reports.
+#[derive(Debug)]
+pub enum HttpEvent {
+    Answer { batch_id: BatchId, answer: Answer },
+    Health { ok: bool, detail: String },
+}
+
+/// The cloud's answer to a post.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Status { code: u16, retry_after: Option<Duration>, body: String },
+    Network(String),
+}
+
+/// What an answer means for the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Class {
+    Acked {
+        duplicate: bool,
+    },
+    /// Refused for good.
+    Final(String),
+    /// Not delivered; the link backs off. The text says what happened and what to do.
+    Retry {
+        retry_after: Option<Duration>,
+        error: String,
+    },
+}
+
+/// Sorts an answer (see the module docs).
+pub fn classify(answer: &Answer) -> Class {
+    let (code, retry_after, body) = match answer {
+        Answer::Network(e) => return Class::Retry { retry_after: None, error: format!("cannot reach the cloud: {e}") },
+        Answer::Status { code, retry_after, body } => (*code, *retry_after, body),
+    };
+    let body: String = body.chars().take(300).collect();
+    match code {
+        200..=299 => Class::Acked { duplicate: body.contains("\"duplicate\"") },
+        400 | 413 | 422 => Class::Final(format!("HTTP {code}: {body}")),
+        401 | 403 => Class::Retry {
+            retry_after,
+            error: format!(
+                "the cloud refused the API key (HTTP {code}: {body}): check BACKHAUL_API_KEY or \
+                 transport.http.api_key_file; batches stay queued"
+            ),
+        },
+        408 | 429 | 500..=599 => Class::Retry { retry_after, error: format!("the cloud answered HTTP {code}: {body}") },
+        _ => Class::Retry {
+            retry_after,
+            error: format!("unexpected HTTP {code} from the cloud: check transport.http.url; batches stay queued"),
+        },
+    }
+}
+
+enum Job {
+    Post(QueuedBatch),
+    Health,
+}
+
+/// The forwarder's side of the HTTP workers.
+pub struct HttpTransport {
+    jobs: Sender<Job>,
+    workers: usize,
+    busy: usize,
+    up: bool,
+    probing: bool,
+    probe_at: Option<Instant>,
+    backoff: Backoff,
+}
+
+impl std::fmt::Debug for HttpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpTransport").field("up", &self.up).field("busy", &self.busy).finish_non_exhaustive()
+    }
+}
+
+impl HttpTransport {
+    /// Starts the workers; the link starts down and comes up after the first `/health` answer.
+    pub fn start(settings: HttpSettings, events: Sender<Event<HttpEvent>>) -> std::io::Result<Self> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(settings.timeout))
+            .user_agent(concat!("backhaul-edge/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        let workers = settings.workers.max(1);
+        for i in 0..workers {
+            let (rx, events, agent, settings) = (rx.clone(), events.clone(), agent.clone(), settings.clone());
+            std::thread::Builder::new().name(format!("http-{i}")).spawn(move || loop {
+                // A std Mutex around the receiver: workers take turns waiting for the next job.
+                let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                    Ok(j) => j,
+                    Err(_) => return, // the transport is closed
+                };
+                let event = match job {
+                    Job::Post(batch) => {
+                        HttpEvent::Answer { batch_id: batch.batch_id, answer: post(&agent, &settings, &batch) }
+                    }
+                    Job::Health => health(&agent, &settings),
+                };
+                if events.send(Event::Link(event)).is_err() {
+                    return;
+                }
+            })?;
+        }
+        Ok(Self {
+            jobs,
+            workers,
+            busy: 0,
+            up: false,
+            probing: false,
+            probe_at: Some(Instant::now()),
+            backoff: Backoff::new(Duration::from_millis(500), settings.backoff_max),
+        })
+    }
+
+    fn link_failed(&mut self, retry_after: Option<Duration>, error: String, out: &mut Vec<Outcome>) {
+        if self.up || self.probe_at.is_none() {
+            let delay = self.backoff.next_random(retry_after);
+            tracing::warn!(%error, retry_in = ?delay, "HTTP link down; batches stay queued on disk");
+            self.probe_at = Some(Instant::now() + delay);
+        }
+        self.up = false;
+        out.push(Outcome::LinkDown { error, resend_in_flight: false });
+    }
+}
+
+impl Transport for HttpTransport {
+    type Event = HttpEvent;
+
+    fn ready(&self) -> bool {
+        self.up && self.busy < self.workers
+    }
+
+    fn send(&mut self, batch: &QueuedBatch) -> bool {
+        if self.jobs.send(Job::Post(batch.clone())).is_err() {
+            return false;
+        }
+        self.busy += 1;
+        true
+    }
+
+    fn handle(&mut self, event: HttpEvent, out: &mut Vec<Outcome>) {
+        match event {
+            HttpEvent::Answer { batch_id, answer } => {
+                self.busy = self.busy.saturating_sub(1);
+                match classify(&answer) {
+                    Class::Acked { duplicate } => {
+                        self.backoff.reset();
+                        out.push(Outcome::Acked { batch_id, duplicate });
+                    }
+                    Class::Final(reason) => out.push(Outcome::Rejected { batch_id, reason }),
+                    Class::Retry { retry_after, error } => {
+                        out.push(Outcome::Retry { batch_id });
+                        self.link_failed(retry_after, error, out);
+                    }
+                }
+            }
+            HttpEvent::Health { ok, detail } => {
+                self.probing = false;
+                if ok {
+                    tracing::info!("the cloud's /health answers; sending");
+                    self.up = true;
+                    self.probe_at = None;
+                    out.push(Outcome::LinkUp);
+                } else {
+                    let delay = self.backoff.next_random(None);
+                    self.probe_at = Some(Instant::now() + delay);
+                    tracing::warn!(error = %detail, retry_in = ?delay, "the cloud is not healthy yet");
+                    out.push(Outcome::LinkDown { error: detail, resend_in_flight: false });
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant) -> Option<Instant> {
+        if self.up || self.probing {
+            return None;
+        }
+        let at = self.probe_at?;
+        if now >= at && self.jobs.send(Job::Health).is_ok() {
+            self.probing = true;
+            return None;
+        }
+        Some(at)
+    }
+
+    fn ack_timeout(&self) -> Option<Duration> {
+        None // every request is answered or times out on its own
+    }
+
+    fn publish_status(&mut self, _status: &DeviceStatus) {}
+
+    fn close(&mut self, _status: &DeviceStatus) {
+        // Dropping the job sender ends the workers once their request in hand is answered.
+    }
+}
+
+fn url(settings: &HttpSettings, path: &str) -> String {
+    format!("{}{path}", settings.base_url.trim_end_matches('/'))
+}
+
+fn post(agent: &ureq::Agent, settings: &HttpSettings, batch: &QueuedBatch) -> Answer {
+    let mut request = agent
+        .post(url(settings, "/api/v1/detections/bulk"))
+        .header("Content-Type", "application/json")
+        .header("Idempotency-Key", batch.batch_id.to_string());
+    if let Some(key) = &settings.api_key {
+        request = request.header("X-API-Key", key);
+    }
+    match request.send(&batch.payload[..]) {
+        Ok(mut response) => {
+            let code = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let body = response.body_mut().with_config().limit(64 * 1024).read_to_string().unwrap_or_default();
+            Answer::Status { code, retry_after, body }
+        }
+        Err(e) => Answer::Network(e.to_string()),
+    }
+}
+
+fn health(agent: &ureq::Agent, settings: &HttpSettings) -> HttpEvent {
+    let target = url(settings, "/health");
+    match agent.get(&target).call() {
+        Ok(r) if r.status().as_u16() == 200 => HttpEvent::Health { ok: true, detail: String::new() },
+        Ok(r) => HttpEvent::Health { ok: false, detail: format!("GET {target} answered HTTP {}", r.status().as_u16()) },
+        Err(e) => HttpEvent::Health { ok: false, detail: format!("GET {target}: {e}") },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16, body: &str) -> Answer {
+        Answer::Status { code, retry_after: None, body: body.into() }
+    }
+
+    #[test]
+    fn answers_are_classified_as_spec_md_says() {
+        assert_eq!(classify(&status(201, r#"{"status":"stored"}"#)), Class::Acked { duplicate: false });
+        assert_eq!(classify(&status(200, r#"{"status":"duplicate"}"#)), Class::Acked { duplicate: true });
+        for code in [400, 413, 422] {
+            assert!(matches!(classify(&status(code, "bad")), Class::Final(r) if r.contains(&code.to_string())));
+        }
+        for code in [408, 429, 500, 502, 503, 504, 404, 301] {
+            assert!(matches!(classify(&status(code, "")), Class::Retry { .. }), "{code}");
+        }
+        assert!(matches!(classify(&Answer::Network("refused".into())), Class::Retry { .. }));
+    }
+
+    #[test]
+    fn a_wrong_api_key_keeps_the_batches_and_says_what_to_fix() {
+        for code in [401, 403] {
+            match classify(&status(code, "no")) {
+                Class::Retry { error, .. } => assert!(error.contains("BACKHAUL_API_KEY"), "{error}"),
+                other => panic!("{code}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn retry_after_is_passed_on() {
+        let a = Answer::Status { code: 429, retry_after: Some(Duration::from_secs(3)), body: String::new() };
+        assert!(matches!(classify(&a), Class::Retry { retry_after: Some(d), .. } if d == Duration::from_secs(3)));
+    }
+}

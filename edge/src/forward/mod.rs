@@ -1,0 +1,355 @@
+//! The forwarder: drains the durable queue to the cloud and deletes a batch only when it is
+//! acknowledged.
+//!
+//! # Shape
+//! One blocking thread runs [`Forwarder::run`]: it takes batches from the [`Queue`] (sled blocks,
+//! so never on an async runtime), paces them ([`pace`]), hands them to a [`Transport`] (MQTT in
+//! [`mqtt`], HTTP in [`http`]) and applies what comes back. Everything else talks to it over one
+//! channel of [`Event`]s: the source says a batch was enqueued, the transport's own threads report
+//! connections, acks and HTTP answers, `main` says stop. The thread never blocks on I/O: a
+//! transport's `send` only hands the batch over.
+//!
+//! # Rules
+//! - At most `max_inflight` batches are unanswered ([`window`]); a batch leaves the queue only on
+//!   a final answer: acked (the cloud's `stored`/`duplicate`, an HTTP 2xx, or with
+//!   `ack = "broker"` a PUBACK), or refused for good (a `rejected` ack, HTTP 400/413/422), which
+//!   moves it to the dead-letter tree.
+//! - Link down: everything in flight goes back to the queue and is sent again after the
+//!   reconnect (rumqttc does not resend when the broker lost the session, and a broker that lost
+//!   its queue must lose nothing). With MQTT, a batch without an answer after `ack_timeout` is sent
+//!   again. Duplicates are absorbed by the cloud (`batch_id` is the idempotency key).
+//! - An ack for a batch that went back to the queue still acks it (the queue knows every batch
+//!   handed out since it was opened).
+//! - Only the queue's durable batches are handed out, so nothing is sent that a crash could take
+//!   back.
+
+pub mod backoff;
+pub mod http;
+pub mod mqtt;
+pub mod pace;
+pub mod window;
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backhaul_shared::{BatchId, DeviceStatus};
+
+use crate::queue::{AckOutcome, Queue, QueueError, QueuedBatch};
+use crate::telemetry::Telemetry;
+use pace::{End, Pacer};
+use window::Window;
+
+/// What a transport reports about the batches it was given and its link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The link is up: sending may start (again).
+    LinkUp,
+    /// The link is down. With `resend_in_flight`, nothing will ever answer the batches in flight
+    /// (an MQTT connection is gone): they go back to the queue. HTTP answers every request, so it
+    /// says false.
+    LinkDown { error: String, resend_in_flight: bool },
+    /// Final success: delete from the queue. `duplicate`: the cloud had it already.
+    Acked { batch_id: BatchId, duplicate: bool },
+    /// The broker took it (PUBACK); with `ack = "cloud"` the cloud's answer is still awaited.
+    BrokerAccepted(BatchId),
+    /// Refused for good: dead-letter it.
+    Rejected { batch_id: BatchId, reason: String },
+    /// Not delivered this time (HTTP 408/429/5xx, a network error): back to the queue.
+    Retry { batch_id: BatchId },
+}
+
+/// A way to the cloud. Its methods never block: I/O happens on the transport's own threads or
+/// tasks, which report through [`Event::Link`] events that [`Transport::handle`] turns into
+/// [`Outcome`]s.
+pub trait Transport {
+    /// What the transport's threads report.
+    type Event: Send + 'static;
+    /// Whether it can take a batch now (connected, a worker free).
+    fn ready(&self) -> bool;
+    /// Hands a batch over; false if it could not take it (it goes back to the queue).
+    fn send(&mut self, batch: &QueuedBatch) -> bool;
+    /// Turns a report of the transport's threads into outcomes.
+    fn handle(&mut self, event: Self::Event, out: &mut Vec<Outcome>);
+    /// Runs the transport's timers (HTTP health probes); returns when it next wants a call.
+    fn tick(&mut self, now: Instant) -> Option<Instant>;
+    /// How long a sent batch may go unanswered before it is sent again (None: the transport
+    /// answers every send itself).
+    fn ack_timeout(&self) -> Option<Duration>;
+    /// Publishes the device's status, if the transport carries one (MQTT, retained).
+    fn publish_status(&mut self, status: &DeviceStatus);
+    /// Closing: publishes the last status and disconnects.
+    fn close(&mut self, status: &DeviceStatus);
+}
+
+/// What the forwarder's thread is told.
+#[derive(Debug)]
+pub enum Event<E> {
+    /// A batch was enqueued (there is something to send).
+    Enqueued,
+    /// A report of the transport's threads.
+    Link(E),
+    /// Stop: finish the batches in flight for a moment, write the acks, disconnect.
+    Shutdown,
+}
+
+/// The forwarder's settings.
+#[derive(Debug, Clone)]
+pub struct ForwarderConfig {
+    pub max_inflight: usize,
+    pub rate_per_sec: u32,
+    pub burst: u32,
+    /// How often the device status is published (MQTT).
+    pub status_every: Duration,
+    /// How long a stop waits for answers to the batches in flight.
+    pub stop_grace: Duration,
+}
+
+/// Drains the queue through a transport. See the module docs.
+#[derive(Debug)]
+pub struct Forwarder<T: Transport> {
+    queue: Queue,
+    transport: T,
+    events: Receiver<Event<T::Event>>,
+    window: Window,
+    pacer: Pacer,
+    telemetry: Arc<Telemetry>,
+    config: ForwarderConfig,
+    connected: bool,
+    /// The queue may hold a batch to send (cleared when it hands out none).
+    backlog: bool,
+    /// When the queue last failed, to pause before trying it again.
+    queue_failed_at: Option<Instant>,
+    next_status: Instant,
+}
+
+/// How long the forwarder waits before using the queue again after a storage error.
+const QUEUE_RETRY: Duration = Duration::from_secs(1);
+
+impl<T: Transport> Forwarder<T> {
+    pub fn new(
+        queue: Queue,
+        transport: T,
+        events: Receiver<Event<T::Event>>,
+        telemetry: Arc<Telemetry>,
+        config: ForwarderConfig,
+    ) -> Self {
+        Self {
+            queue,
+            window: Window::new(config.max_inflight),
+            pacer: Pacer::new(config.rate_per_sec, config.burst),
+            transport,
+            events,
+            telemetry,
+            connected: false,
+            backlog: true,
+            queue_failed_at: None,
+            next_status: Instant::now(),
+            config,
+        }
+    }
+
+    /// Runs until [`Event::Shutdown`] (or every sender is gone). Queue errors are logged and
+    /// retried: the link and the cloud must never stop because of a passing disk problem.
+    pub fn run(mut self) {
+        let mut outcomes = Vec::new();
+        let mut stop_at: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            self.telemetry.beat_forwarder();
+            let mut wake = now + Duration::from_secs(1); // heartbeat at least every second
+            if let Some(t) = self.transport.tick(now) {
+                wake = wake.min(t);
+            }
+            if self.connected {
+                self.resend_overdue(now);
+            }
+            if let Some(deadline) = self.transport.ack_timeout().and_then(|t| self.window.next_deadline(t)) {
+                wake = wake.min(deadline);
+            }
+            if stop_at.is_none() {
+                if let Some(wait) = self.fill(now) {
+                    wake = wake.min(now + wait);
+                }
+                if now >= self.next_status {
+                    if let Some(status) = self.device_status(true) {
+                        self.transport.publish_status(&status);
+                    }
+                    self.next_status = now + self.config.status_every;
+                }
+                wake = wake.min(self.next_status);
+            }
+            if let Some(stop) = stop_at {
+                if self.window.is_empty() || now >= stop {
+                    break;
+                }
+                wake = wake.min(stop);
+            }
+            let first = match self.events.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(e) => Some(e),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => Some(Event::Shutdown),
+            };
+            let mut next = first;
+            while let Some(event) = next {
+                match event {
+                    Event::Enqueued => self.backlog = true,
+                    Event::Link(e) => self.transport.handle(e, &mut outcomes),
+                    Event::Shutdown => {
+                        if stop_at.is_none() {
+                            tracing::info!(in_flight = self.window.len(), "forwarder stopping");
+                            stop_at = Some(Instant::now() + self.config.stop_grace);
+                        }
+                    }
+                }
+                next = self.events.try_recv().ok();
+            }
+            for outcome in outcomes.drain(..) {
+                self.apply(outcome);
+            }
+        }
+        // Acks to disk, so a restart does not send them again.
+        if let Err(e) = self.queue.flush() {
+            tracing::warn!(error = %e, "writing the last acks failed; those batches are sent again after the restart");
+        }
+        let status = self.device_status(false).unwrap_or_default();
+        self.transport.close(&status);
+        tracing::info!("forwarder stopped");
+    }
+
+    /// Hands batches to the transport while the link, the window and the pace allow. Returns how
+    /// long until the pace allows the next one, if that is what stopped it.
+    fn fill(&mut self, now: Instant) -> Option<Duration> {
+        if let Some(t) = self.queue_failed_at {
+            if now.duration_since(t) < QUEUE_RETRY {
+                return Some(QUEUE_RETRY - now.duration_since(t));
+            }
+            self.queue_failed_at = None;
+        }
+        while self.connected && self.backlog && self.window.has_room() && self.transport.ready() {
+            if let Err(wait) = self.pacer.take() {
+                return Some(wait);
+            }
+            let batch = match self.pacer.next_end() {
+                End::Oldest => self.queue.next_batch(),
+                End::Newest => self.queue.next_newest_batch(),
+            };
+            let batch = match batch {
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    self.backlog = false;
+                    break;
+                }
+                Err(e) => {
+                    self.queue_error("taking a batch to send", &e);
+                    return Some(QUEUE_RETRY);
+                }
+            };
+            if self.transport.send(&batch) {
+                self.telemetry.sent_batches.fetch_add(1, Ordering::Relaxed);
+                self.window.insert(batch, now);
+            } else {
+                self.queue.nack(batch.batch_id);
+                break;
+            }
+        }
+        None
+    }
+
+    fn resend_overdue(&mut self, now: Instant) {
+        let Some(timeout) = self.transport.ack_timeout() else { return };
+        for batch in self.window.take_overdue(now, timeout) {
+            tracing::info!(seq = batch.seq, batch_id = %batch.batch_id, ?timeout, "no ack in time; sending the batch again");
+            if self.transport.send(&batch) {
+                self.telemetry.sent_batches.fetch_add(1, Ordering::Relaxed);
+                self.telemetry.resent_batches.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn apply(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::LinkUp => {
+                self.connected = true;
+                self.backlog = true;
+                self.telemetry.connected.store(true, Ordering::Relaxed);
+                self.telemetry.link_ups.fetch_add(1, Ordering::Relaxed);
+                // Anything still in the window was sent on an earlier connection: send it again.
+                self.requeue_in_flight();
+                if let Some(status) = self.device_status(true) {
+                    self.transport.publish_status(&status);
+                }
+            }
+            Outcome::LinkDown { error, resend_in_flight } => {
+                if self.connected {
+                    tracing::warn!(%error, in_flight = self.window.len(), "link to the cloud down; batches stay queued");
+                }
+                self.connected = false;
+                self.telemetry.connected.store(false, Ordering::Relaxed);
+                self.telemetry.set_error(error);
+                if resend_in_flight {
+                    self.requeue_in_flight();
+                }
+            }
+            Outcome::Acked { batch_id, duplicate } => {
+                let entry = self.window.remove(&batch_id);
+                self.backlog = true;
+                match self.queue.ack(batch_id) {
+                    Ok(AckOutcome::Acked) => {
+                        self.telemetry.record_ack(entry.map(|e| e.batch.detections), duplicate);
+                    }
+                    Ok(AckOutcome::Unknown) => {
+                        tracing::debug!(%batch_id, "ack for a batch not in flight (already acked, or sent before a restart)");
+                    }
+                    Err(e) => self.queue_error("recording an ack (the batch will be sent again)", &e),
+                }
+            }
+            Outcome::BrokerAccepted(batch_id) => self.window.mark_broker_acked(&batch_id),
+            Outcome::Rejected { batch_id, reason } => {
+                self.window.remove(&batch_id);
+                self.backlog = true;
+                match self.queue.dead_letter(batch_id, &reason) {
+                    Ok(AckOutcome::Acked) => {
+                        self.telemetry.rejected_batches.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(AckOutcome::Unknown) => {}
+                    Err(e) => self.queue_error("dead-lettering a refused batch", &e),
+                }
+            }
+            Outcome::Retry { batch_id } => {
+                if self.window.remove(&batch_id).is_some() {
+                    self.queue.nack(batch_id);
+                }
+                self.backlog = true;
+            }
+        }
+    }
+
+    /// Everything in flight goes back to the queue, to be sent again (oldest first).
+    fn requeue_in_flight(&mut self) {
+        let n = self.window.clear();
+        let back = self.queue.nack_all();
+        if n > 0 || back > 0 {
+            tracing::info!(batches = back.max(n), "batches in flight go back to the queue and are sent again");
+        }
+        self.backlog = true;
+    }
+
+    fn queue_error(&mut self, doing: &str, e: &QueueError) {
+        tracing::error!(error = %e, "queue failed while {doing}; retrying in {QUEUE_RETRY:?}");
+        self.queue_failed_at = Some(Instant::now());
+    }
+
+    fn device_status(&self, online: bool) -> Option<DeviceStatus> {
+        let stats = self.queue.stats().ok()?;
+        Some(DeviceStatus {
+            online,
+            queue_depth: Some(stats.pending + stats.in_flight),
+            oldest_pending_age_s: stats.oldest_pending_age_s,
+            dropped_batches: Some(stats.dropped_batches),
+            dropped_detections: Some(stats.dropped_detections),
+            uptime_s: Some(self.telemetry.uptime_s()),
+        })
+    }
+}

@@ -1,0 +1,419 @@
+//! The MQTT transport (rumqttc): QoS 1 publishes on `{prefix}/{device_id}/batches`, end-to-end acks
+//! on `{prefix}/{device_id}/acks`, a retained status with a last will on `{prefix}/{device_id}/status`.
+//!
+//! - The link runs on its own thread, a current-thread tokio runtime polling the event loop
+//!   (awaiting a publish from the polling task deadlocks, rumqtt #1025). The forwarder's thread
+//!   publishes with the non-blocking `try_publish`.
+//! - Every connection gets a **new** client and event loop, and the link's own backoff (full
+//!   jitter) between attempts: rumqttc's built-in reconnect keeps requests across connections and
+//!   drops its pending publishes when the broker lost the session (PITFALLS), and its collision slot
+//!   can wedge reconnects (rumqtt #1014). A fresh client per connection means every `Outgoing`
+//!   event belongs to the connection it is tagged with, and the forwarder resends everything in
+//!   flight itself.
+//! - rumqttc has no per-publish ack token: publishes go into its request channel in the order the
+//!   forwarder makes them, and it reports `Outgoing::Publish(pkid)` in that same order, so a FIFO
+//!   of requested batch ids pairs each pkid with its batch ([`PacketIds`]); the PUBACK names the
+//!   pkid.
+//! - A persistent session (`clean_session = false`, client id `backhaul-edge-{device_id}`): acks
+//!   the cloud publishes while the device is away wait at the broker.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc::Sender;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use backhaul_shared::{AckMessage, AckStatus, BatchId, DeviceStatus, Topics};
+use rumqttc::{AsyncClient, Event as MqttPacketEvent, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::watch;
+
+use super::backoff::Backoff;
+use super::{Event, Outcome, Transport};
+use crate::queue::QueuedBatch;
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct MqttSettings {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub username: Option<String>,
+    /// Never logged.
+    pub password: Option<String>,
+    pub topics: Topics,
+    pub device_id: String,
+    /// Delete on PUBACK (`broker`) or on the cloud's ack (`cloud`).
+    pub ack_on_puback: bool,
+    pub ack_timeout: Duration,
+    pub backoff_max: Duration,
+    pub max_inflight: usize,
+    pub keep_alive: Duration,
+}
+
+/// What the link thread reports, tagged with the connection it happened on.
+#[derive(Debug)]
+pub enum MqttEvent {
+    Up {
+        conn: u64,
+        client: AsyncClient,
+    },
+    Down {
+        conn: u64,
+        error: String,
+    },
+    /// rumqttc wrote a PUBLISH with this packet id.
+    Sent {
+        conn: u64,
+        pkid: u16,
+    },
+    /// The broker's PUBACK.
+    PubAck {
+        conn: u64,
+        pkid: u16,
+    },
+    /// A message on the acks topic.
+    Acks {
+        payload: Vec<u8>,
+    },
+}
+
+/// Pairs rumqttc's packet ids with batch ids (see the module docs). Plain state.
+#[derive(Debug, Default)]
+pub struct PacketIds {
+    /// Publishes requested and not yet reported written, in request order (`None`: not a batch).
+    requested: VecDeque<Option<BatchId>>,
+    by_pkid: HashMap<u16, BatchId>,
+}
+
+impl PacketIds {
+    pub fn requested(&mut self, batch: Option<BatchId>) {
+        self.requested.push_back(batch);
+    }
+
+    pub fn sent(&mut self, pkid: u16) {
+        if let Some(Some(batch)) = self.requested.pop_front() {
+            self.by_pkid.insert(pkid, batch);
+        }
+    }
+
+    pub fn puback(&mut self, pkid: u16) -> Option<BatchId> {
+        self.by_pkid.remove(&pkid)
+    }
+}
+
+/// The MQTT transport: the forwarder's side of the link.
+#[derive(Debug)]
+pub struct MqttTransport {
+    settings: MqttSettings,
+    client: Option<AsyncClient>,
+    conn: u64,
+    ids: PacketIds,
+    stop: watch::Sender<bool>,
+    link: Option<JoinHandle<()>>,
+}
+
+impl MqttTransport {
+    /// Starts the link thread; it connects (and reconnects) until closed.
+    pub fn start(settings: MqttSettings, events: Sender<Event<MqttEvent>>) -> std::io::Result<Self> {
+        let (stop, stop_rx) = watch::channel(false);
+        let link_settings = settings.clone();
+        let link = std::thread::Builder::new().name("mqtt-link".into()).spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the MQTT link's runtime");
+                    return;
+                }
+            };
+            runtime.block_on(link(link_settings, events, stop_rx));
+        })?;
+        Ok(Self { settings, client: None, conn: 0, ids: PacketIds::default(), stop, link: Some(link) })
+    }
+
+    fn publish(&mut self, topic: String, payload: Vec<u8>, retain: bool, batch: Option<BatchId>) -> bool {
+        let Some(client) = &self.client else { return false };
+        match client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
+            Ok(()) => {
+                self.ids.requested(batch);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the MQTT request queue is full; trying again shortly");
+                false
+            }
+        }
+    }
+}
+
+impl Transport for MqttTransport {
+    type Event = MqttEvent;
+
+    fn ready(&self) -> bool {
+        self.client.is_some()
+    }
+
+    fn send(&mut self, batch: &QueuedBatch) -> bool {
+        let topic = self.settings.topics.batches(&self.settings.device_id);
+        self.publish(topic, batch.payload.clone(), false, Some(batch.batch_id))
+    }
+
+    fn handle(&mut self, event: MqttEvent, out: &mut Vec<Outcome>) {
+        match event {
+            MqttEvent::Up { conn, client } => {
+                self.conn = conn;
+                self.client = Some(client);
+                self.ids = PacketIds::default();
+                out.push(Outcome::LinkUp);
+            }
+            MqttEvent::Down { conn, error } => {
+                if conn == self.conn {
+                    self.client = None;
+                }
+                out.push(Outcome::LinkDown { error, resend_in_flight: true });
+            }
+            MqttEvent::Sent { conn, pkid } if conn == self.conn => self.ids.sent(pkid),
+            MqttEvent::PubAck { conn, pkid } if conn == self.conn => {
+                if let Some(batch_id) = self.ids.puback(pkid) {
+                    out.push(if self.settings.ack_on_puback {
+                        Outcome::Acked { batch_id, duplicate: false }
+                    } else {
+                        Outcome::BrokerAccepted(batch_id)
+                    });
+                }
+            }
+            MqttEvent::Sent { .. } | MqttEvent::PubAck { .. } => {} // an earlier connection's
+            MqttEvent::Acks { payload } => match serde_json::from_slice::<AckMessage>(&payload) {
+                Ok(message) => out.extend(message.acks.into_iter().map(|ack| match ack.status {
+                    AckStatus::Stored => Outcome::Acked { batch_id: ack.batch_id, duplicate: false },
+                    AckStatus::Duplicate => Outcome::Acked { batch_id: ack.batch_id, duplicate: true },
+                    AckStatus::Rejected => Outcome::Rejected {
+                        batch_id: ack.batch_id,
+                        reason: format!("rejected by the cloud: {}", ack.reason.unwrap_or_default()),
+                    },
+                })),
+                Err(e) => {
+                    tracing::warn!(error = %e, size = payload.len(), "ignoring a malformed message on the acks topic")
+                }
+            },
+        }
+    }
+
+    fn tick(&mut self, _now: Instant) -> Option<Instant> {
+        None
+    }
+
+    fn ack_timeout(&self) -> Option<Duration> {
+        Some(self.settings.ack_timeout)
+    }
+
+    fn publish_status(&mut self, status: &DeviceStatus) {
+        let topic = self.settings.topics.status(&self.settings.device_id);
+        let payload = serde_json::to_vec(status).expect("a status serializes");
+        self.publish(topic, payload, true, None);
+    }
+
+    fn close(&mut self, status: &DeviceStatus) {
+        // A clean stop does not fire the last will: say "offline" ourselves, then disconnect.
+        self.publish_status(status);
+        if let Some(client) = &self.client {
+            let _ = client.try_disconnect();
+        }
+        let _ = self.stop.send(true);
+        if let Some(link) = self.link.take() {
+            let _ = link.join();
+        }
+    }
+}
+
+/// Capacity of rumqttc's request channel per connection: the window, resends and status.
+fn request_capacity(max_inflight: usize) -> usize {
+    max_inflight * 2 + 16
+}
+
+fn options(s: &MqttSettings) -> MqttOptions {
+    let mut o = MqttOptions::new(s.client_id.clone(), s.host.clone(), s.port);
+    o.set_keep_alive(s.keep_alive)
+        .set_clean_session(false)
+        .set_max_packet_size(1 << 20, 16 << 20)
+        .set_inflight(u16::try_from(s.max_inflight + 8).unwrap_or(u16::MAX))
+        .set_last_will(LastWill::new(
+            s.topics.status(&s.device_id),
+            &br#"{"online":false}"#[..],
+            QoS::AtLeastOnce,
+            true,
+        ));
+    if let Some(user) = &s.username {
+        o.set_credentials(user.clone(), s.password.clone().unwrap_or_default());
+    }
+    o
+}
+
+/// The link thread's loop: one client and event loop per connection, backoff between attempts,
+/// until `stop`.
+async fn link(s: MqttSettings, events: Sender<Event<MqttEvent>>, mut stop: watch::Receiver<bool>) {
+    let report = |e: MqttEvent| events.send(Event::Link(e)).is_ok();
+    let mut backoff = Backoff::new(Duration::from_millis(200), s.backoff_max);
+    let acks_topic = s.topics.acks(&s.device_id);
+    let mut conn = 0u64;
+    loop {
+        conn += 1;
+        let (client, mut eventloop) = AsyncClient::new(options(&s), request_capacity(s.max_inflight));
+        let error = loop {
+            let polled = tokio::select! {
+                p = eventloop.poll() => p,
+                _ = stop.changed() => {
+                    // Let the offline status and the DISCONNECT the forwarder queued go out.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        while let Ok(e) = eventloop.poll().await {
+                            if matches!(e, MqttPacketEvent::Outgoing(Outgoing::Disconnect)) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                    return;
+                }
+            };
+            match polled {
+                Ok(MqttPacketEvent::Incoming(Packet::ConnAck(ack))) => {
+                    backoff.reset();
+                    tracing::info!(host = %s.host, port = s.port, session_present = ack.session_present, "connected to the MQTT broker");
+                    // Queued before any publish of this connection, so the broker has the
+                    // subscription before the cloud can answer.
+                    if let Err(e) = client.try_subscribe(acks_topic.clone(), QoS::AtLeastOnce) {
+                        break format!("subscribing to {acks_topic}: {e}");
+                    }
+                    if !report(MqttEvent::Up { conn, client: client.clone() }) {
+                        return;
+                    }
+                }
+                Ok(MqttPacketEvent::Outgoing(Outgoing::Publish(pkid))) => {
+                    if !report(MqttEvent::Sent { conn, pkid }) {
+                        return;
+                    }
+                }
+                Ok(MqttPacketEvent::Incoming(Packet::PubAck(ack))) => {
+                    if !report(MqttEvent::PubAck { conn, pkid: ack.pkid }) {
+                        return;
+                    }
+                }
+                Ok(MqttPacketEvent::Incoming(Packet::Publish(p))) if p.topic == acks_topic => {
+                    if !report(MqttEvent::Acks { payload: p.payload.to_vec() }) {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => break describe(&e, &s),
+            }
+        };
+        if !report(MqttEvent::Down { conn, error: error.clone() }) {
+            return;
+        }
+        let delay = backoff.next_random(None);
+        tracing::warn!(%error, retry_in = ?delay, failures = backoff.failures(), "MQTT link down; batches stay queued on disk");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// A connection error in words an operator can act on.
+fn describe(e: &rumqttc::ConnectionError, s: &MqttSettings) -> String {
+    match e {
+        rumqttc::ConnectionError::ConnectionRefused(code) => format!(
+            "the broker {}:{} refused the connection ({code:?}): check transport.mqtt.username and the password \
+             (BACKHAUL_MQTT_PASSWORD or transport.mqtt.password_file)",
+            s.host, s.port
+        ),
+        rumqttc::ConnectionError::Io(io) => format!("cannot reach the broker {}:{}: {io}", s.host, s.port),
+        other => format!("MQTT connection to {}:{}: {other}", s.host, s.port),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packet_ids_pair_in_request_order_and_skip_status_publishes() {
+        let mut ids = PacketIds::default();
+        let (a, b) = (BatchId::new(), BatchId::new());
+        ids.requested(Some(a));
+        ids.requested(None); // a status
+        ids.requested(Some(b));
+        ids.sent(1);
+        ids.sent(2);
+        ids.sent(3);
+        assert_eq!(ids.puback(3), Some(b));
+        assert_eq!(ids.puback(2), None, "the status is nobody's batch");
+        assert_eq!(ids.puback(1), Some(a));
+        assert_eq!(ids.puback(1), None, "answered once");
+        // pkids are reused after their PUBACK.
+        ids.requested(Some(b));
+        ids.sent(1);
+        assert_eq!(ids.puback(1), Some(b));
+    }
+
+    fn transport(ack_on_puback: bool) -> MqttTransport {
+        let (stop, _) = watch::channel(false);
+        MqttTransport {
+            settings: MqttSettings {
+                host: "127.0.0.1".into(),
+                port: 1,
+                client_id: "t".into(),
+                username: None,
+                password: None,
+                topics: Topics::default(),
+                device_id: "pi".into(),
+                ack_on_puback,
+                ack_timeout: Duration::from_secs(30),
+                backoff_max: Duration::from_secs(1),
+                max_inflight: 4,
+                keep_alive: Duration::from_secs(15),
+            },
+            client: None,
+            conn: 1,
+            ids: PacketIds::default(),
+            stop,
+            link: None,
+        }
+    }
+
+    #[test]
+    fn cloud_acks_become_outcomes_and_events_of_old_connections_are_ignored() {
+        let mut t = transport(false);
+        let (a, b, c) = (BatchId::new(), BatchId::new(), BatchId::new());
+        let payload = format!(
+            r#"{{"acks":[{{"batch_id":"{a}","status":"stored"}},{{"batch_id":"{b}","status":"duplicate"}},{{"batch_id":"{c}","status":"rejected","reason":"bad"}}]}}"#
+        );
+        let mut out = Vec::new();
+        t.handle(MqttEvent::Acks { payload: payload.into_bytes() }, &mut out);
+        assert_eq!(out[0], Outcome::Acked { batch_id: a, duplicate: false });
+        assert_eq!(out[1], Outcome::Acked { batch_id: b, duplicate: true });
+        assert!(matches!(&out[2], Outcome::Rejected { batch_id, reason } if *batch_id == c && reason.contains("bad")));
+        out.clear();
+        t.handle(MqttEvent::Acks { payload: b"not json".to_vec() }, &mut out);
+        assert!(out.is_empty(), "a malformed ack message is ignored");
+        t.ids.requested(Some(a));
+        t.handle(MqttEvent::Sent { conn: 0, pkid: 1 }, &mut out);
+        t.handle(MqttEvent::PubAck { conn: 0, pkid: 1 }, &mut out);
+        assert!(out.is_empty(), "events of an earlier connection mean nothing now");
+        t.handle(MqttEvent::Sent { conn: 1, pkid: 1 }, &mut out);
+        t.handle(MqttEvent::PubAck { conn: 1, pkid: 1 }, &mut out);
+        assert_eq!(out, vec![Outcome::BrokerAccepted(a)]);
+    }
+
+    #[test]
+    fn with_ack_broker_a_puback_is_final() {
+        let mut t = transport(true);
+        let a = BatchId::new();
+        let mut out = Vec::new();
+        t.ids.requested(Some(a));
+        t.handle(MqttEvent::Sent { conn: 1, pkid: 7 }, &mut out);
+        t.handle(MqttEvent::PubAck { conn: 1, pkid: 7 }, &mut out);
+        assert_eq!(out, vec![Outcome::Acked { batch_id: a, duplicate: false }]);
+        t.handle(MqttEvent::Down { conn: 1, error: "gone".into() }, &mut out);
+        assert_eq!(out[1], Outcome::LinkDown { error: "gone".into(), resend_in_flight: true });
+        assert!(!t.ready());
+    }
+}

@@ -1,0 +1,221 @@
+//! `backhaul-edge run`: the binary's wiring of the stages, and nothing else.
+//!
+//! Threads: the pipeline (source → batch → queue), the forwarder (queue → transport), the
+//! transport's own (MQTT link / HTTP workers), and this one, which serves the status endpoint on a
+//! small tokio runtime and waits for SIGTERM or Ctrl-C. A stop: the source stops and its batch in
+//! hand is enqueued, the forwarder waits briefly for answers to what is in flight, writes the
+//! acks, says "offline" and disconnects; the queue closes with the last handle.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use backhaul_edge::batch::Batcher;
+use backhaul_edge::config::{AckMode, EdgeConfig, Secrets, SourceKind, TransportMode};
+use backhaul_edge::forward::http::{HttpSettings, HttpTransport};
+use backhaul_edge::forward::mqtt::{MqttSettings, MqttTransport};
+use backhaul_edge::forward::{Event, Forwarder, ForwarderConfig, Transport};
+use backhaul_edge::pipeline::{self, DeviceInfo};
+use backhaul_edge::queue::Queue;
+use backhaul_edge::source::simulated::Simulated;
+use backhaul_edge::source::Source;
+use backhaul_edge::status::{self, StatusSource};
+use backhaul_edge::telemetry::Telemetry;
+use backhaul_shared::Topics;
+
+/// Runs the service until SIGTERM or Ctrl-C.
+pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
+    let queue = Queue::open(&config.data_dir, config.queue.queue_config())?;
+    let mode = match config.transport.mode {
+        TransportMode::Mqtt => "mqtt",
+        TransportMode::Http => "http",
+    };
+    let telemetry = Arc::new(Telemetry::new(&config.device_id, mode));
+    let mut source = make_source(&config, &queue)?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(&config.status_listen)).with_context(|| {
+        format!(
+            "listening on status_listen {}: is another backhaul-edge running? Pick another port with status_listen",
+            config.status_listen
+        )
+    })?;
+
+    let forwarder_config = ForwarderConfig {
+        max_inflight: config.transport.max_inflight as usize,
+        rate_per_sec: config.transport.rate_per_sec,
+        burst: config.transport.burst,
+        status_every: config.transport.mqtt.status_interval.0,
+        stop_grace: Duration::from_secs(3),
+    };
+    let (forwarder_handle, notify): (std::thread::JoinHandle<()>, Notify) = match config.transport.mode {
+        TransportMode::Mqtt => {
+            let (tx, rx) = mpsc::channel();
+            let transport = MqttTransport::start(mqtt_settings(&config, &secrets)?, tx.clone())?;
+            (spawn_forwarder(queue.clone(), transport, rx, telemetry.clone(), forwarder_config)?, notifier(tx))
+        }
+        TransportMode::Http => {
+            let (tx, rx) = mpsc::channel();
+            let transport = HttpTransport::start(http_settings(&config, &secrets), tx.clone())?;
+            (spawn_forwarder(queue.clone(), transport, rx, telemetry.clone(), forwarder_config)?, notifier(tx))
+        }
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let pipeline_handle = {
+        let (queue, telemetry, stop, notify) = (queue.clone(), telemetry.clone(), stop.clone(), notify.clone());
+        let device = DeviceInfo {
+            device_id: config.device_id.clone(),
+            name: config.name.clone(),
+            location: config.location.clone(),
+        };
+        let mut batcher = Batcher::new(config.batch.max_detections, config.batch.max_age_ms);
+        std::thread::Builder::new().name("pipeline".into()).spawn(move || {
+            let enqueued = || notify(false);
+            pipeline::run(source.as_mut(), &mut batcher, &queue, &device, &telemetry, &stop, &enqueued)
+        })?
+    };
+
+    tracing::info!(
+        device_id = %config.device_id,
+        mode,
+        status = %config.status_listen,
+        data_dir = %config.data_dir.display(),
+        "backhaul-edge running"
+    );
+    let status_source = StatusSource::new(queue.clone(), telemetry.clone());
+    let pipeline_result = runtime.block_on(async {
+        let sampler = {
+            let s = status_source.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    every.tick().await;
+                    s.sample();
+                }
+            })
+        };
+        let server = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, status::router(status_source)).await {
+                tracing::error!(error = %e, "the status endpoint failed");
+            }
+        });
+        // Until a stop is asked, or the pipeline ends on a storage failure (fatal).
+        let pipeline_failed = async {
+            while !pipeline_handle.is_finished() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        tokio::select! {
+            _ = shutdown_signal() => tracing::info!("stopping: enqueueing the batch in hand, finishing what is in flight"),
+            _ = pipeline_failed => {}
+        }
+        stop.store(true, Ordering::Relaxed);
+        sampler.abort();
+        server.abort();
+        let result = tokio::task::spawn_blocking(move || pipeline_handle.join()).await;
+        match result {
+            Ok(Ok(r)) => r.context("the queue failed to store a batch (the service exits so systemd restarts it on a reopened queue)"),
+            Ok(Err(_)) => Err(anyhow::anyhow!("the pipeline thread panicked")),
+            Err(e) => Err(anyhow::anyhow!("joining the pipeline: {e}")),
+        }
+    });
+    // Stop the forwarder after the pipeline, so the batch in hand is on disk first.
+    notify(true);
+    if forwarder_handle.join().is_err() {
+        tracing::error!("the forwarder thread panicked");
+    }
+    drop(queue);
+    pipeline_result?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Tells the forwarder a batch was enqueued (`false`) or to stop (`true`), whatever its transport.
+type Notify = Arc<dyn Fn(bool) + Send + Sync>;
+
+fn notifier<E: Send + 'static>(tx: mpsc::Sender<Event<E>>) -> Notify {
+    Arc::new(move |shutdown| {
+        let _ = tx.send(if shutdown { Event::Shutdown } else { Event::Enqueued });
+    })
+}
+
+fn spawn_forwarder<T: Transport + Send + 'static>(
+    queue: Queue,
+    transport: T,
+    rx: mpsc::Receiver<Event<T::Event>>,
+    telemetry: Arc<Telemetry>,
+    config: ForwarderConfig,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("forwarder".into())
+        .spawn(move || Forwarder::new(queue, transport, rx, telemetry, config).run())
+}
+
+fn make_source(config: &EdgeConfig, queue: &Queue) -> Result<Box<dyn Source>> {
+    let s = &config.source;
+    match s.kind {
+        SourceKind::Simulated => {
+            let position = queue.source_position()?;
+            let sim = Simulated::resume(s.seed, s.devices, s.count, position.as_deref())
+                .map_err(anyhow::Error::msg)
+                .context("the queue's stored source position does not fit the simulated source (was source.kind changed? move the data_dir aside to start over)")?;
+            if position.is_some() {
+                tracing::info!(next_index = sim.next_index(), "simulated source resumes after the last durable batch");
+            }
+            Ok(Box::new(sim.with_rate(s.rate)))
+        }
+        SourceKind::Ble | SourceKind::Replay => anyhow::bail!(
+            "source.kind = \"{}\" is not available in this build yet (issue #6): use source.kind = \"simulated\"",
+            if s.kind == SourceKind::Ble { "ble" } else { "replay" }
+        ),
+    }
+}
+
+fn mqtt_settings(config: &EdgeConfig, secrets: &Secrets) -> Result<MqttSettings> {
+    let m = &config.transport.mqtt;
+    let (host, port) = m.broker().map_err(anyhow::Error::msg).context("transport.mqtt.url")?;
+    Ok(MqttSettings {
+        host,
+        port,
+        client_id: m.client_id.clone().unwrap_or_else(|| format!("backhaul-edge-{}", config.device_id)),
+        username: m.username.clone(),
+        password: secrets.mqtt_password.as_ref().map(|s| s.expose().to_owned()),
+        topics: Topics::new(m.topic_prefix.clone()),
+        device_id: config.device_id.clone(),
+        ack_on_puback: m.ack == AckMode::Broker,
+        ack_timeout: config.transport.ack_timeout.0,
+        backoff_max: config.transport.backoff_max.0,
+        max_inflight: config.transport.max_inflight as usize,
+        keep_alive: m.keep_alive.0,
+    })
+}
+
+fn http_settings(config: &EdgeConfig, secrets: &Secrets) -> HttpSettings {
+    let h = &config.transport.http;
+    HttpSettings {
+        base_url: h.url.clone(),
+        api_key: secrets.api_key.as_ref().map(|s| s.expose().to_owned()),
+        workers: (h.workers as usize).min(config.transport.max_inflight as usize).max(1),
+        timeout: h.timeout.0,
+        backoff_max: config.transport.backoff_max.0,
+    }
+}
+
+/// SIGTERM (systemd stop) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! The loopback status endpoint (`status_listen`): `GET /status` as JSON (SPEC.md, "Edge command
+//! line") and `GET /metrics` in the Prometheus text format, from the queue's counters and the
+//! [`Telemetry`]. Unauthenticated, so the config only allows loopback addresses.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::{Deserialize, Serialize};
+
+use crate::queue::Queue;
+use crate::telemetry::Telemetry;
+
+/// `GET /status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    pub device_id: String,
+    pub uptime_s: u64,
+    pub queue: QueueStatus,
+    pub link: LinkStatus,
+    /// Since the queue was created (survives restarts).
+    pub produced: Produced,
+    /// Since this process started.
+    pub sent: Sent,
+    pub rates: Rates,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueueStatus {
+    /// Batches waiting (not in flight).
+    pub pending: u64,
+    pub in_flight: u64,
+    pub acked_retained: u64,
+    /// Batches dropped by the byte budget (`drop_oldest`), ever; and their detections.
+    pub dropped: u64,
+    pub dropped_detections: u64,
+    pub quarantined: u64,
+    /// Batches the cloud refused for good, kept for inspection.
+    pub dead_letters: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub oldest_pending_age_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LinkStatus {
+    pub mode: String,
+    pub connected: bool,
+    /// When the last batch was acknowledged (RFC 3339), since start.
+    pub last_ack: Option<String>,
+    pub last_ack_age_s: Option<u64>,
+    /// Times the link came up since start.
+    pub link_ups: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Produced {
+    pub batches: u64,
+    pub detections: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Sent {
+    pub batches: u64,
+    pub resent: u64,
+    pub acked_batches: u64,
+    pub acked_detections: u64,
+    pub acked_duplicates: u64,
+    pub rejected: u64,
+}
+
+/// Over the last few seconds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Rates {
+    pub source_detections_per_s: f64,
+    pub acked_batches_per_s: f64,
+    pub acked_detections_per_s: f64,
+}
+
+/// Samples of the running totals, for rates over a sliding window.
+#[derive(Debug, Default)]
+pub struct RateMeter {
+    samples: VecDeque<(Instant, [u64; 3])>,
+}
+
+/// The window rates are measured over.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+impl RateMeter {
+    /// Records the totals (source detections, acked batches, acked detections) at `now`.
+    pub fn sample(&mut self, now: Instant, totals: [u64; 3]) {
+        self.samples.push_back((now, totals));
+        while self.samples.len() > 2 && self.samples.front().is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    pub fn rates(&self) -> Rates {
+        let (Some((t0, a)), Some((t1, b))) = (self.samples.front(), self.samples.back()) else {
+            return Rates::default();
+        };
+        let dt = t1.duration_since(*t0).as_secs_f64();
+        if dt <= 0.0 {
+            return Rates::default();
+        }
+        let r = |i: usize| ((b[i].saturating_sub(a[i])) as f64 / dt * 10.0).round() / 10.0;
+        Rates { source_detections_per_s: r(0), acked_batches_per_s: r(1), acked_detections_per_s: r(2) }
+    }
+}
+
+/// What the endpoint reads.
+#[derive(Debug, Clone)]
+pub struct StatusSource {
+    pub queue: Queue,
+    pub telemetry: Arc<Telemetry>,
+    pub rates: Arc<Mutex<RateMeter>>,
+}
+
+impl StatusSource {
+    pub fn new(queue: Queue, telemetry: Arc<Telemetry>) -> Self {
+        Self { queue, telemetry, rates: Arc::new(Mutex::new(RateMeter::default())) }
+    }
+
+    fn totals(&self) -> [u64; 3] {
+        let t = &self.telemetry;
+        [
+            t.source_detections.load(Ordering::Relaxed),
+            t.acked_batches.load(Ordering::Relaxed),
+            t.acked_detections.load(Ordering::Relaxed),
+        ]
+    }
+
+    /// Samples the totals for the rates (call about once a second).
+    pub fn sample(&self) {
+        self.rates.lock().unwrap_or_else(|p| p.into_inner()).sample(Instant::now(), self.totals());
+    }
+
+    /// The report. Blocking: it reads the queue.
+    pub fn report(&self) -> Result<StatusReport, crate::queue::QueueError> {
+        let s = self.queue.stats()?;
+        let t = &self.telemetry;
+        let last_ack_ms = t.last_ack_ms.load(Ordering::Relaxed);
+        let now_ms = backhaul_shared::Timestamp::now().unix_millis().max(0) as u64;
+        let last_ack = (last_ack_ms > 0)
+            .then(|| backhaul_shared::Timestamp::from_unix_millis(last_ack_ms as i64))
+            .flatten()
+            .map(|ts| ts.to_string());
+        Ok(StatusReport {
+            device_id: t.device_id.clone(),
+            uptime_s: t.uptime_s(),
+            queue: QueueStatus {
+                pending: s.pending,
+                in_flight: s.in_flight,
+                acked_retained: s.acked_retained,
+                dropped: s.dropped_batches,
+                dropped_detections: s.dropped_detections,
+                quarantined: s.quarantined,
+                dead_letters: s.dead_letters,
+                bytes: s.bytes,
+                max_bytes: self.queue.config().max_bytes,
+                oldest_pending_age_s: s.oldest_pending_age_s,
+            },
+            link: LinkStatus {
+                mode: t.mode.to_owned(),
+                connected: t.connected.load(Ordering::Relaxed),
+                last_ack,
+                last_ack_age_s: (last_ack_ms > 0).then(|| now_ms.saturating_sub(last_ack_ms) / 1000),
+                link_ups: t.link_ups.load(Ordering::Relaxed),
+                last_error: t.last_error(),
+            },
+            produced: Produced { batches: s.produced_batches, detections: s.produced_detections },
+            sent: Sent {
+                batches: t.sent_batches.load(Ordering::Relaxed),
+                resent: t.resent_batches.load(Ordering::Relaxed),
+                acked_batches: t.acked_batches.load(Ordering::Relaxed),
+                acked_detections: t.acked_detections.load(Ordering::Relaxed),
+                acked_duplicates: t.acked_duplicates.load(Ordering::Relaxed),
+                rejected: t.rejected_batches.load(Ordering::Relaxed),
+            },
+            rates: self.rates.lock().unwrap_or_else(|p| p.into_inner()).rates(),
+        })
+    }
+}
+
+/// The Prometheus text format of a report.
+pub fn prometheus(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(out, "# HELP backhaul_edge_{name} {help}\n# TYPE backhaul_edge_{name} {kind}");
+        let _ = writeln!(out, "backhaul_edge_{name}{{device_id=\"{}\"}} {value}", r.device_id);
+    };
+    let q = &r.queue;
+    metric("queue_pending_batches", "gauge", "Batches waiting to be sent.", q.pending as f64);
+    metric("queue_in_flight_batches", "gauge", "Batches sent and not yet acknowledged.", q.in_flight as f64);
+    metric("queue_acked_retained_batches", "gauge", "Acknowledged batches kept for replay.", q.acked_retained as f64);
+    metric("queue_bytes", "gauge", "Bytes the queue's budget counts.", q.bytes as f64);
+    metric("queue_max_bytes", "gauge", "The queue's byte budget.", q.max_bytes as f64);
+    metric(
+        "queue_oldest_pending_age_seconds",
+        "gauge",
+        "Age of the oldest batch not yet acknowledged.",
+        q.oldest_pending_age_s.unwrap_or(0) as f64,
+    );
+    metric("queue_dropped_batches_total", "counter", "Batches dropped by the byte budget.", q.dropped as f64);
+    metric(
+        "queue_dropped_detections_total",
+        "counter",
+        "Detections dropped by the byte budget.",
+        q.dropped_detections as f64,
+    );
+    metric("queue_quarantined_total", "counter", "Records that failed their checksum.", q.quarantined as f64);
+    metric("queue_dead_letters", "gauge", "Batches the cloud refused for good, kept.", q.dead_letters as f64);
+    metric(
+        "produced_batches_total",
+        "counter",
+        "Batches enqueued since the queue was created.",
+        r.produced.batches as f64,
+    );
+    metric(
+        "produced_detections_total",
+        "counter",
+        "Detections enqueued since the queue was created.",
+        r.produced.detections as f64,
+    );
+    metric("link_connected", "gauge", "1 when the link to the cloud is up.", u8::from(r.link.connected) as f64);
+    metric("link_ups_total", "counter", "Times the link came up since start.", r.link.link_ups as f64);
+    metric("sent_batches_total", "counter", "Batch sends since start, resends included.", r.sent.batches as f64);
+    metric("resent_batches_total", "counter", "Resends after an ack timeout since start.", r.sent.resent as f64);
+    metric("acked_batches_total", "counter", "Batches acknowledged since start.", r.sent.acked_batches as f64);
+    metric("acked_detections_total", "counter", "Detections acknowledged since start.", r.sent.acked_detections as f64);
+    metric("rejected_batches_total", "counter", "Batches dead-lettered since start.", r.sent.rejected as f64);
+    metric("uptime_seconds", "gauge", "Seconds since the process started.", r.uptime_s as f64);
+    out
+}
+
+/// The router: `/status` and `/metrics`.
+pub fn router(source: StatusSource) -> Router {
+    Router::new().route("/status", get(status_json)).route("/metrics", get(metrics)).with_state(source)
+}
+
+async fn report(source: &StatusSource) -> Result<StatusReport, Response> {
+    let s = source.clone();
+    // The queue blocks (sled): off the runtime's workers.
+    match tokio::task::spawn_blocking(move || s.report()).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => {
+            Err((StatusCode::SERVICE_UNAVAILABLE, format!("the queue cannot be read: {e}\n")).into_response())
+        }
+        Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()),
+    }
+}
+
+async fn status_json(State(source): State<StatusSource>) -> Response {
+    match report(&source).await {
+        Ok(r) => axum::Json(r).into_response(),
+        Err(e) => e,
+    }
+}
+
+async fn metrics(State(source): State<StatusSource>) -> Response {
+    match report(&source).await {
+        Ok(r) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus(&r)).into_response(),
+        Err(e) => e,
+    }
+}
+
+/// A report for a person (`backhaul-edge status`).
+pub fn render(r: &StatusReport) -> String {
+    let q = &r.queue;
+    let age = |s: Option<u64>| {
+        s.map_or_else(|| "-".to_owned(), |s| humantime::format_duration(Duration::from_secs(s)).to_string())
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "device     {}   up {}", r.device_id, age(Some(r.uptime_s)));
+    let _ = writeln!(
+        out,
+        "link       {} {}   last ack {}{}",
+        r.link.mode,
+        if r.link.connected { "connected" } else { "DOWN" },
+        r.link.last_ack.as_deref().unwrap_or("never (since start)"),
+        r.link.last_ack_age_s.map(|s| format!(" ({} ago)", age(Some(s)))).unwrap_or_default()
+    );
+    if let (false, Some(e)) = (r.link.connected, &r.link.last_error) {
+        let _ = writeln!(out, "           last error: {e}");
+    }
+    let _ = writeln!(
+        out,
+        "queue      {} pending, {} in flight, oldest {}; {} of {} bytes",
+        q.pending,
+        q.in_flight,
+        age(q.oldest_pending_age_s),
+        q.bytes,
+        q.max_bytes
+    );
+    let _ = writeln!(
+        out,
+        "           {} acked kept for replay, {} dropped ({} detections), {} quarantined, {} dead letters",
+        q.acked_retained, q.dropped, q.dropped_detections, q.quarantined, q.dead_letters
+    );
+    let _ = writeln!(
+        out,
+        "produced   {} batches, {} detections (since the queue was created)",
+        r.produced.batches, r.produced.detections
+    );
+    let _ = writeln!(
+        out,
+        "since start {} sent ({} resent), {} acked ({} duplicates), {} refused",
+        r.sent.batches, r.sent.resent, r.sent.acked_batches, r.sent.acked_duplicates, r.sent.rejected
+    );
+    let _ = writeln!(
+        out,
+        "rates      {} detections/s in, {} batches/s ({} detections/s) acked",
+        r.rates.source_detections_per_s, r.rates.acked_batches_per_s, r.rates.acked_detections_per_s
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_measured_over_the_sliding_window() {
+        let mut m = RateMeter::default();
+        let t0 = Instant::now();
+        assert_eq!(m.rates(), Rates::default());
+        m.sample(t0, [0, 0, 0]);
+        m.sample(t0 + Duration::from_secs(2), [200, 10, 500]);
+        assert_eq!(
+            m.rates(),
+            Rates { source_detections_per_s: 100.0, acked_batches_per_s: 5.0, acked_detections_per_s: 250.0 }
+        );
+        // Old samples leave the window.
+        m.sample(t0 + Duration::from_secs(30), [200, 10, 500]);
+        m.sample(t0 + Duration::from_secs(31), [200, 10, 500]);
+        assert_eq!(m.rates().acked_batches_per_s, 0.0);
+    }
+}

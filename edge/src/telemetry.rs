@@ -1,0 +1,100 @@
+//! What the running service knows about itself, shared between its stages and the status endpoint:
+//! counters and flags in atomics (written by one stage each, read by anyone), so no stage ever
+//! waits on another to report.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime};
+
+/// Shared by the source, the forwarder, the link and the status endpoint.
+#[derive(Debug)]
+pub struct Telemetry {
+    pub device_id: String,
+    /// `mqtt` or `http`.
+    pub mode: &'static str,
+    pub started: Instant,
+    /// The link to the cloud is up (MQTT connected; HTTP `/health` answered since the last failure).
+    pub connected: AtomicBool,
+    /// Times the link came up.
+    pub link_ups: AtomicU64,
+    /// When the last batch was acknowledged, ms since the epoch (0: never since start).
+    pub last_ack_ms: AtomicU64,
+    /// Batches handed to the link, and those among them that were sends of a batch already sent.
+    pub sent_batches: AtomicU64,
+    pub resent_batches: AtomicU64,
+    /// Batches and detections acknowledged since start; duplicates among them (the cloud had it).
+    pub acked_batches: AtomicU64,
+    pub acked_detections: AtomicU64,
+    pub acked_duplicates: AtomicU64,
+    /// Batches the cloud refused for good since start (dead-lettered).
+    pub rejected_batches: AtomicU64,
+    /// Detections read from the source since start.
+    pub source_detections: AtomicU64,
+    /// The source has produced everything it will (a `count` reached, a replay's end).
+    pub source_done: AtomicBool,
+    /// Heartbeats: ms since `started` of each stage's last turn of its loop (for the watchdog).
+    pub source_beat_ms: AtomicU64,
+    pub forwarder_beat_ms: AtomicU64,
+    /// The last link error, for `/status`.
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl Telemetry {
+    pub fn new(device_id: &str, mode: &'static str) -> Self {
+        Self {
+            device_id: device_id.to_owned(),
+            mode,
+            started: Instant::now(),
+            connected: AtomicBool::new(false),
+            link_ups: AtomicU64::new(0),
+            last_ack_ms: AtomicU64::new(0),
+            sent_batches: AtomicU64::new(0),
+            resent_batches: AtomicU64::new(0),
+            acked_batches: AtomicU64::new(0),
+            acked_detections: AtomicU64::new(0),
+            acked_duplicates: AtomicU64::new(0),
+            rejected_batches: AtomicU64::new(0),
+            source_detections: AtomicU64::new(0),
+            source_done: AtomicBool::new(false),
+            source_beat_ms: AtomicU64::new(0),
+            forwarder_beat_ms: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub fn uptime_s(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    fn since_start_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn beat_source(&self) {
+        self.source_beat_ms.store(self.since_start_ms(), Ordering::Relaxed);
+    }
+
+    pub fn beat_forwarder(&self) {
+        self.forwarder_beat_ms.store(self.since_start_ms(), Ordering::Relaxed);
+    }
+
+    pub fn set_error(&self, error: impl Into<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.into());
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn record_ack(&self, detections: Option<u32>, duplicate: bool) {
+        self.acked_batches.fetch_add(1, Ordering::Relaxed);
+        if let Some(d) = detections {
+            self.acked_detections.fetch_add(u64::from(d), Ordering::Relaxed);
+        }
+        if duplicate {
+            self.acked_duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        self.last_ack_ms.store(now, Ordering::Relaxed);
+    }
+}
