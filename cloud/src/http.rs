@@ -24,6 +24,17 @@ pub struct App {
     pub keys: ApiKeys,
     /// Ingests in progress; when none is free the answer is 429 with Retry-After.
     pub permits: Semaphore,
+    /// Test-only fault injection (`BACKHAUL_FAILPOINT=bulk_500:N`): the next N bulk posts answer
+    /// 500 before doing anything, as a cloud with a passing fault would.
+    pub fail_next_bulk: std::sync::atomic::AtomicU64,
+}
+
+/// Reads `BACKHAUL_FAILPOINT=bulk_500:N` (see [`App::fail_next_bulk`]); 0 without it.
+pub fn failpoint_bulk_500() -> u64 {
+    std::env::var("BACKHAUL_FAILPOINT")
+        .ok()
+        .and_then(|v| v.strip_prefix("bulk_500:").and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
 }
 
 pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
@@ -103,6 +114,14 @@ async fn bulk(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> R
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
+    let failing = app.fail_next_bulk.fetch_update(
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+        |n| n.checked_sub(1),
+    );
+    if failing.is_ok() {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "FAILPOINT bulk_500", None).into_response();
+    }
     let Ok(_permit) = app.permits.try_acquire() else {
         return ApiError {
             retry_after: Some("1"),

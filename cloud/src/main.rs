@@ -60,7 +60,12 @@ fn serve(config_file: PathBuf) -> Result<()> {
             .await
             .with_context(|| format!("opening the database {} (key `database`)", redact(&config.database)))?;
         let ingest = Arc::new(Ingest::new(store, Limits { max_detections: config.max_detections }));
-        let app = Arc::new(App { ingest: ingest.clone(), keys, permits: Semaphore::new(config.max_concurrent_ingest) });
+        let app = Arc::new(App {
+            ingest: ingest.clone(),
+            keys,
+            permits: Semaphore::new(config.max_concurrent_ingest),
+            fail_next_bulk: backhaul_cloud::http::failpoint_bulk_500().into(),
+        });
         let listener = tokio::net::TcpListener::bind(config.listen_addr()?)
             .await
             .with_context(|| format!("listening on {} (key `listen`): is another service using it?", config.listen))?;

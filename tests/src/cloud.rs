@@ -79,6 +79,45 @@ impl Cloud {
     }
 }
 
+impl Cloud {
+    /// SIGKILL, then start again on the same database and port with `env` added (e.g. a
+    /// failpoint).
+    pub fn restart_with(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        self.process.kill9()?;
+        self.env.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        self.process = spawn(&self.config, &self.env)?;
+        Ok(())
+    }
+
+    /// The row of `GET /api/v1/devices` for `device_id` (Null if the cloud has none).
+    pub fn device(&self, device_id: &str) -> serde_json::Value {
+        let (_, body) = get_json(&http(), self, "/api/v1/devices");
+        body["devices"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["device_id"] == device_id).cloned())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Waits until the cloud holds `detections` detections of `device_id`; returns its row.
+    pub fn wait_detections(&self, device_id: &str, detections: u64, timeout: Duration) -> Result<serde_json::Value> {
+        let mut last = serde_json::Value::Null;
+        let r = crate::wait_for(&format!("{detections} detections of {device_id} in the cloud"), timeout, || {
+            let d = self.device(device_id);
+            let have = d["detections"].as_u64().unwrap_or(0);
+            last = d.clone();
+            if have > detections {
+                return Some(Err(anyhow::anyhow!("more detections stored than produced: {d}")));
+            }
+            (have == detections).then(|| Ok(d))
+        });
+        match r {
+            Ok(Ok(d)) => Ok(d),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(e.context(format!("last device row: {last}"))),
+        }
+    }
+}
+
 fn spawn(config: &Path, env: &[(String, String)]) -> Result<Process> {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut p = Process::spawn("backhaul-cloud", &["serve", "--config", config.to_str().context("utf-8 path")?], &env)?;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod cloud;
+pub mod edge;
 pub mod mqtt;
 
 /// Polls `check` until it returns `Some`, or fails after `timeout` naming `what` was awaited.

@@ -1,0 +1,176 @@
+//! A `backhaul-edge run` process for tests: a simulated source, its own data_dir and config in a
+//! temp dir, its status endpoint on a free loopback port; SIGKILL and restart on the same data_dir.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::{free_port, wait_for, Process};
+
+/// How a test edge is set up. `Default` is a fast simulated device over MQTT.
+#[derive(Debug, Clone)]
+pub struct EdgeOptions {
+    pub device_id: String,
+    /// `mqtt` or `http`.
+    pub mode: &'static str,
+    pub mqtt_url: String,
+    pub http_url: String,
+    /// Detections over the device's life (0 = forever), and per second.
+    pub count: u64,
+    pub rate: f64,
+    pub seed: u64,
+    pub max_detections: usize,
+    pub max_age_ms: u64,
+    pub rate_per_sec: u32,
+    pub burst: u32,
+    pub max_inflight: u32,
+    /// Extra `[queue]` lines.
+    pub queue: String,
+    /// Extra `[transport]` lines.
+    pub transport: String,
+    /// Extra `[transport.mqtt]` lines.
+    pub mqtt: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for EdgeOptions {
+    fn default() -> Self {
+        Self {
+            device_id: crate::cloud::DEVICE.into(),
+            mode: "mqtt",
+            mqtt_url: "mqtt://127.0.0.1:1".into(),
+            http_url: "http://127.0.0.1:1".into(),
+            count: 1000,
+            rate: 10_000.0,
+            seed: 1,
+            max_detections: 50,
+            max_age_ms: 200,
+            rate_per_sec: 10_000,
+            burst: 1000,
+            max_inflight: 32,
+            queue: String::new(),
+            transport: String::new(),
+            mqtt: String::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Edge {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    env: Vec<(String, String)>,
+    pub status_port: u16,
+    pub process: Process,
+}
+
+impl Edge {
+    pub fn start(o: EdgeOptions) -> Result<Self> {
+        Self::start_with(o, |_| Ok(()))
+    }
+
+    /// Like [`Edge::start`], calling `prepare` with the (empty) data_dir first, e.g. to fill its
+    /// queue.
+    pub fn start_with(o: EdgeOptions, prepare: impl FnOnce(&Path) -> Result<()>) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("backhaul-edge-").tempdir()?;
+        prepare(&dir.path().join("data"))?;
+        let status_port = free_port()?;
+        let config = format!(
+            "device_id = \"{device}\"\nname = \"Test Pi\"\nlocation = \"Lab\"\ndata_dir = \"{data}\"\n\
+             status_listen = \"127.0.0.1:{status_port}\"\n\n\
+             [source]\nkind = \"simulated\"\nrate = {rate:?}\ncount = {count}\ndevices = 20\nseed = {seed}\n\n\
+             [batch]\nmax_detections = {md}\nmax_age_ms = {ma}\n\n\
+             [queue]\n{queue}\n\n\
+             [transport]\nmode = \"{mode}\"\nrate_per_sec = {rps}\nburst = {burst}\nmax_inflight = {mi}\n\
+             ack_timeout = \"5s\"\nbackoff_max = \"500ms\"\n{transport}\n\n\
+             [transport.mqtt]\nurl = \"{mqtt}\"\nkeep_alive = \"5s\"\nstatus_interval = \"2s\"\n{mqtt_extra}\n\n\
+             [transport.http]\nurl = \"{http}\"\ntimeout = \"10s\"\n",
+            device = o.device_id,
+            data = dir.path().join("data").display(),
+            rate = o.rate,
+            count = o.count,
+            seed = o.seed,
+            md = o.max_detections,
+            ma = o.max_age_ms,
+            queue = o.queue,
+            mode = o.mode,
+            rps = o.rate_per_sec,
+            burst = o.burst,
+            mi = o.max_inflight,
+            transport = o.transport,
+            mqtt = o.mqtt_url,
+            mqtt_extra = o.mqtt,
+            http = o.http_url,
+        );
+        let config_path = dir.path().join("edge.toml");
+        std::fs::write(&config_path, config)?;
+        let key = if o.device_id == crate::cloud::DEVICE { crate::cloud::DEVICE_KEY } else { crate::cloud::FLEET_KEY };
+        let env: Vec<(String, String)> =
+            [("BACKHAUL_LOG".to_owned(), "info".to_owned()), ("BACKHAUL_API_KEY".to_owned(), key.to_owned())]
+                .into_iter()
+                .chain(o.env)
+                .collect();
+        let process = spawn(&config_path, &env, status_port)?;
+        Ok(Self { dir, config: config_path, env, status_port, process })
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// `GET /status` as JSON.
+    pub fn status(&self) -> Result<Value> {
+        status(self.status_port)
+    }
+
+    /// Polls `/status` until `pred` holds; returns that status.
+    pub fn wait_status(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+        let mut last = Value::Null;
+        let r = wait_for(what, timeout, || match self.status() {
+            Ok(s) if pred(&s) => Some(s),
+            Ok(s) => {
+                last = s;
+                None
+            }
+            Err(_) => None,
+        });
+        r.with_context(|| format!("last status: {last}"))
+    }
+
+    /// SIGKILL, then start again on the same data_dir and config.
+    pub fn kill9_and_restart(&mut self) -> Result<()> {
+        self.process.kill9()?;
+        self.process = spawn(&self.config, &self.env, self.status_port)?;
+        Ok(())
+    }
+}
+
+/// `GET http://127.0.0.1:{port}/status`.
+pub fn status(port: u16) -> Result<Value> {
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(5))).build().into();
+    let body = agent.get(format!("http://127.0.0.1:{port}/status")).call()?.body_mut().read_to_string()?;
+    Ok(serde_json::from_str(&body)?)
+}
+
+fn spawn(config: &Path, env: &[(String, String)], status_port: u16) -> Result<Process> {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut p = Process::spawn("backhaul-edge", &["run", "--config", config.to_str().context("utf-8 path")?], &env)?;
+    let up = wait_for("the edge's status endpoint", Duration::from_secs(30), || status(status_port).ok());
+    if up.is_err() {
+        let out = p.output().join("\n");
+        anyhow::bail!("backhaul-edge did not come up; its output:\n{out}");
+    }
+    Ok(p)
+}
+
+/// A number at `pointer` in a JSON value (0 if absent).
+pub fn num(v: &Value, pointer: &str) -> u64 {
+    v.pointer(pointer).and_then(Value::as_u64).unwrap_or(0)
+}
