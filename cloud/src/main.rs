@@ -1,5 +1,7 @@
 //! The `backhaul-cloud` command line (SPEC.md, "Cloud command line and configuration"). Glue only.
 
+mod demo;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -28,7 +30,23 @@ enum Command {
         config: PathBuf,
     },
     /// A newcomer's first command: the cloud, a private Mosquitto and a few simulated Pis.
-    Demo,
+    Demo {
+        /// How long the Pis produce.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// How many simulated Pis.
+        #[arg(long, default_value_t = 3)]
+        devices: usize,
+        /// Detections per second per Pi.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        /// Use HTTP even if Mosquitto is installed.
+        #[arg(long)]
+        http: bool,
+        /// Do not kill a Pi and the broker mid-run.
+        #[arg(long)]
+        no_chaos: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -36,9 +54,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => serve(config),
-        Command::Demo => {
-            eprintln!("backhaul-cloud demo: not implemented yet (tracked in issue #5)");
-            return ExitCode::from(2);
+        Command::Demo { seconds, devices, rate, http, no_chaos } => {
+            return match demo::run(demo::DemoOptions { seconds, devices: devices.max(1), rate, http, no_chaos }) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("backhaul-cloud demo: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
         }
     };
     match result {
