@@ -3,8 +3,9 @@
 //! - Subscribes with QoS 1 through `$share/{group}/{prefix}/+/batches` and to `{prefix}/+/status`,
 //!   on a persistent session (`clean_session = false`, a fixed client id per replica), with manual
 //!   acks: the broker keeps redelivering a message until we PUBACK it.
-//! - One worker handles messages in arrival order: it commits a batch, then PUBACKs it (MQTT 3.1.1
-//!   wants PUBACKs in arrival order), then publishes the end-to-end ack on `{prefix}/{device}/acks`.
+//! - Up to `IN_HAND` messages are handled at once (so their batches share the store's group
+//!   commit); each is committed and its end-to-end ack published on `{prefix}/{device}/acks`, and
+//!   PUBACKs go out strictly in arrival order (MQTT 3.1.1), each only once its message is done.
 //!   A crash between commit and PUBACK means a redelivery, which is then a duplicate.
 //! - A malformed message is recorded in the dead-letter table and PUBACKed, so the broker stops
 //!   redelivering it; a batch whose topic names another device than its payload is rejected.
@@ -16,6 +17,7 @@
 //!   may be blocked handing a message to the busy worker, and a worker waiting on that same loop
 //!   to publish would never be freed. Its request queue is deep enough that PUBACKs never wait.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +27,7 @@ use backhaul_shared::wire::TopicKind;
 use backhaul_shared::{Ack, AckMessage, AckStatus, DeviceStatus, Topics};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeFilter};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 use crate::config::{parse_mqtt_url, MqttConfig};
 use crate::ingest::{Accepted, Ingest};
@@ -32,6 +35,9 @@ use crate::ingest::{Accepted, Ingest};
 /// Largest MQTT message read; bigger ones end the connection in rumqttc, so keep it generous and
 /// let validation reject what is too large.
 const MAX_INCOMING: usize = 16 << 20;
+
+/// Messages handled at once (their batches share a group commit).
+const IN_HAND: usize = 32;
 
 /// Test-only fault injection: `BACKHAUL_FAILPOINT=before_puback` parks the worker after a commit,
 /// before its PUBACK, so a test can SIGKILL the process exactly there.
@@ -69,26 +75,52 @@ pub async fn run(
     let (acks, ack_eventloop) = AsyncClient::new(ack_options, 1024);
     let ack_poller = tokio::spawn(poll_acks(ack_eventloop));
 
+    // Up to IN_HAND messages are handled at once, so their new batches share the store's group
+    // commit; PUBACKs still go out strictly in arrival order, each after its own message is done.
+    let mut in_hand: VecDeque<(u64, Publish, JoinHandle<()>)> = VecDeque::new();
+    let mut stopping = false;
     loop {
-        let (received_on, publish) = tokio::select! {
-            p = rx.recv() => match p { Some(p) => p, None => break },
-            _ = shutdown.changed() => break,
-        };
-        handle(&ingest, &acks, &topics, &publish).await;
-        if failpoint_before_puback() {
-            eprintln!("FAILPOINT before_puback: committed, parked before PUBACK");
-            loop {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
+        let next = tokio::select! {
+            // The oldest message in hand is done: PUBACK it.
+            r = async { (&mut in_hand.front_mut().expect("not empty").2).await }, if !in_hand.is_empty() => {
+                let (received_on, publish, _) = in_hand.pop_front().expect("not empty");
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "handling a message failed; not acked, the broker redelivers it");
+                    continue;
+                }
+                if failpoint_before_puback() {
+                    eprintln!("FAILPOINT before_puback: committed, parked before PUBACK");
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                }
+                // A message from an earlier connection: its packet id means nothing now (after a
+                // session loss the ids start again, and the PUBACK could acknowledge a new,
+                // uncommitted message). It is stored; the broker redelivers it if it kept the
+                // session, as a duplicate.
+                if received_on == connection.load(Ordering::SeqCst) {
+                    if let Err(e) = client.ack(&publish).await {
+                        tracing::warn!(error = %e, "queueing a PUBACK failed; the broker will redeliver (a duplicate)");
+                    }
+                }
+                continue;
             }
+            p = rx.recv(), if !stopping && in_hand.len() < IN_HAND => p,
+            _ = shutdown.changed(), if !stopping => {
+                stopping = true;
+                continue;
+            }
+        };
+        match next {
+            Some((received_on, publish)) => {
+                let (ingest, acks, topics, p) = (ingest.clone(), acks.clone(), topics.clone(), publish.clone());
+                let task = tokio::spawn(async move { handle(&ingest, &acks, &topics, &p).await });
+                in_hand.push_back((received_on, publish, task));
+            }
+            None => stopping = true,
         }
-        // A message from an earlier connection: its packet id means nothing now (after a session
-        // loss the ids start again, and the PUBACK could acknowledge a new, uncommitted message).
-        // It is stored; the broker redelivers it if it kept the session, as a duplicate.
-        if received_on != connection.load(Ordering::SeqCst) {
-            continue;
-        }
-        if let Err(e) = client.ack(&publish).await {
-            tracing::warn!(error = %e, "queueing a PUBACK failed; the broker will redeliver (a duplicate)");
+        if stopping && in_hand.is_empty() {
+            break;
         }
     }
     let _ = client.disconnect().await;

@@ -308,6 +308,17 @@ impl Process {
         }
     }
 
+    /// Waits for a line matching `pred` among everything printed so far or later (unlike
+    /// [`Process::wait_for_line`], lines already passed over count: stdout and stderr interleave
+    /// in no fixed order).
+    pub fn wait_for_any_line(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
+        self.output();
+        if let Some(line) = self.seen.iter().find(|l| pred(l)) {
+            return Ok(line.clone());
+        }
+        self.wait_for_line(timeout, pred)
+    }
+
     /// Waits for the process to exit; returns its exit code (None if killed by a signal).
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
         let child = self.child.as_mut().context("process already reaped")?;

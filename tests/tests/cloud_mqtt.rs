@@ -13,7 +13,7 @@ const T: Duration = Duration::from_secs(30);
 
 fn mqtt_cloud(broker: &Mosquitto, env: Vec<(String, String)>) -> Cloud {
     let mut cloud = Cloud::start(CloudOptions { mqtt_url: Some(broker.url()), env, ..Default::default() }).unwrap();
-    cloud.process.wait_for_line(T, |l| l.contains("subscribed to batches and status")).unwrap();
+    cloud.process.wait_for_any_line(T, |l| l.contains("subscribed to batches and status")).unwrap();
     cloud
 }
 

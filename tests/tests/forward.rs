@@ -16,7 +16,7 @@ const T: Duration = Duration::from_secs(90);
 
 fn mqtt_cloud(broker: &Mosquitto) -> Cloud {
     let mut cloud = Cloud::start(CloudOptions { mqtt_url: Some(broker.url()), ..Default::default() }).unwrap();
-    cloud.process.wait_for_line(T, |l| l.contains("subscribed to batches and status")).unwrap();
+    cloud.process.wait_for_any_line(T, |l| l.contains("subscribed to batches and status")).unwrap();
     cloud
 }
 
@@ -170,9 +170,11 @@ fn over_http_a_500_is_retried_and_a_422_is_dead_lettered_while_the_rest_flows() 
     assert_eq!(num(&device, "/batches"), 13, "{device}");
     let (_, stats) = get_json(&agent, &cloud, "/api/v1/stats");
     assert!(num(&stats, "/rejected") >= 1, "{stats}");
-    // The refused batch is kept on the Pi for inspection, with the cloud's reason.
+    // The refused batch is kept on the Pi for inspection, with the cloud's reason. (A graceful
+    // stop writes the acks and moves still in memory.)
     let mut edge = edge;
-    edge.process.kill9().unwrap();
+    backhaul_tests::sigterm(edge.process.child().unwrap()).unwrap();
+    assert_eq!(edge.process.wait_exit(T).unwrap(), Some(0), "a graceful stop exits 0");
     let data_dir = edge.data_dir();
     let (code, out, err) =
         backhaul_tests::run("backhaul-edge", &["queue", "export", "--data-dir", data_dir.to_str().unwrap()], &[])

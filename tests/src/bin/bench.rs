@@ -690,13 +690,16 @@ fn forward_benchmarks(dir: &Path, runs: usize, quick: bool) -> Result<()> {
             println!("| baseline: paho-mqtt not installed (`pip install paho-mqtt`), {per} det/batch | | | | | |");
             None
         };
-        for mode in ["mqtt", "http"] {
+        for mode in ["broker", "mqtt", "http"] {
             let r = child(&[s("drain"), s(&d), s(mode), s(total), s(per)], runs)?;
             let rate = median(&r, "detections_per_s");
+            let path = match mode {
+                "broker" => "MQTT, `ack = \"broker\"`: edge queue → Mosquitto → PUBACK (no cloud, like the baseline)",
+                "mqtt" => "MQTT: edge queue → Mosquitto → cloud (SQLite) → end-to-end ack",
+                _ => "HTTP: edge queue → cloud (SQLite) → 201",
+            };
             println!(
-                "| backhaul {}: edge queue → {}cloud (SQLite) → ack, {per} det/batch | {rate:.0} | {:.0} | {} | {:.1} | {:.2} |",
-                mode.to_uppercase(),
-                if mode == "mqtt" { "Mosquitto → " } else { "" },
+                "| backhaul {path}, {per} det/batch | {rate:.0} | {:.0} | {} | {:.1} | {:.2} |",
                 median(&r, "batches_per_s"),
                 baseline.map_or_else(String::new, |b| format!("{:.2}x", rate / b)),
                 median(&r, "edge_peak_rss_mib"),
@@ -757,7 +760,13 @@ fn drain(dir: &Path, mode: &str, total: u64, per: usize) -> Result<Value> {
     let data = work.path().join("edge");
     fill_edge_queue(&data, total, per)?;
     let broker = backhaul_tests::Mosquitto::start()?;
-    let cloud = CloudProcess::start(dir, (mode == "mqtt").then(|| broker.url()).as_deref())?;
+    // `broker`: no cloud at all; the edge deletes on PUBACK.
+    let cloud = match mode {
+        "broker" => None,
+        _ => Some(CloudProcess::start(dir, (mode == "mqtt").then(|| broker.url()).as_deref())?),
+    };
+    let (transport_mode, ack) =
+        if mode == "http" { ("http", "cloud") } else { ("mqtt", if mode == "broker" { "broker" } else { "cloud" }) };
     let status_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let config = work.path().join("edge.toml");
     std::fs::write(
@@ -767,11 +776,11 @@ fn drain(dir: &Path, mode: &str, total: u64, per: usize) -> Result<Value> {
              [source]\nkind = \"simulated\"\ncount = {total}\nrate = 1.0\n\
              [batch]\nmax_detections = {per}\n\
              [queue]\nmax_bytes = \"100GiB\"\n\
-             [transport]\nmode = \"{mode}\"\nrate_per_sec = 1000000\nburst = 100000\n\
-             [transport.mqtt]\nurl = \"{}\"\n[transport.http]\nurl = \"http://127.0.0.1:{}\"\n",
+             [transport]\nmode = \"{transport_mode}\"\nrate_per_sec = 1000000\nburst = 100000\n\
+             [transport.mqtt]\nurl = \"{}\"\nack = \"{ack}\"\n[transport.http]\nurl = \"http://127.0.0.1:{}\"\n",
             data.display(),
             broker.url(),
-            cloud.port
+            cloud.as_ref().map_or(1, |c| c.port)
         ),
     )?;
     let exe = std::env::current_exe()?.with_file_name("backhaul-edge");
