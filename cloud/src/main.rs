@@ -101,6 +101,8 @@ fn serve(config_file: PathBuf) -> Result<()> {
         });
         tracing::info!(%addr, mqtt = config.mqtt.is_some(), "backhaul-cloud serving");
         println!("listening on {addr}");
+        notify(&[sd_notify::NotifyState::Ready]);
+        let pinger = tokio::spawn(watchdog_loop(ingest.clone()));
         let mut http_stop = stop_rx.clone();
         let server =
             axum::serve(listener, router(app, config.max_body_bytes.0 as usize)).with_graceful_shutdown(async move {
@@ -108,6 +110,8 @@ fn serve(config_file: PathBuf) -> Result<()> {
             });
         let server = tokio::spawn(async move { server.await });
         shutdown_signal().await;
+        notify(&[sd_notify::NotifyState::Stopping]);
+        pinger.abort();
         tracing::info!("shutting down: finishing the requests and messages in hand");
         let _ = stop_tx.send(true);
         server.await??;
@@ -118,6 +122,28 @@ fn serve(config_file: PathBuf) -> Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Sends to systemd's notify socket if there is one (a no-op otherwise).
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "sending a notification to systemd failed");
+    }
+}
+
+/// `WATCHDOG=1` at half the watchdog interval while the database answers; a wedged database or
+/// runtime stops the pings and systemd restarts the service.
+async fn watchdog_loop(ingest: Arc<Ingest>) {
+    let Some(interval) = sd_notify::watchdog_enabled() else { return };
+    let mut every = tokio::time::interval((interval / 2).max(std::time::Duration::from_millis(100)));
+    loop {
+        every.tick().await;
+        if ingest.store.ping().await {
+            notify(&[sd_notify::NotifyState::Watchdog]);
+        } else {
+            tracing::error!("the database does not answer: no watchdog ping");
+        }
+    }
 }
 
 /// SIGTERM (systemd stop) or Ctrl-C.

@@ -12,3 +12,4 @@ pub mod queue;
 pub mod source;
 pub mod status;
 pub mod telemetry;
+pub mod watchdog;

@@ -51,7 +51,7 @@ pub fn run(
         telemetry.beat_source();
         if stop.load(Ordering::Relaxed) {
             if let Some(cut) = batcher.flush() {
-                store(queue, device, cut, stop, true, enqueued)?;
+                store(queue, device, cut, telemetry, stop, true, enqueued)?;
             }
             return Ok(());
         }
@@ -63,7 +63,7 @@ pub fn run(
                     Next::Detection(d, position) => {
                         telemetry.source_detections.fetch_add(1, Ordering::Relaxed);
                         if let Some(cut) = batcher.push(d, position, ms(now)) {
-                            store(queue, device, cut, stop, false, enqueued)?;
+                            store(queue, device, cut, telemetry, stop, false, enqueued)?;
                         }
                     }
                     Next::Wait(w) => {
@@ -74,7 +74,7 @@ pub fn run(
                         done = true;
                         // Nothing more will come: no reason to wait for the batch's age.
                         if let Some(cut) = batcher.flush() {
-                            store(queue, device, cut, stop, false, enqueued)?;
+                            store(queue, device, cut, telemetry, stop, false, enqueued)?;
                         }
                         telemetry.source_done.store(true, Ordering::Relaxed);
                         tracing::info!("the source has produced everything it will");
@@ -85,7 +85,7 @@ pub fn run(
         }
         let now_ms = ms(Instant::now());
         if let Some(cut) = batcher.tick(now_ms) {
-            store(queue, device, cut, stop, false, enqueued)?;
+            store(queue, device, cut, telemetry, stop, false, enqueued)?;
         }
         if let Some(due) = batcher.due_at_ms() {
             nap = nap.min(Duration::from_millis(due.saturating_sub(now_ms)));
@@ -102,6 +102,7 @@ fn store(
     queue: &Queue,
     device: &DeviceInfo,
     cut: Cut,
+    telemetry: &Telemetry,
     stop: &AtomicBool,
     stopping: bool,
     enqueued: &dyn Fn(),
@@ -125,6 +126,8 @@ fn store(
                 if stopping || stop.load(Ordering::Relaxed) {
                     return Ok(());
                 }
+                // Waiting for room is legitimate: keep the watchdog's heartbeat going.
+                telemetry.beat_source();
                 std::thread::sleep(Duration::from_secs(1));
             }
             Err(e @ EnqueueError::TooLarge { .. }) => {

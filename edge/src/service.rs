@@ -5,6 +5,11 @@
 //! small tokio runtime and waits for SIGTERM or Ctrl-C. A stop: the source stops and its batch in
 //! hand is enqueued, the forwarder waits briefly for answers to what is in flight, writes the
 //! acks, says "offline" and disconnects; the queue closes with the last handle.
+//!
+//! systemd (`Type=notify`): `READY=1` once the queue is open, the status endpoint bound and the
+//! stages started; `WATCHDOG=1` at half the watchdog interval, only while [`watchdog::check`] finds
+//! every stage beating; `STATUS=` with the queue depth and the link; `STOPPING=1` on SIGTERM.
+//! Without `NOTIFY_SOCKET` all of it is a no-op.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -23,6 +28,8 @@ use backhaul_edge::source::simulated::Simulated;
 use backhaul_edge::source::Source;
 use backhaul_edge::status::{self, StatusSource};
 use backhaul_edge::telemetry::Telemetry;
+use backhaul_edge::watchdog;
+use sd_notify::NotifyState;
 use backhaul_shared::Topics;
 
 /// Runs the service until SIGTERM or Ctrl-C.
@@ -86,7 +93,10 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
         "backhaul-edge running"
     );
     let status_source = StatusSource::new(queue.clone(), telemetry.clone());
+    let limits = watchdog::Limits::new(config.queue.block_timeout.0, sd_notify::watchdog_enabled());
+    tell_systemd(&[NotifyState::Ready]);
     let pipeline_result = runtime.block_on(async {
+        let pinger = tokio::spawn(watchdog_loop(status_source.clone(), limits));
         let sampler = {
             let s = status_source.clone();
             tokio::spawn(async move {
@@ -112,7 +122,9 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
             _ = shutdown_signal() => tracing::info!("stopping: enqueueing the batch in hand, finishing what is in flight"),
             _ = pipeline_failed => {}
         }
+        tell_systemd(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
         stop.store(true, Ordering::Relaxed);
+        pinger.abort();
         sampler.abort();
         server.abort();
         let result = tokio::task::spawn_blocking(move || pipeline_handle.join()).await;
@@ -201,6 +213,58 @@ fn http_settings(config: &EdgeConfig, secrets: &Secrets) -> HttpSettings {
         workers: (h.workers as usize).min(config.transport.max_inflight as usize).max(1),
         timeout: h.timeout.0,
         backoff_max: config.transport.backoff_max.0,
+    }
+}
+
+/// Sends to systemd's notify socket, if there is one. A failure is logged, not fatal: the watchdog
+/// (if any) then restarts the service, which is the right outcome for a broken notify socket.
+fn tell_systemd(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "sending a notification to systemd failed");
+    }
+}
+
+/// Pings the systemd watchdog at half its interval while every stage beats, and keeps `STATUS=`
+/// current. The judgement is [`watchdog::check`]; a stalled stage is logged once per stall.
+async fn watchdog_loop(source: StatusSource, limits: watchdog::Limits) {
+    let interval = sd_notify::watchdog_enabled().map(|d| d / 2).unwrap_or(Duration::from_secs(5));
+    let interval = interval.max(Duration::from_millis(100));
+    let mut every = tokio::time::interval(interval);
+    let mut stalled = false;
+    loop {
+        every.tick().await;
+        let t = &source.telemetry;
+        let now_ms = t.started.elapsed().as_millis() as u64;
+        let beats = (t.source_beat_ms.load(Ordering::Relaxed), t.forwarder_beat_ms.load(Ordering::Relaxed));
+        match watchdog::check(&limits, now_ms, beats.0, beats.1) {
+            Ok(()) => {
+                stalled = false;
+                let s = source.clone();
+                let status = tokio::task::spawn_blocking(move || s.report()).await.ok().and_then(Result::ok);
+                let line = match status {
+                    Some(r) => format!(
+                        "queue: {} pending, {} in flight; link {} {}",
+                        r.queue.pending,
+                        r.queue.in_flight,
+                        r.link.mode,
+                        if r.link.connected { "up" } else { "down" }
+                    ),
+                    None => "queue unreadable".to_owned(),
+                };
+                tell_systemd(&[NotifyState::Watchdog, NotifyState::Status(&line)]);
+            }
+            Err((stage, silent)) => {
+                if !stalled {
+                    tracing::error!(
+                        stage = stage.name(),
+                        ?silent,
+                        "a stage stopped making progress: no more watchdog pings, systemd will restart the service"
+                    );
+                    tell_systemd(&[NotifyState::Status(&format!("{} stalled for {silent:?}", stage.name()))]);
+                }
+                stalled = true;
+            }
+        }
     }
 }
 

@@ -124,6 +124,17 @@ pub struct Forwarder<T: Transport> {
     next_status: Instant,
 }
 
+/// Test-only fault injection: `BACKHAUL_FAILPOINT=freeze_forwarder_after:MS` wedges the forwarder
+/// thread MS milliseconds after it starts (for the watchdog test).
+fn failpoint_freeze_after() -> Option<Duration> {
+    std::env::var("BACKHAUL_FAILPOINT")
+        .ok()?
+        .strip_prefix("freeze_forwarder_after:")?
+        .parse()
+        .ok()
+        .map(Duration::from_millis)
+}
+
 /// How long the forwarder waits before using the queue again after a storage error.
 const QUEUE_RETRY: Duration = Duration::from_secs(1);
 
@@ -155,8 +166,15 @@ impl<T: Transport> Forwarder<T> {
     pub fn run(mut self) {
         let mut outcomes = Vec::new();
         let mut stop_at: Option<Instant> = None;
+        let freeze_at = failpoint_freeze_after().map(|d| Instant::now() + d);
         loop {
             let now = Instant::now();
+            if freeze_at.is_some_and(|t| now >= t) {
+                tracing::error!("FAILPOINT freeze_forwarder: the forwarder thread is wedged on purpose");
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
             self.telemetry.beat_forwarder();
             let mut wake = now + Duration::from_secs(1); // heartbeat at least every second
             if let Some(t) = self.transport.tick(now) {
