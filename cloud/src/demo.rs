@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,6 +115,8 @@ impl Broker {
         let child = Command::new(&self.program)
             .arg("-c")
             .arg(&self.config)
+            // Its own process group: a Ctrl-C in the terminal is for the demo, which stops the rest.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -133,6 +136,7 @@ impl Pi {
         let child = Command::new(edge)
             .args(["run", "--config"])
             .arg(&self.config)
+            .process_group(0)
             .env("BACKHAUL_API_KEY", FLEET_KEY)
             .env("BACKHAUL_LOG", "warn")
             .stdin(Stdio::null())
@@ -195,6 +199,7 @@ pub fn run(o: DemoOptions) -> Result<bool> {
     let cloud = Command::new(std::env::current_exe()?)
         .args(["serve", "--config"])
         .arg(&cloud_config_path)
+        .process_group(0)
         .env("BACKHAUL_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(cloud_log.try_clone()?)
@@ -327,17 +332,24 @@ pub fn run(o: DemoOptions) -> Result<bool> {
         std::thread::sleep(Duration::from_millis(250));
     }
 
-    // Stop the Pis gracefully (SIGTERM via `kill`), then read what each produced from its queue.
+    // Stop the Pis gracefully (SIGTERM via `kill`: the batch in hand is enqueued), then read what
+    // each produced from its queue on disk (`backhaul-edge queue stats`).
     let mut produced = Vec::new();
     for pi in &mut demo.pis {
-        let status = pi.status(&demo.agent);
         if let Some(child) = &pi.child {
             let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
         }
         if let Some(mut child) = pi.child.take() {
             let _ = wait_child(&mut child, Duration::from_secs(15));
         }
-        produced.push(status);
+        let stats = Command::new(&edge)
+            .args(["queue", "stats", "--data-dir"])
+            .arg(&pi.data_dir)
+            .env("BACKHAUL_LOG", "error")
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok());
+        produced.push(stats);
     }
     let cloud_devices = devices(&demo.agent, demo.cloud_port);
     let stats = get(&demo.agent, demo.cloud_port, "/api/v1/stats").unwrap_or(Value::Null);
@@ -350,17 +362,17 @@ pub fn run(o: DemoOptions) -> Result<bool> {
     let (mut total_produced, mut total_stored) = (0, 0);
     for (pi, status) in demo.pis.iter().zip(&produced) {
         let Some(s) = status else {
-            println!("{:<12} (its status could not be read)", pi.id);
+            println!("{:<12} (its queue could not be read: see {}.log)", pi.id, pi.data_dir.display());
             ok = false;
             continue;
         };
         let d = cloud_devices.iter().find(|d| d["device_id"] == pi.id.as_str()).cloned().unwrap_or(Value::Null);
-        let queued = num(s, "/queue/pending") + num(s, "/queue/in_flight");
-        let (p, st) = (num(s, "/produced/detections"), num(&d, "/detections"));
-        let (pb, sb) = (num(s, "/produced/batches"), num(&d, "/batches"));
+        let queued = num(s, "/pending") + num(s, "/in_flight");
+        let (p, st) = (num(s, "/produced_detections"), num(&d, "/detections"));
+        let (pb, sb) = (num(s, "/produced_batches"), num(&d, "/batches"));
         total_produced += p;
         total_stored += st;
-        println!("{:<12} {p:>10} {st:>10} {pb:>10} {sb:>10} {queued:>8} {:>8}", pi.id, num(s, "/queue/dropped"));
+        println!("{:<12} {p:>10} {st:>10} {pb:>10} {sb:>10} {queued:>8} {:>8}", pi.id, num(s, "/dropped_batches"));
         // Every batch produced is stored once, or still queued on the Pi (after a Ctrl-C).
         if sb + queued < pb || sb > pb || (queued == 0 && (st != p || sb != pb)) {
             ok = false;

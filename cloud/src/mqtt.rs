@@ -79,14 +79,17 @@ pub async fn run(
     // commit; PUBACKs still go out strictly in arrival order, each after its own message is done.
     let mut in_hand: VecDeque<(u64, Publish, JoinHandle<()>)> = VecDeque::new();
     let mut stopping = false;
+    let mut result = Ok(());
     loop {
         let next = tokio::select! {
             // The oldest message in hand is done: PUBACK it.
             r = async { (&mut in_hand.front_mut().expect("not empty").2).await }, if !in_hand.is_empty() => {
                 let (received_on, publish, _) = in_hand.pop_front().expect("not empty");
                 if let Err(e) = r {
-                    tracing::error!(error = %e, "handling a message failed; not acked, the broker redelivers it");
-                    continue;
+                    // PUBACKs must stay in arrival order, and the broker redelivers only on a new
+                    // connection: end here (the process exits and systemd restarts it).
+                    result = Err(anyhow::anyhow!("handling an MQTT message panicked: {e}; stopping so the broker redelivers it"));
+                    break;
                 }
                 if failpoint_before_puback() {
                     eprintln!("FAILPOINT before_puback: committed, parked before PUBACK");
@@ -123,11 +126,20 @@ pub async fn run(
             break;
         }
     }
+    // Let the PUBACKs and acks already queued go out: stop taking messages (the poller discards
+    // them unacked once `rx` is gone, so the broker redelivers them), disconnect, and wait for each
+    // event loop to write its DISCONNECT, which comes after everything queued before it.
+    drop(rx);
     let _ = client.disconnect().await;
     let _ = acks.disconnect().await;
-    poller.abort();
-    ack_poller.abort();
-    Ok(())
+    for (name, task) in [("ingest", poller), ("acks", ack_poller)] {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(3), task).await.is_err() {
+            tracing::warn!(connection = name, "the MQTT connection did not close in time; closing it hard");
+            abort.abort();
+        }
+    }
+    result
 }
 
 /// The ack connection's event loop: nothing comes in that matters; keep it connected.
@@ -135,6 +147,7 @@ async fn poll_acks(mut eventloop: EventLoop) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match eventloop.poll().await {
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => backoff = Duration::from_millis(100),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "MQTT ack connection lost; reconnecting");
@@ -171,11 +184,11 @@ async fn poll(
                 tracing::info!("subscribed to batches and status");
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                // Bounded: a slow worker stops us reading from the broker.
-                if tx.send((connection.load(Ordering::SeqCst), p)).await.is_err() {
-                    return;
-                }
+                // Bounded: a slow worker stops us reading from the broker. Once the worker is
+                // gone (stopping), messages are left unacked and the broker redelivers them.
+                let _ = tx.send((connection.load(Ordering::SeqCst), p)).await;
             }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection lost; reconnecting");

@@ -29,8 +29,8 @@ use backhaul_edge::source::Source;
 use backhaul_edge::status::{self, StatusSource};
 use backhaul_edge::telemetry::Telemetry;
 use backhaul_edge::watchdog;
-use sd_notify::NotifyState;
 use backhaul_shared::Topics;
+use sd_notify::NotifyState;
 
 /// Runs the service until SIGTERM or Ctrl-C.
 pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {

@@ -40,14 +40,20 @@ impl Limits {
     /// The forwarder beats every second: it may be silent for the watchdog interval, between 3 and
     /// 15 s (a short interval in tests, `WatchdogSec=60` in the unit).
     pub fn new(block_timeout: Duration, watchdog: Option<Duration>) -> Self {
-        let forwarder = watchdog.unwrap_or(Duration::from_secs(15)).clamp(Duration::from_secs(3), Duration::from_secs(15));
+        let forwarder =
+            watchdog.unwrap_or(Duration::from_secs(15)).clamp(Duration::from_secs(3), Duration::from_secs(15));
         Self { pipeline: block_timeout + Duration::from_secs(15), forwarder }
     }
 }
 
 /// `Ok` when every stage beat recently enough; otherwise the stalled stage and for how long.
 /// Beats and `now` are milliseconds on one clock (since the process started).
-pub fn check(limits: &Limits, now_ms: u64, pipeline_beat_ms: u64, forwarder_beat_ms: u64) -> Result<(), (Stage, Duration)> {
+pub fn check(
+    limits: &Limits,
+    now_ms: u64,
+    pipeline_beat_ms: u64,
+    forwarder_beat_ms: u64,
+) -> Result<(), (Stage, Duration)> {
     for (stage, beat, limit) in
         [(Stage::Pipeline, pipeline_beat_ms, limits.pipeline), (Stage::Forwarder, forwarder_beat_ms, limits.forwarder)]
     {

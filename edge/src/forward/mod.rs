@@ -13,7 +13,8 @@
 //! - At most `max_inflight` batches are unanswered ([`window`]); a batch leaves the queue only on
 //!   a final answer: acked (the cloud's `stored`/`duplicate`, an HTTP 2xx, or with
 //!   `ack = "broker"` a PUBACK), or refused for good (a `rejected` ack, HTTP 400/413/422), which
-//!   moves it to the dead-letter tree.
+//!   moves it to the dead-letter tree. More than a few refusals in a row pause sending instead
+//!   (a configuration mismatch must not move the whole queue to the dead-letter tree).
 //! - Link down: everything in flight goes back to the queue and is sent again after the
 //!   reconnect (rumqttc does not resend when the broker lost the session, and a broker that lost
 //!   its queue must lose nothing). With MQTT, a batch without an answer after `ack_timeout` is sent
@@ -38,6 +39,7 @@ use backhaul_shared::{BatchId, DeviceStatus};
 
 use crate::queue::{AckOutcome, Queue, QueueError, QueuedBatch};
 use crate::telemetry::Telemetry;
+use backoff::Backoff;
 use pace::{End, Pacer};
 use window::Window;
 
@@ -52,8 +54,6 @@ pub enum Outcome {
     LinkDown { error: String, resend_in_flight: bool },
     /// Final success: delete from the queue. `duplicate`: the cloud had it already.
     Acked { batch_id: BatchId, duplicate: bool },
-    /// The broker took it (PUBACK); with `ack = "cloud"` the cloud's answer is still awaited.
-    BrokerAccepted(BatchId),
     /// Refused for good: dead-letter it.
     Rejected { batch_id: BatchId, reason: String },
     /// Not delivered this time (HTTP 408/429/5xx, a network error): back to the queue.
@@ -121,6 +121,10 @@ pub struct Forwarder<T: Transport> {
     backlog: bool,
     /// When the queue last failed, to pause before trying it again.
     queue_failed_at: Option<Instant>,
+    /// Final refusals since the last ack; past [`REJECTIONS_BEFORE_PAUSE`] sending pauses.
+    rejections_in_a_row: u32,
+    paused_until: Option<Instant>,
+    pause_backoff: Backoff,
     next_status: Instant,
 }
 
@@ -134,6 +138,10 @@ fn failpoint_freeze_after() -> Option<Duration> {
         .ok()
         .map(Duration::from_millis)
 }
+
+/// Final refusals in a row that are dead-lettered; the next one pauses sending instead (a whole
+/// queue refused for one configuration mistake must not end up in the dead-letter tree).
+const REJECTIONS_BEFORE_PAUSE: u32 = 5;
 
 /// How long the forwarder waits before using the queue again after a storage error.
 const QUEUE_RETRY: Duration = Duration::from_secs(1);
@@ -156,6 +164,9 @@ impl<T: Transport> Forwarder<T> {
             connected: false,
             backlog: true,
             queue_failed_at: None,
+            rejections_in_a_row: 0,
+            paused_until: None,
+            pause_backoff: Backoff::new(Duration::from_secs(5), Duration::from_secs(600)),
             next_status: Instant::now(),
             config,
         }
@@ -239,6 +250,14 @@ impl<T: Transport> Forwarder<T> {
     /// Hands batches to the transport while the link, the window and the pace allow. Returns how
     /// long until the pace allows the next one, if that is what stopped it.
     fn fill(&mut self, now: Instant) -> Option<Duration> {
+        if let Some(until) = self.paused_until {
+            if now < until {
+                return Some(until - now);
+            }
+            // Try one more batch; another refusal pauses again, for longer.
+            self.paused_until = None;
+            self.rejections_in_a_row = REJECTIONS_BEFORE_PAUSE;
+        }
         if let Some(t) = self.queue_failed_at {
             if now.duration_since(t) < QUEUE_RETRY {
                 return Some(QUEUE_RETRY - now.duration_since(t));
@@ -289,12 +308,12 @@ impl<T: Transport> Forwarder<T> {
     fn apply(&mut self, outcome: Outcome) {
         match outcome {
             Outcome::LinkUp => {
+                // (MQTT put everything in flight back with the LinkDown that always comes first;
+                // HTTP requests in flight still get their own answers.)
                 self.connected = true;
                 self.backlog = true;
                 self.telemetry.connected.store(true, Ordering::Relaxed);
                 self.telemetry.link_ups.fetch_add(1, Ordering::Relaxed);
-                // Anything still in the window was sent on an earlier connection: send it again.
-                self.requeue_in_flight();
                 if let Some(status) = self.device_status(true) {
                     self.transport.publish_status(&status);
                 }
@@ -313,6 +332,7 @@ impl<T: Transport> Forwarder<T> {
             Outcome::Acked { batch_id, duplicate } => {
                 let entry = self.window.remove(&batch_id);
                 self.backlog = true;
+                self.rejections_in_a_row = 0;
                 match self.queue.ack(batch_id) {
                     Ok(AckOutcome::Acked) => {
                         self.telemetry.record_ack(entry.map(|e| e.batch.detections), duplicate);
@@ -323,10 +343,25 @@ impl<T: Transport> Forwarder<T> {
                     Err(e) => self.queue_error("recording an ack (the batch will be sent again)", &e),
                 }
             }
-            Outcome::BrokerAccepted(batch_id) => self.window.mark_broker_acked(&batch_id),
             Outcome::Rejected { batch_id, reason } => {
-                self.window.remove(&batch_id);
                 self.backlog = true;
+                // Only refusals of batches in flight count (a late answer may repeat one).
+                if self.window.remove(&batch_id).is_some() {
+                    self.rejections_in_a_row += 1;
+                }
+                if self.rejections_in_a_row > REJECTIONS_BEFORE_PAUSE {
+                    // Refusing batch after batch is a configuration mismatch (batches larger than
+                    // the cloud's body limit, an incompatible cloud), not bad batches: keep them.
+                    self.queue.nack(batch_id);
+                    let pause = self.pause_backoff.next_random(None);
+                    self.paused_until = Some(Instant::now() + pause);
+                    let error = format!(
+                        "the cloud refused {REJECTIONS_BEFORE_PAUSE} batches in a row (last: {reason}); sending paused                          for {pause:?}, batches stay queued: check batch.max_detections against the cloud's                          max_body_bytes and max_detections, and that edge and cloud speak the same schema"
+                    );
+                    tracing::error!("{error}");
+                    self.telemetry.set_error(error);
+                    return;
+                }
                 match self.queue.dead_letter(batch_id, &reason) {
                     Ok(AckOutcome::Acked) => {
                         self.telemetry.rejected_batches.fetch_add(1, Ordering::Relaxed);
@@ -369,5 +404,83 @@ impl<T: Transport> Forwarder<T> {
             dropped_detections: Some(stats.dropped_detections),
             uptime_s: Some(self.telemetry.uptime_s()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::queue::{Durability, NewBatch, QueueConfig};
+
+    /// A transport whose cloud refuses every batch for good, answering at once.
+    struct RefusingCloud {
+        events: mpsc::Sender<Event<BatchId>>,
+    }
+
+    impl Transport for RefusingCloud {
+        type Event = BatchId;
+        fn ready(&self) -> bool {
+            true
+        }
+        fn send(&mut self, batch: &QueuedBatch) -> bool {
+            self.events.send(Event::Link(batch.batch_id)).is_ok()
+        }
+        fn handle(&mut self, batch_id: BatchId, out: &mut Vec<Outcome>) {
+            out.push(Outcome::Rejected { batch_id, reason: "HTTP 413: body too large".into() });
+        }
+        fn tick(&mut self, _now: Instant) -> Option<Instant> {
+            None
+        }
+        fn ack_timeout(&self) -> Option<Duration> {
+            None
+        }
+        fn publish_status(&mut self, _status: &DeviceStatus) {}
+        fn close(&mut self, _status: &DeviceStatus) {}
+    }
+
+    #[test]
+    fn refusal_after_refusal_pauses_sending_instead_of_dead_lettering_the_whole_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue =
+            Queue::open(dir.path(), QueueConfig { durability: Durability::Flush, ..QueueConfig::default() }).unwrap();
+        for _ in 0..20 {
+            queue
+                .enqueue(NewBatch {
+                    device_id: "pi".into(),
+                    name: None,
+                    location: None,
+                    timestamp: backhaul_shared::Timestamp::now(),
+                    detections: Vec::new(),
+                    source_position: None,
+                })
+                .unwrap();
+        }
+        let (tx, rx) = mpsc::channel();
+        let telemetry = Arc::new(Telemetry::new("pi", "test"));
+        let config = ForwarderConfig {
+            max_inflight: 4,
+            rate_per_sec: 1000,
+            burst: 1000,
+            status_every: Duration::from_secs(3600),
+            stop_grace: Duration::from_millis(100),
+        };
+        let forwarder =
+            Forwarder::new(queue.clone(), RefusingCloud { events: tx.clone() }, rx, telemetry.clone(), config);
+        tx.send(Event::Link(BatchId::new())).unwrap(); // an answer for nothing: ignored
+        let mut f = forwarder;
+        f.apply(Outcome::LinkUp);
+        let handle = std::thread::spawn(move || f.run());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !telemetry.last_error().is_some_and(|e| e.contains("paused")) {
+            assert!(Instant::now() < deadline, "sending never paused");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tx.send(Event::Shutdown).unwrap();
+        handle.join().unwrap();
+        let stats = queue.stats().unwrap();
+        assert_eq!(stats.dead_letters, u64::from(REJECTIONS_BEFORE_PAUSE), "{stats:?}");
+        assert_eq!(stats.pending + stats.in_flight, 20 - u64::from(REJECTIONS_BEFORE_PAUSE), "the rest stays queued");
     }
 }

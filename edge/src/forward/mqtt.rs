@@ -31,7 +31,7 @@ use super::{Event, Outcome, Transport};
 use crate::queue::QueuedBatch;
 
 /// Where and how to connect.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MqttSettings {
     pub host: String,
     pub port: u16,
@@ -47,6 +47,18 @@ pub struct MqttSettings {
     pub backoff_max: Duration,
     pub max_inflight: usize,
     pub keep_alive: Duration,
+}
+
+impl std::fmt::Debug for MqttSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the link thread reports, tagged with the connection it happened on.
@@ -172,12 +184,10 @@ impl Transport for MqttTransport {
             }
             MqttEvent::Sent { conn, pkid } if conn == self.conn => self.ids.sent(pkid),
             MqttEvent::PubAck { conn, pkid } if conn == self.conn => {
-                if let Some(batch_id) = self.ids.puback(pkid) {
-                    out.push(if self.settings.ack_on_puback {
-                        Outcome::Acked { batch_id, duplicate: false }
-                    } else {
-                        Outcome::BrokerAccepted(batch_id)
-                    });
+                // With `ack = "cloud"` the broker's PUBACK only frees the pkid: the cloud's ack
+                // (or, after `ack_timeout`, a resend) decides.
+                if let (Some(batch_id), true) = (self.ids.puback(pkid), self.settings.ack_on_puback) {
+                    out.push(Outcome::Acked { batch_id, duplicate: false });
                 }
             }
             MqttEvent::Sent { .. } | MqttEvent::PubAck { .. } => {} // an earlier connection's
@@ -224,6 +234,9 @@ impl Transport for MqttTransport {
     }
 }
 
+/// A connection up this long counts as healthy: the reconnect backoff starts over after it.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
 /// Capacity of rumqttc's request channel per connection: the window, resends and status.
 fn request_capacity(max_inflight: usize) -> usize {
     max_inflight * 2 + 16
@@ -257,6 +270,7 @@ async fn link(s: MqttSettings, events: Sender<Event<MqttEvent>>, mut stop: watch
     loop {
         conn += 1;
         let (client, mut eventloop) = AsyncClient::new(options(&s), request_capacity(s.max_inflight));
+        let mut connected_at: Option<Instant> = None;
         let error = loop {
             let polled = tokio::select! {
                 p = eventloop.poll() => p,
@@ -275,7 +289,7 @@ async fn link(s: MqttSettings, events: Sender<Event<MqttEvent>>, mut stop: watch
             };
             match polled {
                 Ok(MqttPacketEvent::Incoming(Packet::ConnAck(ack))) => {
-                    backoff.reset();
+                    connected_at = Some(Instant::now());
                     tracing::info!(host = %s.host, port = s.port, session_present = ack.session_present, "connected to the MQTT broker");
                     // Queued before any publish of this connection, so the broker has the
                     // subscription before the cloud can answer.
@@ -305,6 +319,20 @@ async fn link(s: MqttSettings, events: Sender<Event<MqttEvent>>, mut stop: watch
                 Err(e) => break describe(&e, &s),
             }
         };
+        // The backoff starts over only after a connection that lasted: one dropped right after its
+        // CONNACK (a second device with the same client id taking the session over, a broker
+        // refusing us) must not reconnect in a tight loop.
+        let error = match connected_at.map(|t| t.elapsed()) {
+            Some(up) if up >= STABLE_CONNECTION => {
+                backoff.reset();
+                error
+            }
+            Some(_) => format!(
+                "{error} (dropped right after connecting: is another device using the client id {}?)",
+                s.client_id
+            ),
+            None => error,
+        };
         if !report(MqttEvent::Down { conn, error: error.clone() }) {
             return;
         }
@@ -320,11 +348,18 @@ async fn link(s: MqttSettings, events: Sender<Event<MqttEvent>>, mut stop: watch
 /// A connection error in words an operator can act on.
 fn describe(e: &rumqttc::ConnectionError, s: &MqttSettings) -> String {
     match e {
-        rumqttc::ConnectionError::ConnectionRefused(code) => format!(
-            "the broker {}:{} refused the connection ({code:?}): check transport.mqtt.username and the password \
-             (BACKHAUL_MQTT_PASSWORD or transport.mqtt.password_file)",
-            s.host, s.port
-        ),
+        rumqttc::ConnectionError::ConnectionRefused(code) => {
+            use rumqttc::ConnectReturnCode as C;
+            let what = match code {
+                C::BadUserNamePassword | C::NotAuthorized => {
+                    "check transport.mqtt.username and the password (BACKHAUL_MQTT_PASSWORD or transport.mqtt.password_file)"
+                }
+                C::BadClientId => "the broker does not accept the client id: set transport.mqtt.client_id",
+                C::ServiceUnavailable => "the broker is unavailable; retrying",
+                _ => "check the broker's configuration",
+            };
+            format!("the broker {}:{} refused the connection ({code:?}): {what}", s.host, s.port)
+        }
         rumqttc::ConnectionError::Io(io) => format!("cannot reach the broker {}:{}: {io}", s.host, s.port),
         other => format!("MQTT connection to {}:{}: {other}", s.host, s.port),
     }
@@ -400,7 +435,7 @@ mod tests {
         assert!(out.is_empty(), "events of an earlier connection mean nothing now");
         t.handle(MqttEvent::Sent { conn: 1, pkid: 1 }, &mut out);
         t.handle(MqttEvent::PubAck { conn: 1, pkid: 1 }, &mut out);
-        assert_eq!(out, vec![Outcome::BrokerAccepted(a)]);
+        assert!(out.is_empty(), "with ack = cloud a PUBACK deletes nothing");
     }
 
     #[test]

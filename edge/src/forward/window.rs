@@ -16,10 +16,6 @@ pub struct InFlight {
     pub batch: QueuedBatch,
     /// When it was last sent.
     pub sent_at: Instant,
-    /// How many times it was sent on this handing-out.
-    pub sends: u32,
-    /// The broker took it (PUBACK) and, with `ack = "cloud"`, the cloud's answer is awaited.
-    pub broker_acked: bool,
 }
 
 #[derive(Debug)]
@@ -46,17 +42,11 @@ impl Window {
     }
 
     pub fn insert(&mut self, batch: QueuedBatch, now: Instant) {
-        self.entries.insert(batch.batch_id, InFlight { batch, sent_at: now, sends: 1, broker_acked: false });
+        self.entries.insert(batch.batch_id, InFlight { batch, sent_at: now });
     }
 
     pub fn remove(&mut self, id: &BatchId) -> Option<InFlight> {
         self.entries.remove(id)
-    }
-
-    pub fn mark_broker_acked(&mut self, id: &BatchId) {
-        if let Some(e) = self.entries.get_mut(id) {
-            e.broker_acked = true;
-        }
     }
 
     /// The batches unanswered for `timeout`, oldest seq first; each is stamped as sent again now.
@@ -67,7 +57,6 @@ impl Window {
         due.into_iter()
             .map(|e| {
                 e.sent_at = now;
-                e.sends += 1;
                 e.batch.clone()
             })
             .collect()

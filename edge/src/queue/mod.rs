@@ -692,19 +692,8 @@ impl Queue {
             if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) {
                 continue;
             }
-            match StoredBatch::decode(&record.value) {
-                Ok(b) => {
-                    st.in_flight.insert(seq);
-                    st.handed.insert(b.batch_id, (seq, record.value.len()));
-                    return Ok(Some(QueuedBatch {
-                        seq,
-                        batch_id: b.batch_id,
-                        detections: b.detections,
-                        enqueued_at_ms: b.enqueued_at_ms,
-                        payload: b.json(),
-                    }));
-                }
-                Err(e) => quarantine_locked(store, &mut st, &record, &e)?,
+            if let Some(batch) = hand_out_locked(store, &mut st, seq, &record)? {
+                return Ok(Some(batch));
             }
         }
     }
@@ -752,21 +741,26 @@ impl Queue {
             st.handed.remove(&batch_id);
             return Ok(AckOutcome::Unknown);
         };
-        st.handed.remove(&batch_id);
-        st.in_flight.remove(&seq);
-        st.retry.remove(&seq);
         let size = record.stored_size();
         let mut write = sled::Batch::default();
         chunks::move_into(&mut write, &record, &layout::dead_key(seq));
         let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
         write.insert(&layout::dead_reason_key(seq)[..], reason.as_bytes());
+        // The counters change only if the write does (write_meta writes st.counters).
+        let before = st.counters;
         let c = &mut st.counters;
         c.pending_batches = c.pending_batches.saturating_sub(1);
         c.pending_bytes = c.pending_bytes.saturating_sub(size);
         c.dead_batches += 1;
         c.dead_bytes += size;
         c.dead_total += 1;
-        write_meta(store, &mut st, write)?;
+        if let Err(e) = write_meta(store, &mut st, write) {
+            st.counters = before;
+            return Err(e);
+        }
+        st.handed.remove(&batch_id);
+        st.in_flight.remove(&seq);
+        st.retry.remove(&seq);
         tracing::error!(
             seq,
             %batch_id,
@@ -786,34 +780,25 @@ impl Queue {
         let store = Store::get(&guard)?;
         let mut st = self.lock_state();
         let Some(last) = st.durable_next_seq.checked_sub(1) else { return Ok(None) };
-        // Newest first: walk the keys backwards, reading a record once its first chunk is reached.
+        // Newest first: walk the keys backwards; a record is read whole when its first chunk
+        // (index 0) is reached.
         let mut upto = layout::pending_key(last).to_vec();
         upto.extend_from_slice(&[0xff, 0xff]);
-        let mut iter = store.tree.range(layout::pending_key(0).to_vec()..=upto).rev();
-        loop {
-            let Some(item) = iter.next() else { return Ok(None) };
+        for item in store.tree.range(layout::pending_key(0).to_vec()..=upto).rev() {
             let (key, _) = item?;
-            let Some(seq) = layout::pending_key_seq(&key).filter(|_| key.len() == 11) else { continue };
+            let Some(seq) = layout::pending_key_seq(&key).filter(|_| key.len() == 11 && key[9..] == [0, 0]) else {
+                continue;
+            };
             if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) {
                 continue;
             }
             let Some(record) = chunks::get(&store.tree, &layout::pending_key(seq))? else { continue };
-            match StoredBatch::decode(&record.value) {
-                Ok(b) => {
-                    st.retry.remove(&seq);
-                    st.in_flight.insert(seq);
-                    st.handed.insert(b.batch_id, (seq, record.value.len()));
-                    return Ok(Some(QueuedBatch {
-                        seq,
-                        batch_id: b.batch_id,
-                        detections: b.detections,
-                        enqueued_at_ms: b.enqueued_at_ms,
-                        payload: b.json(),
-                    }));
-                }
-                Err(e) => quarantine_locked(store, &mut st, &record, &e)?,
+            st.retry.remove(&seq);
+            if let Some(batch) = hand_out_locked(store, &mut st, seq, &record)? {
+                return Ok(Some(batch));
             }
         }
+        Ok(None)
     }
 
     /// Puts an in-flight batch back to pending (e.g. after a reconnect); it is handed out again
@@ -1056,6 +1041,33 @@ impl Queue {
     pub fn debug_pending_raw(&self, seq: u64) -> Result<Option<Vec<u8>>, QueueError> {
         let guard = self.read_store();
         Ok(chunks::get(&Store::get(&guard)?.tree, &layout::pending_key(seq))?.map(|r| r.value))
+    }
+}
+
+/// Decodes a pending record and marks it in flight; a record that fails its check is quarantined
+/// (and `None` returned, so the caller looks further).
+fn hand_out_locked(
+    store: &Store,
+    st: &mut State,
+    seq: u64,
+    record: &chunks::Record,
+) -> Result<Option<QueuedBatch>, QueueError> {
+    match StoredBatch::decode(&record.value) {
+        Ok(b) => {
+            st.in_flight.insert(seq);
+            st.handed.insert(b.batch_id, (seq, record.value.len()));
+            Ok(Some(QueuedBatch {
+                seq,
+                batch_id: b.batch_id,
+                detections: b.detections,
+                enqueued_at_ms: b.enqueued_at_ms,
+                payload: b.json(),
+            }))
+        }
+        Err(e) => {
+            quarantine_locked(store, st, record, &e)?;
+            Ok(None)
+        }
     }
 }
 
