@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod chaos;
 pub mod cloud;
 pub mod edge;
 pub mod mqtt;
