@@ -92,6 +92,8 @@ pub struct MosquittoOptions {
     pub max_queued_messages: u32,
     /// Per-client in-flight limit.
     pub max_inflight_messages: u32,
+    /// Extra configuration lines (e.g. a bridge).
+    pub extra: String,
 }
 
 /// A private Mosquitto on a free loopback port, in its own temp dir. Killed when dropped.
@@ -124,11 +126,12 @@ impl Mosquitto {
              max_inflight_messages {mi}\n\
              log_dest file {dir}/mosquitto.log\n\
              log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
-             connection_messages true\n",
+             connection_messages true\n{extra}\n",
             persistence = options.persistence,
             dir = dir.path().display(),
             mq = options.max_queued_messages,
             mi = options.max_inflight_messages,
+            extra = options.extra,
         );
         std::fs::write(dir.path().join("mosquitto.conf"), config)?;
         let mut broker = Self { dir, port, child: None };

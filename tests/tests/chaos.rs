@@ -97,6 +97,32 @@ fn the_edge_killed_200_times_at_random_moments_loses_nothing() {
 }
 
 #[test]
+fn the_edge_killed_20_times_while_the_link_is_down_loses_nothing() {
+    // The case where a Mosquitto bridge loses everything (see the baseline below).
+    let mut broker = Mosquitto::start().unwrap();
+    let cloud = mqtt_cloud(&broker, vec![]);
+    broker.kill9().unwrap();
+    let detections = 10_000;
+    let mut edge =
+        Edge::start(EdgeOptions { mqtt_url: broker.url(), count: detections, rate: 2000.0, ..Default::default() })
+            .unwrap();
+    let cycles = 20;
+    for _ in 0..cycles {
+        random_pause(50, 250);
+        edge.kill9_and_restart().unwrap();
+    }
+    broker.restart().unwrap();
+    settle_and_compare(
+        "edge SIGKILLed at random moments while the link is down",
+        cycles,
+        &mut edge,
+        &cloud,
+        DEVICE,
+        detections,
+    );
+}
+
+#[test]
 fn the_cloud_killed_between_commit_and_puback_stores_each_batch_once() {
     let broker = Mosquitto::start().unwrap();
     let failpoint = vec![("BACKHAUL_FAILPOINT".to_owned(), "before_puback".to_owned())];
@@ -155,4 +181,97 @@ fn edges_broker_and_cloud_killed_interleaved_on_two_edges_lose_nothing() {
     let [a, b] = &mut edges;
     settle_and_compare(scenario, cycles, a, &cloud, DEVICE, detections);
     settle_and_compare(scenario, cycles, b, &cloud, second, detections);
+}
+
+/// The comparison for the README: the usual store-and-forward on a Pi, a local Mosquitto with
+/// persistence (default settings: a snapshot every 30 minutes) bridged to the cloud's broker,
+/// SIGKILLed and restarted 20 times at random moments while an application publishes 5,000 QoS 1
+/// messages to it. "Produced" counts the messages the local broker acknowledged (PUBACK): those it
+/// took responsibility for. With `link_down`, the cloud's broker is down while they are published
+/// and comes back after the kills. Not a check (the bridge is expected to lose messages): it prints
+/// its `CHAOS |` row.
+async fn mosquitto_bridge(link_down: bool) {
+    use backhaul_tests::mqtt::{ClientEvent, TestClient};
+    use backhaul_tests::MosquittoOptions;
+    use rumqttc::QoS;
+    use std::collections::HashSet;
+
+    let mut cloud_broker = Mosquitto::start().unwrap();
+    let bridge = format!(
+        "connection cloud\naddress 127.0.0.1:{}\ntopic backhaul/# out 1\ncleansession false\nrestart_timeout 1\n",
+        cloud_broker.port()
+    );
+    let mut local =
+        Mosquitto::start_with(MosquittoOptions { persistence: true, extra: bridge, ..Default::default() }).unwrap();
+    let mut receiver = TestClient::connect(cloud_broker.port(), "bridge-receiver", false);
+    receiver.connected(T).await.unwrap();
+    receiver.subscribe("backhaul/#").await.unwrap();
+    if link_down {
+        cloud_broker.kill9().unwrap();
+    }
+    let mut app = TestClient::connect(local.port(), "bridge-app", false);
+    app.connected(T).await.unwrap();
+    let total = 5000u32;
+    let publisher = app.client.clone();
+    let publishing = tokio::spawn(async move {
+        for i in 0..total {
+            let _ = publisher.publish("backhaul/pi/batches", QoS::AtLeastOnce, false, i.to_string()).await;
+            tokio::time::sleep(Duration::from_micros(700)).await;
+        }
+    });
+    let cycles = 20;
+    let mut accepted = 0u64;
+    for _ in 0..cycles {
+        let pause = Duration::from_millis(fastrand::u64(50..250));
+        let until = tokio::time::Instant::now() + pause;
+        while let Ok(Some(e)) = tokio::time::timeout_at(until, app.events.recv()).await {
+            if matches!(e, ClientEvent::PubAck(_)) {
+                accepted += 1;
+            }
+        }
+        tokio::task::block_in_place(|| local.restart()).unwrap();
+    }
+    publishing.await.unwrap();
+    if link_down {
+        tokio::task::block_in_place(|| cloud_broker.restart()).unwrap();
+        receiver.connected(T).await.unwrap();
+        receiver.subscribe("backhaul/#").await.unwrap();
+    }
+    // Until the publisher's acks and the bridge go quiet for 5 s.
+    let mut received = HashSet::new();
+    let mut deliveries = 0u64;
+    loop {
+        tokio::select! {
+            e = app.events.recv() => {
+                if matches!(e, Some(ClientEvent::PubAck(_))) { accepted += 1 }
+            }
+            e = tokio::time::timeout(Duration::from_secs(5), receiver.events.recv()) => match e {
+                Ok(Some(ClientEvent::Message { payload, .. })) => {
+                    deliveries += 1;
+                    received.insert(payload);
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+    }
+    let stored = received.len() as u64;
+    let scenario = if link_down {
+        "baseline: Mosquitto bridge with persistence, SIGKILLed at random moments, cloud link down meanwhile"
+    } else {
+        "baseline: Mosquitto bridge with persistence, SIGKILLed at random moments"
+    };
+    println!(
+        "CHAOS | {scenario} | {cycles} | {accepted} | {stored} | {} | {} | {} |",
+        accepted.saturating_sub(stored),
+        0,
+        deliveries - stored
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a comparison, not a check: cargo test -p backhaul-tests --test chaos -- --ignored --nocapture bridge"]
+async fn baseline_mosquitto_bridge_killed_at_random_moments() {
+    mosquitto_bridge(false).await;
+    mosquitto_bridge(true).await;
 }
