@@ -44,6 +44,8 @@ pub struct QueueStatus {
     pub quarantined: u64,
     /// Batches the cloud refused for good, kept for inspection.
     pub dead_letters: u64,
+    /// Batches lost in damaged queue files, found at a start.
+    pub lost: u64,
     pub bytes: u64,
     pub max_bytes: u64,
     pub oldest_pending_age_s: Option<u64>,
@@ -165,6 +167,7 @@ impl StatusSource {
                 dropped_detections: s.dropped_detections,
                 quarantined: s.quarantined,
                 dead_letters: s.dead_letters,
+                lost: s.lost_batches,
                 bytes: s.bytes,
                 max_bytes: self.queue.config().max_bytes,
                 oldest_pending_age_s: s.oldest_pending_age_s,
@@ -219,6 +222,12 @@ pub fn prometheus(r: &StatusReport) -> String {
     );
     metric("queue_quarantined_total", "counter", "Records that failed their checksum.", q.quarantined as f64);
     metric("queue_dead_letters", "gauge", "Batches the cloud refused for good, kept.", q.dead_letters as f64);
+    metric(
+        "queue_lost_batches_total",
+        "counter",
+        "Batches lost in damaged queue files, found at a start.",
+        q.lost as f64,
+    );
     metric(
         "produced_batches_total",
         "counter",
@@ -303,8 +312,8 @@ pub fn render(r: &StatusReport) -> String {
     );
     let _ = writeln!(
         out,
-        "           {} acked kept for replay, {} dropped ({} detections), {} quarantined, {} dead letters",
-        q.acked_retained, q.dropped, q.dropped_detections, q.quarantined, q.dead_letters
+        "           {} acked kept for replay, {} dropped ({} detections), {} quarantined, {} dead letters, {} lost in damaged files",
+        q.acked_retained, q.dropped, q.dropped_detections, q.quarantined, q.dead_letters, q.lost
     );
     let _ = writeln!(
         out,

@@ -28,6 +28,8 @@ pub struct EdgeOptions {
     pub max_inflight: u32,
     /// Extra `[queue]` lines.
     pub queue: String,
+    /// Where the data_dir goes (default: in the edge's temp dir).
+    pub data_dir: Option<PathBuf>,
     /// Extra `[transport]` lines.
     pub transport: String,
     /// Extra `[transport.mqtt]` lines.
@@ -51,6 +53,7 @@ impl Default for EdgeOptions {
             burst: 1000,
             max_inflight: 32,
             queue: String::new(),
+            data_dir: None,
             transport: String::new(),
             mqtt: String::new(),
             env: Vec::new(),
@@ -61,6 +64,7 @@ impl Default for EdgeOptions {
 #[derive(Debug)]
 pub struct Edge {
     dir: tempfile::TempDir,
+    data_dir: PathBuf,
     config: PathBuf,
     env: Vec<(String, String)>,
     pub status_port: u16,
@@ -76,7 +80,8 @@ impl Edge {
     /// queue.
     pub fn start_with(o: EdgeOptions, prepare: impl FnOnce(&Path) -> Result<()>) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("backhaul-edge-").tempdir()?;
-        prepare(&dir.path().join("data"))?;
+        let data_dir = o.data_dir.clone().unwrap_or_else(|| dir.path().join("data"));
+        prepare(&data_dir)?;
         let status_port = free_port()?;
         let config = format!(
             "device_id = \"{device}\"\nname = \"Test Pi\"\nlocation = \"Lab\"\ndata_dir = \"{data}\"\n\
@@ -89,7 +94,7 @@ impl Edge {
              [transport.mqtt]\nurl = \"{mqtt}\"\nkeep_alive = \"5s\"\nstatus_interval = \"2s\"\n{mqtt_extra}\n\n\
              [transport.http]\nurl = \"{http}\"\ntimeout = \"10s\"\n",
             device = o.device_id,
-            data = dir.path().join("data").display(),
+            data = data_dir.display(),
             rate = o.rate,
             count = o.count,
             seed = o.seed,
@@ -114,11 +119,16 @@ impl Edge {
                 .chain(o.env)
                 .collect();
         let process = spawn(&config_path, &env, status_port)?;
-        Ok(Self { dir, config: config_path, env, status_port, process })
+        Ok(Self { dir, data_dir, config: config_path, env, status_port, process })
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir.clone()
+    }
+
+    /// The temp dir holding the config (and, by default, the data_dir).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn config_path(&self) -> &Path {

@@ -418,3 +418,36 @@ pub fn wire_batch(device_id: &str, seq: u64, detections: usize) -> backhaul_shar
             .collect(),
     }
 }
+
+/// A small tmpfs the test mounts (root only), unmounted on drop: a real full disk.
+#[derive(Debug)]
+pub struct Tmpfs(PathBuf, tempfile::TempDir);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. "3m"); `None`, with a loud message, where mounting is not
+    /// permitted (the calling test then skips).
+    pub fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("\n*** SKIPPED: cannot mount a tmpfs here (needs root); the disk-full test did not run ***\n");
+            return None;
+        }
+        Some(Self(dir.path().to_owned(), dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = self.1.path();
+    }
+}

@@ -1,40 +1,10 @@
 //! A real full disk: the queue's data_dir on a small tmpfs that the test mounts (root only; skipped
 //! with a loud message where mounting is not permitted).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use backhaul_edge::queue::{EnqueueError, NewBatch, OnFull, Queue, QueueConfig};
-use backhaul_tests::presence_batch;
-
-struct Tmpfs(PathBuf, #[allow(dead_code)] tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Self> {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("\n*** SKIPPED: cannot mount a tmpfs here (needs root); the disk-full test did not run ***\n");
-            return None;
-        }
-        Some(Self(dir.path().to_owned(), dir))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
+use backhaul_tests::{presence_batch, Tmpfs};
 
 fn batch(n: usize) -> NewBatch {
     presence_batch("disk-full", n)

@@ -251,10 +251,13 @@ pub struct Counters {
     pub dead_bytes: u64,
     /// Batches dead-lettered, ever.
     pub dead_total: u64,
+    /// Batches that were durable but that sled did not give back after a restart (damaged files),
+    /// found by the [`Watermark`]: counted, and their seqs left as gaps the cloud reports.
+    pub lost_batches: u64,
 }
 
 impl Counters {
-    fn fields(&self) -> [u64; 14] {
+    fn fields(&self) -> [u64; 15] {
         [
             self.next_seq,
             self.pending_batches,
@@ -270,6 +273,7 @@ impl Counters {
             self.dead_batches,
             self.dead_bytes,
             self.dead_total,
+            self.lost_batches,
         ]
     }
 
@@ -280,7 +284,7 @@ impl Counters {
 
     pub(crate) fn decode(value: &[u8]) -> Result<Self, StoredError> {
         let p = record::decode(value)?;
-        let mut f = [0u64; 14];
+        let mut f = [0u64; 15];
         for (slot, chunk) in f.iter_mut().zip(p.chunks_exact(8)) {
             *slot = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
         }
@@ -299,6 +303,57 @@ impl Counters {
             dead_batches: f[11],
             dead_bytes: f[12],
             dead_total: f[13],
+            lost_batches: f[14],
+        })
+    }
+}
+
+/// What the queue had made durable, kept **outside** sled in `data_dir/queue.watermark`, so that
+/// a sled that comes back with less than it had (damaged files: sled's recovery stops at the
+/// first bad log entry and drops everything after it without an error) is noticed: the batches
+/// between what sled returned and the watermark are counted as lost, their seqs are not reused
+/// (the cloud shows them as gaps), and a resumable source continues after the watermark's
+/// position rather than producing again what was already delivered.
+///
+/// Rewritten after every sync, without an fsync of its own: it never claims more than sled had
+/// synced, and after a power cut it can only be behind (a check that is then lenient, never a
+/// false alarm). Framed with a CRC; a damaged watermark is ignored. Never reorder these fields.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Watermark {
+    pub next_seq: u64,
+    pub produced_batches: u64,
+    pub produced_detections: u64,
+    pub source_position: Option<Vec<u8>>,
+}
+
+const WATERMARK_VERSION: u8 = 1;
+
+impl Watermark {
+    pub fn encode(&self) -> Vec<u8> {
+        let position = self.source_position.as_deref().unwrap_or_default();
+        let mut p = Vec::with_capacity(1 + 24 + 4 + position.len());
+        p.push(WATERMARK_VERSION);
+        p.extend_from_slice(&self.next_seq.to_le_bytes());
+        p.extend_from_slice(&self.produced_batches.to_le_bytes());
+        p.extend_from_slice(&self.produced_detections.to_le_bytes());
+        p.extend_from_slice(&(position.len() as u32).to_le_bytes());
+        p.extend_from_slice(position);
+        record::encode(&p)
+    }
+
+    pub fn decode(value: &[u8]) -> Option<Self> {
+        let p = record::decode(value).ok()?;
+        if p.len() < 29 || p[0] != WATERMARK_VERSION {
+            return None;
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(p[25..29].try_into().expect("4 bytes")) as usize;
+        let position = p.get(29..29usize.checked_add(len)?)?;
+        Some(Self {
+            next_seq: u64_at(1),
+            produced_batches: u64_at(9),
+            produced_detections: u64_at(17),
+            source_position: (len > 0).then(|| position.to_vec()),
         })
     }
 }
@@ -330,6 +385,20 @@ mod tests {
         assert_eq!(Counters::decode(&c.encode()).unwrap(), c);
         let short = record::encode(&5u64.to_le_bytes());
         assert_eq!(Counters::decode(&short).unwrap(), Counters { next_seq: 5, ..Counters::default() });
+    }
+
+    #[test]
+    fn watermarks_round_trip_and_damage_reads_as_none() {
+        let w =
+            Watermark { next_seq: 7, produced_batches: 7, produced_detections: 350, source_position: Some(vec![1, 2]) };
+        let bytes = w.encode();
+        assert_eq!(Watermark::decode(&bytes), Some(w));
+        for i in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[i] ^= 0x10;
+            assert_eq!(Watermark::decode(&damaged), None, "byte {i}");
+        }
+        assert_eq!(Watermark::decode(&bytes[..bytes.len() - 1]), None);
     }
 
     #[test]

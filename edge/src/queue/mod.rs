@@ -204,6 +204,8 @@ pub struct Stats {
     /// Batches the cloud refused for good, kept for inspection (`queue export`), and ever.
     pub dead_letters: u64,
     pub dead_lettered_total: u64,
+    /// Batches sled lost in damaged files, found at a start (see `layout::Watermark`).
+    pub lost_batches: u64,
     pub next_seq: u64,
     /// Disk syncs since the queue was opened (with group commit, fewer than enqueues).
     pub syncs_since_open: u64,
@@ -354,6 +356,8 @@ struct State {
 
 #[derive(Debug, Default)]
 struct SyncState {
+    /// `data_dir/queue.watermark` (see [`layout::Watermark`]), rewritten after every sync.
+    watermark: Option<File>,
     durable: u64,
     /// Blob files already fsynced (sled names them by number).
     blobs_synced: std::collections::HashSet<u64>,
@@ -393,7 +397,32 @@ impl Queue {
         sync_dir(&path).map_err(dir_err)?;
         let store = Store::new(db, &path).map_err(dir_err)?;
         let storage = |source| QueueOpenError::Storage { path: path.clone(), source };
-        let Loaded { counters, latest_position, .. } = load_counters(&store.tree, true).map_err(storage)?;
+        let Loaded { mut counters, mut latest_position, .. } = load_counters(&store.tree, true).map_err(storage)?;
+        let watermark_path = data_dir.join("queue.watermark");
+        let found = std::fs::read(&watermark_path).ok().and_then(|b| layout::Watermark::decode(&b));
+        if let Some(w) = found.filter(|w| w.next_seq > counters.next_seq) {
+            let lost = w.next_seq - counters.next_seq;
+            tracing::error!(
+                lost_batches = lost,
+                first_seq = counters.next_seq,
+                last_seq = w.next_seq - 1,
+                "THE QUEUE DATABASE CAME BACK WITH LESS THAN IT HAD: sled dropped batches it had made durable \
+                 (damaged files). They are counted as lost and show as seq gaps in the cloud; the queue goes on"
+            );
+            counters.lost_batches += lost;
+            counters.next_seq = w.next_seq;
+            counters.produced_batches = counters.produced_batches.max(w.produced_batches);
+            counters.produced_detections = counters.produced_detections.max(w.produced_detections);
+            if w.source_position.is_some() {
+                latest_position = w.source_position;
+            }
+        }
+        let watermark_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&watermark_path)
+            .map_err(dir_err)?;
         let retain_acked = !config.retain_acked.is_zero();
         let queue = Self {
             inner: Arc::new(Inner {
@@ -408,7 +437,7 @@ impl Queue {
                     ..State::default()
                 }),
                 space: Condvar::new(),
-                sync: Mutex::new(SyncState::default()),
+                sync: Mutex::new(SyncState { watermark: Some(watermark_file), ..SyncState::default() }),
                 _lock: lock,
             }),
         };
@@ -633,15 +662,31 @@ impl Queue {
         }
         let guard = self.read_store();
         let store = Store::get(&guard)?;
-        let (target, next_seq) = {
+        let (target, next_seq, watermark) = {
             let st = self.lock_state();
-            (st.applied, st.counters.next_seq)
+            let c = &st.counters;
+            let watermark = layout::Watermark {
+                next_seq: c.next_seq,
+                produced_batches: c.produced_batches,
+                produced_detections: c.produced_detections,
+                source_position: st.latest_position.clone(),
+            };
+            (st.applied, c.next_seq, watermark)
         };
         store.db.flush()?;
         if self.inner.config.durability == Durability::Fsync {
             // Blob files first: the log that points to them must not be durable before they are.
             sync_new_blobs(&self.inner.path.join("blobs"), &mut sync.blobs_synced)?;
             store.log_file.sync_data()?;
+        }
+        if let Some(file) = &sync.watermark {
+            // No fsync of its own (see `layout::Watermark`); a failure only weakens the check.
+            let bytes = watermark.encode();
+            let written = std::os::unix::fs::FileExt::write_all_at(file, &bytes, 0)
+                .and_then(|()| file.set_len(bytes.len() as u64));
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "writing queue.watermark failed; a sled that loses data at the next start may go unnoticed");
+            }
         }
         sync.durable = target;
         sync.syncs += 1;
@@ -892,18 +937,19 @@ impl Queue {
         // Before the store guard: the lock order is sync, store, state.
         let syncs_since_open = self.inner.sync.lock().unwrap_or_else(|p| p.into_inner()).syncs;
         let guard = self.read_store();
-        let store = Store::get(&guard)?;
         let st = self.lock_state();
         let c = st.counters;
         let in_flight = st.in_flight.len() as u64;
         drop(st);
-        let oldest = chunks::records(store.tree.range(layout::pending_key(0)..=layout::pending_key(u64::MAX))).next();
-        let oldest_pending_age_s = match oldest {
-            Some(record) => StoredBatch::decode_header(&record?.value)
+        // The counters live in memory: they are reported even while the database is closed after
+        // a disk error (a full disk is exactly when an operator looks); only the age needs it.
+        let oldest_pending_age_s = Store::get(&guard).ok().and_then(|store| {
+            let first =
+                chunks::records(store.tree.range(layout::pending_key(0)..=layout::pending_key(u64::MAX))).next();
+            StoredBatch::decode_header(&first?.ok()?.value)
                 .ok()
-                .map(|h| now_ms().saturating_sub(h.enqueued_at_ms) / 1000),
-            None => None,
-        };
+                .map(|h| now_ms().saturating_sub(h.enqueued_at_ms) / 1000)
+        });
         Ok(Stats {
             pending: c.pending_batches.saturating_sub(in_flight),
             in_flight,
@@ -920,6 +966,7 @@ impl Queue {
             acked_total: c.acked_total,
             dead_letters: c.dead_batches,
             dead_lettered_total: c.dead_total,
+            lost_batches: c.lost_batches,
             next_seq: c.next_seq,
             syncs_since_open,
         })

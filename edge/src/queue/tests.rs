@@ -658,3 +658,35 @@ fn next_newest_hands_out_the_newest_durable_batch_and_the_oldest_still_comes_in_
     assert_eq!(q.next_newest_batch().unwrap().unwrap().seq, seqs[4], "a nacked batch comes back");
     assert_eq!(q.next_batch().unwrap().unwrap().seq, seqs[0]);
 }
+
+#[test]
+fn a_sled_that_comes_back_with_less_than_it_had_is_noticed_and_counted() {
+    // The watermark of a queue that made 5 batches durable, then a sled that returns only 3 (as
+    // sled's recovery does when it stops at a damaged log entry).
+    let had = tempfile::tempdir().unwrap();
+    let q = open(had.path(), config());
+    for i in 0..5u64 {
+        q.enqueue(NewBatch { source_position: Some(i.to_le_bytes().to_vec()), ..new_batch(2) }).unwrap();
+    }
+    drop(q);
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), config());
+    for i in 0..3u64 {
+        q.enqueue(NewBatch { source_position: Some(i.to_le_bytes().to_vec()), ..new_batch(2) }).unwrap();
+    }
+    drop(q);
+    std::fs::copy(had.path().join("queue.watermark"), dir.path().join("queue.watermark")).unwrap();
+    let q = open(dir.path(), config());
+    let s = q.stats().unwrap();
+    assert_eq!((s.lost_batches, s.next_seq, s.pending), (2, 5, 3), "{s:?}");
+    assert_eq!(s.produced_batches, 5);
+    assert_eq!(
+        q.source_position().unwrap(),
+        Some(4u64.to_le_bytes().to_vec()),
+        "the source goes on after the lost ones"
+    );
+    assert_eq!(q.enqueue(new_batch(1)).unwrap().seq, 5, "lost seqs are not reused: the cloud sees the gap");
+    drop(q);
+    let s = open(dir.path(), config()).stats().unwrap();
+    assert_eq!(s.lost_batches, 2, "counted once, also after another restart");
+}
