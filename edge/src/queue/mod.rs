@@ -11,6 +11,8 @@
 //! | `p` + seq (BE) + chunk | framed [`layout::StoredBatch`], in pieces | pending: waiting, or in flight |
 //! | `h` + acked_at_ms (BE) + seq (BE) + chunk | the same record | acked, retained `retain_acked` for replay |
 //! | `q` + original key | the pieces as found | quarantined: failed its checksum |
+//! | `d` + seq (BE) + chunk | the same record | dead-lettered: refused by the cloud for good |
+//! | `r` + seq (BE) | UTF-8 text | why that dead letter was refused |
 //! | `mcounters` | framed [`Counters`] | counts as of the last metadata write (see below) |
 //! | `msource_position` | opaque bytes | the newest source position as of that write |
 //!
@@ -64,11 +66,16 @@
 //!   Known limit: an enqueue blocked by `on_full = "block"` holds the store's read lock, so a
 //!   reopen waits for it (up to `block_timeout`).
 //! - One process per `data_dir`: an advisory lock on `data_dir/lock`.
+//! - sled's recovery stops at the first damaged log entry and drops everything after it without
+//!   an error. `data_dir/queue.watermark` ([`layout::Watermark`], outside sled, rewritten after
+//!   every sync) says what was durable; a sled that comes back with less is noticed at open: the
+//!   missing batches are counted (`lost_batches`), their seqs are not reused (the cloud shows the
+//!   gaps) and a resumable source goes on after them.
 //!
 //! # Byte budget
-//! `max_bytes` bounds the bytes of keys and records (compressed) of pending and retained acked
-//! batches. When a new batch does not fit, retained acked batches are pruned first (oldest first:
-//! they are delivered), then `drop_oldest` drops the oldest pending batches that are neither in
+//! `max_bytes` bounds the bytes of keys and records (compressed) of pending, retained acked and
+//! dead-lettered batches. When a new batch does not fit, retained acked batches are pruned first
+//! (oldest first: they are delivered), then dead letters, then `drop_oldest` drops the oldest pending batches that are neither in
 //! flight nor acked, while `block` makes `enqueue` wait for acks to free space, up to
 //! `block_timeout`, then fail with [`EnqueueError::Full`]. sled's files are larger than the logical
 //! bytes (its log keeps old versions until segments are cleaned), so leave headroom on the disk.
