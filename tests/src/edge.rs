@@ -154,6 +154,16 @@ impl Edge {
         r.with_context(|| format!("last status: {last}"))
     }
 
+    /// Waits until the edge produced exactly `detections` and has nothing pending or in flight;
+    /// returns that status.
+    pub fn wait_drained(&self, detections: u64, timeout: Duration) -> Result<Value> {
+        self.wait_status(&format!("the edge to produce {detections} detections and drain"), timeout, |s| {
+            num(s, "/produced/detections") == detections
+                && num(s, "/queue/pending") == 0
+                && num(s, "/queue/in_flight") == 0
+        })
+    }
+
     /// SIGKILL, then start again on the same data_dir and config.
     pub fn kill9_and_restart(&mut self) -> Result<()> {
         self.process.kill9()?;

@@ -35,10 +35,7 @@ fn settle_and_compare(
     device: &str,
     detections: u64,
 ) -> Tally {
-    edge.wait_status("the edge to produce everything and drain", T, |s| {
-        num(s, "/produced/detections") == detections && num(s, "/queue/pending") == 0 && num(s, "/queue/in_flight") == 0
-    })
-    .unwrap();
+    edge.wait_drained(detections, T).unwrap();
     cloud.wait_detections(device, detections, T).unwrap();
     backhaul_tests::sigterm(edge.process.child().unwrap()).unwrap();
     edge.process.wait_exit(T).unwrap();
@@ -361,13 +358,7 @@ fn a_full_disk_under_block_loses_nothing_and_the_edge_recovers_when_space_return
     // (Acked batches are not retained here, so the check is by counts: the simulated source makes
     // each of the 80,000 detections once, so exactly 80,000 stored in as many batches as produced
     // means nothing lost and nothing twice.)
-    let status = edge
-        .wait_status("the edge to produce everything and drain", T, |s| {
-            num(s, "/produced/detections") == detections
-                && num(s, "/queue/pending") == 0
-                && num(s, "/queue/in_flight") == 0
-        })
-        .unwrap();
+    let status = edge.wait_drained(detections, T).unwrap();
     let device = cloud.wait_detections(DEVICE, detections, T).unwrap();
     assert_eq!(num(&device, "/batches"), num(&status, "/produced/batches"), "{device}\n{status}");
     assert_eq!(num(&device, "/gaps"), 0, "{device}");
@@ -402,14 +393,7 @@ fn bytes_flipped_in_the_stopped_queue_the_edge_starts_and_keeps_working_and_acco
     let config = std::fs::read_to_string(edge.config_path()).unwrap().replace("mqtt://127.0.0.1:1", &broker.url());
     std::fs::write(edge.config_path(), config).unwrap();
     edge.kill9_and_restart().unwrap();
-    let status = edge
-        .wait_status("the edge to finish and drain", T, |s| {
-            num(s, "/produced/detections") == detections
-                && num(s, "/queue/pending") == 0
-                && num(s, "/queue/in_flight") == 0
-                && s["link"]["connected"] == true
-        })
-        .unwrap();
+    let status = edge.wait_drained(detections, T).unwrap();
     let moved_aside = std::fs::read_dir(edge.data_dir())
         .unwrap()
         .any(|e| e.map(|e| e.file_name().to_string_lossy().starts_with("corrupt-")).unwrap_or(false));

@@ -23,13 +23,7 @@ fn mqtt_cloud(broker: &Mosquitto) -> Cloud {
 /// Waits until the edge has sent everything (nothing pending or in flight) and the cloud holds
 /// exactly the edge's produced batches and detections; returns the cloud's device row.
 fn assert_all_stored_once(edge: &Edge, cloud: &Cloud, detections: u64) -> serde_json::Value {
-    let status = edge
-        .wait_status("the edge to drain its queue", T, |s| {
-            num(s, "/produced/detections") == detections
-                && num(s, "/queue/pending") == 0
-                && num(s, "/queue/in_flight") == 0
-        })
-        .unwrap();
+    let status = edge.wait_drained(detections, T).unwrap();
     let device = cloud.wait_detections(DEVICE, detections, T).unwrap();
     assert_eq!(
         num(&device, "/batches"),

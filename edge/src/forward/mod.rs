@@ -268,9 +268,15 @@ impl<T: Transport> Forwarder<T> {
             if let Err(wait) = self.pacer.take() {
                 return Some(wait);
             }
-            let batch = match self.pacer.next_end() {
-                End::Oldest => self.queue.next_batch(),
-                End::Newest => self.queue.next_newest_batch(),
+            // The other end if this one has nothing (they see the same batches, but let neither
+            // one's view decide alone that the queue is empty).
+            let (first, second) = match self.pacer.next_end() {
+                End::Oldest => (Queue::next_batch as fn(&Queue) -> _, Queue::next_newest_batch as fn(&Queue) -> _),
+                End::Newest => (Queue::next_newest_batch as fn(&Queue) -> _, Queue::next_batch as fn(&Queue) -> _),
+            };
+            let batch = match first(&self.queue) {
+                Ok(None) => second(&self.queue),
+                other => other,
             };
             let batch = match batch {
                 Ok(Some(b)) => b,

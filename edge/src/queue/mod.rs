@@ -335,7 +335,8 @@ struct State {
     counters: Counters,
     /// seqs handed out and not yet acked or nacked.
     in_flight: BTreeSet<u64>,
-    /// Pending seqs below the cursor to hand out again first: nacked or requeued.
+    /// Pending seqs to hand out again first: nacked or requeued (below the cursor, or past it when
+    /// `next_newest_batch` handed them out).
     retry: BTreeSet<u64>,
     /// Next seq to look at in the pending range.
     cursor: u64,
@@ -723,15 +724,15 @@ impl Queue {
         let store = Store::get(&guard)?;
         let mut st = self.lock_state();
         loop {
-            let record = if let Some(seq) = st.retry.pop_first() {
+            let (record, from_retry) = if let Some(seq) = st.retry.pop_first() {
                 match chunks::get(&store.tree, &layout::pending_key(seq))? {
-                    Some(r) => r,
+                    Some(r) => (r, true),
                     None => continue, // dropped or acked meanwhile
                 }
             } else {
                 let from = layout::pending_key(st.cursor);
                 match chunks::records(store.tree.range(from..=layout::pending_key(u64::MAX))).next() {
-                    Some(r) => r?,
+                    Some(r) => (r?, false),
                     None => return Ok(None),
                 }
             };
@@ -740,7 +741,11 @@ impl Queue {
                 // Not synced yet: a crash could still take it back. Its enqueue is about to return.
                 return Ok(None);
             }
-            st.cursor = st.cursor.max(seq + 1);
+            // Only the scan moves the cursor: a retried batch may lie past records not visited yet
+            // (one handed out by `next_newest_batch`), which must not be skipped.
+            if !from_retry {
+                st.cursor = st.cursor.max(seq + 1);
+            }
             if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) {
                 continue;
             }
