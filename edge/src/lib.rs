@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod decode;
 pub mod forward;
 pub mod pipeline;
 pub mod queue;
