@@ -78,14 +78,34 @@ pub struct SourceConfig {
     pub seed: u64,
     /// replay: a capture written by `scan --record`.
     pub path: Option<PathBuf>,
+    /// replay: `fast` (as fast as the pipeline takes it) or `recorded` (the capture's own pace).
+    pub pace: ReplayPace,
     /// ble: the adapter to use (default: the first).
     pub adapter: Option<String>,
 }
 
 impl Default for SourceConfig {
     fn default() -> Self {
-        Self { kind: SourceKind::Ble, rate: 10.0, count: 0, devices: 50, seed: 1, path: None, adapter: None }
+        Self {
+            kind: SourceKind::Ble,
+            rate: 10.0,
+            count: 0,
+            devices: 50,
+            seed: 1,
+            path: None,
+            pace: ReplayPace::Fast,
+            adapter: None,
+        }
     }
+}
+
+/// How a capture is replayed. Either way detections carry the capture's times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayPace {
+    #[default]
+    Fast,
+    Recorded,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -93,12 +113,35 @@ impl Default for SourceConfig {
 pub struct DecodeConfig {
     pub profiles: Vec<String>,
     pub hash_secret_file: Option<PathBuf>,
+    /// presence: derive the hash key per period (e.g. "24h"), so hashes cannot be linked across
+    /// periods; absent: one key.
+    pub hash_rotation: Option<HumanDuration>,
+    /// presence: zone thresholds, dBm (`near` at or above `near_dbm`, `medium` at or above
+    /// `medium_dbm`, `far` below).
+    pub near_dbm: i16,
+    pub medium_dbm: i16,
+    /// presence: median RSSI per advertiser over this window ("0s": none).
+    pub smoothing: HumanDuration,
+    /// Per advertiser and profile: repeats within this many seconds make no new detection.
     pub dedup_window_s: u64,
+    /// thingy52: the manufacturer data's company id and payload size.
+    pub company_id: u16,
+    pub payload_len: usize,
 }
 
 impl Default for DecodeConfig {
     fn default() -> Self {
-        Self { profiles: vec!["presence".into(), "thingy52".into()], hash_secret_file: None, dedup_window_s: 10 }
+        Self {
+            profiles: vec!["presence".into(), "thingy52".into()],
+            hash_secret_file: None,
+            hash_rotation: None,
+            near_dbm: -60,
+            medium_dbm: -75,
+            smoothing: HumanDuration(Duration::ZERO),
+            dedup_window_s: 10,
+            company_id: 0xFFFF,
+            payload_len: 14,
+        }
     }
 }
 
@@ -404,6 +447,13 @@ impl EdgeConfig {
                 "transport.http.api_key_file",
             )?,
         };
+        if let Some(p) = c.decode.profiles.iter().find(|p| !["presence", "thingy52"].contains(&p.as_str())) {
+            return Err(loaded
+                .invalid("decode.profiles", format!("unknown profile `{p}`: the profiles are presence and thingy52")));
+        }
+        if c.decode.near_dbm < c.decode.medium_dbm {
+            return Err(loaded.invalid("decode.near_dbm", "must be at or above decode.medium_dbm"));
+        }
         let hashes_addresses =
             c.decode.profiles.iter().any(|p| p == "presence") && c.source.kind != SourceKind::Simulated;
         if hashes_addresses && secrets.hash_secret.is_none() {

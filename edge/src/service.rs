@@ -18,12 +18,15 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use backhaul_edge::batch::Batcher;
-use backhaul_edge::config::{AckMode, EdgeConfig, Secrets, SourceKind, TransportMode};
+use backhaul_edge::config::{AckMode, EdgeConfig, ReplayPace, Secrets, SourceKind, TransportMode};
+use backhaul_edge::decode::presence::{AddressHasher, Zones};
+use backhaul_edge::decode::{Decoder, PresenceSettings, Thingy52Settings};
 use backhaul_edge::forward::http::{HttpSettings, HttpTransport};
 use backhaul_edge::forward::mqtt::{MqttSettings, MqttTransport};
 use backhaul_edge::forward::{Event, Forwarder, ForwarderConfig, Transport};
 use backhaul_edge::pipeline::{self, DeviceInfo};
 use backhaul_edge::queue::Queue;
+use backhaul_edge::source::replay::Replay;
 use backhaul_edge::source::simulated::Simulated;
 use backhaul_edge::source::Source;
 use backhaul_edge::status::{self, StatusSource};
@@ -40,7 +43,7 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
         TransportMode::Http => "http",
     };
     let telemetry = Arc::new(Telemetry::new(&config.device_id, mode));
-    let mut source = make_source(&config, &queue)?;
+    let mut source = make_source(&config, &secrets, &queue)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind(&config.status_listen)).with_context(|| {
@@ -166,7 +169,7 @@ fn spawn_forwarder<T: Transport + Send + 'static>(
         .spawn(move || Forwarder::new(queue, transport, rx, telemetry, config).run())
 }
 
-fn make_source(config: &EdgeConfig, queue: &Queue) -> Result<Box<dyn Source>> {
+fn make_source(config: &EdgeConfig, secrets: &Secrets, queue: &Queue) -> Result<Box<dyn Source>> {
     let s = &config.source;
     match s.kind {
         SourceKind::Simulated => {
@@ -179,11 +182,41 @@ fn make_source(config: &EdgeConfig, queue: &Queue) -> Result<Box<dyn Source>> {
             }
             Ok(Box::new(sim.with_rate(s.rate)))
         }
-        SourceKind::Ble | SourceKind::Replay => anyhow::bail!(
-            "source.kind = \"{}\" is not available in this build yet (issue #6): use source.kind = \"simulated\"",
-            if s.kind == SourceKind::Ble { "ble" } else { "replay" }
+        SourceKind::Replay => {
+            let path = s.path.as_deref().context("source.path: the replay source needs a capture file")?;
+            let position = queue.source_position()?;
+            let replay = Replay::resume(path, decoder(config, secrets)?, position.as_deref(), s.pace == ReplayPace::Recorded)
+                .map_err(anyhow::Error::msg)
+                .context("source.kind = \"replay\" (if the stored position is not from this capture, move the data_dir aside to start over)")?;
+            Ok(Box::new(replay))
+        }
+        SourceKind::Ble => anyhow::bail!(
+            "source.kind = \"ble\" is not available in this build yet (issue #6): use \"replay\" with a capture, or \"simulated\""
         ),
     }
+}
+
+/// The decoders the config asks for.
+fn decoder(config: &EdgeConfig, secrets: &Secrets) -> Result<Decoder> {
+    let d = &config.decode;
+    let presence = if d.profiles.iter().any(|p| p == "presence") {
+        let secret = secrets.hash_secret.as_ref().context("the presence profile needs a hash secret")?;
+        let hasher = AddressHasher::new(secret.expose().as_bytes(), d.hash_rotation.map(|r| r.0))
+            .context("the hash secret is empty")?;
+        Some(PresenceSettings {
+            hasher,
+            zones: Zones { near_dbm: d.near_dbm, medium_dbm: d.medium_dbm },
+            smoothing: d.smoothing.0,
+        })
+    } else {
+        None
+    };
+    let thingy52 = d
+        .profiles
+        .iter()
+        .any(|p| p == "thingy52")
+        .then_some(Thingy52Settings { company_id: d.company_id, payload_len: d.payload_len });
+    Ok(Decoder::new(presence, thingy52, Duration::from_secs(d.dedup_window_s)))
 }
 
 fn mqtt_settings(config: &EdgeConfig, secrets: &Secrets) -> Result<MqttSettings> {

@@ -26,6 +26,10 @@ pub struct EdgeOptions {
     pub rate_per_sec: u32,
     pub burst: u32,
     pub max_inflight: u32,
+    /// The `[source]` section's lines instead of the simulated source's.
+    pub source: Option<String>,
+    /// Extra `[decode]` lines.
+    pub decode: String,
     /// Extra `[queue]` lines.
     pub queue: String,
     /// Where the data_dir goes (default: in the edge's temp dir).
@@ -52,6 +56,8 @@ impl Default for EdgeOptions {
             rate_per_sec: 10_000,
             burst: 1000,
             max_inflight: 32,
+            source: None,
+            decode: String::new(),
             queue: String::new(),
             data_dir: None,
             transport: String::new(),
@@ -86,7 +92,7 @@ impl Edge {
         let config = format!(
             "device_id = \"{device}\"\nname = \"Test Pi\"\nlocation = \"Lab\"\ndata_dir = \"{data}\"\n\
              status_listen = \"127.0.0.1:{status_port}\"\n\n\
-             [source]\nkind = \"simulated\"\nrate = {rate:?}\ncount = {count}\ndevices = 20\nseed = {seed}\n\n\
+             [source]\n{source}\n\n[decode]\n{decode}\n\n\
              [batch]\nmax_detections = {md}\nmax_age_ms = {ma}\n\n\
              [queue]\n{queue}\n\n\
              [transport]\nmode = \"{mode}\"\nrate_per_sec = {rps}\nburst = {burst}\nmax_inflight = {mi}\n\
@@ -95,9 +101,11 @@ impl Edge {
              [transport.http]\nurl = \"{http}\"\ntimeout = \"10s\"\n",
             device = o.device_id,
             data = data_dir.display(),
-            rate = o.rate,
-            count = o.count,
-            seed = o.seed,
+            source = o.source.clone().unwrap_or_else(|| format!(
+                "kind = \"simulated\"\nrate = {:?}\ncount = {}\ndevices = 20\nseed = {}",
+                o.rate, o.count, o.seed
+            )),
+            decode = o.decode,
             md = o.max_detections,
             ma = o.max_age_ms,
             queue = o.queue,

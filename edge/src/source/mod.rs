@@ -1,7 +1,9 @@
-//! Where detections come from: `simulated` (here), `ble` and `replay` (issue #6). A source hands
+//! Where detections come from: `simulated`, `replay` (a capture through the decoders) and `ble`
+//! (issue #6, to come). A source hands
 //! out detections, each with the position after it, so a resumable source continues after the
 //! last durable batch (the position is stored in the same write as the batch).
 
+pub mod replay;
 pub mod simulated;
 
 use std::time::{Duration, Instant};
