@@ -82,6 +82,10 @@ pub struct SourceConfig {
     pub pace: ReplayPace,
     /// ble: the adapter to use (default: the first).
     pub adapter: Option<String>,
+    /// ble: only advertisers of these service UUIDs (default: everything).
+    pub services: Vec<String>,
+    /// ble: nothing heard for this many seconds while scanning is a stall: the scan is restarted.
+    pub stall_after_s: u64,
 }
 
 impl Default for SourceConfig {
@@ -95,6 +99,8 @@ impl Default for SourceConfig {
             path: None,
             pace: ReplayPace::Fast,
             adapter: None,
+            services: Vec::new(),
+            stall_after_s: 120,
         }
     }
 }

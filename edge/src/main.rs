@@ -59,12 +59,17 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "/var/lib/backhaul")]
         data_dir: PathBuf,
     },
-    /// Watch BLE advertisements, optionally record them for the replay source.
+    /// Watch BLE advertisements (raw addresses shown here, on the Pi only: nothing is sent), and
+    /// optionally record them as JSON lines for the replay source.
     Scan {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Write every advertisement heard to FILE (the capture format of `source.kind = "replay"`).
         #[arg(long, value_name = "FILE")]
         record: Option<PathBuf>,
+        /// Take the adapter, service filter and Thingy:52 settings from this config.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Validate a config and print the effective settings, secrets masked.
     CheckConfig {
@@ -104,9 +109,87 @@ fn main() -> ExitCode {
     }
 }
 
-fn not_yet(what: &str, issue: u32) -> Result<ExitCode> {
-    eprintln!("backhaul-edge {what}: not implemented yet (tracked in issue #{issue})");
-    Ok(ExitCode::from(2))
+#[cfg(not(feature = "ble"))]
+fn scan(_seconds: u64, _record: Option<PathBuf>, _config: Option<PathBuf>) -> Result<ExitCode> {
+    anyhow::bail!("this backhaul-edge was built without BLE (cargo feature `ble`)")
+}
+
+#[cfg(feature = "ble")]
+fn scan(seconds: u64, record: Option<PathBuf>, config: Option<PathBuf>) -> Result<ExitCode> {
+    use backhaul_edge::decode::thingy52;
+    use backhaul_edge::source::ble::{BleSettings, Scanner};
+    use std::collections::HashSet;
+    use std::time::{Duration, Instant};
+
+    let (settings, company_id, payload_len) = match &config {
+        Some(file) => {
+            let c = backhaul_edge::config::EdgeConfig::load(file)?.0.config;
+            (service::ble_settings(&c), c.decode.company_id, c.decode.payload_len)
+        }
+        None => {
+            (BleSettings { adapter: None, services: Vec::new(), stall_after: Duration::from_secs(120) }, 0xFFFF, 14)
+        }
+    };
+    let telemetry = std::sync::Arc::new(backhaul_edge::telemetry::Telemetry::new("scan", "none"));
+    let scanner = Scanner::start(settings, telemetry.clone())?;
+    let mut out = match &record {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let (mut heard, mut advertisers) = (0u64, HashSet::new());
+    while let Some(adv) = scanner.next(deadline.saturating_duration_since(Instant::now())) {
+        heard += 1;
+        advertisers.insert(adv.address.clone());
+        let mut what = Vec::new();
+        if let Some(name) = &adv.name {
+            what.push(format!("\"{name}\""));
+        }
+        for (company, data) in &adv.manufacturer_data {
+            if *company == company_id && data.len() == payload_len {
+                let r = thingy52::decode(data);
+                what.push(format!(
+                    "thingy52: {:?} °C, {:?} %, {:?} ppm, window {:?}, battery {:?} %",
+                    r.temp, r.humidity, r.co2_ppm, r.window_open, r.battery
+                ));
+            } else {
+                what.push(format!("mfr 0x{company:04x}: {}", hex_bytes(data)));
+            }
+        }
+        for (uuid, data) in &adv.service_data {
+            what.push(format!("svc {uuid}: {}", hex_bytes(data)));
+        }
+        println!("{}  {}  {:>4} dBm  {}", adv.t, adv.address, adv.rssi, what.join("  "));
+        if let Some(out) = &mut out {
+            serde_json::to_writer(&mut *out, &adv)?;
+            out.write_all(b"\n")?;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+    }
+    if let Some(mut out) = out {
+        out.flush()?;
+    }
+    eprintln!(
+        "heard {heard} advertisements from {} advertisers in {seconds} s{}",
+        advertisers.len(),
+        record.map(|p| format!("; recorded to {}", p.display())).unwrap_or_default()
+    );
+    if heard == 0 {
+        if let Some(e) = telemetry.source_error() {
+            eprintln!("backhaul-edge scan: nothing heard: {e}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(feature = "ble")]
+fn hex_bytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn dispatch(command: Command) -> Result<ExitCode> {
@@ -117,7 +200,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { config, addr, json } => status(config, addr, json),
-        Command::Scan { .. } => not_yet("scan", 6),
+        Command::Scan { seconds, record, config } => scan(seconds, record, config),
         Command::CheckConfig { config } => {
             let (loaded, secrets) = backhaul_edge::config::EdgeConfig::load(&config)?;
             println!("# {}: valid", config.display());

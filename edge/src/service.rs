@@ -43,7 +43,7 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
         TransportMode::Http => "http",
     };
     let telemetry = Arc::new(Telemetry::new(&config.device_id, mode));
-    let mut source = make_source(&config, &secrets, &queue)?;
+    let mut source = make_source(&config, &secrets, &queue, &telemetry)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind(&config.status_listen)).with_context(|| {
@@ -169,7 +169,23 @@ fn spawn_forwarder<T: Transport + Send + 'static>(
         .spawn(move || Forwarder::new(queue, transport, rx, telemetry, config).run())
 }
 
-fn make_source(config: &EdgeConfig, secrets: &Secrets, queue: &Queue) -> Result<Box<dyn Source>> {
+/// The BLE scanner's settings from the config.
+#[cfg(feature = "ble")]
+pub fn ble_settings(config: &EdgeConfig) -> backhaul_edge::source::ble::BleSettings {
+    backhaul_edge::source::ble::BleSettings {
+        adapter: config.source.adapter.clone(),
+        services: config.source.services.clone(),
+        stall_after: Duration::from_secs(config.source.stall_after_s.max(1)),
+    }
+}
+
+#[cfg_attr(not(feature = "ble"), allow(unused_variables))]
+fn make_source(
+    config: &EdgeConfig,
+    secrets: &Secrets,
+    queue: &Queue,
+    telemetry: &Arc<Telemetry>,
+) -> Result<Box<dyn Source>> {
     let s = &config.source;
     match s.kind {
         SourceKind::Simulated => {
@@ -190,14 +206,21 @@ fn make_source(config: &EdgeConfig, secrets: &Secrets, queue: &Queue) -> Result<
                 .context("source.kind = \"replay\" (if the stored position is not from this capture, move the data_dir aside to start over)")?;
             Ok(Box::new(replay))
         }
+        #[cfg(feature = "ble")]
+        SourceKind::Ble => {
+            use backhaul_edge::source::ble::{Ble, Scanner};
+            let scanner = Scanner::start(ble_settings(config), telemetry.clone())?;
+            Ok(Box::new(Ble::new(scanner, decoder(config, secrets)?)))
+        }
+        #[cfg(not(feature = "ble"))]
         SourceKind::Ble => anyhow::bail!(
-            "source.kind = \"ble\" is not available in this build yet (issue #6): use \"replay\" with a capture, or \"simulated\""
+            "source.kind = \"ble\": this backhaul-edge was built without BLE (cargo feature `ble`); use \"replay\" or \"simulated\""
         ),
     }
 }
 
 /// The decoders the config asks for.
-fn decoder(config: &EdgeConfig, secrets: &Secrets) -> Result<Decoder> {
+pub fn decoder(config: &EdgeConfig, secrets: &Secrets) -> Result<Decoder> {
     let d = &config.decode;
     let presence = if d.profiles.iter().any(|p| p == "presence") {
         let secret = secrets.hash_secret.as_ref().context("the presence profile needs a hash secret")?;

@@ -29,6 +29,7 @@ pub struct StatusReport {
     pub produced: Produced,
     /// Since this process started.
     pub sent: Sent,
+    pub source: SourceStatus,
     pub rates: Rates,
 }
 
@@ -77,6 +78,17 @@ pub struct Sent {
     pub acked_detections: u64,
     pub acked_duplicates: u64,
     pub rejected: u64,
+}
+
+/// The source, since this process started.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourceStatus {
+    pub detections: u64,
+    /// It has produced everything it will (a `count` reached, a capture replayed).
+    pub done: bool,
+    /// BLE: scans restarted or adapters reopened after a stall or failure.
+    pub recoveries: u64,
+    pub last_error: Option<String>,
 }
 
 /// Over the last few seconds.
@@ -189,6 +201,12 @@ impl StatusSource {
                 acked_duplicates: t.acked_duplicates.load(Ordering::Relaxed),
                 rejected: t.rejected_batches.load(Ordering::Relaxed),
             },
+            source: SourceStatus {
+                detections: t.source_detections.load(Ordering::Relaxed),
+                done: t.source_done.load(Ordering::Relaxed),
+                recoveries: t.source_recoveries.load(Ordering::Relaxed),
+                last_error: t.source_error(),
+            },
             rates: self.rates.lock().unwrap_or_else(|p| p.into_inner()).rates(),
         })
     }
@@ -247,6 +265,13 @@ pub fn prometheus(r: &StatusReport) -> String {
     metric("acked_batches_total", "counter", "Batches acknowledged since start.", r.sent.acked_batches as f64);
     metric("acked_detections_total", "counter", "Detections acknowledged since start.", r.sent.acked_detections as f64);
     metric("rejected_batches_total", "counter", "Batches dead-lettered since start.", r.sent.rejected as f64);
+    metric("source_detections_total", "counter", "Detections from the source since start.", r.source.detections as f64);
+    metric(
+        "source_recoveries_total",
+        "counter",
+        "BLE scan restarts and adapter reopenings since start.",
+        r.source.recoveries as f64,
+    );
     metric("uptime_seconds", "gauge", "Seconds since the process started.", r.uptime_s as f64);
     out
 }
@@ -325,6 +350,14 @@ pub fn render(r: &StatusReport) -> String {
         "since start {} sent ({} resent), {} acked ({} duplicates), {} refused",
         r.sent.batches, r.sent.resent, r.sent.acked_batches, r.sent.acked_duplicates, r.sent.rejected
     );
+    if r.source.recoveries > 0 || r.source.last_error.is_some() {
+        let _ = writeln!(
+            out,
+            "source     {} recoveries; last error: {}",
+            r.source.recoveries,
+            r.source.last_error.as_deref().unwrap_or("-")
+        );
+    }
     let _ = writeln!(
         out,
         "rates      {} detections/s in, {} batches/s ({} detections/s) acked",

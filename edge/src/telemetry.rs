@@ -32,6 +32,10 @@ pub struct Telemetry {
     pub source_detections: AtomicU64,
     /// The source has produced everything it will (a `count` reached, a replay's end).
     pub source_done: AtomicBool,
+    /// BLE: scans restarted or adapters reopened after a stall or a failure.
+    pub source_recoveries: AtomicU64,
+    /// The source's last error (BLE: adapter or bluetoothd trouble).
+    pub source_error: Mutex<Option<String>>,
     /// Heartbeats: ms since `started` of each stage's last turn of its loop (for the watchdog).
     pub source_beat_ms: AtomicU64,
     pub forwarder_beat_ms: AtomicU64,
@@ -56,6 +60,8 @@ impl Telemetry {
             rejected_batches: AtomicU64::new(0),
             source_detections: AtomicU64::new(0),
             source_done: AtomicBool::new(false),
+            source_recoveries: AtomicU64::new(0),
+            source_error: Mutex::new(None),
             source_beat_ms: AtomicU64::new(0),
             forwarder_beat_ms: AtomicU64::new(0),
             last_error: Mutex::new(None),
@@ -80,6 +86,14 @@ impl Telemetry {
 
     pub fn set_error(&self, error: impl Into<String>) {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.into());
+    }
+
+    pub fn set_source_error(&self, error: impl Into<String>) {
+        *self.source_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.into());
+    }
+
+    pub fn source_error(&self) -> Option<String> {
+        self.source_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn last_error(&self) -> Option<String> {

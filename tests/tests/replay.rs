@@ -98,3 +98,34 @@ fn a_capture_of_mixed_advertisers_is_decoded_and_stored_exactly() {
         );
     }
 }
+
+/// These machines have no radio and no bluetoothd: the BLE source must keep the service up, keep
+/// retrying, and say why nothing comes (on a machine with a radio, it hears something instead).
+#[test]
+fn without_bluez_the_ble_source_keeps_the_service_up_and_says_why() {
+    let edge = Edge::start(EdgeOptions {
+        source: Some("kind = \"ble\"\nstall_after_s = 5".into()),
+        env: vec![("BACKHAUL_HASH_SECRET".into(), SECRET.into())],
+        ..Default::default()
+    })
+    .unwrap();
+    let status = edge
+        .wait_status("the BLE source to report", T, |s| {
+            s["source"]["last_error"].is_string() || s["source"]["detections"].as_u64().unwrap_or(0) > 0
+        })
+        .unwrap();
+    if let Some(e) = status["source"]["last_error"].as_str() {
+        assert!(e.contains("BlueZ") || e.contains("adapter"), "{e}");
+    }
+    assert!(edge.status().is_ok(), "still running");
+}
+
+#[test]
+fn scan_without_bluez_says_why_nothing_was_heard() {
+    let (code, out, err) = backhaul_tests::run("backhaul-edge", &["scan", "--seconds", "1"], &[]).unwrap();
+    if code == 0 {
+        assert!(!out.is_empty(), "heard something: a radio is present");
+    } else {
+        assert!(err.contains("nothing heard") && (err.contains("BlueZ") || err.contains("adapter")), "{err}");
+    }
+}

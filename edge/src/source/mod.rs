@@ -3,6 +3,8 @@
 //! out detections, each with the position after it, so a resumable source continues after the
 //! last durable batch (the position is stored in the same write as the batch).
 
+#[cfg(feature = "ble")]
+pub mod ble;
 pub mod replay;
 pub mod simulated;
 
