@@ -133,9 +133,14 @@ fn scan(seconds: u64, record: Option<PathBuf>, config: Option<PathBuf>) -> Resul
     let telemetry = std::sync::Arc::new(backhaul_edge::telemetry::Telemetry::new("scan", "none"));
     let scanner = Scanner::start(settings, telemetry.clone())?;
     let mut out = match &record {
-        Some(path) => Some(std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        )),
+        // Never over an existing capture (a replay may stand in it), and readable by the owner
+        // only: it holds raw addresses.
+        Some(path) => Some(std::io::BufWriter::new({
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).with_context(|| {
+                format!("creating {} (an existing capture is never overwritten: choose a new name)", path.display())
+            })?
+        })),
         None => None,
     };
     let deadline = Instant::now() + Duration::from_secs(seconds);

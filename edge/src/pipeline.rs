@@ -114,6 +114,8 @@ fn store(
         timestamp: Timestamp::now(),
         detections: cut.detections,
         source_position: cut.source_position,
+        // Made once: every retry of this enqueue carries the same key.
+        batch_id: Some(backhaul_shared::BatchId::new()),
     };
     loop {
         match queue.enqueue(batch.clone()) {

@@ -392,6 +392,7 @@ pub fn presence_batch(device_id: &str, detections: usize) -> backhaul_edge::queu
             })
             .collect(),
         source_position: None,
+        batch_id: None,
     }
 }
 

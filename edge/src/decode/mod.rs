@@ -133,7 +133,7 @@ impl Decoder {
                 .get(&settings.company_id)
                 .filter(|p| p.len() == settings.payload_len)
                 .map(|p| thingy52::decode(p))
-                .filter(|r| !r.is_empty());
+                .filter(|r| r.is_node_layout() && !r.is_empty());
             if let Some(r) = reading {
                 if self.fresh(Profile::Thingy52, &address, t_ms) {
                     out.push(Detection::Sensor(Sensor {
@@ -180,11 +180,12 @@ impl Decoder {
     /// Forgets advertisers outside the window, at most once a window (bounded memory).
     fn prune(&mut self, now_ms: i64) {
         let window = self.dedup_window_ms.max(1000);
-        if now_ms.saturating_sub(self.pruned_at_ms) < window {
+        // (Also when the clock stepped back: a Pi without a real-time clock sets it late.)
+        if now_ms >= self.pruned_at_ms && now_ms.saturating_sub(self.pruned_at_ms) < window {
             return;
         }
         self.pruned_at_ms = now_ms;
-        self.last.retain(|_, t| now_ms.saturating_sub(*t) < window);
+        self.last.retain(|_, t| *t <= now_ms && now_ms - *t < window);
         if let Some((_, smoother)) = &mut self.presence {
             smoother.prune(now_ms);
         }

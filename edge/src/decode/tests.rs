@@ -75,6 +75,18 @@ fn a_thingy52_advertisement_makes_a_sensor_reading_and_a_presence_detection() {
 }
 
 #[test]
+fn another_vendors_data_under_0xffff_is_not_taken_for_a_node() {
+    // 14 bytes whose first key decodes (humidity 55), then padding: not the nodes' layout, so no
+    // sensor reading (which would put this advertiser's raw address on the wire as `node`).
+    let mut a = thingy();
+    a.manufacturer_data.insert(0xFFFF, [0x02, 0x37].into_iter().chain([0u8; 12]).collect());
+    assert!(decoder(false, true, 10).decode(&a).is_empty());
+    let mut twice = thingy();
+    twice.manufacturer_data.insert(0xFFFF, hex::decode("0101010102280300fd0400000264").unwrap());
+    assert!(decoder(false, true, 10).decode(&twice).is_empty(), "a key twice, one missing");
+}
+
+#[test]
 fn thingy52_wants_its_company_id_and_exact_size() {
     let mut wrong_company = thingy();
     let payload = wrong_company.manufacturer_data.remove(&0xFFFF).unwrap();

@@ -24,9 +24,18 @@ pub struct Reading {
     pub battery: Option<u8>,
     /// Why decoding stopped early or a value was left out, if it did (for logs and `scan`).
     pub problems: Vec<String>,
+    /// Keys seen whole, as bits (1 << key).
+    pub keys: u8,
 }
 
 impl Reading {
+    /// Whether the payload had the nodes' whole layout: every key once, nothing unknown. Another
+    /// vendor's data under the same company id almost never does; only then is the advertiser
+    /// taken for one of the deployment's nodes (whose address goes on the wire as `node`).
+    pub fn is_node_layout(&self) -> bool {
+        self.keys == 0b11_1110 && !self.problems.iter().any(|p| p.starts_with("unknown key") || p.contains("cut short"))
+    }
+
     /// Whether anything was read.
     pub fn is_empty(&self) -> bool {
         self.window_open.is_none()
@@ -62,6 +71,10 @@ pub fn decode(payload: &[u8]) -> Reading {
             break;
         };
         rest = &tail[size..];
+        if r.keys & (1 << key) != 0 {
+            r.problems.push(format!("key 0x{key:02x} twice"));
+        }
+        r.keys |= 1 << key;
         match key {
             0x01 => match value[0] {
                 0 => r.window_open = Some(false),
@@ -155,7 +168,7 @@ mod tests {
     #[test]
     fn out_of_range_values_are_rejected_not_stored() {
         let r = decode(&[0x01, 2, 0x02, 101, 0x03, 0x03, 0x84, 0x04, 0x00, 0x01, 0x86, 0xA1, 0x05, 101]);
-        assert_eq!(r, Reading { problems: r.problems.clone(), ..Reading::default() });
+        assert_eq!(r, Reading { problems: r.problems.clone(), keys: r.keys, ..Reading::default() });
         assert_eq!(r.problems.len(), 5, "{:?}", r.problems); // 90.0 °C and 100,001 ppm included
     }
 

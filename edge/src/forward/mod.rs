@@ -460,6 +460,7 @@ mod tests {
                     timestamp: backhaul_shared::Timestamp::now(),
                     detections: Vec::new(),
                     source_position: None,
+                    batch_id: None,
                 })
                 .unwrap();
         }

@@ -315,12 +315,18 @@ impl Counters {
 /// (the cloud shows them as gaps), and a resumable source continues after the watermark's
 /// position rather than producing again what was already delivered.
 ///
-/// Rewritten after every sync, without an fsync of its own: it never claims more than sled had
-/// synced, and after a power cut it can only be behind (a check that is then lenient, never a
-/// false alarm). Framed with a CRC; a damaged watermark is ignored. Never reorder these fields.
+/// Rewritten after every sync with `Durability::Fsync` (only then is sled's state durable before
+/// the watermark's write), without an fsync of its own: it never claims more than sled had synced,
+/// and after a power cut it can only be behind (a check that is then lenient, never a false
+/// alarm). The lost count is bounded by the batches pending at that sync: missing batches that had
+/// been acked are in the cloud already. Framed with a CRC; a damaged watermark is ignored. Never
+/// reorder these fields.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Watermark {
     pub next_seq: u64,
+    /// Batches pending (not acked) at that sync: at most this many of the missing seqs can have
+    /// been undelivered (the others were acked, so the cloud has them).
+    pub pending_batches: u64,
     pub produced_batches: u64,
     pub produced_detections: u64,
     pub source_position: Option<Vec<u8>>,
@@ -331,9 +337,10 @@ const WATERMARK_VERSION: u8 = 1;
 impl Watermark {
     pub fn encode(&self) -> Vec<u8> {
         let position = self.source_position.as_deref().unwrap_or_default();
-        let mut p = Vec::with_capacity(1 + 24 + 4 + position.len());
+        let mut p = Vec::with_capacity(1 + 32 + 4 + position.len());
         p.push(WATERMARK_VERSION);
         p.extend_from_slice(&self.next_seq.to_le_bytes());
+        p.extend_from_slice(&self.pending_batches.to_le_bytes());
         p.extend_from_slice(&self.produced_batches.to_le_bytes());
         p.extend_from_slice(&self.produced_detections.to_le_bytes());
         p.extend_from_slice(&(position.len() as u32).to_le_bytes());
@@ -343,16 +350,17 @@ impl Watermark {
 
     pub fn decode(value: &[u8]) -> Option<Self> {
         let p = record::decode(value).ok()?;
-        if p.len() < 29 || p[0] != WATERMARK_VERSION {
+        if p.len() < 37 || p[0] != WATERMARK_VERSION {
             return None;
         }
         let u64_at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().expect("8 bytes"));
-        let len = u32::from_le_bytes(p[25..29].try_into().expect("4 bytes")) as usize;
-        let position = p.get(29..29usize.checked_add(len)?)?;
+        let len = u32::from_le_bytes(p[33..37].try_into().expect("4 bytes")) as usize;
+        let position = p.get(37..37usize.checked_add(len)?)?;
         Some(Self {
             next_seq: u64_at(1),
-            produced_batches: u64_at(9),
-            produced_detections: u64_at(17),
+            pending_batches: u64_at(9),
+            produced_batches: u64_at(17),
+            produced_detections: u64_at(25),
             source_position: (len > 0).then(|| position.to_vec()),
         })
     }
@@ -389,8 +397,13 @@ mod tests {
 
     #[test]
     fn watermarks_round_trip_and_damage_reads_as_none() {
-        let w =
-            Watermark { next_seq: 7, produced_batches: 7, produced_detections: 350, source_position: Some(vec![1, 2]) };
+        let w = Watermark {
+            next_seq: 7,
+            pending_batches: 3,
+            produced_batches: 7,
+            produced_detections: 350,
+            source_position: Some(vec![1, 2]),
+        };
         let bytes = w.encode();
         assert_eq!(Watermark::decode(&bytes), Some(w));
         for i in 0..bytes.len() {

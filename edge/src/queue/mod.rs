@@ -167,6 +167,10 @@ pub struct NewBatch {
     pub detections: Vec<Detection>,
     /// Where a resumable source stands after this batch; stored in the same atomic write.
     pub source_position: Option<Vec<u8>>,
+    /// The idempotency key, if the caller made it; `None`: the queue makes one. A caller that
+    /// retries an enqueue that failed (a full disk) must pass the same key, so that an attempt
+    /// that did reach the disk is found instead of stored twice.
+    pub batch_id: Option<BatchId>,
 }
 
 /// A batch handed out for sending.
@@ -228,6 +232,8 @@ pub enum QueueOpenError {
     Storage { path: PathBuf, source: sled::Error },
     #[error("pruning old acked batches in {} at start: {source}", path.display())]
     Prune { path: PathBuf, source: QueueError },
+    #[error("recording the batches sled lost in {} at start: {source}", path.display())]
+    RecordLoss { path: PathBuf, source: QueueError },
 }
 
 #[derive(Debug, Error)]
@@ -408,8 +414,11 @@ impl Queue {
         let Loaded { mut counters, mut latest_position, .. } = load_counters(&store.tree, true).map_err(storage)?;
         let watermark_path = data_dir.join("queue.watermark");
         let found = std::fs::read(&watermark_path).ok().and_then(|b| layout::Watermark::decode(&b));
+        let mut found_loss = false;
         if let Some(w) = found.filter(|w| w.next_seq > counters.next_seq) {
-            let lost = w.next_seq - counters.next_seq;
+            found_loss = true;
+            // Only batches still pending at the last sync can be undelivered.
+            let lost = (w.next_seq - counters.next_seq).min(w.pending_batches);
             tracing::error!(
                 lost_batches = lost,
                 first_seq = counters.next_seq,
@@ -425,12 +434,20 @@ impl Queue {
                 latest_position = w.source_position;
             }
         }
-        let watermark_file = std::fs::OpenOptions::new()
+        // Without it the queue works, only unguarded: a watermark made by root (an offline tool run
+        // with sudo) must not keep the service from starting.
+        let watermark_file = match std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&watermark_path)
-            .map_err(dir_err)?;
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(path = %watermark_path.display(), error = %e, "cannot write the queue's watermark; a sled that loses data will go unnoticed (check the file's owner)");
+                None
+            }
+        };
         let retain_acked = !config.retain_acked.is_zero();
         let queue = Self {
             inner: Arc::new(Inner {
@@ -445,10 +462,15 @@ impl Queue {
                     ..State::default()
                 }),
                 space: Condvar::new(),
-                sync: Mutex::new(SyncState { watermark: Some(watermark_file), ..SyncState::default() }),
+                sync: Mutex::new(SyncState { watermark: watermark_file, ..SyncState::default() }),
                 _lock: lock,
             }),
         };
+        if found_loss {
+            // Make the finding durable at once: a kill before the next metadata write must not
+            // forget it (the watermark will soon agree with sled and say nothing again).
+            queue.write_counters().map_err(|source| QueueOpenError::RecordLoss { path: path.clone(), source })?;
+        }
         queue.prune_acked().map_err(|source| QueueOpenError::Prune { path: path.clone(), source })?;
         tracing::info!(
             path = %queue.inner.path.display(),
@@ -675,6 +697,7 @@ impl Queue {
             let c = &st.counters;
             let watermark = layout::Watermark {
                 next_seq: c.next_seq,
+                pending_batches: c.pending_batches,
                 produced_batches: c.produced_batches,
                 produced_detections: c.produced_detections,
                 source_position: st.latest_position.clone(),
@@ -687,7 +710,7 @@ impl Queue {
             sync_new_blobs(&self.inner.path.join("blobs"), &mut sync.blobs_synced)?;
             store.log_file.sync_data()?;
         }
-        if let Some(file) = &sync.watermark {
+        if let Some(file) = sync.watermark.as_ref().filter(|_| self.inner.config.durability == Durability::Fsync) {
             // No fsync of its own (see `layout::Watermark`); a failure only weakens the check.
             let bytes = watermark.encode();
             let written = std::os::unix::fs::FileExt::write_all_at(file, &bytes, 0)
@@ -701,6 +724,18 @@ impl Queue {
         let mut st = self.lock_state();
         st.durable_next_seq = st.durable_next_seq.max(next_seq);
         Ok(())
+    }
+
+    /// Writes the counters (with any acks in memory) and makes them durable.
+    fn write_counters(&self) -> Result<(), QueueError> {
+        let (epoch, ticket) = {
+            let guard = self.read_store();
+            let store = Store::get(&guard)?;
+            let mut st = self.lock_state();
+            write_meta(store, &mut st, sled::Batch::default())?;
+            (st.epoch, st.applied)
+        };
+        self.sync_to(epoch, ticket)
     }
 
     /// Writes pending acks and makes every write so far durable.
@@ -1386,7 +1421,7 @@ struct Prepared {
 
 impl Prepared {
     fn new(batch: NewBatch) -> Self {
-        let batch_id = BatchId::new();
+        let batch_id = batch.batch_id.unwrap_or_default();
         let parts = WireParts::new(&batch, batch_id);
         let position_len = batch.source_position.as_ref().map_or(0, Vec::len);
         Self {

@@ -72,9 +72,26 @@ impl Scanner {
 
 async fn scan_forever(settings: BleSettings, tx: mpsc::SyncSender<Advertisement>, telemetry: Arc<Telemetry>) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    // One D-Bus connection for the thread's life: btleplug keeps each Manager's connection task
+    // running forever, so a Manager per retry would leak one per attempt.
+    let manager = loop {
+        match Manager::new().await {
+            Ok(m) => break m,
+            Err(e) => {
+                let delay = backoff.next_random(None);
+                let e = format!(
+                    "cannot reach BlueZ: the D-Bus system bus does not answer (are dbus and bluetoothd running?): {e}"
+                );
+                tracing::warn!(error = %e, retry_in = ?delay, "BLE scanning cannot start yet");
+                telemetry.set_source_error(e);
+                tokio::time::sleep(delay).await;
+            }
+        }
+    };
+    backoff.reset();
     loop {
         let started = Instant::now();
-        match scan(&settings, &tx, &telemetry).await {
+        match scan(&manager, &settings, &tx, &telemetry).await {
             Ok(()) => return, // nobody listens any more
             Err(e) => {
                 if started.elapsed() > Duration::from_secs(60) {
@@ -91,14 +108,15 @@ async fn scan_forever(settings: BleSettings, tx: mpsc::SyncSender<Advertisement>
 
 /// One scanning session; `Ok` only when the receiver is gone.
 async fn scan(
+    manager: &Manager,
     settings: &BleSettings,
     tx: &mpsc::SyncSender<Advertisement>,
     telemetry: &Telemetry,
 ) -> Result<(), String> {
-    let manager =
-        Manager::new().await.map_err(|e| format!("cannot reach BlueZ over D-Bus (is bluetoothd running?): {e}"))?;
+    let adapters =
+        manager.adapters().await.map_err(|e| format!("cannot reach BlueZ over D-Bus (is bluetoothd running?): {e}"))?;
     let mut chosen = None;
-    for adapter in manager.adapters().await.map_err(|e| format!("listing Bluetooth adapters: {e}"))? {
+    for adapter in adapters {
         let info = adapter.adapter_info().await.unwrap_or_default();
         if settings.adapter.as_deref().is_none_or(|want| info.starts_with(want)) {
             chosen = Some((adapter, info));

@@ -285,6 +285,7 @@ fn sample_batch(detections: usize, salt: u64) -> NewBatch {
             })
             .collect(),
         source_position: None,
+        batch_id: None,
     }
 }
 
@@ -905,7 +906,7 @@ fn decode_replay(dir: &Path, total: u64, advertisers: u64) -> Result<Value> {
         let r = mix(i);
         let a = r % advertisers;
         let t = Timestamp::from_unix_millis(start_ms + (i / 2) as i64).context("time")?;
-        let data = if a % 10 == 0 {
+        let data = if a.is_multiple_of(10) {
             r#"{"65535":"010102280300fd04000002640557"}"#.to_owned()
         } else {
             format!(r#"{{"76":"1005031c{:08x}"}}"#, r as u32)
@@ -913,7 +914,12 @@ fn decode_replay(dir: &Path, total: u64, advertisers: u64) -> Result<Value> {
         writeln!(
             f,
             r#"{{"t":"{t}","address":"{:02X}:{:02X}:{:02X}:{:02X}:{:02X}:{:02X}","rssi":-{},"tx_power":null,"manufacturer_data":{data},"service_data":{{}},"services":[],"name":null}}"#,
-            0xC0 | (a >> 40) & 0x3f, (a >> 32) & 0xff, (a >> 24) & 0xff, (a >> 16) & 0xff, (a >> 8) & 0xff, a & 0xff,
+            0xC0 | (a >> 40) & 0x3f,
+            (a >> 32) & 0xff,
+            (a >> 24) & 0xff,
+            (a >> 16) & 0xff,
+            (a >> 8) & 0xff,
+            a & 0xff,
             30 + r % 70
         )?;
     }
