@@ -95,6 +95,25 @@ impl Default for Thingy52Settings {
     }
 }
 
+/// Whether `address` may make a detection for `profile` at `t_ms` (not inside its dedup window);
+/// records it if so.
+fn fresh(
+    last: &mut HashMap<(Profile, String), i64>,
+    window_ms: i64,
+    profile: Profile,
+    address: &str,
+    t_ms: i64,
+) -> bool {
+    let key = (profile, address.to_owned());
+    match last.get(&key) {
+        Some(&seen) if t_ms >= seen && t_ms - seen < window_ms => false,
+        _ => {
+            last.insert(key, t_ms);
+            true
+        }
+    }
+}
+
 /// Turns advertisements into detections, with per-advertiser deduplication.
 #[derive(Debug)]
 pub struct Decoder {
@@ -135,7 +154,7 @@ impl Decoder {
                 .map(|p| thingy52::decode(p))
                 .filter(|r| r.is_node_layout() && !r.is_empty());
             if let Some(r) = reading {
-                if self.fresh(Profile::Thingy52, &address, t_ms) {
+                if fresh(&mut self.last, self.dedup_window_ms, Profile::Thingy52, &address, t_ms) {
                     out.push(Detection::Sensor(Sensor {
                         node: address.to_ascii_lowercase(),
                         rssi: adv.rssi,
@@ -152,29 +171,16 @@ impl Decoder {
         if let Some((settings, smoother)) = &mut self.presence {
             // Every reading feeds the median, also those the dedup window swallows.
             let rssi = smoother.push(&address, t_ms, adv.rssi);
-            let (hasher, zones) = (settings.hasher.clone(), settings.zones);
-            if self.fresh(Profile::Presence, &address, t_ms) {
+            if fresh(&mut self.last, self.dedup_window_ms, Profile::Presence, &address, t_ms) {
                 out.push(Detection::Presence(Presence {
-                    device_hash: hasher.hash(&address, t_ms.div_euclid(1000)),
+                    device_hash: settings.hasher.hash(&address, t_ms.div_euclid(1000)),
                     rssi,
-                    zone: zones.zone(rssi),
+                    zone: settings.zones.zone(rssi),
                     timestamp: adv.t,
                 }));
             }
         }
         out
-    }
-
-    /// Whether `address` may make a detection for `profile` at `t_ms`; records it if so.
-    fn fresh(&mut self, profile: Profile, address: &str, t_ms: i64) -> bool {
-        let key = (profile, address.to_owned());
-        match self.last.get(&key) {
-            Some(&last) if t_ms >= last && t_ms - last < self.dedup_window_ms => false,
-            _ => {
-                self.last.insert(key, t_ms);
-                true
-            }
-        }
     }
 
     /// Forgets advertisers outside the window, at most once a window (bounded memory).

@@ -1273,18 +1273,68 @@ fn prune_acked_locked(
         write_meta(store, st, sled::Batch::default())?;
     }
     let end = layout::acked_key(before_ms.unwrap_or(u64::MAX), 0);
+    remove_oldest_locked(store, st, Retained::Acked, &layout::acked_key(0, 0), &end, bytes)
+}
+
+/// Removes dead letters oldest first until `bytes` are freed (the budget needs the room).
+fn prune_dead_locked(store: &Store, st: &mut State, bytes: u64) -> Result<u64, QueueError> {
+    let n = remove_oldest_locked(
+        store,
+        st,
+        Retained::Dead,
+        &layout::dead_key(0),
+        &layout::dead_key(u64::MAX),
+        Some(bytes),
+    )?;
+    if n > 0 {
+        tracing::warn!(batches = n, "queue over its byte budget: removed the oldest dead-lettered batches");
+    }
+    Ok(n)
+}
+
+/// The trees of batches kept after their fate was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retained {
+    Acked,
+    Dead,
+}
+
+/// Removes the records of `kind` with keys from `from` to `to` (acked: `to` excluded; dead: the
+/// record under `to` included), oldest first, until `bytes` are freed if given; one atomic write
+/// with the counters.
+fn remove_oldest_locked(
+    store: &Store,
+    st: &mut State,
+    kind: Retained,
+    from: &[u8],
+    to: &[u8],
+    bytes: Option<u64>,
+) -> Result<u64, QueueError> {
     let mut write = sled::Batch::default();
     let mut counters = st.counters;
     let (mut n, mut freed) = (0u64, 0u64);
-    for record in chunks::records(store.tree.range(layout::acked_key(0, 0)..end)) {
+    let mut upto = to.to_vec();
+    if kind == Retained::Dead {
+        upto.extend_from_slice(&[0xff, 0xff]); // the last key's chunks too
+    }
+    for record in chunks::records(store.tree.range(from.to_vec()..upto)) {
         if bytes.is_some_and(|b| freed >= b) {
             break;
         }
         let record = record?;
         let size = record.stored_size();
         chunks::remove_into(&mut write, &record);
-        counters.acked_batches = counters.acked_batches.saturating_sub(1);
-        counters.acked_bytes = counters.acked_bytes.saturating_sub(size);
+        let (count, total) = match kind {
+            Retained::Acked => (&mut counters.acked_batches, &mut counters.acked_bytes),
+            Retained::Dead => {
+                if let Some(seq) = layout::pending_key_seq(&record.prefix) {
+                    write.remove(&layout::dead_reason_key(seq)[..]);
+                }
+                (&mut counters.dead_batches, &mut counters.dead_bytes)
+            }
+        };
+        *count = count.saturating_sub(1);
+        *total = total.saturating_sub(size);
         freed += size;
         n += 1;
     }
@@ -1301,34 +1351,6 @@ const META_EVERY_ENQUEUES: u64 = 1024;
 
 /// A dead letter's reason is kept up to this many characters.
 const MAX_REASON_CHARS: usize = 512;
-
-/// Removes dead letters oldest first until `bytes` are freed (the budget needs the room).
-fn prune_dead_locked(store: &Store, st: &mut State, bytes: u64) -> Result<u64, QueueError> {
-    let mut write = sled::Batch::default();
-    let mut counters = st.counters;
-    let (mut n, mut freed) = (0u64, 0u64);
-    for record in chunks::records(store.tree.range(layout::dead_key(0)..=layout::dead_key(u64::MAX))) {
-        if freed >= bytes {
-            break;
-        }
-        let record = record?;
-        let size = record.stored_size();
-        chunks::remove_into(&mut write, &record);
-        if let Some(seq) = layout::pending_key_seq(&record.prefix) {
-            write.remove(&layout::dead_reason_key(seq)[..]);
-        }
-        counters.dead_batches = counters.dead_batches.saturating_sub(1);
-        counters.dead_bytes = counters.dead_bytes.saturating_sub(size);
-        freed += size;
-        n += 1;
-    }
-    if n > 0 {
-        st.counters = counters;
-        write_meta(store, st, write)?;
-        tracing::warn!(batches = n, "queue over its byte budget: removed the oldest dead-lettered batches");
-    }
-    Ok(n)
-}
 
 /// Acks are written in groups of this many (or sooner, see [`Queue::ack`]).
 pub const ACK_WRITE_GROUP: usize = 64;
