@@ -1,0 +1,223 @@
+//! `backhaul-cloud serve` on its own: HTTP ingest (new and duplicate) and the MQTT path.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::util::*;
+use crate::{child, median, s};
+
+pub fn cloud_benchmarks(dir: &Path, runs: usize, quick: bool) -> Result<()> {
+    let d = dir.display().to_string();
+    let total = if quick { "50000" } else { "200000" };
+    println!();
+    println!("| cloud ingest into SQLite, {total} detections, 4 HTTP clients on loopback | detections/s | batches/s |");
+    println!("| --- | ---: | ---: |");
+    for per in ["50", "500"] {
+        let r = child(&[s("cloud-http"), s(&d), s(total), s(per)], runs)?;
+        println!(
+            "| HTTP new, {per} det/batch | {:.0} | {:.0} |",
+            median(&r, "new_detections_per_s"),
+            median(&r, "new_batches_per_s")
+        );
+        println!(
+            "| HTTP duplicates (the same batches again), {per} det/batch | {:.0} | {:.0} |",
+            median(&r, "dup_detections_per_s"),
+            median(&r, "dup_batches_per_s")
+        );
+    }
+    let batches = if quick { "500" } else { "2000" };
+    for per in ["50", "500"] {
+        let r = child(&[s("cloud-mqtt"), s(&d), s(batches), s(per)], runs)?;
+        println!(
+            "| MQTT QoS 1, publish to end-to-end ack, {per} det/batch, {batches} batches | {:.0} | {:.0} |",
+            median(&r, "detections_per_s"),
+            median(&r, "batches_per_s")
+        );
+    }
+    Ok(())
+}
+
+impl CloudProcess {
+    pub fn start(dir: &Path, mqtt_url: Option<&str>) -> Result<Self> {
+        use std::io::BufRead;
+        let data = tempfile::tempdir_in(dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut config = format!(
+            "listen = \"127.0.0.1:{port}\"\ndatabase = \"sqlite:{}\"\nmax_body_bytes = \"4MiB\"\n",
+            data.path().join("ingest.db").display()
+        );
+        if let Some(url) = mqtt_url {
+            config.push_str(&format!("[mqtt]\nurl = \"{url}\"\nclient_id = \"bench-cloud-{port}\"\n"));
+        }
+        let config_path = data.path().join("cloud.toml");
+        std::fs::write(&config_path, config)?;
+        let exe = std::env::current_exe()?.with_file_name("backhaul-cloud");
+        if !exe.is_file() {
+            bail!("{} not found: cargo build --release -p backhaul-cloud", exe.display());
+        }
+        let mut child = Command::new(exe)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("BACKHAUL_API_KEYS", format!("*={BENCH_KEY}"))
+            .env("BACKHAUL_LOG", "warn,backhaul_cloud::mqtt=info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+        let stderr = std::io::BufReader::new(child.stderr.take().context("stderr")?);
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || stdout.lines().map_while(Result::ok).for_each(|l| drop(tx.send(l))));
+        std::thread::spawn(move || stderr.lines().map_while(Result::ok).for_each(|l| drop(tx2.send(l))));
+        let want = if mqtt_url.is_some() { "subscribed to batches and status" } else { "listening on" };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let line =
+                rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).context("cloud did not start")?;
+            if line.contains(want) {
+                break;
+            }
+        }
+        std::thread::spawn(move || rx.into_iter().for_each(drop));
+        Ok(Self { child, port, _dir: data })
+    }
+}
+
+/// A running `backhaul-cloud serve` (release build, next to this binary) on a temp SQLite.
+pub struct CloudProcess {
+    child: std::process::Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+pub const BENCH_KEY: &str = "bench-fleet-key-0123456789";
+
+impl Drop for CloudProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wire_batches(n: usize, per: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let nb = sample_batch(per, i as u64);
+            let b = backhaul_shared::Batch {
+                schema: 1,
+                batch_id: backhaul_shared::BatchId::new(),
+                device_id: format!("rpi-bench-{:02}", i % 8),
+                seq: (i / 8) as u64,
+                name: nb.name,
+                location: nb.location,
+                timestamp: nb.timestamp,
+                detections: nb.detections,
+            };
+            (b.batch_id.to_string(), b.to_json())
+        })
+        .collect()
+}
+
+/// POSTs every batch from 4 client threads; returns detections/s.
+pub fn post_all(port: u16, batches: &Arc<Vec<(String, Vec<u8>)>>, per: usize, expect: u16) -> Result<(f64, f64)> {
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (batches, next) = (batches.clone(), next.clone());
+            std::thread::spawn(move || -> Result<()> {
+                let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+                let url = format!("http://127.0.0.1:{port}/api/v1/detections/bulk");
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some((id, body)) = batches.get(i) else { return Ok(()) };
+                    loop {
+                        let r = agent
+                            .post(&url)
+                            .header("X-API-Key", BENCH_KEY)
+                            .header("Idempotency-Key", id)
+                            .send(&body[..])?;
+                        match r.status().as_u16() {
+                            s if s == expect => break,
+                            429 | 503 => std::thread::sleep(Duration::from_millis(5)),
+                            s => bail!("unexpected status {s}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n = batches.len() as f64;
+    Ok((n * per as f64 / secs, n / secs))
+}
+
+pub fn cloud_http(dir: &Path, total: usize, per: usize) -> Result<Value> {
+    let cloud = CloudProcess::start(dir, None)?;
+    let batches = Arc::new(wire_batches(total / per, per));
+    let (new_d, new_b) = post_all(cloud.port, &batches, per, 201)?;
+    let (dup_d, dup_b) = post_all(cloud.port, &batches, per, 200)?;
+    Ok(json!({
+        "new_detections_per_s": new_d, "new_batches_per_s": new_b,
+        "dup_detections_per_s": dup_d, "dup_batches_per_s": dup_b,
+    }))
+}
+
+/// QoS 1 publishes of `n` batches, timed from the first publish to the last end-to-end ack.
+pub fn cloud_mqtt(dir: &Path, n: usize, per: usize) -> Result<Value> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let broker = backhaul_tests::Mosquitto::start()?;
+    let _cloud = CloudProcess::start(dir, Some(&broker.url()))?;
+    let batches = wire_batches(n, per);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let mut options = MqttOptions::new("bench-edge", "127.0.0.1", broker.port());
+        options.set_max_packet_size(16 << 20, 16 << 20).set_inflight(100);
+        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let acks: backhaul_shared::AckMessage =
+                            serde_json::from_slice(&p.payload).unwrap_or(backhaul_shared::AckMessage { acks: vec![] });
+                        let _ = ack_tx.send(acks.acks.len());
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = conn_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        client.subscribe("backhaul/+/acks", QoS::AtLeastOnce).await?;
+        conn_rx.recv().await.context("subscribed")?;
+        let start = Instant::now();
+        let publisher = client.clone();
+        tokio::spawn(async move {
+            for (i, (_, body)) in batches.into_iter().enumerate() {
+                let topic = format!("backhaul/rpi-bench-{:02}/batches", i % 8);
+                if publisher.publish(topic, QoS::AtLeastOnce, false, body).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut acked = 0;
+        while acked < n {
+            acked += tokio::time::timeout(Duration::from_secs(60), ack_rx.recv()).await?.context("ack stream ended")?;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        Ok(json!({ "batches_per_s": n as f64 / secs, "detections_per_s": (n * per) as f64 / secs }))
+    })
+}

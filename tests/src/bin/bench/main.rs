@@ -1,0 +1,163 @@
+//! The benchmark command. Every scenario runs in its own child process (so peak RSS and disk bytes
+//! written are that scenario's alone), several times; the table shows medians, with the baselines
+//! measured in the same run.
+//!
+//! ```text
+//! cargo run --release -p backhaul-tests --bin bench -- all            # everything, a few minutes
+//! cargo run --release -p backhaul-tests --bin bench -- all --quick    # smoke run, under a minute
+//! cargo run --release -p backhaul-tests --bin bench -- queue [--runs N] [--dir DIR]
+//! cargo run --release -p backhaul-tests --bin bench -- forward   # end to end; baseline needs `pip install paho-mqtt`
+//! ```
+//!
+//! `--dir` is where the scenarios put their data (default: a temp dir under /var/tmp, which is on
+//! the real disk; /tmp may be a tmpfs, where fsync is free and the figures would lie).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use backhaul_edge::queue::{Queue, QueueConfig};
+use serde_json::{json, Value};
+
+mod cloud;
+mod decode;
+mod edge;
+mod queue;
+mod util;
+
+use cloud::*;
+use decode::*;
+use edge::*;
+use queue::*;
+use util::*;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    match args.first().map(String::as_str) {
+        Some("scenario") => {
+            let result = run_scenario(&args[1..])?;
+            println!("{result}");
+            Ok(())
+        }
+        Some(group @ ("all" | "queue" | "cloud" | "forward" | "decode")) => {
+            let quick = flag("--quick");
+            let runs: usize = value("--runs").map(|r| r.parse()).transpose()?.unwrap_or(if quick { 1 } else { 3 });
+            let base = match value("--dir") {
+                Some(d) => PathBuf::from(d),
+                None => PathBuf::from("/var/tmp"),
+            };
+            let dir = tempfile::Builder::new().prefix("backhaul-bench-").tempdir_in(&base)?;
+            println!(
+                "# backhaul benchmarks ({group}{}), {runs} run(s) each, medians",
+                if quick { ", quick" } else { "" }
+            );
+            println!("# machine: {}", machine());
+            println!("# data dir: {} ({})", dir.path().display(), filesystem(dir.path()));
+            if group == "all" || group == "queue" {
+                queue_benchmarks(dir.path(), runs, quick)?;
+            }
+            if group == "all" || group == "cloud" {
+                cloud_benchmarks(dir.path(), runs, quick)?;
+            }
+            if group == "all" || group == "forward" {
+                forward_benchmarks(dir.path(), runs, quick)?;
+            }
+            if group == "all" || group == "decode" {
+                decode_benchmarks(dir.path(), runs, quick)?;
+            }
+            Ok(())
+        }
+        _ => {
+            eprintln!("usage: bench all|queue|cloud|forward|decode [--quick] [--runs N] [--dir DIR]");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("{cores} cores, {cpu}")
+}
+
+fn filesystem(path: &Path) -> String {
+    Command::new("df")
+        .args(["--output=fstype,source"])
+        .arg(path)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().nth(1).map(|l| l.split_whitespace().collect::<Vec<_>>().join(" on ")))
+        .unwrap_or_default()
+}
+
+/// Runs `bench scenario ARGS` in a child `runs` times and returns the parsed results.
+pub fn child(args: &[String], runs: usize) -> Result<Vec<Value>> {
+    let exe = std::env::current_exe()?;
+    (0..runs)
+        .map(|_| {
+            let out = Command::new(&exe).arg("scenario").args(args).output().context("running a scenario")?;
+            if !out.status.success() {
+                bail!("scenario {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let text = String::from_utf8(out.stdout)?;
+            serde_json::from_str(text.trim()).with_context(|| format!("scenario output: {text}"))
+        })
+        .collect()
+}
+
+pub fn median(results: &[Value], key: &str) -> f64 {
+    let mut v: Vec<f64> = results.iter().filter_map(|r| r[key].as_f64()).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+pub fn s(v: &str) -> String {
+    v.to_owned()
+}
+
+fn run_scenario(args: &[String]) -> Result<Value> {
+    let arg = |i: usize| args.get(i).cloned().context("missing scenario argument");
+    match args.first().map(String::as_str) {
+        Some("fsync") => raw_fsync(Path::new(&arg(1)?), arg(2)?.parse()?),
+        Some("enqueue") => {
+            let many = args.get(5).map(|m| m.parse()).transpose()?.unwrap_or(1);
+            enqueue(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?, arg(4)?.parse()?, many)
+        }
+        Some("backlog") => backlog(
+            Path::new(&arg(1)?),
+            arg(2)?.parse()?,
+            arg(3)?.parse()?,
+            args.get(4).is_some_and(|a| a == "retain0"),
+        ),
+        Some("backlog-drain") => backlog_drain(Path::new(&arg(1)?), args.get(2).is_some_and(|a| a == "retain0")),
+        Some("cloud-http") => cloud_http(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
+        Some("cloud-mqtt") => cloud_mqtt(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
+        Some("drain") => drain(Path::new(&arg(1)?), &arg(2)?, arg(3)?.parse()?, arg(4)?.parse()?),
+        Some("paho") => paho(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
+        Some("decode") => decode_replay(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
+        Some("fill") => {
+            let q = Queue::open(Path::new(&arg(1)?), QueueConfig { max_bytes: u64::MAX, ..QueueConfig::default() })?;
+            let (total, per): (u64, usize) = (arg(2)?.parse()?, arg(3)?.parse()?);
+            for i in 0..total / per as u64 {
+                q.enqueue(sample_batch(per, i))?;
+            }
+            Ok(json!({ "rss_mib": current_rss_mib() }))
+        }
+        Some("open-only") => {
+            let q = Queue::open(Path::new(&arg(1)?), QueueConfig { max_bytes: u64::MAX, ..QueueConfig::default() })?;
+            Ok(json!({ "pending": q.stats()?.pending, "rss_mib": current_rss_mib() }))
+        }
+        other => bail!("unknown scenario {other:?}"),
+    }
+}
