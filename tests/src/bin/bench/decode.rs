@@ -12,7 +12,7 @@ use crate::{child, median, s};
 
 pub fn decode_benchmarks(dir: &Path, runs: usize, quick: bool) -> Result<()> {
     let d = dir.display().to_string();
-    let total = if quick { "200000" } else { "1000000" };
+    let total = if quick { "100000" } else { "1000000" };
     println!();
     println!("| decode + dedup + batch from a replayed capture of {total} advertisements, one thread | advertisements/s | CPU µs per advertisement | detections per advertisement |");
     println!("| --- | ---: | ---: | ---: |");

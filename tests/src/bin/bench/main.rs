@@ -55,18 +55,24 @@ fn main() -> Result<()> {
             );
             println!("# machine: {}", machine());
             println!("# data dir: {} ({})", dir.path().display(), filesystem(dir.path()));
-            if group == "all" || group == "queue" {
-                queue_benchmarks(dir.path(), runs, quick)?;
-            }
-            if group == "all" || group == "cloud" {
-                cloud_benchmarks(dir.path(), runs, quick)?;
-            }
-            if group == "all" || group == "forward" {
-                forward_benchmarks(dir.path(), runs, quick)?;
-            }
-            if group == "all" || group == "decode" {
-                decode_benchmarks(dir.path(), runs, quick)?;
-            }
+            let started = std::time::Instant::now();
+            let mut targets = Targets::default();
+            let d = dir.path();
+            let mut timed = |name: &str, run: &mut dyn FnMut(&mut Targets) -> Result<()>| -> Result<()> {
+                if group == "all" || group == name {
+                    let t = std::time::Instant::now();
+                    run(&mut targets)?;
+                    eprintln!("bench: {name} took {:.0} s", t.elapsed().as_secs_f64());
+                }
+                Ok(())
+            };
+            timed("queue", &mut |t| queue_benchmarks(d, runs, quick, t))?;
+            timed("cloud", &mut |t| cloud_benchmarks(d, runs, quick, t))?;
+            timed("forward", &mut |t| forward_benchmarks(d, runs, quick, t))?;
+            timed("decode", &mut |_| decode_benchmarks(d, runs, quick))?;
+            targets.print();
+            println!();
+            println!("# took {:.0} s", started.elapsed().as_secs_f64());
             Ok(())
         }
         _ => {
@@ -98,12 +104,52 @@ fn filesystem(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The targets the issues set, next to what this run measured (printed last).
+#[derive(Debug, Default)]
+pub struct Targets(Vec<[String; 4]>);
+
+impl Targets {
+    /// `met`: `None` for a figure the issues asked to see but set no target for.
+    pub fn add(&mut self, issue: &str, what: &str, measured: String, met: Option<bool>) {
+        let verdict = match met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "",
+        };
+        self.0.push([issue.to_owned(), what.to_owned(), measured, verdict.to_owned()]);
+    }
+
+    fn print(&self) {
+        if self.0.is_empty() {
+            return;
+        }
+        println!();
+        println!("| issue | target or figure asked for | this run | |");
+        println!("| --- | --- | ---: | --- |");
+        for [issue, what, measured, verdict] in &self.0 {
+            println!("| {issue} | {what} | {measured} | {verdict} |");
+        }
+    }
+}
+
+/// [`child`], on one core: `taskset -c CPU bench scenario ARGS`.
+pub fn child_pinned(cpu: &str, args: &[String], runs: usize) -> Result<Vec<Value>> {
+    let exe = std::env::current_exe()?.display().to_string();
+    let mut pinned = vec![s("-c"), s(cpu), exe, s("scenario")];
+    pinned.extend(args.iter().cloned());
+    run_children(Command::new("taskset").args(&pinned), args, runs)
+}
+
 /// Runs `bench scenario ARGS` in a child `runs` times and returns the parsed results.
 pub fn child(args: &[String], runs: usize) -> Result<Vec<Value>> {
     let exe = std::env::current_exe()?;
+    run_children(Command::new(exe).arg("scenario").args(args), args, runs)
+}
+
+fn run_children(command: &mut Command, args: &[String], runs: usize) -> Result<Vec<Value>> {
     (0..runs)
         .map(|_| {
-            let out = Command::new(&exe).arg("scenario").args(args).output().context("running a scenario")?;
+            let out = command.output().context("running a scenario")?;
             if !out.status.success() {
                 bail!("scenario {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
             }
@@ -143,8 +189,14 @@ fn run_scenario(args: &[String]) -> Result<Value> {
         Some("backlog-drain") => backlog_drain(Path::new(&arg(1)?), args.get(2).is_some_and(|a| a == "retain0")),
         Some("cloud-http") => cloud_http(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
         Some("cloud-mqtt") => cloud_mqtt(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
-        Some("drain") => drain(Path::new(&arg(1)?), &arg(2)?, arg(3)?.parse()?, arg(4)?.parse()?),
-        Some("paho") => paho(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
+        Some("edge-run") => {
+            let launch = if args.get(6).is_some_and(|a| a == "pin") { Launch::Pinned } else { Launch::Plain };
+            let backlog = arg(5)? == "backlog";
+            edge_run(Path::new(&arg(1)?), &arg(2)?, arg(3)?.parse()?, arg(4)?.parse()?, backlog, launch)
+        }
+        Some("fill-edge") => fill_then_wait(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
+        Some("publish-baseline") => publish_baseline(Path::new(&arg(1)?), &arg(2)?, arg(3)?.parse()?, arg(4)?.parse()?),
+        Some("instructions") => instructions(Path::new(&arg(1)?), &arg(2)?, arg(3)?.parse()?, arg(4)?.parse()?),
         Some("decode") => decode_replay(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
         Some("fill") => {
             let q = Queue::open(Path::new(&arg(1)?), QueueConfig { max_bytes: u64::MAX, ..QueueConfig::default() })?;

@@ -11,10 +11,10 @@ use backhaul_edge::queue::{Durability, Queue, QueueConfig};
 use serde_json::{json, Value};
 
 use crate::util::*;
-use crate::{child, median, s};
+use crate::{child, child_pinned, median, s, Targets};
 
-pub fn queue_benchmarks(dir: &Path, runs: usize, quick: bool) -> Result<()> {
-    let secs = if quick { "1" } else { "3" };
+pub fn queue_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Targets) -> Result<()> {
+    let secs = if quick { "0.5" } else { "3" };
     let d = dir.display().to_string();
 
     let fsync = child(&[s("fsync"), s(&d), s(secs)], runs)?;
@@ -23,21 +23,34 @@ pub fn queue_benchmarks(dir: &Path, runs: usize, quick: bool) -> Result<()> {
     println!("| scenario | batches/s | detections/s | vs raw fsync | batches per sync | disk bytes written / payload byte | peak RSS MiB |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     println!("| baseline: raw 512 B append + fdatasync | {fsync_rate:.0} | | 1.0x | 1 | | |");
+    // The last two: Pi-class, the producers and sled's threads all on one core.
     let cases = [
-        ("1", "1", "1"),
-        ("1", "4", "1"),
-        ("1", "4", "8"),
-        ("50", "1", "1"),
-        ("50", "4", "1"),
-        ("500", "1", "1"),
-        ("500", "4", "1"),
+        ("1", "1", "1", false),
+        ("1", "4", "1", false),
+        ("1", "4", "8", false),
+        ("50", "1", "1", false),
+        ("50", "4", "1", false),
+        ("500", "1", "1", false),
+        ("500", "4", "1", false),
+        ("50", "1", "1", true),
+        ("500", "4", "1", true),
     ];
-    for (detections, producers, many) in cases {
-        let r = child(&[s("enqueue"), s(&d), s(detections), s(producers), s(secs), s(many)], runs)?;
+    for (detections, producers, many, pin) in cases {
+        let args = [s("enqueue"), s(&d), s(detections), s(producers), s(secs), s(many)];
+        let r = if pin { child_pinned("0", &args, runs)? } else { child(&args, runs)? };
         let bps = median(&r, "batches_per_s");
         let how = if many == "1" { String::new() } else { format!(", enqueue_many of {many}") };
+        let pinned = if pin { ", Pi-class: one core (`taskset -c 0`)" } else { "" };
+        if detections == "1" && producers == "4" {
+            targets.add(
+                "#3",
+                &format!("group commit ≥ 5x the raw fsync rate, 4 producers, 1 det/batch{how}"),
+                format!("{:.1}x ({bps:.0} vs {fsync_rate:.0}/s)", bps / fsync_rate),
+                Some(bps / fsync_rate >= 5.0),
+            );
+        }
         println!(
-            "| enqueue durable, {detections} det/batch, {producers} producer(s){how} | {bps:.0} | {:.0} | {:.1}x | {:.1} | {:.2} | {:.1} |",
+            "| enqueue durable, {detections} det/batch, {producers} producer(s){how}{pinned} | {bps:.0} | {:.0} | {:.1}x | {:.1} | {:.2} | {:.1} |",
             median(&r, "detections_per_s"),
             bps / fsync_rate,
             median(&r, "batches_per_sync"),
@@ -46,7 +59,7 @@ pub fn queue_benchmarks(dir: &Path, runs: usize, quick: bool) -> Result<()> {
         );
     }
 
-    let total = if quick { "100000" } else { "1000000" };
+    let total = if quick { "50000" } else { "1000000" };
     println!();
     println!("| backlog of {total} detections (500/batch) | value |");
     println!("| --- | ---: |");
@@ -58,6 +71,13 @@ pub fn queue_benchmarks(dir: &Path, runs: usize, quick: bool) -> Result<()> {
     println!("| open after restart, ms | {:.0} |", median(&r, "open_ms"));
     println!("| RSS right after open, MiB | {:.1} |", median(&r, "rss_after_open_mib"));
     println!("| peak RSS while filling, MiB | {:.1} |", median(&r, "fill_peak_rss_mib"));
+    let open_ms = median(&r, "open_ms");
+    targets.add(
+        "#3",
+        &format!("open a {total}-detection backlog in under 1 s"),
+        format!("{open_ms:.0} ms"),
+        Some(open_ms < 1000.0),
+    );
     if !quick {
         // About 1 GiB of wire JSON: the backlog of a long outage. One run: it takes a while.
         let big = child(&[s("backlog"), s(&d), s("7500000"), s("500")], 1)?;
@@ -72,6 +92,15 @@ pub fn queue_benchmarks(dir: &Path, runs: usize, quick: bool) -> Result<()> {
             median(&big, "drain_peak_rss_mib")
         );
         println!("| ... drain detections/s | {:.0} |", median(&big, "drain_detections_per_s"));
+        for (phase, key) in [("filling", "fill_peak_rss_mib"), ("draining, acked kept 24 h", "drain_peak_rss_mib")] {
+            let mib = median(&big, key);
+            targets.add(
+                "#3",
+                &format!("queue process under 32 MiB RSS with a 1 GB backlog, {phase}"),
+                format!("{mib:.1} MiB"),
+                Some(mib < 32.0),
+            );
+        }
     }
     for (label, r) in [("acked kept 24 h (default)", &r), ("retain_acked = 0", &r0)] {
         println!("| drain (next + ack), {label}: batches/s | {:.0} |", median(r, "drain_batches_per_s"));
@@ -82,14 +111,14 @@ pub fn queue_benchmarks(dir: &Path, runs: usize, quick: bool) -> Result<()> {
 }
 
 /// The disk's raw durable-write rate: append 512 bytes, fdatasync, repeat.
-pub fn raw_fsync(dir: &Path, seconds: u64) -> Result<Value> {
+pub fn raw_fsync(dir: &Path, seconds: f64) -> Result<Value> {
     use std::io::Write;
     let path = dir.join(format!("fsync-{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
     let block = [0xABu8; 512];
     let start = Instant::now();
     let mut n = 0u64;
-    while start.elapsed() < Duration::from_secs(seconds) {
+    while start.elapsed() < Duration::from_secs_f64(seconds) {
         f.write_all(&block)?;
         f.sync_data()?;
         n += 1;
@@ -100,7 +129,7 @@ pub fn raw_fsync(dir: &Path, seconds: u64) -> Result<Value> {
 }
 
 /// Durable enqueues from `producers` threads for `seconds`, `many` batches per call.
-pub fn enqueue(dir: &Path, detections: usize, producers: usize, seconds: u64, many: usize) -> Result<Value> {
+pub fn enqueue(dir: &Path, detections: usize, producers: usize, seconds: f64, many: usize) -> Result<Value> {
     let data = tempfile::tempdir_in(dir)?;
     let queue = Queue::open(data.path(), QueueConfig { max_bytes: u64::MAX, ..QueueConfig::default() })?;
     let template = sample_batch(detections, 1);
@@ -125,7 +154,7 @@ pub fn enqueue(dir: &Path, detections: usize, producers: usize, seconds: u64, ma
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_secs(seconds));
+    std::thread::sleep(Duration::from_secs_f64(seconds));
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         h.join().map_err(|_| anyhow::anyhow!("producer panicked"))??;
