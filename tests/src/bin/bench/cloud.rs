@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use backhaul_shared::Detection;
 use serde_json::{json, Value};
 
 use crate::util::*;
@@ -16,22 +17,30 @@ pub fn cloud_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Targ
     let d = dir.display().to_string();
     let total = if quick { "20000" } else { "200000" };
     println!();
-    println!("| cloud ingest into SQLite, {total} detections, 4 HTTP clients on loopback | detections/s | batches/s |");
-    println!("| --- | ---: | ---: |");
+    println!(
+        "| cloud ingest into SQLite, {total} detections, 4 HTTP clients on loopback | detections/s | batches/s | vs seed backend's shape |"
+    );
+    println!("| --- | ---: | ---: | ---: |");
     for per in ["50", "500"] {
-        let r = child(&[s("cloud-http"), s(&d), s(total), s(per)], runs)?;
+        let seed = child(&[s("seed-backend"), s(&d), s(total), s(per)], runs)?;
+        let seed_rate = median(&seed, "detections_per_s");
         println!(
-            "| HTTP new, {per} det/batch | {:.0} | {:.0} |",
-            median(&r, "new_detections_per_s"),
-            median(&r, "new_batches_per_s")
+            "| baseline: seed backend's shape (one INSERT per detection, a transaction per batch, one writer, no HTTP), {per} det/batch | {seed_rate:.0} | {:.0} | 1.0x |",
+            median(&seed, "batches_per_s")
+        );
+        let r = child(&[s("cloud-http"), s(&d), s(total), s(per)], runs)?;
+        let (new, dup) = (median(&r, "new_detections_per_s"), median(&r, "dup_detections_per_s"));
+        println!(
+            "| HTTP new, {per} det/batch | {new:.0} | {:.0} | {:.2}x |",
+            median(&r, "new_batches_per_s"),
+            new / seed_rate
         );
         println!(
-            "| HTTP duplicates (the same batches again), {per} det/batch | {:.0} | {:.0} |",
-            median(&r, "dup_detections_per_s"),
-            median(&r, "dup_batches_per_s")
+            "| HTTP duplicates (the same batches again), {per} det/batch | {dup:.0} | {:.0} | {:.2}x |",
+            median(&r, "dup_batches_per_s"),
+            dup / seed_rate
         );
         if per == "500" {
-            let (new, dup) = (median(&r, "new_detections_per_s"), median(&r, "dup_detections_per_s"));
             targets.add(
                 "#4",
                 "HTTP ingest of new batches ≥ 200,000 detections/s",
@@ -50,7 +59,7 @@ pub fn cloud_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Targ
     for per in ["50", "500"] {
         let r = child(&[s("cloud-mqtt"), s(&d), s(batches), s(per)], runs)?;
         println!(
-            "| MQTT QoS 1, publish to end-to-end ack, {per} det/batch, {batches} batches | {:.0} | {:.0} |",
+            "| MQTT QoS 1, publish to end-to-end ack, {per} det/batch, {batches} batches | {:.0} | {:.0} | |",
             median(&r, "detections_per_s"),
             median(&r, "batches_per_s")
         );
@@ -234,5 +243,75 @@ pub fn cloud_mqtt(dir: &Path, n: usize, per: usize) -> Result<Value> {
         }
         let secs = start.elapsed().as_secs_f64();
         Ok(json!({ "batches_per_s": n as f64 / secs, "detections_per_s": (n * per) as f64 / secs }))
+    })
+}
+
+/// The seed backend's storage shape, as an ORM writes it: each batch parsed, then one INSERT per
+/// detection in a transaction per batch, into the same table and indexes as the cloud's, on
+/// SQLite with the cloud's settings (WAL, `synchronous=FULL`). One writer, no HTTP, no dedup: an
+/// upper bound for that shape.
+pub fn seed_backend(dir: &Path, total: usize, per: usize) -> Result<Value> {
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+    use sqlx::{Connection, Executor};
+    let work = tempfile::tempdir_in(dir)?;
+    let batches = wire_batches(total / per, per);
+    let limits = backhaul_shared::Limits { max_detections: per };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let options = SqliteConnectOptions::new()
+            .filename(work.path().join("seed.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full);
+        let mut conn = sqlx::SqliteConnection::connect_with(&options).await?;
+        conn.execute(
+            "CREATE TABLE detections (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, ts BIGINT NOT NULL,
+                kind TEXT NOT NULL, rssi INTEGER NOT NULL, device_hash TEXT, zone TEXT, node TEXT,
+                temp DOUBLE PRECISION, humidity INTEGER, co2_ppm BIGINT, window_open INTEGER, battery INTEGER);
+             CREATE INDEX detections_device_ts ON detections (device_id, ts);
+             CREATE INDEX detections_ts ON detections (ts);",
+        )
+        .await?;
+        let start = Instant::now();
+        for (_, body) in &batches {
+            let batch = backhaul_shared::Batch::from_json(body, &limits)?;
+            let mut tx = conn.begin().await?;
+            for d in &batch.detections {
+                let q = sqlx::query(
+                    "INSERT INTO detections (device_id, ts, kind, rssi, device_hash, zone, node, temp, humidity,
+                        co2_ppm, window_open, battery) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                )
+                .bind(&batch.device_id)
+                .bind(d.timestamp().unix_micros());
+                let q = match d {
+                    Detection::Presence(p) => q
+                        .bind("presence")
+                        .bind(i64::from(p.rssi))
+                        .bind(Some(&p.device_hash))
+                        .bind(Some(format!("{:?}", p.zone).to_lowercase()))
+                        .bind(None::<String>)
+                        .bind(None::<f64>)
+                        .bind(None::<i64>)
+                        .bind(None::<i64>)
+                        .bind(None::<i64>)
+                        .bind(None::<i64>),
+                    Detection::Sensor(s) => q
+                        .bind("sensor")
+                        .bind(i64::from(s.rssi))
+                        .bind(None::<&String>)
+                        .bind(None::<String>)
+                        .bind(Some(s.node.clone()))
+                        .bind(s.temp)
+                        .bind(s.humidity.map(i64::from))
+                        .bind(s.co2_ppm.map(i64::from))
+                        .bind(s.window_open.map(i64::from))
+                        .bind(s.battery.map(i64::from)),
+                };
+                q.execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        Ok(json!({ "detections_per_s": total as f64 / secs, "batches_per_s": batches.len() as f64 / secs }))
     })
 }

@@ -35,30 +35,29 @@ pub fn forward_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Ta
             (false, _) => 1_000_000,
         };
         let (t, p) = (total.to_string(), per.to_string());
-        let pub_rate = {
-            let r = child(&[s("publish-baseline"), s(&d), s("mosquitto_pub"), t.clone(), p.clone()], runs)?;
-            let rate = median(&r, "detections_per_s");
-            println!(
-                "| baseline: `mosquitto_pub -l -q 1 -M 32`, {per} det/batch | {total} | {rate:.0} | 1.0x | {} | | | | | |",
-                python.as_ref().map_or(String::new(), |_| "see below".into())
-            );
-            rate
-        };
+        let r = child(&[s("publish-baseline"), s(&d), s("mosquitto_pub"), t.clone(), p.clone()], runs)?;
+        let pub_rate = median(&r, "detections_per_s");
         let paho_rate = match &python {
             Ok(py) => {
                 let r = child(&[s("publish-baseline"), s(&d), py.clone(), t.clone(), p.clone()], runs)?;
-                let rate = median(&r, "detections_per_s");
-                println!(
-                    "| baseline: seed agent's transport (paho-mqtt, Python), {per} det/batch | {total} | {rate:.0} | {:.2}x | 1.0x | | | | | |",
-                    rate / pub_rate
-                );
-                Some(rate)
+                Some(median(&r, "detections_per_s"))
             }
-            Err(why) => {
-                println!("| baseline: seed agent's transport: not run ({why}), {per} det/batch | | | | | | | | | |");
-                None
-            }
+            Err(_) => None,
         };
+        let vs_paho = |rate: f64| paho_rate.map_or(String::new(), |b| format!("{:.2}x", rate / b));
+        println!(
+            "| baseline: `mosquitto_pub -l -q 1 -M 32`, {per} det/batch | {total} | {pub_rate:.0} | 1.0x | {} | | | | | |",
+            vs_paho(pub_rate)
+        );
+        if let Some(rate) = paho_rate {
+            println!(
+                "| baseline: seed agent's transport (paho-mqtt, Python), {per} det/batch | {total} | {rate:.0} | {:.2}x | 1.0x | | | | | |",
+                rate / pub_rate
+            );
+        } else {
+            let why = python.as_ref().err().map_or("", String::as_str);
+            println!("| baseline: seed agent's transport: not run ({why}), {per} det/batch | | | | | | | | | |");
+        }
         for mode in ["broker", "mqtt", "http"] {
             let r = child(&[s("edge-run"), s(&d), s(mode), t.clone(), p.clone(), s("backlog")], runs)?;
             let rate = median(&r, "detections_per_s");
@@ -66,7 +65,7 @@ pub fn forward_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Ta
                 "| backhaul {}, {per} det/batch | {total} | {rate:.0} | {:.2}x | {} | {:.0} | {} | {:.1} | {:.1} | {:.2} |",
                 path_label(mode),
                 rate / pub_rate,
-                paho_rate.map_or(String::new(), |b| format!("{:.2}x", rate / b)),
+                vs_paho(rate),
                 median(&r, "first_ack_ms"),
                 wire(&r),
                 median(&r, "disk_bytes_per_detection"),

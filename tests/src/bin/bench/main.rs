@@ -194,6 +194,7 @@ fn run_scenario(args: &[String]) -> Result<Value> {
             let backlog = arg(5)? == "backlog";
             edge_run(Path::new(&arg(1)?), &arg(2)?, arg(3)?.parse()?, arg(4)?.parse()?, backlog, launch)
         }
+        Some("seed-backend") => seed_backend(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
         Some("fill-edge") => fill_then_wait(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
         Some("publish-baseline") => publish_baseline(Path::new(&arg(1)?), &arg(2)?, arg(3)?.parse()?, arg(4)?.parse()?),
         Some("instructions") => instructions(Path::new(&arg(1)?), &arg(2)?, arg(3)?.parse()?, arg(4)?.parse()?),
