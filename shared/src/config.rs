@@ -160,7 +160,12 @@ pub fn from_table<T: DeserializeOwned>(
                     } else {
                         format!("{key}.{field}")
                     };
-                    if let Some(var) = from_env.get(&full) {
+                    // The variable may name a key inside a section that does not exist at all.
+                    let inside = format!("{full}.");
+                    let var = from_env.get(&full).or_else(|| {
+                        from_env.iter().find(|(k, _)| k.starts_with(&inside)).map(|(_, var)| var)
+                    });
+                    if let Some(var) = var {
                         return Err(ConfigError::UnknownEnv { var: var.clone(), key: full });
                     }
                     return Err(ConfigError::Invalid { key: full, origin: Origin::File(file.to_owned()), message });
@@ -407,6 +412,9 @@ mod tests {
         let e = load_str("device_id = \"pi\"\n[queue]\nmax_byte = 1\n", &[]).unwrap_err().to_string();
         assert!(e.contains("queue.max_byte") && e.contains("unknown field"), "{e}");
 
+        // A section the program does not have (e.g. the edge's `queue` given to the cloud).
+        let e = load_str("device_id = \"pi\"\n", &[("BACKHAUL_NOSUCH__RETAIN", "0s")]).unwrap_err().to_string();
+        assert!(e.contains("BACKHAUL_NOSUCH__RETAIN") && !e.contains("config file"), "{e}");
         let e = load_str("device_id = \"pi\"\n", &[("BACKHAUL_TRANSPORT_MQTT_URL", "x")]).unwrap_err();
         assert!(matches!(e, ConfigError::UnknownEnv { .. }), "{e}");
         assert!(e.to_string().contains("BACKHAUL_TRANSPORT_MQTT_URL"), "{e}");

@@ -101,11 +101,12 @@ impl CloudProcess {
         std::thread::spawn(move || stderr.lines().map_while(Result::ok).for_each(|l| drop(tx2.send(l))));
         let want = if mqtt_url.is_some() { "subscribed to batches and status" } else { "listening on" };
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut said = Vec::new();
         loop {
-            let line =
-                rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).context("cloud did not start")?;
-            if line.contains(want) {
-                break;
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line.contains(want) => break,
+                Ok(line) => said.push(line),
+                Err(_) => bail!("backhaul-cloud did not start; it said:\n{}", said.join("\n")),
             }
         }
         std::thread::spawn(move || rx.into_iter().for_each(drop));
