@@ -162,9 +162,9 @@ pub fn from_table<T: DeserializeOwned>(
                     };
                     // The variable may name a key inside a section that does not exist at all.
                     let inside = format!("{full}.");
-                    let var = from_env.get(&full).or_else(|| {
-                        from_env.iter().find(|(k, _)| k.starts_with(&inside)).map(|(_, var)| var)
-                    });
+                    let var = from_env
+                        .get(&full)
+                        .or_else(|| from_env.iter().find(|(k, _)| k.starts_with(&inside)).map(|(_, var)| var));
                     if let Some(var) = var {
                         return Err(ConfigError::UnknownEnv { var: var.clone(), key: full });
                     }

@@ -3,6 +3,8 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -103,44 +105,53 @@ pub fn forward_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Ta
         }
     }
 
-    let live = if quick { 10_000 } else { 200_000 };
+    let (fast, paced) = if quick { (10_000, 5_000) } else { (200_000, 100_000) };
     println!();
     println!(
-        "Live: the simulated source as fast as it goes → batcher (500) → durable queue (fsync) → link → \
-         cloud (SQLite) → ack → delete; the edge's whole life cycle, {live} detections."
+        "Live: the simulated source (10,000 devices) → batcher (500) → durable queue (fsync) → link → cloud \
+         (SQLite) → ack; the edge's whole life cycle. \"As fast as it goes\" builds a backlog (the cloud is \
+         slower than the source); \"paced\" stays below the cloud's rate, so the queue stays near empty, \
+         as in the field."
     );
     println!();
     println!(
-        "| live | detections/s | wire bytes / detection, up + down | edge disk bytes written / detection | edge peak RSS MiB | edge CPU s per 1M detections |"
+        "| live | detections | detections/s | wire bytes / detection, up + down | edge disk bytes written / detection | edge peak RSS MiB | edge CPU s per 1M detections |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-    let cases: &[(&str, bool)] = if quick {
-        &[("mqtt", false), ("http", false)]
-    } else {
-        &[("mqtt", false), ("http", false), ("mqtt", true), ("http", true)]
-    };
-    for &(mode, pin) in cases {
-        let mut args = vec![s("edge-run"), s(&d), s(mode), live.to_string(), s("500"), s("live")];
-        if pin {
-            args.push(s("pin"));
-        }
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    // (mode, detections, extra flags, label)
+    let pace = "rate=10000";
+    let pi = ", Pi-class: edge pinned to one core (`taskset -c 0`), the rest on the other";
+    let mut cases = vec![
+        ("mqtt", fast, vec![], "as fast as it goes"),
+        ("http", fast, vec![], "as fast as it goes"),
+        ("mqtt", paced, vec![pace], "paced at 10,000/s"),
+        ("mqtt", paced, vec![pace, "retain0"], "paced at 10,000/s, `retain_acked = \"0s\"`"),
+    ];
+    if !quick {
+        cases.push(("http", paced, vec![pace], "paced at 10,000/s"));
+        cases.push(("mqtt", paced, vec![pace, "pin"], "paced at 10,000/s"));
+        cases.push(("http", paced, vec![pace, "pin"], "paced at 10,000/s"));
+    }
+    for (mode, total, flags, label) in cases {
+        let mut args = vec![s("edge-run"), s(&d), s(mode), total.to_string(), s("500"), s("live")];
+        args.extend(flags.iter().map(|f| s(f)));
+        let pin = flags.contains(&"pin");
         let r = if pin { child_pinned("1", &args, runs)? } else { child(&args, runs)? };
-        let pinned =
-            if pin { ", Pi-class: edge pinned to one core (`taskset -c 0`), the rest on the other" } else { "" };
+        let disk = median(&r, "disk_bytes_per_detection");
         println!(
-            "| {}{pinned} | {:.0} | {} | {:.1} | {:.1} | {:.2} |",
+            "| {}, {label}{} | {total} | {:.0} | {} | {disk:.1} | {:.1} | {:.2} |",
             path_label(mode),
+            if pin { pi } else { "" },
             median(&r, "detections_per_s"),
             wire(&r),
-            median(&r, "disk_bytes_per_detection"),
             median(&r, "edge_peak_rss_mib"),
             median(&r, "edge_cpu_s_per_million"),
         );
-        if !pin {
+        if !pin && flags.contains(&pace) {
             targets.add(
                 "#8",
-                &format!("edge disk bytes written per detection, live over {mode} (SD card wear)"),
-                format!("{:.1} bytes", median(&r, "disk_bytes_per_detection")),
+                &format!("edge disk bytes written per detection (SD card wear), live over {mode}, {label}"),
+                format!("{disk:.0} bytes"),
                 None,
             );
         }
@@ -183,8 +194,11 @@ fn path_label(mode: &str) -> &'static str {
 
 fn wire(r: &[Value]) -> String {
     let (up, down) = (median(r, "wire_up_per_detection"), median(r, "wire_down_per_detection"));
+    let connections = median(r, "connections");
     if up.is_nan() {
         "n/a (reconnected)".into()
+    } else if connections > 1.0 {
+        format!("{up:.1} + {down:.1} ({connections:.0} connections)")
     } else {
         format!("{up:.1} + {down:.1}")
     }
@@ -285,7 +299,51 @@ pub enum Launch {
 /// `backlog`: the queue is filled first by a process killed with SIGKILL, and the source has
 /// nothing more to make (the last batch carries its final position). Otherwise (live) the
 /// simulated source makes `total` detections as fast as the queue takes them.
-pub fn edge_run(dir: &Path, mode: &str, total: u64, per: usize, backlog: bool, launch: Launch) -> Result<Value> {
+/// One `edge-run` scenario: `MODE TOTAL PER backlog|live [pin] [rate=N] [retain0]`.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// `broker` (MQTT, deleted on PUBACK, no cloud), `mqtt` or `http`.
+    pub mode: String,
+    pub total: u64,
+    pub per: usize,
+    pub backlog: bool,
+    pub launch: Launch,
+    /// Live: the source's pace in detections/s (default: as fast as the queue takes them).
+    pub rate: Option<f64>,
+    /// `retain_acked = "0s"`: acked batches are deleted, not kept for replay.
+    pub retain0: bool,
+}
+
+impl Run {
+    pub fn parse(args: &[String]) -> Result<Self> {
+        let arg =
+            |i: usize| args.get(i).cloned().context("edge-run MODE TOTAL PER backlog|live [pin] [rate=N] [retain0]");
+        let mut run = Run {
+            mode: arg(0)?,
+            total: arg(1)?.parse()?,
+            per: arg(2)?.parse()?,
+            backlog: arg(3)? == "backlog",
+            launch: Launch::Plain,
+            rate: None,
+            retain0: false,
+        };
+        for flag in &args[4..] {
+            match flag.as_str() {
+                "pin" => run.launch = Launch::Pinned,
+                "retain0" => run.retain0 = true,
+                other => match other.strip_prefix("rate=") {
+                    Some(r) => run.rate = Some(r.parse()?),
+                    None => bail!("unknown edge-run flag {other:?}"),
+                },
+            }
+        }
+        Ok(run)
+    }
+}
+
+pub fn edge_run(dir: &Path, run: &Run) -> Result<Value> {
+    let Run { ref mode, total, per, backlog, launch, rate, retain0 } = *run;
+    let mode = mode.as_str();
     let work = tempfile::tempdir_in(dir)?;
     let data = work.path().join("edge");
     if backlog {
@@ -300,7 +358,14 @@ pub fn edge_run(dir: &Path, mode: &str, total: u64, per: usize, backlog: bool, l
     let (transport_mode, ack) =
         if mode == "http" { ("http", "cloud") } else { ("mqtt", if mode == "broker" { "broker" } else { "cloud" }) };
     let status_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let rate = if backlog { 1.0 } else { 1e9 };
+    let rate = if backlog { 1.0 } else { rate.unwrap_or(1e9) };
+    let retain = if retain0 { "retain_acked = \"0s\"\n" } else { "" };
+    // HTTP goes through a counting relay: ureq's connections may close and reopen, and closed
+    // connections are gone from `ss`. (MQTT has one connection; `ss` reads it without a hop.)
+    let relay = match &cloud {
+        Some(c) if mode == "http" => Some(CountingRelay::start(c.port)?),
+        _ => None,
+    };
     let config = work.path().join("edge.toml");
     std::fs::write(
         &config,
@@ -308,12 +373,12 @@ pub fn edge_run(dir: &Path, mode: &str, total: u64, per: usize, backlog: bool, l
             "device_id = \"rpi-bench-01\"\ndata_dir = \"{}\"\nstatus_listen = \"127.0.0.1:{status_port}\"\n\
              [source]\nkind = \"simulated\"\ncount = {total}\nrate = {rate}\ndevices = 10000\n\
              [batch]\nmax_detections = {per}\n\
-             [queue]\nmax_bytes = \"100GiB\"\n\
+             [queue]\nmax_bytes = \"100GiB\"\n{retain}\
              [transport]\nmode = \"{transport_mode}\"\nrate_per_sec = 1000000\nburst = 100000\n\
              [transport.mqtt]\nurl = \"{}\"\nack = \"{ack}\"\n[transport.http]\nurl = \"http://127.0.0.1:{}\"\n",
             data.display(),
             broker.url(),
-            cloud.as_ref().map_or(1, |c| c.port)
+            relay.as_ref().map_or(1, |r| r.port)
         ),
     )?;
     let exe = std::env::current_exe()?.with_file_name("backhaul-edge");
@@ -381,10 +446,15 @@ pub fn edge_run(dir: &Path, mode: &str, total: u64, per: usize, backlog: bool, l
     cpu = cpu.max(cpu_seconds(pid).unwrap_or(0.0));
     // Bytes over the edge's own TCP connections; only counts connections still open, so a run
     // that reconnected has no figure.
-    let (up, down) = match tcp_bytes(pid) {
-        Some((up, down)) if link_ups <= 1 => (up as f64 / total as f64, down as f64 / total as f64),
-        _ => (f64::NAN, f64::NAN),
+    let (up, down, connections) = match (&relay, tcp_bytes(pid)) {
+        (Some(r), _) => {
+            (r.up.load(Ordering::Relaxed), r.down.load(Ordering::Relaxed), r.connections.load(Ordering::Relaxed))
+        }
+        (None, Some((up, down))) if link_ups <= 1 => (up, down, 1),
+        _ => (0, 0, 0),
     };
+    let per_detection = |bytes: u64| if connections == 0 { f64::NAN } else { bytes as f64 / total as f64 };
+    let (up, down) = (per_detection(up), per_detection(down));
     // A clean stop (SIGTERM), so everything the edge has written is counted: its buffered acks
     // included. A zombie's /proc/PID/io still answers until it is reaped.
     Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
@@ -416,6 +486,7 @@ pub fn edge_run(dir: &Path, mode: &str, total: u64, per: usize, backlog: bool, l
         "disk_bytes_per_detection": written / total as f64,
         "wire_up_per_detection": up,
         "wire_down_per_detection": down,
+        "connections": connections,
         "instructions": instructions,
     }))
 }
@@ -444,6 +515,51 @@ fn callgrind_instructions(profile: &Path) -> Result<f64> {
     Ok(total - spin)
 }
 
+/// A TCP relay on loopback to `127.0.0.1:target` that counts the bytes each way and the
+/// connections made through it.
+struct CountingRelay {
+    port: u16,
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
+}
+
+impl CountingRelay {
+    fn start(target: u16) -> Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let relay = Self { port, up: Arc::default(), down: Arc::default(), connections: Arc::default() };
+        let (up, down, connections) = (relay.up.clone(), relay.down.clone(), relay.connections.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else { continue };
+                connections.fetch_add(1, Ordering::Relaxed);
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
+                    pump(client, server, up.clone());
+                    pump(s2, c2, down.clone());
+                }
+            }
+        });
+        Ok(relay)
+    }
+}
+
+/// Copies `from` to `to` on a thread, counting, until either side closes.
+fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, count: Arc<AtomicU64>) {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            count.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+}
+
 /// Bytes sent and received over the TCP connections that `pid` has open (`ss -tinp`).
 fn tcp_bytes(pid: u32) -> Option<(u64, u64)> {
     let out = Command::new("ss").args(["-tinpH", "state", "established"]).output().ok()?;
@@ -469,8 +585,17 @@ fn tcp_bytes(pid: u32) -> Option<(u64, u64)> {
 /// Callgrind's instruction count for the edge's whole life with `n` and with `2n` detections (live),
 /// and their difference per detection: the marginal cost, start-up and shutdown cancelled out.
 pub fn instructions(dir: &Path, mode: &str, n: u64, per: usize) -> Result<Value> {
-    let one = edge_run(dir, mode, n, per, false, Launch::Callgrind)?;
-    let two = edge_run(dir, mode, 2 * n, per, false, Launch::Callgrind)?;
+    let run = |total| Run {
+        mode: mode.to_owned(),
+        total,
+        per,
+        backlog: false,
+        launch: Launch::Callgrind,
+        rate: None,
+        retain0: false,
+    };
+    let one = edge_run(dir, &run(n))?;
+    let two = edge_run(dir, &run(2 * n))?;
     let (a, b) = (one["instructions"].as_f64().context("count")?, two["instructions"].as_f64().context("count")?);
     Ok(json!({ "instructions_per_detection": (b - a) / n as f64, "instructions_n": a, "instructions_2n": b }))
 }

@@ -3,11 +3,13 @@
 //! measured in the same run.
 //!
 //! ```text
-//! cargo run --release -p backhaul-tests --bin bench -- all            # everything, a few minutes
+//! cargo run --release -p backhaul-tests --bin bench -- all            # everything, about 25 minutes
 //! cargo run --release -p backhaul-tests --bin bench -- all --quick    # smoke run, under a minute
-//! cargo run --release -p backhaul-tests --bin bench -- queue [--runs N] [--dir DIR]
-//! cargo run --release -p backhaul-tests --bin bench -- forward   # end to end; baseline needs `pip install paho-mqtt`
+//! cargo run --release -p backhaul-tests --bin bench -- queue|cloud|forward|decode [--runs N] [--dir DIR]
 //! ```
+//!
+//! Needs Mosquitto and its clients (`mosquitto_pub`), valgrind for instruction counts, and Python 3
+//! for the seed agent's transport (paho-mqtt is installed into a venv under `target/` if missing).
 //!
 //! `--dir` is where the scenarios put their data (default: a temp dir under /var/tmp, which is on
 //! the real disk; /tmp may be a tmpfs, where fsync is free and the figures would lie).
@@ -55,6 +57,7 @@ fn main() -> Result<()> {
             );
             println!("# machine: {}", machine());
             println!("# data dir: {} ({})", dir.path().display(), filesystem(dir.path()));
+            ensure_binaries()?;
             let started = std::time::Instant::now();
             let mut targets = Targets::default();
             let d = dir.path();
@@ -80,6 +83,42 @@ fn main() -> Result<()> {
             std::process::exit(2);
         }
     }
+}
+
+/// The scenarios run `backhaul-edge` and `backhaul-cloud` from next to this binary. Under
+/// `cargo run` (which builds only this binary) they are built first, in the same profile.
+fn ensure_binaries() -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("the bench binary's directory")?;
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        eprintln!("bench: building backhaul-edge and backhaul-cloud ({})", if release { "release" } else { "debug" });
+        let mut build = Command::new(cargo);
+        build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+            "build",
+            "--bins",
+            "-p",
+            "backhaul-edge",
+            "-p",
+            "backhaul-cloud",
+        ]);
+        if release {
+            build.arg("--release");
+        }
+        if !build.status().context("running cargo build")?.success() {
+            bail!("building backhaul-edge and backhaul-cloud failed (see cargo's output above)");
+        }
+    }
+    for name in ["backhaul-edge", "backhaul-cloud"] {
+        if !dir.join(name).is_file() {
+            bail!(
+                "{} not found: run the benchmarks with `cargo run --release -p backhaul-tests --bin bench -- all`, \
+                 or build everything first with `cargo build --release --workspace`",
+                dir.join(name).display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn machine() -> String {
@@ -189,11 +228,7 @@ fn run_scenario(args: &[String]) -> Result<Value> {
         Some("backlog-drain") => backlog_drain(Path::new(&arg(1)?), args.get(2).is_some_and(|a| a == "retain0")),
         Some("cloud-http") => cloud_http(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
         Some("cloud-mqtt") => cloud_mqtt(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
-        Some("edge-run") => {
-            let launch = if args.get(6).is_some_and(|a| a == "pin") { Launch::Pinned } else { Launch::Plain };
-            let backlog = arg(5)? == "backlog";
-            edge_run(Path::new(&arg(1)?), &arg(2)?, arg(3)?.parse()?, arg(4)?.parse()?, backlog, launch)
-        }
+        Some("edge-run") => edge_run(Path::new(&arg(1)?), &Run::parse(&args[2..])?),
         Some("seed-backend") => seed_backend(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
         Some("fill-edge") => fill_then_wait(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
         Some("publish-baseline") => publish_baseline(Path::new(&arg(1)?), &arg(2)?, arg(3)?.parse()?, arg(4)?.parse()?),
