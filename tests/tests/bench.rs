@@ -69,7 +69,7 @@ fn callgrind_counts_a_positive_marginal_cost() {
         return;
     }
     let d = dir();
-    let r = scenario(&["instructions", d.path().to_str().unwrap(), "mqtt", "500", "100"]);
+    let r = scenario(&["instructions", d.path().to_str().unwrap(), "mqtt", "100", "100"]);
     let per = number(&r, "instructions_per_detection");
     // The edge needs thousands of instructions per detection (JSON, compression, sled, MQTT); a
     // count swamped by a spin loop, or a negative difference, is a broken measurement.
