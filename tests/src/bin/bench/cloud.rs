@@ -106,7 +106,11 @@ impl CloudProcess {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(line) if line.contains(want) => break,
                 Ok(line) => said.push(line),
-                Err(_) => bail!("backhaul-cloud did not start; it said:\n{}", said.join("\n")),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("backhaul-cloud did not start; it said:\n{}", said.join("\n"));
+                }
             }
         }
         std::thread::spawn(move || rx.into_iter().for_each(drop));

@@ -198,8 +198,13 @@ fn run_children(command: &mut Command, args: &[String], runs: usize) -> Result<V
         .collect()
 }
 
+/// The median of `key` over the runs; NaN (shown as "NaN" or "n/a") unless every run has it, so a
+/// median never silently stands for fewer runs than the table says.
 pub fn median(results: &[Value], key: &str) -> f64 {
     let mut v: Vec<f64> = results.iter().filter_map(|r| r[key].as_f64()).collect();
+    if v.len() < results.len() {
+        return f64::NAN;
+    }
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         return f64::NAN;

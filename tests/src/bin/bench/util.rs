@@ -62,25 +62,11 @@ pub fn disk_write_bytes() -> u64 {
 }
 
 pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmHWM:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            })
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    proc_field(std::process::id(), "status", "VmHWM:").map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 pub fn current_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            })
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    proc_field(std::process::id(), "status", "VmRSS:").map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 pub fn dir_size(path: &Path) -> u64 {
