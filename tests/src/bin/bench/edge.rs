@@ -96,6 +96,22 @@ pub fn forward_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Ta
                 );
             }
         }
+        if per == 500 {
+            // How much of the gap to the baselines is the retention of acked batches.
+            let r =
+                child(&[s("edge-run"), s(&d), s("broker"), t.clone(), p.clone(), s("backlog"), s("retain0")], runs)?;
+            let rate = median(&r, "detections_per_s");
+            println!(
+                "| backhaul MQTT, `ack = \"broker\"`, `retain_acked = \"0s\"`, {per} det/batch | {total} | {rate:.0} | {:.2}x | {} | {:.0} | {} | {:.1} | {:.1} | {:.2} |",
+                rate / pub_rate,
+                vs_paho(rate),
+                median(&r, "first_ack_ms"),
+                wire(&r),
+                median(&r, "disk_bytes_per_detection"),
+                median(&r, "edge_peak_rss_mib"),
+                median(&r, "edge_cpu_s_per_million"),
+            );
+        }
     }
 
     let (fast, paced) = if quick { (10_000, 5_000) } else { (200_000, 100_000) };
