@@ -60,12 +60,20 @@ pub fn forward_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Ta
             let why = python.as_ref().err().map_or("", String::as_str);
             println!("| baseline: seed agent's transport: not run ({why}), {per} det/batch | | | | | | | | | |");
         }
-        for mode in ["broker", "mqtt", "http"] {
-            let r = child(&[s("edge-run"), s(&d), s(mode), t.clone(), p.clone(), s("backlog")], runs)?;
+        // The last case: how much of the gap to the baselines is the retention of acked batches.
+        let mut cases = vec![("broker", None), ("mqtt", None), ("http", None)];
+        if per == 500 {
+            cases.push(("broker", Some("retain0")));
+        }
+        for (mode, flag) in cases {
+            let mut args = vec![s("edge-run"), s(&d), s(mode), t.clone(), p.clone(), s("backlog")];
+            args.extend(flag.map(s));
+            let r = child(&args, runs)?;
             let rate = median(&r, "detections_per_s");
             println!(
-                "| backhaul {}, {per} det/batch | {total} | {rate:.0} | {:.2}x | {} | {:.0} | {} | {:.1} | {:.1} | {:.2} |",
+                "| backhaul {}{}, {per} det/batch | {total} | {rate:.0} | {:.2}x | {} | {:.0} | {} | {:.1} | {:.1} | {:.2} |",
                 path_label(mode),
+                if flag.is_some() { ", `retain_acked = \"0s\"`" } else { "" },
                 rate / pub_rate,
                 vs_paho(rate),
                 median(&r, "first_ack_ms"),
@@ -74,6 +82,9 @@ pub fn forward_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Ta
                 median(&r, "edge_peak_rss_mib"),
                 median(&r, "edge_cpu_s_per_million"),
             );
+            if flag.is_some() {
+                continue;
+            }
             let versus = match mode {
                 "mqtt" => Some("end-to-end MQTT drain at least as fast as the seed transport"),
                 "broker" => Some("like for like, both ending at the broker's PUBACK"),
@@ -95,22 +106,6 @@ pub fn forward_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Ta
                     None,
                 );
             }
-        }
-        if per == 500 {
-            // How much of the gap to the baselines is the retention of acked batches.
-            let r =
-                child(&[s("edge-run"), s(&d), s("broker"), t.clone(), p.clone(), s("backlog"), s("retain0")], runs)?;
-            let rate = median(&r, "detections_per_s");
-            println!(
-                "| backhaul MQTT, `ack = \"broker\"`, `retain_acked = \"0s\"`, {per} det/batch | {total} | {rate:.0} | {:.2}x | {} | {:.0} | {} | {:.1} | {:.1} | {:.2} |",
-                rate / pub_rate,
-                vs_paho(rate),
-                median(&r, "first_ack_ms"),
-                wire(&r),
-                median(&r, "disk_bytes_per_detection"),
-                median(&r, "edge_peak_rss_mib"),
-                median(&r, "edge_cpu_s_per_million"),
-            );
         }
     }
 

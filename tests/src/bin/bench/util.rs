@@ -55,10 +55,7 @@ pub fn sample_batch(detections: usize, salt: u64) -> NewBatch {
 }
 
 pub fn disk_write_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/io")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("write_bytes: ").and_then(|v| v.trim().parse().ok())))
-        .unwrap_or(0)
+    proc_field(std::process::id(), "io", "write_bytes:").unwrap_or(0.0) as u64
 }
 
 pub fn peak_rss_mib() -> f64 {
