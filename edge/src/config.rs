@@ -266,7 +266,61 @@ pub struct MqttSection {
     pub status_interval: HumanDuration,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// The MQTT protocol version: `"5"` (default) or `"3.1.1"`. Only MQTT 5 lets the broker
+    /// refuse a publish (a PUBACK reason code of 0x80 or more, e.g. 0x87 not authorized) and tell
+    /// its maximum packet size in the CONNACK; with 3.1.1 a broker that drops a publish (an ACL)
+    /// still PUBACKs it, so `ack = "broker"` is refused with it.
+    pub protocol: MqttProtocol,
+    /// The largest MQTT message the edge may send, in bytes (the whole PUBLISH packet), when the
+    /// broker does not say so itself (MQTT 5 brokers may announce theirs in the CONNACK; the
+    /// smaller of the two applies). Batches are cut to fit; a queued batch that cannot fit is
+    /// dead-lettered with a reason naming the limit. Range 1 KiB to 256 MiB (the MQTT maximum,
+    /// OASIS MQTT 5.0 section 2.2.3); absent: no limit of our own.
+    pub max_message_bytes: Option<ByteSize>,
 }
+
+/// MQTT protocol version (OASIS MQTT 3.1.1 or 5.0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub enum MqttProtocol {
+    #[default]
+    #[serde(rename = "5")]
+    V5,
+    #[serde(rename = "3.1.1")]
+    V311,
+}
+
+impl<'de> Deserialize<'de> for MqttProtocol {
+    /// `"5"`, `5`, `"5.0"`, or `"3.1.1"`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = MqttProtocol;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(r#""5" or "3.1.1""#)
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<MqttProtocol, E> {
+                match v {
+                    5 => Ok(MqttProtocol::V5),
+                    _ => Err(E::custom(format!(r#"unknown MQTT protocol {v}: use "5" or "3.1.1""#))),
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MqttProtocol, E> {
+                match v {
+                    "5" | "5.0" => Ok(MqttProtocol::V5),
+                    "3.1.1" => Ok(MqttProtocol::V311),
+                    _ => Err(E::custom(format!(r#"unknown MQTT protocol `{v}`: use "5" or "3.1.1""#))),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// The smallest `transport.mqtt.max_message_bytes`: a batch of one detection must fit.
+pub const MIN_MESSAGE_BYTES: u64 = 1024;
+/// The largest MQTT packet (OASIS MQTT 5.0 section 2.2.3: a remaining length of at most
+/// 268,435,455 bytes), rounded down to 256 MiB.
+pub const MAX_MESSAGE_BYTES: u64 = 256 << 20;
 
 impl Default for MqttSection {
     fn default() -> Self {
@@ -281,6 +335,8 @@ impl Default for MqttSection {
             status_interval: HumanDuration(Duration::from_secs(30)),
             username: None,
             password_file: None,
+            protocol: MqttProtocol::V5,
+            max_message_bytes: None,
         }
     }
 }
@@ -418,7 +474,25 @@ impl EdgeConfig {
         }
         match c.transport.mode {
             TransportMode::Mqtt => {
-                c.transport.mqtt.broker().map_err(|e| loaded.invalid("transport.mqtt.url", e))?;
+                let m = &c.transport.mqtt;
+                m.broker().map_err(|e| loaded.invalid("transport.mqtt.url", e))?;
+                if m.protocol == MqttProtocol::V311 && m.ack == AckMode::Broker {
+                    return Err(loaded.invalid(
+                        "transport.mqtt.ack",
+                        "ack = \"broker\" is not safe with protocol = \"3.1.1\": an MQTT 3.1.1 broker PUBACKs \
+                         a publish its ACL dropped (the protocol has no way to refuse one), so batches would be \
+                         deleted as delivered while nobody received them. Use protocol = \"5\" (a refusal is \
+                         then a PUBACK reason code) or ack = \"cloud\"",
+                    ));
+                }
+                if let Some(ByteSize(n)) = m.max_message_bytes {
+                    if !(MIN_MESSAGE_BYTES..=MAX_MESSAGE_BYTES).contains(&n) {
+                        return Err(loaded.invalid(
+                            "transport.mqtt.max_message_bytes",
+                            format!("{n} bytes is out of range: must be 1KiB..=256MiB"),
+                        ));
+                    }
+                }
             }
             TransportMode::Http if !c.transport.http.url.starts_with("http://") => {
                 let why = if c.transport.http.url.starts_with("https://") {

@@ -5,6 +5,11 @@
 //! enqueue returned. The source's position goes into the same write, so after a kill -9 a
 //! resumable source continues after the last durable batch.
 //!
+//! A cut bigger than the link can carry ([`Telemetry::max_payload_bytes`], from the broker's
+//! maximum packet size or `transport.mqtt.max_message_bytes`) is split into batches that fit,
+//! enqueued together under one sync; only the last carries the source position, so a crash
+//! between them at worst produces the first ones' detections again (at least once).
+//!
 //! When the queue cannot take a batch (`on_full = "block"` timed out, or the disk is full), the
 //! batch in hand is kept and offered again every second; the source waits meanwhile (a resumable
 //! source loses nothing: its position was not stored). A storage failure is fatal: the process
@@ -117,8 +122,13 @@ fn store(
         // Made once: every retry of this enqueue carries the same key.
         batch_id: Some(backhaul_shared::BatchId::new()),
     };
+    let max_payload = usize::try_from(telemetry.max_payload_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+    let batches = if max_payload == 0 { vec![batch] } else { split_to_fit(batch, max_payload) };
+    if batches.is_empty() {
+        return Ok(());
+    }
     loop {
-        match queue.enqueue(batch.clone()) {
+        match queue.enqueue_many(batches.clone()) {
             Ok(_) => {
                 enqueued();
                 return Ok(());
@@ -133,10 +143,108 @@ fn store(
                 std::thread::sleep(Duration::from_secs(1));
             }
             Err(e @ EnqueueError::TooLarge { .. }) => {
-                tracing::error!(error = %e, detections = batch.detections.len(), "batch discarded");
+                let detections: usize = batches.iter().map(|b| b.detections.len()).sum();
+                tracing::error!(error = %e, detections, "batch discarded");
                 return Ok(());
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// An upper bound of a batch's wire JSON size, bytes: its detections' JSON, and the envelope
+/// (schema, ids, seq, times: under 256 bytes) with its strings at worst escaped 6 bytes a byte.
+pub fn wire_size_bound(batch: &NewBatch) -> usize {
+    let strings = batch.device_id.len()
+        + batch.name.as_ref().map_or(0, String::len)
+        + batch.location.as_ref().map_or(0, String::len);
+    let detections = serde_json::to_vec(&batch.detections).map_or(usize::MAX, |v| v.len());
+    detections.saturating_add(256 + 6 * strings)
+}
+
+/// Splits a batch into batches whose wire JSON fits in `max_payload` bytes, in order, each with
+/// its own idempotency key (made here, once); the source position goes with the last. A single
+/// detection that cannot fit alone is dropped with an error (the limit is below any batch).
+pub fn split_to_fit(batch: NewBatch, max_payload: usize) -> Vec<NewBatch> {
+    if wire_size_bound(&batch) <= max_payload {
+        return vec![batch];
+    }
+    if batch.detections.len() <= 1 {
+        tracing::error!(
+            max_payload,
+            size = wire_size_bound(&batch),
+            "a batch of one detection does not fit in the largest message the link can carry; dropped: \
+             raise the broker's max_packet_size or transport.mqtt.max_message_bytes"
+        );
+        return Vec::new();
+    }
+    let mut first = batch.clone();
+    let mut second = batch;
+    let tail = first.detections.split_off(first.detections.len() / 2);
+    second.detections = tail;
+    first.source_position = None;
+    first.batch_id = Some(backhaul_shared::BatchId::new());
+    second.batch_id = Some(backhaul_shared::BatchId::new());
+    let mut out = split_to_fit(first, max_payload);
+    out.extend(split_to_fit(second, max_payload));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backhaul_shared::batch::{Detection, Presence, Zone};
+
+    fn batch(detections: usize) -> NewBatch {
+        NewBatch {
+            device_id: "pi".into(),
+            name: Some("Entrance".into()),
+            location: None,
+            timestamp: Timestamp::now(),
+            detections: (0..detections)
+                .map(|i| {
+                    Detection::Presence(Presence {
+                        device_hash: format!("{i:016x}"),
+                        rssi: -60,
+                        zone: Zone::Near,
+                        timestamp: Timestamp::now(),
+                    })
+                })
+                .collect(),
+            source_position: Some(vec![7]),
+            batch_id: Some(backhaul_shared::BatchId::new()),
+        }
+    }
+
+    #[test]
+    fn a_cut_too_large_for_the_link_is_split_into_batches_that_fit_in_order() {
+        let b = batch(100);
+        let whole = wire_size_bound(&b);
+        let max = whole / 3;
+        let parts = split_to_fit(b.clone(), max);
+        assert!(parts.len() >= 3, "{}", parts.len());
+        for p in &parts {
+            assert!(wire_size_bound(p) <= max);
+            let json = backhaul_shared::Batch {
+                schema: 1,
+                batch_id: p.batch_id.unwrap(),
+                device_id: p.device_id.clone(),
+                seq: u64::MAX,
+                name: p.name.clone(),
+                location: p.location.clone(),
+                timestamp: p.timestamp,
+                detections: p.detections.clone(),
+            }
+            .to_json();
+            assert!(json.len() <= wire_size_bound(p), "the bound holds: {} > {}", json.len(), wire_size_bound(p));
+        }
+        let all: Vec<_> = parts.iter().flat_map(|p| p.detections.clone()).collect();
+        assert_eq!(all, b.detections, "every detection, in order");
+        let keys: std::collections::HashSet<_> = parts.iter().map(|p| p.batch_id).collect();
+        assert_eq!(keys.len(), parts.len(), "each its own key");
+        assert!(parts[..parts.len() - 1].iter().all(|p| p.source_position.is_none()));
+        assert_eq!(parts.last().unwrap().source_position, Some(vec![7]), "the position goes with the last");
+        assert_eq!(split_to_fit(b.clone(), whole).len(), 1, "a batch that fits is left alone");
+        assert!(split_to_fit(batch(1), 10).is_empty(), "one detection that cannot fit is dropped");
     }
 }

@@ -22,6 +22,7 @@ use backhaul_edge::config::{AckMode, EdgeConfig, ReplayPace, Secrets, SourceKind
 use backhaul_edge::decode::presence::{AddressHasher, Zones};
 use backhaul_edge::decode::{Decoder, PresenceSettings, Thingy52Settings};
 use backhaul_edge::forward::http::{HttpSettings, HttpTransport};
+use backhaul_edge::forward::mqtt::protocol::publish_overhead;
 use backhaul_edge::forward::mqtt::{MqttSettings, MqttTransport};
 use backhaul_edge::forward::{Event, Forwarder, ForwarderConfig, Transport};
 use backhaul_edge::pipeline::{self, DeviceInfo};
@@ -43,6 +44,12 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
         TransportMode::Http => "http",
     };
     let telemetry = Arc::new(Telemetry::new(&config.device_id, mode));
+    if let (TransportMode::Mqtt, Some(max)) = (config.transport.mode, config.transport.mqtt.max_message_bytes) {
+        // Until a broker says its own limit: batches are cut to fit ours from the start.
+        let topic = Topics::new(config.transport.mqtt.topic_prefix.clone()).batches(&config.device_id);
+        let max_payload = max.0.saturating_sub(publish_overhead(&topic) as u64);
+        telemetry.max_payload_bytes.store(max_payload, Ordering::Relaxed);
+    }
     let mut source = make_source(&config, &secrets, &queue, &telemetry)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -258,6 +265,8 @@ fn mqtt_settings(config: &EdgeConfig, secrets: &Secrets) -> Result<MqttSettings>
         backoff_max: config.transport.backoff_max.0,
         max_inflight: config.transport.max_inflight as usize,
         keep_alive: m.keep_alive.0,
+        protocol: m.protocol,
+        max_message_bytes: m.max_message_bytes.map(|b| usize::try_from(b.0).unwrap_or(usize::MAX)),
     })
 }
 

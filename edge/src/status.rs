@@ -62,6 +62,19 @@ pub struct LinkStatus {
     /// Times the link came up since start.
     pub link_ups: u64,
     pub last_error: Option<String>,
+    /// Batches sent and unanswered past the ack timeout (MQTT): the link is up but nothing acks.
+    pub acks_overdue: AcksOverdue,
+    /// The largest batch payload the link can carry, bytes (the broker's maximum packet size or
+    /// `transport.mqtt.max_message_bytes`, less the PUBLISH overhead); absent: no known limit.
+    pub max_payload_bytes: Option<u64>,
+}
+
+/// `link.acks_overdue` (SPEC.md, wave 2 additions).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AcksOverdue {
+    pub count: u64,
+    /// When the oldest of them became overdue (RFC 3339); absent when none is.
+    pub since: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,6 +91,9 @@ pub struct Sent {
     pub acked_detections: u64,
     pub acked_duplicates: u64,
     pub rejected: u64,
+    /// Sends the broker refused (an MQTT 5 PUBACK reason code of 0x80 or more); the batches
+    /// stayed queued.
+    pub refused: u64,
 }
 
 /// The source, since this process started.
@@ -191,6 +207,18 @@ impl StatusSource {
                 last_ack_age_s: (last_ack_ms > 0).then(|| now_ms.saturating_sub(last_ack_ms) / 1000),
                 link_ups: t.link_ups.load(Ordering::Relaxed),
                 last_error: t.last_error(),
+                acks_overdue: {
+                    let count = t.acks_overdue.load(Ordering::Relaxed);
+                    let since_ms = t.acks_overdue_since_ms.load(Ordering::Relaxed);
+                    AcksOverdue {
+                        count,
+                        since: (count > 0)
+                            .then(|| backhaul_shared::Timestamp::from_unix_millis(since_ms as i64))
+                            .flatten()
+                            .map(|ts| ts.to_string()),
+                    }
+                },
+                max_payload_bytes: Some(t.max_payload_bytes.load(Ordering::Relaxed)).filter(|&m| m > 0),
             },
             produced: Produced { batches: s.produced_batches, detections: s.produced_detections },
             sent: Sent {
@@ -200,6 +228,7 @@ impl StatusSource {
                 acked_detections: t.acked_detections.load(Ordering::Relaxed),
                 acked_duplicates: t.acked_duplicates.load(Ordering::Relaxed),
                 rejected: t.rejected_batches.load(Ordering::Relaxed),
+                refused: t.refused_batches.load(Ordering::Relaxed),
             },
             source: SourceStatus {
                 detections: t.source_detections.load(Ordering::Relaxed),
@@ -260,6 +289,18 @@ pub fn prometheus(r: &StatusReport) -> String {
     );
     metric("link_connected", "gauge", "1 when the link to the cloud is up.", u8::from(r.link.connected) as f64);
     metric("link_ups_total", "counter", "Times the link came up since start.", r.link.link_ups as f64);
+    metric(
+        "link_acks_overdue_batches",
+        "gauge",
+        "Batches sent and unanswered past the ack timeout.",
+        r.link.acks_overdue.count as f64,
+    );
+    metric(
+        "refused_batches_total",
+        "counter",
+        "Sends the broker refused (MQTT 5 PUBACK reason code 0x80 or more) since start.",
+        r.sent.refused as f64,
+    );
     metric("sent_batches_total", "counter", "Batch sends since start, resends included.", r.sent.batches as f64);
     metric("resent_batches_total", "counter", "Resends after an ack timeout since start.", r.sent.resent as f64);
     metric("acked_batches_total", "counter", "Batches acknowledged since start.", r.sent.acked_batches as f64);
@@ -323,7 +364,15 @@ pub fn render(r: &StatusReport) -> String {
         r.link.last_ack.as_deref().unwrap_or("never (since start)"),
         r.link.last_ack_age_s.map(|s| format!(" ({} ago)", age(Some(s)))).unwrap_or_default()
     );
-    if let (false, Some(e)) = (r.link.connected, &r.link.last_error) {
+    if r.link.acks_overdue.count > 0 {
+        let _ = writeln!(
+            out,
+            "           {} batches with acks overdue since {}",
+            r.link.acks_overdue.count,
+            r.link.acks_overdue.since.as_deref().unwrap_or("-")
+        );
+    }
+    if let (false, Some(e)) = (r.link.connected && r.link.acks_overdue.count == 0, &r.link.last_error) {
         let _ = writeln!(out, "           last error: {e}");
     }
     let _ = writeln!(
@@ -347,8 +396,8 @@ pub fn render(r: &StatusReport) -> String {
     );
     let _ = writeln!(
         out,
-        "since start {} sent ({} resent), {} acked ({} duplicates), {} refused",
-        r.sent.batches, r.sent.resent, r.sent.acked_batches, r.sent.acked_duplicates, r.sent.rejected
+        "since start {} sent ({} resent), {} acked ({} duplicates), {} dead-lettered, {} refused by the broker",
+        r.sent.batches, r.sent.resent, r.sent.acked_batches, r.sent.acked_duplicates, r.sent.rejected, r.sent.refused
     );
     if r.source.recoveries > 0 || r.source.last_error.is_some() {
         let _ = writeln!(

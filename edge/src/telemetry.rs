@@ -41,6 +41,15 @@ pub struct Telemetry {
     pub forwarder_beat_ms: AtomicU64,
     /// The last link error, for `/status`.
     pub last_error: Mutex<Option<String>>,
+    /// The largest batch payload the link can carry, bytes (0: no known limit): the broker's
+    /// maximum packet size (MQTT 5 CONNACK) or `transport.mqtt.max_message_bytes`, less the
+    /// PUBLISH overhead. Written by the forwarder, read by the pipeline, which cuts batches to fit.
+    pub max_payload_bytes: AtomicU64,
+    /// Batches sent and unanswered past the ack timeout, now; and since when (ms since the epoch).
+    pub acks_overdue: AtomicU64,
+    pub acks_overdue_since_ms: AtomicU64,
+    /// Sends the broker refused (an MQTT 5 PUBACK reason code of 0x80 or more) since start.
+    pub refused_batches: AtomicU64,
 }
 
 impl Telemetry {
@@ -65,6 +74,10 @@ impl Telemetry {
             source_beat_ms: AtomicU64::new(0),
             forwarder_beat_ms: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            max_payload_bytes: AtomicU64::new(0),
+            acks_overdue: AtomicU64::new(0),
+            acks_overdue_since_ms: AtomicU64::new(0),
+            refused_batches: AtomicU64::new(0),
         }
     }
 

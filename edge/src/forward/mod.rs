@@ -15,6 +15,17 @@
 //!   `ack = "broker"` a PUBACK), or refused for good (a `rejected` ack, HTTP 400/413/422), which
 //!   moves it to the dead-letter tree. More than a few refusals in a row pause sending instead
 //!   (a configuration mismatch must not move the whole queue to the dead-letter tree).
+//! - A refusal by the broker (an MQTT 5 PUBACK reason code of 0x80 or more) is never a delivery:
+//!   the batch goes back to the queue and sending pauses with backoff, like refusal after refusal
+//!   by the cloud (an ACL is a configuration mistake, not a bad batch).
+//! - A batch larger than the link can carry ([`Transport::max_payload`]: the broker's maximum
+//!   packet size, `transport.mqtt.max_message_bytes`) is dead-lettered with a reason naming the
+//!   limit instead of being sent (the broker would close the connection, and the batch would
+//!   block the queue forever); the pipeline cuts new batches to fit (the limit is shared through
+//!   [`Telemetry::max_payload_bytes`]).
+//! - Batches unanswered past the ack timeout are *acks overdue*: counted in `/status` and
+//!   `/metrics` with since when, and `last_error` says what to check; each one is sent again
+//!   with exponential backoff ([`window`]), not every `ack_timeout` forever.
 //! - Link down: everything in flight goes back to the queue and is sent again after the
 //!   reconnect (rumqttc does not resend when the broker lost the session, and a broker that lost
 //!   its queue must lose nothing). With MQTT, a batch without an answer after `ack_timeout` is sent
@@ -33,7 +44,7 @@ pub mod window;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use backhaul_shared::{BatchId, DeviceStatus};
 
@@ -58,6 +69,10 @@ pub enum Outcome {
     Rejected { batch_id: BatchId, reason: String },
     /// Not delivered this time (HTTP 408/429/5xx, a network error): back to the queue.
     Retry { batch_id: BatchId },
+    /// Refused by the link for a reason that is not the batch's (an MQTT 5 PUBACK reason code of
+    /// 0x80 or more, e.g. an ACL): back to the queue, and sending pauses with backoff. `error`
+    /// says what to check.
+    Refused { batch_id: BatchId, error: String },
 }
 
 /// A way to the cloud. Its methods never block: I/O happens on the transport's own threads or
@@ -77,6 +92,15 @@ pub trait Transport {
     /// How long a sent batch may go unanswered before it is sent again (None: the transport
     /// answers every send itself).
     fn ack_timeout(&self) -> Option<Duration>;
+    /// The largest batch payload (wire JSON, bytes) the link can carry now; `None`: no known
+    /// limit.
+    fn max_payload(&self) -> Option<usize> {
+        None
+    }
+    /// What to check when batches go unanswered past [`Transport::ack_timeout`].
+    fn missing_acks_hint(&self) -> String {
+        "check the link and the cloud".into()
+    }
     /// Publishes the device's status, if the transport carries one (MQTT, retained).
     fn publish_status(&mut self, status: &DeviceStatus);
     /// Closing: publishes the last status and disconnects.
@@ -126,6 +150,8 @@ pub struct Forwarder<T: Transport> {
     paused_until: Option<Instant>,
     pause_backoff: Backoff,
     next_status: Instant,
+    /// Acks are overdue and `last_error` says so (logged once per episode).
+    overdue_reported: bool,
 }
 
 /// Test-only fault injection: `BACKHAUL_FAILPOINT=freeze_forwarder_after:MS` wedges the forwarder
@@ -168,6 +194,7 @@ impl<T: Transport> Forwarder<T> {
             paused_until: None,
             pause_backoff: Backoff::new(Duration::from_secs(5), Duration::from_secs(600)),
             next_status: Instant::now(),
+            overdue_reported: false,
             config,
         }
     }
@@ -194,6 +221,7 @@ impl<T: Transport> Forwarder<T> {
             if self.connected {
                 self.resend_overdue(now);
             }
+            self.report_overdue(now);
             if let Some(deadline) = self.transport.ack_timeout().and_then(|t| self.window.next_deadline(t)) {
                 wake = wake.min(deadline);
             }
@@ -274,11 +302,15 @@ impl<T: Transport> Forwarder<T> {
                 End::Oldest => (Queue::next_batch as fn(&Queue) -> _, Queue::next_newest_batch as fn(&Queue) -> _),
                 End::Newest => (Queue::next_newest_batch as fn(&Queue) -> _, Queue::next_batch as fn(&Queue) -> _),
             };
-            let batch = match first(&self.queue) {
+            let batch: Result<Option<QueuedBatch>, QueueError> = match first(&self.queue) {
                 Ok(None) => second(&self.queue),
                 other => other,
             };
             let batch = match batch {
+                Ok(Some(b)) if self.transport.max_payload().is_some_and(|max| b.payload.len() > max) => {
+                    self.dead_letter_oversized(b);
+                    continue;
+                }
                 Ok(Some(b)) => b,
                 Ok(None) => {
                     self.backlog = false;
@@ -311,12 +343,76 @@ impl<T: Transport> Forwarder<T> {
         }
     }
 
+    /// A batch the link can never carry: dead-lettered, with the limit in the reason.
+    fn dead_letter_oversized(&mut self, batch: QueuedBatch) {
+        let max = self.transport.max_payload().unwrap_or(0);
+        let reason = format!(
+            "the batch is {} bytes, over the largest message the link can carry ({max} bytes of payload: the \
+             broker's maximum packet size from its CONNACK, or transport.mqtt.max_message_bytes); new batches \
+             are cut to fit",
+            batch.payload.len()
+        );
+        tracing::error!(seq = batch.seq, batch_id = %batch.batch_id, "{reason}: dead-lettered");
+        match self.queue.dead_letter(batch.batch_id, &reason) {
+            Ok(AckOutcome::Acked) => {
+                self.telemetry.rejected_batches.fetch_add(1, Ordering::Relaxed);
+                self.telemetry.set_error(format!("batch seq {} dead-lettered: {reason}", batch.seq));
+            }
+            Ok(AckOutcome::Unknown) => {}
+            Err(e) => {
+                self.queue.nack(batch.batch_id);
+                self.queue_error("dead-lettering a batch too large to send", &e);
+            }
+        }
+    }
+
+    /// Publishes the acks overdue to `/status` and `/metrics`, and says once per episode what to
+    /// check.
+    fn report_overdue(&mut self, now: Instant) {
+        let overdue = self.transport.ack_timeout().and_then(|t| self.window.overdue(now, t));
+        let Some(overdue) = overdue else {
+            self.telemetry.acks_overdue.store(0, Ordering::Relaxed);
+            self.overdue_reported = false;
+            return;
+        };
+        self.telemetry.acks_overdue.store(overdue.count as u64, Ordering::Relaxed);
+        let since = SystemTime::now() - now.saturating_duration_since(overdue.since);
+        let since_ms = since.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        self.telemetry.acks_overdue_since_ms.store(since_ms, Ordering::Relaxed);
+        if !self.overdue_reported && self.connected {
+            self.overdue_reported = true;
+            let error = format!(
+                "connected, but {} batch(es) have had no ack for over {:?}: {}; they are sent again with backoff",
+                overdue.count,
+                self.transport.ack_timeout().unwrap_or_default(),
+                self.transport.missing_acks_hint()
+            );
+            tracing::warn!("{error}");
+            self.telemetry.set_error(error);
+        }
+    }
+
+    /// Pauses sending with backoff (unless already paused), saying why.
+    fn pause(&mut self, error: String) {
+        let now = Instant::now();
+        if self.paused_until.is_some_and(|t| now < t) {
+            return; // the other answers to the same sends say the same thing
+        }
+        let pause = self.pause_backoff.next_random(None);
+        self.paused_until = Some(now + pause);
+        let error = format!("{error}; sending paused for {pause:?}");
+        tracing::error!("{error}");
+        self.telemetry.set_error(error);
+    }
+
     fn apply(&mut self, outcome: Outcome) {
         match outcome {
             Outcome::LinkUp => {
                 // (MQTT put everything in flight back with the LinkDown that always comes first;
                 // HTTP requests in flight still get their own answers.)
                 self.connected = true;
+                let max = self.transport.max_payload().map_or(0, |m| m as u64);
+                self.telemetry.max_payload_bytes.store(max, Ordering::Relaxed);
                 self.backlog = true;
                 self.telemetry.connected.store(true, Ordering::Relaxed);
                 self.telemetry.link_ups.fetch_add(1, Ordering::Relaxed);
@@ -339,6 +435,7 @@ impl<T: Transport> Forwarder<T> {
                 let entry = self.window.remove(&batch_id);
                 self.backlog = true;
                 self.rejections_in_a_row = 0;
+                self.pause_backoff.reset();
                 match self.queue.ack(batch_id) {
                     Ok(AckOutcome::Acked) => {
                         self.telemetry.record_ack(entry.map(|e| e.batch.detections), duplicate);
@@ -359,13 +456,11 @@ impl<T: Transport> Forwarder<T> {
                     // Refusing batch after batch is a configuration mismatch (batches larger than
                     // the cloud's body limit, an incompatible cloud), not bad batches: keep them.
                     self.queue.nack(batch_id);
-                    let pause = self.pause_backoff.next_random(None);
-                    self.paused_until = Some(Instant::now() + pause);
-                    let error = format!(
-                        "the cloud refused {REJECTIONS_BEFORE_PAUSE} batches in a row (last: {reason}); sending paused                          for {pause:?}, batches stay queued: check batch.max_detections against the cloud's                          max_body_bytes and max_detections, and that edge and cloud speak the same schema"
-                    );
-                    tracing::error!("{error}");
-                    self.telemetry.set_error(error);
+                    self.pause(format!(
+                        "the cloud refused {REJECTIONS_BEFORE_PAUSE} batches in a row (last: {reason}); batches stay \
+                         queued: check batch.max_detections against the cloud's max_body_bytes and max_detections, \
+                         and that edge and cloud speak the same schema"
+                    ));
                     return;
                 }
                 match self.queue.dead_letter(batch_id, &reason) {
@@ -381,6 +476,14 @@ impl<T: Transport> Forwarder<T> {
                     self.queue.nack(batch_id);
                 }
                 self.backlog = true;
+            }
+            Outcome::Refused { batch_id, error } => {
+                if self.window.remove(&batch_id).is_some() {
+                    self.queue.nack(batch_id);
+                }
+                self.backlog = true;
+                self.telemetry.refused_batches.fetch_add(1, Ordering::Relaxed);
+                self.pause(error);
             }
         }
     }

@@ -14,8 +14,12 @@
 //!   forwarder makes them, and it reports `Outgoing::Publish(pkid)` in that same order, so a FIFO
 //!   of requested batch ids pairs each pkid with its batch ([`PacketIds`]); the PUBACK names the
 //!   pkid.
-//! - A persistent session (`clean_session = false`, client id `backhaul-edge-{device_id}`): acks
-//!   the cloud publishes while the device is away wait at the broker.
+//! - A persistent session (MQTT 5: `clean_start = false` and a session that never expires; 3.1.1:
+//!   `clean_session = false`; client id `backhaul-edge-{device_id}`): acks the cloud publishes
+//!   while the device is away wait at the broker.
+//! - MQTT 5 by default ([`protocol`]): a PUBACK reason code of 0x80 or more is a refusal, never a
+//!   delivery, with either ack mode; the broker's maximum packet size from the CONNACK (and
+//!   `transport.mqtt.max_message_bytes`) bounds what is sent ([`Transport::max_payload`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::Sender;
@@ -23,12 +27,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use backhaul_shared::{AckMessage, AckStatus, BatchId, DeviceStatus, Topics};
-use rumqttc::{AsyncClient, Event as MqttPacketEvent, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::watch;
 
 use super::backoff::Backoff;
 use super::{Event, Outcome, Transport};
+use crate::config::MqttProtocol;
 use crate::queue::QueuedBatch;
+
+pub mod protocol;
+
+use protocol::{Client, Connection, Polled};
 
 /// Where and how to connect.
 #[derive(Clone)]
@@ -47,6 +55,9 @@ pub struct MqttSettings {
     pub backoff_max: Duration,
     pub max_inflight: usize,
     pub keep_alive: Duration,
+    pub protocol: MqttProtocol,
+    /// `transport.mqtt.max_message_bytes`: the largest PUBLISH packet we send, bytes.
+    pub max_message_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for MqttSettings {
@@ -57,6 +68,7 @@ impl std::fmt::Debug for MqttSettings {
             .field("client_id", &self.client_id)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("protocol", &self.protocol)
             .finish_non_exhaustive()
     }
 }
@@ -66,7 +78,9 @@ impl std::fmt::Debug for MqttSettings {
 pub enum MqttEvent {
     Up {
         conn: u64,
-        client: AsyncClient,
+        client: Client,
+        /// The broker's maximum packet size (MQTT 5 CONNACK), if it said one.
+        max_packet_size: Option<u32>,
     },
     Down {
         conn: u64,
@@ -77,10 +91,11 @@ pub enum MqttEvent {
         conn: u64,
         pkid: u16,
     },
-    /// The broker's PUBACK.
+    /// The broker's PUBACK. `refusal`: an MQTT 5 reason code of 0x80 or more, in words.
     PubAck {
         conn: u64,
         pkid: u16,
+        refusal: Option<String>,
     },
     /// A message on the acks topic.
     Acks {
@@ -116,7 +131,9 @@ impl PacketIds {
 #[derive(Debug)]
 pub struct MqttTransport {
     settings: MqttSettings,
-    client: Option<AsyncClient>,
+    client: Option<Client>,
+    /// The broker's maximum packet size on this connection (MQTT 5 CONNACK).
+    broker_max_packet: Option<u32>,
     conn: u64,
     ids: PacketIds,
     stop: watch::Sender<bool>,
@@ -138,12 +155,20 @@ impl MqttTransport {
             };
             runtime.block_on(link(link_settings, events, stop_rx));
         })?;
-        Ok(Self { settings, client: None, conn: 0, ids: PacketIds::default(), stop, link: Some(link) })
+        Ok(Self {
+            settings,
+            client: None,
+            broker_max_packet: None,
+            conn: 0,
+            ids: PacketIds::default(),
+            stop,
+            link: Some(link),
+        })
     }
 
     fn publish(&mut self, topic: String, payload: Vec<u8>, retain: bool, batch: Option<BatchId>) -> bool {
         let Some(client) = &self.client else { return false };
-        match client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
+        match client.try_publish(topic, payload, retain) {
             Ok(()) => {
                 self.ids.requested(batch);
                 true
@@ -170,9 +195,10 @@ impl Transport for MqttTransport {
 
     fn handle(&mut self, event: MqttEvent, out: &mut Vec<Outcome>) {
         match event {
-            MqttEvent::Up { conn, client } => {
+            MqttEvent::Up { conn, client, max_packet_size } => {
                 self.conn = conn;
                 self.client = Some(client);
+                self.broker_max_packet = max_packet_size;
                 self.ids = PacketIds::default();
                 out.push(Outcome::LinkUp);
             }
@@ -183,11 +209,27 @@ impl Transport for MqttTransport {
                 out.push(Outcome::LinkDown { error, resend_in_flight: true });
             }
             MqttEvent::Sent { conn, pkid } if conn == self.conn => self.ids.sent(pkid),
-            MqttEvent::PubAck { conn, pkid } if conn == self.conn => {
-                // With `ack = "cloud"` the broker's PUBACK only frees the pkid: the cloud's ack
-                // (or, after `ack_timeout`, a resend) decides.
-                if let (Some(batch_id), true) = (self.ids.puback(pkid), self.settings.ack_on_puback) {
-                    out.push(Outcome::Acked { batch_id, duplicate: false });
+            MqttEvent::PubAck { conn, pkid, refusal } if conn == self.conn => {
+                let Some(batch_id) = self.ids.puback(pkid) else { return };
+                match refusal {
+                    // A refusal is never a delivery, with either ack mode: the cloud cannot
+                    // have it. It is most likely the broker's configuration (an ACL), not the
+                    // batch, so the batch stays queued and sending pauses.
+                    Some(reason) => {
+                        let topic = self.settings.topics.batches(&self.settings.device_id);
+                        out.push(Outcome::Refused {
+                            batch_id,
+                            error: format!(
+                                "the broker refused the batch ({reason}): check that the broker's ACL lets \
+                                 this device (user {}) publish on {topic}; batches stay queued",
+                                self.settings.username.as_deref().unwrap_or("anonymous")
+                            ),
+                        });
+                    }
+                    // With `ack = "cloud"` the broker's PUBACK only frees the pkid: the cloud's
+                    // ack (or, after `ack_timeout`, a resend) decides.
+                    None if self.settings.ack_on_puback => out.push(Outcome::Acked { batch_id, duplicate: false }),
+                    None => {}
                 }
             }
             MqttEvent::Sent { .. } | MqttEvent::PubAck { .. } => {} // an earlier connection's
@@ -215,6 +257,33 @@ impl Transport for MqttTransport {
         Some(self.settings.ack_timeout)
     }
 
+    fn max_payload(&self) -> Option<usize> {
+        let packet = match (self.settings.max_message_bytes, self.broker_max_packet) {
+            (Some(ours), Some(broker)) => ours.min(broker as usize),
+            (Some(ours), None) => ours,
+            (None, Some(broker)) => broker as usize,
+            (None, None) => return None,
+        };
+        let topic = self.settings.topics.batches(&self.settings.device_id);
+        Some(packet.saturating_sub(protocol::publish_overhead(&topic)))
+    }
+
+    fn missing_acks_hint(&self) -> String {
+        let (batches, acks) = (
+            self.settings.topics.batches(&self.settings.device_id),
+            self.settings.topics.acks(&self.settings.device_id),
+        );
+        if self.settings.ack_on_puback {
+            "the broker does not PUBACK: check the broker".into()
+        } else {
+            format!(
+                "the cloud's acks are not coming: check that the broker's ACL lets this device publish on \
+                 {batches} and read {acks}, that backhaul-cloud is running and connected to this broker, and \
+                 that edge and cloud use the same topic_prefix"
+            )
+        }
+    }
+
     fn publish_status(&mut self, status: &DeviceStatus) {
         let topic = self.settings.topics.status(&self.settings.device_id);
         let payload = serde_json::to_vec(status).expect("a status serializes");
@@ -225,7 +294,7 @@ impl Transport for MqttTransport {
         // A clean stop does not fire the last will: say "offline" ourselves, then disconnect.
         self.publish_status(status);
         if let Some(client) = &self.client {
-            let _ = client.try_disconnect();
+            client.try_disconnect();
         }
         let _ = self.stop.send(true);
         if let Some(link) = self.link.take() {
@@ -242,24 +311,6 @@ fn request_capacity(max_inflight: usize) -> usize {
     max_inflight * 2 + 16
 }
 
-fn options(s: &MqttSettings) -> MqttOptions {
-    let mut o = MqttOptions::new(s.client_id.clone(), s.host.clone(), s.port);
-    o.set_keep_alive(s.keep_alive)
-        .set_clean_session(false)
-        .set_max_packet_size(1 << 20, 16 << 20)
-        .set_inflight(u16::try_from(s.max_inflight + 8).unwrap_or(u16::MAX))
-        .set_last_will(LastWill::new(
-            s.topics.status(&s.device_id),
-            &br#"{"online":false}"#[..],
-            QoS::AtLeastOnce,
-            true,
-        ));
-    if let Some(user) = &s.username {
-        o.set_credentials(user.clone(), s.password.clone().unwrap_or_default());
-    }
-    o
-}
-
 /// The link thread's loop: one client and event loop per connection, backoff between attempts,
 /// until `stop`.
 async fn link(s: MqttSettings, events: Sender<Event<MqttEvent>>, mut stop: watch::Receiver<bool>) {
@@ -269,16 +320,18 @@ async fn link(s: MqttSettings, events: Sender<Event<MqttEvent>>, mut stop: watch
     let mut conn = 0u64;
     loop {
         conn += 1;
-        let (client, mut eventloop) = AsyncClient::new(options(&s), request_capacity(s.max_inflight));
+        let (client, mut connection) = Connection::open(&s, request_capacity(s.max_inflight));
         let mut connected_at: Option<Instant> = None;
+        // Why the broker said it closes the connection (MQTT 5), for the error that follows.
+        let mut broker_said: Option<String> = None;
         let error = loop {
             let polled = tokio::select! {
-                p = eventloop.poll() => p,
+                p = connection.poll(&s) => p,
                 _ = stop.changed() => {
                     // Let the offline status and the DISCONNECT the forwarder queued go out.
                     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        while let Ok(e) = eventloop.poll().await {
-                            if matches!(e, MqttPacketEvent::Outgoing(Outgoing::Disconnect)) {
+                        while let Ok(p) = connection.poll(&s).await {
+                            if p == Polled::Disconnected {
                                 break;
                             }
                         }
@@ -287,36 +340,29 @@ async fn link(s: MqttSettings, events: Sender<Event<MqttEvent>>, mut stop: watch
                     return;
                 }
             };
-            match polled {
-                Ok(MqttPacketEvent::Incoming(Packet::ConnAck(ack))) => {
+            let event = match polled {
+                Ok(Polled::ConnAck { session_present, max_packet_size }) => {
                     connected_at = Some(Instant::now());
-                    tracing::info!(host = %s.host, port = s.port, session_present = ack.session_present, "connected to the MQTT broker");
+                    tracing::info!(host = %s.host, port = s.port, protocol = ?s.protocol, session_present, ?max_packet_size, "connected to the MQTT broker");
                     // Queued before any publish of this connection, so the broker has the
                     // subscription before the cloud can answer.
-                    if let Err(e) = client.try_subscribe(acks_topic.clone(), QoS::AtLeastOnce) {
+                    if let Err(e) = client.try_subscribe(acks_topic.clone()) {
                         break format!("subscribing to {acks_topic}: {e}");
                     }
-                    if !report(MqttEvent::Up { conn, client: client.clone() }) {
-                        return;
-                    }
+                    MqttEvent::Up { conn, client: client.clone(), max_packet_size }
                 }
-                Ok(MqttPacketEvent::Outgoing(Outgoing::Publish(pkid))) => {
-                    if !report(MqttEvent::Sent { conn, pkid }) {
-                        return;
-                    }
+                Ok(Polled::Sent(pkid)) => MqttEvent::Sent { conn, pkid },
+                Ok(Polled::PubAck { pkid, refusal }) => MqttEvent::PubAck { conn, pkid, refusal },
+                Ok(Polled::Message { topic, payload }) if topic == acks_topic => MqttEvent::Acks { payload },
+                Ok(Polled::BrokerDisconnect(why)) => {
+                    broker_said = Some(why);
+                    continue;
                 }
-                Ok(MqttPacketEvent::Incoming(Packet::PubAck(ack))) => {
-                    if !report(MqttEvent::PubAck { conn, pkid: ack.pkid }) {
-                        return;
-                    }
-                }
-                Ok(MqttPacketEvent::Incoming(Packet::Publish(p))) if p.topic == acks_topic => {
-                    if !report(MqttEvent::Acks { payload: p.payload.to_vec() }) {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => break describe(&e, &s),
+                Ok(_) => continue,
+                Err(e) => break broker_said.take().map_or(e.clone(), |why| format!("{why} ({e})")),
+            };
+            if !report(event) {
+                return;
             }
         };
         // The backoff starts over only after a connection that lasted: one dropped right after its
@@ -327,10 +373,7 @@ async fn link(s: MqttSettings, events: Sender<Event<MqttEvent>>, mut stop: watch
                 backoff.reset();
                 error
             }
-            Some(_) => format!(
-                "{error} (dropped right after connecting: is another device using the client id {}?)",
-                s.client_id
-            ),
+            Some(_) => format!("{error} (the connection dropped right after it was made)"),
             None => error,
         };
         if !report(MqttEvent::Down { conn, error: error.clone() }) {
@@ -342,26 +385,6 @@ async fn link(s: MqttSettings, events: Sender<Event<MqttEvent>>, mut stop: watch
             _ = tokio::time::sleep(delay) => {}
             _ = stop.changed() => return,
         }
-    }
-}
-
-/// A connection error in words an operator can act on.
-fn describe(e: &rumqttc::ConnectionError, s: &MqttSettings) -> String {
-    match e {
-        rumqttc::ConnectionError::ConnectionRefused(code) => {
-            use rumqttc::ConnectReturnCode as C;
-            let what = match code {
-                C::BadUserNamePassword | C::NotAuthorized => {
-                    "check transport.mqtt.username and the password (BACKHAUL_MQTT_PASSWORD or transport.mqtt.password_file)"
-                }
-                C::BadClientId => "the broker does not accept the client id: set transport.mqtt.client_id",
-                C::ServiceUnavailable => "the broker is unavailable; retrying",
-                _ => "check the broker's configuration",
-            };
-            format!("the broker {}:{} refused the connection ({code:?}): {what}", s.host, s.port)
-        }
-        rumqttc::ConnectionError::Io(io) => format!("cannot reach the broker {}:{}: {io}", s.host, s.port),
-        other => format!("MQTT connection to {}:{}: {other}", s.host, s.port),
     }
 }
 
@@ -405,8 +428,11 @@ mod tests {
                 backoff_max: Duration::from_secs(1),
                 max_inflight: 4,
                 keep_alive: Duration::from_secs(15),
+                protocol: MqttProtocol::V5,
+                max_message_bytes: None,
             },
             client: None,
+            broker_max_packet: None,
             conn: 1,
             ids: PacketIds::default(),
             stop,
@@ -431,10 +457,10 @@ mod tests {
         assert!(out.is_empty(), "a malformed ack message is ignored");
         t.ids.requested(Some(a));
         t.handle(MqttEvent::Sent { conn: 0, pkid: 1 }, &mut out);
-        t.handle(MqttEvent::PubAck { conn: 0, pkid: 1 }, &mut out);
+        t.handle(MqttEvent::PubAck { conn: 0, pkid: 1, refusal: None }, &mut out);
         assert!(out.is_empty(), "events of an earlier connection mean nothing now");
         t.handle(MqttEvent::Sent { conn: 1, pkid: 1 }, &mut out);
-        t.handle(MqttEvent::PubAck { conn: 1, pkid: 1 }, &mut out);
+        t.handle(MqttEvent::PubAck { conn: 1, pkid: 1, refusal: None }, &mut out);
         assert!(out.is_empty(), "with ack = cloud a PUBACK deletes nothing");
     }
 
@@ -445,10 +471,40 @@ mod tests {
         let mut out = Vec::new();
         t.ids.requested(Some(a));
         t.handle(MqttEvent::Sent { conn: 1, pkid: 7 }, &mut out);
-        t.handle(MqttEvent::PubAck { conn: 1, pkid: 7 }, &mut out);
+        t.handle(MqttEvent::PubAck { conn: 1, pkid: 7, refusal: None }, &mut out);
         assert_eq!(out, vec![Outcome::Acked { batch_id: a, duplicate: false }]);
         t.handle(MqttEvent::Down { conn: 1, error: "gone".into() }, &mut out);
         assert_eq!(out[1], Outcome::LinkDown { error: "gone".into(), resend_in_flight: true });
         assert!(!t.ready());
+    }
+
+    #[test]
+    fn a_refused_puback_is_never_a_delivery_in_either_ack_mode() {
+        for ack_on_puback in [true, false] {
+            let mut t = transport(ack_on_puback);
+            let a = BatchId::new();
+            let mut out = Vec::new();
+            t.ids.requested(Some(a));
+            t.handle(MqttEvent::Sent { conn: 1, pkid: 3 }, &mut out);
+            let refusal = Some("PUBACK reason code 0x87, not authorized".to_owned());
+            t.handle(MqttEvent::PubAck { conn: 1, pkid: 3, refusal }, &mut out);
+            assert!(
+                matches!(&out[..], [Outcome::Refused { batch_id, error }] if *batch_id == a && error.contains("0x87") && error.contains("ACL")),
+                "{out:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_largest_payload_is_the_smaller_limit_less_the_publish_overhead() {
+        let mut t = transport(false);
+        assert_eq!(t.max_payload(), None, "no limit known");
+        t.broker_max_packet = Some(10_000);
+        let overhead = protocol::publish_overhead(&t.settings.topics.batches("pi"));
+        assert_eq!(t.max_payload(), Some(10_000 - overhead));
+        t.settings.max_message_bytes = Some(4096);
+        assert_eq!(t.max_payload(), Some(4096 - overhead), "ours is smaller");
+        t.settings.max_message_bytes = Some(1 << 20);
+        assert_eq!(t.max_payload(), Some(10_000 - overhead), "the broker's is smaller");
     }
 }
