@@ -18,7 +18,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use backhaul_shared::Timestamp;
+use backhaul_shared::{BatchId, Timestamp};
 
 use crate::batch::{Batcher, Cut};
 use crate::queue::{EnqueueError, NewBatch, Queue};
@@ -120,10 +120,10 @@ fn store(
         detections: cut.detections,
         source_position: cut.source_position,
         // Made once: every retry of this enqueue carries the same key.
-        batch_id: Some(backhaul_shared::BatchId::new()),
+        batch_id: Some(BatchId::new()),
     };
     let max_payload = usize::try_from(telemetry.max_payload_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
-    let batches = if max_payload == 0 { vec![batch] } else { split_to_fit(batch, max_payload) };
+    let batches = if max_payload == 0 { vec![batch] } else { split_to_fit(batch, max_payload, &mut BatchId::new) };
     if batches.is_empty() {
         return Ok(());
     }
@@ -163,9 +163,11 @@ pub fn wire_size_bound(batch: &NewBatch) -> usize {
 }
 
 /// Splits a batch into batches whose wire JSON fits in `max_payload` bytes, in order, each with
-/// its own idempotency key (made here, once); the source position goes with the last. A single
-/// detection that cannot fit alone is dropped with an error (the limit is below any batch).
-pub fn split_to_fit(batch: NewBatch, max_payload: usize) -> Vec<NewBatch> {
+/// its own idempotency key from `new_key` (called in a fixed order, so a deterministic `new_key`
+/// gives the same keys for the same input); a batch that fits is returned as it is. The source
+/// position goes with the last. A single detection that cannot fit alone is dropped with an error
+/// (the limit is below any batch).
+pub fn split_to_fit(batch: NewBatch, max_payload: usize, new_key: &mut dyn FnMut() -> BatchId) -> Vec<NewBatch> {
     if wire_size_bound(&batch) <= max_payload {
         return vec![batch];
     }
@@ -183,10 +185,10 @@ pub fn split_to_fit(batch: NewBatch, max_payload: usize) -> Vec<NewBatch> {
     let tail = first.detections.split_off(first.detections.len() / 2);
     second.detections = tail;
     first.source_position = None;
-    first.batch_id = Some(backhaul_shared::BatchId::new());
-    second.batch_id = Some(backhaul_shared::BatchId::new());
-    let mut out = split_to_fit(first, max_payload);
-    out.extend(split_to_fit(second, max_payload));
+    first.batch_id = Some(new_key());
+    second.batch_id = Some(new_key());
+    let mut out = split_to_fit(first, max_payload, new_key);
+    out.extend(split_to_fit(second, max_payload, new_key));
     out
 }
 
@@ -212,7 +214,7 @@ mod tests {
                 })
                 .collect(),
             source_position: Some(vec![7]),
-            batch_id: Some(backhaul_shared::BatchId::new()),
+            batch_id: Some(BatchId::new()),
         }
     }
 
@@ -221,7 +223,7 @@ mod tests {
         let b = batch(100);
         let whole = wire_size_bound(&b);
         let max = whole / 3;
-        let parts = split_to_fit(b.clone(), max);
+        let parts = split_to_fit(b.clone(), max, &mut BatchId::new);
         assert!(parts.len() >= 3, "{}", parts.len());
         for p in &parts {
             assert!(wire_size_bound(p) <= max);
@@ -244,7 +246,7 @@ mod tests {
         assert_eq!(keys.len(), parts.len(), "each its own key");
         assert!(parts[..parts.len() - 1].iter().all(|p| p.source_position.is_none()));
         assert_eq!(parts.last().unwrap().source_position, Some(vec![7]), "the position goes with the last");
-        assert_eq!(split_to_fit(b.clone(), whole).len(), 1, "a batch that fits is left alone");
-        assert!(split_to_fit(batch(1), 10).is_empty(), "one detection that cannot fit is dropped");
+        assert_eq!(split_to_fit(b.clone(), whole, &mut BatchId::new).len(), 1, "a batch that fits is left alone");
+        assert!(split_to_fit(batch(1), 10, &mut BatchId::new).is_empty(), "one detection that cannot fit is dropped");
     }
 }

@@ -94,6 +94,9 @@ pub struct Sent {
     /// Sends the broker refused (an MQTT 5 PUBACK reason code of 0x80 or more); the batches
     /// stayed queued.
     pub refused: u64,
+    /// Queued batches too large for the link, cut into batches that fit (the original
+    /// dead-lettered with the reason), since start.
+    pub cut: u64,
 }
 
 /// The source, since this process started.
@@ -229,6 +232,7 @@ impl StatusSource {
                 acked_duplicates: t.acked_duplicates.load(Ordering::Relaxed),
                 rejected: t.rejected_batches.load(Ordering::Relaxed),
                 refused: t.refused_batches.load(Ordering::Relaxed),
+                cut: t.cut_batches.load(Ordering::Relaxed),
             },
             source: SourceStatus {
                 detections: t.source_detections.load(Ordering::Relaxed),
@@ -300,6 +304,12 @@ pub fn prometheus(r: &StatusReport) -> String {
         "counter",
         "Sends the broker refused (MQTT 5 PUBACK reason code 0x80 or more) since start.",
         r.sent.refused as f64,
+    );
+    metric(
+        "cut_batches_total",
+        "counter",
+        "Queued batches too large for the link, cut into batches that fit, since start.",
+        r.sent.cut as f64,
     );
     metric("sent_batches_total", "counter", "Batch sends since start, resends included.", r.sent.batches as f64);
     metric("resent_batches_total", "counter", "Resends after an ack timeout since start.", r.sent.resent as f64);

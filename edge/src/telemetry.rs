@@ -50,6 +50,9 @@ pub struct Telemetry {
     pub acks_overdue_since_ms: AtomicU64,
     /// Sends the broker refused (an MQTT 5 PUBACK reason code of 0x80 or more) since start.
     pub refused_batches: AtomicU64,
+    /// Queued batches too large for the link, cut into batches that fit (or, when they could not
+    /// be cut, dead-lettered) since start.
+    pub cut_batches: AtomicU64,
 }
 
 impl Telemetry {
@@ -78,6 +81,7 @@ impl Telemetry {
             acks_overdue: AtomicU64::new(0),
             acks_overdue_since_ms: AtomicU64::new(0),
             refused_batches: AtomicU64::new(0),
+            cut_batches: AtomicU64::new(0),
         }
     }
 

@@ -204,6 +204,16 @@ impl Mosquitto {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
+
+    /// SIGHUP: Mosquitto reloads its configuration, ACL file included, keeping its connections.
+    pub fn reload(&self) -> Result<()> {
+        let pid = self.child.as_ref().context("mosquitto is not running")?.id();
+        let status = Command::new("kill").arg("-HUP").arg(pid.to_string()).status().context("running kill")?;
+        if !status.success() {
+            bail!("kill -HUP {pid} failed");
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Mosquitto {

@@ -46,9 +46,11 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use backhaul_shared::{BatchId, DeviceStatus};
+use backhaul_shared::batch::Limits;
+use backhaul_shared::{Batch, BatchId, DeviceStatus};
+use sha2::{Digest, Sha256};
 
-use crate::queue::{AckOutcome, Queue, QueueError, QueuedBatch};
+use crate::queue::{AckOutcome, NewBatch, Queue, QueueError, QueuedBatch};
 use crate::telemetry::Telemetry;
 use backoff::Backoff;
 use pace::{End, Pacer};
@@ -308,7 +310,7 @@ impl<T: Transport> Forwarder<T> {
             };
             let batch = match batch {
                 Ok(Some(b)) if self.transport.max_payload().is_some_and(|max| b.payload.len() > max) => {
-                    self.dead_letter_oversized(b);
+                    self.cut_to_fit(b);
                     continue;
                 }
                 Ok(Some(b)) => b,
@@ -343,20 +345,62 @@ impl<T: Transport> Forwarder<T> {
         }
     }
 
-    /// A batch the link can never carry: dead-lettered, with the limit in the reason.
-    fn dead_letter_oversized(&mut self, batch: QueuedBatch) {
+    /// A queued batch the link cannot carry (queued before the limit was known, e.g. by an edge
+    /// that started offline): its detections are enqueued again as batches that fit, at the end
+    /// of the queue, and the original is dead-lettered (kept for inspection, never sent) with a
+    /// reason naming the limit and the new batches. The new batches' keys derive from the
+    /// original's ([`derived_key`]): if a crash comes between the two writes, the cut made again
+    /// after the restart has the same keys, and the cloud stores each once. A batch that cannot be
+    /// cut (a single detection, an unreadable payload) is only dead-lettered.
+    fn cut_to_fit(&mut self, batch: QueuedBatch) {
         let max = self.transport.max_payload().unwrap_or(0);
-        let reason = format!(
+        let limit = format!(
             "the batch is {} bytes, over the largest message the link can carry ({max} bytes of payload: the \
-             broker's maximum packet size from its CONNACK, or transport.mqtt.max_message_bytes); new batches \
-             are cut to fit",
+             broker's maximum packet size from its CONNACK, or transport.mqtt.max_message_bytes)",
             batch.payload.len()
         );
-        tracing::error!(seq = batch.seq, batch_id = %batch.batch_id, "{reason}: dead-lettered");
+        let cut = Batch::from_json(&batch.payload, &Limits::default()).ok().and_then(|b| {
+            let original = b.batch_id;
+            let mut i = 0u32;
+            let mut new_key = || {
+                i += 1;
+                derived_key(original, i)
+            };
+            let whole = NewBatch {
+                device_id: b.device_id,
+                name: b.name,
+                location: b.location,
+                timestamp: b.timestamp,
+                detections: b.detections,
+                source_position: None,
+                batch_id: None,
+            };
+            let pieces = crate::pipeline::split_to_fit(whole, max, &mut new_key);
+            (pieces.len() > 1).then_some(pieces)
+        });
+        let reason = match cut.map(|pieces| self.queue.enqueue_many(pieces)) {
+            Some(Ok(done)) => {
+                let (first, last) = (done.first().map_or(0, |e| e.seq), done.last().map_or(0, |e| e.seq));
+                self.backlog = true;
+                format!(
+                    "{limit}: its detections were enqueued again as {} batches that fit, seq {first}..={last}",
+                    done.len()
+                )
+            }
+            Some(Err(e)) => {
+                // Not cut (the disk is full?): keep it queued and try again later.
+                self.queue.nack(batch.batch_id);
+                tracing::error!(error = %e, "enqueueing the cut of a batch too large to send failed; retrying in {QUEUE_RETRY:?}");
+                self.queue_failed_at = Some(Instant::now());
+                return;
+            }
+            None => format!("{limit}; it cannot be cut smaller: dead-lettered"),
+        };
+        tracing::warn!(seq = batch.seq, batch_id = %batch.batch_id, "{reason}");
         match self.queue.dead_letter(batch.batch_id, &reason) {
             Ok(AckOutcome::Acked) => {
-                self.telemetry.rejected_batches.fetch_add(1, Ordering::Relaxed);
-                self.telemetry.set_error(format!("batch seq {} dead-lettered: {reason}", batch.seq));
+                self.telemetry.cut_batches.fetch_add(1, Ordering::Relaxed);
+                self.telemetry.set_error(format!("batch seq {}: {reason}", batch.seq));
             }
             Ok(AckOutcome::Unknown) => {}
             Err(e) => {
@@ -516,6 +560,15 @@ impl<T: Transport> Forwarder<T> {
     }
 }
 
+/// The `n`-th key of a batch cut from `original`: the original's ULID time and, as its random
+/// part, the first 80 bits of SHA-256(original, n). The same cut gives the same keys.
+pub fn derived_key(original: BatchId, n: u32) -> BatchId {
+    let mut bytes = original.to_bytes();
+    let digest = Sha256::new().chain_update(bytes).chain_update(b"cut").chain_update(n.to_be_bytes()).finalize();
+    bytes[6..].copy_from_slice(&digest[..10]);
+    BatchId::from_bytes(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc;
@@ -592,5 +645,16 @@ mod tests {
         let stats = queue.stats().unwrap();
         assert_eq!(stats.dead_letters, u64::from(REJECTIONS_BEFORE_PAUSE), "{stats:?}");
         assert_eq!(stats.pending + stats.in_flight, 20 - u64::from(REJECTIONS_BEFORE_PAUSE), "the rest stays queued");
+    }
+
+    #[test]
+    fn keys_derived_for_a_cut_are_the_same_every_time_and_keep_the_original_time() {
+        let original = BatchId::new();
+        let (a, b) = (derived_key(original, 1), derived_key(original, 2));
+        assert_eq!(a, derived_key(original, 1), "a cut made again after a crash has the same keys");
+        assert_ne!(a, b);
+        assert_ne!(a, original);
+        assert_eq!(a.timestamp_ms(), original.timestamp_ms());
+        assert_ne!(derived_key(BatchId::new(), 1), a, "another batch's cut has other keys");
     }
 }
