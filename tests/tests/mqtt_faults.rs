@@ -239,3 +239,29 @@ fn with_mqtt_3_1_1_max_message_bytes_bounds_the_batches() {
     assert!(num(&status, "/link/max_payload_bytes") < 8192, "{status}");
     assert_eq!(num(&status, "/link/link_ups"), 1, "{status}");
 }
+
+#[test]
+fn a_message_on_the_acks_topic_bigger_than_the_edge_reads_never_cuts_the_edge_off() {
+    // Issue #14: a 2 MiB message on an edge's acks topic cut it off for good (it reads at most
+    // 1 MiB, and the broker sent it again after every reconnect). With MQTT 5 the edge announces
+    // its maximum packet size in its CONNECT, and the broker drops bigger messages for it. (With
+    // protocol = "3.1.1" this test fails: the protocol cannot announce it.)
+    let broker = Mosquitto::start().unwrap();
+    let cloud = mqtt_cloud(&broker);
+    let edge =
+        Edge::start(EdgeOptions { mqtt_url: broker.url(), count: 2000, rate: 400.0, ..Default::default() }).unwrap();
+    edge.wait_status("the edge connected", T, |s| s["link"]["connected"] == true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![b'x'; 2 << 20]).unwrap();
+    let topic = format!("backhaul/{DEVICE}/acks");
+    let status = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port().to_string(), "-q", "1", "-t", &topic, "-f"])
+        .arg(&big)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = edge.wait_drained(2000, T).unwrap();
+    cloud.wait_detections(DEVICE, 2000, T).unwrap();
+    assert_eq!(num(&status, "/link/link_ups"), 1, "never cut off: {status}");
+}
