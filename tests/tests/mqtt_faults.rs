@@ -265,3 +265,36 @@ fn a_message_on_the_acks_topic_bigger_than_the_edge_reads_never_cuts_the_edge_of
     cloud.wait_detections(DEVICE, 2000, T).unwrap();
     assert_eq!(num(&status, "/link/link_ups"), 1, "never cut off: {status}");
 }
+
+#[test]
+fn with_a_broker_that_never_says_its_limit_a_batch_that_keeps_dropping_the_connection_is_cut() {
+    // MQTT 3.1.1 and no max_message_bytes: the edge cannot know the broker's 10,000 bytes; the
+    // connection drops after every send of the 13 KB batch. After 3 such drops in a row the
+    // limit is learned, the batch is cut, and everything arrives.
+    let broker = small_packet_broker();
+    let cloud = mqtt_cloud(&broker);
+    let edge = Edge::start_with(
+        EdgeOptions {
+            mqtt_url: broker.url(),
+            count: 50,
+            max_detections: 5,
+            mqtt: "protocol = \"3.1.1\"".into(),
+            ..Default::default()
+        },
+        |data_dir| {
+            let queue = Queue::open(data_dir, QueueConfig::default())?;
+            queue.enqueue(presence_batch(DEVICE, 110))?;
+            Ok(())
+        },
+    )
+    .unwrap();
+    cloud.wait_detections(DEVICE, 50 + 110, T).unwrap();
+    let status = edge
+        .wait_status("the queue drained", T, |s| num(s, "/queue/pending") + num(s, "/queue/in_flight") == 0)
+        .unwrap();
+    assert_eq!(num(&status, "/sent/cut"), 1, "{status}");
+    assert_eq!(num(&status, "/queue/dead_letters"), 1, "{status}");
+    assert!(last_error(&status).contains("learned"), "{status}");
+    let learned = num(&status, "/link/max_payload_bytes");
+    assert!((10_000..13_700).contains(&learned), "learned below the batch that failed: {status}");
+}

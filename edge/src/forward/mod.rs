@@ -41,6 +41,7 @@ pub mod mqtt;
 pub mod pace;
 pub mod window;
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -154,7 +155,21 @@ pub struct Forwarder<T: Transport> {
     next_status: Instant,
     /// Acks are overdue and `last_error` says so (logged once per episode).
     overdue_reported: bool,
+    /// When the link last came up, and whether anything was acked since.
+    link_up_at: Option<Instant>,
+    acked_on_link: bool,
+    /// Batches in flight when a short-lived connection dropped, and how many times in a row
+    /// (see [`Forwarder::suspect_oversized`]).
+    suspects: HashMap<BatchId, u32>,
+    /// A payload limit learned from such drops.
+    learned_max_payload: Option<usize>,
 }
+
+/// A connection that drops this soon after it came up, before any ack, makes the largest batch
+/// in flight a suspect of being over the broker's limit.
+const SHORT_CONNECTION: Duration = Duration::from_secs(10);
+/// Drops in a row with the same suspect before it is taken as too large.
+const STRIKES: u32 = 3;
 
 /// Test-only fault injection: `BACKHAUL_FAILPOINT=freeze_forwarder_after:MS` wedges the forwarder
 /// thread MS milliseconds after it starts (for the watchdog test).
@@ -197,6 +212,10 @@ impl<T: Transport> Forwarder<T> {
             pause_backoff: Backoff::new(Duration::from_secs(5), Duration::from_secs(600)),
             next_status: Instant::now(),
             overdue_reported: false,
+            link_up_at: None,
+            acked_on_link: false,
+            suspects: HashMap::new(),
+            learned_max_payload: None,
             config,
         }
     }
@@ -309,7 +328,7 @@ impl<T: Transport> Forwarder<T> {
                 other => other,
             };
             let batch = match batch {
-                Ok(Some(b)) if self.transport.max_payload().is_some_and(|max| b.payload.len() > max) => {
+                Ok(Some(b)) if self.max_payload().is_some_and(|max| b.payload.len() > max) => {
                     self.cut_to_fit(b);
                     continue;
                 }
@@ -353,10 +372,11 @@ impl<T: Transport> Forwarder<T> {
     /// after the restart has the same keys, and the cloud stores each once. A batch that cannot be
     /// cut (a single detection, an unreadable payload) is only dead-lettered.
     fn cut_to_fit(&mut self, batch: QueuedBatch) {
-        let max = self.transport.max_payload().unwrap_or(0);
+        let max = self.max_payload().unwrap_or(0);
         let limit = format!(
             "the batch is {} bytes, over the largest message the link can carry ({max} bytes of payload: the \
-             broker's maximum packet size from its CONNACK, or transport.mqtt.max_message_bytes)",
+             broker's maximum packet size from its CONNACK, transport.mqtt.max_message_bytes, or learned from \
+             connections that dropped right after a batch this size was sent)",
             batch.payload.len()
         );
         let cut = Batch::from_json(&batch.payload, &Limits::default()).ok().and_then(|b| {
@@ -410,6 +430,48 @@ impl<T: Transport> Forwarder<T> {
         }
     }
 
+    /// The largest batch payload the link can carry: the transport's limit, or a smaller one
+    /// learned from connections that dropped after a batch was sent ([`Self::suspect_oversized`]).
+    fn max_payload(&self) -> Option<usize> {
+        match (self.transport.max_payload(), self.learned_max_payload) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A broker that does not say its maximum packet size (MQTT 3.1.1, or an MQTT 5 broker that
+    /// leaves it out) closes the connection on a bigger PUBLISH, and the batch would be sent
+    /// again after every reconnect, forever. So when a connection drops within
+    /// [`SHORT_CONNECTION`] of coming up, before any ack, the largest batch in flight is a
+    /// suspect; after [`STRIKES`] such drops in a row it is taken as over the broker's limit: the
+    /// limit is learned as one byte below its size, and it is cut to fit (see
+    /// [`Self::cut_to_fit`]), as every later batch that size or more.
+    fn suspect_oversized(&mut self) {
+        let Some(up_at) = self.link_up_at.take() else { return };
+        if self.acked_on_link || up_at.elapsed() >= SHORT_CONNECTION {
+            self.suspects.clear();
+            return;
+        }
+        let Some((batch_id, size)) = self.window.largest() else { return };
+        let strikes = self.suspects.entry(batch_id).or_insert(0);
+        *strikes += 1;
+        if *strikes < STRIKES {
+            return;
+        }
+        self.suspects.clear();
+        let learned = size.saturating_sub(1);
+        if self.max_payload().is_none_or(|m| learned < m) {
+            self.learned_max_payload = Some(learned);
+            self.telemetry.max_payload_bytes.store(learned as u64, Ordering::Relaxed);
+            tracing::warn!(
+                size,
+                "the connection dropped {STRIKES} times right after a batch of {size} bytes was sent, before any \
+                 ack: taken as over the broker's maximum packet size; batches are cut below it (set \
+                 transport.mqtt.max_message_bytes to the broker's limit to skip this)"
+            );
+        }
+    }
+
     /// Publishes the acks overdue to `/status` and `/metrics`, and says once per episode what to
     /// check.
     fn report_overdue(&mut self, now: Instant) {
@@ -455,7 +517,9 @@ impl<T: Transport> Forwarder<T> {
                 // (MQTT put everything in flight back with the LinkDown that always comes first;
                 // HTTP requests in flight still get their own answers.)
                 self.connected = true;
-                let max = self.transport.max_payload().map_or(0, |m| m as u64);
+                self.link_up_at = Some(Instant::now());
+                self.acked_on_link = false;
+                let max = self.max_payload().map_or(0, |m| m as u64);
                 self.telemetry.max_payload_bytes.store(max, Ordering::Relaxed);
                 self.backlog = true;
                 self.telemetry.connected.store(true, Ordering::Relaxed);
@@ -472,11 +536,14 @@ impl<T: Transport> Forwarder<T> {
                 self.telemetry.connected.store(false, Ordering::Relaxed);
                 self.telemetry.set_error(error);
                 if resend_in_flight {
+                    self.suspect_oversized();
                     self.requeue_in_flight();
                 }
             }
             Outcome::Acked { batch_id, duplicate } => {
                 let entry = self.window.remove(&batch_id);
+                self.acked_on_link = true;
+                self.suspects.remove(&batch_id);
                 self.backlog = true;
                 self.rejections_in_a_row = 0;
                 self.pause_backoff.reset();

@@ -102,6 +102,11 @@ impl Window {
         Some(Overdue { count, since: oldest + timeout })
     }
 
+    /// The batch in flight with the largest payload, and that size.
+    pub fn largest(&self) -> Option<(BatchId, usize)> {
+        self.entries.values().map(|e| (e.batch.batch_id, e.batch.payload.len())).max_by_key(|&(_, len)| len)
+    }
+
     /// Empties the window (the link went down: everything in it is sent again).
     pub fn clear(&mut self) -> usize {
         let n = self.entries.len();
