@@ -8,6 +8,7 @@ pub mod batch;
 pub mod config;
 pub mod decode;
 pub mod forward;
+pub mod fuzzing;
 pub mod pipeline;
 pub mod queue;
 pub mod source;

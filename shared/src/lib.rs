@@ -5,9 +5,11 @@
 //! - [`record`]: the version + length + CRC32 framing of every record stored on disk.
 //! - [`config`]: TOML + environment configuration with errors that name the key.
 //! - [`logging`]: `tracing` for a terminal or for journald.
+//! - [`fuzzing`]: the fuzz targets' entry points.
 
 pub mod batch;
 pub mod config;
+pub mod fuzzing;
 pub mod logging;
 pub mod record;
 pub mod wire;

@@ -1,0 +1,4 @@
+#![no_main]
+//! Fuzz target: see `backhaul_edge::fuzzing::config`.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| backhaul_edge::fuzzing::config(data));
