@@ -151,3 +151,30 @@ fn a_redirect_to_another_origin_is_followed_neither_by_posts_nor_by_the_health_p
     assert_all_kept(&status);
     assert!(elsewhere.seen().is_empty(), "the other origin was reached: {:?}", elsewhere.seen());
 }
+
+#[test]
+fn the_clouds_own_answers_are_acks_and_carry_the_batch_id_the_edge_checks() {
+    // The contract the rule above relies on: backhaul-cloud answers 201 stored / 200 duplicate with
+    // the batch_id, and the edge's classifier takes exactly those as acks, for that batch only.
+    use backhaul_edge::forward::http::{classify, Answer, Class};
+    let cloud = Cloud::start(CloudOptions::default()).unwrap();
+    let agent = backhaul_tests::cloud::http();
+    let batch = backhaul_tests::wire_batch(DEVICE, 1, 3);
+    let id = batch.batch_id;
+    for (expected_code, duplicate) in [(201, false), (200, true)] {
+        let (code, body, _) = backhaul_tests::cloud::post_batch(
+            &agent,
+            &cloud,
+            Some(DEVICE_KEY),
+            Some(&id.to_string()),
+            &batch.to_json(),
+        );
+        assert_eq!(code, expected_code, "{body}");
+        let json: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["batch_id"], id.to_string(), "{body}");
+        let answer = Answer::Status { code, retry_after: None, location: None, body: body.clone() };
+        assert_eq!(classify(&answer, id), Class::Acked { duplicate }, "{body}");
+        let other = backhaul_shared::BatchId::new();
+        assert!(matches!(classify(&answer, other), Class::Retry { .. }), "an answer for {id} acks only {id}");
+    }
+}
