@@ -464,6 +464,18 @@ impl EdgeConfig {
                 "transport.http.api_key_file",
             )?,
         };
+        // Sent as a header: anything but visible ASCII makes every request fail before it leaves.
+        if let Some(key) = &secrets.api_key {
+            if key.expose().bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+                return Err(loaded.invalid(
+                    "transport.http.api_key_file",
+                    format!(
+                        "the API key (from {}) must be visible ASCII without spaces: it is sent as the X-API-Key header",
+                        key.origin
+                    ),
+                ));
+            }
+        }
         if let Some(p) = c.decode.profiles.iter().find(|p| !["presence", "thingy52"].contains(&p.as_str())) {
             return Err(loaded
                 .invalid("decode.profiles", format!("unknown profile `{p}`: the profiles are presence and thingy52")));
@@ -764,6 +776,19 @@ mod tests {
         refused("", "[transport.mqtt]\nclient_id = \"pi\\n1\"", "transport.mqtt.client_id", &[]);
         refused("", "[transport.mqtt]\nclient_id = \"\"", "transport.mqtt.client_id", &[]);
         refused("", "[transport.mqtt]\nusername = \"pi\\u007f\"", "transport.mqtt.username", &[]);
+    }
+
+    #[test]
+    fn an_api_key_that_cannot_be_a_header_is_refused_without_printing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("api-key");
+        std::fs::write(&key_file, "secret\tkey-do-not-print\n").unwrap();
+        let top = format!("[transport.http]\napi_key_file = \"{}\"", key_file.display());
+        let e = load("", &top).unwrap_err();
+        assert!(e.contains("transport.http.api_key_file") && e.contains("X-API-Key"), "{e}");
+        assert!(!e.contains("do-not-print"), "the key was printed: {e}");
+        std::fs::write(&key_file, "good-key-0123\n").unwrap();
+        load("", &top).unwrap();
     }
 
     #[test]
