@@ -2,6 +2,13 @@
 //! settable from the environment (`BACKHAUL_` + the key path, sections joined by `__`), validated at
 //! start with errors that name the key and where its value came from.
 //!
+//! Every duration, size and count has a valid range, written on its field and in the README's table
+//! ("Valid ranges"), and checked by [`EdgeConfig::load`] (so by `check-config` and by `run`, before
+//! the queue is opened): an error names the key, the value and the range. Every value that goes on
+//! the wire (`device_id`, `name`, `location`, the MQTT topic prefix, client id and username) is
+//! checked by the rule the cloud applies to it ([`backhaul_shared::batch`], [`backhaul_shared::wire`]),
+//! so a device is never started that the cloud would refuse batch after batch.
+//!
 //! Secrets never live in the file: the hash secret comes from `BACKHAUL_HASH_SECRET` or
 //! `decode.hash_secret_file`, the MQTT password from `BACKHAUL_MQTT_PASSWORD` or
 //! `transport.mqtt.password_file`, the HTTP API key from `BACKHAUL_API_KEY` or
@@ -12,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
+use backhaul_shared::batch::RSSI_RANGE;
 use backhaul_shared::config::{self, ByteSize, ConfigError, EnvMap, HumanDuration, Loaded};
 use serde::{Deserialize, Serialize};
 
@@ -35,8 +43,13 @@ pub const SEED_ALIASES: &[(&str, &str)] = &[
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeConfig {
+    /// On the wire in every batch and every topic: 1..=64 bytes, no `/`, `+`, `#`, no control
+    /// characters ([`backhaul_shared::batch::validate_device_id`]).
     pub device_id: String,
+    /// On the wire in every batch: at most 256 bytes, no control characters
+    /// ([`backhaul_shared::batch::validate_text`]).
     pub name: Option<String>,
+    /// As `name`.
     pub location: Option<String>,
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
@@ -68,11 +81,12 @@ pub enum SourceKind {
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
     pub kind: SourceKind,
-    /// simulated: detections per second.
+    /// simulated: detections per second, 0.001..=1,000,000,000 (the benches use 1e9: as fast as the
+    /// pipeline takes them).
     pub rate: f64,
     /// simulated: detections over the device's life; 0 = forever.
     pub count: u64,
-    /// simulated: distinct advertisers.
+    /// simulated: distinct advertisers, 1..=1,000,000.
     pub devices: u32,
     /// simulated: seed of the deterministic generator.
     pub seed: u64,
@@ -85,6 +99,7 @@ pub struct SourceConfig {
     /// ble: only advertisers of these service UUIDs (default: everything).
     pub services: Vec<String>,
     /// ble: nothing heard for this many seconds while scanning is a stall: the scan is restarted.
+    /// 1..=86,400.
     pub stall_after_s: u64,
 }
 
@@ -120,17 +135,18 @@ pub struct DecodeConfig {
     pub profiles: Vec<String>,
     pub hash_secret_file: Option<PathBuf>,
     /// presence: derive the hash key per period (e.g. "24h"), so hashes cannot be linked across
-    /// periods; absent: one key.
+    /// periods; absent or "0s": one key. 1m..=366 days.
     pub hash_rotation: Option<HumanDuration>,
     /// presence: zone thresholds, dBm (`near` at or above `near_dbm`, `medium` at or above
-    /// `medium_dbm`, `far` below).
+    /// `medium_dbm`, `far` below). Each -127..=20 (the RSSI range the cloud accepts).
     pub near_dbm: i16,
     pub medium_dbm: i16,
-    /// presence: median RSSI per advertiser over this window ("0s": none).
+    /// presence: median RSSI per advertiser over this window ("0s": none). 0s..=1h.
     pub smoothing: HumanDuration,
     /// Per advertiser and profile: repeats within this many seconds make no new detection.
+    /// 0..=3,600.
     pub dedup_window_s: u64,
-    /// thingy52: the manufacturer data's company id and payload size.
+    /// thingy52: the manufacturer data's company id and payload size (1..=255 bytes).
     pub company_id: u16,
     pub payload_len: usize,
 }
@@ -154,7 +170,9 @@ impl Default for DecodeConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
+    /// A batch is cut at this many detections: 1..=10,000 (the cloud's default limit).
     pub max_detections: usize,
+    /// ... or when its oldest detection is this old: 10..=3,600,000 ms.
     pub max_age_ms: u64,
 }
 
@@ -167,10 +185,14 @@ impl Default for BatchConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueSection {
+    /// The queue's byte budget: at least one batch of `batch.max_detections` detections of the
+    /// largest kind ([`min_queue_bytes`]), at most 16 TiB.
     pub max_bytes: ByteSize,
     pub on_full: OnFull,
+    /// How long acked batches are kept for `replay`: 0s (none)..=366 days.
     pub retain_acked: HumanDuration,
-    /// How long an enqueue waits for space under `on_full = "block"`.
+    /// How long an enqueue waits for space under `on_full = "block"`: 1s..=1h (keep it below the
+    /// unit's `WatchdogSec`).
     pub block_timeout: HumanDuration,
 }
 
@@ -213,14 +235,15 @@ pub enum TransportMode {
 #[serde(deny_unknown_fields, default)]
 pub struct TransportConfig {
     pub mode: TransportMode,
-    /// Batches per second, with `burst`.
+    /// Batches per second, with `burst`: each 1..=1,000,000 (the top is "no practical limit").
     pub rate_per_sec: u32,
     pub burst: u32,
+    /// Batches sent and not yet answered: 1..=1,000.
     pub max_inflight: u32,
     /// MQTT: a batch without the cloud's (or, with `ack = "broker"`, the broker's) answer after
-    /// this long is sent again.
+    /// this long is sent again. 1s..=1h.
     pub ack_timeout: HumanDuration,
-    /// Longest wait between reconnect attempts or retries (backoff with full jitter).
+    /// Longest wait between reconnect attempts or retries (backoff with full jitter): 100ms..=1h.
     pub backoff_max: HumanDuration,
     pub mqtt: MqttSection,
     pub http: HttpSection,
@@ -255,15 +278,21 @@ pub struct MqttSection {
     pub url: String,
     /// Replaces the url's host (the seed agent's `MQTT_BROKER`).
     pub host: Option<String>,
-    /// Replaces the url's port (the seed agent's `MQTT_PORT`).
+    /// Replaces the url's port (the seed agent's `MQTT_PORT`): 1..=65535.
     pub port: Option<u16>,
     pub ack: AckMode,
+    /// The first levels of every topic: not empty, no `+`, `#` or control characters
+    /// ([`backhaul_shared::wire::validate_topic_prefix`]).
     pub topic_prefix: String,
-    /// Default `backhaul-edge-{device_id}`; the broker keeps the session (and acks) under it.
+    /// Default `backhaul-edge-{device_id}`; the broker keeps the session (and acks) under it. At
+    /// most 256 bytes, no control characters.
     pub client_id: Option<String>,
+    /// MQTT keep alive: 1s..=65535s (the protocol's field is whole seconds in 16 bits; rumqttc
+    /// panics below 1 s).
     pub keep_alive: HumanDuration,
-    /// How often the retained status is published.
+    /// How often the retained status is published: 1s..=1h.
     pub status_interval: HumanDuration,
+    /// At most 256 bytes, no control characters.
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
     /// The MQTT protocol version: `"5"` (default) or `"3.1.1"`. Only MQTT 5 lets the broker
@@ -346,9 +375,9 @@ impl Default for MqttSection {
 pub struct HttpSection {
     pub url: String,
     pub api_key_file: Option<PathBuf>,
-    /// Requests in flight at once (each on its own thread).
+    /// Requests in flight at once (each on its own thread): 1..=64.
     pub workers: u32,
-    /// Whole-request timeout.
+    /// Whole-request timeout: 1s..=10m.
     pub timeout: HumanDuration,
 }
 
@@ -436,7 +465,8 @@ impl EdgeConfig {
         let env_map = EnvMap { prefix: "BACKHAUL_", aliases: SEED_ALIASES, reserved: RESERVED_ENV };
         let loaded: Loaded<Self> = config::load(file, &env_map, std::env::vars())?;
         let c = &loaded.config;
-        backhaul_shared::batch::validate_device_id(&c.device_id).map_err(|e| loaded.invalid("device_id", e))?;
+        check_wire_fields(&loaded)?;
+        check_ranges(&loaded)?;
         c.status_listen
             .parse::<SocketAddr>()
             .map_err(|e| loaded.invalid("status_listen", format!("`{}` is not an address: {e}", c.status_listen)))
@@ -450,23 +480,7 @@ impl EdgeConfig {
                     ))
                 }
             })?;
-        if c.batch.max_detections == 0 || c.batch.max_detections > 10_000 {
-            return Err(loaded.invalid("batch.max_detections", "must be 1..=10000"));
-        }
-        if c.transport.rate_per_sec == 0 || c.transport.burst == 0 || c.transport.max_inflight == 0 {
-            let key = if c.transport.rate_per_sec == 0 {
-                "transport.rate_per_sec"
-            } else if c.transport.burst == 0 {
-                "transport.burst"
-            } else {
-                "transport.max_inflight"
-            };
-            return Err(loaded.invalid(key, "must be at least 1"));
-        }
         match c.source.kind {
-            SourceKind::Simulated if !(c.source.rate > 0.0 && c.source.rate.is_finite()) => {
-                return Err(loaded.invalid("source.rate", "must be a positive number of detections per second"));
-            }
             SourceKind::Replay if c.source.path.is_none() => {
                 return Err(loaded.invalid("source.path", "the replay source needs a capture file (`scan --record`)"));
             }
@@ -504,9 +518,6 @@ impl EdgeConfig {
             }
             _ => {}
         }
-        if c.transport.http.workers == 0 {
-            return Err(loaded.invalid("transport.http.workers", "must be at least 1"));
-        }
         let secrets = Secrets {
             hash_secret: secret(
                 "BACKHAUL_HASH_SECRET",
@@ -527,6 +538,18 @@ impl EdgeConfig {
                 "transport.http.api_key_file",
             )?,
         };
+        // Sent as a header: anything but visible ASCII makes every request fail before it leaves.
+        if let Some(key) = &secrets.api_key {
+            if key.expose().bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+                return Err(loaded.invalid(
+                    "transport.http.api_key_file",
+                    format!(
+                        "the API key (from {}) must be visible ASCII without spaces: it is sent as the X-API-Key header",
+                        key.origin
+                    ),
+                ));
+            }
+        }
         if let Some(p) = c.decode.profiles.iter().find(|p| !["presence", "thingy52"].contains(&p.as_str())) {
             return Err(loaded
                 .invalid("decode.profiles", format!("unknown profile `{p}`: the profiles are presence and thingy52")));
@@ -561,5 +584,293 @@ impl EdgeConfig {
             }
         }
         out
+    }
+}
+
+/// The longest a detection of any kind this build writes can be on the wire, in bytes (a presence
+/// detection is about 120, a Thingy:52 reading with every value about 230; a unit test checks the
+/// worst case of each kind stays below this).
+pub const MAX_DETECTION_WIRE_BYTES: u64 = 512;
+
+/// What a batch carries besides its detections, at most: the schema, ids, `seq`, `name` and
+/// `location` (256 bytes each, JSON-escaped), the timestamp and the source position stored with it.
+const MAX_BATCH_OVERHEAD_BYTES: u64 = 4096;
+
+/// The smallest `queue.max_bytes` that holds one batch of `max_detections` detections of the largest
+/// kind, uncompressed (the queue compresses, so this is an upper bound), with the queue's per-chunk
+/// key overhead. A smaller budget would refuse every full batch (issue #14: `"0B"`, `"1KiB"`).
+pub fn min_queue_bytes(max_detections: usize) -> u64 {
+    let value = MAX_BATCH_OVERHEAD_BYTES + MAX_DETECTION_WIRE_BYTES.saturating_mul(max_detections as u64);
+    // Records are stored in 4 KiB chunks, each under a key of at most 16 bytes.
+    value + value.div_ceil(4096) * 16
+}
+
+/// Checks every value that goes on the wire with the rule the cloud applies to it.
+fn check_wire_fields(loaded: &Loaded<EdgeConfig>) -> Result<(), ConfigError> {
+    use backhaul_shared::batch::{validate_device_id, validate_text};
+    let c = &loaded.config;
+    let rule = |key: &str, r: Result<(), String>| {
+        r.map_err(|e| {
+            loaded.invalid(key, format!("{e}; the cloud would refuse every batch (this value is on the wire)"))
+        })
+    };
+    rule("device_id", validate_device_id(&c.device_id))?;
+    for (key, value) in [("name", &c.name), ("location", &c.location)] {
+        if let Some(v) = value {
+            rule(key, validate_text(v))?;
+        }
+    }
+    let m = &c.transport.mqtt;
+    rule("transport.mqtt.topic_prefix", backhaul_shared::wire::validate_topic_prefix(&m.topic_prefix))?;
+    if let Some(id) = &m.client_id {
+        let r = if id.is_empty() {
+            Err("must not be empty (leave it out for the default)".into())
+        } else {
+            validate_text(id)
+        };
+        rule("transport.mqtt.client_id", r)?;
+    }
+    if let Some(user) = &m.username {
+        rule("transport.mqtt.username", validate_text(user))?;
+    }
+    Ok(())
+}
+
+/// `value` within `min..=max`, or an error that names the key, the value and the range.
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    loaded: &Loaded<EdgeConfig>,
+    key: &str,
+    value: T,
+    (min, max): (T, T),
+    why: &str,
+) -> Result<(), ConfigError> {
+    if min <= value && value <= max {
+        return Ok(());
+    }
+    let why = if why.is_empty() { String::new() } else { format!(": {why}") };
+    Err(loaded.invalid(key, format!("{value} is outside the valid range {min}..={max}{why}")))
+}
+
+const fn secs(s: u64) -> HumanDuration {
+    HumanDuration(Duration::from_secs(s))
+}
+
+const fn millis(ms: u64) -> HumanDuration {
+    HumanDuration(Duration::from_millis(ms))
+}
+
+const DAY: u64 = 24 * 3600;
+
+/// Every duration, size and count against its documented range (the fields' doc comments and the
+/// README's "Valid ranges" table say the same).
+fn check_ranges(loaded: &Loaded<EdgeConfig>) -> Result<(), ConfigError> {
+    let c = &loaded.config;
+    let (s, d, b, q, t, m, h) =
+        (&c.source, &c.decode, &c.batch, &c.queue, &c.transport, &c.transport.mqtt, &c.transport.http);
+    in_range(loaded, "source.rate", s.rate, (0.001, 1e9), "detections per second")?;
+    in_range(loaded, "source.devices", s.devices, (1, 1_000_000), "")?;
+    in_range(loaded, "source.stall_after_s", s.stall_after_s, (1, DAY), "seconds")?;
+    if let Some(r) = d.hash_rotation.filter(|r| !r.0.is_zero()) {
+        in_range(loaded, "decode.hash_rotation", r, (secs(60), secs(366 * DAY)), "\"0s\" or absent: no rotation")?;
+    }
+    let rssi = (i16::try_from(*RSSI_RANGE.start()).unwrap_or(i16::MIN), i16::try_from(*RSSI_RANGE.end()).unwrap_or(0));
+    in_range(loaded, "decode.near_dbm", d.near_dbm, rssi, "dBm, the RSSI range the cloud accepts")?;
+    in_range(loaded, "decode.medium_dbm", d.medium_dbm, rssi, "dBm, the RSSI range the cloud accepts")?;
+    in_range(loaded, "decode.smoothing", d.smoothing, (secs(0), secs(3600)), "")?;
+    in_range(loaded, "decode.dedup_window_s", d.dedup_window_s, (0, 3600), "seconds")?;
+    in_range(loaded, "decode.payload_len", d.payload_len, (1, 255), "bytes of manufacturer data")?;
+    in_range(loaded, "batch.max_detections", b.max_detections, (1, 10_000), "the cloud's default limit is 10000")?;
+    in_range(loaded, "batch.max_age_ms", b.max_age_ms, (10, 3_600_000), "milliseconds")?;
+    let min_bytes = ByteSize(min_queue_bytes(b.max_detections.min(10_000)));
+    in_range(
+        loaded,
+        "queue.max_bytes",
+        q.max_bytes,
+        (min_bytes, ByteSize(16 << 40)),
+        &format!(
+            "the budget must hold at least one batch of batch.max_detections = {} detections; raise \
+             queue.max_bytes or lower batch.max_detections",
+            b.max_detections
+        ),
+    )?;
+    in_range(loaded, "queue.retain_acked", q.retain_acked, (secs(0), secs(366 * DAY)), "\"0s\" keeps none")?;
+    in_range(loaded, "queue.block_timeout", q.block_timeout, (secs(1), secs(3600)), "")?;
+    in_range(loaded, "transport.rate_per_sec", t.rate_per_sec, (1, 1_000_000), "batches per second")?;
+    in_range(loaded, "transport.burst", t.burst, (1, 1_000_000), "batches")?;
+    in_range(loaded, "transport.max_inflight", t.max_inflight, (1, 1000), "batches")?;
+    in_range(loaded, "transport.ack_timeout", t.ack_timeout, (secs(1), secs(3600)), "")?;
+    in_range(loaded, "transport.backoff_max", t.backoff_max, (millis(100), secs(3600)), "")?;
+    if let Some(port) = m.port {
+        in_range(loaded, "transport.mqtt.port", port, (1, u16::MAX), "")?;
+    }
+    in_range(
+        loaded,
+        "transport.mqtt.keep_alive",
+        m.keep_alive,
+        (secs(1), secs(65_535)),
+        "MQTT's keep alive is whole seconds, 1 to 65535",
+    )?;
+    in_range(loaded, "transport.mqtt.status_interval", m.status_interval, (secs(1), secs(3600)), "")?;
+    in_range(loaded, "transport.http.workers", h.workers, (1, 64), "")?;
+    in_range(loaded, "transport.http.timeout", h.timeout, (secs(1), secs(600)), "")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config with a simulated source (no hash secret needed) plus `extra` lines, loaded as
+    /// `check-config` and `run` load it.
+    fn load(top: &str, sections: &str) -> Result<EdgeConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edge.toml");
+        let text = format!("device_id = \"pi-1\"\n{top}\n[source]\nkind = \"simulated\"\n{sections}\n");
+        std::fs::write(&file, text).unwrap();
+        EdgeConfig::load(&file).map(|(l, _)| l.config).map_err(|e| e.to_string())
+    }
+
+    fn refused(top: &str, sections: &str, key: &str, needles: &[&str]) {
+        let e = load(top, sections).expect_err(&format!("{top} {sections} should be refused"));
+        assert!(e.contains(&format!("key `{key}`")), "{e}");
+        assert!(e.contains("edge.toml"), "the error says where the value came from: {e}");
+        for n in needles {
+            assert!(e.contains(n), "`{n}` missing from: {e}");
+        }
+    }
+
+    #[test]
+    fn a_keep_alive_below_one_second_is_refused_naming_the_key_the_value_and_the_range() {
+        // Issue #13: rumqttc panics on it inside the link thread, which then died quietly.
+        refused("", "[transport.mqtt]\nkeep_alive = \"500ms\"", "transport.mqtt.keep_alive", &["500ms", "1s..="]);
+        refused("", "[transport.mqtt]\nkeep_alive = \"65536s\"", "transport.mqtt.keep_alive", &["65535"]);
+        load("", "[transport.mqtt]\nkeep_alive = \"1s\"").unwrap();
+        load("", "[transport.mqtt]\nkeep_alive = \"65535s\"").unwrap();
+    }
+
+    #[test]
+    fn every_range_is_checked_at_both_ends() {
+        // (section, key, last valid below, first invalid below, last valid above, first invalid above)
+        let cases: &[(&str, &str, &str, &str, &str, &str)] = &[
+            ("source", "rate", "0.001", "0.0", "1000000000.0", "1000000001.0"),
+            ("source", "devices", "1", "0", "1000000", "1000001"),
+            ("source", "stall_after_s", "1", "0", "86400", "86401"),
+            ("decode", "hash_rotation", "\"1m\"", "\"59s\"", "\"366days\"", "\"367days\""),
+            ("decode", "medium_dbm", "-127", "-128", "-60", "21"),
+            ("decode", "near_dbm", "-60", "-128", "20", "21"),
+            ("decode", "smoothing", "\"0s\"", "\"0s\"", "\"1h\"", "\"61m\""),
+            ("decode", "dedup_window_s", "0", "0", "3600", "3601"),
+            ("decode", "payload_len", "1", "0", "255", "256"),
+            ("batch", "max_detections", "1", "0", "10000", "10001"),
+            ("batch", "max_age_ms", "10", "9", "3600000", "3600001"),
+            ("queue", "retain_acked", "\"0s\"", "\"0s\"", "\"366days\"", "\"367days\""),
+            ("queue", "block_timeout", "\"1s\"", "\"999ms\"", "\"1h\"", "\"61m\""),
+            ("transport", "rate_per_sec", "1", "0", "1000000", "1000001"),
+            ("transport", "burst", "1", "0", "1000000", "1000001"),
+            ("transport", "max_inflight", "1", "0", "1000", "1001"),
+            ("transport", "ack_timeout", "\"1s\"", "\"999ms\"", "\"1h\"", "\"61m\""),
+            ("transport", "backoff_max", "\"100ms\"", "\"99ms\"", "\"1h\"", "\"61m\""),
+            ("transport.mqtt", "port", "1", "0", "65535", "0"),
+            ("transport.mqtt", "status_interval", "\"1s\"", "\"999ms\"", "\"1h\"", "\"61m\""),
+            ("transport.http", "workers", "1", "0", "64", "65"),
+            ("transport.http", "timeout", "\"1s\"", "\"999ms\"", "\"10m\"", "\"601s\""),
+        ];
+        for (section, key, low_ok, low_bad, high_ok, high_bad) in cases {
+            let full = format!("{section}.{key}");
+            let at = |v: &str| {
+                if *section == "source" {
+                    format!("{key} = {v}")
+                } else {
+                    format!("[{section}]\n{key} = {v}")
+                }
+            };
+            load("", &at(low_ok)).unwrap_or_else(|e| panic!("{full} = {low_ok}: {e}"));
+            load("", &at(high_ok)).unwrap_or_else(|e| panic!("{full} = {high_ok}: {e}"));
+            for bad in [low_bad, high_bad] {
+                if bad == low_ok || bad == high_ok {
+                    continue; // no invalid value on that side
+                }
+                refused("", &at(bad), &full, &["outside the valid range"]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_queue_budget_too_small_for_one_batch_is_refused() {
+        // Issue #14.
+        for small in ["0B", "1KiB"] {
+            refused(
+                "",
+                &format!("[queue]\nmax_bytes = \"{small}\""),
+                "queue.max_bytes",
+                &[small, "batch.max_detections"],
+            );
+        }
+        let min = min_queue_bytes(500);
+        load("", &format!("[queue]\nmax_bytes = {min}")).unwrap();
+        refused("", &format!("[queue]\nmax_bytes = {}", min - 1), "queue.max_bytes", &[]);
+        // Fewer detections per batch, smaller budget.
+        load("", "[batch]\nmax_detections = 50\n[queue]\nmax_bytes = \"48KiB\"").unwrap();
+    }
+
+    #[test]
+    fn the_largest_detection_of_every_kind_fits_the_per_detection_bound() {
+        use backhaul_shared::{Detection, Presence, Sensor, Timestamp, Zone};
+        let t: Timestamp = "2026-11-21T10:29:55.123456789Z".parse().unwrap();
+        let presence =
+            Detection::Presence(Presence { device_hash: "f".repeat(64), rssi: -127, zone: Zone::Medium, timestamp: t });
+        let sensor = Detection::Sensor(Sensor {
+            node: "c1:0e:5a:33:9f:02".into(),
+            rssi: -127,
+            temp: Some(-100.0 / 3.0),
+            humidity: Some(100),
+            co2_ppm: Some(u32::MAX),
+            window_open: Some(false),
+            battery: Some(100),
+            timestamp: t,
+        });
+        for d in [presence, sensor] {
+            let n = serde_json::to_vec(&d).unwrap().len() as u64 + 1; // and a comma
+            assert!(n < MAX_DETECTION_WIRE_BYTES, "{n} bytes: {d:?}");
+        }
+    }
+
+    #[test]
+    fn wire_fields_are_checked_with_the_clouds_rules_at_start() {
+        // Issue #13: a tab in `name` was accepted here, then the cloud refused every batch.
+        refused("name = \"Entrance\\tPi\"", "", "name", &["control characters", "'\\t'"]);
+        refused("location = \"Main\\u0000entrance\"", "", "location", &["control characters"]);
+        let long = format!("location = \"{}\"", "x".repeat(257));
+        refused(&long, "", "location", &["256"]);
+        let e = load("", "").unwrap();
+        assert_eq!(e.device_id, "pi-1");
+        load("name = \"Entrance Pi\"\nlocation = \"Hall B, 2nd floor — east\"", "").unwrap();
+        refused("", "[transport.mqtt]\ntopic_prefix = \"fleet/+\"", "transport.mqtt.topic_prefix", &["'+'"]);
+        refused("", "[transport.mqtt]\ntopic_prefix = \"/\"", "transport.mqtt.topic_prefix", &["empty"]);
+        refused("", "[transport.mqtt]\nclient_id = \"pi\\n1\"", "transport.mqtt.client_id", &[]);
+        refused("", "[transport.mqtt]\nclient_id = \"\"", "transport.mqtt.client_id", &[]);
+        refused("", "[transport.mqtt]\nusername = \"pi\\u007f\"", "transport.mqtt.username", &[]);
+    }
+
+    #[test]
+    fn an_api_key_that_cannot_be_a_header_is_refused_without_printing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("api-key");
+        std::fs::write(&key_file, "secret\tkey-do-not-print\n").unwrap();
+        let top = format!("[transport.http]\napi_key_file = \"{}\"", key_file.display());
+        let e = load("", &top).unwrap_err();
+        assert!(e.contains("transport.http.api_key_file") && e.contains("X-API-Key"), "{e}");
+        assert!(!e.contains("do-not-print"), "the key was printed: {e}");
+        std::fs::write(&key_file, "good-key-0123\n").unwrap();
+        load("", &top).unwrap();
+    }
+
+    #[test]
+    fn a_device_id_with_a_tab_is_refused_as_the_cloud_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edge.toml");
+        std::fs::write(&file, "device_id = \"rpi\\tentrance\"\n[source]\nkind = \"simulated\"\n").unwrap();
+        let e = EdgeConfig::load(&file).unwrap_err().to_string();
+        assert!(e.contains("key `device_id`") && e.contains("'\\t'"), "{e}");
     }
 }

@@ -15,3 +15,12 @@ pub mod source;
 pub mod status;
 pub mod telemetry;
 pub mod watchdog;
+
+/// Test-only fault injection: with `BACKHAUL_FAILPOINT={name}MS` (e.g.
+/// `panic_forwarder_after:1500`), how long after its start a stage should fail on purpose.
+/// Failpoints: `freeze_forwarder_after:` (the forwarder wedges: the watchdog test),
+/// `panic_forwarder_after:` and `panic_source_after:` (the thread panics: the test that any
+/// panic stops the process for systemd to restart it). Unset in production: `None`.
+pub fn failpoint_after(name: &str) -> Option<std::time::Duration> {
+    std::env::var("BACKHAUL_FAILPOINT").ok()?.strip_prefix(name)?.parse().ok().map(std::time::Duration::from_millis)
+}

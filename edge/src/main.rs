@@ -201,6 +201,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run { config } => {
             let (loaded, secrets) = backhaul_edge::config::EdgeConfig::load(&config)?;
+            service::exit_on_any_panic();
             service::run(loaded.config, secrets)?;
             Ok(ExitCode::SUCCESS)
         }

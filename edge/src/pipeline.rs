@@ -52,8 +52,13 @@ pub fn run(
     let clock = Instant::now();
     let ms = |t: Instant| t.duration_since(clock).as_millis() as u64;
     let mut done = false;
+    // Test-only fault injection (see `crate::failpoint_after`).
+    let panic_at = crate::failpoint_after("panic_source_after:").map(|d| clock + d);
     loop {
         telemetry.beat_source();
+        if panic_at.is_some_and(|t| Instant::now() >= t) {
+            panic!("FAILPOINT panic_source: the pipeline thread panics on purpose");
+        }
         if stop.load(Ordering::Relaxed) {
             if let Some(cut) = batcher.flush() {
                 store(queue, device, cut, telemetry, stop, true, enqueued)?;

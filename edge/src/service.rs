@@ -10,6 +10,15 @@
 //! stages started; `WATCHDOG=1` at half the watchdog interval, only while [`watchdog::check`] finds
 //! every stage beating; `STATUS=` with the queue depth and the link; `STOPPING=1` on SIGTERM.
 //! Without `NOTIFY_SOCKET` all of it is a no-op.
+//!
+//! A panic in any thread (a stage, the MQTT link's event loop, an HTTP worker, the status server)
+//! stops the whole process at once with [`PANIC_EXIT_CODE`] and a log line naming the thread
+//! ([`exit_on_any_panic`]): a process that lives on with one thread dead would never deliver again,
+//! and systemd (`Restart=always`) restarts a process that exits, not one that limps. Exiting
+//! without unwinding the other threads is safe for the queue: it is crash-safe by design (every
+//! enqueue that returned is durable, a batch is deleted only after its ack, kill -9 is tested), so
+//! the worst case is that acks not yet written are sent again and absorbed by the cloud's
+//! idempotency, and the batch in hand is produced again by a resumable source.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -35,6 +44,37 @@ use backhaul_edge::telemetry::Telemetry;
 use backhaul_edge::watchdog;
 use backhaul_shared::Topics;
 use sd_notify::NotifyState;
+
+/// The exit code of a process stopped by a panic (`EX_SOFTWARE`).
+pub const PANIC_EXIT_CODE: i32 = 70;
+
+/// Installs a panic hook that logs the panicking thread's name, the message and where, then exits
+/// the process with [`PANIC_EXIT_CODE`] (see the module docs for why that is safe).
+pub fn exit_on_any_panic() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // The standard report first (stderr, with a backtrace when RUST_BACKTRACE is set): it
+        // needs no lock that the panicking code might hold.
+        default_hook(info);
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_owned());
+        let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+        tracing::error!(
+            thread = name,
+            panic = %message,
+            %at,
+            exit_code = PANIC_EXIT_CODE,
+            "thread `{name}` panicked: backhaul-edge exits so that systemd restarts it (the queue is crash-safe)"
+        );
+        std::process::exit(PANIC_EXIT_CODE);
+    }));
+}
 
 /// Runs the service until SIGTERM or Ctrl-C.
 pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {

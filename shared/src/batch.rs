@@ -432,6 +432,13 @@ pub fn validate_device_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a free-text field that goes on the wire (`name`, `location`, a sensor's `node`): at most
+/// [`MAX_TEXT_BYTES`] bytes, no control characters. The rule [`Batch::validate`] applies, for
+/// callers that check a value before it is ever put in a batch (the edge's config at start).
+pub fn validate_text(s: &str) -> Result<(), String> {
+    check_text(s)
+}
+
 fn check_text(s: &str) -> Result<(), String> {
     if s.len() > MAX_TEXT_BYTES {
         return Err(format!("is {} bytes, over the limit of {MAX_TEXT_BYTES}", s.len()));
@@ -538,6 +545,17 @@ mod tests {
             assert_eq!(err.field(), field, "{err}");
             assert!(err.to_string().contains(field), "{err}");
         }
+    }
+
+    #[test]
+    fn validate_text_is_the_rule_validate_applies_to_name_and_location() {
+        for bad in ["Entrance\tPi", "nul\u{0}", &"x".repeat(MAX_TEXT_BYTES + 1)] {
+            let e = validate_text(bad).unwrap_err();
+            let err = parse(&with(|v| v["name"] = bad.into())).unwrap_err();
+            assert_eq!(err.to_string(), format!("field `name`: {e}"));
+        }
+        validate_text("Entrance Pi").unwrap();
+        validate_text(&"é".repeat(MAX_TEXT_BYTES / 2)).unwrap();
     }
 
     #[test]

@@ -27,6 +27,23 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
     Ok((host.to_owned(), port))
 }
 
+/// Checks a topic prefix (edge `transport.mqtt.topic_prefix`, cloud `mqtt.topic_prefix`): not empty
+/// once leading and trailing `/` are trimmed (as [`Topics::new`] does), no `+` or `#` (wildcards in a
+/// topic name make the broker refuse the PUBLISH), no control characters (MQTT forbids U+0000), and
+/// short enough that a topic stays far below the broker's limits.
+pub fn validate_topic_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.trim_matches('/').is_empty() {
+        return Err("must not be empty".into());
+    }
+    if prefix.len() > crate::batch::MAX_TEXT_BYTES {
+        return Err(format!("is {} bytes, over the limit of {}", prefix.len(), crate::batch::MAX_TEXT_BYTES));
+    }
+    if let Some(c) = prefix.chars().find(|c| matches!(c, '+' | '#') || c.is_control()) {
+        return Err(format!("must not contain {c:?} (it is part of every MQTT topic name)"));
+    }
+    Ok(())
+}
+
 /// Builds and parses the topics of one deployment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
@@ -149,6 +166,16 @@ pub struct DeviceStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_prefixes_that_break_a_topic_are_refused() {
+        for good in ["backhaul", "site/3/backhaul", "backhaul/"] {
+            validate_topic_prefix(good).unwrap();
+        }
+        for bad in ["", "/", "a/+/b", "fleet#", "back\thaul", "nul\u{0}"] {
+            assert!(validate_topic_prefix(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn topics_build_and_parse() {

@@ -172,6 +172,11 @@ impl Edge {
         })
     }
 
+    /// The environment the next (re)start runs with (e.g. to remove a failpoint).
+    pub fn env_mut(&mut self) -> &mut Vec<(String, String)> {
+        &mut self.env
+    }
+
     /// SIGKILL, then start again on the same data_dir and config.
     pub fn kill9_and_restart(&mut self) -> Result<()> {
         self.process.kill9()?;

@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 pub mod chaos;
 pub mod cloud;
 pub mod edge;
+pub mod http_stub;
 pub mod mqtt;
 
 /// Polls `check` until it returns `Some`, or fails after `timeout` naming `what` was awaited.

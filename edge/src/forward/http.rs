@@ -2,7 +2,14 @@
 //! /api/v1/detections/bulk` with `Idempotency-Key: <batch_id>` and the API key.
 //!
 //! What an answer means ([`classify`], SPEC.md "HTTP ingest"):
-//! - 2xx: acked (200 `duplicate`: the cloud had it).
+//! - 2xx with the cloud's answer for that batch (`{"status": "stored" | "duplicate", "batch_id":
+//!   …}`; the `batch_id`, when present, must be the one posted): acked (`duplicate`: the cloud had
+//!   it). Only that deletes a batch. Any other 2xx (an HTML page, an empty body, JSON for another
+//!   id: a captive portal, a proxy, a wrong `transport.http.url`) counts as a 5xx: the batch stays
+//!   queued and the link backs off.
+//! - 3xx: never followed (a redirected POST becomes a GET that a web server answers 200, and the
+//!   API key would go to the redirect's target): a configuration error, treated as a link failure
+//!   whose error names the `Location`. The `/health` probe does not follow redirects either.
 //! - 400, 413, 422: refused for good: the batch goes to the dead-letter tree.
 //! - 401, 403: the key is wrong or not allowed for this device. SPEC.md calls these final, but
 //!   that is a configuration mistake, not a bad batch: dead-lettering would empty the whole queue
@@ -57,7 +64,13 @@ pub enum HttpEvent {
 /// The cloud's answer to a post.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
-    Status { code: u16, retry_after: Option<Duration>, body: String },
+    /// `location`: the `Location` header of a 3xx.
+    Status {
+        code: u16,
+        retry_after: Option<Duration>,
+        location: Option<String>,
+        body: String,
+    },
     Network(String),
 }
 
@@ -76,15 +89,50 @@ pub enum Class {
     },
 }
 
-/// Sorts an answer (see the module docs).
-pub fn classify(answer: &Answer) -> Class {
-    let (code, retry_after, body) = match answer {
+/// Whether a 2xx body is the cloud's answer for `batch_id` (a JSON object, as `backhaul-cloud`'s
+/// `bulk` handler writes it: `{"status": "stored" | "duplicate", "batch_id": …}`): `Some(duplicate)`
+/// if so.
+fn cloud_ack(body: &str, batch_id: BatchId) -> Option<bool> {
+    let answer: serde_json::Map<String, serde_json::Value> = serde_json::from_str(body).ok()?;
+    match answer.get("batch_id") {
+        None => {}
+        Some(id) if id.as_str().and_then(|id| id.parse::<BatchId>().ok()) == Some(batch_id) => {}
+        Some(_) => return None,
+    }
+    match answer.get("status")?.as_str()? {
+        "stored" => Some(false),
+        "duplicate" => Some(true),
+        _ => None,
+    }
+}
+
+/// Sorts the answer to the post of `batch_id` (see the module docs).
+pub fn classify(answer: &Answer, batch_id: BatchId) -> Class {
+    let (code, retry_after, location, full_body) = match answer {
         Answer::Network(e) => return Class::Retry { retry_after: None, error: format!("cannot reach the cloud: {e}") },
-        Answer::Status { code, retry_after, body } => (*code, *retry_after, body),
+        Answer::Status { code, retry_after, location, body } => (*code, *retry_after, location, body),
     };
-    let body: String = body.chars().take(300).collect();
+    let body: String = full_body.chars().take(300).collect();
     match code {
-        200..=299 => Class::Acked { duplicate: body.contains("\"duplicate\"") },
+        200..=299 => match cloud_ack(full_body, batch_id) {
+            Some(duplicate) => Class::Acked { duplicate },
+            None => Class::Retry {
+                retry_after,
+                error: format!(
+                    "HTTP {code} whose body is not the cloud's answer for batch {batch_id} (body: {body:?}): is \
+                     transport.http.url a backhaul-cloud, not a proxy or portal? The batch stays queued"
+                ),
+            },
+        },
+        300..=399 => Class::Retry {
+            retry_after,
+            error: format!(
+                "the cloud's URL redirects (HTTP {code}, Location: {}); redirects are never followed (the API key \
+                 must not leave transport.http.url's origin): set transport.http.url to the address that \
+                 answers; batches stay queued",
+                location.as_deref().unwrap_or("(none)")
+            ),
+        },
         400 | 413 | 422 => Class::Final(format!("HTTP {code}: {body}")),
         401 | 403 => Class::Retry {
             retry_after,
@@ -130,6 +178,8 @@ impl HttpTransport {
         let rx = Arc::new(Mutex::new(rx));
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // A 3xx comes back as the answer (see the module docs).
+            .max_redirects(0)
             .timeout_global(Some(settings.timeout))
             .user_agent(concat!("backhaul-edge/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -195,7 +245,7 @@ impl Transport for HttpTransport {
         match event {
             HttpEvent::Answer { batch_id, answer } => {
                 self.busy = self.busy.saturating_sub(1);
-                match classify(&answer) {
+                match classify(&answer, batch_id) {
                     Class::Acked { duplicate } => {
                         self.backoff.reset();
                         out.push(Outcome::Acked { batch_id, duplicate });
@@ -268,19 +318,51 @@ fn post(agent: &ureq::Agent, settings: &HttpSettings, batch: &QueuedBatch) -> An
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
+            let location =
+                response.headers().get("location").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
             let body = response.body_mut().with_config().limit(64 * 1024).read_to_string().unwrap_or_default();
-            Answer::Status { code, retry_after, body }
+            Answer::Status { code, retry_after, location, body }
         }
         Err(e) => Answer::Network(e.to_string()),
     }
 }
 
+/// `GET /health`: up only on the cloud's own answer, 200 `{"status":"ok"}` (a redirect is not
+/// followed; a web page that answers 200 is not the cloud).
 fn health(agent: &ureq::Agent, settings: &HttpSettings) -> HttpEvent {
     let target = url(settings, "/health");
-    match agent.get(&target).call() {
-        Ok(r) if r.status().as_u16() == 200 => HttpEvent::Health { ok: true, detail: String::new() },
-        Ok(r) => HttpEvent::Health { ok: false, detail: format!("GET {target} answered HTTP {}", r.status().as_u16()) },
-        Err(e) => HttpEvent::Health { ok: false, detail: format!("GET {target}: {e}") },
+    let mut response = match agent.get(&target).call() {
+        Ok(r) => r,
+        Err(e) => return HttpEvent::Health { ok: false, detail: format!("GET {target}: {e}") },
+    };
+    let code = response.status().as_u16();
+    let location = response.headers().get("location").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let body = response.body_mut().with_config().limit(64 * 1024).read_to_string().unwrap_or_default();
+    match health_problem(&target, code, location.as_deref(), &body) {
+        None => HttpEvent::Health { ok: true, detail: String::new() },
+        Some(detail) => HttpEvent::Health { ok: false, detail },
+    }
+}
+
+/// What is wrong with an answer to `GET /health`, or `None` when it is the cloud's "ok".
+fn health_problem(target: &str, code: u16, location: Option<&str>, body: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Health {
+        status: String,
+    }
+    match code {
+        200 if serde_json::from_str::<Health>(body).is_ok_and(|h| h.status == "ok") => None,
+        200..=299 => Some(format!(
+            "GET {target} answered HTTP {code} but not with the cloud's {{\"status\":\"ok\"}} (body: {:?}): is \
+             transport.http.url a backhaul-cloud?",
+            body.chars().take(200).collect::<String>()
+        )),
+        300..=399 => Some(format!(
+            "GET {target} redirects (HTTP {code}, Location: {}); redirects are never followed: set \
+             transport.http.url to the address that answers",
+            location.unwrap_or("(none)")
+        )),
+        _ => Some(format!("GET {target} answered HTTP {code}")),
     }
 }
 
@@ -289,26 +371,81 @@ mod tests {
     use super::*;
 
     fn status(code: u16, body: &str) -> Answer {
-        Answer::Status { code, retry_after: None, body: body.into() }
+        Answer::Status { code, retry_after: None, location: None, body: body.into() }
+    }
+
+    fn stored(id: BatchId) -> String {
+        format!(r#"{{"status":"stored","batch_id":"{id}"}}"#)
     }
 
     #[test]
     fn answers_are_classified_as_spec_md_says() {
-        assert_eq!(classify(&status(201, r#"{"status":"stored"}"#)), Class::Acked { duplicate: false });
-        assert_eq!(classify(&status(200, r#"{"status":"duplicate"}"#)), Class::Acked { duplicate: true });
+        let id = BatchId::new();
+        assert_eq!(classify(&status(201, &stored(id)), id), Class::Acked { duplicate: false });
+        let dup = format!(r#"{{"status":"duplicate","batch_id":"{id}"}}"#);
+        assert_eq!(classify(&status(200, &dup), id), Class::Acked { duplicate: true });
+        // A cloud that leaves the id out (older builds) still acks by its status.
+        assert_eq!(classify(&status(200, r#"{"status":"duplicate"}"#), id), Class::Acked { duplicate: true });
         for code in [400, 413, 422] {
-            assert!(matches!(classify(&status(code, "bad")), Class::Final(r) if r.contains(&code.to_string())));
+            assert!(matches!(classify(&status(code, "bad"), id), Class::Final(r) if r.contains(&code.to_string())));
         }
-        for code in [408, 429, 500, 502, 503, 504, 404, 301] {
-            assert!(matches!(classify(&status(code, "")), Class::Retry { .. }), "{code}");
+        for code in [408, 429, 500, 502, 503, 504, 404, 301, 302, 307, 308] {
+            assert!(matches!(classify(&status(code, ""), id), Class::Retry { .. }), "{code}");
         }
-        assert!(matches!(classify(&Answer::Network("refused".into())), Class::Retry { .. }));
+        assert!(matches!(classify(&Answer::Network("refused".into()), id), Class::Retry { .. }));
+    }
+
+    #[test]
+    fn a_2xx_that_is_not_the_clouds_answer_for_that_batch_is_not_an_ack() {
+        // Issue #13: a redirect followed as a GET got a web page's 200, and the batch was deleted.
+        let id = BatchId::new();
+        let others = [
+            "<!doctype html><html><body>Welcome</body></html>".to_owned(),
+            String::new(),
+            "{}".to_owned(),
+            r#"{"status":"ok"}"#.to_owned(),
+            r#"{"status":"rejected","batch_id":"ID"}"#.replace("ID", &id.to_string()),
+            stored(BatchId::new()),
+            r#"{"status":"stored","batch_id":"not-an-id"}"#.to_owned(),
+            r#"["stored"]"#.to_owned(),
+        ];
+        for body in others {
+            for code in [200, 201, 204] {
+                match classify(&status(code, &body), id) {
+                    Class::Retry { error, .. } => {
+                        assert!(error.contains("transport.http.url") && error.contains(&id.to_string()), "{error}")
+                    }
+                    other => panic!("{code} {body:?}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_redirect_is_a_configuration_error_that_names_the_location() {
+        let id = BatchId::new();
+        let a = Answer::Status { code: 301, retry_after: None, location: Some("/".into()), body: String::new() };
+        match classify(&a, id) {
+            Class::Retry { error, .. } => {
+                assert!(error.contains("Location: /") && error.contains("transport.http.url"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn health_is_up_only_on_the_clouds_own_ok() {
+        let t = "http://x/health";
+        assert_eq!(health_problem(t, 200, None, r#"{"status":"ok"}"#), None);
+        assert!(health_problem(t, 200, None, "<html>ok</html>").is_some_and(|p| p.contains("not with the cloud's")));
+        assert!(health_problem(t, 302, Some("https://portal/"), "").is_some_and(|p| p.contains("https://portal/")));
+        assert!(health_problem(t, 503, None, "").is_some());
     }
 
     #[test]
     fn a_wrong_api_key_keeps_the_batches_and_says_what_to_fix() {
         for code in [401, 403] {
-            match classify(&status(code, "no")) {
+            match classify(&status(code, "no"), BatchId::new()) {
                 Class::Retry { error, .. } => assert!(error.contains("BACKHAUL_API_KEY"), "{error}"),
                 other => panic!("{code}: {other:?}"),
             }
@@ -317,7 +454,14 @@ mod tests {
 
     #[test]
     fn retry_after_is_passed_on() {
-        let a = Answer::Status { code: 429, retry_after: Some(Duration::from_secs(3)), body: String::new() };
-        assert!(matches!(classify(&a), Class::Retry { retry_after: Some(d), .. } if d == Duration::from_secs(3)));
+        let a = Answer::Status {
+            code: 429,
+            retry_after: Some(Duration::from_secs(3)),
+            location: None,
+            body: String::new(),
+        };
+        assert!(
+            matches!(classify(&a, BatchId::new()), Class::Retry { retry_after: Some(d), .. } if d == Duration::from_secs(3))
+        );
     }
 }

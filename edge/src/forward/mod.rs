@@ -172,14 +172,10 @@ const SHORT_CONNECTION: Duration = Duration::from_secs(10);
 const STRIKES: u32 = 3;
 
 /// Test-only fault injection: `BACKHAUL_FAILPOINT=freeze_forwarder_after:MS` wedges the forwarder
-/// thread MS milliseconds after it starts (for the watchdog test).
+/// thread MS milliseconds after it starts (for the watchdog test); `panic_forwarder_after:MS` makes
+/// it panic then (for the test that a panic in any thread stops the process).
 fn failpoint_freeze_after() -> Option<Duration> {
-    std::env::var("BACKHAUL_FAILPOINT")
-        .ok()?
-        .strip_prefix("freeze_forwarder_after:")?
-        .parse()
-        .ok()
-        .map(Duration::from_millis)
+    crate::failpoint_after("freeze_forwarder_after:")
 }
 
 /// Final refusals in a row that are dead-lettered; the next one pauses sending instead (a whole
@@ -226,8 +222,12 @@ impl<T: Transport> Forwarder<T> {
         let mut outcomes = Vec::new();
         let mut stop_at: Option<Instant> = None;
         let freeze_at = failpoint_freeze_after().map(|d| Instant::now() + d);
+        let panic_at = crate::failpoint_after("panic_forwarder_after:").map(|d| Instant::now() + d);
         loop {
             let now = Instant::now();
+            if panic_at.is_some_and(|t| now >= t) {
+                panic!("FAILPOINT panic_forwarder: the forwarder thread panics on purpose");
+            }
             if freeze_at.is_some_and(|t| now >= t) {
                 tracing::error!("FAILPOINT freeze_forwarder: the forwarder thread is wedged on purpose");
                 loop {
