@@ -499,14 +499,6 @@ impl EdgeConfig {
                          then a PUBACK reason code) or ack = \"cloud\"",
                     ));
                 }
-                if let Some(ByteSize(n)) = m.max_message_bytes {
-                    if !(MIN_MESSAGE_BYTES..=MAX_MESSAGE_BYTES).contains(&n) {
-                        return Err(loaded.invalid(
-                            "transport.mqtt.max_message_bytes",
-                            format!("{n} bytes is out of range: must be 1KiB..=256MiB"),
-                        ));
-                    }
-                }
             }
             TransportMode::Http if !c.transport.http.url.starts_with("http://") => {
                 let why = if c.transport.http.url.starts_with("https://") {
@@ -711,6 +703,15 @@ fn check_ranges(loaded: &Loaded<EdgeConfig>) -> Result<(), ConfigError> {
         "MQTT's keep alive is whole seconds, 1 to 65535",
     )?;
     in_range(loaded, "transport.mqtt.status_interval", m.status_interval, (secs(1), secs(3600)), "")?;
+    if let Some(max) = m.max_message_bytes {
+        in_range(
+            loaded,
+            "transport.mqtt.max_message_bytes",
+            max,
+            (ByteSize(MIN_MESSAGE_BYTES), ByteSize(MAX_MESSAGE_BYTES)),
+            "bytes of a whole PUBLISH packet (MQTT's limit is 256 MiB)",
+        )?;
+    }
     in_range(loaded, "transport.http.workers", h.workers, (1, 64), "")?;
     in_range(loaded, "transport.http.timeout", h.timeout, (secs(1), secs(600)), "")?;
     Ok(())
@@ -772,6 +773,7 @@ mod tests {
             ("transport", "backoff_max", "\"100ms\"", "\"99ms\"", "\"1h\"", "\"61m\""),
             ("transport.mqtt", "port", "1", "0", "65535", "0"),
             ("transport.mqtt", "status_interval", "\"1s\"", "\"999ms\"", "\"1h\"", "\"61m\""),
+            ("transport.mqtt", "max_message_bytes", "\"1KiB\"", "\"1023B\"", "\"256MiB\"", "\"257MiB\""),
             ("transport.http", "workers", "1", "0", "64", "65"),
             ("transport.http", "timeout", "\"1s\"", "\"999ms\"", "\"10m\"", "\"601s\""),
         ];
