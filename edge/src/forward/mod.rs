@@ -11,8 +11,8 @@
 //!
 //! # Rules
 //! - At most `max_inflight` batches are unanswered ([`window`]); a batch leaves the queue only on
-//!   a final answer: acked (the cloud's `stored`/`duplicate`, an HTTP 2xx, or with
-//!   `ack = "broker"` a PUBACK), or refused for good (a `rejected` ack, HTTP 400/413/422), which
+//!   a final answer: acked (the cloud's `stored`/`duplicate`, over HTTP in a 2xx whose body is the
+//!   cloud's answer for that batch, or with `ack = "broker"` a PUBACK without a refusal), or refused for good (a `rejected` ack, HTTP 400/413/422), which
 //!   moves it to the dead-letter tree. More than a few refusals in a row pause sending instead
 //!   (a configuration mismatch must not move the whole queue to the dead-letter tree).
 //! - A refusal by the broker (an MQTT 5 PUBACK reason code of 0x80 or more) is never a delivery:
