@@ -96,10 +96,21 @@ pub fn load<T: DeserializeOwned>(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Loaded<T>, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read { file: file.to_owned(), source })?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| ConfigError::Syntax { file: file.to_owned(), message: e.to_string() })?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+        file: file.to_owned(),
+        message: syntax_error(&text, &e),
+    })?;
     from_table(table, file, env_map, env)
+}
+
+/// A TOML syntax error as "line L, column C: what is wrong", without the line itself: toml's own
+/// message quotes it, and a config line may hold a pasted secret that must not reach a log.
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', "; ");
+    let Some(before) = e.span().and_then(|span| text.get(..span.start)) else { return message };
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}: {message} (the line is not shown: it may hold a secret)")
 }
 
 /// Like [`load`], from an already parsed table (`file` is only used in messages).
@@ -441,5 +452,16 @@ mod tests {
         assert!("12 parsecs".parse::<ByteSize>().is_err());
         assert!("99999999999TiB".parse::<ByteSize>().is_err());
         assert_eq!(ByteSize(512 << 20).to_string(), "512MiB");
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line_and_never_echoes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edge.toml");
+        std::fs::write(&file, "device_id = \"a\"\n\n[transport]\nhunter2-s3cr3t-pasted-here\n").unwrap();
+        let err = load::<toml::Table>(&file, &EnvMap::default(), Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("line 4, column "), "{err}");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        assert!(!err.contains("hunter2") && !err.contains("s3cr3t"), "the line is never echoed: {err}");
     }
 }

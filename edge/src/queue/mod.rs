@@ -96,6 +96,7 @@ pub(crate) mod layout;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -391,11 +392,12 @@ impl Queue {
     /// Opens (or creates) the queue in `data_dir`.
     pub fn open(data_dir: &Path, config: QueueConfig) -> Result<Self, QueueOpenError> {
         let dir_err = |source| QueueOpenError::DataDir { data_dir: data_dir.to_owned(), source };
-        std::fs::create_dir_all(data_dir).map_err(dir_err)?;
+        private_dir(data_dir).map_err(dir_err)?;
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(data_dir.join("lock"))
             .map_err(dir_err)?;
         match lock.try_lock() {
@@ -440,6 +442,7 @@ impl Queue {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&watermark_path)
         {
             Ok(f) => Some(f),
@@ -1520,6 +1523,21 @@ impl WireParts {
         out.extend_from_slice(&self.tail);
         out
     }
+}
+
+/// Creates `data_dir` (and missing parents) as 0700 whatever the umask, and takes the group's
+/// and others' access away from an existing one: the queue holds what the Pi heard, and sled
+/// creates its files with the process's umask (022 outside systemd: world-readable), so the
+/// directory is what keeps them private.
+fn private_dir(data_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(data_dir)?;
+    let mode = std::fs::metadata(data_dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::info!(data_dir = %data_dir.display(), mode = format!("{:o}", mode & 0o777), "making data_dir private (0700)");
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
 }
 
 fn sled_config(path: &Path, config: &QueueConfig) -> sled::Config {

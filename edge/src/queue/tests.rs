@@ -740,3 +740,22 @@ fn a_retried_newest_batch_does_not_make_next_batch_skip_older_ones() {
     let rest: Vec<u64> = std::iter::from_fn(|| q.next_batch().unwrap().map(|b| b.seq)).collect();
     assert_eq!(rest, seqs[..4].to_vec(), "then every older one, none skipped");
 }
+
+#[test]
+fn the_data_dir_is_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    // A new data_dir (and its missing parent), created under the test's umask (022 here).
+    let data_dir = dir.path().join("var/backhaul");
+    drop(Queue::open(&data_dir, QueueConfig::default()).unwrap());
+    assert_eq!(mode(&data_dir), 0o700);
+    assert_eq!(mode(&data_dir.join("lock")), 0o600);
+    assert_eq!(mode(&data_dir.join("queue.watermark")), 0o600);
+    // An existing world-readable one is made private.
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    drop(Queue::open(&open, QueueConfig::default()).unwrap());
+    assert_eq!(mode(&open), 0o700);
+}
