@@ -2,7 +2,7 @@
 //! line") and `GET /metrics` in the Prometheus text format, from the queue's counters and the
 //! [`Telemetry`]. Unauthenticated, so the config only allows loopback addresses.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -31,6 +31,10 @@ pub struct StatusReport {
     pub sent: Sent,
     pub source: SourceStatus,
     pub rates: Rates,
+    /// Detections from the source dropped before batching because the cloud would refuse them, by
+    /// reason (`rssi_out_of_range`, ...), since this process started.
+    #[serde(default)]
+    pub dropped_invalid: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -208,6 +212,7 @@ impl StatusSource {
                 last_error: t.source_error(),
             },
             rates: self.rates.lock().unwrap_or_else(|p| p.into_inner()).rates(),
+            dropped_invalid: t.dropped_invalid(),
         })
     }
 }
@@ -273,6 +278,19 @@ pub fn prometheus(r: &StatusReport) -> String {
         r.source.recoveries as f64,
     );
     metric("uptime_seconds", "gauge", "Seconds since the process started.", r.uptime_s as f64);
+    // One series per reason, every known reason from the start (a counter that appears only at
+    // its first increment hides that increment from rate()).
+    let name = "backhaul_edge_dropped_invalid_detections_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Detections dropped before batching because the cloud would refuse them, by reason, since start.\n# TYPE {name} counter"
+    );
+    let known = backhaul_shared::batch::DETECTION_REASONS.iter().map(|r| (*r, 0));
+    let mut by_reason: BTreeMap<&str, u64> = known.collect();
+    by_reason.extend(r.dropped_invalid.iter().map(|(k, v)| (k.as_str(), *v)));
+    for (reason, n) in by_reason {
+        let _ = writeln!(out, "{name}{{device_id=\"{}\",reason=\"{reason}\"}} {n}", r.device_id);
+    }
     out
 }
 
@@ -357,6 +375,10 @@ pub fn render(r: &StatusReport) -> String {
             r.source.recoveries,
             r.source.last_error.as_deref().unwrap_or("-")
         );
+    }
+    if !r.dropped_invalid.is_empty() {
+        let reasons: Vec<String> = r.dropped_invalid.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        let _ = writeln!(out, "invalid    dropped before batching: {}", reasons.join(", "));
     }
     let _ = writeln!(
         out,
