@@ -113,41 +113,42 @@ fn after_delivery_and_a_quiet_period_no_gauge_climbs_and_all_match_queue_stats()
     assert_eq!(stats["acked_retained"], 10, "{stats}");
 }
 
-/// Another gauge that could lie: after the broker dies mid-drain, `in_flight` must go back to 0
-/// (everything in flight is pending again), and with `retain_acked = "0s"` the acked batches must
-/// leave `bytes` at their ack, not when the group of acks reaches the disk.
+/// Other gauges that could lie, after the broker dies mid-drain: `in_flight` must go back to 0
+/// (everything in flight is pending again); with `retain_acked = "0s"`, acked batches must leave
+/// `bytes` at their ack, not when their group of acks reaches the disk; and the age must be the
+/// oldest batch still waiting, not an acked one whose ack is not written yet. Batches are cut one
+/// a second, so the acked ones are seconds older than the first batch left waiting (the old
+/// reading was that much too old).
 #[test]
 fn after_a_link_drop_in_flight_pending_bytes_and_age_match_queue_stats() {
     let mut broker = Mosquitto::start().unwrap();
     let mut cloud = Cloud::start(CloudOptions { mqtt_url: Some(broker.url()), ..Default::default() }).unwrap();
     cloud.process.wait_for_any_line(T, |l| l.contains("subscribed to batches and status")).unwrap();
-    // 40 batches over 4 s, sent at most 5 a second: most are still queued when the broker dies.
     let mut edge = Edge::start(EdgeOptions {
         mqtt_url: broker.url(),
-        count: 400,
-        rate: 100.0,
+        count: 60,
+        rate: 10.0,
         max_detections: 10,
         max_age_ms: 10_000,
-        rate_per_sec: 5,
-        burst: 1,
         queue: "retain_acked = \"0s\"".into(),
         ..Default::default()
     })
     .unwrap();
-    edge.wait_status("a few batches acked", T, |s| num(s, "/sent/acked_batches") >= 3).unwrap();
+    edge.wait_status("3 batches acked", T, |s| num(s, "/sent/acked_batches") >= 3).unwrap();
     broker.kill9().unwrap();
     edge.wait_status("the link down, every batch produced, nothing in flight", T, |s| {
-        s["link"]["connected"] == false && num(s, "/produced/detections") == 400 && num(s, "/queue/in_flight") == 0
+        s["link"]["connected"] == false && num(s, "/produced/detections") == 60 && num(s, "/queue/in_flight") == 0
     })
     .unwrap();
     // Nothing moves now but the age: the source is done and the link is down.
     let text = metrics(&edge);
     let status = edge.status().unwrap();
     let acked = num(&status, "/sent/acked_batches");
-    assert_eq!(num(&status, "/queue/in_flight"), 0, "nothing can be in flight on a dead link: {status}");
-    assert_eq!(num(&status, "/queue/pending"), 40 - acked, "{status}");
+    assert!(acked < 6, "the link died before everything was delivered: {status}");
+    assert_eq!(num(&status, "/queue/pending"), 6 - acked, "{status}");
     assert_eq!(num(&status, "/queue/acked_retained"), 0, "{status}");
     let live_age = status["queue"]["oldest_pending_age_s"].as_u64().expect("an age while batches wait");
+    assert!(metric(&text, "queue_oldest_pending_age_seconds").abs_diff(live_age) <= 1, "{text}");
     let stopped_at = Instant::now();
 
     let stats = stop_and_read_queue_stats(&mut edge);
@@ -155,6 +156,8 @@ fn after_a_link_drop_in_flight_pending_bytes_and_age_match_queue_stats() {
     // The age moved on meanwhile, by the time the stop and `queue stats` took.
     let offline_age = stats["oldest_pending_age_s"].as_u64().expect("an age offline too");
     let elapsed = stopped_at.elapsed().as_secs() + 1;
-    assert!(live_age <= offline_age && offline_age <= live_age + elapsed, "{live_age} s live, {offline_age} s offline");
-    assert!(metric(&text, "queue_oldest_pending_age_seconds").abs_diff(live_age) <= 1, "{text}");
+    assert!(
+        live_age <= offline_age && offline_age <= live_age + elapsed,
+        "{live_age} s live, {offline_age} s offline ({elapsed} s later)\n{status}\n{stats}"
+    );
 }
