@@ -39,6 +39,8 @@ pub struct Telemetry {
     pub dropped_invalid: Mutex<BTreeMap<&'static str, u64>>,
     /// BLE: scans restarted or adapters reopened after a stall or a failure.
     pub source_recoveries: AtomicU64,
+    /// Replay: capture lines that were not advertisements, skipped.
+    pub source_bad_lines: AtomicU64,
     /// The source's last error (BLE: adapter or bluetoothd trouble).
     pub source_error: Mutex<Option<String>>,
     /// Heartbeats: ms since `started` of each stage's last turn of its loop (for the watchdog).
@@ -67,6 +69,7 @@ impl Telemetry {
             source_done: AtomicBool::new(false),
             dropped_invalid: Mutex::new(BTreeMap::new()),
             source_recoveries: AtomicU64::new(0),
+            source_bad_lines: AtomicU64::new(0),
             source_error: Mutex::new(None),
             source_beat_ms: AtomicU64::new(0),
             forwarder_beat_ms: AtomicU64::new(0),
