@@ -136,9 +136,12 @@ impl FromStr for Timestamp {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        OffsetDateTime::parse(s, &Rfc3339)
-            .map(Self::from)
-            .map_err(|e| format!("`{s}` is not an RFC 3339 timestamp (like 2026-11-21T10:30:00Z): {e}"))
+        let t = OffsetDateTime::parse(s, &Rfc3339)
+            .map_err(|e| format!("`{s}` is not an RFC 3339 timestamp (like 2026-11-21T10:30:00Z): {e}"))?;
+        // Not `Self::from`: `to_offset` panics when UTC leaves year ±9999 (`9999-12-31T23:59:59-01:00`).
+        t.checked_to_offset(time::UtcOffset::UTC)
+            .map(Self)
+            .ok_or_else(|| format!("`{s}` is out of range: in UTC it is past the year 9999"))
     }
 }
 
@@ -608,6 +611,17 @@ mod tests {
         let e = validate_detection(&sensor).unwrap_err();
         assert_eq!((e.field, e.reason), ("temp", "temp_out_of_range"));
         assert_eq!(e.to_string(), "field `temp`: 85.1 °C is outside -40..=85");
+    }
+
+    /// Issue #14: a time whose UTC form leaves year ±9999 panicked in `to_offset` (the edge's replay
+    /// thread on a capture line, the cloud's ingest on a batch); it is a refused value.
+    #[test]
+    fn a_timestamp_past_year_9999_in_utc_is_refused_not_a_panic() {
+        let err = "9999-12-31T23:59:59-01:00".parse::<Timestamp>().unwrap_err();
+        assert!(err.contains("out of range"), "{err}");
+        let err = parse(&with(|v| v["detections"][0]["timestamp"] = "9999-12-31T23:59:59-01:00".into())).unwrap_err();
+        assert_eq!(err.field(), "detections[0].timestamp", "{err}");
+        assert!("9999-12-31T23:59:59+01:00".parse::<Timestamp>().is_ok());
     }
 
     #[test]

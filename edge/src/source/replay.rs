@@ -330,6 +330,18 @@ mod tests {
         assert_eq!(telemetry.source_bad_lines.load(Ordering::Relaxed), 0);
     }
 
+    /// A time whose UTC form is past year 9999 panicked the pipeline's thread while parsing the
+    /// line (and again after every restart, at the same line); it is one more bad line.
+    #[test]
+    fn a_line_with_a_time_past_year_9999_in_utc_is_a_bad_line_not_a_panic() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, r#"{{"t":"9999-12-31T23:59:59-01:00","address":"11:22:33:44:55:01","rssi":-60}}"#).unwrap();
+        writeln!(f, r#"{{"t":"2026-11-21T10:00:00Z","address":"11:22:33:44:55:02","rssi":-60}}"#).unwrap();
+        let mut replay = Replay::resume(f.path(), decoder(), None, false).unwrap();
+        assert_eq!(drain(&mut replay).len(), 1);
+        assert_eq!(replay.bad_lines(), 1);
+    }
+
     #[test]
     fn a_position_from_another_source_or_past_the_end_is_refused() {
         let file = capture();
