@@ -40,6 +40,14 @@ impl Batcher {
         (self.pending.len() >= self.max_detections).then(|| self.cut())
     }
 
+    /// A detection the source produced and the pipeline dropped: the next batch's position moves
+    /// past it (so a resumed source does not produce it again), nothing else changes.
+    pub fn skip(&mut self, position: Option<Vec<u8>>) {
+        if position.is_some() {
+            self.position = position;
+        }
+    }
+
     /// Returns the batch in hand if its oldest detection is `max_age_ms` old.
     pub fn tick(&mut self, now_ms: u64) -> Option<Cut> {
         let opened = self.opened_at_ms?;
@@ -103,6 +111,18 @@ mod tests {
         b.push(d(3), None, 7_000);
         assert_eq!(b.tick(11_999), None);
         assert!(b.tick(12_000).is_some());
+    }
+
+    #[test]
+    fn a_skipped_detection_moves_the_position_only() {
+        let mut b = Batcher::new(2, 5000);
+        b.push(d(1), Some(vec![1]), 0);
+        b.skip(Some(vec![2]));
+        assert_eq!(b.due_at_ms(), Some(5000));
+        let cut = b.push(d(3), None, 1).unwrap();
+        assert_eq!((cut.detections, cut.source_position), (vec![d(1), d(3)], Some(vec![2])));
+        b.skip(Some(vec![4]));
+        assert_eq!(b.flush(), None, "a skip alone makes no batch");
     }
 
     #[test]

@@ -1,5 +1,11 @@
 //! The producing half of the edge: source → batch → durable queue, on one thread of its own.
 //!
+//! Every detection is checked against the wire contract before it is batched, with the rules the
+//! cloud applies to a batch (`backhaul_shared::batch::validate_detection`, one definition for
+//! both). One the cloud would refuse (an RSSI of +127, HCI's "not available") is dropped and
+//! counted by reason (`/status` `dropped_invalid`), so it cannot get its whole batch refused and
+//! dead-lettered with the good detections in it.
+//!
 //! A batch is cut at `max_detections` or when its oldest detection is `max_age_ms` old, and
 //! enqueued durably before anything else happens to it; the forwarder is told only after the
 //! enqueue returned. The source's position goes into the same write, so after a kill -9 a
@@ -18,6 +24,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use backhaul_shared::batch::{validate_detection, DetectionError};
 use backhaul_shared::{BatchId, Timestamp};
 
 use crate::batch::{Batcher, Cut};
@@ -72,6 +79,11 @@ pub fn run(
                 match source.next(now) {
                     Next::Detection(d, position) => {
                         telemetry.source_detections.fetch_add(1, Ordering::Relaxed);
+                        if let Err(e) = validate_detection(&d) {
+                            drop_invalid(&e, telemetry);
+                            batcher.skip(position);
+                            continue;
+                        }
                         if let Some(cut) = batcher.push(d, position, ms(now)) {
                             store(queue, device, cut, telemetry, stop, false, enqueued)?;
                         }
@@ -103,6 +115,17 @@ pub fn run(
         if !nap.is_zero() {
             std::thread::sleep(nap);
         }
+    }
+}
+
+/// Counts a detection the cloud would refuse. Logged as a warning the first time per reason (a
+/// radio that reports +127 does so all day), then at debug level; `/status` has the counts.
+fn drop_invalid(e: &DetectionError, telemetry: &Telemetry) {
+    let n = telemetry.count_invalid(e.reason);
+    if n == 1 {
+        tracing::warn!(reason = e.reason, error = %e, "dropped a detection that breaks the wire contract (the cloud would refuse its batch); further ones are counted in /status dropped_invalid");
+    } else {
+        tracing::debug!(reason = e.reason, error = %e, dropped = n, "dropped a detection that breaks the wire contract");
     }
 }
 

@@ -251,7 +251,7 @@ fn make_source(
             let replay = Replay::resume(path, decoder(config, secrets)?, position.as_deref(), s.pace == ReplayPace::Recorded)
                 .map_err(anyhow::Error::msg)
                 .context("source.kind = \"replay\" (if the stored position is not from this capture, move the data_dir aside to start over)")?;
-            Ok(Box::new(replay))
+            Ok(Box::new(replay.with_telemetry(telemetry.clone())))
         }
         #[cfg(feature = "ble")]
         SourceKind::Ble => {

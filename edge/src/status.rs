@@ -2,7 +2,7 @@
 //! line") and `GET /metrics` in the Prometheus text format, from the queue's counters and the
 //! [`Telemetry`]. Unauthenticated, so the config only allows loopback addresses.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -31,6 +31,10 @@ pub struct StatusReport {
     pub sent: Sent,
     pub source: SourceStatus,
     pub rates: Rates,
+    /// Detections from the source dropped before batching because the cloud would refuse them, by
+    /// reason (`rssi_out_of_range`, ...), since this process started.
+    #[serde(default)]
+    pub dropped_invalid: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -108,6 +112,9 @@ pub struct SourceStatus {
     /// BLE: scans restarted or adapters reopened after a stall or failure.
     pub recoveries: u64,
     pub last_error: Option<String>,
+    /// Replay: capture lines that were not advertisements (not JSON, not UTF-8), skipped.
+    #[serde(default)]
+    pub bad_lines: u64,
 }
 
 /// Over the last few seconds.
@@ -239,18 +246,36 @@ impl StatusSource {
                 done: t.source_done.load(Ordering::Relaxed),
                 recoveries: t.source_recoveries.load(Ordering::Relaxed),
                 last_error: t.source_error(),
+                bad_lines: t.source_bad_lines.load(Ordering::Relaxed),
             },
             rates: self.rates.lock().unwrap_or_else(|p| p.into_inner()).rates(),
+            dropped_invalid: t.dropped_invalid(),
         })
     }
+}
+
+/// A label value in the Prometheus text format: backslash, double quote and line feed escaped
+/// (a `device_id` may hold the first two).
+fn label_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The Prometheus text format of a report.
 pub fn prometheus(r: &StatusReport) -> String {
     let mut out = String::new();
+    let device_id = label_value(&r.device_id);
     let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
         let _ = writeln!(out, "# HELP backhaul_edge_{name} {help}\n# TYPE backhaul_edge_{name} {kind}");
-        let _ = writeln!(out, "backhaul_edge_{name}{{device_id=\"{}\"}} {value}", r.device_id);
+        let _ = writeln!(out, "backhaul_edge_{name}{{device_id=\"{device_id}\"}} {value}");
     };
     let q = &r.queue;
     metric("queue_pending_batches", "gauge", "Batches waiting to be sent.", q.pending as f64);
@@ -323,7 +348,26 @@ pub fn prometheus(r: &StatusReport) -> String {
         "BLE scan restarts and adapter reopenings since start.",
         r.source.recoveries as f64,
     );
+    metric(
+        "source_bad_lines_total",
+        "counter",
+        "Replay: capture lines that were not advertisements, skipped, since start.",
+        r.source.bad_lines as f64,
+    );
     metric("uptime_seconds", "gauge", "Seconds since the process started.", r.uptime_s as f64);
+    // One series per reason, every known reason from the start (a counter that appears only at
+    // its first increment hides that increment from rate()).
+    let name = "backhaul_edge_dropped_invalid_detections_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Detections dropped before batching because the cloud would refuse them, by reason, since start.\n# TYPE {name} counter"
+    );
+    let known = backhaul_shared::batch::DETECTION_REASONS.iter().map(|r| (*r, 0));
+    let mut by_reason: BTreeMap<&str, u64> = known.collect();
+    by_reason.extend(r.dropped_invalid.iter().map(|(k, v)| (k.as_str(), *v)));
+    for (reason, n) in by_reason {
+        let _ = writeln!(out, "{name}{{device_id=\"{device_id}\",reason=\"{}\"}} {n}", label_value(reason));
+    }
     out
 }
 
@@ -417,6 +461,13 @@ pub fn render(r: &StatusReport) -> String {
             r.source.last_error.as_deref().unwrap_or("-")
         );
     }
+    if r.source.bad_lines > 0 {
+        let _ = writeln!(out, "source     {} capture lines skipped (not advertisements)", r.source.bad_lines);
+    }
+    if !r.dropped_invalid.is_empty() {
+        let reasons: Vec<String> = r.dropped_invalid.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        let _ = writeln!(out, "invalid    dropped before batching: {}", reasons.join(", "));
+    }
     let _ = writeln!(
         out,
         "rates      {} detections/s in, {} batches/s ({} detections/s) acked",
@@ -428,6 +479,12 @@ pub fn render(r: &StatusReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_escaped_for_the_prometheus_text_format() {
+        assert_eq!(label_value("rpi-entrance-01"), "rpi-entrance-01");
+        assert_eq!(label_value("dev\"a\\b\nc"), r#"dev\"a\\b\nc"#);
+    }
 
     #[test]
     fn rates_are_measured_over_the_sliding_window() {

@@ -2,6 +2,7 @@
 //! counters and flags in atomics (written by one stage each, read by anyone), so no stage ever
 //! waits on another to report.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
@@ -32,8 +33,14 @@ pub struct Telemetry {
     pub source_detections: AtomicU64,
     /// The source has produced everything it will (a `count` reached, a replay's end).
     pub source_done: AtomicBool,
+    /// Detections from the source that broke the wire contract and were dropped before batching,
+    /// by reason (`backhaul_shared::batch::DETECTION_REASONS`), since start. A std Mutex: the
+    /// pipeline's thread writes it only for a bad detection, the status endpoint reads it.
+    pub dropped_invalid: Mutex<BTreeMap<&'static str, u64>>,
     /// BLE: scans restarted or adapters reopened after a stall or a failure.
     pub source_recoveries: AtomicU64,
+    /// Replay: capture lines that were not advertisements, skipped.
+    pub source_bad_lines: AtomicU64,
     /// The source's last error (BLE: adapter or bluetoothd trouble).
     pub source_error: Mutex<Option<String>>,
     /// Heartbeats: ms since `started` of each stage's last turn of its loop (for the watchdog).
@@ -72,7 +79,9 @@ impl Telemetry {
             rejected_batches: AtomicU64::new(0),
             source_detections: AtomicU64::new(0),
             source_done: AtomicBool::new(false),
+            dropped_invalid: Mutex::new(BTreeMap::new()),
             source_recoveries: AtomicU64::new(0),
+            source_bad_lines: AtomicU64::new(0),
             source_error: Mutex::new(None),
             source_beat_ms: AtomicU64::new(0),
             forwarder_beat_ms: AtomicU64::new(0),
@@ -115,6 +124,20 @@ impl Telemetry {
 
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Counts a detection dropped for `reason`; returns the count for that reason so far.
+    pub fn count_invalid(&self, reason: &'static str) -> u64 {
+        let mut counts = self.dropped_invalid.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(reason).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    /// The dropped invalid detections by reason, since start.
+    pub fn dropped_invalid(&self) -> BTreeMap<String, u64> {
+        let counts = self.dropped_invalid.lock().unwrap_or_else(|p| p.into_inner());
+        counts.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
     }
 
     pub fn record_ack(&self, detections: Option<u32>, duplicate: bool) {

@@ -136,9 +136,12 @@ impl FromStr for Timestamp {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        OffsetDateTime::parse(s, &Rfc3339)
-            .map(Self::from)
-            .map_err(|e| format!("`{s}` is not an RFC 3339 timestamp (like 2026-11-21T10:30:00Z): {e}"))
+        let t = OffsetDateTime::parse(s, &Rfc3339)
+            .map_err(|e| format!("`{s}` is not an RFC 3339 timestamp (like 2026-11-21T10:30:00Z): {e}"))?;
+        // Not `Self::from`: `to_offset` panics when UTC leaves year ±9999 (`9999-12-31T23:59:59-01:00`).
+        t.checked_to_offset(time::UtcOffset::UTC)
+            .map(Self)
+            .ok_or_else(|| format!("`{s}` is out of range: in UTC it is past the year 9999"))
     }
 }
 
@@ -353,46 +356,93 @@ impl Batch {
             ));
         }
         for (i, d) in self.detections.iter().enumerate() {
-            let at = |f: &str| format!("detections[{i}].{f}");
-            let rssi = i32::from(d.rssi());
-            if !RSSI_RANGE.contains(&rssi) {
-                return Err(ValidationError::new(
-                    at("rssi"),
-                    format!("{rssi} dBm is outside {}..={}", RSSI_RANGE.start(), RSSI_RANGE.end()),
-                ));
-            }
-            match d {
-                Detection::Presence(p) => {
-                    let h = &p.device_hash;
-                    if h.is_empty() || h.len() > 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                        return Err(ValidationError::new(at("device_hash"), "must be 1 to 64 hex digits"));
-                    }
-                }
-                Detection::Sensor(s) => {
-                    if s.node.is_empty() {
-                        return Err(ValidationError::new(at("node"), "must not be empty"));
-                    }
-                    check_text(&s.node).map_err(|p| ValidationError::new(at("node"), p))?;
-                    if let Some(t) = s.temp {
-                        if !(-40.0..=85.0).contains(&t) {
-                            return Err(ValidationError::new(at("temp"), format!("{t} °C is outside -40..=85")));
-                        }
-                    }
-                    if let Some(h) = s.humidity {
-                        if h > 100 {
-                            return Err(ValidationError::new(at("humidity"), format!("{h} % is over 100")));
-                        }
-                    }
-                    if let Some(b) = s.battery {
-                        if b > 100 {
-                            return Err(ValidationError::new(at("battery"), format!("{b} % is over 100")));
-                        }
-                    }
-                }
-            }
+            validate_detection(d)
+                .map_err(|e| ValidationError::new(format!("detections[{i}].{}", e.field), e.problem))?;
         }
         Ok(())
     }
+}
+
+/// Why one detection breaks the wire contract (see [`validate_detection`]).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("field `{field}`: {problem}")]
+pub struct DetectionError {
+    /// The offending field inside the detection, e.g. `rssi` (a batch names it
+    /// `detections[3].rssi`).
+    pub field: &'static str,
+    /// A short stable key, field and rule, for counting and metric labels: one of
+    /// [`DETECTION_REASONS`].
+    pub reason: &'static str,
+    /// What is wrong, for a person.
+    pub problem: String,
+}
+
+impl DetectionError {
+    fn new(field: &'static str, reason: &'static str, problem: impl Into<String>) -> Self {
+        Self { field, reason, problem: problem.into() }
+    }
+}
+
+/// Every [`DetectionError::reason`] there is. They are metric label values and `/status` keys:
+/// add to them, never rename.
+pub const DETECTION_REASONS: &[&str] = &[
+    "rssi_out_of_range",
+    "device_hash_invalid",
+    "node_empty",
+    "node_invalid",
+    "temp_out_of_range",
+    "humidity_out_of_range",
+    "battery_out_of_range",
+];
+
+/// Checks one detection against every rule of the wire contract that its type alone does not
+/// enforce. The one definition of those rules: [`Batch::validate`] applies it to each detection
+/// (the cloud refuses the whole batch), and the edge applies it to each detection before batching
+/// (it drops and counts the one detection), so the two cannot drift apart.
+pub fn validate_detection(d: &Detection) -> Result<(), DetectionError> {
+    let rssi = i32::from(d.rssi());
+    if !RSSI_RANGE.contains(&rssi) {
+        return Err(DetectionError::new(
+            "rssi",
+            "rssi_out_of_range",
+            format!("{rssi} dBm is outside {}..={}", RSSI_RANGE.start(), RSSI_RANGE.end()),
+        ));
+    }
+    match d {
+        Detection::Presence(p) => {
+            let h = &p.device_hash;
+            if h.is_empty() || h.len() > 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(DetectionError::new("device_hash", "device_hash_invalid", "must be 1 to 64 hex digits"));
+            }
+        }
+        Detection::Sensor(s) => {
+            if s.node.is_empty() {
+                return Err(DetectionError::new("node", "node_empty", "must not be empty"));
+            }
+            check_text(&s.node).map_err(|p| DetectionError::new("node", "node_invalid", p))?;
+            if let Some(t) = s.temp {
+                // (NaN is outside too: JSON cannot carry it.)
+                if !(-40.0..=85.0).contains(&t) {
+                    return Err(DetectionError::new(
+                        "temp",
+                        "temp_out_of_range",
+                        format!("{t} °C is outside -40..=85"),
+                    ));
+                }
+            }
+            if let Some(h) = s.humidity {
+                if h > 100 {
+                    return Err(DetectionError::new("humidity", "humidity_out_of_range", format!("{h} % is over 100")));
+                }
+            }
+            if let Some(b) = s.battery {
+                if b > 100 {
+                    return Err(DetectionError::new("battery", "battery_out_of_range", format!("{b} % is over 100")));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Serde reads an internally tagged enum through a buffer, which hides the path inside a detection
@@ -559,6 +609,40 @@ mod tests {
     }
 
     #[test]
+    fn a_detection_is_checked_on_its_own_with_a_stable_reason() {
+        let b = parse(SPEC_EXAMPLE).unwrap();
+        let mut presence = b.detections[0].clone();
+        let mut sensor = b.detections[1].clone();
+        assert_eq!(validate_detection(&presence), Ok(()));
+        assert_eq!(validate_detection(&sensor), Ok(()));
+        // +127 is HCI's "RSSI not available"; +79 is not physical either.
+        for rssi in [79, 127, 21, -128] {
+            if let Detection::Presence(p) = &mut presence {
+                p.rssi = rssi;
+            }
+            let e = validate_detection(&presence).unwrap_err();
+            assert_eq!((e.field, e.reason), ("rssi", "rssi_out_of_range"), "{e}");
+        }
+        if let Detection::Sensor(s) = &mut sensor {
+            s.temp = Some(85.1);
+        }
+        let e = validate_detection(&sensor).unwrap_err();
+        assert_eq!((e.field, e.reason), ("temp", "temp_out_of_range"));
+        assert_eq!(e.to_string(), "field `temp`: 85.1 °C is outside -40..=85");
+    }
+
+    /// Issue #14: a time whose UTC form leaves year ±9999 panicked in `to_offset` (the edge's replay
+    /// thread on a capture line, the cloud's ingest on a batch); it is a refused value.
+    #[test]
+    fn a_timestamp_past_year_9999_in_utc_is_refused_not_a_panic() {
+        let err = "9999-12-31T23:59:59-01:00".parse::<Timestamp>().unwrap_err();
+        assert!(err.contains("out of range"), "{err}");
+        let err = parse(&with(|v| v["detections"][0]["timestamp"] = "9999-12-31T23:59:59-01:00".into())).unwrap_err();
+        assert_eq!(err.field(), "detections[0].timestamp", "{err}");
+        assert!("9999-12-31T23:59:59+01:00".parse::<Timestamp>().is_ok());
+    }
+
+    #[test]
     fn device_id_of_exactly_64_bytes_is_fine() {
         parse(&with(|v| v["device_id"] = "x".repeat(64).into())).unwrap();
     }
@@ -634,6 +718,35 @@ mod tests {
         prop_oneof![presence, sensor]
     }
 
+    /// Any detection the types allow, valid or not.
+    fn arb_any_detection() -> impl Strategy<Value = Detection> {
+        let rssi = prop_oneof![-127i16..=20, any::<i16>()];
+        let text = |valid: &'static str| prop_oneof![valid, "(?s).{0,300}"];
+        let presence = (text("[0-9a-f]{16}"), rssi.clone(), arb_ts()).prop_map(|(h, rssi, t)| {
+            Detection::Presence(Presence { device_hash: h, rssi, zone: Zone::Far, timestamp: t })
+        });
+        let temp = prop_oneof![
+            (-400i32..=850).prop_map(|t| f64::from(t) / 10.0),
+            -100.0f64..200.0,
+            any::<f64>(),
+            Just(f64::NAN),
+        ];
+        let sensor = (
+            text("[0-9a-f:]{17}"),
+            rssi,
+            proptest::option::of(temp),
+            proptest::option::of(any::<u8>()),
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(any::<bool>()),
+            proptest::option::of(any::<u8>()),
+            arb_ts(),
+        )
+            .prop_map(|(node, rssi, temp, humidity, co2_ppm, window_open, battery, timestamp)| {
+                Detection::Sensor(Sensor { node, rssi, temp, humidity, co2_ppm, window_open, battery, timestamp })
+            });
+        prop_oneof![presence, sensor]
+    }
+
     proptest! {
         #[test]
         fn any_valid_batch_round_trips(
@@ -655,6 +768,37 @@ mod tests {
             };
             let parsed = Batch::from_json(&b.to_json(), &Limits::default()).unwrap();
             prop_assert_eq!(parsed, b);
+        }
+
+        /// The edge drops exactly the detections the cloud would refuse a batch for, one at a
+        /// time: whatever the edge's check lets through, the cloud stores; whatever it drops, the
+        /// cloud would have refused, naming the same field.
+        #[test]
+        fn the_edge_drops_exactly_what_the_cloud_refuses(d in arb_any_detection()) {
+            let batch = Batch {
+                schema: 1,
+                batch_id: BatchId::new(),
+                device_id: "rpi-1".into(),
+                seq: 0,
+                name: None,
+                location: None,
+                timestamp: Timestamp::now(),
+                detections: vec![d],
+            };
+            match validate_detection(&batch.detections[0]) {
+                Ok(()) => {
+                    let parsed = Batch::from_json(&batch.to_json(), &Limits::default());
+                    prop_assert!(parsed.is_ok(), "the edge keeps it, the cloud refuses it: {:?}", parsed);
+                }
+                Err(e) => {
+                    prop_assert!(DETECTION_REASONS.contains(&e.reason), "unlisted reason {}", e.reason);
+                    let refused = batch.validate(&Limits::default());
+                    prop_assert_eq!(
+                        refused.map_err(|r| r.field),
+                        Err(format!("detections[0].{}", e.field))
+                    );
+                }
+            }
         }
 
         #[test]

@@ -6,6 +6,11 @@
 //! (default 10 s: a node advertises 3-4 times per frame on channels 37-39): within it, repeats of
 //! the same advertiser make no new detection. All of it runs on the advertisement's own clock
 //! (`t`), so a replayed capture gives the same detections at any speed.
+//!
+//! A reading whose RSSI the wire contract refuses (`backhaul_shared::batch::RSSI_RANGE`; +127 is
+//! HCI's "not available") still makes its detections, which the pipeline drops and counts, but it
+//! takes no dedup slot and stays out of the smoothing median: the advertiser's next real reading
+//! is not swallowed by a window that a refused reading opened.
 
 pub mod presence;
 pub mod thingy52;
@@ -13,6 +18,7 @@ pub mod thingy52;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use backhaul_shared::batch::RSSI_RANGE;
 use backhaul_shared::{Detection, Presence, Sensor, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -145,6 +151,8 @@ impl Decoder {
         let t_ms = adv.t.unix_millis();
         self.prune(t_ms);
         let address = adv.address.to_ascii_uppercase();
+        // See the module docs: a refused RSSI neither opens a dedup window nor enters the median.
+        let rssi_valid = RSSI_RANGE.contains(&i32::from(adv.rssi));
         let mut out = Vec::new();
         if let Some(settings) = self.thingy52 {
             let reading = adv
@@ -154,7 +162,7 @@ impl Decoder {
                 .map(|p| thingy52::decode(p))
                 .filter(|r| r.is_node_layout() && !r.is_empty());
             if let Some(r) = reading {
-                if fresh(&mut self.last, self.dedup_window_ms, Profile::Thingy52, &address, t_ms) {
+                if !rssi_valid || fresh(&mut self.last, self.dedup_window_ms, Profile::Thingy52, &address, t_ms) {
                     out.push(Detection::Sensor(Sensor {
                         node: address.to_ascii_lowercase(),
                         rssi: adv.rssi,
@@ -170,8 +178,8 @@ impl Decoder {
         }
         if let Some((settings, smoother)) = &mut self.presence {
             // Every reading feeds the median, also those the dedup window swallows.
-            let rssi = smoother.push(&address, t_ms, adv.rssi);
-            if fresh(&mut self.last, self.dedup_window_ms, Profile::Presence, &address, t_ms) {
+            let rssi = if rssi_valid { smoother.push(&address, t_ms, adv.rssi) } else { adv.rssi };
+            if !rssi_valid || fresh(&mut self.last, self.dedup_window_ms, Profile::Presence, &address, t_ms) {
                 out.push(Detection::Presence(Presence {
                     device_hash: settings.hasher.hash(&address, t_ms.div_euclid(1000)),
                     rssi,

@@ -161,3 +161,46 @@ mod fuzz {
         }
     }
 }
+
+/// Issue #13: a reading at +127 dBm (HCI's "not available") makes a detection the pipeline drops;
+/// it must not open a dedup window that swallows the advertiser's real readings, nor enter the
+/// smoothing median.
+#[test]
+fn a_refused_rssi_takes_no_dedup_slot_and_stays_out_of_the_median() {
+    let at = |ms: u32, rssi: i16| {
+        adv(&format!(
+            r#"{{"t":"2026-11-21T10:00:0{}.{:03}Z","address":"C1:0E:5A:33:9F:02","rssi":{rssi},"manufacturer_data":{{"65535":"010102280300fd04000002640557"}}}}"#,
+            ms / 1000,
+            ms % 1000
+        ))
+    };
+    let mut d = decoder(true, true, 10);
+    let refused = d.decode(&at(0, 127));
+    assert_eq!(refused.len(), 2, "a reading and a presence, both refused later: {refused:?}");
+    assert!(refused.iter().all(|x| backhaul_shared::batch::validate_detection(x).is_err()));
+    let real = d.decode(&at(100, -61));
+    assert_eq!(real.iter().map(Detection::rssi).collect::<Vec<_>>(), vec![-61, -61], "not swallowed: {real:?}");
+    assert!(d.decode(&at(200, -62)).is_empty(), "the real reading's window holds");
+
+    let mut smoothed = Decoder::new(
+        Some(PresenceSettings {
+            hasher: secret(),
+            zones: presence::Zones::default(),
+            smoothing: Duration::from_secs(5),
+        }),
+        None,
+        Duration::ZERO,
+    );
+    let rssi: Vec<i16> = [(0, -60), (100, 127), (200, 127), (300, -64)]
+        .into_iter()
+        .flat_map(|(ms, r)| smoothed.decode(&at(ms, r)))
+        .map(|x| x.rssi())
+        .collect();
+    assert_eq!(rssi[3], smoothed_median(&[-60, -64]), "the median of the real readings only: {rssi:?}");
+}
+
+/// What the smoother makes of these readings alone.
+fn smoothed_median(readings: &[i16]) -> i16 {
+    let mut s = presence::Smoother::new(Duration::from_secs(5));
+    readings.iter().enumerate().map(|(i, r)| s.push("X", i as i64, *r)).last().unwrap()
+}

@@ -206,6 +206,8 @@ pub struct Stats {
     pub bytes: u64,
     pub pending_bytes: u64,
     pub acked_bytes: u64,
+    /// Age of the oldest batch not yet acknowledged (pending or in flight); `None` when there is
+    /// none (or the database is closed after a disk error).
     pub oldest_pending_age_s: Option<u64>,
     pub produced_batches: u64,
     pub produced_detections: u64,
@@ -990,16 +992,17 @@ impl Queue {
         let st = self.lock_state();
         let c = st.counters;
         let in_flight = st.in_flight.len() as u64;
-        drop(st);
         // The counters live in memory: they are reported even while the database is closed after
-        // a disk error (a full disk is exactly when an operator looks); only the age needs it.
-        let oldest_pending_age_s = Store::get(&guard).ok().and_then(|store| {
-            let first =
-                chunks::records(store.tree.range(layout::pending_key(0)..=layout::pending_key(u64::MAX))).next();
-            StoredBatch::decode_header(&first?.ok()?.value)
-                .ok()
-                .map(|h| now_ms().saturating_sub(h.enqueued_at_ms) / 1000)
-        });
+        // a disk error (a full disk is exactly when an operator looks); only the age needs it. The
+        // age is read under the same lock, from the state the queue acts on: nothing unacked
+        // means no age, and a batch whose ack is not written yet is not pending.
+        let oldest_pending_age_s = match Store::get(&guard) {
+            Ok(store) if c.pending_batches > 0 => {
+                oldest_unacked_enqueued_ms(store, &st).map(|at| now_ms().saturating_sub(at) / 1000)
+            }
+            _ => None,
+        };
+        drop(st);
         Ok(Stats {
             pending: c.pending_batches.saturating_sub(in_flight),
             in_flight,
@@ -1139,6 +1142,28 @@ impl Queue {
         let guard = self.read_store();
         Ok(chunks::get(&Store::get(&guard)?.tree, &layout::pending_key(seq))?.map(|r| r.value))
     }
+}
+
+/// When the oldest batch not yet acknowledged (pending or in flight) was enqueued, ms since the
+/// epoch: the first record of the pending range whose ack is not still waiting in memory to be
+/// written (acks move their records in groups, see [`ACK_WRITE_GROUP`], so up to that many acked
+/// records are passed over by key). A record that fails its check is passed over too (it is
+/// quarantined when it is handed out). `None` on a read error: the age is not known.
+fn oldest_unacked_enqueued_ms(store: &Store, st: &State) -> Option<u64> {
+    let mut last = None;
+    for item in store.tree.range(layout::pending_key(0)..=layout::pending_key(u64::MAX)) {
+        let (key, _) = item.ok()?;
+        let seq = layout::pending_key_seq(&key)?;
+        if last == Some(seq) || st.unwritten_acks.contains_key(&seq) {
+            continue; // another chunk of a record passed over, or an ack in memory
+        }
+        last = Some(seq);
+        let record = chunks::get(&store.tree, &layout::pending_key(seq)).ok()??;
+        if let Ok(h) = StoredBatch::decode_header(&record.value) {
+            return Some(h.enqueued_at_ms);
+        }
+    }
+    None
 }
 
 /// Decodes a pending record and marks it in flight; a record that fails its check is quarantined

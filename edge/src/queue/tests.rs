@@ -759,3 +759,30 @@ fn the_data_dir_is_private_whatever_the_umask() {
     drop(Queue::open(&open, QueueConfig::default()).unwrap());
     assert_eq!(mode(&open), 0o700);
 }
+
+/// Regression (issue #13, kind 7): the age came from the first record on disk, where acks are
+/// written in groups, so with everything acked it kept climbing until the next group was written.
+#[test]
+fn oldest_pending_age_ignores_acks_not_written_yet_and_agrees_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), config());
+    for _ in 0..3 {
+        q.enqueue(new_batch(2)).unwrap();
+    }
+    let handed: Vec<_> = (0..3).map(|_| q.next_batch().unwrap().unwrap()).collect();
+    assert!(q.stats().unwrap().oldest_pending_age_s.is_some(), "in flight is not acknowledged yet");
+    q.ack(handed[0].batch_id).unwrap();
+    q.ack(handed[2].batch_id).unwrap();
+    let s = q.stats().unwrap();
+    assert!(!q.lock_state().unwritten_acks.is_empty(), "the acks are still in memory");
+    assert_eq!((s.pending, s.in_flight, s.oldest_pending_age_s.is_some()), (0, 1, true));
+    q.ack(handed[1].batch_id).unwrap();
+    let live = q.stats().unwrap();
+    assert_eq!((live.pending, live.in_flight, live.oldest_pending_age_s), (0, 0, None));
+    drop(q);
+    let offline = open(dir.path(), config()).stats().unwrap();
+    assert_eq!(
+        (offline.pending, offline.in_flight, offline.acked_retained, offline.bytes, offline.oldest_pending_age_s),
+        (live.pending, live.in_flight, live.acked_retained, live.bytes, live.oldest_pending_age_s)
+    );
+}

@@ -7,18 +7,23 @@
 //! line's), 12 bytes. After a kill -9 it re-decodes the capture up to the stored line silently
 //! (which rebuilds the decoder's dedup and smoothing state exactly) and continues with the
 //! detection after the stored one: nothing produced twice, nothing skipped. A line that is not a
-//! valid advertisement is logged, counted and skipped.
+//! valid advertisement (not JSON, not UTF-8 at all) is logged, counted (`/status`
+//! `source.bad_lines`, with the last one as `source.last_error`) and skipped; only a failing read
+//! of the file ends the replay early.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backhaul_shared::Detection;
 
 use super::{Next, Source};
 use crate::decode::{Advertisement, Decoder};
+use crate::telemetry::Telemetry;
 
 /// Where the replay stands: after detection `sub` of line `line` (0-based).
 fn encode_position(line: u64, sub: u32) -> Vec<u8> {
@@ -37,7 +42,9 @@ fn decode_position(p: &[u8]) -> Result<(u64, u32), String> {
 /// See the module docs.
 pub struct Replay {
     path: PathBuf,
-    lines: std::io::Lines<BufReader<File>>,
+    reader: BufReader<File>,
+    /// The line being read, as bytes: a line that is not UTF-8 is one bad line, not the end.
+    buf: Vec<u8>,
     decoder: Decoder,
     /// Index of the next line to read.
     next_line: u64,
@@ -47,6 +54,10 @@ pub struct Replay {
     /// (wall clock, capture ms) of the first advertisement played, for the recorded pace.
     paced_from: Option<(Instant, i64)>,
     bad_lines: u64,
+    /// Where bad lines played (not those re-read silently at a resume) are reported.
+    telemetry: Option<Arc<Telemetry>>,
+    /// Re-reading the lines before the stored position (at a resume).
+    catching_up: bool,
     done: bool,
 }
 
@@ -65,13 +76,16 @@ impl Replay {
         let file = File::open(path).map_err(|e| format!("cannot open the capture {}: {e}", path.display()))?;
         let mut r = Self {
             path: path.to_owned(),
-            lines: BufReader::new(file).lines(),
+            reader: BufReader::new(file),
+            buf: Vec::new(),
             decoder,
             next_line: 0,
             ready: VecDeque::new(),
             recorded_pace,
             paced_from: None,
             bad_lines: 0,
+            telemetry: None,
+            catching_up: true,
             done: false,
         };
         if let Some(p) = position {
@@ -91,7 +105,14 @@ impl Replay {
                 }
             }
         }
+        r.catching_up = false;
         Ok(r)
+    }
+
+    /// Reports the bad lines it plays in `telemetry` (`/status` `source`).
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
+        self.telemetry = Some(telemetry);
+        self
     }
 
     /// Lines that were not valid advertisements, so far.
@@ -101,23 +122,41 @@ impl Replay {
 
     /// Reads and decodes the next line; `None` at the end of the capture.
     fn read_line(&mut self) -> Option<Vec<Detection>> {
-        let line = match self.lines.next()? {
-            Ok(l) => l,
+        self.buf.clear();
+        match self.reader.read_until(b'\n', &mut self.buf) {
+            Ok(0) => return None,
+            Ok(_) => {}
             Err(e) => {
                 tracing::error!(path = %self.path.display(), error = %e, "reading the capture failed; the replay ends here");
                 return None;
             }
-        };
+        }
         let index = self.next_line;
         self.next_line += 1;
-        if line.trim().is_empty() {
-            return Some(Vec::new());
-        }
-        match serde_json::from_str::<Advertisement>(&line) {
-            Ok(adv) => Some(self.decoder.decode(&adv)),
-            Err(e) => {
+        let bytes = self.buf.strip_suffix(b"\n").unwrap_or(&self.buf);
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        let parsed = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}")).and_then(|line| {
+            if line.trim().is_empty() {
+                return Ok(None);
+            }
+            serde_json::from_str::<Advertisement>(line).map(Some).map_err(|e| e.to_string())
+        });
+        match parsed {
+            Ok(None) => Some(Vec::new()),
+            Ok(Some(adv)) => Some(self.decoder.decode(&adv)),
+            Err(error) => {
                 self.bad_lines += 1;
-                tracing::warn!(path = %self.path.display(), line = index + 1, error = %e, "skipping a line that is not an advertisement");
+                if !self.catching_up {
+                    tracing::warn!(path = %self.path.display(), line = index + 1, %error, "skipping a line that is not an advertisement");
+                    if let Some(t) = &self.telemetry {
+                        t.source_bad_lines.fetch_add(1, Ordering::Relaxed);
+                        t.set_source_error(format!(
+                            "capture {} line {}: not an advertisement, skipped: {error}",
+                            self.path.display(),
+                            index + 1
+                        ));
+                    }
+                }
                 Some(Vec::new())
             }
         }
@@ -253,6 +292,54 @@ mod tests {
             Next::Wait(w) => assert_eq!(w, Duration::from_secs(2)),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Regression (issue #14): a line that is not UTF-8 ended the replay (the line iterator's
+    /// error was taken for a failing read): everything after it was never produced.
+    #[test]
+    fn a_line_that_is_not_utf8_is_skipped_and_counted_and_the_replay_goes_on() {
+        let file = capture();
+        let lines: Vec<Vec<u8>> =
+            std::fs::read(file.path()).unwrap().split(|b| *b == b'\n').map(<[u8]>::to_vec).collect();
+        let mut damaged = tempfile::NamedTempFile::new().unwrap();
+        for (i, line) in lines.iter().enumerate() {
+            if i == 15 {
+                damaged.write_all(b"{\"t\":\"2025-11-21T10:13:50Z\",\"address\":\"\xff\xfe\"}\n").unwrap();
+            }
+            damaged.write_all(line).unwrap();
+            if i + 1 < lines.len() {
+                damaged.write_all(b"\n").unwrap();
+            }
+        }
+        let telemetry = Arc::new(Telemetry::new("t", "http"));
+        let all: Vec<Detection> =
+            drain(&mut Replay::resume(file.path(), decoder(), None, false).unwrap()).into_iter().map(|d| d.0).collect();
+        let mut replay =
+            Replay::resume(damaged.path(), decoder(), None, false).unwrap().with_telemetry(telemetry.clone());
+        let played = drain(&mut replay);
+        assert_eq!(played.iter().map(|d| d.0.clone()).collect::<Vec<_>>(), all, "every detection, in order");
+        assert_eq!(replay.bad_lines(), 2, "the line that is not JSON and the one that is not UTF-8");
+        assert_eq!(telemetry.source_bad_lines.load(Ordering::Relaxed), 2);
+        assert!(telemetry.source_error().unwrap_or_default().contains("line 16"), "{:?}", telemetry.source_error());
+        // Resumed past them, it does not count them again.
+        let k = played.len() - 3;
+        let resumed = Replay::resume(damaged.path(), decoder(), Some(&played[k].1), false).unwrap();
+        let telemetry = Arc::new(Telemetry::new("t", "http"));
+        let mut resumed = resumed.with_telemetry(telemetry.clone());
+        assert_eq!(drain(&mut resumed).len(), 2);
+        assert_eq!(telemetry.source_bad_lines.load(Ordering::Relaxed), 0);
+    }
+
+    /// A time whose UTC form is past year 9999 panicked the pipeline's thread while parsing the
+    /// line (and again after every restart, at the same line); it is one more bad line.
+    #[test]
+    fn a_line_with_a_time_past_year_9999_in_utc_is_a_bad_line_not_a_panic() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, r#"{{"t":"9999-12-31T23:59:59-01:00","address":"11:22:33:44:55:01","rssi":-60}}"#).unwrap();
+        writeln!(f, r#"{{"t":"2026-11-21T10:00:00Z","address":"11:22:33:44:55:02","rssi":-60}}"#).unwrap();
+        let mut replay = Replay::resume(f.path(), decoder(), None, false).unwrap();
+        assert_eq!(drain(&mut replay).len(), 1);
+        assert_eq!(replay.bad_lines(), 1);
     }
 
     #[test]
