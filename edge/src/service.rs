@@ -158,6 +158,7 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
             })
         };
         let server = tokio::spawn(async move {
+            let listener = status::CappedListener::new(listener);
             if let Err(e) = axum::serve(listener, status::router(status_source)).await {
                 tracing::error!(error = %e, "the status endpoint failed");
             }

@@ -18,6 +18,114 @@ use serde::{Deserialize, Serialize};
 use crate::queue::Queue;
 use crate::telemetry::Telemetry;
 
+pub use listener::{CappedListener, MAX_STATUS_CONNECTIONS, STATUS_CONNECTION_LIFETIME};
+
+mod listener {
+    //! The status endpoint's listener: at most [`MAX_STATUS_CONNECTIONS`] connections open at
+    //! once, each closed [`STATUS_CONNECTION_LIFETIME`] after it was accepted, idle or not. More
+    //! clients wait in the kernel's accept queue, which takes none of the process's file
+    //! descriptors: idle clients can never starve the queue of the descriptors its syncs need
+    //! (issue #14: about 1,000 idle connections under the default limit of 1,024 open files made
+    //! the queue's sync fail with EMFILE, and the edge exit).
+
+    use std::future::Future;
+    use std::io;
+    use std::net::SocketAddr;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+    use tokio::time::Sleep;
+
+    /// Most status connections open at once (a person, a Prometheus scraper and the watchdog's
+    /// own reads need a handful).
+    pub const MAX_STATUS_CONNECTIONS: usize = 32;
+    /// How long a status connection may stay open, idle or not.
+    pub const STATUS_CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+
+    /// See the module docs.
+    #[derive(Debug)]
+    pub struct CappedListener {
+        inner: TcpListener,
+        slots: Arc<Semaphore>,
+    }
+
+    impl CappedListener {
+        pub fn new(inner: TcpListener) -> Self {
+            Self { inner, slots: Arc::new(Semaphore::new(MAX_STATUS_CONNECTIONS)) }
+        }
+    }
+
+    impl axum::serve::Listener for CappedListener {
+        type Io = CappedStream;
+        type Addr = SocketAddr;
+
+        async fn accept(&mut self) -> (CappedStream, SocketAddr) {
+            // A free slot first: until then nothing is accepted (the kernel queues the clients).
+            let slot = match self.slots.clone().acquire_owned().await {
+                Ok(slot) => slot,
+                Err(_) => unreachable!("the semaphore is never closed"),
+            };
+            let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            let deadline = Box::pin(tokio::time::sleep(STATUS_CONNECTION_LIFETIME));
+            (CappedStream { stream, deadline, _slot: slot }, addr)
+        }
+
+        fn local_addr(&self) -> io::Result<SocketAddr> {
+            self.inner.local_addr()
+        }
+    }
+
+    /// A status connection: it frees its slot when dropped, and fails its reads and writes once
+    /// its lifetime is over (the server then closes it).
+    #[derive(Debug)]
+    pub struct CappedStream {
+        stream: TcpStream,
+        deadline: Pin<Box<Sleep>>,
+        _slot: OwnedSemaphorePermit,
+    }
+
+    impl CappedStream {
+        fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+            self.deadline.as_mut().poll(cx).is_ready()
+        }
+    }
+
+    fn lifetime_over() -> io::Error {
+        io::Error::new(io::ErrorKind::TimedOut, "the status connection's lifetime is over")
+    }
+
+    impl AsyncRead for CappedStream {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if self.expired(cx) {
+                return Poll::Ready(Err(lifetime_over()));
+            }
+            Pin::new(&mut self.stream).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for CappedStream {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            if self.expired(cx) {
+                return Poll::Ready(Err(lifetime_over()));
+            }
+            Pin::new(&mut self.stream).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.stream).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.stream).poll_shutdown(cx)
+        }
+    }
+}
+
 /// `GET /status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusReport {
