@@ -13,8 +13,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use backhaul_shared::Timestamp;
-
 use crate::batch::{Batcher, Cut};
 use crate::queue::{EnqueueError, NewBatch, Queue};
 use crate::source::{Next, Source};
@@ -107,11 +105,14 @@ fn store(
     stopping: bool,
     enqueued: &dyn Fn(),
 ) -> Result<(), EnqueueError> {
+    // From the clock floor while the wall clock is below it (a Pi without an RTC): crate::clock.
+    let (timestamp, clock) = crate::clock::stamp_batch();
     let batch = NewBatch {
         device_id: device.device_id.clone(),
         name: device.name.clone(),
         location: device.location.clone(),
-        timestamp: Timestamp::now(),
+        timestamp,
+        clock,
         detections: cut.detections,
         source_position: cut.source_position,
         // Made once: every retry of this enqueue carries the same key.

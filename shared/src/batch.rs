@@ -178,6 +178,29 @@ pub struct Batch {
     pub timestamp: Timestamp,
     /// The detections, oldest first.
     pub detections: Vec<Detection>,
+    /// Whether the device trusted its wall clock when it stamped this batch. Absent on the wire
+    /// means [`Clock::Synced`], and a synced batch is written without it, so its bytes are those of
+    /// a batch from before the field existed (added in wave 2, issue #13).
+    #[serde(default, skip_serializing_if = "Clock::is_synced")]
+    pub clock: Clock,
+}
+
+/// How the times of a batch were taken (SPEC.md, wave 2: the batch's additive `clock` field).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Clock {
+    /// From the wall clock, which was at or above the device's clock floor.
+    #[default]
+    Synced,
+    /// The wall clock was below the device's clock floor (a Pi without an RTC before NTP synced):
+    /// the times are the floor plus monotonic time since, an estimate that never goes backwards.
+    Unsynced,
+}
+
+impl Clock {
+    pub fn is_synced(&self) -> bool {
+        *self == Clock::Synced
+    }
 }
 
 /// One observation of one advertiser.
@@ -541,6 +564,19 @@ mod tests {
     }
 
     #[test]
+    fn clock_is_synced_when_absent_and_only_written_when_unsynced() {
+        let b = parse(SPEC_EXAMPLE).unwrap();
+        assert_eq!(b.clock, Clock::Synced);
+        assert!(!String::from_utf8(b.to_json()).unwrap().contains("clock"), "a synced batch keeps its old bytes");
+        let u = parse(&with(|v| v["clock"] = "unsynced".into())).unwrap();
+        assert_eq!(u.clock, Clock::Unsynced);
+        assert!(String::from_utf8(u.to_json()).unwrap().ends_with(r#","clock":"unsynced"}"#));
+        assert_eq!(parse(&with(|v| v["clock"] = "synced".into())).unwrap().clock, Clock::Synced);
+        let e = parse(&with(|v| v["clock"] = "sometimes".into())).unwrap_err();
+        assert_eq!(e.field(), "clock", "{e}");
+    }
+
+    #[test]
     fn device_id_of_exactly_64_bytes_is_fine() {
         parse(&with(|v| v["device_id"] = "x".repeat(64).into())).unwrap();
     }
@@ -624,6 +660,7 @@ mod tests {
             name in proptest::option::of("[ -~]{0,40}"),
             ts in arb_ts(),
             detections in proptest::collection::vec(arb_detection(), 0..20),
+            unsynced in any::<bool>(),
         ) {
             let b = Batch {
                 schema: 1,
@@ -634,6 +671,7 @@ mod tests {
                 location: None,
                 timestamp: ts,
                 detections,
+                clock: if unsynced { Clock::Unsynced } else { Clock::Synced },
             };
             let parsed = Batch::from_json(&b.to_json(), &Limits::default()).unwrap();
             prop_assert_eq!(parsed, b);

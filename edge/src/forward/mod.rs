@@ -461,6 +461,7 @@ mod tests {
                     detections: Vec::new(),
                     source_position: None,
                     batch_id: None,
+                    clock: Default::default(),
                 })
                 .unwrap();
         }
