@@ -3,7 +3,7 @@
 //! Such a Pi boots with its wall clock in 1970 (or, with `fake-hwclock`, at the last time it saved)
 //! until NTP syncs. Times taken then are wrong by decades, and nothing in a batch says so. So the
 //! edge keeps a **clock floor**, a time it knows has passed:
-//! - the build time of this binary (`BACKHAUL_BUILD_UNIX_S`, set by `build.rs` from
+//! - the build time of this binary (`EDGE_BUILD_UNIX_S`, set by `build.rs` from
 //!   `SOURCE_DATE_EPOCH` when it is set, else from the time of the build), and
 //! - the newest durable batch time in the queue (raised at start by the service), and
 //! - every time stamped since (the floor follows the clock while it is trusted).
@@ -37,7 +37,7 @@ pub const TOLERANCE: Duration = Duration::from_secs(60);
 
 /// The build time of this binary, seconds since the epoch (see `build.rs`).
 pub fn build_time() -> Timestamp {
-    let secs: i64 = env!("BACKHAUL_BUILD_UNIX_S").parse().unwrap_or(0);
+    let secs: i64 = env!("EDGE_BUILD_UNIX_S").parse().unwrap_or(0);
     Timestamp::from_unix_millis(secs.saturating_mul(1000))
         .unwrap_or_else(|| Timestamp::from_unix_millis(0).expect("epoch"))
 }
