@@ -98,11 +98,16 @@ pub async fn run(
             // The oldest message in hand is done: PUBACK it.
             r = async { (&mut in_hand.front_mut().expect("not empty").2).await }, if !in_hand.is_empty() => {
                 let (received_on, publish, _) = in_hand.pop_front().expect("not empty");
-                if let Err(e) = r {
-                    // PUBACKs must stay in arrival order, and the broker redelivers only on a new
-                    // connection: end here (the process exits and systemd restarts it).
-                    result = Err(anyhow::anyhow!("handling an MQTT message panicked: {}; stopping so the broker redelivers it", panic_message(e)));
-                    break;
+                match r {
+                    Ok(()) => {}
+                    // A panic costs that message only (issue #14): redelivered, it would panic again
+                    // after every restart and stall every device behind it. It is dead-lettered with
+                    // the reason, refused to its device, counted, and PUBACKed below.
+                    Err(e) if e.is_panic() => handler_panicked(&ingest, &acks, &topics, &publish, &panic_message(e)).await,
+                    Err(e) => {
+                        result = Err(anyhow::anyhow!("handling an MQTT message failed: {e}; stopping so the broker redelivers it"));
+                        break;
+                    }
                 }
                 if failpoint_before_puback() {
                     eprintln!("FAILPOINT before_puback: committed, parked before PUBACK");
@@ -258,6 +263,22 @@ async fn poll(
     }
 }
 
+/// After handling `publish` panicked: dead-letters it with the panic as its reason (counted in
+/// `panics` as well as `dead_letters`), and tells its device the batch is refused, if its topic and
+/// batch_id can be read (else the device would resend it after every ack timeout, forever).
+async fn handler_panicked(ingest: &Ingest, acks: &AsyncClient, topics: &Topics, publish: &Publish, panic: &str) {
+    let reason = format!("the cloud panicked handling this message (a bug; kept for inspection): {panic}");
+    let device = topics.parse(&publish.topic).map(|(d, _)| d);
+    tracing::error!(topic = %publish.topic, size = publish.payload.len(), "{reason}; dead-lettered, PUBACKed, going on");
+    retry_storage(|| {
+        ingest.store.dead_letter_panic("mqtt", Some(&publish.topic), device, publish.payload.len(), &reason)
+    })
+    .await;
+    if let (Some(device), Some(batch_id)) = (device, readable_batch_id(&publish.payload)) {
+        send_ack(acks, topics, device, Ack { batch_id, status: AckStatus::Rejected, reason: Some(reason) }).await;
+    }
+}
+
 /// Handles one message to completion: stored (or recorded as unusable) before it returns.
 async fn handle(ingest: &Ingest, client: &AsyncClient, topics: &Topics, publish: &Publish) {
     let Some((device, kind)) = topics.parse(&publish.topic) else {
@@ -265,7 +286,10 @@ async fn handle(ingest: &Ingest, client: &AsyncClient, topics: &Topics, publish:
         return;
     };
     match kind {
-        TopicKind::Batches => handle_batch(ingest, client, topics, publish, device).await,
+        TopicKind::Batches => {
+            crate::failpoint::panic_in("mqtt-message");
+            handle_batch(ingest, client, topics, publish, device).await
+        }
         TopicKind::Status => match serde_json::from_slice::<DeviceStatus>(&publish.payload) {
             Ok(status) => {
                 retry_storage(|| ingest.store.device_status(device, &status)).await;

@@ -68,6 +68,8 @@ const MIGRATIONS: &[&[&str]] = &[
     ],
     // 2 (issue #13): batches a device stamped while its wall clock was below its clock floor.
     &["ALTER TABLE devices ADD COLUMN clock_unsynced_batches BIGINT NOT NULL DEFAULT 0"],
+    // 3 (issue #14): messages whose handling panicked (dead-lettered too).
+    &["INSERT INTO counters (name, value) VALUES ('panics', 0) ON CONFLICT (name) DO NOTHING"],
 ];
 
 /// Detections per INSERT statement (14 parameters each; far below SQLite's and PostgreSQL's limits).
@@ -123,6 +125,8 @@ pub struct Stats {
     pub duplicates: i64,
     pub rejected: i64,
     pub dead_letters: i64,
+    /// Messages whose handling panicked (each also a dead letter): a bug to look into.
+    pub panics: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -530,6 +534,30 @@ impl Store {
         size: usize,
         error: &str,
     ) -> Result<(), StoreError> {
+        self.write_dead_letter(via, topic, device_id, size, error, false).await
+    }
+
+    /// Records a message whose handling panicked: a dead letter, also counted in `panics`.
+    pub async fn dead_letter_panic(
+        &self,
+        via: &str,
+        topic: Option<&str>,
+        device_id: Option<&str>,
+        size: usize,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        self.write_dead_letter(via, topic, device_id, size, error, true).await
+    }
+
+    async fn write_dead_letter(
+        &self,
+        via: &str,
+        topic: Option<&str>,
+        device_id: Option<&str>,
+        size: usize,
+        error: &str,
+        panicked: bool,
+    ) -> Result<(), StoreError> {
         let _writer = self.writer().await;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -543,9 +571,12 @@ impl Store {
         .bind(error.chars().take(500).collect::<String>())
         .execute(&mut *tx)
         .await?;
-        // Counters in one fixed order everywhere (batches, detections, dead_letters, duplicates,
+        // Counters in one fixed order everywhere (batches, detections, dead_letters, panics, duplicates,
         // rejected), so concurrent PostgreSQL transactions cannot deadlock on them.
         bump(&mut tx, "dead_letters", 1).await?;
+        if panicked {
+            bump(&mut tx, "panics", 1).await?;
+        }
         self.unwritten_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.write_unwritten_counts(&mut tx).await?;
         tx.commit().await?;
@@ -574,7 +605,7 @@ impl Store {
 
     pub async fn stats(&self) -> Result<Stats, StoreError> {
         let rows = sqlx::query("SELECT name, value FROM counters").fetch_all(&self.pool).await?;
-        let mut s = Stats { batches: 0, detections: 0, duplicates: 0, rejected: 0, dead_letters: 0 };
+        let mut s = Stats { batches: 0, detections: 0, duplicates: 0, rejected: 0, dead_letters: 0, panics: 0 };
         for r in rows {
             let name: String = r.try_get(0)?;
             let value: i64 = r.try_get(1)?;
@@ -586,6 +617,7 @@ impl Store {
                 }
                 "rejected" => s.rejected = value + self.unwritten_rejected.load(std::sync::atomic::Ordering::Relaxed),
                 "dead_letters" => s.dead_letters = value,
+                "panics" => s.panics = value,
                 _ => {}
             }
         }

@@ -184,3 +184,129 @@ async fn a_panic_in_any_long_lived_task_ends_the_process_non_zero() {
         drop(edge);
     }
 }
+
+/// Once the restarted cloud is subscribed, publishes one more batch of the test device and waits
+/// for its ack: whatever the broker had to redeliver came before it.
+async fn after_a_marker(cloud: &mut Cloud, edge: &mut TestClient, topics: &Topics) {
+    tokio::task::block_in_place(|| cloud.process.wait_for_any_line(T, |l| l.contains("subscribed to batches")))
+        .unwrap();
+    edge.subscribe(&topics.acks(DEVICE)).await.unwrap();
+    let marker = wire_batch(DEVICE, 1000, 1);
+    edge.client.publish(topics.batches(DEVICE), QoS::AtLeastOnce, false, marker.to_json()).await.unwrap();
+    edge.next_matching(T, "the marker's ack", |e| match e {
+        ClientEvent::Message { topic, payload, .. } if topic.ends_with("/acks") => {
+            let ack: AckMessage = serde_json::from_slice(&payload).ok()?;
+            (ack.acks[0].batch_id == marker.batch_id).then_some(())
+        }
+        _ => None,
+    })
+    .await
+    .unwrap();
+}
+
+/// A valid RFC 3339 time that is past year 9999 once in UTC (issue #14).
+const PAST_9999: &str = "9999-12-31T23:59:59-01:00";
+
+/// Issue #14, kind 1: that time used to panic the parser, kill the MQTT task, and after every
+/// restart the broker redelivered it and ingest died again. Now: the poison on
+/// `backhaul/dev-a/batches` is dead-lettered naming its field, the 40 good batches of another
+/// device behind it are all stored, and the same body over HTTP gets a 400 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_past_year_9999_is_dead_lettered_and_the_batches_behind_it_are_stored() {
+    let broker = Mosquitto::start().unwrap();
+    let mut cloud = mqtt_cloud(&broker, vec![]);
+    let topics = Topics::default();
+    let mut edge = TestClient::connect(broker.port(), "edge-sim-poison", true);
+    edge.connected(T).await.unwrap();
+    edge.subscribe(&topics.acks("dev-a")).await.unwrap();
+    let mut poison = serde_json::to_value(wire_batch("dev-a", 0, 2)).unwrap();
+    poison["timestamp"] = PAST_9999.into();
+    let poison = poison.to_string().into_bytes();
+    edge.client.publish(topics.batches("dev-a"), QoS::AtLeastOnce, false, poison.clone()).await.unwrap();
+    for seq in 0..40 {
+        let b = wire_batch(DEVICE, seq, 3);
+        edge.client.publish(topics.batches(DEVICE), QoS::AtLeastOnce, false, b.to_json()).await.unwrap();
+    }
+    let ack = next_ack(&mut edge).await;
+    assert_eq!(ack.acks[0].status, AckStatus::Rejected, "dev-a is told: {ack:?}");
+    assert!(ack.acks[0].reason.as_deref().unwrap_or("").contains("`timestamp`"), "{ack:?}");
+    let agent = http();
+    tokio::task::block_in_place(|| {
+        wait_until("the 40 good batches and the dead letter", T, || {
+            let s = get_json(&agent, &cloud, "/api/v1/stats").1;
+            s["batches"].as_i64() == Some(40) && s["dead_letters"].as_i64() == Some(1)
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", stats(&cloud)));
+    assert_eq!(tokio::task::block_in_place(|| get_json(&agent, &cloud, "/health").0), 200, "still up");
+    assert!(cloud.process.output().iter().all(|l| !l.contains("panicked")));
+
+    // The same body over HTTP, and the same time in a detection: 400 naming the field.
+    let id = serde_json::from_slice::<serde_json::Value>(&poison).unwrap()["batch_id"].as_str().unwrap().to_owned();
+    let (status, body, _) = tokio::task::block_in_place(|| {
+        backhaul_tests::cloud::post_batch(&agent, &cloud, Some(backhaul_tests::cloud::FLEET_KEY), Some(&id), &poison)
+    });
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["field"], "timestamp", "{body}");
+    let mut in_detection = serde_json::to_value(wire_batch("dev-a", 1, 2)).unwrap();
+    in_detection["detections"][1]["timestamp"] = PAST_9999.into();
+    let id = in_detection["batch_id"].as_str().unwrap().to_owned();
+    let (status, body, _) = tokio::task::block_in_place(|| {
+        backhaul_tests::cloud::post_batch(
+            &agent,
+            &cloud,
+            Some(backhaul_tests::cloud::FLEET_KEY),
+            Some(&id),
+            in_detection.to_string().as_bytes(),
+        )
+    });
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["field"], "detections[1].timestamp");
+
+    // Nothing is redelivered after a restart: the poison was PUBACKed (41: the marker batch).
+    tokio::task::block_in_place(|| cloud.kill9_and_restart()).unwrap();
+    after_a_marker(&mut cloud, &mut edge, &topics).await;
+    let s = stats(&cloud);
+    assert_eq!(
+        (s["batches"].as_i64(), s["dead_letters"].as_i64(), s["panics"].as_i64()),
+        (Some(41), Some(3), Some(0)),
+        "{s}"
+    );
+}
+
+/// Issue #14, kind 2: a panic while handling one MQTT message costs that message only. It is
+/// dead-lettered with the reason, refused to its device, counted in `panics`, PUBACKed; the
+/// messages behind it are stored and the process stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_handling_one_message_dead_letters_it_and_ingest_goes_on() {
+    let broker = Mosquitto::start().unwrap();
+    let mut cloud = mqtt_cloud(&broker, vec![("BACKHAUL_FAILPOINT".into(), "panic:mqtt-message".into())]);
+    let topics = Topics::default();
+    let mut edge = TestClient::connect(broker.port(), "edge-sim-msg-panic", true);
+    edge.connected(T).await.unwrap();
+    edge.subscribe(&topics.acks(DEVICE)).await.unwrap();
+    let first = wire_batch(DEVICE, 0, 4);
+    edge.client.publish(topics.batches(DEVICE), QoS::AtLeastOnce, false, first.to_json()).await.unwrap();
+    let ack = next_ack(&mut edge).await;
+    assert_eq!((ack.acks[0].batch_id, ack.acks[0].status), (first.batch_id, AckStatus::Rejected));
+    assert!(ack.acks[0].reason.as_deref().unwrap_or("").contains("panicked"), "{ack:?}");
+    for seq in 1..=20 {
+        let b = wire_batch(DEVICE, seq, 4);
+        edge.client.publish(topics.batches(DEVICE), QoS::AtLeastOnce, false, b.to_json()).await.unwrap();
+    }
+    let agent = http();
+    tokio::task::block_in_place(|| {
+        wait_until("the 20 batches behind the panic", T, || {
+            get_json(&agent, &cloud, "/api/v1/stats").1["batches"].as_i64() == Some(20)
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", stats(&cloud)));
+    let s = stats(&cloud);
+    assert_eq!((s["dead_letters"].as_i64(), s["panics"].as_i64()), (Some(1), Some(1)), "{s}");
+    assert_eq!(tokio::task::block_in_place(|| get_json(&agent, &cloud, "/health").0), 200, "still up");
+    // PUBACKed: a restart does not bring it back.
+    tokio::task::block_in_place(|| cloud.kill9_and_restart()).unwrap();
+    after_a_marker(&mut cloud, &mut edge, &topics).await;
+    let s = stats(&cloud);
+    assert_eq!((s["batches"].as_i64(), s["panics"].as_i64()), (Some(21), Some(1)), "{s}");
+}
