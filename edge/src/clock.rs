@@ -60,17 +60,18 @@ pub struct ClockStatus {
 }
 
 /// The clock floor and the state of the wall clock against it. No I/O: the caller passes the wall
-/// clock (ms since the epoch) and a monotonic reading (time since any fixed origin).
+/// clock and a monotonic reading (time since any fixed origin). A trusted wall clock is handed
+/// back as it is (full precision); estimates are in microseconds.
 #[derive(Debug, Clone)]
 pub struct ClockState {
-    /// The newest time known to have passed, ms since the epoch.
-    floor_ms: i64,
+    /// The newest time known to have passed, µs since the epoch.
+    floor_us: i64,
     /// The monotonic reading when the floor was taken.
     floor_mono: Duration,
     /// The last stamp came from the wall clock.
     synced: bool,
-    /// The newest stamp handed out (stamps never go backwards while unsynced).
-    last_ms: i64,
+    /// The newest stamp handed out, µs (stamps never go backwards while unsynced).
+    last_us: i64,
 }
 
 /// What changed with a stamp, for the caller to log.
@@ -86,60 +87,58 @@ pub enum Transition {
 impl ClockState {
     /// A clock whose floor is `floor`, taken at the monotonic reading `mono`.
     pub fn new(floor: Timestamp, mono: Duration) -> Self {
-        let floor_ms = floor.unix_millis();
-        Self { floor_ms, floor_mono: mono, synced: true, last_ms: floor_ms }
+        let floor_us = floor.unix_micros();
+        Self { floor_us, floor_mono: mono, synced: true, last_us: floor_us }
     }
 
     /// Raises the floor to `t` if it is newer (a time known to have passed, e.g. the queue's newest
     /// batch), taken at `mono`.
     pub fn raise_floor(&mut self, t: Timestamp, mono: Duration) {
-        let ms = t.unix_millis();
-        if ms > self.estimate_ms(mono) {
-            self.floor_ms = ms;
+        let us = t.unix_micros();
+        if us > self.estimate_us(mono) {
+            self.floor_us = us;
             self.floor_mono = mono;
         }
     }
 
-    /// The floor plus the monotonic time elapsed since it was taken.
-    fn estimate_ms(&self, mono: Duration) -> i64 {
-        let elapsed = mono.saturating_sub(self.floor_mono).as_millis();
-        self.floor_ms.saturating_add(i64::try_from(elapsed).unwrap_or(i64::MAX))
+    /// The floor plus the monotonic time elapsed since it was taken, µs.
+    fn estimate_us(&self, mono: Duration) -> i64 {
+        let elapsed = mono.saturating_sub(self.floor_mono).as_micros();
+        self.floor_us.saturating_add(i64::try_from(elapsed).unwrap_or(i64::MAX))
     }
 
-    /// Takes a time: the wall clock if it is at or above the floor (less [`TOLERANCE`]), else the
-    /// floor plus monotonic time.
-    pub fn stamp(&mut self, wall_ms: i64, mono: Duration) -> (Stamp, Transition) {
-        let trusted = self.trusts(wall_ms);
+    /// Whether `wall` would be trusted now (nothing changes): at or above the floor less
+    /// [`TOLERANCE`].
+    pub fn trusts(&self, wall: Timestamp) -> bool {
+        wall.unix_micros() >= self.floor_us.saturating_sub(TOLERANCE.as_micros() as i64)
+    }
+
+    /// Takes a time: `wall` itself if it is trusted, else the floor plus monotonic time.
+    pub fn stamp(&mut self, wall: Timestamp, mono: Duration) -> (Stamp, Transition) {
+        let trusted = self.trusts(wall);
         let transition = match (self.synced, trusted) {
             (true, false) => Transition::LostSync,
             (false, true) => Transition::Synced,
             _ => Transition::None,
         };
         self.synced = trusted;
-        let ms = if trusted {
-            if wall_ms > self.floor_ms {
-                self.floor_ms = wall_ms;
+        let time = if trusted {
+            if wall.unix_micros() > self.floor_us {
+                self.floor_us = wall.unix_micros();
                 self.floor_mono = mono;
             }
-            wall_ms
+            wall
         } else {
-            self.estimate_ms(mono).max(self.last_ms)
+            Timestamp::from_unix_micros(self.estimate_us(mono).max(self.last_us)).unwrap_or(wall)
         };
-        self.last_ms = self.last_ms.max(ms);
-        let time = Timestamp::from_unix_millis(ms)
-            .unwrap_or_else(|| Timestamp::from_unix_millis(self.floor_ms).expect("floor"));
+        self.last_us = self.last_us.max(time.unix_micros());
         (Stamp { time, synced: trusted }, transition)
-    }
-
-    /// Whether `wall_ms` would be trusted now (nothing changes).
-    pub fn trusts(&self, wall_ms: i64) -> bool {
-        wall_ms >= self.floor_ms.saturating_sub(TOLERANCE.as_millis() as i64)
     }
 
     pub fn status(&self) -> ClockStatus {
         ClockStatus {
             synced: self.synced,
-            floor: Timestamp::from_unix_millis(self.floor_ms).unwrap_or_else(build_time),
+            floor: Timestamp::from_unix_micros(self.floor_us).unwrap_or_else(build_time),
         }
     }
 }
@@ -162,15 +161,11 @@ static UNSYNCED_STAMPS: AtomicU64 = AtomicU64::new(0);
 /// A stamp was unsynced since the last [`stamp_batch`] (one batch cutter per process).
 static UNSYNCED_SINCE_CUT: AtomicBool = AtomicBool::new(false);
 
-fn wall_ms() -> i64 {
-    Timestamp::now().unix_millis()
-}
-
 /// Takes a time from the process-wide clock (see the module docs).
 pub fn stamp() -> Stamp {
     let g = global();
     let mono = g.origin.elapsed();
-    let wall = wall_ms();
+    let wall = Timestamp::now();
     // A std Mutex: held for a few arithmetic operations, never across I/O or an await.
     let mut state = g.state.lock().unwrap_or_else(|p| p.into_inner());
     let (stamp, transition) = state.stamp(wall, mono);
@@ -182,7 +177,7 @@ pub fn stamp() -> Stamp {
     }
     match transition {
         Transition::LostSync => tracing::warn!(
-            wall_clock = %Timestamp::from_unix_millis(wall).map(|t| t.to_string()).unwrap_or_default(),
+            wall_clock = %wall,
             floor = %floor,
             "THE WALL CLOCK IS BELOW THE CLOCK FLOOR (not synced yet? is NTP running?): times are the floor plus \
              monotonic time, and batches are marked \"clock\": \"unsynced\" until the clock is set"
@@ -220,7 +215,7 @@ pub fn raise_floor(t: Timestamp) {
 /// Whether the wall clock is trusted now and the floor; checks the wall clock (without stamping
 /// anything), so `/status` is right even while nothing is produced.
 pub fn status() -> ClockStatus {
-    let wall = wall_ms();
+    let wall = Timestamp::now();
     let state = global().state.lock().unwrap_or_else(|p| p.into_inner());
     ClockStatus { synced: state.trusts(wall), floor: state.status().floor }
 }
@@ -249,7 +244,7 @@ mod tests {
     #[test]
     fn a_wall_clock_above_the_floor_is_used_and_carries_the_floor() {
         let mut c = ClockState::new(ts(NOV_2026_MS), secs(0));
-        let (s, t) = c.stamp(NOV_2026_MS + 5_000, secs(1));
+        let (s, t) = c.stamp(ts(NOV_2026_MS + 5_000), secs(1));
         assert_eq!((s, t), (Stamp { time: ts(NOV_2026_MS + 5_000), synced: true }, Transition::None));
         assert_eq!(c.status(), ClockStatus { synced: true, floor: ts(NOV_2026_MS + 5_000) });
     }
@@ -257,22 +252,30 @@ mod tests {
     #[test]
     fn a_wall_clock_in_1970_gives_the_floor_plus_monotonic_time_until_it_is_set() {
         let mut c = ClockState::new(ts(NOV_2026_MS), secs(100));
-        let (s, t) = c.stamp(0, secs(100));
+        let (s, t) = c.stamp(ts(0), secs(100));
         assert_eq!((s, t), (Stamp { time: ts(NOV_2026_MS), synced: false }, Transition::LostSync));
-        let (s, t) = c.stamp(30_000, secs(130));
+        let (s, t) = c.stamp(ts(30_000), secs(130));
         assert_eq!((s, t), (Stamp { time: ts(NOV_2026_MS + 30_000), synced: false }, Transition::None));
         assert_eq!(c.status(), ClockStatus { synced: false, floor: ts(NOV_2026_MS) });
         // NTP sets the clock (a day later than the estimate: the Pi was off meanwhile).
-        let (s, t) = c.stamp(NOV_2026_MS + DAY_MS, secs(131));
+        let (s, t) = c.stamp(ts(NOV_2026_MS + DAY_MS), secs(131));
         assert_eq!((s, t), (Stamp { time: ts(NOV_2026_MS + DAY_MS), synced: true }, Transition::Synced));
+    }
+
+    #[test]
+    fn a_trusted_wall_clock_keeps_its_full_precision() {
+        // Truncating it would change every detection's bytes (and how well batches compress).
+        let wall: Timestamp = "2026-11-21T10:00:00.123456789Z".parse().unwrap();
+        let mut c = ClockState::new(ts(NOV_2026_MS), secs(0));
+        assert_eq!(c.stamp(wall, secs(0)).0.time, wall);
     }
 
     #[test]
     fn small_steps_back_are_tolerated_and_large_ones_are_not() {
         let mut c = ClockState::new(ts(NOV_2026_MS), secs(0));
         let within = NOV_2026_MS - TOLERANCE.as_millis() as i64;
-        assert!(c.stamp(within, secs(0)).0.synced);
-        let (s, _) = c.stamp(within - 1, secs(2));
+        assert!(c.stamp(ts(within), secs(0)).0.synced);
+        let (s, _) = c.stamp(ts(within - 1), secs(2));
         assert_eq!(s, Stamp { time: ts(NOV_2026_MS + 2_000), synced: false });
     }
 
@@ -285,7 +288,7 @@ mod tests {
         assert_eq!(c.status().floor, ts(NOV_2026_MS + DAY_MS));
         let mut last = 0;
         for (wall, mono) in [(0, 10), (5, 10), (0, 12), (1_000_000, 11), (0, 20)] {
-            let (s, _) = c.stamp(wall, secs(mono));
+            let (s, _) = c.stamp(ts(wall), secs(mono));
             assert!(!s.synced);
             assert!(s.time.unix_millis() >= last, "{s:?} after {last}");
             last = s.time.unix_millis();
