@@ -9,6 +9,12 @@
 //!   A crash between commit and PUBACK means a redelivery, which is then a duplicate.
 //! - A malformed message is recorded in the dead-letter table and PUBACKed, so the broker stops
 //!   redelivering it; a batch whose topic names another device than its payload is rejected.
+//! - A panic while handling one message costs that message only: it is dead-lettered with the
+//!   panic as its reason, refused to its device, counted (`panics`) and PUBACKed (redelivered, it
+//!   would panic again after every restart and stall every device behind it).
+//! - A stop finishes the messages in hand (committed, PUBACKed), leaves what the poller holds at the
+//!   broker (unacked: redelivered), and sends DISCONNECT on both connections. If either event loop
+//!   task dies, `run` returns an error at once: the service stops non-zero and systemd restarts it.
 //! - Bounded work: the event loop hands messages over a bounded channel, so a slow database stops
 //!   reading from the broker instead of growing memory. While storage fails, the worker retries the
 //!   same message with backoff and acks nothing.
