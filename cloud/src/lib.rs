@@ -4,6 +4,7 @@
 //! validates, deduplicates and calls [`store`]; no SQL in the adapters.
 
 pub mod config;
+pub mod failpoint;
 pub mod http;
 pub mod ingest;
 pub mod mqtt;

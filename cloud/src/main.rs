@@ -75,6 +75,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(config_file: PathBuf) -> Result<()> {
+    log_panics();
     let loaded = CloudConfig::load(&config_file)?;
     let config = loaded.config;
     let keys = ApiKeys::load(config.auth.keys_file.as_deref(), std::env::var("BACKHAUL_API_KEYS").ok().as_deref())?;
@@ -109,19 +110,89 @@ fn serve(config_file: PathBuf) -> Result<()> {
                 let _ = http_stop.changed().await;
             });
         let server = tokio::spawn(async move { server.await });
-        shutdown_signal().await;
+        // Every long-lived task runs until the stop is asked: one that ends before died (a panic,
+        // or an error it cannot get over). Ingest must not stay dead with the process up, so the
+        // service then stops with an error and systemd restarts it.
+        let (mut server, mut mqtt, mut pinger) = (Some(server), mqtt, Some(pinger));
+        let died = tokio::select! {
+            _ = shutdown_signal() => None,
+            r = async { server.as_mut().expect("set").await } => {
+                server = None;
+                Some(task_ended("the HTTP server", r))
+            }
+            r = async { mqtt.as_mut().expect("set").await }, if mqtt.is_some() => {
+                mqtt = None;
+                Some(task_ended("MQTT ingest", r))
+            }
+            r = async { pinger.as_mut().expect("set").await } => {
+                pinger = None;
+                Some(task_ended("the watchdog task", r.map(Ok::<(), anyhow::Error>)))
+            }
+        };
         notify(&[sd_notify::NotifyState::Stopping]);
-        pinger.abort();
-        tracing::info!("shutting down: finishing the requests and messages in hand");
+        if let Some(p) = pinger {
+            p.abort();
+        }
         let _ = stop_tx.send(true);
-        server.await??;
+        if let Some(e) = died {
+            tracing::error!(error = %format!("{e:#}"), "a task of the service died: stopping with an error so that systemd restarts it");
+            // What is still up finishes what it has in hand, briefly; its own errors are secondary.
+            let rest = async {
+                if let Some(s) = server {
+                    let _ = s.await;
+                }
+                if let Some(m) = mqtt {
+                    let _ = m.await;
+                }
+            };
+            if tokio::time::timeout(std::time::Duration::from_secs(5), rest).await.is_err() {
+                tracing::warn!("the other tasks did not stop within 5 s; exiting anyway");
+            }
+            let _ = ingest.store.flush_counts().await;
+            return Err(e);
+        }
+        tracing::info!("shutting down: finishing the requests and messages in hand");
+        if let Some(s) = server {
+            s.await.map_err(|e| task_ended::<anyhow::Error>("the HTTP server", Err(e)))?.context("the HTTP server")?;
+        }
         if let Some(m) = mqtt {
-            m.await??;
+            m.await.map_err(|e| task_ended::<anyhow::Error>("MQTT ingest", Err(e)))?.context("MQTT ingest")?;
         }
         ingest.store.flush_counts().await.context("writing the last duplicate counts")?;
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// The error for a long-lived task that ended before the stop: its panic, its error, or that it
+/// returned when it never should.
+fn task_ended<E>(what: &str, r: Result<Result<(), E>, tokio::task::JoinError>) -> anyhow::Error
+where
+    E: Into<anyhow::Error>,
+{
+    match r {
+        Err(e) => anyhow::anyhow!("{what} panicked: {}", backhaul_cloud::mqtt::panic_message(e)),
+        Ok(Err(e)) => e.into().context(format!("{what} failed")),
+        Ok(Ok(())) => anyhow::anyhow!("{what} ended unexpectedly"),
+    }
+}
+
+/// Logs every panic, with the thread and where, before the default hook prints it: a panic in a
+/// task is otherwise only seen if someone awaits that task.
+fn log_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default();
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+        let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+        tracing::error!(thread, location, "panic: {message}");
+        default(info);
+    }));
 }
 
 /// Sends to systemd's notify socket if there is one (a no-op otherwise).
@@ -134,10 +205,12 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
 /// `WATCHDOG=1` at half the watchdog interval while the database answers; a wedged database or
 /// runtime stops the pings and systemd restarts the service.
 async fn watchdog_loop(ingest: Arc<Ingest>) {
-    let Some(interval) = sd_notify::watchdog_enabled() else { return };
+    // Without a watchdog there is nothing to do, but a task that ends counts as dead: wait forever.
+    let Some(interval) = sd_notify::watchdog_enabled() else { return std::future::pending().await };
     let mut every = tokio::time::interval((interval / 2).max(std::time::Duration::from_millis(100)));
     loop {
         every.tick().await;
+        backhaul_cloud::failpoint::panic_in("watchdog");
         if ingest.store.ping().await {
             notify(&[sd_notify::NotifyState::Watchdog]);
         } else {

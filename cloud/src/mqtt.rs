@@ -9,6 +9,12 @@
 //!   A crash between commit and PUBACK means a redelivery, which is then a duplicate.
 //! - A malformed message is recorded in the dead-letter table and PUBACKed, so the broker stops
 //!   redelivering it; a batch whose topic names another device than its payload is rejected.
+//! - A panic while handling one message costs that message only: it is dead-lettered with the
+//!   panic as its reason, refused to its device, counted (`panics`) and PUBACKed (redelivered, it
+//!   would panic again after every restart and stall every device behind it).
+//! - A stop finishes the messages in hand (committed, PUBACKed), leaves what the poller holds at the
+//!   broker (unacked: redelivered), and sends DISCONNECT on both connections. If either event loop
+//!   task dies, `run` returns an error at once: the service stops non-zero and systemd restarts it.
 //! - Bounded work: the event loop hands messages over a bounded channel, so a slow database stops
 //!   reading from the broker instead of growing memory. While storage fails, the worker retries the
 //!   same message with backoff and acks nothing.
@@ -42,10 +48,12 @@ const IN_HAND: usize = 32;
 /// Test-only fault injection: `BACKHAUL_FAILPOINT=before_puback` parks the worker after a commit,
 /// before its PUBACK, so a test can SIGKILL the process exactly there.
 fn failpoint_before_puback() -> bool {
-    std::env::var("BACKHAUL_FAILPOINT").is_ok_and(|v| v == "before_puback")
+    crate::failpoint::value() == Some("before_puback")
 }
 
-/// Runs until `shutdown` turns true.
+/// Runs until `shutdown` turns true: then finishes the messages in hand (committed and PUBACKed),
+/// leaves the rest at the broker for redelivery, and disconnects cleanly. Returns an error, at
+/// once, if either connection's event loop dies (a panic): the caller ends the process.
 pub async fn run(
     ingest: Arc<Ingest>,
     cfg: MqttConfig,
@@ -78,18 +86,34 @@ pub async fn run(
     // Up to IN_HAND messages are handled at once, so their new batches share the store's group
     // commit; PUBACKs still go out strictly in arrival order, each after its own message is done.
     let mut in_hand: VecDeque<(u64, Publish, JoinHandle<()>)> = VecDeque::new();
+    // The two event loops: neither ends before we disconnect, so one that ends now died (a panic
+    // inside rumqttc or our loop). Ingest would then be dead with the process still up: end here
+    // instead, and let systemd restart the service.
+    let mut poller = Some(poller);
+    let mut ack_poller = Some(ack_poller);
     let mut stopping = false;
+    let mut rx_closed = false;
     let mut result = Ok(());
     loop {
+        // Checked before the select: once stopping with nothing in hand, every branch below is
+        // disabled (and a select with no branch left panics).
+        if stopping && in_hand.is_empty() {
+            break;
+        }
         let next = tokio::select! {
             // The oldest message in hand is done: PUBACK it.
             r = async { (&mut in_hand.front_mut().expect("not empty").2).await }, if !in_hand.is_empty() => {
                 let (received_on, publish, _) = in_hand.pop_front().expect("not empty");
-                if let Err(e) = r {
-                    // PUBACKs must stay in arrival order, and the broker redelivers only on a new
-                    // connection: end here (the process exits and systemd restarts it).
-                    result = Err(anyhow::anyhow!("handling an MQTT message panicked: {e}; stopping so the broker redelivers it"));
-                    break;
+                match r {
+                    Ok(()) => {}
+                    // A panic costs that message only (issue #14): redelivered, it would panic again
+                    // after every restart and stall every device behind it. It is dead-lettered with
+                    // the reason, refused to its device, counted, and PUBACKed below.
+                    Err(e) if e.is_panic() => handler_panicked(&ingest, &acks, &topics, &publish, &panic_message(e)).await,
+                    Err(e) => {
+                        result = Err(anyhow::anyhow!("handling an MQTT message failed: {e}; stopping so the broker redelivers it"));
+                        break;
+                    }
                 }
                 if failpoint_before_puback() {
                     eprintln!("FAILPOINT before_puback: committed, parked before PUBACK");
@@ -108,7 +132,17 @@ pub async fn run(
                 }
                 continue;
             }
-            p = rx.recv(), if !stopping && in_hand.len() < IN_HAND => p,
+            r = async { poller.as_mut().expect("checked").await }, if poller.is_some() => {
+                poller = None;
+                result = Err(task_died("the MQTT ingest connection's event loop", r));
+                break;
+            }
+            r = async { ack_poller.as_mut().expect("checked").await }, if ack_poller.is_some() => {
+                ack_poller = None;
+                result = Err(task_died("the MQTT ack connection's event loop", r));
+                break;
+            }
+            p = rx.recv(), if !stopping && !rx_closed && in_hand.len() < IN_HAND => p,
             _ = shutdown.changed(), if !stopping => {
                 stopping = true;
                 continue;
@@ -116,30 +150,61 @@ pub async fn run(
         };
         match next {
             Some((received_on, publish)) => {
+                crate::failpoint::panic_in("mqtt-worker");
                 let (ingest, acks, topics, p) = (ingest.clone(), acks.clone(), topics.clone(), publish.clone());
                 let task = tokio::spawn(async move { handle(&ingest, &acks, &topics, &p).await });
                 in_hand.push_back((received_on, publish, task));
             }
-            None => stopping = true,
-        }
-        if stopping && in_hand.is_empty() {
-            break;
+            // The poller is gone: its handle's branch above says how.
+            None => rx_closed = true,
         }
     }
     // Let the PUBACKs and acks already queued go out: stop taking messages (the poller discards
     // them unacked once `rx` is gone, so the broker redelivers them), disconnect, and wait for each
-    // event loop to write its DISCONNECT, which comes after everything queued before it.
+    // event loop to write its DISCONNECT, which comes after everything queued before it. Messages
+    // still in hand (only after a failure) are neither PUBACKed nor lost: the broker redelivers them.
     drop(rx);
+    for (_, _, task) in &in_hand {
+        task.abort();
+    }
     let _ = client.disconnect().await;
     let _ = acks.disconnect().await;
     for (name, task) in [("ingest", poller), ("acks", ack_poller)] {
+        let Some(task) = task else { continue };
         let abort = task.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(3), task).await.is_err() {
-            tracing::warn!(connection = name, "the MQTT connection did not close in time; closing it hard");
-            abort.abort();
+        match tokio::time::timeout(Duration::from_secs(3), task).await {
+            Ok(_) => tracing::info!(connection = name, "disconnected from the MQTT broker"),
+            Err(_) => {
+                tracing::warn!(connection = name, "the MQTT connection did not close in time; closing it hard");
+                abort.abort();
+            }
         }
     }
     result
+}
+
+/// The error for a long-lived task that ended on its own: it panicked (the panic's message) or
+/// returned when it never should.
+fn task_died(what: &str, r: Result<(), tokio::task::JoinError>) -> anyhow::Error {
+    match r {
+        Err(e) => {
+            anyhow::anyhow!("{what} panicked: {}; ingest over MQTT is dead, so the service stops", panic_message(e))
+        }
+        Ok(()) => anyhow::anyhow!("{what} ended unexpectedly; ingest over MQTT is dead, so the service stops"),
+    }
+}
+
+/// What a failed task said: its panic message, or that it was cancelled.
+pub fn panic_message(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let panic = e.into_panic();
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// The ack connection's event loop: nothing comes in that matters; keep it connected.
@@ -148,6 +213,10 @@ async fn poll_acks(mut eventloop: EventLoop) {
     loop {
         match eventloop.poll().await {
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_))) => {
+                crate::failpoint::panic_in("mqtt-acks");
+                backoff = Duration::from_millis(100);
+            }
             Ok(_) => backoff = Duration::from_millis(100),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "MQTT ack connection lost; reconnecting");
@@ -184,6 +253,7 @@ async fn poll(
                 tracing::info!("subscribed to batches and status");
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                crate::failpoint::panic_in("mqtt-poller");
                 // Bounded: a slow worker stops us reading from the broker. Once the worker is
                 // gone (stopping), messages are left unacked and the broker redelivers them.
                 let _ = tx.send((connection.load(Ordering::SeqCst), p)).await;
@@ -199,6 +269,22 @@ async fn poll(
     }
 }
 
+/// After handling `publish` panicked: dead-letters it with the panic as its reason (counted in
+/// `panics` as well as `dead_letters`), and tells its device the batch is refused, if its topic and
+/// batch_id can be read (else the device would resend it after every ack timeout, forever).
+async fn handler_panicked(ingest: &Ingest, acks: &AsyncClient, topics: &Topics, publish: &Publish, panic: &str) {
+    let reason = format!("the cloud panicked handling this message (a bug; kept for inspection): {panic}");
+    let device = topics.parse(&publish.topic).map(|(d, _)| d);
+    tracing::error!(topic = %publish.topic, size = publish.payload.len(), "{reason}; dead-lettered, PUBACKed, going on");
+    retry_storage(|| {
+        ingest.store.dead_letter_panic("mqtt", Some(&publish.topic), device, publish.payload.len(), &reason)
+    })
+    .await;
+    if let (Some(device), Some(batch_id)) = (device, readable_batch_id(&publish.payload)) {
+        send_ack(acks, topics, device, Ack { batch_id, status: AckStatus::Rejected, reason: Some(reason) }).await;
+    }
+}
+
 /// Handles one message to completion: stored (or recorded as unusable) before it returns.
 async fn handle(ingest: &Ingest, client: &AsyncClient, topics: &Topics, publish: &Publish) {
     let Some((device, kind)) = topics.parse(&publish.topic) else {
@@ -206,7 +292,10 @@ async fn handle(ingest: &Ingest, client: &AsyncClient, topics: &Topics, publish:
         return;
     };
     match kind {
-        TopicKind::Batches => handle_batch(ingest, client, topics, publish, device).await,
+        TopicKind::Batches => {
+            crate::failpoint::panic_in("mqtt-message");
+            handle_batch(ingest, client, topics, publish, device).await
+        }
         TopicKind::Status => match serde_json::from_slice::<DeviceStatus>(&publish.payload) {
             Ok(status) => {
                 retry_storage(|| ingest.store.device_status(device, &status)).await;

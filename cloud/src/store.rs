@@ -13,8 +13,10 @@ use sqlx::{AnyPool, Executor, Row};
 use thiserror::Error;
 
 /// Schema migrations, in order. Portable SQL: it runs on SQLite and PostgreSQL.
-const MIGRATIONS: &[&[&str]] = &[&[
-    "CREATE TABLE IF NOT EXISTS batches (
+const MIGRATIONS: &[&[&str]] = &[
+    // 1: the first schema (issue #4).
+    &[
+        "CREATE TABLE IF NOT EXISTS batches (
         batch_id TEXT PRIMARY KEY,
         device_id TEXT NOT NULL,
         seq BIGINT NOT NULL,
@@ -22,8 +24,8 @@ const MIGRATIONS: &[&[&str]] = &[&[
         received_at BIGINT NOT NULL,
         detections BIGINT NOT NULL,
         via TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS batches_device_seq ON batches (device_id, seq)",
-    "CREATE TABLE IF NOT EXISTS devices (
+        "CREATE INDEX IF NOT EXISTS batches_device_seq ON batches (device_id, seq)",
+        "CREATE TABLE IF NOT EXISTS devices (
         device_id TEXT PRIMARY KEY,
         name TEXT,
         location TEXT,
@@ -35,7 +37,7 @@ const MIGRATIONS: &[&[&str]] = &[&[
         online INTEGER NOT NULL DEFAULT 0,
         status_json TEXT,
         status_at BIGINT)",
-    "CREATE TABLE IF NOT EXISTS detections (
+        "CREATE TABLE IF NOT EXISTS detections (
         batch_id TEXT NOT NULL,
         idx INTEGER NOT NULL,
         device_id TEXT NOT NULL,
@@ -51,19 +53,24 @@ const MIGRATIONS: &[&[&str]] = &[&[
         window_open INTEGER,
         battery INTEGER,
         PRIMARY KEY (batch_id, idx))",
-    "CREATE INDEX IF NOT EXISTS detections_device_ts ON detections (device_id, ts)",
-    "CREATE INDEX IF NOT EXISTS detections_ts ON detections (ts)",
-    "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
-    "INSERT INTO counters (name, value) VALUES ('batches', 0), ('detections', 0), ('duplicates', 0),
+        "CREATE INDEX IF NOT EXISTS detections_device_ts ON detections (device_id, ts)",
+        "CREATE INDEX IF NOT EXISTS detections_ts ON detections (ts)",
+        "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+        "INSERT INTO counters (name, value) VALUES ('batches', 0), ('detections', 0), ('duplicates', 0),
         ('rejected', 0), ('dead_letters', 0) ON CONFLICT (name) DO NOTHING",
-    "CREATE TABLE IF NOT EXISTS dead_letters (
+        "CREATE TABLE IF NOT EXISTS dead_letters (
         received_at BIGINT NOT NULL,
         via TEXT NOT NULL,
         topic TEXT,
         device_id TEXT,
         size BIGINT NOT NULL,
         error TEXT NOT NULL)",
-]];
+    ],
+    // 2 (issue #13): batches a device stamped while its wall clock was below its clock floor.
+    &["ALTER TABLE devices ADD COLUMN clock_unsynced_batches BIGINT NOT NULL DEFAULT 0"],
+    // 3 (issue #14): messages whose handling panicked (dead-lettered too).
+    &["INSERT INTO counters (name, value) VALUES ('panics', 0) ON CONFLICT (name) DO NOTHING"],
+];
 
 /// Detections per INSERT statement (14 parameters each; far below SQLite's and PostgreSQL's limits).
 const ROWS_PER_INSERT: usize = 500;
@@ -118,6 +125,8 @@ pub struct Stats {
     pub duplicates: i64,
     pub rejected: i64,
     pub dead_letters: i64,
+    /// Messages whose handling panicked (each also a dead letter): a bug to look into.
+    pub panics: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -133,6 +142,9 @@ pub struct DeviceRow {
     /// seq numbers missing below `last_seq` (dropped at the edge, or not arrived yet).
     pub gaps: i64,
     pub status: Option<serde_json::Value>,
+    /// Batches stamped while the device's wall clock was below its clock floor (`"clock":
+    /// "unsynced"`): their times are the device's estimates.
+    pub clock_unsynced_batches: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -364,15 +376,17 @@ async fn insert_batch(
     .execute(&mut **tx)
     .await?;
     sqlx::query(
-            "INSERT INTO devices (device_id, name, location, first_seen, last_seen, last_seq, batches, detections)
-             VALUES ($1, $2, $3, $4, $4, $5, 1, $6)
+            "INSERT INTO devices (device_id, name, location, first_seen, last_seen, last_seq, batches, detections,
+                clock_unsynced_batches)
+             VALUES ($1, $2, $3, $4, $4, $5, 1, $6, $7)
              ON CONFLICT (device_id) DO UPDATE SET
                 name = COALESCE(excluded.name, devices.name),
                 location = COALESCE(excluded.location, devices.location),
                 last_seen = excluded.last_seen,
                 last_seq = CASE WHEN excluded.last_seq > devices.last_seq THEN excluded.last_seq ELSE devices.last_seq END,
                 batches = devices.batches + 1,
-                detections = devices.detections + excluded.detections",
+                detections = devices.detections + excluded.detections,
+                clock_unsynced_batches = devices.clock_unsynced_batches + excluded.clock_unsynced_batches",
         )
         .bind(&batch.device_id)
         .bind(batch.name.clone())
@@ -380,6 +394,7 @@ async fn insert_batch(
         .bind(now)
         .bind(seq)
         .bind(n)
+        .bind(i64::from(!batch.clock.is_synced()))
         .execute(&mut **tx)
         .await?;
     for (chunk_no, chunk) in batch.detections.chunks(ROWS_PER_INSERT).enumerate() {
@@ -519,6 +534,30 @@ impl Store {
         size: usize,
         error: &str,
     ) -> Result<(), StoreError> {
+        self.write_dead_letter(via, topic, device_id, size, error, false).await
+    }
+
+    /// Records a message whose handling panicked: a dead letter, also counted in `panics`.
+    pub async fn dead_letter_panic(
+        &self,
+        via: &str,
+        topic: Option<&str>,
+        device_id: Option<&str>,
+        size: usize,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        self.write_dead_letter(via, topic, device_id, size, error, true).await
+    }
+
+    async fn write_dead_letter(
+        &self,
+        via: &str,
+        topic: Option<&str>,
+        device_id: Option<&str>,
+        size: usize,
+        error: &str,
+        panicked: bool,
+    ) -> Result<(), StoreError> {
         let _writer = self.writer().await;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -532,9 +571,12 @@ impl Store {
         .bind(error.chars().take(500).collect::<String>())
         .execute(&mut *tx)
         .await?;
-        // Counters in one fixed order everywhere (batches, detections, dead_letters, duplicates,
+        // Counters in one fixed order everywhere (batches, detections, dead_letters, panics, duplicates,
         // rejected), so concurrent PostgreSQL transactions cannot deadlock on them.
         bump(&mut tx, "dead_letters", 1).await?;
+        if panicked {
+            bump(&mut tx, "panics", 1).await?;
+        }
         self.unwritten_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.write_unwritten_counts(&mut tx).await?;
         tx.commit().await?;
@@ -563,7 +605,7 @@ impl Store {
 
     pub async fn stats(&self) -> Result<Stats, StoreError> {
         let rows = sqlx::query("SELECT name, value FROM counters").fetch_all(&self.pool).await?;
-        let mut s = Stats { batches: 0, detections: 0, duplicates: 0, rejected: 0, dead_letters: 0 };
+        let mut s = Stats { batches: 0, detections: 0, duplicates: 0, rejected: 0, dead_letters: 0, panics: 0 };
         for r in rows {
             let name: String = r.try_get(0)?;
             let value: i64 = r.try_get(1)?;
@@ -575,6 +617,7 @@ impl Store {
                 }
                 "rejected" => s.rejected = value + self.unwritten_rejected.load(std::sync::atomic::Ordering::Relaxed),
                 "dead_letters" => s.dead_letters = value,
+                "panics" => s.panics = value,
                 _ => {}
             }
         }
@@ -585,7 +628,8 @@ impl Store {
         let rows = sqlx::query(
             "SELECT d.device_id, d.name, d.location, d.last_seen, d.online, d.batches, d.detections, d.last_seq,
                     d.status_json,
-                    (SELECT COALESCE(MAX(b.seq) + 1 - COUNT(DISTINCT b.seq), 0) FROM batches b WHERE b.device_id = d.device_id)
+                    (SELECT COALESCE(MAX(b.seq) + 1 - COUNT(DISTINCT b.seq), 0) FROM batches b WHERE b.device_id = d.device_id),
+                    d.clock_unsynced_batches
              FROM devices d ORDER BY d.device_id",
         )
         .fetch_all(&self.pool)
@@ -661,6 +705,7 @@ fn device_row(r: &AnyRow) -> Result<DeviceRow, sqlx::Error> {
         last_seq: r.try_get(7)?,
         status: status.and_then(|s| serde_json::from_str(&s).ok()),
         gaps: r.try_get(9)?,
+        clock_unsynced_batches: r.try_get(10)?,
     })
 }
 
@@ -684,4 +729,55 @@ fn detection_row(r: &AnyRow) -> Result<DetectionRow, sqlx::Error> {
         window_open: r.try_get::<Option<i64>, _>(12)?.map(|v| v != 0),
         battery: r.try_get(13)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database made by a build before migration 2 (issue #13) opens, is migrated, and counts
+    /// unsynced batches from then on; its rows are kept.
+    #[tokio::test]
+    async fn a_database_of_schema_1_is_migrated_and_counts_unsynced_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("ingest.db").display());
+        {
+            sqlx::any::install_default_drivers();
+            let pool = AnyPoolOptions::new().max_connections(1).connect(&format!("{url}?mode=rwc")).await.unwrap();
+            pool.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)").await.unwrap();
+            for sql in MIGRATIONS[0] {
+                pool.execute(*sql).await.unwrap();
+            }
+            pool.execute("INSERT INTO schema_version (version) VALUES (1)").await.unwrap();
+            pool.execute(
+                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections)
+                 VALUES ('old-pi', 0, 0, 4, 5, 50)",
+            )
+            .await
+            .unwrap();
+            pool.close().await;
+        }
+        let store = Store::connect(&url).await.unwrap();
+        let batch = |device: &str, seq: u64, clock| Batch {
+            schema: 1,
+            batch_id: backhaul_shared::BatchId::new(),
+            device_id: device.into(),
+            seq,
+            name: None,
+            location: None,
+            timestamp: Timestamp::now(),
+            detections: Vec::new(),
+            clock,
+        };
+        for (seq, clock) in [(5, backhaul_shared::Clock::Unsynced), (6, backhaul_shared::Clock::Synced)] {
+            let b = batch("old-pi", seq, clock);
+            assert_eq!(store.store_batch(&b, &b.batch_id.to_string(), "test").await.unwrap(), Outcome::Stored);
+        }
+        let b = batch("new-pi", 0, backhaul_shared::Clock::Unsynced);
+        store.store_batch(&b, "h", "test").await.unwrap();
+        let devices = store.devices().await.unwrap();
+        let row = |id: &str| devices.iter().find(|d| d.device_id == id).unwrap().clone();
+        assert_eq!((row("old-pi").batches, row("old-pi").clock_unsynced_batches), (7, 1));
+        assert_eq!((row("new-pi").batches, row("new-pi").clock_unsynced_batches), (1, 1));
+    }
 }

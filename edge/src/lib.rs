@@ -5,6 +5,7 @@
 //! [`telemetry`] and the queue know on a loopback port.
 
 pub mod batch;
+pub mod clock;
 pub mod config;
 pub mod decode;
 pub mod forward;

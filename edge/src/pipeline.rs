@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use backhaul_shared::batch::{validate_detection, DetectionError};
-use backhaul_shared::{BatchId, Timestamp};
+use backhaul_shared::BatchId;
 
 use crate::batch::{Batcher, Cut};
 use crate::queue::{EnqueueError, NewBatch, Queue};
@@ -140,11 +140,14 @@ fn store(
     stopping: bool,
     enqueued: &dyn Fn(),
 ) -> Result<(), EnqueueError> {
+    // From the clock floor while the wall clock is below it (a Pi without an RTC): crate::clock.
+    let (timestamp, clock) = crate::clock::stamp_batch();
     let batch = NewBatch {
         device_id: device.device_id.clone(),
         name: device.name.clone(),
         location: device.location.clone(),
-        timestamp: Timestamp::now(),
+        timestamp,
+        clock,
         detections: cut.detections,
         source_position: cut.source_position,
         // Made once: every retry of this enqueue carries the same key.
@@ -223,7 +226,8 @@ pub fn split_to_fit(batch: NewBatch, max_payload: usize, new_key: &mut dyn FnMut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use backhaul_shared::batch::{Detection, Presence, Zone};
+    use backhaul_shared::batch::{Clock, Detection, Presence, Zone};
+    use backhaul_shared::Timestamp;
 
     fn batch(detections: usize) -> NewBatch {
         NewBatch {
@@ -243,6 +247,7 @@ mod tests {
                 .collect(),
             source_position: Some(vec![7]),
             batch_id: Some(BatchId::new()),
+            clock: Clock::Synced,
         }
     }
 
@@ -264,6 +269,7 @@ mod tests {
                 location: p.location.clone(),
                 timestamp: p.timestamp,
                 detections: p.detections.clone(),
+                clock: Clock::Unsynced,
             }
             .to_json();
             assert!(json.len() <= wire_size_bound(p), "the bound holds: {} > {}", json.len(), wire_size_bound(p));

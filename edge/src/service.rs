@@ -79,6 +79,12 @@ pub fn exit_on_any_panic() {
 /// Runs the service until SIGTERM or Ctrl-C.
 pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
     let queue = Queue::open(&config.data_dir, config.queue.queue_config())?;
+    // The clock floor: no time stamped from now on is older than the queue's newest batch.
+    if let Some(newest) = queue.newest_batch_time().context("reading the queue's newest batch time")? {
+        backhaul_edge::clock::raise_floor(newest);
+    }
+    let clock = backhaul_edge::clock::status();
+    tracing::info!(floor = %clock.floor, synced = clock.synced, "clock floor (the build time or the newest batch in the queue)");
     let mode = match config.transport.mode {
         TransportMode::Mqtt => "mqtt",
         TransportMode::Http => "http",

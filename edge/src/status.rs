@@ -143,6 +143,20 @@ pub struct StatusReport {
     /// reason (`rssi_out_of_range`, ...), since this process started.
     #[serde(default)]
     pub dropped_invalid: BTreeMap<String, u64>,
+    /// The wall clock against the clock floor (`crate::clock`). Defaulted when absent, so this
+    /// `backhaul-edge status` still reads a service from before the field.
+    #[serde(default)]
+    pub clock: ClockReport,
+}
+
+/// `clock` in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ClockReport {
+    /// The wall clock is at or above the floor: times come from it. `false`: times are the floor
+    /// plus monotonic time, and batches are marked `"clock": "unsynced"`.
+    pub synced: bool,
+    /// The newest time known to have passed (RFC 3339; empty from a service that did not say).
+    pub floor: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -358,6 +372,10 @@ impl StatusSource {
             },
             rates: self.rates.lock().unwrap_or_else(|p| p.into_inner()).rates(),
             dropped_invalid: t.dropped_invalid(),
+            clock: {
+                let c = crate::clock::status();
+                ClockReport { synced: c.synced, floor: c.floor.to_string() }
+            },
         })
     }
 }
@@ -423,6 +441,12 @@ pub fn prometheus(r: &StatusReport) -> String {
         "counter",
         "Detections enqueued since the queue was created.",
         r.produced.detections as f64,
+    );
+    metric(
+        "clock_synced",
+        "gauge",
+        "1 while the wall clock is at or above the clock floor; 0 while times come from the floor.",
+        if r.clock.synced { 1.0 } else { 0.0 },
     );
     metric("link_connected", "gauge", "1 when the link to the cloud is up.", u8::from(r.link.connected) as f64);
     metric("link_ups_total", "counter", "Times the link came up since start.", r.link.link_ups as f64);
@@ -536,6 +560,13 @@ pub fn render(r: &StatusReport) -> String {
     }
     if let (false, Some(e)) = (r.link.connected && r.link.acks_overdue.count == 0, &r.link.last_error) {
         let _ = writeln!(out, "           last error: {e}");
+    }
+    if !r.clock.synced && !r.clock.floor.is_empty() {
+        let _ = writeln!(
+            out,
+            "clock      UNSYNCED: the wall clock is below the floor {}; times are estimates (is NTP running?)",
+            r.clock.floor
+        );
     }
     let _ = writeln!(
         out,

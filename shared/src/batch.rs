@@ -117,9 +117,27 @@ impl Timestamp {
     }
 }
 
-impl From<OffsetDateTime> for Timestamp {
-    fn from(t: OffsetDateTime) -> Self {
-        Self(t.to_offset(time::UtcOffset::UTC))
+/// The times a [`Timestamp`] parsed from the wire may hold, in UTC: from the Unix epoch to the end
+/// of year 9999 (the last a UTC RFC 3339 string can write). Any other time is refused where it is
+/// parsed, naming its field, rather than failing later: e.g. `9999-12-31T23:59:59-01:00` is valid
+/// RFC 3339 but lies in year 10000 in UTC, where converting it used to panic (issue #14).
+pub const TIME_WINDOW: (&str, &str) = ("1970-01-01T00:00:00Z", "9999-12-31T23:59:59.999999999Z");
+
+impl TryFrom<OffsetDateTime> for Timestamp {
+    type Error = String;
+
+    /// In UTC, if the time is within [`TIME_WINDOW`].
+    fn try_from(t: OffsetDateTime) -> Result<Self, Self::Error> {
+        let utc = t.checked_to_offset(time::UtcOffset::UTC).ok_or_else(|| {
+            format!("{t} is past year 9999 in UTC (the supported window is {} to {})", TIME_WINDOW.0, TIME_WINDOW.1)
+        })?;
+        if utc.unix_timestamp() < 0 {
+            return Err(format!(
+                "{t} is before {} (the supported window is {} to {})",
+                TIME_WINDOW.0, TIME_WINDOW.0, TIME_WINDOW.1
+            ));
+        }
+        Ok(Self(utc))
     }
 }
 
@@ -138,10 +156,7 @@ impl FromStr for Timestamp {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = OffsetDateTime::parse(s, &Rfc3339)
             .map_err(|e| format!("`{s}` is not an RFC 3339 timestamp (like 2026-11-21T10:30:00Z): {e}"))?;
-        // Not `Self::from`: `to_offset` panics when UTC leaves year ±9999 (`9999-12-31T23:59:59-01:00`).
-        t.checked_to_offset(time::UtcOffset::UTC)
-            .map(Self)
-            .ok_or_else(|| format!("`{s}` is out of range: in UTC it is past the year 9999"))
+        Self::try_from(t).map_err(|e| format!("`{s}` is out of range: {e}"))
     }
 }
 
@@ -181,6 +196,29 @@ pub struct Batch {
     pub timestamp: Timestamp,
     /// The detections, oldest first.
     pub detections: Vec<Detection>,
+    /// Whether the device trusted its wall clock when it stamped this batch. Absent on the wire
+    /// means [`Clock::Synced`], and a synced batch is written without it, so its bytes are those of
+    /// a batch from before the field existed (added in wave 2, issue #13).
+    #[serde(default, skip_serializing_if = "Clock::is_synced")]
+    pub clock: Clock,
+}
+
+/// How the times of a batch were taken (SPEC.md, wave 2: the batch's additive `clock` field).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Clock {
+    /// From the wall clock, which was at or above the device's clock floor.
+    #[default]
+    Synced,
+    /// The wall clock was below the device's clock floor (a Pi without an RTC before NTP synced):
+    /// the times are the floor plus monotonic time since, an estimate that never goes backwards.
+    Unsynced,
+}
+
+impl Clock {
+    pub fn is_synced(&self) -> bool {
+        *self == Clock::Synced
+    }
 }
 
 /// One observation of one advertiser.
@@ -643,6 +681,39 @@ mod tests {
     }
 
     #[test]
+    fn clock_is_synced_when_absent_and_only_written_when_unsynced() {
+        let b = parse(SPEC_EXAMPLE).unwrap();
+        assert_eq!(b.clock, Clock::Synced);
+        assert!(!String::from_utf8(b.to_json()).unwrap().contains("clock"), "a synced batch keeps its old bytes");
+        let u = parse(&with(|v| v["clock"] = "unsynced".into())).unwrap();
+        assert_eq!(u.clock, Clock::Unsynced);
+        assert!(String::from_utf8(u.to_json()).unwrap().ends_with(r#","clock":"unsynced"}"#));
+        assert_eq!(parse(&with(|v| v["clock"] = "synced".into())).unwrap().clock, Clock::Synced);
+        let e = parse(&with(|v| v["clock"] = "sometimes".into())).unwrap_err();
+        assert_eq!(e.field(), "clock", "{e}");
+    }
+
+    #[test]
+    fn times_outside_the_window_are_refused_by_field_never_a_panic() {
+        // Valid RFC 3339, but year 10000 in UTC: converting it used to panic (issue #14).
+        let past_9999 = "9999-12-31T23:59:59-01:00";
+        let e = parse(&with(|v| v["timestamp"] = past_9999.into())).unwrap_err();
+        assert_eq!(e.field(), "timestamp", "{e}");
+        assert!(e.to_string().contains("past year 9999"), "{e}");
+        let e = parse(&with(|v| v["detections"][1]["timestamp"] = past_9999.into())).unwrap_err();
+        assert_eq!(e.field(), "detections[1].timestamp", "{e}");
+        let e = parse(&with(|v| v["detections"][0]["timestamp"] = "1969-12-31T23:59:59Z".into())).unwrap_err();
+        assert_eq!(e.field(), "detections[0].timestamp", "{e}");
+        // The edges of the window are accepted, in any offset that stays within it.
+        for ok in
+            ["1970-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "9999-12-31T23:59:59+01:00", "1970-01-01T01:00:00+01:00"]
+        {
+            assert!(ok.parse::<Timestamp>().is_ok(), "{ok}");
+        }
+        assert!("1970-01-01T00:59:59+01:00".parse::<Timestamp>().is_err());
+    }
+
+    #[test]
     fn device_id_of_exactly_64_bytes_is_fine() {
         parse(&with(|v| v["device_id"] = "x".repeat(64).into())).unwrap();
     }
@@ -755,6 +826,7 @@ mod tests {
             name in proptest::option::of("[ -~]{0,40}"),
             ts in arb_ts(),
             detections in proptest::collection::vec(arb_detection(), 0..20),
+            unsynced in any::<bool>(),
         ) {
             let b = Batch {
                 schema: 1,
@@ -765,6 +837,7 @@ mod tests {
                 location: None,
                 timestamp: ts,
                 detections,
+                clock: if unsynced { Clock::Unsynced } else { Clock::Synced },
             };
             let parsed = Batch::from_json(&b.to_json(), &Limits::default()).unwrap();
             prop_assert_eq!(parsed, b);
@@ -784,6 +857,7 @@ mod tests {
                 location: None,
                 timestamp: Timestamp::now(),
                 detections: vec![d],
+                clock: Clock::Synced,
             };
             match validate_detection(&batch.detections[0]) {
                 Ok(()) => {
@@ -799,6 +873,14 @@ mod tests {
                     );
                 }
             }
+        }
+
+        #[test]
+        fn any_rfc3339_offset_never_panics(
+            year in 0i32..=9999, day in 1u8..=28, hour in 0u8..=23, offset_h in -23i8..=23, offset_m in 0u8..=59,
+        ) {
+            let s = format!("{year:04}-12-{day:02}T{hour:02}:00:00{}{:02}:{offset_m:02}", if offset_h < 0 { '-' } else { '+' }, offset_h.unsigned_abs());
+            let _ = s.parse::<Timestamp>();
         }
 
         #[test]

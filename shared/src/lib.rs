@@ -14,5 +14,7 @@ pub mod logging;
 pub mod record;
 pub mod wire;
 
-pub use batch::{Batch, BatchError, BatchId, Detection, Limits, Presence, Sensor, Timestamp, ValidationError, Zone};
+pub use batch::{
+    Batch, BatchError, BatchId, Clock, Detection, Limits, Presence, Sensor, Timestamp, ValidationError, Zone,
+};
 pub use wire::{Ack, AckMessage, AckStatus, DeviceStatus, Topics};

@@ -404,6 +404,7 @@ pub fn presence_batch(device_id: &str, detections: usize) -> backhaul_edge::queu
             .collect(),
         source_position: None,
         batch_id: None,
+        clock: Default::default(),
     }
 }
 
@@ -411,6 +412,7 @@ pub fn presence_batch(device_id: &str, detections: usize) -> backhaul_edge::queu
 pub fn wire_batch(device_id: &str, seq: u64, detections: usize) -> backhaul_shared::Batch {
     use backhaul_shared::{Batch, BatchId, Detection, Presence, Timestamp, Zone};
     Batch {
+        clock: Default::default(),
         schema: 1,
         batch_id: BatchId::new(),
         device_id: device_id.into(),

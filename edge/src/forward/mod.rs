@@ -394,6 +394,7 @@ impl<T: Transport> Forwarder<T> {
                 detections: b.detections,
                 source_position: None,
                 batch_id: None,
+                clock: b.clock,
             };
             let pieces = crate::pipeline::split_to_fit(whole, max, &mut new_key);
             (pieces.len() > 1).then_some(pieces)
@@ -684,6 +685,7 @@ mod tests {
                     detections: Vec::new(),
                     source_position: None,
                     batch_id: None,
+                    clock: Default::default(),
                 })
                 .unwrap();
         }

@@ -101,8 +101,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use backhaul_shared::{BatchId, Detection, Timestamp};
-use serde::Serialize;
+use backhaul_shared::{BatchId, Clock, Detection, Timestamp};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use layout::Counters;
@@ -172,6 +172,9 @@ pub struct NewBatch {
     /// retries an enqueue that failed (a full disk) must pass the same key, so that an attempt
     /// that did reach the disk is found instead of stored twice.
     pub batch_id: Option<BatchId>,
+    /// Whether its times came from a trusted wall clock (see `crate::clock`); written to the wire
+    /// JSON only when unsynced.
+    pub clock: Clock,
 }
 
 /// A batch handed out for sending.
@@ -979,6 +982,37 @@ impl Queue {
         Ok(ticket.2)
     }
 
+    /// The newest time a batch in this queue carries, for the clock floor (`crate::clock`): the
+    /// `timestamp` of the newest pending, retained acked and dead-lettered batch, and the time the
+    /// newest ack was written. `None` for an empty queue. Reads at most three records.
+    pub fn newest_batch_time(&self) -> Result<Option<Timestamp>, QueueError> {
+        #[derive(Deserialize)]
+        struct TimeOnly {
+            timestamp: Timestamp,
+        }
+        let guard = self.inner.store.read().unwrap_or_else(|p| p.into_inner());
+        let store = Store::get(&guard)?;
+        let mut newest: Option<Timestamp> = None;
+        for tree_byte in [layout::PENDING, layout::ACKED, layout::DEAD] {
+            let Some((key, _)) = store.tree.range([tree_byte]..[tree_byte + 1]).next_back().transpose()? else {
+                continue;
+            };
+            let Some(len) = chunks::prefix_len(&key).filter(|l| key.len() >= *l) else { continue };
+            if tree_byte == layout::ACKED {
+                let acked = layout::acked_key_time(&key).and_then(|ms| Timestamp::from_unix_millis(ms as i64));
+                newest = newest.max(acked);
+            }
+            let Some(record) = chunks::get(&store.tree, &key[..len])? else { continue };
+            // A damaged record says nothing here; it is quarantined when it is read for sending.
+            let time = StoredBatch::decode(&record.value)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<TimeOnly>(&b.json()).ok())
+                .map(|t| t.timestamp);
+            newest = newest.max(time);
+        }
+        Ok(newest)
+    }
+
     /// The last source position stored with a batch.
     pub fn source_position(&self) -> Result<Option<Vec<u8>>, QueueError> {
         Ok(self.lock_state().latest_position.clone())
@@ -1513,6 +1547,8 @@ impl WireParts {
             location: &'a Option<String>,
             timestamp: Timestamp,
             detections: &'a [Detection],
+            #[serde(skip_serializing_if = "Clock::is_synced")]
+            clock: Clock,
         }
         let mut head = serde_json::to_vec(&Head {
             schema: backhaul_shared::batch::SCHEMA_VERSION,
@@ -1526,6 +1562,7 @@ impl WireParts {
             location: &b.location,
             timestamp: b.timestamp,
             detections: &b.detections,
+            clock: b.clock,
         })
         .expect("serializes");
         tail.remove(0); // the opening brace

@@ -23,6 +23,7 @@ pub(crate) fn new_batch(detections: usize) -> NewBatch {
             .collect(),
         source_position: None,
         batch_id: None,
+        clock: Default::default(),
     }
 }
 
@@ -54,6 +55,42 @@ fn wire_json_is_byte_identical_to_batch_to_json() {
     let bare = NewBatch { name: None, ..new_batch(0) };
     let json = WireParts::new(&bare, id).json(0);
     assert_eq!(Batch::from_json(&json, &Limits::default()).unwrap().to_json(), json);
+    // An unsynced batch says so (after the detections, like Batch), and is still byte-identical.
+    let unsynced = NewBatch { clock: Clock::Unsynced, ..new_batch(2) };
+    let json = WireParts::new(&unsynced, id).json(7);
+    let parsed = Batch::from_json(&json, &Limits::default()).unwrap();
+    assert_eq!((parsed.clock, parsed.to_json()), (Clock::Unsynced, json.clone()));
+    assert!(String::from_utf8(json).unwrap().ends_with(r#","clock":"unsynced"}"#));
+}
+
+#[test]
+fn newest_batch_time_is_the_newest_batch_pending_acked_or_dead_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = |s: &str| -> Timestamp { s.parse().unwrap() };
+    {
+        let q = open(dir.path(), config());
+        assert_eq!(q.newest_batch_time().unwrap(), None, "an empty queue knows no time");
+        for t in ["2026-11-20T10:00:00Z", "2026-11-21T10:00:00Z"] {
+            q.enqueue(NewBatch { timestamp: at(t), ..new_batch(1) }).unwrap();
+        }
+        assert_eq!(q.newest_batch_time().unwrap(), Some(at("2026-11-21T10:00:00Z")));
+    }
+    {
+        // The newest batch acked (moved to the retained tree) and a newer one dead-lettered.
+        let q = open(dir.path(), config());
+        let first = q.next_batch().unwrap().unwrap();
+        let second = q.next_batch().unwrap().unwrap();
+        q.ack(second.batch_id).unwrap();
+        q.dead_letter(first.batch_id, "test").unwrap();
+        q.enqueue(NewBatch { timestamp: at("2026-11-22T10:00:00Z"), ..new_batch(1) }).unwrap();
+        let third = q.next_batch().unwrap().unwrap();
+        q.ack(third.batch_id).unwrap();
+    }
+    let q = open(dir.path(), config());
+    assert_eq!(q.stats().unwrap().pending, 0);
+    // The acked tree holds the newest batch; its ack time (now) is newer still.
+    let newest = q.newest_batch_time().unwrap().unwrap();
+    assert!(newest >= at("2026-11-22T10:00:00Z") && newest <= Timestamp::now(), "{newest}");
 }
 
 #[test]

@@ -20,7 +20,6 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backhaul_shared::Timestamp;
 use btleplug::api::{Central, CentralEvent, Manager as _, Peripheral as _, ScanFilter};
 use btleplug::platform::Manager;
 use futures_util::StreamExt;
@@ -172,7 +171,7 @@ async fn scan(
         let Some(rssi) = p.rssi else { continue };
         rescanned = false;
         let adv = Advertisement {
-            t: Timestamp::now(),
+            t: crate::clock::now(),
             address: p.address.to_string(),
             address_type: p.address_type.map(|t| format!("{t:?}").to_ascii_lowercase()),
             rssi,

@@ -118,7 +118,7 @@ impl Source for Simulated {
         if now < due {
             return Next::Wait(due - now);
         }
-        match self.next_detection(Timestamp::now()) {
+        match self.next_detection(crate::clock::now()) {
             Some((d, position)) => Next::Detection(d, Some(position)),
             None => Next::Done,
         }
@@ -161,6 +161,7 @@ mod tests {
             .collect();
         assert_eq!(hashes.len(), 20);
         let batch = Batch {
+            clock: Default::default(),
             schema: 1,
             batch_id: BatchId::new(),
             device_id: "sim".into(),

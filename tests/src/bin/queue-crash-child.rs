@@ -46,6 +46,7 @@ fn main() -> anyhow::Result<()> {
                 .collect(),
             source_position: Some(n.to_le_bytes().to_vec()),
             batch_id: None,
+            clock: Default::default(),
         };
         let e = queue.enqueue(batch)?;
         writeln!(out, "E {} {}", e.seq, e.batch_id)?;

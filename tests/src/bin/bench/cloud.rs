@@ -139,6 +139,7 @@ pub fn wire_batches(n: usize, per: usize) -> Vec<(String, Vec<u8>)> {
         .map(|i| {
             let nb = sample_batch(per, i as u64);
             let b = backhaul_shared::Batch {
+                clock: Default::default(),
                 schema: 1,
                 batch_id: backhaul_shared::BatchId::new(),
                 device_id: format!("rpi-bench-{:02}", i % 8),

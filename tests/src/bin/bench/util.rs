@@ -51,6 +51,7 @@ pub fn sample_batch(detections: usize, salt: u64) -> NewBatch {
             .collect(),
         source_position: None,
         batch_id: None,
+        clock: Default::default(),
     }
 }
 
@@ -84,6 +85,7 @@ pub fn dir_size(path: &Path) -> u64 {
 pub fn payload_len(batch: &NewBatch) -> u64 {
     // The wire JSON is what the queue stores; measure it the same way.
     let b = backhaul_shared::Batch {
+        clock: Default::default(),
         schema: 1,
         batch_id: backhaul_shared::BatchId::new(),
         device_id: batch.device_id.clone(),
