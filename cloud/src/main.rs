@@ -182,12 +182,7 @@ where
 fn log_panics() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let message = info
-            .payload()
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| (*s).to_owned()))
-            .unwrap_or_default();
+        let message = backhaul_shared::panics::message(info.payload());
         let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
         let location = info.location().map(|l| l.to_string()).unwrap_or_default();
         tracing::error!(thread, location, "panic: {message}");

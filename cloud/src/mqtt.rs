@@ -199,12 +199,7 @@ pub fn panic_message(e: tokio::task::JoinError) -> String {
     if !e.is_panic() {
         return e.to_string();
     }
-    let panic = e.into_panic();
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-        .unwrap_or_else(|| "a panic without a message".to_owned())
+    backhaul_shared::panics::message(e.into_panic().as_ref())
 }
 
 /// The ack connection's event loop: nothing comes in that matters; keep it connected.

@@ -194,6 +194,23 @@ fn zone_str(z: Zone) -> &'static str {
     }
 }
 
+/// Creates a new SQLite database file as 0600 whatever the umask (SQLite gives its `-wal` and
+/// `-shm` files the database's mode): it holds every device's detections. An existing file is left
+/// as it is; `:memory:` has no file.
+fn create_private(url: &str) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    let path = path.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return Ok(());
+    }
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Db(sqlx::Error::Io(e))),
+    }
+}
+
 fn ts_string(us: i64) -> String {
     Timestamp::from_unix_micros(us).map(|t| t.to_string()).unwrap_or_default()
 }
@@ -208,6 +225,9 @@ impl Store {
         } else {
             url.to_owned()
         };
+        if sqlite {
+            create_private(&url)?;
+        }
         let pool = AnyPoolOptions::new()
             .max_connections(if sqlite { 4 } else { 16 })
             .acquire_timeout(Duration::from_secs(10))
@@ -734,6 +754,22 @@ fn detection_row(r: &AnyRow) -> Result<DetectionRow, sqlx::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue #14: outside systemd (umask 022) the database was world-readable.
+    #[tokio::test]
+    async fn a_new_database_is_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ingest.db");
+        let store = Store::connect(&format!("sqlite:{}", path.display())).await.unwrap();
+        drop(store);
+        for file in [path.clone(), dir.path().join("ingest.db-wal")] {
+            if let Ok(meta) = std::fs::metadata(&file) {
+                assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{}", file.display());
+            }
+        }
+        assert!(path.exists());
+    }
 
     /// A database made by a build before migration 2 (issue #13) opens, is migrated, and counts
     /// unsynced batches from then on; its rows are kept.

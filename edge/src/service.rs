@@ -56,14 +56,12 @@ pub fn exit_on_any_panic() {
         // The standard report first (stderr, with a backtrace when RUST_BACKTRACE is set): it
         // needs no lock that the panicking code might hold.
         default_hook(info);
+        if backhaul_shared::panics::is_caught() {
+            return; // expected and caught by its caller (sled on damaged files)
+        }
         let thread = std::thread::current();
         let name = thread.name().unwrap_or("unnamed");
-        let payload = info.payload();
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".to_owned());
+        let message = backhaul_shared::panics::message(info.payload());
         let at = info.location().map(|l| l.to_string()).unwrap_or_default();
         tracing::error!(
             thread = name,

@@ -6,11 +6,13 @@
 //! - [`config`]: TOML + environment configuration with errors that name the key.
 //! - [`logging`]: `tracing` for a terminal or for journald.
 //! - [`fuzzing`]: the fuzz targets' entry points.
+//! - [`panics`]: panic messages, and panics caught on purpose under a process-wide hook.
 
 pub mod batch;
 pub mod config;
 pub mod fuzzing;
 pub mod logging;
+pub mod panics;
 pub mod record;
 pub mod wire;
 

@@ -58,3 +58,35 @@ fn a_panic_in_the_forwarder_stops_the_process_and_the_restarted_edge_delivers_ev
 fn a_panic_in_the_pipeline_stops_the_process_and_the_restarted_edge_delivers_everything() {
     panics_then_restart_delivers_everything("panic_source_after", "pipeline");
 }
+
+/// A panic that the edge catches on purpose is not a dead thread: sled panics on some damaged
+/// files, and the queue moves such a database aside and starts a fresh one. The exiting panic hook
+/// (found by review) would end the process first, and systemd would restart it into the same panic
+/// forever.
+#[test]
+fn a_sled_panic_at_open_is_caught_and_the_damaged_queue_moved_aside_not_an_exit() {
+    let cloud = Cloud::start(CloudOptions::default()).unwrap();
+    let mut edge = Edge::start_with(
+        EdgeOptions {
+            mode: "http",
+            http_url: cloud.url(""),
+            count: 500,
+            env: vec![("BACKHAUL_FAILPOINT".into(), "panic_at_sled_open".into())],
+            ..Default::default()
+        },
+        // A queue on disk, for the "damaged" one to be moved aside.
+        |data_dir| {
+            backhaul_edge::queue::Queue::open(data_dir, Default::default())?;
+            Ok(())
+        },
+    )
+    .unwrap();
+    edge.wait_drained(500, T).unwrap();
+    cloud.wait_detections(DEVICE, 500, T).unwrap();
+    let out = edge.process.output().join("\n");
+    assert!(out.contains("sled panicked while opening the queue"), "{out}");
+    assert!(out.contains("moved it aside"), "{out}");
+    assert!(!out.contains("backhaul-edge exits"), "{out}");
+    let aside = std::fs::read_dir(edge.data_dir()).unwrap().filter_map(Result::ok);
+    assert!(aside.into_iter().any(|e| e.file_name().to_string_lossy().starts_with("corrupt-")));
+}

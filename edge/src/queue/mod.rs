@@ -1618,14 +1618,13 @@ fn sled_config(path: &Path, config: &QueueConfig) -> sled::Config {
 fn open_sled(path: &Path, config: &QueueConfig) -> Result<sled::Db, sled::Error> {
     let open_once = || {
         let cfg = sled_config(path, config);
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cfg.open())) {
+        // Caught on purpose: the service's panic hook must let this one unwind to here.
+        match backhaul_shared::panics::catch(|| {
+            failpoint_panic_at_sled_open();
+            cfg.open()
+        }) {
             Ok(r) => r,
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                    .unwrap_or_default();
+            Err(msg) => {
                 tracing::error!(panic = %msg, "sled panicked while opening the queue");
                 Err(sled::Error::Corruption { at: None, bt: () })
             }
@@ -1644,6 +1643,17 @@ fn open_sled(path: &Path, config: &QueueConfig) -> Result<sled::Db, sled::Error>
     }
 }
 
+/// Test-only fault injection: `BACKHAUL_FAILPOINT=panic_at_sled_open` makes the first sled open
+/// of the process panic, as sled does on some damaged files.
+fn failpoint_panic_at_sled_open() {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if std::env::var("BACKHAUL_FAILPOINT").is_ok_and(|v| v == "panic_at_sled_open")
+        && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        panic!("FAILPOINT panic_at_sled_open: sled panicking on damaged files");
+    }
+}
+
 /// Opens sled; if it reports corruption (or panics), moves the database aside to
 /// `data_dir/corrupt-<time>/` and starts a fresh one.
 fn open_or_move_aside(data_dir: &Path, path: &Path, config: &QueueConfig) -> Result<sled::Db, QueueOpenError> {
@@ -1659,8 +1669,11 @@ fn open_or_move_aside(data_dir: &Path, path: &Path, config: &QueueConfig) -> Res
                 "THE QUEUE DATABASE IS CORRUPT and cannot be opened: moved it aside and starting a fresh queue. \
                  Batches in it were not sent; keep the moved directory for inspection"
             );
-            std::fs::rename(path, &aside)
-                .map_err(|source| QueueOpenError::DataDir { data_dir: data_dir.to_owned(), source })?;
+            match std::fs::rename(path, &aside) {
+                // Nothing on disk to move (sled failed before it wrote anything).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                other => other.map_err(|source| QueueOpenError::DataDir { data_dir: data_dir.to_owned(), source })?,
+            }
             open().map_err(|source| QueueOpenError::Storage { path: path.to_owned(), source })
         }
         Err(source) => Err(QueueOpenError::Storage { path: path.to_owned(), source }),
