@@ -154,29 +154,54 @@ fn store(
         batch_id: Some(BatchId::new()),
     };
     let max_payload = usize::try_from(telemetry.max_payload_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
-    let batches = if max_payload == 0 { vec![batch] } else { split_to_fit(batch, max_payload, &mut BatchId::new) };
-    if batches.is_empty() {
-        return Ok(());
+    let batches = if max_payload == 0 {
+        vec![batch]
+    } else {
+        split_to_fit(batch.clone(), max_payload, &mut BatchId::new).unwrap_or_else(|| {
+            tracing::error!(
+                max_payload,
+                "a single detection is larger than the largest message the link can carry: the batch is kept \
+                 whole and stays queued (the forwarder pauses and says so); raise the broker's max_packet_size \
+                 or transport.mqtt.max_message_bytes"
+            );
+            vec![batch]
+        })
+    };
+    // One at a time: a batch stored is never enqueued again by a retry of the others (the queue
+    // finds an earlier attempt by its key only after a reopen).
+    for batch in batches {
+        if !enqueue_durably(queue, batch, telemetry, stop, stopping)? {
+            return Ok(()); // stopping: the rest is produced again by a resumable source
+        }
+        enqueued();
     }
+    Ok(())
+}
+
+/// Enqueues one batch, waiting out a full queue or disk. `Ok(false)`: not stored, because of a
+/// stop or because it can never fit the byte budget (logged).
+fn enqueue_durably(
+    queue: &Queue,
+    batch: NewBatch,
+    telemetry: &Telemetry,
+    stop: &AtomicBool,
+    stopping: bool,
+) -> Result<bool, EnqueueError> {
     loop {
-        match queue.enqueue_many(batches.clone()) {
-            Ok(_) => {
-                enqueued();
-                return Ok(());
-            }
+        match queue.enqueue(batch.clone()) {
+            Ok(_) => return Ok(true),
             Err(e @ (EnqueueError::Full { .. } | EnqueueError::DiskFull)) => {
                 tracing::error!(error = %e, "the queue cannot take the batch in hand; the source waits and it is tried again");
                 if stopping || stop.load(Ordering::Relaxed) {
-                    return Ok(());
+                    return Ok(false);
                 }
                 // Waiting for room is legitimate: keep the watchdog's heartbeat going.
                 telemetry.beat_source();
                 std::thread::sleep(Duration::from_secs(1));
             }
             Err(e @ EnqueueError::TooLarge { .. }) => {
-                let detections: usize = batches.iter().map(|b| b.detections.len()).sum();
-                tracing::error!(error = %e, detections, "batch discarded");
-                return Ok(());
+                tracing::error!(error = %e, detections = batch.detections.len(), "batch discarded");
+                return Ok(false);
             }
             Err(e) => return Err(e),
         }
@@ -184,32 +209,32 @@ fn store(
 }
 
 /// An upper bound of a batch's wire JSON size, bytes: its detections' JSON, and the envelope
-/// (schema, ids, seq, times: under 256 bytes) with its strings at worst escaped 6 bytes a byte.
+/// (schema, ids, seq, times, clock: under 256 bytes) with its strings escaped at worst 2 bytes a
+/// byte (control characters are refused by the config, and serde_json escapes only `"` and `\`
+/// of the rest).
 pub fn wire_size_bound(batch: &NewBatch) -> usize {
     let strings = batch.device_id.len()
         + batch.name.as_ref().map_or(0, String::len)
         + batch.location.as_ref().map_or(0, String::len);
     let detections = serde_json::to_vec(&batch.detections).map_or(usize::MAX, |v| v.len());
-    detections.saturating_add(256 + 6 * strings)
+    detections.saturating_add(256 + 2 * strings)
 }
 
 /// Splits a batch into batches whose wire JSON fits in `max_payload` bytes, in order, each with
 /// its own idempotency key from `new_key` (called in a fixed order, so a deterministic `new_key`
 /// gives the same keys for the same input); a batch that fits is returned as it is. The source
-/// position goes with the last. A single detection that cannot fit alone is dropped with an error
-/// (the limit is below any batch).
-pub fn split_to_fit(batch: NewBatch, max_payload: usize, new_key: &mut dyn FnMut() -> BatchId) -> Vec<NewBatch> {
+/// position goes with the last. `None` when a single detection cannot fit alone (the limit is a
+/// configuration mistake; nothing is dropped for it).
+pub fn split_to_fit(
+    batch: NewBatch,
+    max_payload: usize,
+    new_key: &mut dyn FnMut() -> BatchId,
+) -> Option<Vec<NewBatch>> {
     if wire_size_bound(&batch) <= max_payload {
-        return vec![batch];
+        return Some(vec![batch]);
     }
     if batch.detections.len() <= 1 {
-        tracing::error!(
-            max_payload,
-            size = wire_size_bound(&batch),
-            "a batch of one detection does not fit in the largest message the link can carry; dropped: \
-             raise the broker's max_packet_size or transport.mqtt.max_message_bytes"
-        );
-        return Vec::new();
+        return None;
     }
     let mut first = batch.clone();
     let mut second = batch;
@@ -218,9 +243,9 @@ pub fn split_to_fit(batch: NewBatch, max_payload: usize, new_key: &mut dyn FnMut
     first.source_position = None;
     first.batch_id = Some(new_key());
     second.batch_id = Some(new_key());
-    let mut out = split_to_fit(first, max_payload, new_key);
-    out.extend(split_to_fit(second, max_payload, new_key));
-    out
+    let mut out = split_to_fit(first, max_payload, new_key)?;
+    out.extend(split_to_fit(second, max_payload, new_key)?);
+    Some(out)
 }
 
 #[cfg(test)]
@@ -256,7 +281,7 @@ mod tests {
         let b = batch(100);
         let whole = wire_size_bound(&b);
         let max = whole / 3;
-        let parts = split_to_fit(b.clone(), max, &mut BatchId::new);
+        let parts = split_to_fit(b.clone(), max, &mut BatchId::new).unwrap();
         assert!(parts.len() >= 3, "{}", parts.len());
         for p in &parts {
             assert!(wire_size_bound(p) <= max);
@@ -280,7 +305,12 @@ mod tests {
         assert_eq!(keys.len(), parts.len(), "each its own key");
         assert!(parts[..parts.len() - 1].iter().all(|p| p.source_position.is_none()));
         assert_eq!(parts.last().unwrap().source_position, Some(vec![7]), "the position goes with the last");
-        assert_eq!(split_to_fit(b.clone(), whole, &mut BatchId::new).len(), 1, "a batch that fits is left alone");
-        assert!(split_to_fit(batch(1), 10, &mut BatchId::new).is_empty(), "one detection that cannot fit is dropped");
+        assert_eq!(
+            split_to_fit(b.clone(), whole, &mut BatchId::new).unwrap().len(),
+            1,
+            "a batch that fits is left alone"
+        );
+        assert!(split_to_fit(batch(1), 10, &mut BatchId::new).is_none(), "a detection that cannot fit is no cut");
+        assert!(split_to_fit(b, 10, &mut BatchId::new).is_none(), "nothing is dropped for a limit that small");
     }
 }

@@ -206,6 +206,36 @@ impl Mosquitto {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
+    /// Subscribes `filter` with QoS 1 as a persistent session `client_id` and disconnects
+    /// (`mosquitto_sub -c -E`): the broker then keeps matching messages for it, as for a
+    /// backhaul-cloud that is away, and PUBACKs them with MQTT 5 reason code 0x00, not 0x10 (no
+    /// matching subscribers).
+    pub fn persistent_subscriber(&self, client_id: &str, filter: &str) -> Result<()> {
+        let program = find_program("mosquitto_sub").context("mosquitto_sub is not installed (mosquitto-clients)")?;
+        let status = Command::new(program)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-c",
+                "-i",
+                client_id,
+                "-q",
+                "1",
+                "-E",
+                "-t",
+                filter,
+            ])
+            .stdin(Stdio::null())
+            .status()
+            .context("running mosquitto_sub")?;
+        if !status.success() {
+            bail!("mosquitto_sub -E failed: {status}");
+        }
+        Ok(())
+    }
+
     /// SIGHUP: Mosquitto reloads its configuration, ACL file included, keeping its connections.
     pub fn reload(&self) -> Result<()> {
         let pid = self.child.as_ref().context("mosquitto is not running")?.id();

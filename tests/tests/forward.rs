@@ -209,8 +209,11 @@ fn the_rate_limit_paces_a_backlog_drain() {
 
 #[test]
 fn with_ack_broker_a_puback_is_enough_to_delete_a_batch() {
-    // No cloud at all: only the broker's PUBACKs can empty the queue.
+    // No cloud at all: only the broker's PUBACKs can empty the queue. (A persistent subscription
+    // stands for the cloud's session: with nobody subscribed, MQTT 5's PUBACK says 0x10, which
+    // with ack = "broker" is not a delivery.)
     let broker = Mosquitto::start().unwrap();
+    broker.persistent_subscriber("cloud-away", "backhaul/+/batches").unwrap();
     let edge = Edge::start(EdgeOptions {
         mqtt_url: broker.url(),
         count: 1000,

@@ -65,12 +65,37 @@ fn a_publish_the_broker_acl_denies_is_a_refusal_not_a_delivery_in_both_ack_modes
             "ack = {ack}: every batch is still queued: {status}"
         );
         if ack == "broker" {
-            // Fixed on the broker: sending resumes by itself (after its pause) and all is delivered.
+            // Fixed on the broker: sending resumes by itself (after its pause) and all is delivered
+            // (to a persistent session standing for the cloud's).
             std::fs::write(&acl, "topic readwrite backhaul/#\n").unwrap();
             broker.reload().unwrap();
+            broker.persistent_subscriber("cloud-away", "backhaul/+/batches").unwrap();
             edge.wait_drained(200, T).unwrap();
         }
     }
+}
+
+#[test]
+fn with_ack_broker_and_nobody_subscribed_a_puback_saying_no_subscribers_deletes_nothing() {
+    // MQTT 5 PUBACK reason 0x10: the broker took the publish and gave it to nobody. With
+    // ack = "broker" deleting the batch would lose it (found by review).
+    let broker = Mosquitto::start().unwrap();
+    let edge = Edge::start(EdgeOptions {
+        mqtt_url: broker.url(),
+        count: 100,
+        max_detections: 50,
+        mqtt: "ack = \"broker\"".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let status = edge
+        .wait_status("the refusal to show", T, |s| num(s, "/sent/refused") >= 1 && last_error(s).contains("0x10"))
+        .unwrap();
+    assert!(last_error(&status).contains("backhaul-cloud"), "{status}");
+    assert_eq!(num(&status, "/sent/acked_batches"), 0, "{status}");
+    // Once a session subscribes (the cloud's, away or not), everything is delivered.
+    broker.persistent_subscriber("cloud-away", "backhaul/+/batches").unwrap();
+    edge.wait_drained(100, T).unwrap();
 }
 
 #[test]

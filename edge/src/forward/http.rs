@@ -94,10 +94,10 @@ pub enum Class {
 /// if so.
 fn cloud_ack(body: &str, batch_id: BatchId) -> Option<bool> {
     let answer: serde_json::Map<String, serde_json::Value> = serde_json::from_str(body).ok()?;
-    match answer.get("batch_id") {
-        None => {}
-        Some(id) if id.as_str().and_then(|id| id.parse::<BatchId>().ok()) == Some(batch_id) => {}
-        Some(_) => return None,
+    // The answer must name the batch (issue #13: "the cloud's answer for that batch_id"): a body
+    // that only says `stored` could be anyone's.
+    if answer.get("batch_id")?.as_str()?.parse::<BatchId>().ok()? != batch_id {
+        return None;
     }
     match answer.get("status")?.as_str()? {
         "stored" => Some(false),
@@ -384,8 +384,8 @@ mod tests {
         assert_eq!(classify(&status(201, &stored(id)), id), Class::Acked { duplicate: false });
         let dup = format!(r#"{{"status":"duplicate","batch_id":"{id}"}}"#);
         assert_eq!(classify(&status(200, &dup), id), Class::Acked { duplicate: true });
-        // A cloud that leaves the id out (older builds) still acks by its status.
-        assert_eq!(classify(&status(200, r#"{"status":"duplicate"}"#), id), Class::Acked { duplicate: true });
+        // An answer that does not name the batch could be anyone's: not an ack.
+        assert!(matches!(classify(&status(200, r#"{"status":"duplicate"}"#), id), Class::Retry { .. }));
         for code in [400, 413, 422] {
             assert!(matches!(classify(&status(code, "bad"), id), Class::Final(r) if r.contains(&code.to_string())));
         }

@@ -163,6 +163,8 @@ pub struct Forwarder<T: Transport> {
     suspects: HashMap<BatchId, u32>,
     /// A payload limit learned from such drops.
     learned_max_payload: Option<usize>,
+    /// The current pause is for refusal after refusal by the cloud.
+    paused_for_rejections: bool,
 }
 
 /// A connection that drops this soon after it came up, before any ack, makes the largest batch
@@ -170,6 +172,8 @@ pub struct Forwarder<T: Transport> {
 const SHORT_CONNECTION: Duration = Duration::from_secs(10);
 /// Drops in a row with the same suspect before it is taken as too large.
 const STRIKES: u32 = 3;
+/// No payload limit below this is ever learned (`transport.mqtt.max_message_bytes`'s minimum).
+const MIN_LEARNED_PAYLOAD: usize = crate::config::MIN_MESSAGE_BYTES as usize;
 
 /// Test-only fault injection: `BACKHAUL_FAILPOINT=freeze_forwarder_after:MS` wedges the forwarder
 /// thread MS milliseconds after it starts (for the watchdog test); `panic_forwarder_after:MS` makes
@@ -212,6 +216,7 @@ impl<T: Transport> Forwarder<T> {
             acked_on_link: false,
             suspects: HashMap::new(),
             learned_max_payload: None,
+            paused_for_rejections: false,
             config,
         }
     }
@@ -303,9 +308,13 @@ impl<T: Transport> Forwarder<T> {
             if now < until {
                 return Some(until - now);
             }
-            // Try one more batch; another refusal pauses again, for longer.
+            // Sending again; after refusal after refusal by the cloud, the next refusal pauses
+            // again, for longer (a pause for the broker's refusal or a size limit leaves the
+            // cloud's count alone).
             self.paused_until = None;
-            self.rejections_in_a_row = REJECTIONS_BEFORE_PAUSE;
+            if std::mem::take(&mut self.paused_for_rejections) {
+                self.rejections_in_a_row = REJECTIONS_BEFORE_PAUSE;
+            }
         }
         if let Some(t) = self.queue_failed_at {
             if now.duration_since(t) < QUEUE_RETRY {
@@ -329,7 +338,9 @@ impl<T: Transport> Forwarder<T> {
             };
             let batch = match batch {
                 Ok(Some(b)) if self.max_payload().is_some_and(|max| b.payload.len() > max) => {
-                    self.cut_to_fit(b);
+                    if let Err(wait) = self.cut_to_fit(b) {
+                        return Some(wait);
+                    }
                     continue;
                 }
                 Ok(Some(b)) => b,
@@ -368,10 +379,14 @@ impl<T: Transport> Forwarder<T> {
     /// that started offline): its detections are enqueued again as batches that fit, at the end
     /// of the queue, and the original is dead-lettered (kept for inspection, never sent) with a
     /// reason naming the limit and the new batches. The new batches' keys derive from the
-    /// original's ([`derived_key`]): if a crash comes between the two writes, the cut made again
-    /// after the restart has the same keys, and the cloud stores each once. A batch that cannot be
-    /// cut (a single detection, an unreadable payload) is only dead-lettered.
-    fn cut_to_fit(&mut self, batch: QueuedBatch) {
+    /// original's ([`derived_key`]): if a crash comes between the two writes, the same cut made
+    /// again after the restart has the same keys, and the cloud stores each once.
+    ///
+    /// Nothing is lost to a limit: a batch that cannot be cut to fit (one detection is already
+    /// too large, or its payload is unreadable) stays queued and sending pauses, as for any
+    /// configuration mistake; so does a cut the queue has no room for now. `Err`: how long
+    /// `fill` should wait.
+    fn cut_to_fit(&mut self, batch: QueuedBatch) -> Result<(), Duration> {
         let max = self.max_payload().unwrap_or(0);
         let limit = format!(
             "the batch is {} bytes, over the largest message the link can carry ({max} bytes of payload: the \
@@ -379,7 +394,7 @@ impl<T: Transport> Forwarder<T> {
              connections that dropped right after a batch this size was sent)",
             batch.payload.len()
         );
-        let cut = Batch::from_json(&batch.payload, &Limits::default()).ok().and_then(|b| {
+        let pieces = Batch::from_json(&batch.payload, &Limits::default()).ok().and_then(|b| {
             let original = b.batch_id;
             let mut i = 0u32;
             let mut new_key = || {
@@ -396,27 +411,43 @@ impl<T: Transport> Forwarder<T> {
                 batch_id: None,
                 clock: b.clock,
             };
-            let pieces = crate::pipeline::split_to_fit(whole, max, &mut new_key);
-            (pieces.len() > 1).then_some(pieces)
+            crate::pipeline::split_to_fit(whole, max, &mut new_key)
         });
-        let reason = match cut.map(|pieces| self.queue.enqueue_many(pieces)) {
-            Some(Ok(done)) => {
-                let (first, last) = (done.first().map_or(0, |e| e.seq), done.last().map_or(0, |e| e.seq));
-                self.backlog = true;
-                format!(
-                    "{limit}: its detections were enqueued again as {} batches that fit, seq {first}..={last}",
-                    done.len()
-                )
-            }
-            Some(Err(e)) => {
-                // Not cut (the disk is full?): keep it queued and try again later.
+        let Some(pieces) = pieces.filter(|p| p.len() > 1) else {
+            self.queue.nack(batch.batch_id);
+            self.pause(format!(
+                "{limit}, and it cannot be cut to fit (a single detection is larger): raise the broker's \
+                 max_packet_size or transport.mqtt.max_message_bytes; batches stay queued"
+            ));
+            return Err(self.paused_until.map_or(QUEUE_RETRY, |t| t.saturating_duration_since(Instant::now())));
+        };
+        // Only into room the budget has now: the forwarder must not wait for space that only its
+        // own acks would free.
+        let need: u64 = batch.payload.len() as u64 + 4096;
+        let room = self.queue.stats().map(|s| self.queue.config().max_bytes.saturating_sub(s.bytes));
+        if room.map_or(true, |room| room < need) {
+            self.queue.nack(batch.batch_id);
+            tracing::warn!(
+                seq = batch.seq,
+                "no room in the queue's budget to cut a batch too large to send; retrying later"
+            );
+            return Err(QUEUE_RETRY);
+        }
+        let done = match self.queue.enqueue_many(pieces) {
+            Ok(done) => done,
+            Err(e) => {
                 self.queue.nack(batch.batch_id);
                 tracing::error!(error = %e, "enqueueing the cut of a batch too large to send failed; retrying in {QUEUE_RETRY:?}");
                 self.queue_failed_at = Some(Instant::now());
-                return;
+                return Err(QUEUE_RETRY);
             }
-            None => format!("{limit}; it cannot be cut smaller: dead-lettered"),
         };
+        let (first, last) = (done.first().map_or(0, |e| e.seq), done.last().map_or(0, |e| e.seq));
+        self.backlog = true;
+        let reason = format!(
+            "{limit}: its detections were enqueued again as {} batches that fit, seq {first}..={last}",
+            done.len()
+        );
         tracing::warn!(seq = batch.seq, batch_id = %batch.batch_id, "{reason}");
         match self.queue.dead_letter(batch.batch_id, &reason) {
             Ok(AckOutcome::Acked) => {
@@ -429,6 +460,7 @@ impl<T: Transport> Forwarder<T> {
                 self.queue_error("dead-lettering a batch too large to send", &e);
             }
         }
+        Ok(())
     }
 
     /// The largest batch payload the link can carry: the transport's limit, or a smaller one
@@ -446,12 +478,18 @@ impl<T: Transport> Forwarder<T> {
     /// [`SHORT_CONNECTION`] of coming up, before any ack, the largest batch in flight is a
     /// suspect; after [`STRIKES`] such drops in a row it is taken as over the broker's limit: the
     /// limit is learned as one byte below its size, and it is cut to fit (see
-    /// [`Self::cut_to_fit`]), as every later batch that size or more.
+    /// [`Self::cut_to_fit`]), as every later batch that size or more. Only when no limit is known
+    /// (the broker's or the config's), never below [`MIN_LEARNED_PAYLOAD`], and a drop after a
+    /// connection that lasted, or after an ack, clears the suspicion; the limit learned lasts
+    /// until the process restarts.
     fn suspect_oversized(&mut self) {
         let Some(up_at) = self.link_up_at.take() else { return };
         if self.acked_on_link || up_at.elapsed() >= SHORT_CONNECTION {
             self.suspects.clear();
             return;
+        }
+        if self.transport.max_payload().is_some() {
+            return; // the broker said its limit (or the config did): a drop is something else
         }
         let Some((batch_id, size)) = self.window.largest() else { return };
         let strikes = self.suspects.entry(batch_id).or_insert(0);
@@ -461,6 +499,9 @@ impl<T: Transport> Forwarder<T> {
         }
         self.suspects.clear();
         let learned = size.saturating_sub(1);
+        if learned < MIN_LEARNED_PAYLOAD {
+            return; // not a size problem: no broker limit is that small
+        }
         if self.max_payload().is_none_or(|m| learned < m) {
             self.learned_max_payload = Some(learned);
             self.telemetry.max_payload_bytes.store(learned as u64, Ordering::Relaxed);
@@ -568,6 +609,7 @@ impl<T: Transport> Forwarder<T> {
                     // Refusing batch after batch is a configuration mismatch (batches larger than
                     // the cloud's body limit, an incompatible cloud), not bad batches: keep them.
                     self.queue.nack(batch_id);
+                    self.paused_for_rejections = true;
                     self.pause(format!(
                         "the cloud refused {REJECTIONS_BEFORE_PAUSE} batches in a row (last: {reason}); batches stay \
                          queued: check batch.max_detections against the cloud's max_body_bytes and max_detections, \

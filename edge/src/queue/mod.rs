@@ -1587,19 +1587,31 @@ impl WireParts {
     }
 }
 
-/// Creates `data_dir` (and missing parents) as 0700 whatever the umask, and takes the group's
-/// and others' access away from an existing one: the queue holds what the Pi heard, and sled
-/// creates its files with the process's umask (022 outside systemd: world-readable), so the
-/// directory is what keeps them private.
+/// Creates `data_dir` (and missing parents) as 0700 whatever the umask: the queue holds what the
+/// Pi heard, and sled creates its files with the process's umask (022 outside systemd:
+/// world-readable), so the directory is what keeps them private. An existing directory that others
+/// may read is made private only if it is the queue's own (empty, or holding its `lock` file):
+/// a `data_dir` pointed at a shared directory (`/var/lib`, `/tmp`) is left as it is, with a warning.
 fn private_dir(data_dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(data_dir)?;
     let mode = std::fs::metadata(data_dir)?.permissions().mode();
-    if mode & 0o077 != 0 {
-        tracing::info!(data_dir = %data_dir.display(), mode = format!("{:o}", mode & 0o777), "making data_dir private (0700)");
-        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+    if mode & 0o077 == 0 {
+        return Ok(());
     }
-    Ok(())
+    let ours = data_dir.join("lock").exists() || std::fs::read_dir(data_dir)?.next().is_none();
+    if ours && mode & 0o1000 == 0 {
+        tracing::info!(data_dir = %data_dir.display(), mode = format!("{:o}", mode & 0o777), "making data_dir private (0700)");
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+    } else {
+        tracing::warn!(
+            data_dir = %data_dir.display(),
+            mode = format!("{:o}", mode & 0o7777),
+            "data_dir may be read by other users and is not the queue's own directory: use a directory of its \
+             own (e.g. /var/lib/backhaul)"
+        );
+        Ok(())
+    }
 }
 
 fn sled_config(path: &Path, config: &QueueConfig) -> sled::Config {

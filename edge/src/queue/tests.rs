@@ -789,12 +789,22 @@ fn the_data_dir_is_private_whatever_the_umask() {
     assert_eq!(mode(&data_dir), 0o700);
     assert_eq!(mode(&data_dir.join("lock")), 0o600);
     assert_eq!(mode(&data_dir.join("queue.watermark")), 0o600);
-    // An existing world-readable one is made private.
+    // An existing world-readable one of its own (empty, or with the queue in it) is made private.
     let open = dir.path().join("open");
     std::fs::create_dir(&open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
     drop(Queue::open(&open, QueueConfig::default()).unwrap());
     assert_eq!(mode(&open), 0o700);
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    drop(Queue::open(&open, QueueConfig::default()).unwrap());
+    assert_eq!(mode(&open), 0o700, "again, with the queue in it");
+    // A shared directory (like /var/lib) is never chmodded.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join("someone-else"), b"x").unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    drop(Queue::open(&shared, QueueConfig::default()).unwrap());
+    assert_eq!(mode(&shared), 0o755);
 }
 
 /// Regression (issue #13, kind 7): the age came from the first record on disk, where acks are

@@ -213,15 +213,15 @@ impl Transport for MqttTransport {
                 let Some(batch_id) = self.ids.puback(pkid) else { return };
                 match refusal {
                     // A refusal is never a delivery, with either ack mode: the cloud cannot
-                    // have it. It is most likely the broker's configuration (an ACL), not the
+                    // have it. It is the broker's configuration (an ACL, no subscriber), not the
                     // batch, so the batch stays queued and sending pauses.
                     Some(reason) => {
                         let topic = self.settings.topics.batches(&self.settings.device_id);
                         out.push(Outcome::Refused {
                             batch_id,
                             error: format!(
-                                "the broker refused the batch ({reason}): check that the broker's ACL lets \
-                                 this device (user {}) publish on {topic}; batches stay queued",
+                                "the broker did not deliver the batch published on {topic} by user {} ({reason}); \
+                                 batches stay queued",
                                 self.settings.username.as_deref().unwrap_or("anonymous")
                             ),
                         });
@@ -486,7 +486,8 @@ mod tests {
             let mut out = Vec::new();
             t.ids.requested(Some(a));
             t.handle(MqttEvent::Sent { conn: 1, pkid: 3 }, &mut out);
-            let refusal = Some("PUBACK reason code 0x87, not authorized".to_owned());
+            let refusal =
+                protocol::puback_refusal(&rumqttc::v5::mqttbytes::v5::PubAckReason::NotAuthorized, ack_on_puback);
             t.handle(MqttEvent::PubAck { conn: 1, pkid: 3, refusal }, &mut out);
             assert!(
                 matches!(&out[..], [Outcome::Refused { batch_id, error }] if *batch_id == a && error.contains("0x87") && error.contains("ACL")),

@@ -146,7 +146,9 @@ impl Connection {
                         session_present: ack.session_present,
                         max_packet_size: ack.properties.and_then(|p| p.max_packet_size),
                     },
-                    V5Packet::PubAck(ack) => Polled::PubAck { pkid: ack.pkid, refusal: puback_refusal(&ack.reason) },
+                    V5Packet::PubAck(ack) => {
+                        Polled::PubAck { pkid: ack.pkid, refusal: puback_refusal(&ack.reason, s.ack_on_puback) }
+                    }
                     V5Packet::Publish(p) => Polled::Message {
                         topic: String::from_utf8_lossy(&p.topic).into_owned(),
                         payload: p.payload.to_vec(),
@@ -182,10 +184,19 @@ fn outgoing(out: Outgoing) -> Polled {
 }
 
 /// An MQTT 5 PUBACK reason (section 3.4.2.1) that refuses the publish, in words; `None` for a
-/// delivery (0x00 success, 0x10 no matching subscribers).
-pub fn puback_refusal(reason: &PubAckReason) -> Option<String> {
+/// delivery: 0x00 success, and 0x10 no matching subscribers unless the PUBACK is the ack
+/// (`ack_on_puback`): then nobody received the batch (no backhaul-cloud session subscribes), and
+/// deleting it would lose it.
+pub fn puback_refusal(reason: &PubAckReason, ack_on_puback: bool) -> Option<String> {
     let (code, what) = match reason {
-        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => return None,
+        PubAckReason::Success => return None,
+        PubAckReason::NoMatchingSubscribers if !ack_on_puback => return None,
+        PubAckReason::NoMatchingSubscribers => (
+            0x10,
+            "no matching subscribers: no backhaul-cloud session subscribes to the batches topic, so with \
+             ack = \"broker\" the batch would be deleted undelivered; check that backhaul-cloud runs (its \
+             session must persist) and shares this topic_prefix",
+        ),
         PubAckReason::UnspecifiedError => (0x80, "unspecified error"),
         PubAckReason::ImplementationSpecificError => (0x83, "implementation specific error"),
         PubAckReason::NotAuthorized => {
@@ -282,11 +293,16 @@ mod tests {
 
     #[test]
     fn only_reason_codes_of_0x80_and_above_refuse() {
-        assert_eq!(puback_refusal(&PubAckReason::Success), None);
-        assert_eq!(puback_refusal(&PubAckReason::NoMatchingSubscribers), None);
-        let r = puback_refusal(&PubAckReason::NotAuthorized).unwrap();
-        assert!(r.contains("0x87") && r.contains("ACL"), "{r}");
-        assert!(puback_refusal(&PubAckReason::QuotaExceeded).unwrap().contains("0x97"));
+        for ack_on_puback in [false, true] {
+            assert_eq!(puback_refusal(&PubAckReason::Success, ack_on_puback), None);
+            let r = puback_refusal(&PubAckReason::NotAuthorized, ack_on_puback).unwrap();
+            assert!(r.contains("0x87") && r.contains("ACL"), "{r}");
+            assert!(puback_refusal(&PubAckReason::QuotaExceeded, ack_on_puback).unwrap().contains("0x97"));
+        }
+        // Nobody subscribed: fine while the cloud's ack decides, a loss if the PUBACK is the ack.
+        assert_eq!(puback_refusal(&PubAckReason::NoMatchingSubscribers, false), None);
+        let r = puback_refusal(&PubAckReason::NoMatchingSubscribers, true).unwrap();
+        assert!(r.contains("0x10") && r.contains("backhaul-cloud"), "{r}");
     }
 
     #[test]
