@@ -152,11 +152,25 @@ fn serve(config_file: PathBuf) -> Result<()> {
             return Err(e);
         }
         tracing::info!("shutting down: finishing the requests and messages in hand");
-        if let Some(s) = server {
-            s.await.map_err(|e| task_ended::<anyhow::Error>("the HTTP server", Err(e)))?.context("the HTTP server")?;
-        }
-        if let Some(m) = mqtt {
-            m.await.map_err(|e| task_ended::<anyhow::Error>("MQTT ingest", Err(e)))?.context("MQTT ingest")?;
+        // Bounded (systemd's TimeoutStopSec is 30 s): with the database down, a message in hand
+        // would be retried forever. What is not PUBACKed by then is redelivered after the restart.
+        let finish = async {
+            if let Some(s) = server {
+                s.await
+                    .map_err(|e| task_ended::<anyhow::Error>("the HTTP server", Err(e)))?
+                    .context("the HTTP server")?;
+            }
+            if let Some(m) = mqtt {
+                m.await.map_err(|e| task_ended::<anyhow::Error>("MQTT ingest", Err(e)))?.context("MQTT ingest")?;
+            }
+            anyhow::Ok(())
+        };
+        match tokio::time::timeout(STOP_GRACE, finish).await {
+            Ok(r) => r?,
+            Err(_) => anyhow::bail!(
+                "the requests and messages in hand did not finish within {STOP_GRACE:?} (is the database \
+                 answering?); stopping anyway: the broker redelivers what was not PUBACKed"
+            ),
         }
         ingest.store.flush_counts().await.context("writing the last duplicate counts")?;
         tracing::info!("stopped");
@@ -213,6 +227,9 @@ async fn watchdog_loop(ingest: Arc<Ingest>) {
         }
     }
 }
+
+/// How long a stop waits for the requests and messages in hand.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// SIGTERM (systemd stop) or Ctrl-C.
 async fn shutdown_signal() {
