@@ -251,28 +251,13 @@ pub fn split_to_fit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use backhaul_shared::batch::{Clock, Detection, Presence, Zone};
-    use backhaul_shared::Timestamp;
+    use backhaul_shared::batch::Clock;
 
     fn batch(detections: usize) -> NewBatch {
         NewBatch {
-            device_id: "pi".into(),
-            name: Some("Entrance".into()),
-            location: None,
-            timestamp: Timestamp::now(),
-            detections: (0..detections)
-                .map(|i| {
-                    Detection::Presence(Presence {
-                        device_hash: format!("{i:016x}"),
-                        rssi: -60,
-                        zone: Zone::Near,
-                        timestamp: Timestamp::now(),
-                    })
-                })
-                .collect(),
             source_position: Some(vec![7]),
             batch_id: Some(BatchId::new()),
-            clock: Clock::Synced,
+            ..crate::queue::tests::new_batch(detections)
         }
     }
 

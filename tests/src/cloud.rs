@@ -61,6 +61,13 @@ impl Cloud {
         Ok(Self { dir, config: config_path, env, port, process })
     }
 
+    /// A cloud with MQTT ingest from `broker` (and `env`), once it has subscribed.
+    pub fn start_mqtt(broker: &crate::Mosquitto, env: Vec<(String, String)>) -> Result<Self> {
+        let mut cloud = Self::start(CloudOptions { mqtt_url: Some(broker.url()), env, ..Default::default() })?;
+        cloud.process.wait_for_any_line(Duration::from_secs(60), |l| l.contains("subscribed to batches and status"))?;
+        Ok(cloud)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }

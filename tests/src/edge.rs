@@ -148,6 +148,13 @@ impl Edge {
         status(self.status_port)
     }
 
+    /// `GET /metrics` (the Prometheus text).
+    pub fn metrics(&self) -> Result<String> {
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(5))).build().into();
+        Ok(agent.get(format!("http://127.0.0.1:{}/metrics", self.status_port)).call()?.body_mut().read_to_string()?)
+    }
+
     /// Polls `/status` until `pred` holds; returns that status.
     pub fn wait_status(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
         let mut last = Value::Null;

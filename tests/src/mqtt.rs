@@ -72,6 +72,17 @@ impl TestClient {
         .await
     }
 
+    /// Waits for the next message on an acks topic (`{prefix}/{device}/acks`), parsed.
+    pub async fn next_ack(&mut self, timeout: Duration) -> Result<backhaul_shared::AckMessage> {
+        self.next_matching(timeout, "an ack", |e| match e {
+            ClientEvent::Message { topic, payload, .. } if topic.ends_with("/acks") => {
+                Some(serde_json::from_slice::<backhaul_shared::AckMessage>(&payload).expect("acks are valid JSON"))
+            }
+            _ => None,
+        })
+        .await
+    }
+
     /// Subscribes with QoS 1 and waits for the SUBACK.
     pub async fn subscribe(&mut self, filter: &str) -> Result<()> {
         self.client.subscribe(filter, QoS::AtLeastOnce).await?;

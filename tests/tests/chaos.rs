@@ -7,16 +7,14 @@
 use std::time::Duration;
 
 use backhaul_tests::chaos::{cloud_ledger, compare, edge_ledger, Tally};
-use backhaul_tests::cloud::{get_json, http, Cloud, CloudOptions, DEVICE};
+use backhaul_tests::cloud::{get_json, http, Cloud, DEVICE};
 use backhaul_tests::edge::{num, Edge, EdgeOptions};
 use backhaul_tests::Mosquitto;
 
 const T: Duration = Duration::from_secs(120);
 
 fn mqtt_cloud(broker: &Mosquitto, env: Vec<(String, String)>) -> Cloud {
-    let mut cloud = Cloud::start(CloudOptions { mqtt_url: Some(broker.url()), env, ..Default::default() }).unwrap();
-    cloud.process.wait_for_any_line(T, |l| l.contains("subscribed to batches and status")).unwrap();
-    cloud
+    Cloud::start_mqtt(broker, env).unwrap()
 }
 
 /// A random pause in `[min_ms, max_ms)`: when the next blow falls (chaos timing, not a wait for a

@@ -13,21 +13,11 @@ use rumqttc::QoS;
 const T: Duration = Duration::from_secs(30);
 
 fn mqtt_cloud(broker: &Mosquitto, env: Vec<(String, String)>) -> Cloud {
-    let mut cloud = Cloud::start(CloudOptions { mqtt_url: Some(broker.url()), env, ..Default::default() }).unwrap();
-    cloud.process.wait_for_any_line(T, |l| l.contains("subscribed to batches and status")).unwrap();
-    cloud
+    Cloud::start_mqtt(broker, env).unwrap()
 }
 
 async fn next_ack(client: &mut TestClient) -> AckMessage {
-    client
-        .next_matching(T, "an ack", |e| match e {
-            ClientEvent::Message { topic, payload, .. } if topic.ends_with("/acks") => {
-                Some(serde_json::from_slice::<AckMessage>(&payload).expect("acks are valid JSON"))
-            }
-            _ => None,
-        })
-        .await
-        .unwrap()
+    client.next_ack(T).await.unwrap()
 }
 
 fn stats(cloud: &Cloud) -> serde_json::Value {

@@ -4,29 +4,19 @@
 use std::time::Duration;
 
 use backhaul_shared::{AckMessage, AckStatus, Topics};
-use backhaul_tests::cloud::{get_json, http, post_batch, Cloud, CloudOptions, DEVICE, DEVICE_KEY};
-use backhaul_tests::mqtt::{ClientEvent, TestClient};
+use backhaul_tests::cloud::{get_json, http, post_batch, Cloud, DEVICE, DEVICE_KEY};
+use backhaul_tests::mqtt::TestClient;
 use backhaul_tests::{wait_until, wire_batch, Mosquitto};
 use rumqttc::QoS;
 
 const T: Duration = Duration::from_secs(30);
 
 fn mqtt_cloud(broker: &Mosquitto, env: Vec<(String, String)>) -> Cloud {
-    let mut cloud = Cloud::start(CloudOptions { mqtt_url: Some(broker.url()), env, ..Default::default() }).unwrap();
-    cloud.process.wait_for_any_line(T, |l| l.contains("subscribed to batches and status")).unwrap();
-    cloud
+    Cloud::start_mqtt(broker, env).unwrap()
 }
 
 async fn next_ack(client: &mut TestClient) -> AckMessage {
-    client
-        .next_matching(T, "an ack", |e| match e {
-            ClientEvent::Message { topic, payload, .. } if topic.ends_with("/acks") => {
-                Some(serde_json::from_slice::<AckMessage>(&payload).expect("acks are valid JSON"))
-            }
-            _ => None,
-        })
-        .await
-        .unwrap()
+    client.next_ack(T).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

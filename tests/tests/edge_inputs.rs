@@ -6,20 +6,14 @@
 use std::io::Write;
 use std::time::Duration;
 
-use backhaul_tests::cloud::{http, Cloud, CloudOptions, DEVICE};
+use backhaul_tests::cloud::{Cloud, CloudOptions, DEVICE};
 use backhaul_tests::edge::{num, Edge, EdgeOptions};
 
 const T: Duration = Duration::from_secs(60);
 const SECRET: &str = "edge-inputs-secret-0123456789";
 
 fn metrics(edge: &Edge) -> String {
-    http()
-        .get(format!("http://127.0.0.1:{}/metrics", edge.status_port))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap()
+    edge.metrics().unwrap()
 }
 
 /// Before: the line iterator's UTF-8 error was taken for a failing read, and the replay ended

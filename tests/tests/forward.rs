@@ -15,9 +15,7 @@ use backhaul_tests::{presence_batch, wait_until, Mosquitto};
 const T: Duration = Duration::from_secs(90);
 
 fn mqtt_cloud(broker: &Mosquitto) -> Cloud {
-    let mut cloud = Cloud::start(CloudOptions { mqtt_url: Some(broker.url()), ..Default::default() }).unwrap();
-    cloud.process.wait_for_any_line(T, |l| l.contains("subscribed to batches and status")).unwrap();
-    cloud
+    Cloud::start_mqtt(broker, Vec::new()).unwrap()
 }
 
 /// Waits until the edge has sent everything (nothing pending or in flight) and the cloud holds

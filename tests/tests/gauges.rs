@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use backhaul_tests::cloud::{http, Cloud, CloudOptions, DEVICE};
+use backhaul_tests::cloud::{Cloud, CloudOptions, DEVICE};
 use backhaul_tests::edge::{num, Edge, EdgeOptions};
 use backhaul_tests::{run, sigterm, Mosquitto};
 use serde_json::Value;
@@ -16,13 +16,7 @@ const T: Duration = Duration::from_secs(60);
 const QUIET_S: u64 = 4;
 
 fn metrics(edge: &Edge) -> String {
-    http()
-        .get(format!("http://127.0.0.1:{}/metrics", edge.status_port))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap()
+    edge.metrics().unwrap()
 }
 
 /// The value of `backhaul_edge_{name}` for the test device in `/metrics`.

@@ -58,13 +58,7 @@ fn stored(cloud: &Cloud) -> Vec<Value> {
 }
 
 fn metrics(edge: &Edge) -> String {
-    http()
-        .get(format!("http://127.0.0.1:{}/metrics", edge.status_port))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap()
+    edge.metrics().unwrap()
 }
 
 /// The value of the dropped-invalid counter for `reason` in `/metrics`.

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use backhaul_edge::queue::{Queue, QueueConfig};
-use backhaul_tests::cloud::{Cloud, CloudOptions, DEVICE};
+use backhaul_tests::cloud::{Cloud, DEVICE};
 use backhaul_tests::edge::{num, Edge, EdgeOptions};
 use backhaul_tests::{presence_batch, run, Mosquitto, MosquittoOptions};
 use serde_json::Value;
@@ -155,13 +155,7 @@ fn connected_but_never_acked_shows_acks_overdue_and_resends_back_off() {
     let error = last_error(&status);
     assert!(error.contains("no ack") && error.contains("ACL") && error.contains("topic_prefix"), "{error}");
     assert!(status["link"]["acks_overdue"]["since"].is_string(), "{status}");
-    let metrics = backhaul_tests::cloud::http()
-        .get(format!("http://127.0.0.1:{}/metrics", edge.status_port))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = edge.metrics().unwrap();
     assert!(metrics.contains("backhaul_edge_link_acks_overdue_batches{device_id=\"rpi-test-01\"} 4"), "{metrics}");
     // Each batch is resent after 1 s, then 2 s, then 4 s: in the first 8 s after its first
     // send, 3 resends each, where a fixed timeout would have made 7.
@@ -178,9 +172,7 @@ fn small_packet_broker() -> Mosquitto {
 }
 
 fn mqtt_cloud(broker: &Mosquitto) -> Cloud {
-    let mut cloud = Cloud::start(CloudOptions { mqtt_url: Some(broker.url()), ..Default::default() }).unwrap();
-    cloud.process.wait_for_any_line(T, |l| l.contains("subscribed to batches and status")).unwrap();
-    cloud
+    Cloud::start_mqtt(broker, Vec::new()).unwrap()
 }
 
 #[test]
