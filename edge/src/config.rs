@@ -702,6 +702,12 @@ fn check_ranges(loaded: &Loaded<EdgeConfig>) -> Result<(), ConfigError> {
         (secs(1), secs(65_535)),
         "MQTT's keep alive is whole seconds, 1 to 65535",
     )?;
+    if m.keep_alive.0.subsec_nanos() != 0 {
+        return Err(loaded.invalid(
+            "transport.mqtt.keep_alive",
+            format!("{} is not a whole number of seconds: MQTT's keep alive is whole seconds", m.keep_alive),
+        ));
+    }
     in_range(loaded, "transport.mqtt.status_interval", m.status_interval, (secs(1), secs(3600)), "")?;
     if let Some(max) = m.max_message_bytes {
         in_range(
@@ -744,6 +750,12 @@ mod tests {
     fn a_keep_alive_below_one_second_is_refused_naming_the_key_the_value_and_the_range() {
         // Issue #13: rumqttc panics on it inside the link thread, which then died quietly.
         refused("", "[transport.mqtt]\nkeep_alive = \"500ms\"", "transport.mqtt.keep_alive", &["500ms", "1s..="]);
+        refused(
+            "",
+            "[transport.mqtt]\nkeep_alive = \"1500ms\"",
+            "transport.mqtt.keep_alive",
+            &["whole number of seconds"],
+        );
         refused("", "[transport.mqtt]\nkeep_alive = \"65536s\"", "transport.mqtt.keep_alive", &["65535"]);
         load("", "[transport.mqtt]\nkeep_alive = \"1s\"").unwrap();
         load("", "[transport.mqtt]\nkeep_alive = \"65535s\"").unwrap();

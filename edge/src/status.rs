@@ -558,7 +558,8 @@ pub fn render(r: &StatusReport) -> String {
             r.link.acks_overdue.since.as_deref().unwrap_or("-")
         );
     }
-    if let (false, Some(e)) = (r.link.connected && r.link.acks_overdue.count == 0, &r.link.last_error) {
+    // Also while connected: a broker's refusal or a cut batch leaves the link up.
+    if let Some(e) = &r.link.last_error {
         let _ = writeln!(out, "           last error: {e}");
     }
     if !r.clock.synced && !r.clock.floor.is_empty() {
@@ -589,8 +590,15 @@ pub fn render(r: &StatusReport) -> String {
     );
     let _ = writeln!(
         out,
-        "since start {} sent ({} resent), {} acked ({} duplicates), {} dead-lettered, {} refused by the broker",
-        r.sent.batches, r.sent.resent, r.sent.acked_batches, r.sent.acked_duplicates, r.sent.rejected, r.sent.refused
+        "since start {} sent ({} resent), {} acked ({} duplicates), {} refused by the cloud, {} refused by the \
+         broker, {} cut to fit the link",
+        r.sent.batches,
+        r.sent.resent,
+        r.sent.acked_batches,
+        r.sent.acked_duplicates,
+        r.sent.rejected,
+        r.sent.refused,
+        r.sent.cut
     );
     if r.source.recoveries > 0 || r.source.last_error.is_some() {
         let _ = writeln!(

@@ -866,7 +866,7 @@ impl Queue {
             %batch_id,
             reason = %reason,
             dead_letters = st.counters.dead_batches,
-            "the cloud refused a batch for good: moved to the dead-letter tree (inspect with `backhaul-edge queue export`)"
+            "batch moved to the dead-letter tree, never sent again (the reason says why; inspect with `backhaul-edge queue export`)"
         );
         drop(st);
         self.inner.space.notify_all();
