@@ -91,6 +91,9 @@ pub async fn run(
     // instead, and let systemd restart the service.
     let mut poller = Some(poller);
     let mut ack_poller = Some(ack_poller);
+    // PUBACKs waiting for room in the client's request queue, in arrival order (see
+    // `send_pubacks`).
+    let mut pubacks: VecDeque<Publish> = VecDeque::new();
     let mut stopping = false;
     let mut rx_closed = false;
     let mut result = Ok(());
@@ -98,6 +101,12 @@ pub async fn run(
         // Checked before the select: once stopping with nothing in hand, every branch below is
         // disabled (and a select with no branch left panics).
         if stopping && in_hand.is_empty() {
+            // The PUBACKs still waiting get a moment to go out with the disconnect.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while !pubacks.is_empty() && tokio::time::Instant::now() < deadline {
+                send_pubacks(&client, &mut pubacks);
+                tokio::time::sleep(PUBACK_RETRY).await;
+            }
             break;
         }
         let next = tokio::select! {
@@ -126,9 +135,11 @@ pub async fn run(
                 // uncommitted message). It is stored; the broker redelivers it if it kept the
                 // session, as a duplicate.
                 if received_on == connection.load(Ordering::SeqCst) {
-                    if let Err(e) = client.ack(&publish).await {
-                        tracing::warn!(error = %e, "queueing a PUBACK failed; the broker will redeliver (a duplicate)");
-                    }
+                    // A PUBACK needs only the packet id (and QoS): the payload can go.
+                    let mut publish = publish;
+                    publish.payload = Default::default();
+                    pubacks.push_back(publish);
+                    send_pubacks(&client, &mut pubacks);
                 }
                 continue;
             }
@@ -141,6 +152,11 @@ pub async fn run(
                 ack_poller = None;
                 result = Err(task_died("the MQTT ack connection's event loop", r));
                 break;
+            }
+            // PUBACKs the request queue had no room for: try again shortly.
+            _ = tokio::time::sleep(PUBACK_RETRY), if !pubacks.is_empty() => {
+                send_pubacks(&client, &mut pubacks);
+                continue;
             }
             p = rx.recv(), if !stopping && !rx_closed && in_hand.len() < IN_HAND => p,
             _ = shutdown.changed(), if !stopping => {
@@ -181,6 +197,31 @@ pub async fn run(
         }
     }
     result
+}
+
+/// How soon PUBACKs that found the request queue full are tried again.
+const PUBACK_RETRY: Duration = Duration::from_millis(20);
+
+/// Queues the waiting PUBACKs, in order, while the client's request queue has room; the rest wait.
+///
+/// Never awaited (issue #14: a burst stopped MQTT ingest for good). rumqttc's event loop hands
+/// out the incoming messages it has read before it takes the next request, so under a burst the
+/// request queue fills with PUBACKs; a worker awaiting room there stops taking messages, the
+/// poller then blocks handing it the next one, and nothing polls the event loop that would make
+/// the room. Waiting here instead costs a `Publish` a message until the burst is read.
+fn send_pubacks(client: &AsyncClient, pubacks: &mut VecDeque<Publish>) {
+    while let Some(publish) = pubacks.front() {
+        match client.try_ack(publish) {
+            Ok(()) => {
+                pubacks.pop_front();
+            }
+            Err(rumqttc::ClientError::TryRequest(_)) => return, // full: later
+            Err(e) => {
+                tracing::warn!(error = %e, "queueing a PUBACK failed; the broker will redeliver (a duplicate)");
+                pubacks.pop_front();
+            }
+        }
+    }
 }
 
 /// The error for a long-lived task that ended on its own: it panicked (the panic's message) or
