@@ -131,6 +131,8 @@ impl PacketIds {
 #[derive(Debug)]
 pub struct MqttTransport {
     settings: MqttSettings,
+    /// `{prefix}/{device_id}/batches`, made once (every send and every size check uses it).
+    batches_topic: String,
     client: Option<Client>,
     /// The broker's maximum packet size on this connection (MQTT 5 CONNACK).
     broker_max_packet: Option<u32>,
@@ -156,6 +158,7 @@ impl MqttTransport {
             runtime.block_on(link(link_settings, events, stop_rx));
         })?;
         Ok(Self {
+            batches_topic: settings.topics.batches(&settings.device_id),
             settings,
             client: None,
             broker_max_packet: None,
@@ -189,8 +192,7 @@ impl Transport for MqttTransport {
     }
 
     fn send(&mut self, batch: &QueuedBatch) -> bool {
-        let topic = self.settings.topics.batches(&self.settings.device_id);
-        self.publish(topic, batch.payload.clone(), false, Some(batch.batch_id))
+        self.publish(self.batches_topic.clone(), batch.payload.clone(), false, Some(batch.batch_id))
     }
 
     fn handle(&mut self, event: MqttEvent, out: &mut Vec<Outcome>) {
@@ -216,7 +218,7 @@ impl Transport for MqttTransport {
                     // have it. It is the broker's configuration (an ACL, no subscriber), not the
                     // batch, so the batch stays queued and sending pauses.
                     Some(reason) => {
-                        let topic = self.settings.topics.batches(&self.settings.device_id);
+                        let topic = &self.batches_topic;
                         out.push(Outcome::Refused {
                             batch_id,
                             error: format!(
@@ -264,15 +266,11 @@ impl Transport for MqttTransport {
             (None, Some(broker)) => broker as usize,
             (None, None) => return None,
         };
-        let topic = self.settings.topics.batches(&self.settings.device_id);
-        Some(packet.saturating_sub(protocol::publish_overhead(&topic)))
+        Some(packet.saturating_sub(protocol::publish_overhead(&self.batches_topic)))
     }
 
     fn missing_acks_hint(&self) -> String {
-        let (batches, acks) = (
-            self.settings.topics.batches(&self.settings.device_id),
-            self.settings.topics.acks(&self.settings.device_id),
-        );
+        let (batches, acks) = (&self.batches_topic, self.settings.topics.acks(&self.settings.device_id));
         if self.settings.ack_on_puback {
             "the broker does not PUBACK: check the broker".into()
         } else {
@@ -431,6 +429,7 @@ mod tests {
                 protocol: MqttProtocol::V5,
                 max_message_bytes: None,
             },
+            batches_topic: Topics::default().batches("pi"),
             client: None,
             broker_max_packet: None,
             conn: 1,
@@ -501,7 +500,7 @@ mod tests {
         let mut t = transport(false);
         assert_eq!(t.max_payload(), None, "no limit known");
         t.broker_max_packet = Some(10_000);
-        let overhead = protocol::publish_overhead(&t.settings.topics.batches("pi"));
+        let overhead = protocol::publish_overhead(&t.batches_topic);
         assert_eq!(t.max_payload(), Some(10_000 - overhead));
         t.settings.max_message_bytes = Some(4096);
         assert_eq!(t.max_payload(), Some(4096 - overhead), "ours is smaller");
