@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use backhaul_shared::config::{self, ByteSize, EnvMap, Loaded};
+use std::time::Duration;
+
+use backhaul_shared::config::{self, ByteSize, EnvMap, HumanDuration, Loaded};
 use serde::Deserialize;
 
 /// Environment variables under `BACKHAUL_` that are not config keys.
@@ -21,15 +23,34 @@ pub struct CloudConfig {
     pub listen: String,
     /// `sqlite:PATH` or `postgres://…`.
     pub database: String,
-    /// Largest HTTP body accepted (413 above).
+    /// Largest batch accepted, as an HTTP body (413 above) or an MQTT message payload (the cloud
+    /// announces it to the broker, which then drops bigger messages for it). 1 KiB..=64 MiB;
+    /// default 1 MiB.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: ByteSize,
-    /// Most detections in one batch.
+    /// Most detections in one batch. 1..=100,000; default 10,000.
     #[serde(default = "default_max_detections")]
     pub max_detections: usize,
-    /// Ingests in progress at once; beyond that HTTP answers 429 and MQTT stops reading.
+    /// HTTP bulk posts handled at once; beyond that the answer is 429. 0..=4,096 (0 turns every
+    /// bulk post away: an MQTT-only cloud); default 64.
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent_ingest: usize,
+    /// Open HTTP connections at most; more wait in the kernel's accept queue until one closes.
+    /// 1..=65,536; default 512 (the unit's `LimitNOFILE` is 65,536).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A client must send a request's headers within this (or the connection is closed; idle
+    /// keep-alive connections too). 1 s..=5 min; default 10 s.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: HumanDuration,
+    /// A client must send a bulk post's body within this, once its headers are in (408 after).
+    /// 1 s..=10 min; default 30 s.
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout: HumanDuration,
+    /// An ingress with work waiting that finishes none of it for this long is stalled: `/health`
+    /// answers 503 and the systemd watchdog stops (issue #14). 5 s..=1 h; default 60 s.
+    #[serde(default = "default_stall_after")]
+    pub ingest_stall_after: HumanDuration,
     pub mqtt: Option<MqttConfig>,
     #[serde(default)]
     pub auth: AuthConfig,
@@ -70,6 +91,18 @@ fn default_max_detections() -> usize {
 fn default_max_concurrent() -> usize {
     64
 }
+fn default_max_connections() -> usize {
+    512
+}
+fn default_header_read_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_body_read_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_stall_after() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
 fn default_mqtt_url() -> String {
     "mqtt://127.0.0.1:1883".into()
 }
@@ -93,6 +126,7 @@ impl CloudConfig {
         if !(c.database.starts_with("sqlite:") || c.database.starts_with("postgres://")) {
             return Err(loaded.invalid("database", "must be sqlite:PATH or postgres://…").into());
         }
+        check_ranges(&loaded)?;
         if let Some(m) = &c.mqtt {
             parse_mqtt_url(&m.url).map_err(|e| loaded.invalid("mqtt.url", e.to_string()))?;
             if m.topic_prefix.is_empty() || m.topic_prefix.contains(['+', '#']) {
@@ -105,6 +139,34 @@ impl CloudConfig {
     pub fn listen_addr(&self) -> Result<SocketAddr> {
         self.listen.parse().with_context(|| format!("`{}` is not an address like 127.0.0.1:8080", self.listen))
     }
+}
+
+/// `value` within `min..=max`, or an error naming the key and the range.
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    loaded: &Loaded<CloudConfig>,
+    key: &str,
+    value: T,
+    (min, max): (T, T),
+) -> Result<()> {
+    if min <= value && value <= max {
+        return Ok(());
+    }
+    Err(loaded.invalid(key, format!("{value} is outside the valid range {min}..={max}")).into())
+}
+
+/// Every size, count and duration against its documented range (the fields' doc comments and the
+/// README's "Valid ranges" table say the same).
+fn check_ranges(loaded: &Loaded<CloudConfig>) -> Result<()> {
+    let c = &loaded.config;
+    let secs = |s| HumanDuration(Duration::from_secs(s));
+    in_range(loaded, "max_body_bytes", c.max_body_bytes, (ByteSize(1 << 10), ByteSize(64 << 20)))?;
+    in_range(loaded, "max_detections", c.max_detections, (1, 100_000))?;
+    in_range(loaded, "max_concurrent_ingest", c.max_concurrent_ingest, (0, 4096))?;
+    in_range(loaded, "max_connections", c.max_connections, (1, 65_536))?;
+    in_range(loaded, "header_read_timeout", c.header_read_timeout, (secs(1), secs(300)))?;
+    in_range(loaded, "body_read_timeout", c.body_read_timeout, (secs(1), secs(600)))?;
+    in_range(loaded, "ingest_stall_after", c.ingest_stall_after, (secs(5), secs(3600)))?;
+    Ok(())
 }
 
 /// `mqtt://host:port` → (host, port).
@@ -210,6 +272,27 @@ mod tests {
         assert_eq!(keys.check("nope"), None);
         assert_eq!(keys.check(""), None);
         assert!(!format!("{keys:?}").contains("fleet-key"), "keys never appear in Debug output");
+    }
+
+    #[test]
+    fn every_limit_outside_its_range_is_refused_naming_the_key_and_the_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cloud.toml");
+        for (line, key, range) in [
+            ("max_connections = 0", "max_connections", "1..=65536"),
+            ("header_read_timeout = \"0s\"", "header_read_timeout", "1s..=5m"),
+            ("body_read_timeout = \"1h\"", "body_read_timeout", "1s..=10m"),
+            ("ingest_stall_after = \"1s\"", "ingest_stall_after", "5s..=1h"),
+            ("max_body_bytes = \"1GiB\"", "max_body_bytes", "..="),
+            ("max_detections = 0", "max_detections", "1..=100000"),
+        ] {
+            std::fs::write(&file, format!("database = \"sqlite:/tmp/x.db\"\n{line}\n")).unwrap();
+            let e = CloudConfig::load(&file).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(range) && e.contains("outside the valid range"), "{line}: {e}");
+        }
+        std::fs::write(&file, "database = \"sqlite:/tmp/x.db\"\n").unwrap();
+        let c = CloudConfig::load(&file).unwrap().config;
+        assert_eq!((c.max_connections, c.ingest_stall_after.0.as_secs()), (512, 60), "defaults are in range");
     }
 
     #[test]

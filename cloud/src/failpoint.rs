@@ -6,6 +6,8 @@
 //! | `before_puback` | the MQTT worker parks after a commit, before its PUBACK (a test SIGKILLs it there) |
 //! | `bulk_500:N` | the next N HTTP bulk posts answer 500 |
 //! | `panic:TASK` | the long-lived task `TASK` panics at its first unit of work: `mqtt-poller` (first message received), `mqtt-acks` (first ack sent), `mqtt-worker` (first message taken), `watchdog` (first tick) |
+//! | `stall_mqtt` | the MQTT worker hangs on every batch message (a stalled ingress, issue #14 kind 4) |
+//! | `stall_http` | every HTTP bulk post hangs once its body is read |
 //! | `panic:mqtt-message` | handling the first MQTT batch message panics (the panic stays with that message) |
 
 use std::sync::atomic::{AtomicBool, Ordering};

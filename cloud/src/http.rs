@@ -27,6 +27,12 @@ pub struct App {
     /// Test-only fault injection (`BACKHAUL_FAILPOINT=bulk_500:N`): the next N bulk posts answer
     /// 500 before doing anything, as a cloud with a passing fault would.
     pub fail_next_bulk: std::sync::atomic::AtomicU64,
+    /// Each ingress's progress (`/health`, `/metrics`).
+    pub ingresses: Arc<crate::progress::Ingresses>,
+    /// Largest body (`max_body_bytes`).
+    pub max_body_bytes: usize,
+    /// How long a bulk post's body may take to arrive (`body_read_timeout`).
+    pub body_read_timeout: std::time::Duration,
 }
 
 /// Reads `BACKHAUL_FAILPOINT=bulk_500:N` (see [`App::fail_next_bulk`]); 0 without it.
@@ -37,10 +43,12 @@ pub fn failpoint_bulk_500() -> u64 {
         .unwrap_or(0)
 }
 
-pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
-    let gate = axum::middleware::from_fn_with_state((app.clone(), max_body_bytes), gate_body);
+pub fn router(app: Arc<App>) -> Router {
+    let max_body_bytes = app.max_body_bytes;
+    let gate = axum::middleware::from_fn_with_state(app.clone(), gate_body);
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/api/v1/detections/bulk", post(bulk).layer(gate))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/devices", get(devices))
@@ -102,15 +110,32 @@ fn authenticate(app: &App, headers: &HeaderMap) -> Result<KeyScope, ApiError> {
     }
 }
 
+/// For fleet-wide routes (`/api/v1/stats`, `/metrics`): a device key is a 403 that says what to use.
+fn fleet_only(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    match authenticate(app, headers)? {
+        KeyScope::Fleet => Ok(()),
+        KeyScope::Device(d) => Err(error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this route is fleet-wide and this API key is `{d}`'s: use a fleet key (\"*\" in the keys file); \
+                 a device key reads its own device through /api/v1/devices and /api/v1/detections"
+            ),
+            None,
+        )),
+    }
+}
+
 /// Before a body is read (issue #14: 400 unauthenticated requests declaring 1 MB bodies took the
 /// cloud from 10 to 409 MiB): a declared `Content-Length` over `max_body_bytes` is a 413 at once,
-/// and a request without a valid key is a 401 at once; neither body is read. (A body without a
-/// declared length is still cut at `max_body_bytes` while it is read.)
+/// and a request without a valid key is a 401 at once; neither body is read. Then the body is read
+/// whole, cut at `max_body_bytes` (413) and within `body_read_timeout` (408), so a client that
+/// trickles its body holds a connection only that long.
 async fn gate_body(
-    State((app, max_body_bytes)): State<(Arc<App>, usize)>,
+    State(app): State<Arc<App>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let max_body_bytes = app.max_body_bytes;
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -130,15 +155,121 @@ async fn gate_body(
     if let Err(e) = authenticate(&app, request.headers()) {
         return e.into_response();
     }
-    next.run(request).await
+    let (parts, body) = request.into_parts();
+    let read = axum::body::to_bytes(body, max_body_bytes);
+    let bytes = match tokio::time::timeout(app.body_read_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some());
+            return if over {
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the body is over {max_body_bytes} bytes (max_body_bytes)"),
+                    None,
+                )
+            } else {
+                error(StatusCode::BAD_REQUEST, format!("reading the body failed: {e}"), None)
+            }
+            .into_response();
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive within {} s (body_read_timeout); send it faster or in smaller batches",
+                    app.body_read_timeout.as_secs()
+                ),
+                None,
+            )
+            .into_response()
+        }
+    };
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
+/// 200 `{"status":"ok"}` while the database answers and no ingress is stalled; otherwise 503 with
+/// `error` saying which and what to do, and `stalled` listing the stalled ingresses.
 async fn health(State(app): State<Arc<App>>) -> Response {
-    if app.ingest.store.ping().await {
-        Json(json!({ "status": "ok" })).into_response()
-    } else {
-        error(StatusCode::SERVICE_UNAVAILABLE, "database does not answer", None).into_response()
+    if !app.ingest.store.ping().await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "database does not answer", None).into_response();
     }
+    let stalls = app.ingresses.stalls();
+    if stalls.is_empty() {
+        return Json(json!({ "status": "ok" })).into_response();
+    }
+    let stalled: Vec<&str> = app
+        .ingresses
+        .all()
+        .into_iter()
+        .filter(|p| p.snapshot().stalled(app.ingresses.stall_after))
+        .map(|p| p.name)
+        .collect();
+    let body = json!({ "status": "unhealthy", "error": stalls.join("; "), "stalled": stalled });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+/// Prometheus text format (version 0.0.4): each ingress's progress and the stored counts. Needs
+/// a key, like `/api/v1/stats` (Prometheus sends one with `authorization: {credentials: …}`).
+async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(r) = fleet_only(&app, &headers) {
+        return r.into_response();
+    }
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, String)]| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, value) in samples {
+            out.push_str(&format!("{name}{labels} {value}\n"));
+        }
+    };
+    let ingresses = app.ingresses.all().map(|p| (p, p.snapshot()));
+    let per = |f: &dyn Fn(&crate::progress::Snapshot) -> String| -> Vec<(&str, String)> {
+        ingresses
+            .iter()
+            .map(|(p, s)| (if p.name == "mqtt" { "{ingress=\"mqtt\"}" } else { "{ingress=\"http\"}" }, f(s)))
+            .collect()
+    };
+    let stall_after = app.ingresses.stall_after;
+    family(
+        "backhaul_cloud_ingress_waiting",
+        "gauge",
+        "Messages (MQTT) or bulk posts (HTTP) taken in and not finished.",
+        &per(&|s| s.waiting.to_string()),
+    );
+    family(
+        "backhaul_cloud_ingress_finished_total",
+        "counter",
+        "Messages or bulk posts finished since the start (stored, duplicate, refused or dead-lettered).",
+        &per(&|s| s.finished.to_string()),
+    );
+    family(
+        "backhaul_cloud_ingress_seconds_since_progress",
+        "gauge",
+        "Seconds since the ingress last finished something (or since work arrived while idle).",
+        &per(&|s| format!("{:.3}", s.since_progress.as_secs_f64())),
+    );
+    family(
+        "backhaul_cloud_ingress_stalled",
+        "gauge",
+        "1 if work waits and none was finished for ingest_stall_after.",
+        &per(&|s| u8::from(s.stalled(stall_after)).to_string()),
+    );
+    match app.ingest.store.stats().await {
+        Ok(s) => {
+            for (name, help, value) in [
+                ("batches", "Batches stored.", s.batches),
+                ("detections", "Detections stored.", s.detections),
+                ("duplicates", "Batches received again and answered as duplicates.", s.duplicates),
+                ("rejected", "Batches refused (a device/topic or key mismatch, a conflict).", s.rejected),
+                ("dead_letters", "Messages or bodies that could not be used, kept for inspection.", s.dead_letters),
+                ("panics", "Messages whose handling panicked (a bug; each also a dead letter).", s.panics),
+            ] {
+                family(&format!("backhaul_cloud_{name}_total"), "counter", help, &[("", value.to_string())]);
+            }
+        }
+        Err(e) => return storage_down(e),
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 async fn bulk(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -191,8 +322,18 @@ async fn bulk(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> R
     }
     // In its own task: if the client goes away, axum drops this handler, and the write (which may
     // carry other clients' batches in its group) must still finish.
-    let ingest = app.ingest.clone();
-    let accepted = tokio::spawn(async move { ingest.accept(batch, &body, "http").await }).await;
+    let (ingest, ingresses) = (app.ingest.clone(), app.ingresses.clone());
+    let accepted = tokio::spawn(async move {
+        // Waiting from here until stored: a client that gives up does not end the work (or count
+        // as progress), so a wedged store is seen however short the clients' timeouts.
+        let _busy = ingresses.http.guard();
+        if crate::failpoint::value() == Some("stall_http") {
+            eprintln!("FAILPOINT stall_http: the bulk post hangs before it is stored");
+            std::future::pending::<()>().await;
+        }
+        ingest.accept(batch, &body, "http").await
+    })
+    .await;
     let accepted = match accepted {
         Ok(result) => result,
         Err(e) => return storage_down(format!("ingest task failed: {e}")),
@@ -215,7 +356,7 @@ async fn bulk(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> R
 }
 
 async fn stats(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authenticate(&app, &headers) {
+    if let Err(r) = fleet_only(&app, &headers) {
         return r.into_response();
     }
     match app.ingest.store.stats().await {
@@ -225,11 +366,16 @@ async fn stats(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
 }
 
 async fn devices(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authenticate(&app, &headers) {
-        return r.into_response();
-    }
+    let scope = match authenticate(&app, &headers) {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
     match app.ingest.store.devices().await {
-        Ok(d) => Json(json!({ "devices": d })).into_response(),
+        // A device key sees its own device only.
+        Ok(mut d) => {
+            d.retain(|row| scope.allows(&row.device_id));
+            Json(json!({ "devices": d })).into_response()
+        }
         Err(e) => storage_down(e),
     }
 }
@@ -243,9 +389,24 @@ struct DetectionParams {
     cursor: Option<String>,
 }
 
-async fn detections(State(app): State<Arc<App>>, headers: HeaderMap, Query(p): Query<DetectionParams>) -> Response {
-    if let Err(r) = authenticate(&app, &headers) {
-        return r.into_response();
+async fn detections(State(app): State<Arc<App>>, headers: HeaderMap, Query(mut p): Query<DetectionParams>) -> Response {
+    let scope = match authenticate(&app, &headers) {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
+    // A device key reads its own device only: no device_id means its own, another is a 403.
+    if let KeyScope::Device(own) = &scope {
+        match p.device_id.as_deref() {
+            Some(asked) if asked != own => {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    format!("this API key may only read device `{own}`; reading `{asked}` needs a fleet key"),
+                    Some("device_id"),
+                )
+                .into_response()
+            }
+            _ => p.device_id = Some(own.clone()),
+        }
     }
     let time = |v: &Option<String>, field: &str| -> Result<Option<i64>, ApiError> {
         v.as_deref()

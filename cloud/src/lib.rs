@@ -8,4 +8,6 @@ pub mod failpoint;
 pub mod http;
 pub mod ingest;
 pub mod mqtt;
+pub mod progress;
+pub mod serve;
 pub mod store;

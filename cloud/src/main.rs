@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use backhaul_cloud::config::{ApiKeys, CloudConfig};
 use backhaul_cloud::http::{router, App};
 use backhaul_cloud::ingest::Ingest;
+use backhaul_cloud::progress::Ingresses;
 use backhaul_cloud::store::Store;
 use backhaul_shared::Limits;
 use clap::{Parser, Subcommand};
@@ -85,11 +86,16 @@ fn serve(config_file: PathBuf) -> Result<()> {
             .await
             .with_context(|| format!("opening the database {} (key `database`)", redact(&config.database)))?;
         let ingest = Arc::new(Ingest::new(store, Limits { max_detections: config.max_detections }));
+        let ingresses = Arc::new(Ingresses::new(config.ingest_stall_after.0));
+        let max_body_bytes = usize::try_from(config.max_body_bytes.0).unwrap_or(usize::MAX);
         let app = Arc::new(App {
             ingest: ingest.clone(),
             keys,
             permits: Semaphore::new(config.max_concurrent_ingest),
             fail_next_bulk: backhaul_cloud::http::failpoint_bulk_500().into(),
+            ingresses: ingresses.clone(),
+            max_body_bytes,
+            body_read_timeout: config.body_read_timeout.0,
         });
         let listener = tokio::net::TcpListener::bind(config.listen_addr()?)
             .await
@@ -98,18 +104,23 @@ fn serve(config_file: PathBuf) -> Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mqtt = config.mqtt.clone().map(|m| {
             let password = std::env::var("BACKHAUL_MQTT_PASSWORD").ok();
-            tokio::spawn(backhaul_cloud::mqtt::run(ingest.clone(), m, password, stop_rx.clone()))
+            let settings =
+                backhaul_cloud::mqtt::Settings { max_message_bytes: max_body_bytes, progress: ingresses.clone() };
+            tokio::spawn(backhaul_cloud::mqtt::run(ingest.clone(), m, password, settings, stop_rx.clone()))
         });
         tracing::info!(%addr, mqtt = config.mqtt.is_some(), "backhaul-cloud serving");
         println!("listening on {addr}");
         notify(&[sd_notify::NotifyState::Ready]);
-        let pinger = tokio::spawn(watchdog_loop(ingest.clone()));
-        let mut http_stop = stop_rx.clone();
-        let server =
-            axum::serve(listener, router(app, config.max_body_bytes.0 as usize)).with_graceful_shutdown(async move {
-                let _ = http_stop.changed().await;
-            });
-        let server = tokio::spawn(async move { server.await });
+        let pinger = tokio::spawn(watchdog_loop(ingest.clone(), ingresses.clone()));
+        let limits = backhaul_cloud::serve::Limits {
+            max_connections: config.max_connections,
+            header_read_timeout: config.header_read_timeout.0,
+        };
+        let server = backhaul_cloud::serve::serve(listener, router(app), limits, stop_rx.clone());
+        let server = tokio::spawn(async move {
+            server.await;
+            anyhow::Ok(())
+        });
         // Every long-lived task runs until the stop is asked: one that ends before died (a panic,
         // or an error it cannot get over). Ingest must not stay dead with the process up, so the
         // service then stops with an error and systemd restarts it.
@@ -211,19 +222,29 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// `WATCHDOG=1` at half the watchdog interval while the database answers; a wedged database or
-/// runtime stops the pings and systemd restarts the service.
-async fn watchdog_loop(ingest: Arc<Ingest>) {
-    // Without a watchdog there is nothing to do, but a task that ends counts as dead: wait forever.
-    let Some(interval) = sd_notify::watchdog_enabled() else { return std::future::pending().await };
-    let mut every = tokio::time::interval((interval / 2).max(std::time::Duration::from_millis(100)));
+/// `WATCHDOG=1` at half the watchdog interval while the database answers and no ingress is stalled
+/// (`ingest_stall_after`); a wedged database, runtime or ingress stops the pings and systemd
+/// restarts the service.
+async fn watchdog_loop(ingest: Arc<Ingest>, ingresses: Arc<Ingresses>) {
+    let watchdog = sd_notify::watchdog_enabled();
+    // Without a watchdog, stalls are still looked for (and logged) every 5 s.
+    let period =
+        watchdog.map_or(std::time::Duration::from_secs(5), |i| (i / 2).max(std::time::Duration::from_millis(100)));
+    let mut every = tokio::time::interval(period);
     loop {
         every.tick().await;
         backhaul_cloud::failpoint::panic_in("watchdog");
-        if ingest.store.ping().await {
-            notify(&[sd_notify::NotifyState::Watchdog]);
-        } else {
-            tracing::error!("the database does not answer: no watchdog ping");
+        let stalls = ingresses.stalls();
+        if !stalls.is_empty() {
+            for stall in stalls {
+                tracing::error!("{stall}");
+            }
+        } else if watchdog.is_some() {
+            if ingest.store.ping().await {
+                notify(&[sd_notify::NotifyState::Watchdog]);
+            } else {
+                tracing::error!("the database does not answer: no watchdog ping");
+            }
         }
     }
 }

@@ -1,11 +1,15 @@
-//! The MQTT ingress adapter (SPEC.md, "MQTT topics").
+//! The MQTT ingress adapter (SPEC.md, "MQTT topics"), MQTT 5 (OASIS MQTT 5.0).
 //!
 //! - Subscribes with QoS 1 through `$share/{group}/{prefix}/+/batches` and to `{prefix}/+/status`,
-//!   on a persistent session (`clean_session = false`, a fixed client id per replica), with manual
-//!   acks: the broker keeps redelivering a message until we PUBACK it.
+//!   on a persistent session (`clean_start = false`, session expiry never, a fixed client id per
+//!   replica), with manual acks: the broker keeps redelivering a message until we PUBACK it.
+//! - The CONNECT announces a Maximum Packet Size (`max_body_bytes` + 64 KiB: the broker drops
+//!   bigger messages for us instead of sending them, issue #14) and a Receive Maximum of 64 (the
+//!   broker sends at most that many messages we have not PUBACKed). Mosquitto 2.0.11 ignores the
+//!   Receive Maximum when `max_queued_messages` is 0 (PITFALLS.md); `deploy/` bounds it.
 //! - Up to `IN_HAND` messages are handled at once (so their batches share the store's group
 //!   commit); each is committed and its end-to-end ack published on `{prefix}/{device}/acks`, and
-//!   PUBACKs go out strictly in arrival order (MQTT 3.1.1), each only once its message is done.
+//!   PUBACKs go out strictly in arrival order, each only once its message is done.
 //!   A crash between commit and PUBACK means a redelivery, which is then a duplicate.
 //! - A malformed message is recorded in the dead-letter table and PUBACKed, so the broker stops
 //!   redelivering it; a batch whose topic names another device than its payload is rejected.
@@ -31,19 +35,46 @@ use std::time::Duration;
 use anyhow::Result;
 use backhaul_shared::wire::TopicKind;
 use backhaul_shared::{Ack, AckMessage, AckStatus, DeviceStatus, Topics};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeFilter};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{parse_mqtt_url, MqttConfig};
 use crate::ingest::{Accepted, Ingest};
 
-/// Largest MQTT message read; bigger ones end the connection in rumqttc, so keep it generous and
-/// let validation reject what is too large.
-const MAX_INCOMING: usize = 16 << 20;
+/// Room in a PUBLISH packet for what is not payload: the fixed header, the topic (at most
+/// `{prefix}/{device}/batches`, both bounded by the topic rules) and properties.
+const PACKET_OVERHEAD: usize = 64 << 10;
 
 /// Messages handled at once (their batches share a group commit).
 const IN_HAND: usize = 32;
+
+/// Messages the poller may hold for the worker beyond those in hand.
+const HANDOVER: usize = 32;
+
+/// MQTT 5 Receive Maximum (OASIS MQTT 5.0, section 3.1.2.11.3): the broker sends at most this many
+/// QoS 1 messages we have not PUBACKed, so a burst or a backlog of any size costs at most this many
+/// messages of memory (each at most the announced Maximum Packet Size). Enough to keep the worker's
+/// hands and the handover full.
+const RECEIVE_MAXIMUM: u16 = (IN_HAND + HANDOVER) as u16;
+
+/// MQTT 5 session expiry (section 3.1.2.11.2): never, like a 3.1.1 session with
+/// `clean_session = false`; the broker keeps our subscriptions and the messages not PUBACKed
+/// while we are away.
+const SESSION_NEVER_EXPIRES: u32 = u32::MAX;
+
+/// Limits and gauges of the MQTT ingress.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Largest message payload accepted (`max_body_bytes`, as over HTTP). Announced to the broker
+    /// as our Maximum Packet Size (payload + [`PACKET_OVERHEAD`]); MQTT 5 brokers drop bigger
+    /// messages for us instead of sending them (section 3.1.2.11.4).
+    pub max_message_bytes: usize,
+    /// This ingress's progress, for `/health`, `/metrics` and the watchdog.
+    pub progress: Arc<crate::progress::Ingresses>,
+}
 
 /// Test-only fault injection: `BACKHAUL_FAILPOINT=before_puback` parks the worker after a commit,
 /// before its PUBACK, so a test can SIGKILL the process exactly there.
@@ -58,28 +89,45 @@ pub async fn run(
     ingest: Arc<Ingest>,
     cfg: MqttConfig,
     password: Option<String>,
+    settings: Settings,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let (host, port) = parse_mqtt_url(&cfg.url)?;
+    let max_packet = u32::try_from(settings.max_message_bytes.saturating_add(PACKET_OVERHEAD)).unwrap_or(u32::MAX);
     let mut options = MqttOptions::new(cfg.client_id.clone(), host, port);
     options
         .set_keep_alive(Duration::from_secs(15))
-        .set_clean_session(false)
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(SESSION_NEVER_EXPIRES))
         .set_manual_acks(true)
-        .set_max_packet_size(MAX_INCOMING, MAX_INCOMING);
+        .set_max_packet_size(Some(max_packet))
+        .set_receive_maximum(Some(RECEIVE_MAXIMUM));
     if let Some(user) = &cfg.username {
         options.set_credentials(user.clone(), password.unwrap_or_default());
     }
-    // Deep request queue: it only carries PUBACKs (one per message in hand) and subscriptions.
-    let (client, eventloop) = AsyncClient::new(options.clone(), 4096);
+    // The request queue carries PUBACKs (at most one per message the broker may have sent us
+    // unacked) and subscriptions.
+    let (client, eventloop) = AsyncClient::new(options.clone(), 4 * usize::from(RECEIVE_MAXIMUM));
     let topics = Topics::new(cfg.topic_prefix.clone());
-    let (tx, mut rx) = mpsc::channel::<(u64, Publish)>(64);
+    let (tx, mut rx) = mpsc::channel::<(u64, Publish)>(HANDOVER);
     let connection = Arc::new(AtomicU64::new(0));
-    let poller =
-        tokio::spawn(poll(eventloop, client.clone(), topics.clone(), cfg.shared_group.clone(), tx, connection.clone()));
+    let ingresses = settings.progress.clone();
+    let poller = tokio::spawn(poll(
+        eventloop,
+        client.clone(),
+        topics.clone(),
+        cfg.shared_group.clone(),
+        tx,
+        connection.clone(),
+        ingresses.clone(),
+    ));
 
     let mut ack_options = options;
-    ack_options.set_client_id(format!("{}-acks", cfg.client_id)).set_clean_session(true).set_manual_acks(false);
+    ack_options
+        .set_client_id(format!("{}-acks", cfg.client_id))
+        .set_clean_start(true)
+        .set_session_expiry_interval(None)
+        .set_manual_acks(false);
     let (acks, ack_eventloop) = AsyncClient::new(ack_options, 1024);
     let ack_poller = tokio::spawn(poll_acks(ack_eventloop));
 
@@ -93,7 +141,7 @@ pub async fn run(
     let mut ack_poller = Some(ack_poller);
     // PUBACKs waiting for room in the client's request queue, in arrival order (see
     // `send_pubacks`).
-    let mut pubacks: VecDeque<Publish> = VecDeque::new();
+    let mut pubacks: VecDeque<(u64, Publish)> = VecDeque::new();
     let mut stopping = false;
     let mut rx_closed = false;
     let mut result = Ok(());
@@ -104,7 +152,7 @@ pub async fn run(
             // The PUBACKs still waiting get a moment to go out with the disconnect.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
             while !pubacks.is_empty() && tokio::time::Instant::now() < deadline {
-                send_pubacks(&client, &mut pubacks);
+                send_pubacks(&client, &mut pubacks, &connection);
                 tokio::time::sleep(PUBACK_RETRY).await;
             }
             break;
@@ -138,9 +186,11 @@ pub async fn run(
                     // A PUBACK needs only the packet id (and QoS): the payload can go.
                     let mut publish = publish;
                     publish.payload = Default::default();
-                    pubacks.push_back(publish);
-                    send_pubacks(&client, &mut pubacks);
+                    publish.topic = Default::default();
+                    pubacks.push_back((received_on, publish));
+                    send_pubacks(&client, &mut pubacks, &connection);
                 }
+                ingresses.mqtt.finish();
                 continue;
             }
             r = async { poller.as_mut().expect("checked").await }, if poller.is_some() => {
@@ -155,7 +205,7 @@ pub async fn run(
             }
             // PUBACKs the request queue had no room for: try again shortly.
             _ = tokio::time::sleep(PUBACK_RETRY), if !pubacks.is_empty() => {
-                send_pubacks(&client, &mut pubacks);
+                send_pubacks(&client, &mut pubacks, &connection);
                 continue;
             }
             p = rx.recv(), if !stopping && !rx_closed && in_hand.len() < IN_HAND => p,
@@ -168,7 +218,8 @@ pub async fn run(
             Some((received_on, publish)) => {
                 crate::failpoint::panic_in("mqtt-worker");
                 let (ingest, acks, topics, p) = (ingest.clone(), acks.clone(), topics.clone(), publish.clone());
-                let task = tokio::spawn(async move { handle(&ingest, &acks, &topics, &p).await });
+                let max = settings.max_message_bytes;
+                let task = tokio::spawn(async move { handle(&ingest, &acks, &topics, &p, max).await });
                 in_hand.push_back((received_on, publish, task));
             }
             // The poller is gone: its handle's branch above says how.
@@ -209,13 +260,22 @@ const PUBACK_RETRY: Duration = Duration::from_millis(20);
 /// request queue fills with PUBACKs; a worker awaiting room there stops taking messages, the
 /// poller then blocks handing it the next one, and nothing polls the event loop that would make
 /// the room. Waiting here instead costs a `Publish` a message until the burst is read.
-fn send_pubacks(client: &AsyncClient, pubacks: &mut VecDeque<Publish>) {
-    while let Some(publish) = pubacks.front() {
+///
+/// A PUBACK whose message came on an earlier connection is dropped (its packet id means nothing on
+/// the new one; after a session loss it could acknowledge a new, uncommitted message). The broker
+/// redelivers that message if it kept the session: a duplicate.
+fn send_pubacks(client: &AsyncClient, pubacks: &mut VecDeque<(u64, Publish)>, connection: &AtomicU64) {
+    let current = connection.load(Ordering::SeqCst);
+    while let Some((received_on, publish)) = pubacks.front() {
+        if *received_on != current {
+            pubacks.pop_front();
+            continue;
+        }
         match client.try_ack(publish) {
             Ok(()) => {
                 pubacks.pop_front();
             }
-            Err(rumqttc::ClientError::TryRequest(_)) => return, // full: later
+            Err(rumqttc::v5::ClientError::TryRequest(_)) => return, // full: later
             Err(e) => {
                 tracing::warn!(error = %e, "queueing a PUBACK failed; the broker will redeliver (a duplicate)");
                 pubacks.pop_front();
@@ -270,6 +330,7 @@ async fn poll(
     group: String,
     tx: mpsc::Sender<(u64, Publish)>,
     connection: Arc<AtomicU64>,
+    ingresses: Arc<crate::progress::Ingresses>,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -280,23 +341,41 @@ async fn poll(
                 tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
                 // try_subscribe_many only queues the request: never await from the polling task.
                 let filters = [topics.shared_batches_filter(&group), topics.all_status_filter()]
-                    .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
+                    .map(|f| Filter::new(f, QoS::AtLeastOnce));
                 if let Err(e) = client.try_subscribe_many(filters) {
                     tracing::error!(error = %e, "subscribing failed");
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                tracing::info!("subscribed to batches and status");
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+                let refused: Vec<_> =
+                    ack.return_codes.iter().filter(|c| !matches!(c, SubscribeReasonCode::Success(_))).collect();
+                if refused.is_empty() {
+                    tracing::info!("subscribed to batches and status");
+                } else {
+                    tracing::error!(
+                        reasons = ?refused,
+                        "the broker refused a subscription (batches first, then status): nothing arrives over MQTT; \
+                         check the broker's ACL for this client and that it supports shared subscriptions"
+                    );
+                }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 crate::failpoint::panic_in("mqtt-poller");
+                // Waiting from here: a worker that takes no message for `ingest_stall_after`
+                // makes the service unhealthy.
+                ingresses.mqtt.begin();
                 // Bounded: a slow worker stops us reading from the broker. Once the worker is
                 // gone (stopping), messages are left unacked and the broker redelivers them.
-                let _ = tx.send((connection.load(Ordering::SeqCst), p)).await;
+                if tx.send((connection.load(Ordering::SeqCst), p)).await.is_err() {
+                    ingresses.mqtt.finish();
+                }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(e) => {
+                // From here, PUBACKs for what this connection delivered are stale.
+                connection.fetch_add(1, Ordering::SeqCst);
                 tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection lost; reconnecting");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -310,23 +389,47 @@ async fn poll(
 /// batch_id can be read (else the device would resend it after every ack timeout, forever).
 async fn handler_panicked(ingest: &Ingest, acks: &AsyncClient, topics: &Topics, publish: &Publish, panic: &str) {
     let reason = format!("the cloud panicked handling this message (a bug; kept for inspection): {panic}");
-    let device = topics.parse(&publish.topic).map(|(d, _)| d);
-    tracing::error!(topic = %publish.topic, size = publish.payload.len(), "{reason}; dead-lettered, PUBACKed, going on");
-    retry_storage(|| {
-        ingest.store.dead_letter_panic("mqtt", Some(&publish.topic), device, publish.payload.len(), &reason)
-    })
-    .await;
+    let topic = topic_str(publish);
+    let device = topics.parse(&topic).map(|(d, _)| d);
+    tracing::error!(topic = %topic, size = publish.payload.len(), "{reason}; dead-lettered, PUBACKed, going on");
+    retry_storage(|| ingest.store.dead_letter_panic("mqtt", Some(&topic), device, publish.payload.len(), &reason))
+        .await;
     if let (Some(device), Some(batch_id)) = (device, readable_batch_id(&publish.payload)) {
         send_ack(acks, topics, device, Ack { batch_id, status: AckStatus::Rejected, reason: Some(reason) }).await;
     }
 }
 
+/// The topic as text (a topic that is not UTF-8 cannot be one of ours; MQTT requires UTF-8).
+fn topic_str(publish: &Publish) -> String {
+    String::from_utf8_lossy(&publish.topic).into_owned()
+}
+
 /// Handles one message to completion: stored (or recorded as unusable) before it returns.
-async fn handle(ingest: &Ingest, client: &AsyncClient, topics: &Topics, publish: &Publish) {
-    let Some((device, kind)) = topics.parse(&publish.topic) else {
+async fn handle(ingest: &Ingest, client: &AsyncClient, topics: &Topics, publish: &Publish, max_bytes: usize) {
+    let topic = topic_str(publish);
+    let Some((device, kind)) = topics.parse(&topic) else {
         dead_letter(ingest, publish, None, "topic is not {prefix}/{device}/batches or /status").await;
         return;
     };
+    if crate::failpoint::value() == Some("stall_mqtt") && kind == TopicKind::Batches {
+        eprintln!("FAILPOINT stall_mqtt: the worker hangs on a batch");
+        std::future::pending::<()>().await;
+    }
+    // Within our Maximum Packet Size (max_body_bytes + 64 KiB of slack for the topic and header) a
+    // payload can still be over max_body_bytes: refused like an HTTP body of that size.
+    if publish.payload.len() > max_bytes {
+        let reason = format!("message of {} bytes is over max_body_bytes ({max_bytes})", publish.payload.len());
+        dead_letter(ingest, publish, Some(device), &reason).await;
+        // Final, like a 413: the device stops resending it (its batch_id is read from a payload no
+        // bigger than the announced packet size).
+        if kind == TopicKind::Batches {
+            if let Some(batch_id) = readable_batch_id(&publish.payload) {
+                send_ack(client, topics, device, Ack { batch_id, status: AckStatus::Rejected, reason: Some(reason) })
+                    .await;
+            }
+        }
+        return;
+    }
     match kind {
         TopicKind::Batches => {
             crate::failpoint::panic_in("mqtt-message");
@@ -364,7 +467,7 @@ async fn handle_batch(ingest: &Ingest, client: &AsyncClient, topics: &Topics, pu
     if batch.device_id != device {
         let reason = format!("payload device_id `{}` differs from the topic's `{device}`", batch.device_id);
         retry_storage(|| ingest.store.count_rejected()).await;
-        tracing::warn!(topic = %publish.topic, batch_id = %batch.batch_id, "{reason}");
+        tracing::warn!(topic = %topic_str(publish), batch_id = %batch.batch_id, "{reason}");
         send_ack(
             client,
             topics,
@@ -415,9 +518,9 @@ async fn send_ack(client: &AsyncClient, topics: &Topics, device: &str, ack: Ack)
 }
 
 async fn dead_letter(ingest: &Ingest, publish: &Publish, device: Option<&str>, error: &str) {
-    tracing::warn!(topic = %publish.topic, size = publish.payload.len(), error, "unusable MQTT message: dead-lettered");
-    retry_storage(|| ingest.store.dead_letter("mqtt", Some(&publish.topic), device, publish.payload.len(), error))
-        .await;
+    let topic = topic_str(publish);
+    tracing::warn!(topic = %topic, size = publish.payload.len(), error, "unusable MQTT message: dead-lettered");
+    retry_storage(|| ingest.store.dead_letter("mqtt", Some(&topic), device, publish.payload.len(), error)).await;
 }
 
 async fn retry_storage<F, Fut>(mut op: F)

@@ -269,3 +269,51 @@ fn concurrent_posts_and_resends_are_stored_exactly_once() {
     let (_, devices) = get_json(&http(), &cloud, "/api/v1/devices");
     assert_eq!(devices["devices"][0]["gaps"].as_i64(), Some(0));
 }
+
+/// A device key reads only its own device (issue #15: the read routes dropped the key's scope, so a
+/// device key could read every device's detections); the fleet-wide routes need a fleet key.
+#[test]
+fn a_device_key_reads_only_its_own_device() {
+    let cloud = Cloud::start(CloudOptions::default()).unwrap();
+    let agent = http();
+    let mine = wire_batch(DEVICE, 0, 2);
+    let theirs = wire_batch("rpi-other", 0, 3);
+    let id = |b: &backhaul_shared::Batch| b.batch_id.to_string();
+    assert_eq!(post_batch(&agent, &cloud, Some(DEVICE_KEY), Some(&id(&mine)), &mine.to_json()).0, 201);
+    assert_eq!(post_batch(&agent, &cloud, Some(FLEET_KEY), Some(&id(&theirs)), &theirs.to_json()).0, 201);
+    let get = |key: &str, path: &str| -> (u16, serde_json::Value) {
+        let mut r = agent.get(cloud.url(path)).header("X-API-Key", key).call().unwrap();
+        let status = r.status().as_u16();
+        (status, serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap_or_default())
+    };
+    let devices_of = |body: &serde_json::Value| -> Vec<String> {
+        body["devices"].as_array().unwrap().iter().map(|d| d["device_id"].as_str().unwrap().to_owned()).collect()
+    };
+    let detection_devices = |body: &serde_json::Value| -> Vec<String> {
+        body["detections"].as_array().unwrap().iter().map(|d| d["device_id"].as_str().unwrap().to_owned()).collect()
+    };
+
+    // The device key: its own device, whether it names it or not.
+    let (status, body) = get(DEVICE_KEY, "/api/v1/devices");
+    assert_eq!((status, devices_of(&body)), (200, vec![DEVICE.to_owned()]), "{body}");
+    let (status, body) = get(DEVICE_KEY, "/api/v1/detections");
+    assert_eq!((status, detection_devices(&body)), (200, vec![DEVICE.to_owned(); 2]), "{body}");
+    let (status, body) = get(DEVICE_KEY, &format!("/api/v1/detections?device_id={DEVICE}"));
+    assert_eq!((status, detection_devices(&body).len()), (200, 2), "{body}");
+    // Another device's data, or the fleet-wide routes: 403, saying what would do.
+    let (status, body) = get(DEVICE_KEY, "/api/v1/detections?device_id=rpi-other");
+    assert_eq!((status, body["field"].as_str()), (403, Some("device_id")), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("fleet key"), "{body}");
+    for path in ["/api/v1/stats", "/metrics"] {
+        let (status, body) = get(DEVICE_KEY, path);
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("fleet key"), "{path}: {body}");
+    }
+
+    // The fleet key: everything.
+    let (status, body) = get(FLEET_KEY, "/api/v1/devices");
+    assert_eq!((status, devices_of(&body).len()), (200, 2), "{body}");
+    let (status, body) = get(FLEET_KEY, "/api/v1/detections");
+    assert_eq!((status, detection_devices(&body).len()), (200, 5), "{body}");
+    assert_eq!(get(FLEET_KEY, "/api/v1/stats").0, 200);
+}

@@ -145,7 +145,8 @@ async fn a_flood_of_malformed_messages_interleaved_with_good_batches() {
     let (bad_mqtt, bad_http, every) = (1000usize, 1000usize, 50usize);
     let mut good = Vec::new();
     let template = wire_batch(DEVICE, 0, 2).to_json();
-    // Two 10 MB strings, one each way.
+    // Two 10 MB strings, one each way. Over MQTT the broker drops it for the cloud (its MQTT 5
+    // Maximum Packet Size is max_body_bytes + 64 KiB), so it is no dead letter.
     let ten_mb = format!(r#"{{"schema":1,"name":"{}"}}"#, "x".repeat(10 << 20)).into_bytes();
     edge.client.publish(topics.batches(DEVICE), QoS::AtLeastOnce, false, ten_mb.clone()).await.unwrap();
     let (status, _, _) =
@@ -179,7 +180,7 @@ async fn a_flood_of_malformed_messages_interleaved_with_good_batches() {
             good.push(b);
         }
     }
-    let expected_dead = (bad_mqtt + 1 + http_dead_letters) as i64;
+    let expected_dead = (bad_mqtt + http_dead_letters) as i64;
     let agent2 = agent.clone();
     tokio::task::block_in_place(|| {
         wait_until("every message to be handled", Duration::from_secs(120), || {

@@ -99,3 +99,121 @@ fn unauthenticated_requests_declaring_big_bodies_are_answered_before_any_body_is
     })
     .unwrap();
 }
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Reads from `stream` until the cloud closes it (end of file or a reset) or `within` passes;
+/// returns what it sent, or `None` if the connection was still open.
+fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Option<String> {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + within;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return None,
+            Err(_) => return Some(String::from_utf8_lossy(&got).into_owned()),
+        }
+    }
+}
+
+fn limited_cloud() -> (Cloud, String) {
+    let cloud = Cloud::start(CloudOptions {
+        extra: "max_connections = 16\nheader_read_timeout = \"2s\"\nbody_read_timeout = \"2s\"".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    wait_until("the cloud to answer /health", T, || {
+        backhaul_tests::cloud::http().get(cloud.url("/health")).call().is_ok_and(|r| r.status() == 200)
+    })
+    .unwrap();
+    let addr = cloud.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    (cloud, addr)
+}
+
+/// Kind 5, the cloud's HTTP side: idle clients hold a connection only for `header_read_timeout`,
+/// and never more than `max_connections` at once; the rest wait in the kernel's accept queue, and
+/// a real request behind them is answered once they are gone.
+#[test]
+fn idle_http_connections_are_capped_and_closed_after_the_header_timeout() {
+    let (cloud, addr) = limited_cloud();
+    let pid = cloud.process.pid().unwrap();
+    let base = open_fds(pid);
+    let mut idle: Vec<TcpStream> = (0..64).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    // (`base` may still count the health check's connection, which the cloud closes shortly.)
+    wait_until("the first 16 to be accepted", T, || open_fds(pid) >= base + 15).unwrap();
+    let mut most = 0;
+    let watch_until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < watch_until {
+        most = most.max(open_fds(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(most <= base + 16 + 2, "{most} descriptors open, {base} before 64 idle clients and a cap of 16");
+    // Behind 64 idle clients (4 rounds of 16, 2 s each), a request is answered.
+    let started = std::time::Instant::now();
+    let r = backhaul_tests::cloud::http().get(cloud.url("/health")).call().unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(25), "answered after {:?}", started.elapsed());
+    // Every idle client was cut off by the cloud.
+    for (i, stream) in idle.iter_mut().enumerate() {
+        assert!(read_until_closed(stream, Duration::from_secs(10)).is_some(), "idle client {i} still open");
+    }
+    // A keep-alive connection that went idle after a request is closed too.
+    use std::io::Write;
+    let mut stream = TcpStream::connect(&addr).unwrap();
+    stream.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let answer = read_until_closed(&mut stream, Duration::from_secs(10)).expect("closed once idle");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
+
+/// Kind 5, slow clients: headers trickled a line at a time are cut off at `header_read_timeout`;
+/// a body trickled after complete headers is answered 408 at `body_read_timeout`.
+#[test]
+fn trickled_headers_and_bodies_are_cut_off_at_their_timeouts() {
+    use std::io::Write;
+    let (_cloud, addr) = limited_cloud();
+    let trickle = |stream: &mut TcpStream, piece: &[u8], until_closed: Duration| -> Option<String> {
+        let deadline = std::time::Instant::now() + until_closed;
+        while std::time::Instant::now() < deadline {
+            if stream.write_all(piece).is_err() {
+                return read_until_closed(stream, Duration::from_secs(1)).or(Some(String::new()));
+            }
+            if let Some(answer) = read_until_closed(stream, Duration::from_millis(300)) {
+                return Some(answer);
+            }
+        }
+        None
+    };
+    // Headers, one short line every 300 ms, forever.
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect(&addr).unwrap();
+    stream.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n").unwrap();
+    let answer = trickle(&mut stream, b"X-Slow: 1\r\n", Duration::from_secs(15));
+    assert!(answer.is_some(), "trickled headers held the connection for 15 s");
+    let took = started.elapsed();
+    assert!((Duration::from_millis(1500)..Duration::from_secs(8)).contains(&took), "cut off after {took:?}");
+
+    // A bulk post with a valid key whose body trickles 10 bytes every 300 ms.
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect(&addr).unwrap();
+    let head = format!(
+        "POST /api/v1/detections/bulk HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Idempotency-Key: 01JD3Q8Z9X6K1V2B3N4M5P6Q7R\r\nX-API-Key: {}\r\nContent-Length: 100000\r\n\r\n",
+        backhaul_tests::cloud::DEVICE_KEY
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let answer = trickle(&mut stream, &[b' '; 10], Duration::from_secs(15)).expect("answered within 15 s");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.contains("body_read_timeout"), "{answer:?}");
+    let took = started.elapsed();
+    assert!((Duration::from_millis(1500)..Duration::from_secs(8)).contains(&took), "answered after {took:?}");
+}
