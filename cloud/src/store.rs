@@ -293,10 +293,29 @@ impl Store {
         }
         if self.write_lock.is_none() {
             // PostgreSQL: no single writer, so no leader to gather a group; each writes its own.
-            let (reply, _) = tokio::sync::oneshot::channel();
-            let own =
-                [WriteRequest { batch: batch.clone(), hash: payload_sha256.to_owned(), via: via.to_owned(), reply }];
-            return Ok(self.write_group(&own).await?[0]);
+            // Another writer (a replica, or a concurrent request here) may commit the same batch_id
+            // between our read and our insert: the insert then fails on the primary key, and the
+            // batch is answered as the resend it is (issue #15: it was a 503, then a duplicate).
+            for attempt in 1..=RACE_ATTEMPTS {
+                let (reply, _) = tokio::sync::oneshot::channel();
+                let own = [WriteRequest {
+                    batch: batch.clone(),
+                    hash: payload_sha256.to_owned(),
+                    via: via.to_owned(),
+                    reply,
+                }];
+                match self.write_group(&own).await {
+                    Ok(outcomes) => return Ok(outcomes[0]),
+                    Err(StoreError::Db(e)) if lost_a_race(&e) && attempt < RACE_ATTEMPTS => {
+                        if let Some(outcome) = self.seen(&self.pool, &batch_id, payload_sha256).await? {
+                            return Ok(outcome);
+                        }
+                        // A deadlock victim (counters, devices), not stored: write it again.
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            unreachable!("the last attempt returns");
         }
         let (reply, mut answer) = tokio::sync::oneshot::channel();
         self.lock_pending().push(WriteRequest {
@@ -366,6 +385,21 @@ impl Store {
         self.write_unwritten_counts(&mut tx).await?;
         tx.commit().await?;
         Ok(outcomes)
+    }
+}
+
+/// Writes of one batch on PostgreSQL before its error is the caller's (see [`Store::store_batch`]).
+const RACE_ATTEMPTS: u32 = 4;
+
+/// A write that lost to a concurrent one: the batch_id was committed meanwhile (unique violation,
+/// SQLSTATE 23505), or PostgreSQL aborted this transaction to break a deadlock (40P01) or a
+/// serialization failure (40001). Retrying is right for each.
+fn lost_a_race(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            d.is_unique_violation() || matches!(d.code().as_deref(), Some("23505" | "40P01" | "40001"))
+        }
+        _ => false,
     }
 }
 

@@ -31,6 +31,8 @@ pub struct CloudOptions {
     pub extra: String,
     /// Where the database lives (default: the temp dir).
     pub database_dir: Option<PathBuf>,
+    /// A database URL instead of SQLite (e.g. a private [`crate::postgres::Postgres`]).
+    pub database_url: Option<String>,
     /// Extra environment (e.g. a failpoint).
     pub env: Vec<(String, String)>,
 }
@@ -42,9 +44,10 @@ impl Cloud {
         let db_dir = options.database_dir.clone().unwrap_or_else(|| dir.path().to_owned());
         let keys = dir.path().join("keys.toml");
         std::fs::write(&keys, format!("\"{DEVICE}\" = \"{DEVICE_KEY}\"\n\"*\" = \"{FLEET_KEY}\"\n"))?;
+        let database =
+            options.database_url.clone().unwrap_or_else(|| format!("sqlite:{}", db_dir.join("ingest.db").display()));
         let mut config = format!(
-            "listen = \"127.0.0.1:{port}\"\ndatabase = \"sqlite:{}\"\n{}\n[auth]\nkeys_file = \"{}\"\n",
-            db_dir.join("ingest.db").display(),
+            "listen = \"127.0.0.1:{port}\"\ndatabase = \"{database}\"\n{}\n[auth]\nkeys_file = \"{}\"\n",
             options.extra,
             keys.display()
         );

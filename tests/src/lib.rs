@@ -18,6 +18,7 @@ pub mod cloud;
 pub mod edge;
 pub mod http_stub;
 pub mod mqtt;
+pub mod postgres;
 
 /// Polls `check` until it returns `Some`, or fails after `timeout` naming `what` was awaited.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {

@@ -1,0 +1,138 @@
+//! The cloud on PostgreSQL (issue #15, in part), against a private PostgreSQL per test (initdb into
+//! a temp dir, a free loopback port; SIGKILLed by the tests): the HTTP contract, two replicas on one
+//! database storing each batch exactly once (the loser of a race answers `duplicate`, never 503),
+//! and PostgreSQL SIGKILLed and restarted under ingest.
+
+use std::time::Duration;
+
+use backhaul_tests::cloud::{get_json, http, post_batch, Cloud, CloudOptions, DEVICE, DEVICE_KEY};
+use backhaul_tests::postgres::Postgres;
+use backhaul_tests::{wait_for, wire_batch};
+
+const T: Duration = Duration::from_secs(60);
+
+fn cloud_on(pg: &Postgres) -> Cloud {
+    // Room for all 160 posts of the race at once (beyond max_concurrent_ingest they would be 429s).
+    let cloud = Cloud::start(CloudOptions {
+        database_url: Some(pg.url()),
+        extra: "max_concurrent_ingest = 256".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    wait_for("the cloud to answer /health", T, || (get_json(&http(), &cloud, "/health").0 == 200).then_some(()))
+        .unwrap();
+    cloud
+}
+
+/// A bulk post to `url` (threads cannot share a `Cloud`).
+fn post_to(url: &str, batch: &backhaul_shared::Batch) -> u16 {
+    let r = http()
+        .post(url)
+        .header("X-API-Key", DEVICE_KEY)
+        .header("Idempotency-Key", &batch.batch_id.to_string())
+        .send(&batch.to_json()[..]);
+    r.map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+fn post(cloud: &Cloud, batch: &backhaul_shared::Batch) -> (u16, String) {
+    let (status, body, _) =
+        post_batch(&http(), cloud, Some(DEVICE_KEY), Some(&batch.batch_id.to_string()), &batch.to_json());
+    (status, body)
+}
+
+#[test]
+fn the_http_contract_holds_on_postgresql() {
+    let pg = Postgres::start().unwrap();
+    let cloud = cloud_on(&pg);
+    let first = wire_batch(DEVICE, 0, 3);
+    assert_eq!(post(&cloud, &first).0, 201);
+    assert_eq!(post(&cloud, &first).0, 200, "a resend is a duplicate");
+    let mut other = wire_batch(DEVICE, 1, 2);
+    other.batch_id = first.batch_id;
+    assert_eq!(post(&cloud, &other).0, 422, "same batch_id, other payload: a conflict");
+    for seq in [1, 3] {
+        assert_eq!(post(&cloud, &wire_batch(DEVICE, seq, 2)).0, 201);
+    }
+    let agent = http();
+    let stats = get_json(&agent, &cloud, "/api/v1/stats").1;
+    assert_eq!((stats["batches"].as_i64(), stats["detections"].as_i64()), (Some(3), Some(7)), "{stats}");
+    let device = cloud.device(DEVICE);
+    assert_eq!(
+        (device["batches"].as_i64(), device["last_seq"].as_i64(), device["gaps"].as_i64()),
+        (Some(3), Some(3), Some(1)),
+        "{device}"
+    );
+    let page = get_json(&agent, &cloud, &format!("/api/v1/detections?device_id={DEVICE}&limit=5")).1;
+    assert_eq!(page["detections"].as_array().unwrap().len(), 5, "{page}");
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let rest = get_json(&agent, &cloud, &format!("/api/v1/detections?device_id={DEVICE}&limit=5&cursor={cursor}")).1;
+    assert_eq!(rest["detections"].as_array().unwrap().len(), 2, "{rest}");
+}
+
+/// The field report: the same 40 batches posted to two replicas at once got 503 for 56 of 160
+/// requests. Now each batch is stored once, its every answer a 201 (the one that stored it) or a
+/// 200 duplicate.
+#[test]
+fn two_replicas_on_one_postgresql_store_each_batch_once_and_never_answer_503() {
+    let pg = Postgres::start().unwrap();
+    let (a, b) = (cloud_on(&pg), cloud_on(&pg));
+    let (url_a, url_b) = (a.url("/api/v1/detections/bulk"), b.url("/api/v1/detections/bulk"));
+    let batches: Vec<_> = (0..40).map(|seq| wire_batch(DEVICE, seq, 5)).collect();
+    let answers: Vec<(u16, u16, u16, u16)> = std::thread::scope(|s| {
+        let handles: Vec<_> = batches
+            .iter()
+            .map(|batch| {
+                let (a, b) = (url_a.as_str(), url_b.as_str());
+                s.spawn(move || {
+                    let (x, y, z, w) = std::thread::scope(|s| {
+                        let x = s.spawn(|| post_to(a, batch));
+                        let y = s.spawn(|| post_to(b, batch));
+                        let z = s.spawn(|| post_to(a, batch));
+                        let w = s.spawn(|| post_to(b, batch));
+                        (x.join().unwrap(), y.join().unwrap(), z.join().unwrap(), w.join().unwrap())
+                    });
+                    (x, y, z, w)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (x, y, z, w)) in answers.iter().enumerate() {
+        let all = [*x, *y, *z, *w];
+        assert!(all.iter().all(|s| *s == 201 || *s == 200), "batch {i}: {all:?}");
+        assert_eq!(all.iter().filter(|s| **s == 201).count(), 1, "batch {i} stored once: {all:?}");
+    }
+    let stats = get_json(&http(), &a, "/api/v1/stats").1;
+    assert_eq!((stats["batches"].as_i64(), stats["detections"].as_i64()), (Some(40), Some(200)), "{stats}");
+}
+
+/// PostgreSQL SIGKILLed under ingest: posts answer 503 with Retry-After while it is down (nothing
+/// acked that is not committed), and ingest resumes once it is back, every batch stored once.
+#[test]
+fn postgresql_killed_and_restarted_is_503_then_resumes_with_nothing_lost() {
+    let mut pg = Postgres::start().unwrap();
+    let cloud = cloud_on(&pg);
+    let batches: Vec<_> = (0..20).map(|seq| wire_batch(DEVICE, seq, 4)).collect();
+    for batch in &batches[..10] {
+        assert_eq!(post(&cloud, batch).0, 201);
+    }
+    pg.kill9().unwrap();
+    let (status, body) = post(&cloud, &batches[10]);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(get_json(&http(), &cloud, "/health").0, 503);
+    pg.restart().unwrap();
+    // The edge's way: resend until an answer that is not a 503.
+    for batch in &batches[10..] {
+        let status = wait_for("a stored answer", T, || {
+            let (s, _) = post(&cloud, batch);
+            (s != 503).then_some(s)
+        })
+        .unwrap();
+        assert!(status == 201 || status == 200, "{status}");
+    }
+    for batch in &batches[..10] {
+        assert_eq!(post(&cloud, batch).0, 200, "committed before the kill: still there");
+    }
+    let stats = get_json(&http(), &cloud, "/api/v1/stats").1;
+    assert_eq!((stats["batches"].as_i64(), stats["detections"].as_i64()), (Some(20), Some(80)), "{stats}");
+}
