@@ -70,6 +70,13 @@ pub struct MqttConfig {
     pub client_id: String,
     /// The password comes from `BACKHAUL_MQTT_PASSWORD`, never from the file.
     pub username: Option<String>,
+    /// How long the broker keeps this replica's session (its subscriptions and the messages not yet
+    /// PUBACKed) after the connection is lost (MQTT 5 Session Expiry Interval). Absent: never, so a
+    /// restarted cloud finds everything waiting. With several replicas in one shared group, a short
+    /// one (e.g. "10s") lets the others take over a dead replica's share once it expires; what its
+    /// session held is then dropped by the broker and resent by the edges (`ack = "cloud"` only: an
+    /// edge with `ack = "broker"` would lose it). 0s..=365d.
+    pub session_expiry: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -166,6 +173,9 @@ fn check_ranges(loaded: &Loaded<CloudConfig>) -> Result<()> {
     in_range(loaded, "header_read_timeout", c.header_read_timeout, (secs(1), secs(300)))?;
     in_range(loaded, "body_read_timeout", c.body_read_timeout, (secs(1), secs(600)))?;
     in_range(loaded, "ingest_stall_after", c.ingest_stall_after, (secs(5), secs(3600)))?;
+    if let Some(expiry) = c.mqtt.as_ref().and_then(|m| m.session_expiry) {
+        in_range(loaded, "mqtt.session_expiry", expiry, (secs(0), secs(365 * 24 * 3600)))?;
+    }
     Ok(())
 }
 

@@ -60,9 +60,9 @@ const HANDOVER: usize = 32;
 /// hands and the handover full.
 const RECEIVE_MAXIMUM: u16 = (IN_HAND + HANDOVER) as u16;
 
-/// MQTT 5 session expiry (section 3.1.2.11.2): never, like a 3.1.1 session with
+/// MQTT 5 session expiry (section 3.1.2.11.2) by default: never, like a 3.1.1 session with
 /// `clean_session = false`; the broker keeps our subscriptions and the messages not PUBACKed
-/// while we are away.
+/// while we are away (`mqtt.session_expiry` bounds it for replicas).
 const SESSION_NEVER_EXPIRES: u32 = u32::MAX;
 
 /// Limits and gauges of the MQTT ingress.
@@ -98,7 +98,7 @@ pub async fn run(
     options
         .set_keep_alive(Duration::from_secs(15))
         .set_clean_start(false)
-        .set_session_expiry_interval(Some(SESSION_NEVER_EXPIRES))
+        .set_session_expiry_interval(Some(session_expiry(&cfg)))
         .set_manual_acks(true)
         .set_max_packet_size(Some(max_packet))
         .set_receive_maximum(Some(RECEIVE_MAXIMUM));
@@ -248,6 +248,11 @@ pub async fn run(
         }
     }
     result
+}
+
+/// The Session Expiry Interval to ask for, seconds: `mqtt.session_expiry`, or never.
+fn session_expiry(cfg: &MqttConfig) -> u32 {
+    cfg.session_expiry.map_or(SESSION_NEVER_EXPIRES, |d| u32::try_from(d.0.as_secs()).unwrap_or(u32::MAX - 1))
 }
 
 /// How soon PUBACKs that found the request queue full are tried again.

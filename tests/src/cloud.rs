@@ -29,6 +29,8 @@ pub struct CloudOptions {
     pub mqtt_url: Option<String>,
     /// Extra lines for the top of the config file.
     pub extra: String,
+    /// Extra lines for its `[mqtt]` section.
+    pub mqtt_extra: String,
     /// Where the database lives (default: the temp dir).
     pub database_dir: Option<PathBuf>,
     /// A database URL instead of SQLite (e.g. a private [`crate::postgres::Postgres`]).
@@ -53,7 +55,8 @@ impl Cloud {
         );
         if let Some(url) = &options.mqtt_url {
             config.push_str(&format!(
-                "\n[mqtt]\nurl = \"{url}\"\ntopic_prefix = \"backhaul\"\nshared_group = \"ingest\"\nclient_id = \"cloud-{port}\"\n"
+                "\n[mqtt]\nurl = \"{url}\"\ntopic_prefix = \"backhaul\"\nshared_group = \"ingest\"\nclient_id = \"cloud-{port}\"\n{}\n",
+                options.mqtt_extra
             ));
         }
         let config_path = dir.path().join("cloud.toml");
