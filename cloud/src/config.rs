@@ -11,9 +11,17 @@ use std::time::Duration;
 use backhaul_shared::config::{self, ByteSize, EnvMap, HumanDuration, Loaded};
 use serde::Deserialize;
 
-/// Environment variables under `BACKHAUL_` that are not config keys.
-pub const RESERVED_ENV: &[&str] =
-    &["BACKHAUL_API_KEYS", "BACKHAUL_MQTT_PASSWORD", "BACKHAUL_LOG", "BACKHAUL_FAILPOINT"];
+/// Environment variables under `BACKHAUL_` that are not config keys: the cloud's own secrets, and
+/// the edge's and the operator tools' (`BACKHAUL_HASH_SECRET`, `BACKHAUL_API_KEY`), which a shell or
+/// a host running both may have set and which the cloud ignores.
+pub const RESERVED_ENV: &[&str] = &[
+    "BACKHAUL_API_KEYS",
+    "BACKHAUL_MQTT_PASSWORD",
+    "BACKHAUL_LOG",
+    "BACKHAUL_FAILPOINT",
+    "BACKHAUL_HASH_SECRET",
+    "BACKHAUL_API_KEY",
+];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -220,8 +228,13 @@ impl ApiKeys {
         if let Some(file) = file {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read the API keys file {} (auth.keys_file)", file.display()))?;
-            let table: toml::Table = text.parse().with_context(|| {
-                format!("API keys file {} is not `device_id = \"key\"` lines (TOML)", file.display())
+            // Never toml's own message: it quotes the line, which holds a key.
+            let table: toml::Table = text.parse().map_err(|e| {
+                anyhow::anyhow!(
+                    "API keys file {} is not `device_id = \"key\"` lines (TOML): {}",
+                    file.display(),
+                    config::syntax_error(&text, &e)
+                )
             })?;
             for (device, key) in table {
                 let Some(key) = key.as_str() else {
@@ -303,6 +316,16 @@ mod tests {
         std::fs::write(&file, "database = \"sqlite:/tmp/x.db\"\n").unwrap();
         let c = CloudConfig::load(&file).unwrap().config;
         assert_eq!((c.max_connections, c.ingest_stall_after.0.as_secs()), (512, 60), "defaults are in range");
+    }
+
+    #[test]
+    fn a_syntax_error_in_the_keys_file_never_shows_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys.toml");
+        std::fs::write(&file, "\"*\" = \"fleet-key-SECRET-0123456789\n").unwrap();
+        let e = format!("{:#}", ApiKeys::load(Some(&file), None).unwrap_err());
+        assert!(!e.contains("SECRET"), "{e}");
+        assert!(e.contains("line 1") && e.contains("not shown"), "{e}");
     }
 
     #[test]

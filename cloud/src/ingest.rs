@@ -50,7 +50,7 @@ impl Ingest {
     /// Stores a parsed batch exactly once. `raw` are the bytes it was parsed from.
     pub async fn accept(&self, batch: Batch, raw: &[u8], via: &str) -> Result<Accepted, StoreError> {
         let hash = payload_hash(raw);
-        Ok(match self.store.store_batch(&batch, &hash, via).await? {
+        Ok(match self.store.store_batch(&batch, raw, &hash, via).await? {
             Outcome::Stored => Accepted::Stored(batch),
             Outcome::Duplicate => Accepted::Duplicate(batch),
             Outcome::Conflict => {

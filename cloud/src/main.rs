@@ -30,6 +30,18 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Rebuilds the detections projection from the stored batches (after a schema or decoder fix),
+    /// without creating duplicates. Safe while `serve` runs on the same database.
+    Reprocess {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Only batches received at or after this time (RFC 3339).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only this device's batches.
+        #[arg(long, value_name = "DEVICE_ID")]
+        device: Option<String>,
+    },
     /// A newcomer's first command: the cloud, a private Mosquitto and a few simulated Pis.
     Demo {
         /// How long the Pis produce.
@@ -55,6 +67,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => serve(config),
+        Command::Reprocess { config, since, device } => reprocess(config, since, device),
         Command::Demo { seconds, devices, rate, http, no_chaos } => {
             return match demo::run(demo::DemoOptions { seconds, devices: devices.max(1), rate, http, no_chaos }) {
                 Ok(true) => ExitCode::SUCCESS,
@@ -73,6 +86,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn reprocess(config_file: PathBuf, since: Option<String>, device: Option<String>) -> Result<()> {
+    let config = CloudConfig::load(&config_file)?.config;
+    let since_us = since
+        .map(|s| {
+            s.parse::<backhaul_shared::Timestamp>()
+                .map(|t| t.unix_micros())
+                .map_err(|e| anyhow::anyhow!("--since `{s}` is not an RFC 3339 time like 2026-11-29T00:00:00Z: {e}"))
+        })
+        .transpose()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let store = Store::connect(&config.database)
+            .await
+            .with_context(|| format!("opening the database {} (key `database`)", redact(&config.database)))?;
+        let (done, skipped) = store.reprocess(since_us, device.as_deref()).await.context("reprocessing")?;
+        println!("reprocessed {done} batches into detections");
+        if skipped > 0 {
+            println!(
+                "skipped {skipped} batches stored before the payload was kept (schema 4): their detection rows are \
+                 their only copy and were left as they are"
+            );
+        }
+        Ok(())
+    })
 }
 
 fn serve(config_file: PathBuf) -> Result<()> {
@@ -112,6 +151,10 @@ fn serve(config_file: PathBuf) -> Result<()> {
         println!("listening on {addr}");
         notify(&[sd_notify::NotifyState::Ready]);
         let pinger = tokio::spawn(watchdog_loop(ingest.clone(), ingresses.clone()));
+        let projector = {
+            let ingest = ingest.clone();
+            tokio::spawn(async move { ingest.store.run_projection().await })
+        };
         let limits = backhaul_cloud::serve::Limits {
             max_connections: config.max_connections,
             header_read_timeout: config.header_read_timeout.0,
@@ -124,7 +167,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
         // Every long-lived task runs until the stop is asked: one that ends before died (a panic,
         // or an error it cannot get over). Ingest must not stay dead with the process up, so the
         // service then stops with an error and systemd restarts it.
-        let (mut server, mut mqtt, mut pinger) = (Some(server), mqtt, Some(pinger));
+        let (mut server, mut mqtt, mut pinger, mut projector) = (Some(server), mqtt, Some(pinger), Some(projector));
         let died = tokio::select! {
             _ = shutdown_signal() => None,
             r = async { server.as_mut().expect("set").await } => {
@@ -139,10 +182,14 @@ fn serve(config_file: PathBuf) -> Result<()> {
                 pinger = None;
                 Some(task_ended("the watchdog task", r.map(Ok::<(), anyhow::Error>)))
             }
+            r = async { projector.as_mut().expect("set").await } => {
+                projector = None;
+                Some(task_ended("the detections projection", r.map(Ok::<(), anyhow::Error>)))
+            }
         };
         notify(&[sd_notify::NotifyState::Stopping]);
-        if let Some(p) = pinger {
-            p.abort();
+        for task in [pinger, projector].into_iter().flatten() {
+            task.abort();
         }
         let _ = stop_tx.send(true);
         if let Some(e) = died {

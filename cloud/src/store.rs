@@ -2,7 +2,25 @@
 //! `synchronous=FULL`) and PostgreSQL. Timestamps are integers (UTC microseconds), as `Any` needs.
 //!
 //! The schema is created by the migrations below, applied in order and recorded in
-//! `schema_version`. Never edit a released migration; add a new one.
+//! `schema_version`. Never edit or reorder a released migration; add a new one.
+//!
+//! # Layout (issue #15): the ack path writes the batch, not its detections
+//!
+//! A batch is acknowledged once one transaction has written, in `batches`, its index fields
+//! (`batch_id`, `device_id`, `seq`, `payload_sha256`, `received_at`, `detections` (the count), `via`,
+//! `first_ts`/`last_ts` (UTC µs of its earliest and latest detection)) and `payload`: the exact bytes
+//! it arrived as, LZ4-compressed (`lz4_flex`'s block format with the uncompressed size prepended as a
+//! little-endian u32; never change this format without a migration that rewrites old rows); and the
+//! device's row and the counters. `projected` is 0 for such a row.
+//!
+//! The `detections` table is a *projection* of the stored batches, built off the ack path by
+//! [`Store::project_pending`] (a background task, and every read of detections first catches up, so
+//! a reader never sees a batch acked but not yet readable): each batch's payload is decoded and its
+//! rows inserted (`ON CONFLICT DO NOTHING`, so doing it twice is harmless) and `projected` set to 1,
+//! in one transaction. `projected` = 2 marks a payload that could not be decoded (logged; never
+//! retried). Rows stored before migration 4 have no payload and `projected` = 1: their detection
+//! rows are the only copy. [`Store::reprocess`] (`backhaul-cloud reprocess`) deletes and rebuilds
+//! the projection of the batches that have a payload.
 
 use std::time::Duration;
 
@@ -70,7 +88,19 @@ const MIGRATIONS: &[&[&str]] = &[
     &["ALTER TABLE devices ADD COLUMN clock_unsynced_batches BIGINT NOT NULL DEFAULT 0"],
     // 3 (issue #14): messages whose handling panicked (dead-lettered too).
     &["INSERT INTO counters (name, value) VALUES ('panics', 0) ON CONFLICT (name) DO NOTHING"],
+    // 4 (issue #15): the ack path writes the batch (its payload compressed); detections become a
+    // projection (see the module doc). `{blob}` is BLOB on SQLite, BYTEA on PostgreSQL.
+    &[
+        "ALTER TABLE batches ADD COLUMN payload {blob}",
+        "ALTER TABLE batches ADD COLUMN projected INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE batches ADD COLUMN first_ts BIGINT",
+        "ALTER TABLE batches ADD COLUMN last_ts BIGINT",
+        "CREATE INDEX IF NOT EXISTS batches_unprojected ON batches (received_at) WHERE projected = 0",
+    ],
 ];
+
+/// Batches projected per transaction.
+const PROJECT_PER_TX: i64 = 256;
 
 /// Detections per INSERT statement (14 parameters each; far below SQLite's and PostgreSQL's limits).
 const ROWS_PER_INSERT: usize = 500;
@@ -90,6 +120,8 @@ struct WriteRequest {
     batch: Batch,
     hash: String,
     via: String,
+    /// The bytes the batch arrived as, compressed (see the module doc).
+    payload: Vec<u8>,
     reply: tokio::sync::oneshot::Sender<Result<Outcome, String>>,
 }
 
@@ -116,6 +148,10 @@ pub struct Store {
     /// Group commit: new batches wait here; whoever holds the write lock next writes all of them
     /// in one transaction (one fsync), and answers each. A std Mutex: held only to push or take.
     pending: std::sync::Mutex<Vec<WriteRequest>>,
+    /// Signalled after every write of new batches: the projection task has work.
+    projection: tokio::sync::Notify,
+    /// One projector at a time in this process (the background task and readers catching up).
+    projecting: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -250,6 +286,8 @@ impl Store {
             unwritten_duplicates: Default::default(),
             unwritten_rejected: Default::default(),
             pending: Default::default(),
+            projection: Default::default(),
+            projecting: Default::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -266,9 +304,11 @@ impl Store {
             if version <= current {
                 continue;
             }
+            let blob = if self.write_lock.is_some() { "BLOB" } else { "BYTEA" };
             let mut tx = self.pool.begin().await?;
             for sql in *statements {
-                tx.execute(*sql).await?;
+                // Only the column type is spliced in, from the two constants above.
+                tx.execute(sqlx::AssertSqlSafe(sql.replace("{blob}", blob))).await?;
             }
             sqlx::query("INSERT INTO schema_version (version) VALUES ($1)").bind(version).execute(&mut *tx).await?;
             tx.commit().await?;
@@ -285,12 +325,19 @@ impl Store {
     /// Stores a validated batch in one transaction: the batch_id with its payload hash, the device,
     /// the detections and the counters; or counts a duplicate or a conflict. Concurrent new batches
     /// share a transaction (group commit); each is still all or nothing.
-    pub async fn store_batch(&self, batch: &Batch, payload_sha256: &str, via: &str) -> Result<Outcome, StoreError> {
+    pub async fn store_batch(
+        &self,
+        batch: &Batch,
+        raw: &[u8],
+        payload_sha256: &str,
+        via: &str,
+    ) -> Result<Outcome, StoreError> {
         let batch_id = batch.batch_id.to_string();
         // The common resend: already stored. A read, no write lock, no transaction.
         if let Some(outcome) = self.seen(&self.pool, &batch_id, payload_sha256).await? {
             return Ok(outcome);
         }
+        let payload = lz4_flex::compress_prepend_size(raw);
         if self.write_lock.is_none() {
             // PostgreSQL: no single writer, so no leader to gather a group; each writes its own.
             // Another writer (a replica, or a concurrent request here) may commit the same batch_id
@@ -302,10 +349,14 @@ impl Store {
                     batch: batch.clone(),
                     hash: payload_sha256.to_owned(),
                     via: via.to_owned(),
+                    payload: payload.clone(),
                     reply,
                 }];
                 match self.write_group(&own).await {
-                    Ok(outcomes) => return Ok(outcomes[0]),
+                    Ok(outcomes) => {
+                        self.projection.notify_one();
+                        return Ok(outcomes[0]);
+                    }
                     Err(StoreError::Db(e)) if lost_a_race(&e) && attempt < RACE_ATTEMPTS => {
                         if let Some(outcome) = self.seen(&self.pool, &batch_id, payload_sha256).await? {
                             return Ok(outcome);
@@ -322,6 +373,7 @@ impl Store {
             batch: batch.clone(),
             hash: payload_sha256.to_owned(),
             via: via.to_owned(),
+            payload,
             reply,
         });
         let _writer = self.writer().await;
@@ -332,6 +384,7 @@ impl Store {
         let group = std::mem::take(&mut *self.lock_pending());
         match self.write_group(&group).await {
             Ok(outcomes) => {
+                self.projection.notify_one();
                 for (request, outcome) in group.into_iter().zip(outcomes) {
                     let _ = request.reply.send(Ok(outcome));
                 }
@@ -370,16 +423,7 @@ impl Store {
                 outcomes.push(outcome);
                 continue;
             }
-            insert_batch(
-                &mut tx,
-                &request.batch,
-                &batch_id,
-                &request.hash,
-                &request.via,
-                now,
-                self.write_lock.is_some(),
-            )
-            .await?;
+            insert_batch(&mut tx, request, &batch_id, now).await?;
             outcomes.push(Outcome::Stored);
         }
         self.write_unwritten_counts(&mut tx).await?;
@@ -403,30 +447,34 @@ fn lost_a_race(e: &sqlx::Error) -> bool {
     }
 }
 
-/// The rows of one new batch, in `tx`. `positional` uses `?` placeholders (SQLite) rather than `$N`.
+/// The index row of one new batch, its device and the counters, in `tx` (the ack path: no
+/// detection rows, see the module doc).
 async fn insert_batch(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    batch: &Batch,
+    request: &WriteRequest,
     batch_id: &str,
-    payload_sha256: &str,
-    via: &str,
     now: i64,
-    positional: bool,
 ) -> Result<(), sqlx::Error> {
-    let batch_id = batch_id.to_owned();
+    let batch = &request.batch;
     let n = batch.detections.len() as i64;
     let seq = i64::try_from(batch.seq).unwrap_or(i64::MAX);
+    let times = batch.detections.iter().map(|d| d.timestamp().unix_micros());
+    let (first_ts, last_ts) = (times.clone().min(), times.max());
     sqlx::query(
-        "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via, payload,
+                              projected, first_ts, last_ts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10)",
     )
-    .bind(&batch_id)
+    .bind(batch_id.to_owned())
     .bind(&batch.device_id)
     .bind(seq)
-    .bind(payload_sha256)
+    .bind(&request.hash)
     .bind(now)
     .bind(n)
-    .bind(via)
+    .bind(&request.via)
+    .bind(request.payload.clone())
+    .bind(first_ts)
+    .bind(last_ts)
     .execute(&mut **tx)
     .await?;
     sqlx::query(
@@ -451,6 +499,21 @@ async fn insert_batch(
         .bind(i64::from(!batch.clock.is_synced()))
         .execute(&mut **tx)
         .await?;
+    bump(tx, "batches", 1).await?;
+    bump(tx, "detections", n).await?;
+    Ok(())
+}
+
+/// The detection rows of one batch, in `tx` (the projection). Rows already there are left alone,
+/// so projecting a batch twice changes nothing. `positional` uses `?` placeholders (SQLite) rather
+/// than `$N`.
+async fn insert_detections(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    batch: &Batch,
+    batch_id: &str,
+    positional: bool,
+) -> Result<(), sqlx::Error> {
+    let batch_id = batch_id.to_owned();
     for (chunk_no, chunk) in batch.detections.chunks(ROWS_PER_INSERT).enumerate() {
         let mut sql = String::from(
             "INSERT INTO detections (batch_id, idx, device_id, ts, kind, rssi, device_hash, zone, node, temp,
@@ -471,40 +534,43 @@ async fn insert_batch(
                 sql.push(')');
             }
         }
+        sql.push_str(" ON CONFLICT (batch_id, idx) DO NOTHING");
         // Only placeholders are spliced in; values are bound.
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        // Every value is bound as its column's exact type (INTEGER: i32, BIGINT: i64), NULLs
+        // included: PostgreSQL fixes a prepared statement's parameter types when it is first
+        // prepared on a connection, and a later value of another width is refused ("incorrect
+        // binary data format"), seen once a connection projected presence and sensor rows in turn.
         for (i, d) in chunk.iter().enumerate() {
-            let idx = (chunk_no * ROWS_PER_INSERT + i) as i64;
+            let idx = i32::try_from(chunk_no * ROWS_PER_INSERT + i).unwrap_or(i32::MAX);
             q = q.bind(batch_id.clone()).bind(idx).bind(batch.device_id.clone()).bind(d.timestamp().unix_micros());
             q = match d {
                 Detection::Presence(p) => q
                     .bind("presence")
-                    .bind(i64::from(p.rssi))
+                    .bind(i32::from(p.rssi))
                     .bind(Some(p.device_hash.clone()))
                     .bind(Some(zone_str(p.zone)))
                     .bind(None::<String>)
                     .bind(None::<f64>)
+                    .bind(None::<i32>)
                     .bind(None::<i64>)
-                    .bind(None::<i64>)
-                    .bind(None::<i64>)
-                    .bind(None::<i64>),
+                    .bind(None::<i32>)
+                    .bind(None::<i32>),
                 Detection::Sensor(s) => q
                     .bind("sensor")
-                    .bind(i64::from(s.rssi))
+                    .bind(i32::from(s.rssi))
                     .bind(None::<String>)
                     .bind(None::<String>)
                     .bind(Some(s.node.clone()))
                     .bind(s.temp)
-                    .bind(s.humidity.map(i64::from))
+                    .bind(s.humidity.map(i32::from))
                     .bind(s.co2_ppm.map(i64::from))
-                    .bind(s.window_open.map(i64::from))
-                    .bind(s.battery.map(i64::from)),
+                    .bind(s.window_open.map(i32::from))
+                    .bind(s.battery.map(i32::from)),
             };
         }
         q.execute(&mut **tx).await?;
     }
-    bump(tx, "batches", 1).await?;
-    bump(tx, "detections", n).await?;
     Ok(())
 }
 
@@ -691,7 +757,136 @@ impl Store {
         rows.iter().map(device_row).collect::<Result<_, sqlx::Error>>().map_err(Into::into)
     }
 
+    /// Projects up to [`PROJECT_PER_TX`] stored batches that are not yet (oldest first) into
+    /// `detections`, in one transaction; returns how many. A payload that cannot be decoded (a
+    /// bug: it was validated before it was stored) is marked `projected = 2` and logged.
+    pub async fn project_pending(&self) -> Result<usize, StoreError> {
+        let _one = self.projecting.lock().await;
+        // Read outside the write lock: SQLite readers do not block its writer.
+        let rows = sqlx::query(
+            // A total order: replicas projecting at once take rows in the same order (batches of one
+            // group share received_at), so their transactions never deadlock on each other's rows.
+            "SELECT batch_id, payload FROM batches WHERE projected = 0 ORDER BY received_at, batch_id LIMIT $1",
+        )
+        .bind(PROJECT_PER_TX)
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let _writer = self.writer().await;
+        let mut tx = self.pool.begin().await?;
+        for row in &rows {
+            let batch_id: String = row.try_get(0)?;
+            let payload: Option<Vec<u8>> = row.try_get(1)?;
+            let decoded = payload
+                .ok_or_else(|| "no payload".to_owned())
+                .and_then(|p| lz4_flex::decompress_size_prepended(&p).map_err(|e| e.to_string()))
+                .and_then(|raw| {
+                    Batch::from_json(&raw, &backhaul_shared::Limits { max_detections: usize::MAX })
+                        .map_err(|e| e.to_string())
+                });
+            let state = match decoded {
+                Ok(batch) => {
+                    insert_detections(&mut tx, &batch, &batch_id, self.write_lock.is_some()).await?;
+                    1
+                }
+                Err(e) => {
+                    tracing::error!(%batch_id, error = %e, "a stored batch cannot be decoded: its detections are not queryable (a bug; the batch stays stored)");
+                    2
+                }
+            };
+            sqlx::query("UPDATE batches SET projected = $1 WHERE batch_id = $2")
+                .bind(state)
+                .bind(batch_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len())
+    }
+
+    /// Projects until nothing is pending. A transaction that loses to another replica's (a
+    /// deadlock or serialization victim on PostgreSQL) is tried again.
+    pub async fn project_all(&self) -> Result<usize, StoreError> {
+        let mut total = 0;
+        let mut lost = 0;
+        loop {
+            match self.project_pending().await {
+                Ok(0) => return Ok(total),
+                Ok(n) => total += n,
+                Err(StoreError::Db(e)) if lost_a_race(&e) && lost < RACE_ATTEMPTS => lost += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The background projection: catches up after every write of new batches (and every second,
+    /// for what another replica stored). Runs until the process ends.
+    pub async fn run_projection(&self) {
+        loop {
+            if let Err(e) = self.project_all().await {
+                tracing::error!(error = %e, "projecting stored batches into detections failed; retrying in 1 s");
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.projection.notified()).await;
+        }
+    }
+
+    /// Rebuilds the projection (`backhaul-cloud reprocess`): deletes the detection rows of the
+    /// stored batches that have a payload, received at or after `since_us` (UTC µs) and of
+    /// `device_id` if given, marks them unprojected and projects them again. Returns (batches
+    /// reprocessed, batches skipped: stored before migration 4, without a payload).
+    pub async fn reprocess(&self, since_us: Option<i64>, device_id: Option<&str>) -> Result<(u64, u64), StoreError> {
+        let filter = "received_at >= $1 AND ($2 = '' OR device_id = $2)";
+        let since = since_us.unwrap_or(i64::MIN);
+        let device = device_id.unwrap_or("").to_owned();
+        let count = |with_payload: bool| {
+            let sql = format!(
+                "SELECT COUNT(*) FROM batches WHERE {filter} AND payload IS {} NULL",
+                if with_payload { "NOT" } else { "" }
+            );
+            let device = device.clone();
+            async move {
+                let n: i64 = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(since)
+                    .bind(device)
+                    .fetch_one(&self.pool)
+                    .await?
+                    .try_get(0)?;
+                Ok::<u64, StoreError>(u64::try_from(n).unwrap_or(0))
+            }
+        };
+        let (with, without) = (count(true).await?, count(false).await?);
+        {
+            let _one = self.projecting.lock().await;
+            let _writer = self.writer().await;
+            let mut tx = self.pool.begin().await?;
+            // Only the fixed filter text is spliced in; values are bound.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM detections WHERE batch_id IN
+                     (SELECT batch_id FROM batches WHERE {filter} AND payload IS NOT NULL)"
+            )))
+            .bind(since)
+            .bind(device.clone())
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE batches SET projected = 0 WHERE {filter} AND payload IS NOT NULL"
+            )))
+            .bind(since)
+            .bind(device.clone())
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        }
+        self.project_all().await?;
+        Ok((with, without))
+    }
+
+    /// Detections, newest first, from the projection (which first catches up with every stored
+    /// batch, so what was acked is readable).
     pub async fn detections(&self, q: &DetectionQuery) -> Result<Vec<DetectionRow>, StoreError> {
+        self.project_all().await?;
         let mut sql = String::from(
             "SELECT device_id, batch_id, idx, kind, ts, rssi, device_hash, zone, node, temp, humidity, co2_ppm,
                     window_open, battery FROM detections WHERE 1 = 1",
@@ -805,6 +1000,60 @@ mod tests {
         assert!(path.exists());
     }
 
+    /// Issue #15: the ack path stores the batch with its payload and no detection rows; a read
+    /// catches the projection up; `reprocess` rebuilds it without duplicates.
+    #[tokio::test]
+    async fn the_projection_is_built_off_the_ack_path_and_rebuilt_without_duplicates() {
+        use backhaul_shared::{Presence, Zone};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&format!("sqlite:{}", dir.path().join("ingest.db").display())).await.unwrap();
+        for seq in 0..3u64 {
+            let b = Batch {
+                schema: 1,
+                batch_id: backhaul_shared::BatchId::new(),
+                device_id: "pi".into(),
+                seq,
+                name: None,
+                location: None,
+                timestamp: Timestamp::now(),
+                detections: (0..4)
+                    .map(|i| {
+                        Detection::Presence(Presence {
+                            device_hash: format!("{:016x}", seq * 10 + i),
+                            rssi: -60,
+                            zone: Zone::Near,
+                            timestamp: Timestamp::now(),
+                        })
+                    })
+                    .collect(),
+                clock: Default::default(),
+            };
+            let raw = b.to_json();
+            assert_eq!(store.store_batch(&b, &raw, "h", "test").await.unwrap(), Outcome::Stored);
+        }
+        let count = |sql: &'static str| {
+            let pool = store.pool.clone();
+            async move { sqlx::query(sql).fetch_one(&pool).await.unwrap().try_get::<i64, _>(0).unwrap() }
+        };
+        assert_eq!(count("SELECT COUNT(*) FROM detections").await, 0, "no detection rows on the ack path");
+        assert_eq!(count("SELECT COUNT(*) FROM batches WHERE projected = 0 AND payload IS NOT NULL").await, 3);
+        let q =
+            DetectionQuery { device_id: Some("pi".into()), since_us: None, until_us: None, limit: 100, after: None };
+        let keys = |rows: Vec<DetectionRow>| {
+            let mut k: Vec<_> = rows.into_iter().map(|r| r.cursor).collect();
+            k.sort();
+            k
+        };
+        let first = keys(store.detections(&q).await.unwrap());
+        assert_eq!(first.len(), 12, "a read catches the projection up");
+        assert_eq!(store.reprocess(None, None).await.unwrap(), (3, 0));
+        assert_eq!(keys(store.detections(&q).await.unwrap()), first, "rebuilt: the same rows, none twice");
+        assert_eq!(count("SELECT COUNT(*) FROM detections").await, 12);
+        assert_eq!(store.reprocess(None, Some("other")).await.unwrap(), (0, 0));
+        assert_eq!(store.reprocess(Some(i64::MAX), None).await.unwrap(), (0, 0));
+        assert_eq!(store.project_all().await.unwrap(), 0);
+    }
+
     /// A database made by a build before migration 2 (issue #13) opens, is migrated, and counts
     /// unsynced batches from then on; its rows are kept.
     #[tokio::test]
@@ -841,10 +1090,13 @@ mod tests {
         };
         for (seq, clock) in [(5, backhaul_shared::Clock::Unsynced), (6, backhaul_shared::Clock::Synced)] {
             let b = batch("old-pi", seq, clock);
-            assert_eq!(store.store_batch(&b, &b.batch_id.to_string(), "test").await.unwrap(), Outcome::Stored);
+            assert_eq!(
+                store.store_batch(&b, &b.to_json(), &b.batch_id.to_string(), "test").await.unwrap(),
+                Outcome::Stored
+            );
         }
         let b = batch("new-pi", 0, backhaul_shared::Clock::Unsynced);
-        store.store_batch(&b, "h", "test").await.unwrap();
+        store.store_batch(&b, &b.to_json(), "h", "test").await.unwrap();
         let devices = store.devices().await.unwrap();
         let row = |id: &str| devices.iter().find(|d| d.device_id == id).unwrap().clone();
         assert_eq!((row("old-pi").batches, row("old-pi").clock_unsynced_batches), (7, 1));

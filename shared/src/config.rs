@@ -105,7 +105,7 @@ pub fn load<T: DeserializeOwned>(
 
 /// A TOML syntax error as "line L, column C: what is wrong", without the line itself: toml's own
 /// message quotes it, and a config line may hold a pasted secret that must not reach a log.
-fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+pub fn syntax_error(text: &str, e: &toml::de::Error) -> String {
     let message = e.message().trim().replace('\n', "; ");
     let Some(before) = e.span().and_then(|span| text.get(..span.start)) else { return message };
     let line = before.matches('\n').count() + 1;

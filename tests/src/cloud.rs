@@ -78,6 +78,11 @@ impl Cloud {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// Its config file (for the `reprocess` command).
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
