@@ -14,13 +14,13 @@
 //! device's row and the counters. `projected` is 0 for such a row.
 //!
 //! The `detections` table is a *projection* of the stored batches, built off the ack path by
-//! [`Store::project_pending`] (a background task, and every read of detections first catches up, so
-//! a reader never sees a batch acked but not yet readable): each batch's payload is decoded and its
-//! rows inserted (`ON CONFLICT DO NOTHING`, so doing it twice is harmless) and `projected` set to 1,
-//! in one transaction. `projected` = 2 marks a payload that could not be decoded (logged; never
-//! retried). Rows stored before migration 4 have no payload and `projected` = 1: their detection
-//! rows are the only copy. [`Store::reprocess`] (`backhaul-cloud reprocess`) deletes and rebuilds
-//! the projection of the batches that have a payload.
+//! [`Store::project_pending`] (a background task; every read of detections first waits, up to 10 s,
+//! for the batches acked before it): each batch's payload is decoded and its
+//! old rows replaced by its rows and `projected` set to 1, in one transaction. `projected` = 2
+//! marks a payload that could not be decoded, 3 a batch whose projection failed (both logged, not
+//! tried again until a `reprocess`). Rows stored before migration 4 have no payload and
+//! `projected` = 1: their detection rows are the only copy. [`Store::reprocess`]
+//! (`backhaul-cloud reprocess`) marks the batches that have a payload for a rebuild.
 
 use std::time::Duration;
 
@@ -95,12 +95,15 @@ const MIGRATIONS: &[&[&str]] = &[
         "ALTER TABLE batches ADD COLUMN projected INTEGER NOT NULL DEFAULT 1",
         "ALTER TABLE batches ADD COLUMN first_ts BIGINT",
         "ALTER TABLE batches ADD COLUMN last_ts BIGINT",
-        "CREATE INDEX IF NOT EXISTS batches_unprojected ON batches (received_at) WHERE projected = 0",
+        "CREATE INDEX IF NOT EXISTS batches_unprojected ON batches (received_at, batch_id) WHERE projected = 0",
     ],
 ];
 
-/// Batches projected per transaction.
+/// Batches projected per transaction, at most.
 const PROJECT_PER_TX: i64 = 256;
+
+/// Detection rows per projection transaction, about (a bigger single batch goes alone).
+const PROJECT_ROWS_PER_TX: i64 = 20_000;
 
 /// Detections per INSERT statement (14 parameters each; far below SQLite's and PostgreSQL's limits).
 const ROWS_PER_INSERT: usize = 500;
@@ -150,8 +153,10 @@ pub struct Store {
     pending: std::sync::Mutex<Vec<WriteRequest>>,
     /// Signalled after every write of new batches: the projection task has work.
     projection: tokio::sync::Notify,
-    /// One projector at a time in this process (the background task and readers catching up).
+    /// One projector at a time in this process (the background task and `reprocess`).
     projecting: tokio::sync::Mutex<()>,
+    /// Signalled by a reader waiting for the projection: ends the projector's backoff early.
+    reader_waiting: tokio::sync::Notify,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -288,6 +293,7 @@ impl Store {
             pending: Default::default(),
             projection: Default::default(),
             projecting: Default::default(),
+            reader_waiting: Default::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -414,7 +420,7 @@ impl Store {
     /// Writes a group of new batches in one transaction.
     async fn write_group(&self, group: &[WriteRequest]) -> Result<Vec<Outcome>, StoreError> {
         let now = Timestamp::now().unix_micros();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let mut outcomes = Vec::with_capacity(group.len());
         for request in group {
             let batch_id = request.batch.batch_id.to_string();
@@ -443,6 +449,21 @@ fn lost_a_race(e: &sqlx::Error) -> bool {
         sqlx::Error::Database(d) => {
             d.is_unique_violation() || matches!(d.code().as_deref(), Some("23505" | "40P01" | "40001"))
         }
+        _ => false,
+    }
+}
+
+/// An error about the data a statement carried (SQLSTATE class 22 data exception, 23 integrity
+/// constraint, 42 syntax or type; decoding), not about the database being reachable: retrying the
+/// same batch cannot help.
+fn is_data_error(e: &StoreError) -> bool {
+    match e {
+        StoreError::Db(sqlx::Error::Database(d)) => {
+            let code = d.code().unwrap_or_default();
+            ["22", "23", "42"].iter().any(|class| code.starts_with(class))
+                || !matches!(d.kind(), sqlx::error::ErrorKind::Other)
+        }
+        StoreError::Db(sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. }) => true,
         _ => false,
     }
 }
@@ -627,9 +648,17 @@ impl Store {
     }
 
     /// Writes the duplicates and conflicts counted in memory (at shutdown).
+    /// A write transaction. (`BEGIN IMMEDIATE` on SQLite would keep a `reprocess` in another
+    /// process from failing this process's writes with SQLITE_BUSY; with it, one run of the
+    /// full-disk test, `tests/tests/cloud_http.rs`, answered 503 after space returned, not yet
+    /// understood, so the transaction stays deferred for now; see README "The cloud".)
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
     pub async fn flush_counts(&self) -> Result<(), StoreError> {
         let _writer = self.writer().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         self.write_unwritten_counts(&mut tx).await?;
         tx.commit().await?;
         Ok(())
@@ -638,7 +667,7 @@ impl Store {
     /// Counts a batch rejected before storage (invalid, or not allowed).
     pub async fn count_rejected(&self) -> Result<(), StoreError> {
         let _writer = self.writer().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         self.unwritten_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.write_unwritten_counts(&mut tx).await?;
         tx.commit().await?;
@@ -679,7 +708,7 @@ impl Store {
         panicked: bool,
     ) -> Result<(), StoreError> {
         let _writer = self.writer().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO dead_letters (received_at, via, topic, device_id, size, error) VALUES ($1, $2, $3, $4, $5, $6)",
         )
@@ -757,53 +786,103 @@ impl Store {
         rows.iter().map(device_row).collect::<Result<_, sqlx::Error>>().map_err(Into::into)
     }
 
-    /// Projects up to [`PROJECT_PER_TX`] stored batches that are not yet (oldest first) into
-    /// `detections`, in one transaction; returns how many. A payload that cannot be decoded (a
-    /// bug: it was validated before it was stored) is marked `projected = 2` and logged.
+    /// Projects the oldest batches not yet projected into `detections`, in one transaction: up to
+    /// [`PROJECT_PER_TX`] batches and about [`PROJECT_ROWS_PER_TX`] rows (at least one batch), so a
+    /// projection never holds the writer long. Each batch's old rows are deleted and its rows
+    /// inserted after its payload decoded, so a rebuild (`reprocess`) that fails to decode leaves the
+    /// old rows. Returns how many batches were projected.
     pub async fn project_pending(&self) -> Result<usize, StoreError> {
         let _one = self.projecting.lock().await;
-        // Read outside the write lock: SQLite readers do not block its writer.
-        let rows = sqlx::query(
-            // A total order: replicas projecting at once take rows in the same order (batches of one
-            // group share received_at), so their transactions never deadlock on each other's rows.
-            "SELECT batch_id, payload FROM batches WHERE projected = 0 ORDER BY received_at, batch_id LIMIT $1",
+        // Read outside the write lock: SQLite readers do not block its writer. A total order, so
+        // replicas projecting at once take rows in the same order (batches of one group share
+        // received_at) and never deadlock on each other's rows.
+        let candidates = sqlx::query(
+            "SELECT batch_id, detections FROM batches WHERE projected = 0 ORDER BY received_at, batch_id LIMIT $1",
         )
         .bind(PROJECT_PER_TX)
         .fetch_all(&self.pool)
         .await?;
-        if rows.is_empty() {
+        let mut chosen = Vec::new();
+        let mut rows = 0i64;
+        for c in &candidates {
+            let n: i64 = c.try_get(1)?;
+            if !chosen.is_empty() && rows + n > PROJECT_ROWS_PER_TX {
+                break;
+            }
+            rows += n;
+            chosen.push(c.try_get::<String, _>(0)?);
+        }
+        if chosen.is_empty() {
             return Ok(0);
         }
+        match self.project(&chosen).await {
+            Ok(()) => Ok(chosen.len()),
+            // One bad batch must not stop the rest: each alone, and one that the database refuses
+            // for its data is marked (projected = 3) with its error logged. Any other error (the
+            // database gone) is the caller's: nothing is marked, the projection tries again.
+            Err(e) if is_data_error(&e) => {
+                for id in &chosen {
+                    match self.project(std::slice::from_ref(id)).await {
+                        Ok(()) => {}
+                        Err(e) if is_data_error(&e) => self.mark_unprojectable(id, &e.to_string()).await?,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(chosen.len())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Projects `batch_ids` in one transaction (see [`Self::project_pending`]).
+    async fn project(&self, batch_ids: &[String]) -> Result<(), StoreError> {
         let _writer = self.writer().await;
-        let mut tx = self.pool.begin().await?;
-        for row in &rows {
-            let batch_id: String = row.try_get(0)?;
-            let payload: Option<Vec<u8>> = row.try_get(1)?;
+        let mut tx = self.begin_write().await?;
+        for batch_id in batch_ids {
+            let payload: Option<Vec<u8>> = sqlx::query("SELECT payload FROM batches WHERE batch_id = $1")
+                .bind(batch_id.clone())
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+            // Decoded with serde alone: the batch was validated when it was acked, and a later,
+            // stricter validation must not make stored batches unreadable.
             let decoded = payload
                 .ok_or_else(|| "no payload".to_owned())
                 .and_then(|p| lz4_flex::decompress_size_prepended(&p).map_err(|e| e.to_string()))
-                .and_then(|raw| {
-                    Batch::from_json(&raw, &backhaul_shared::Limits { max_detections: usize::MAX })
-                        .map_err(|e| e.to_string())
-                });
+                .and_then(|raw| serde_json::from_slice::<Batch>(&raw).map_err(|e| e.to_string()));
             let state = match decoded {
                 Ok(batch) => {
-                    insert_detections(&mut tx, &batch, &batch_id, self.write_lock.is_some()).await?;
+                    sqlx::query("DELETE FROM detections WHERE batch_id = $1")
+                        .bind(batch_id.clone())
+                        .execute(&mut *tx)
+                        .await?;
+                    insert_detections(&mut tx, &batch, batch_id, self.write_lock.is_some()).await?;
                     1
                 }
                 Err(e) => {
-                    tracing::error!(%batch_id, error = %e, "a stored batch cannot be decoded: its detections are not queryable (a bug; the batch stays stored)");
+                    tracing::error!(%batch_id, error = %e, "a stored batch cannot be decoded: its detections are not queryable (a bug; the batch stays stored, its old rows if any are kept)");
                     2
                 }
             };
             sqlx::query("UPDATE batches SET projected = $1 WHERE batch_id = $2")
                 .bind(state)
-                .bind(batch_id)
+                .bind(batch_id.clone())
                 .execute(&mut *tx)
                 .await?;
         }
         tx.commit().await?;
-        Ok(rows.len())
+        Ok(())
+    }
+
+    /// Marks a batch whose projection fails (projected = 3) so that it is not tried forever.
+    async fn mark_unprojectable(&self, batch_id: &str, error: &str) -> Result<(), StoreError> {
+        tracing::error!(%batch_id, error, "projecting a stored batch failed: its detections are not queryable (the batch stays stored; `reprocess` tries it again)");
+        let _writer = self.writer().await;
+        sqlx::query("UPDATE batches SET projected = 3 WHERE batch_id = $1")
+            .bind(batch_id.to_owned())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Projects until nothing is pending. A transaction that loses to another replica's (a
@@ -822,71 +901,91 @@ impl Store {
     }
 
     /// The background projection: catches up after every write of new batches (and every second,
-    /// for what another replica stored). Runs until the process ends.
+    /// for what another replica stored). After an error (the database gone) it waits, doubling up
+    /// to 30 s, however much is written meanwhile, unless a reader is waiting (at most one try
+    /// every 500 ms then). Runs until the process ends.
     pub async fn run_projection(&self) {
+        let mut backoff = Duration::from_secs(1);
         loop {
-            if let Err(e) = self.project_all().await {
-                tracing::error!(error = %e, "projecting stored batches into detections failed; retrying in 1 s");
+            match self.project_all().await {
+                Ok(_) => {
+                    backoff = Duration::from_secs(1);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), self.projection.notified()).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?backoff, "projecting stored batches into detections failed");
+                    let _ = tokio::time::timeout(backoff, self.reader_waiting.notified()).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
             }
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.projection.notified()).await;
         }
     }
 
-    /// Rebuilds the projection (`backhaul-cloud reprocess`): deletes the detection rows of the
-    /// stored batches that have a payload, received at or after `since_us` (UTC µs) and of
-    /// `device_id` if given, marks them unprojected and projects them again. Returns (batches
-    /// reprocessed, batches skipped: stored before migration 4, without a payload).
+    /// Marks stored batches for a rebuild of their detections (`backhaul-cloud reprocess`): those
+    /// with a payload, received at or after `since_us` (UTC µs), of `device_id` if given; then
+    /// projects them (each batch's rows replaced in one transaction, so readers never see it half
+    /// done and nothing is stored twice). Returns (batches reprocessed, batches skipped: stored
+    /// before migration 4, without a payload).
     pub async fn reprocess(&self, since_us: Option<i64>, device_id: Option<&str>) -> Result<(u64, u64), StoreError> {
-        let filter = "received_at >= $1 AND ($2 = '' OR device_id = $2)";
+        let device_clause = if device_id.is_some() { " AND device_id = $2" } else { "" };
         let since = since_us.unwrap_or(i64::MIN);
-        let device = device_id.unwrap_or("").to_owned();
-        let count = |with_payload: bool| {
-            let sql = format!(
-                "SELECT COUNT(*) FROM batches WHERE {filter} AND payload IS {} NULL",
-                if with_payload { "NOT" } else { "" }
-            );
-            let device = device.clone();
-            async move {
-                let n: i64 = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(since)
-                    .bind(device)
-                    .fetch_one(&self.pool)
-                    .await?
-                    .try_get(0)?;
-                Ok::<u64, StoreError>(u64::try_from(n).unwrap_or(0))
+        let query = |sql: String| {
+            // Only the fixed clauses above are spliced in; values are bound.
+            let q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(since);
+            match device_id {
+                Some(d) => q.bind(d.to_owned()),
+                None => q,
             }
         };
-        let (with, without) = (count(true).await?, count(false).await?);
-        {
-            let _one = self.projecting.lock().await;
+        let skipped: i64 =
+            query(format!("SELECT COUNT(*) FROM batches WHERE received_at >= $1{device_clause} AND payload IS NULL"))
+                .fetch_one(&self.pool)
+                .await?
+                .try_get(0)?;
+        let marked = {
             let _writer = self.writer().await;
-            let mut tx = self.pool.begin().await?;
-            // Only the fixed filter text is spliced in; values are bound.
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DELETE FROM detections WHERE batch_id IN
-                     (SELECT batch_id FROM batches WHERE {filter} AND payload IS NOT NULL)"
-            )))
-            .bind(since)
-            .bind(device.clone())
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE batches SET projected = 0 WHERE {filter} AND payload IS NOT NULL"
-            )))
-            .bind(since)
-            .bind(device.clone())
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-        }
+            query(format!(
+                "UPDATE batches SET projected = 0 WHERE received_at >= $1{device_clause} AND payload IS NOT NULL"
+            ))
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+        };
+        self.projection.notify_one();
         self.project_all().await?;
-        Ok((with, without))
+        Ok((marked, u64::try_from(skipped).unwrap_or(0)))
     }
 
-    /// Detections, newest first, from the projection (which first catches up with every stored
-    /// batch, so what was acked is readable).
+    /// Waits until the batches acked before this call are projected, for at most `deadline`
+    /// (reads call it, so that what was acked is readable). Never writes, so a reader that goes
+    /// away leaves nothing half done. Past the deadline the read is served as it is, logged.
+    async fn wait_projected(&self, deadline: Duration) -> Result<(), StoreError> {
+        let mark = Timestamp::now().unix_micros();
+        let started = tokio::time::Instant::now();
+        loop {
+            let pending: i64 = sqlx::query("SELECT COUNT(*) FROM batches WHERE projected = 0 AND received_at <= $1")
+                .bind(mark)
+                .fetch_one(&self.pool)
+                .await?
+                .try_get(0)?;
+            if pending == 0 {
+                return Ok(());
+            }
+            if started.elapsed() >= deadline {
+                tracing::warn!(pending, "serving detections while acked batches are still being projected");
+                return Ok(());
+            }
+            if started.elapsed().as_millis() % 500 < 10 {
+                self.reader_waiting.notify_one();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Detections, newest first, from the projection (after waiting, up to 10 s, for the batches
+    /// acked before the call to be projected).
     pub async fn detections(&self, q: &DetectionQuery) -> Result<Vec<DetectionRow>, StoreError> {
-        self.project_all().await?;
+        self.wait_projected(Duration::from_secs(10)).await?;
         let mut sql = String::from(
             "SELECT device_id, batch_id, idx, kind, ts, rssi, device_hash, zone, node, temp, humidity, co2_ppm,
                     window_open, battery FROM detections WHERE 1 = 1",
@@ -1044,8 +1143,10 @@ mod tests {
             k.sort();
             k
         };
+        // (No background task here: `serve` runs one, and reads wait for it.)
+        assert_eq!(store.project_all().await.unwrap(), 3);
         let first = keys(store.detections(&q).await.unwrap());
-        assert_eq!(first.len(), 12, "a read catches the projection up");
+        assert_eq!(first.len(), 12);
         assert_eq!(store.reprocess(None, None).await.unwrap(), (3, 0));
         assert_eq!(keys(store.detections(&q).await.unwrap()), first, "rebuilt: the same rows, none twice");
         assert_eq!(count("SELECT COUNT(*) FROM detections").await, 12);

@@ -6,6 +6,7 @@
 //! (PostgreSQL refuses to run as root), through `setpriv`, which execs, so the child's pid is the
 //! server's.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -82,18 +83,29 @@ impl Postgres {
             .arg("-k")
             .arg(self.dir.path())
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=100"])
+            // Its own process group: a SIGKILL of the group takes its backends too, at once.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("starting postgres")?;
         self.child = Some(child);
+        // Through our private socket dir, so another test's server on a reused port never answers.
         let ready = wait_until("PostgreSQL to accept connections", Duration::from_secs(60), || {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return true; // exited: reported below
+            }
             Command::new(self.bin.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "backhaul", "-q"])
+                .arg("-h")
+                .arg(self.dir.path())
+                .args(["-p", &self.port.to_string(), "-U", "backhaul", "-q"])
                 .status()
                 .is_ok_and(|s| s.success())
         });
+        if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+            bail!("postgres exited with {status} at start; its log:\n{}", self.log());
+        }
         ready.with_context(|| format!("PostgreSQL log:\n{}", self.log()))
     }
 
@@ -106,36 +118,35 @@ impl Postgres {
         std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
     }
 
-    /// SIGKILL (a crash: no shutdown checkpoint; the next start recovers from the WAL).
+    /// SIGKILL of the server and all its backends (a crash: no shutdown checkpoint; the next start
+    /// recovers from the WAL), once they are all gone.
     pub fn kill9(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            crate::kill9(&mut child)?;
-        }
-        // Its backends exit once the postmaster is gone; the next start waits for them.
-        Ok(())
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let group = child.id();
+        // `kill` as a command (`unsafe_code` is denied workspace-wide): the whole process group.
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{group}")]).status();
+        let _ = child.wait();
+        wait_until("the server's backends to exit", Duration::from_secs(30), || !group_alive(group))
     }
 
     /// Starts it again on the same data and port.
     pub fn restart(&mut self) -> Result<()> {
-        // A killed postmaster leaves postmaster.pid; PostgreSQL removes a stale one itself once the
-        // old backends are gone (it checks the pid and the shared memory).
-        let pid_file = self.data().join("postmaster.pid");
-        wait_until("the killed server's backends to exit", Duration::from_secs(30), || {
-            !shared_memory_in_use(&pid_file)
-        })?;
         self.spawn()
     }
 }
 
-/// Whether a killed server's backends still run (their pids are children of the dead postmaster;
-/// `pg_ctl status` cannot tell). Checked through /proc: any process whose command line names the
-/// data dir.
-fn shared_memory_in_use(pid_file: &Path) -> bool {
-    let Some(data) = pid_file.parent().and_then(|d| d.to_str()) else { return false };
+/// Whether any process of process group `group` still runs (read from /proc/PID/stat, which
+/// needs no privilege).
+fn group_alive(group: u32) -> bool {
     let Ok(procs) = std::fs::read_dir("/proc") else { return false };
     procs.flatten().any(|p| {
-        std::fs::read(p.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(data))
-            || std::fs::read_link(p.path().join("cwd")).is_ok_and(|cwd| cwd.to_str() == Some(data))
+        std::fs::read_to_string(p.path().join("stat")).is_ok_and(|stat| {
+            // pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its ')'.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(2).map(|g| g == group.to_string()))
+                .unwrap_or(false)
+                && !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
     })
 }
 
@@ -152,9 +163,7 @@ fn as_server_user(program: &Path) -> Command {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        // Waits for its backends before the temp dir is removed.
         let _ = self.kill9();
-        // Let its backends go before the temp dir is removed.
-        let pid_file = self.data().join("postmaster.pid");
-        let _ = wait_until("the backends to exit", Duration::from_secs(10), || !shared_memory_in_use(&pid_file));
     }
 }

@@ -26,6 +26,19 @@ fn cloud_on(pg: &Postgres) -> Cloud {
     cloud
 }
 
+/// The cloud's warnings and errors, for a failure message.
+fn errors(cloud: &mut Cloud) -> String {
+    cloud
+        .process
+        .output()
+        .iter()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .take(20)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A bulk post to `url` (threads cannot share a `Cloud`).
 fn post_to(url: &str, batch: &backhaul_shared::Batch) -> u16 {
     let r = http()
@@ -160,7 +173,7 @@ fn an_mqtt_replica_sigkilled_mid_drain_is_taken_over_and_nothing_is_lost_or_stor
         cloud.process.wait_for_any_line(T, |l| l.contains("subscribed to batches and status")).unwrap();
         cloud
     };
-    let (mut a, b) = (replica(), replica());
+    let (mut a, mut b) = (replica(), replica());
     let mut edge = Edge::start(EdgeOptions {
         mqtt_url: broker.url(),
         count: 30_000,
@@ -179,7 +192,12 @@ fn an_mqtt_replica_sigkilled_mid_drain_is_taken_over_and_nothing_is_lost_or_stor
     edge.process.kill9().unwrap();
     let (produced, dropped) = edge_ledger(&edge.data_dir()).unwrap();
     let (tally, problems) = compare(&produced, &cloud_ledger(&b, DEVICE));
-    assert!(problems.is_empty() && dropped == 0, "{tally:?}: {problems:?}");
+    assert!(
+        problems.is_empty() && dropped == 0,
+        "{tally:?}: {:?}\n{}",
+        &problems[..problems.len().min(3)],
+        errors(&mut b)
+    );
     assert!(tally.produced >= 600, "{tally:?}");
     // The bound: the session expiry (5 s), then the edge's ack timeout (5 s in the tests) and its
     // resend backoff for what the dead replica held.
@@ -228,5 +246,10 @@ fn postgresql_killed_under_mqtt_ingest_holds_the_acks_then_resumes_with_nothing_
     edge.process.kill9().unwrap();
     let (produced, dropped) = edge_ledger(&edge.data_dir()).unwrap();
     let (tally, problems) = compare(&produced, &cloud_ledger(&cloud, DEVICE));
-    assert!(problems.is_empty() && dropped == 0, "{tally:?}: {problems:?}");
+    assert!(
+        problems.is_empty() && dropped == 0,
+        "{tally:?}: {:?}\n{}",
+        &problems[..problems.len().min(3)],
+        errors(&mut cloud)
+    );
 }
