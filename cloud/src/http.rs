@@ -254,6 +254,15 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         "1 if work waits and none was finished for ingest_stall_after.",
         &per(&|s| u8::from(s.stalled(stall_after)).to_string()),
     );
+    if app.ingresses.mqtt_configured.load(std::sync::atomic::Ordering::SeqCst) {
+        let up = app.ingresses.mqtt_connected.load(std::sync::atomic::Ordering::SeqCst);
+        family(
+            "backhaul_cloud_mqtt_connected",
+            "gauge",
+            "1 while the MQTT ingest connection is up (MQTT ingest configured only).",
+            &[("", u8::from(up).to_string())],
+        );
+    }
     match app.ingest.store.stats().await {
         Ok(s) => {
             for (name, help, value) in [

@@ -112,6 +112,7 @@ pub async fn run(
     let (tx, mut rx) = mpsc::channel::<(u64, Publish)>(HANDOVER);
     let connection = Arc::new(AtomicU64::new(0));
     let ingresses = settings.progress.clone();
+    ingresses.mqtt_configured.store(true, Ordering::SeqCst);
     let poller = tokio::spawn(poll(
         eventloop,
         client.clone(),
@@ -343,6 +344,7 @@ async fn poll(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff = Duration::from_millis(100);
                 connection.fetch_add(1, Ordering::SeqCst);
+                ingresses.mqtt_connected.store(true, Ordering::SeqCst);
                 tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
                 // try_subscribe_many only queues the request: never await from the polling task.
                 let filters = [topics.shared_batches_filter(&group), topics.all_status_filter()]
@@ -381,7 +383,11 @@ async fn poll(
             Err(e) => {
                 // From here, PUBACKs for what this connection delivered are stale.
                 connection.fetch_add(1, Ordering::SeqCst);
-                tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection lost; reconnecting");
+                if ingresses.mqtt_connected.swap(false, Ordering::SeqCst) {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection lost; reconnecting");
+                } else {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "connecting to the MQTT broker failed (is it running, and is mqtt.url right?); retrying");
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }

@@ -109,11 +109,21 @@ pub struct Ingresses {
     pub http: Progress,
     /// `ingest_stall_after`.
     pub stall_after: Duration,
+    /// MQTT ingest is configured (`[mqtt]`).
+    pub mqtt_configured: std::sync::atomic::AtomicBool,
+    /// Its ingest connection is up (between a CONNACK and the next connection error).
+    pub mqtt_connected: std::sync::atomic::AtomicBool,
 }
 
 impl Ingresses {
     pub fn new(stall_after: Duration) -> Self {
-        Self { mqtt: Progress::new("mqtt"), http: Progress::new("http"), stall_after }
+        Self {
+            mqtt: Progress::new("mqtt"),
+            http: Progress::new("http"),
+            stall_after,
+            mqtt_configured: Default::default(),
+            mqtt_connected: Default::default(),
+        }
     }
 
     pub fn all(&self) -> [&Progress; 2] {

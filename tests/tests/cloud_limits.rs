@@ -134,3 +134,27 @@ fn the_deploy_broker_limits_stop_a_hostile_publisher_and_edges_cut_batches_to_fi
     assert_eq!(num(&status, "/link/link_ups"), 1, "never cut off: {status}");
     assert_eq!(dead_letters(&cloud), 0, "every piece the edge cut fits the cloud's max_body_bytes too");
 }
+
+/// An operator sees a lost broker (a new user found it invisible: `/health` stays 200 by design,
+/// since HTTP ingest still works): `/metrics` has `backhaul_cloud_mqtt_connected`, 1 while the
+/// ingest connection is up and 0 once the broker is gone, and 1 again after it is back.
+#[test]
+fn metrics_say_whether_the_mqtt_ingest_connection_is_up() {
+    let mut broker = Mosquitto::start().unwrap();
+    let cloud = Cloud::start_mqtt(&broker, Vec::new()).unwrap();
+    let gauge = || -> Option<String> {
+        let mut r = http()
+            .get(cloud.url("/metrics"))
+            .header("Authorization", &format!("Bearer {}", backhaul_tests::cloud::FLEET_KEY))
+            .call()
+            .ok()?;
+        let text = r.body_mut().read_to_string().ok()?;
+        text.lines().find(|l| l.starts_with("backhaul_cloud_mqtt_connected ")).map(str::to_owned)
+    };
+    let is = |v: &str| wait_for(&format!("mqtt_connected {v}"), T, || gauge().filter(|l| l.ends_with(v)).map(|_| ()));
+    is(" 1").unwrap();
+    broker.kill9().unwrap();
+    is(" 0").unwrap();
+    broker.restart().unwrap();
+    is(" 1").unwrap();
+}
