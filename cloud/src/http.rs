@@ -198,14 +198,8 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     if stalls.is_empty() {
         return Json(json!({ "status": "ok" })).into_response();
     }
-    let stalled: Vec<&str> = app
-        .ingresses
-        .all()
-        .into_iter()
-        .filter(|p| p.snapshot().stalled(app.ingresses.stall_after))
-        .map(|p| p.name)
-        .collect();
-    let body = json!({ "status": "unhealthy", "error": stalls.join("; "), "stalled": stalled });
+    let (stalled, why): (Vec<&str>, Vec<String>) = stalls.into_iter().unzip();
+    let body = json!({ "status": "unhealthy", "error": why.join("; "), "stalled": stalled });
     (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
@@ -216,18 +210,15 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         return r.into_response();
     }
     let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, String)]| {
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         for (labels, value) in samples {
             out.push_str(&format!("{name}{labels} {value}\n"));
         }
     };
     let ingresses = app.ingresses.all().map(|p| (p, p.snapshot()));
-    let per = |f: &dyn Fn(&crate::progress::Snapshot) -> String| -> Vec<(&str, String)> {
-        ingresses
-            .iter()
-            .map(|(p, s)| (if p.name == "mqtt" { "{ingress=\"mqtt\"}" } else { "{ingress=\"http\"}" }, f(s)))
-            .collect()
+    let per = |f: &dyn Fn(&crate::progress::Snapshot) -> String| -> Vec<(String, String)> {
+        ingresses.iter().map(|(p, s)| (format!("{{ingress=\"{}\"}}", p.name), f(s))).collect()
     };
     let stall_after = app.ingresses.stall_after;
     family(
@@ -260,7 +251,7 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             "backhaul_cloud_mqtt_connected",
             "gauge",
             "1 while the MQTT ingest connection is up (MQTT ingest configured only).",
-            &[("", u8::from(up).to_string())],
+            &[(String::new(), u8::from(up).to_string())],
         );
     }
     match app.ingest.store.stats().await {
@@ -273,7 +264,7 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
                 ("dead_letters", "Messages or bodies that could not be used, kept for inspection.", s.dead_letters),
                 ("panics", "Messages whose handling panicked (a bug; each also a dead letter).", s.panics),
             ] {
-                family(&format!("backhaul_cloud_{name}_total"), "counter", help, &[("", value.to_string())]);
+                family(&format!("backhaul_cloud_{name}_total"), "counter", help, &[(String::new(), value.to_string())]);
             }
         }
         Err(e) => return storage_down(e),

@@ -283,8 +283,8 @@ async fn watchdog_loop(ingest: Arc<Ingest>, ingresses: Arc<Ingresses>) {
         backhaul_cloud::failpoint::panic_in("watchdog");
         let stalls = ingresses.stalls();
         if !stalls.is_empty() {
-            for stall in stalls {
-                tracing::error!("{stall}");
+            for (_, why) in stalls {
+                tracing::error!("{why}");
             }
         } else if watchdog.is_some() {
             if ingest.store.ping().await {

@@ -130,22 +130,23 @@ impl Ingresses {
         [&self.mqtt, &self.http]
     }
 
-    /// Why the service is unhealthy, for `/health` and the log: one sentence per stalled ingress
-    /// that says what to do. Empty when none is stalled.
-    pub fn stalls(&self) -> Vec<String> {
+    /// Why the service is unhealthy, for `/health` and the log: per stalled ingress, its name and
+    /// a sentence that says what to do (from one snapshot each). Empty when none is stalled.
+    pub fn stalls(&self) -> Vec<(&'static str, String)> {
         self.all()
             .into_iter()
             .filter_map(|p| {
                 let s = p.snapshot();
                 s.stalled(self.stall_after).then(|| {
-                    format!(
+                    let why = format!(
                         "{} ingest is stalled: {} waiting, none finished for {} s (ingest_stall_after = {} s); \
                          the watchdog stops so that systemd restarts the service: look for errors in the log",
                         p.name,
                         s.waiting,
                         s.since_progress.as_secs(),
                         self.stall_after.as_secs()
-                    )
+                    );
+                    (p.name, why)
                 })
             })
             .collect()

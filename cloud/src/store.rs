@@ -962,6 +962,7 @@ impl Store {
     async fn wait_projected(&self, deadline: Duration) -> Result<(), StoreError> {
         let mark = Timestamp::now().unix_micros();
         let started = tokio::time::Instant::now();
+        let mut next_nudge = Duration::ZERO;
         loop {
             let pending: i64 = sqlx::query("SELECT COUNT(*) FROM batches WHERE projected = 0 AND received_at <= $1")
                 .bind(mark)
@@ -975,8 +976,9 @@ impl Store {
                 tracing::warn!(pending, "serving detections while acked batches are still being projected");
                 return Ok(());
             }
-            if started.elapsed().as_millis() % 500 < 10 {
+            if started.elapsed() >= next_nudge {
                 self.reader_waiting.notify_one();
+                next_nudge += Duration::from_millis(500);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
