@@ -261,6 +261,14 @@ impl ApiKeys {
         Ok(Self { keys })
     }
 
+    /// The key that signs acks for `device_id` ([`backhaul_shared::wire::ack_mac`]): the device's
+    /// own key, else the fleet key (`*`), the one its edge must then hold. `None`: no key could
+    /// have posted for it, and its edge ignores unsigned acks.
+    pub fn ack_key(&self, device_id: &str) -> Option<&[u8]> {
+        let own = self.keys.iter().find(|(d, _)| d.as_deref() == Some(device_id));
+        own.or_else(|| self.keys.iter().find(|(d, _)| d.is_none())).map(|(_, k)| k.as_slice())
+    }
+
     /// The scope of a presented key, comparing in constant time against every key.
     pub fn check(&self, presented: &str) -> Option<KeyScope> {
         use subtle::ConstantTimeEq;
@@ -293,6 +301,8 @@ mod tests {
         assert_eq!(keys.check("key-for-rpi-2-0123456789"), Some(KeyScope::Device("rpi-2".into())));
         assert_eq!(keys.check("fleet-key-0123456789"), Some(KeyScope::Fleet));
         assert_eq!(keys.check("nope"), None);
+        assert_eq!(keys.ack_key("rpi-1"), Some(&b"key-for-rpi-1-0123456789"[..]), "a device signs with its own key");
+        assert_eq!(keys.ack_key("rpi-9"), Some(&b"fleet-key-0123456789"[..]), "else with the fleet key");
         assert_eq!(keys.check(""), None);
         assert!(!format!("{keys:?}").contains("fleet-key"), "keys never appear in Debug output");
     }

@@ -129,7 +129,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
         let max_body_bytes = usize::try_from(config.max_body_bytes.0).unwrap_or(usize::MAX);
         let app = Arc::new(App {
             ingest: ingest.clone(),
-            keys,
+            keys: keys.clone(),
             permits: Semaphore::new(config.max_concurrent_ingest),
             fail_next_bulk: backhaul_cloud::http::failpoint_bulk_500().into(),
             ingresses: ingresses.clone(),
@@ -144,7 +144,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
         let mqtt = config.mqtt.clone().map(|m| {
             let password = std::env::var("BACKHAUL_MQTT_PASSWORD").ok();
             let settings =
-                backhaul_cloud::mqtt::Settings { max_message_bytes: max_body_bytes, progress: ingresses.clone() };
+                backhaul_cloud::mqtt::Settings { max_message_bytes: max_body_bytes, progress: ingresses.clone(), keys };
             tokio::spawn(backhaul_cloud::mqtt::run(ingest.clone(), m, password, settings, stop_rx.clone()))
         });
         tracing::info!(%addr, mqtt = config.mqtt.is_some(), "backhaul-cloud serving");

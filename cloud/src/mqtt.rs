@@ -34,14 +34,14 @@ use std::time::Duration;
 
 use anyhow::Result;
 use backhaul_shared::wire::TopicKind;
-use backhaul_shared::{Ack, AckMessage, AckStatus, DeviceStatus, Topics};
+use backhaul_shared::{Ack, AckMessage, AckStatus, BatchId, DeviceStatus, Topics};
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::{parse_mqtt_url, MqttConfig};
+use crate::config::{parse_mqtt_url, ApiKeys, MqttConfig};
 use crate::ingest::{Accepted, Ingest};
 
 /// Room in a PUBLISH packet for what is not payload: the fixed header, the topic (at most
@@ -74,6 +74,40 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// This ingress's progress, for `/health`, `/metrics` and the watchdog.
     pub progress: Arc<crate::progress::Ingresses>,
+    /// The API keys: each ack is signed with its device's key ([`ApiKeys::ack_key`]).
+    pub keys: ApiKeys,
+}
+
+/// Publishes acks on `{prefix}/{device_id}/acks`, each signed with its device's key (issue #16:
+/// the edge applies no ack it cannot verify).
+#[derive(Debug, Clone)]
+struct AckSender {
+    client: AsyncClient,
+    topics: Topics,
+    keys: ApiKeys,
+}
+
+impl AckSender {
+    async fn send(&self, device: &str, batch_id: BatchId, status: AckStatus, reason: Option<String>) {
+        let ack = match self.keys.ack_key(device) {
+            Some(key) => Ack::signed(device, batch_id, status, reason, key),
+            None => {
+                tracing::warn!(
+                    device,
+                    %batch_id,
+                    "no API key for this device and no fleet key: its ack goes out unsigned and the edge will \
+                     ignore it; add the device's key to auth.keys_file"
+                );
+                Ack { batch_id, status, reason, mac: None }
+            }
+        };
+        let payload = serde_json::to_vec(&AckMessage { acks: vec![ack] }).expect("an ack serializes");
+        // Never wait: if the ack connection is down and its queue full, the device resends after its
+        // timeout and gets a duplicate ack.
+        if let Err(e) = self.client.try_publish(self.topics.acks(device), QoS::AtLeastOnce, false, payload) {
+            tracing::warn!(error = %e, device, "publishing an ack failed; the device will resend and get a duplicate ack");
+        }
+    }
 }
 
 /// Test-only fault injection: `BACKHAUL_FAILPOINT=before_puback` parks the worker after a commit,
@@ -130,6 +164,7 @@ pub async fn run(
         .set_session_expiry_interval(None)
         .set_manual_acks(false);
     let (acks, ack_eventloop) = AsyncClient::new(ack_options, 1024);
+    let acks = AckSender { client: acks, topics: topics.clone(), keys: settings.keys.clone() };
     let ack_poller = tokio::spawn(poll_acks(ack_eventloop));
 
     // Up to IN_HAND messages are handled at once, so their new batches share the store's group
@@ -167,7 +202,7 @@ pub async fn run(
                     // A panic costs that message only (issue #14): redelivered, it would panic again
                     // after every restart and stall every device behind it. It is dead-lettered with
                     // the reason, refused to its device, counted, and PUBACKed below.
-                    Err(e) if e.is_panic() => handler_panicked(&ingest, &acks, &topics, &publish, &panic_message(e)).await,
+                    Err(e) if e.is_panic() => handler_panicked(&ingest, &acks, &publish, &panic_message(e)).await,
                     Err(e) => {
                         result = Err(anyhow::anyhow!("handling an MQTT message failed: {e}; stopping so the broker redelivers it"));
                         break;
@@ -218,9 +253,9 @@ pub async fn run(
         match next {
             Some((received_on, publish)) => {
                 crate::failpoint::panic_in("mqtt-worker");
-                let (ingest, acks, topics, p) = (ingest.clone(), acks.clone(), topics.clone(), publish.clone());
+                let (ingest, acks, p) = (ingest.clone(), acks.clone(), publish.clone());
                 let max = settings.max_message_bytes;
-                let task = tokio::spawn(async move { handle(&ingest, &acks, &topics, &p, max).await });
+                let task = tokio::spawn(async move { handle(&ingest, &acks, &p, max).await });
                 in_hand.push_back((received_on, publish, task));
             }
             // The poller is gone: its handle's branch above says how.
@@ -236,7 +271,7 @@ pub async fn run(
         task.abort();
     }
     let _ = client.disconnect().await;
-    let _ = acks.disconnect().await;
+    let _ = acks.client.disconnect().await;
     for (name, task) in [("ingest", poller), ("acks", ack_poller)] {
         let Some(task) = task else { continue };
         let abort = task.abort_handle();
@@ -398,15 +433,15 @@ async fn poll(
 /// After handling `publish` panicked: dead-letters it with the panic as its reason (counted in
 /// `panics` as well as `dead_letters`), and tells its device the batch is refused, if its topic and
 /// batch_id can be read (else the device would resend it after every ack timeout, forever).
-async fn handler_panicked(ingest: &Ingest, acks: &AsyncClient, topics: &Topics, publish: &Publish, panic: &str) {
+async fn handler_panicked(ingest: &Ingest, acks: &AckSender, publish: &Publish, panic: &str) {
     let reason = format!("the cloud panicked handling this message (a bug; kept for inspection): {panic}");
     let topic = topic_str(publish);
-    let device = topics.parse(&topic).map(|(d, _)| d);
+    let device = acks.topics.parse(&topic).map(|(d, _)| d);
     tracing::error!(topic = %topic, size = publish.payload.len(), "{reason}; dead-lettered, PUBACKed, going on");
     retry_storage(|| ingest.store.dead_letter_panic("mqtt", Some(&topic), device, publish.payload.len(), &reason))
         .await;
     if let (Some(device), Some(batch_id)) = (device, readable_batch_id(&publish.payload)) {
-        send_ack(acks, topics, device, Ack { batch_id, status: AckStatus::Rejected, reason: Some(reason) }).await;
+        acks.send(device, batch_id, AckStatus::Rejected, Some(reason)).await;
     }
 }
 
@@ -416,15 +451,21 @@ fn topic_str(publish: &Publish) -> String {
 }
 
 /// Handles one message to completion: stored (or recorded as unusable) before it returns.
-async fn handle(ingest: &Ingest, client: &AsyncClient, topics: &Topics, publish: &Publish, max_bytes: usize) {
+async fn handle(ingest: &Ingest, acks: &AckSender, publish: &Publish, max_bytes: usize) {
     let topic = topic_str(publish);
-    let Some((device, kind)) = topics.parse(&topic) else {
+    let Some((device, kind)) = acks.topics.parse(&topic) else {
         dead_letter(ingest, publish, None, "topic is not {prefix}/{device}/batches or /status").await;
         return;
     };
     if crate::failpoint::value() == Some("stall_mqtt") && kind == TopicKind::Batches {
         eprintln!("FAILPOINT stall_mqtt: the worker hangs on a batch");
         std::future::pending::<()>().await;
+    }
+    // A topic level can hold what no device_id may (control characters, more than 64 bytes):
+    // nothing from such a topic is stored, not even as a device (issue #16: phantom devices).
+    if let Err(e) = backhaul_shared::batch::validate_device_id(device) {
+        dead_letter(ingest, publish, None, &format!("the topic's device_id {e}")).await;
+        return;
     }
     // Within our Maximum Packet Size (max_body_bytes + 64 KiB of slack for the topic and header) a
     // payload can still be over max_body_bytes: refused like an HTTP body of that size.
@@ -435,8 +476,7 @@ async fn handle(ingest: &Ingest, client: &AsyncClient, topics: &Topics, publish:
         // bigger than the announced packet size).
         if kind == TopicKind::Batches {
             if let Some(batch_id) = readable_batch_id(&publish.payload) {
-                send_ack(client, topics, device, Ack { batch_id, status: AckStatus::Rejected, reason: Some(reason) })
-                    .await;
+                acks.send(device, batch_id, AckStatus::Rejected, Some(reason)).await;
             }
         }
         return;
@@ -444,7 +484,7 @@ async fn handle(ingest: &Ingest, client: &AsyncClient, topics: &Topics, publish:
     match kind {
         TopicKind::Batches => {
             crate::failpoint::panic_in("mqtt-message");
-            handle_batch(ingest, client, topics, publish, device).await
+            handle_batch(ingest, acks, publish, device).await
         }
         TopicKind::Status => match serde_json::from_slice::<DeviceStatus>(&publish.payload) {
             Ok(status) => {
@@ -456,7 +496,7 @@ async fn handle(ingest: &Ingest, client: &AsyncClient, topics: &Topics, publish:
     }
 }
 
-async fn handle_batch(ingest: &Ingest, client: &AsyncClient, topics: &Topics, publish: &Publish, device: &str) {
+async fn handle_batch(ingest: &Ingest, acks: &AckSender, publish: &Publish, device: &str) {
     let batch = match ingest.parse(&publish.payload) {
         Ok(b) => b,
         Err(e) => {
@@ -464,13 +504,7 @@ async fn handle_batch(ingest: &Ingest, client: &AsyncClient, topics: &Topics, pu
             // If its batch_id can be read, tell the device: a rejected batch is final, so it stops
             // resending it.
             if let Some(batch_id) = readable_batch_id(&publish.payload) {
-                send_ack(
-                    client,
-                    topics,
-                    device,
-                    Ack { batch_id, status: AckStatus::Rejected, reason: Some(e.to_string()) },
-                )
-                .await;
+                acks.send(device, batch_id, AckStatus::Rejected, Some(e.to_string())).await;
             }
             return;
         }
@@ -479,13 +513,7 @@ async fn handle_batch(ingest: &Ingest, client: &AsyncClient, topics: &Topics, pu
         let reason = format!("payload device_id `{}` differs from the topic's `{device}`", batch.device_id);
         retry_storage(|| ingest.store.count_rejected()).await;
         tracing::warn!(topic = %topic_str(publish), batch_id = %batch.batch_id, "{reason}");
-        send_ack(
-            client,
-            topics,
-            device,
-            Ack { batch_id: batch.batch_id, status: AckStatus::Rejected, reason: Some(reason) },
-        )
-        .await;
+        acks.send(device, batch.batch_id, AckStatus::Rejected, Some(reason)).await;
         return;
     }
     let batch_id = batch.batch_id;
@@ -508,7 +536,7 @@ async fn handle_batch(ingest: &Ingest, client: &AsyncClient, topics: &Topics, pu
             (AckStatus::Rejected, Some("batch_id already stored with a different payload".to_owned()))
         }
     };
-    send_ack(client, topics, device, Ack { batch_id, status, reason }).await;
+    acks.send(device, batch_id, status, reason).await;
 }
 
 fn readable_batch_id(payload: &[u8]) -> Option<backhaul_shared::BatchId> {
@@ -517,15 +545,6 @@ fn readable_batch_id(payload: &[u8]) -> Option<backhaul_shared::BatchId> {
         batch_id: backhaul_shared::BatchId,
     }
     serde_json::from_slice::<IdOnly>(payload).ok().map(|i| i.batch_id)
-}
-
-async fn send_ack(client: &AsyncClient, topics: &Topics, device: &str, ack: Ack) {
-    let payload = serde_json::to_vec(&AckMessage { acks: vec![ack] }).expect("an ack serializes");
-    // Never wait: if the ack connection is down and its queue full, the device resends after its
-    // timeout and gets a duplicate ack.
-    if let Err(e) = client.try_publish(topics.acks(device), QoS::AtLeastOnce, false, payload) {
-        tracing::warn!(error = %e, device, "publishing an ack failed; the device will resend and get a duplicate ack");
-    }
 }
 
 async fn dead_letter(ingest: &Ingest, publish: &Publish, device: Option<&str>, error: &str) {

@@ -11,7 +11,8 @@
 //!
 //! Secrets never live in the file: the hash secret comes from `BACKHAUL_HASH_SECRET` or
 //! `decode.hash_secret_file`, the MQTT password from `BACKHAUL_MQTT_PASSWORD` or
-//! `transport.mqtt.password_file`, the HTTP API key from `BACKHAUL_API_KEY` or
+//! `transport.mqtt.password_file`, the API key (HTTP auth; over MQTT, the key that verifies the
+//! cloud's acks) from `BACKHAUL_API_KEY` or
 //! `transport.http.api_key_file` (systemd credentials are files). `check-config` prints them masked.
 
 use std::net::SocketAddr;
@@ -542,6 +543,19 @@ impl EdgeConfig {
                 ));
             }
         }
+        // Issue #16: over MQTT the cloud signs each ack with this device's API key, and the edge
+        // applies no ack it cannot verify; without the key it could never delete a batch.
+        if c.transport.mode == TransportMode::Mqtt
+            && c.transport.mqtt.ack == AckMode::Cloud
+            && secrets.api_key.is_none()
+        {
+            return Err(loaded.invalid(
+                "transport.http.api_key_file",
+                "with transport.mode = \"mqtt\" and ack = \"cloud\" the edge needs this device's API key (the one \
+                 the cloud's auth.keys_file holds for this device_id, or its fleet key `*`) to verify the cloud's \
+                 acks: set BACKHAUL_API_KEY or transport.http.api_key_file (a file, mode 0600)",
+            ));
+        }
         if let Some(p) = c.decode.profiles.iter().find(|p| !["presence", "thingy52"].contains(&p.as_str())) {
             return Err(loaded
                 .invalid("decode.profiles", format!("unknown profile `{p}`: the profiles are presence and thingy52")));
@@ -568,7 +582,7 @@ impl EdgeConfig {
         for (name, s) in [
             ("hash secret", &secrets.hash_secret),
             ("MQTT password", &secrets.mqtt_password),
-            ("HTTP API key", &secrets.api_key),
+            ("API key (HTTP auth, MQTT ack MAC)", &secrets.api_key),
         ] {
             match s {
                 Some(s) => out.push_str(&format!("# {name}: *** (from {})\n", s.origin)),
@@ -732,6 +746,17 @@ mod tests {
     fn load(top: &str, sections: &str) -> Result<EdgeConfig, String> {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("edge.toml");
+        // Over MQTT the API key is needed to verify acks: a key file, unless the test names one.
+        let key = dir.path().join("api-key");
+        std::fs::write(&key, "device-key-pi-1-0123456789").unwrap();
+        let key_line = format!("api_key_file = \"{}\"\n", key.display());
+        let sections = if sections.contains("api_key_file") {
+            sections.to_owned()
+        } else if sections.contains("[transport.http]\n") {
+            sections.replacen("[transport.http]\n", &format!("[transport.http]\n{key_line}"), 1)
+        } else {
+            format!("{sections}\n[transport.http]\n{key_line}")
+        };
         let text = format!("device_id = \"pi-1\"\n{top}\n[source]\nkind = \"simulated\"\n{sections}\n");
         std::fs::write(&file, text).unwrap();
         EdgeConfig::load(&file).map(|(l, _)| l.config).map_err(|e| e.to_string())
@@ -759,6 +784,24 @@ mod tests {
         refused("", "[transport.mqtt]\nkeep_alive = \"65536s\"", "transport.mqtt.keep_alive", &["65535"]);
         load("", "[transport.mqtt]\nkeep_alive = \"1s\"").unwrap();
         load("", "[transport.mqtt]\nkeep_alive = \"65535s\"").unwrap();
+    }
+
+    #[test]
+    fn over_mqtt_with_cloud_acks_the_api_key_is_required_to_verify_them() {
+        // Issue #16: without it no ack could be verified, so no batch would ever be deleted.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edge.toml");
+        std::fs::write(&file, "device_id = \"pi-1\"\n[source]\nkind = \"simulated\"\n").unwrap();
+        if std::env::var_os("BACKHAUL_API_KEY").is_none() {
+            let e = EdgeConfig::load(&file).unwrap_err().to_string();
+            assert!(e.contains("BACKHAUL_API_KEY") && e.contains("verify the cloud's acks"), "{e}");
+        }
+        std::fs::write(
+            &file,
+            "device_id = \"pi-1\"\n[source]\nkind = \"simulated\"\n[transport.mqtt]\nack = \"broker\"\n",
+        )
+        .unwrap();
+        EdgeConfig::load(&file).unwrap();
     }
 
     #[test]

@@ -312,6 +312,7 @@ fn mqtt_settings(config: &EdgeConfig, secrets: &Secrets) -> Result<MqttSettings>
         keep_alive: m.keep_alive.0,
         protocol: m.protocol,
         max_message_bytes: m.max_message_bytes.map(|b| usize::try_from(b.0).unwrap_or(usize::MAX)),
+        ack_key: secrets.api_key.as_ref().map(|s| s.expose().as_bytes().to_vec()),
     })
 }
 

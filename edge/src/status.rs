@@ -193,6 +193,18 @@ pub struct LinkStatus {
     /// The largest batch payload the link can carry, bytes (the broker's maximum packet size or
     /// `transport.mqtt.max_message_bytes`, less the PUBLISH overhead); absent: no known limit.
     pub max_payload_bytes: Option<u64>,
+    /// Acks ignored since start (issue #16).
+    #[serde(default)]
+    pub acks_ignored: AcksIgnored,
+}
+
+/// `link.acks_ignored`: acks the edge did not apply, since start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AcksIgnored {
+    /// Without a valid MAC: not published by the cloud, or signed with another key.
+    pub unverified: u64,
+    /// Valid, for a batch not in flight (answered already, or sent before the link went down).
+    pub not_in_flight: u64,
 }
 
 /// `link.acks_overdue` (SPEC.md, wave 2 additions).
@@ -351,6 +363,10 @@ impl StatusSource {
                     }
                 },
                 max_payload_bytes: Some(t.max_payload_bytes.load(Ordering::Relaxed)).filter(|&m| m > 0),
+                acks_ignored: AcksIgnored {
+                    unverified: t.acks_unverified.load(Ordering::Relaxed),
+                    not_in_flight: t.acks_not_in_flight.load(Ordering::Relaxed),
+                },
             },
             produced: Produced { batches: s.produced_batches, detections: s.produced_detections },
             sent: Sent {
@@ -455,6 +471,12 @@ pub fn prometheus(r: &StatusReport) -> String {
         "gauge",
         "Batches sent and unanswered past the ack timeout.",
         r.link.acks_overdue.count as f64,
+    );
+    metric(
+        "acks_unverified_total",
+        "counter",
+        "Acks ignored since start because their MAC was missing or wrong (not from the cloud, or another key).",
+        r.link.acks_ignored.unverified as f64,
     );
     metric(
         "refused_batches_total",

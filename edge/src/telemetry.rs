@@ -57,6 +57,10 @@ pub struct Telemetry {
     pub acks_overdue_since_ms: AtomicU64,
     /// Sends the broker refused (an MQTT 5 PUBACK reason code of 0x80 or more) since start.
     pub refused_batches: AtomicU64,
+    /// Acks ignored since start (issue #16): without a valid MAC, and (valid) for a batch not in
+    /// flight.
+    pub acks_unverified: AtomicU64,
+    pub acks_not_in_flight: AtomicU64,
     /// Queued batches too large for the link, cut into batches that fit (or, when they could not
     /// be cut, dead-lettered) since start.
     pub cut_batches: AtomicU64,
@@ -90,6 +94,8 @@ impl Telemetry {
             acks_overdue: AtomicU64::new(0),
             acks_overdue_since_ms: AtomicU64::new(0),
             refused_batches: AtomicU64::new(0),
+            acks_unverified: AtomicU64::new(0),
+            acks_not_in_flight: AtomicU64::new(0),
             cut_batches: AtomicU64::new(0),
         }
     }

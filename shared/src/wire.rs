@@ -131,6 +131,54 @@ pub struct Ack {
     /// Why, for `rejected`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// [`ack_mac`] of this ack, lowercase hex (64 characters). An edge applies only acks whose MAC
+    /// it can verify (issue #16): anyone who can publish on an acks topic could otherwise make it
+    /// delete batches the cloud never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl Ack {
+    /// An ack signed with `key` (the device's API key, see [`ack_mac`]).
+    pub fn signed(device_id: &str, batch_id: BatchId, status: AckStatus, reason: Option<String>, key: &[u8]) -> Self {
+        let mac = Some(ack_mac(key, device_id, &batch_id, status));
+        Self { batch_id, status, reason, mac }
+    }
+
+    /// Whether this ack carries a valid MAC for `device_id` under `key` (compared in constant time).
+    pub fn verify(&self, device_id: &str, key: &[u8]) -> bool {
+        let Some(mac) = &self.mac else { return false };
+        let Some(tag) = from_hex(mac) else { return false };
+        use hmac::Mac;
+        ack_hmac(key, device_id, &self.batch_id, self.status).verify_slice(&tag).is_ok()
+    }
+}
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// The MAC of an ack: HMAC-SHA256 (RFC 2104, FIPS 180-4) keyed with the device's API key (the key
+/// the cloud's keys file holds for `device_id`, or its fleet key `*` if the device has none; the
+/// edge holds it as `BACKHAUL_API_KEY`), over the UTF-8 bytes of
+/// `"backhaul-ack-v1\n{device_id}\n{batch_id}\n{status}"` where `status` is `stored`,
+/// `duplicate` or `rejected`; lowercase hex. The `reason` is not covered: it is only shown.
+/// Never change this message without a new version tag: edges and clouds of two releases must agree.
+pub fn ack_mac(key: &[u8], device_id: &str, batch_id: &BatchId, status: AckStatus) -> String {
+    use hmac::Mac;
+    ack_hmac(key, device_id, batch_id, status).finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn ack_hmac(key: &[u8], device_id: &str, batch_id: &BatchId, status: AckStatus) -> HmacSha256 {
+    use hmac::{KeyInit, Mac};
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(format!("backhaul-ack-v1\n{device_id}\n{batch_id}\n{}", status.as_str()).as_bytes());
+    mac
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +190,17 @@ pub enum AckStatus {
     Duplicate,
     /// Will never be stored (invalid, or the key was used for a different payload). Final.
     Rejected,
+}
+
+impl AckStatus {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckStatus::Stored => "stored",
+            AckStatus::Duplicate => "duplicate",
+            AckStatus::Rejected => "rejected",
+        }
+    }
 }
 
 /// An edge device's status, retained on `{prefix}/{device_id}/status`. The last will is
@@ -208,6 +267,34 @@ mod tests {
         let m: AckMessage = serde_json::from_str(json).unwrap();
         assert_eq!(m.acks[1].status, AckStatus::Rejected);
         assert_eq!(serde_json::to_string(&m).unwrap(), json);
+    }
+
+    const KNOWN_MAC: &str = "f4f4b69735159723aef77d92390e036248375f4659bde380011e59a27214af97";
+
+    #[test]
+    fn an_ack_verifies_only_with_its_key_device_batch_and_status() {
+        let id: BatchId = "01JD3Q8Z9X6K1V2B3N4M5P6Q7R".parse().unwrap();
+        let other: BatchId = "01JD3Q8Z9X6K1V2B3N4M5P6Q7S".parse().unwrap();
+        let key = b"device-key-0123456789";
+        let ack = Ack::signed("pi-1", id, AckStatus::Stored, None, key);
+        assert!(ack.verify("pi-1", key));
+        assert!(!ack.verify("pi-2", key), "another device");
+        assert!(!ack.verify("pi-1", b"another-key-0123456789"), "another key");
+        assert!(!Ack { batch_id: other, ..ack.clone() }.verify("pi-1", key), "another batch");
+        for status in [AckStatus::Duplicate, AckStatus::Rejected] {
+            assert!(!Ack { status, ..ack.clone() }.verify("pi-1", key), "another status");
+        }
+        let zeros = "0".repeat(64);
+        for bad in ["", "zz", "abc", "é1", zeros.as_str()] {
+            assert!(!Ack { mac: Some(bad.into()), ..ack.clone() }.verify("pi-1", key), "{bad:?}");
+        }
+        assert!(!Ack { mac: None, ..ack.clone() }.verify("pi-1", key), "unsigned");
+        // The reason is not covered: it is only shown.
+        assert!(Ack { reason: Some("x".into()), ..ack.clone() }.verify("pi-1", key));
+        // A known vector, computed independently:
+        // python3 -c 'import hmac,hashlib;print(hmac.new(b"device-key-0123456789",
+        //   b"backhaul-ack-v1\npi-1\n01JD3Q8Z9X6K1V2B3N4M5P6Q7R\nstored",hashlib.sha256).hexdigest())'
+        assert_eq!(ack.mac.as_deref(), Some(KNOWN_MAC));
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub struct MosquittoOptions {
     pub max_queued_messages: u32,
     /// Per-client in-flight limit.
     pub max_inflight_messages: u32,
+    /// `allow_anonymous false`: every client needs a login (a `password_file` in `extra`).
+    pub require_login: bool,
     /// Extra configuration lines (e.g. a bridge).
     pub extra: String,
 }
@@ -120,7 +122,7 @@ impl Mosquitto {
         let user = if is_root() { "user root\n" } else { "" };
         let config = format!(
             "{user}listener {port} 127.0.0.1\n\
-             allow_anonymous true\n\
+             allow_anonymous {anonymous}\n\
              persistence {persistence}\n\
              persistence_location {dir}/\n\
              autosave_interval 1800\n\
@@ -130,6 +132,7 @@ impl Mosquitto {
              log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
              connection_messages true\n{extra}\n",
             persistence = options.persistence,
+            anonymous = !options.require_login,
             dir = dir.path().display(),
             mq = options.max_queued_messages,
             mi = options.max_inflight_messages,

@@ -34,7 +34,15 @@ pub struct TestClient {
 impl TestClient {
     /// Connects to `127.0.0.1:port` as `client_id`. `clean_session = false` keeps the session in the broker.
     pub fn connect(port: u16, client_id: &str, clean_session: bool) -> Self {
+        Self::connect_as(port, client_id, clean_session, None)
+    }
+
+    /// Like [`TestClient::connect`], logging in as `(username, password)`.
+    pub fn connect_as(port: u16, client_id: &str, clean_session: bool, login: Option<(&str, &str)>) -> Self {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+        if let Some((user, password)) = login {
+            options.set_credentials(user, password);
+        }
         options
             .set_keep_alive(Duration::from_secs(5))
             .set_clean_session(clean_session)

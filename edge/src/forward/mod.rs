@@ -76,6 +76,9 @@ pub enum Outcome {
     /// 0x80 or more, e.g. an ACL): back to the queue, and sending pauses with backoff. `error`
     /// says what to check.
     Refused { batch_id: BatchId, error: String },
+    /// An ack whose MAC is missing or wrong (issue #16): not from the cloud, or not for this
+    /// device's key. Counted and logged, never applied.
+    Unverified { batch_id: BatchId },
 }
 
 /// A way to the cloud. Its methods never block: I/O happens on the transport's own threads or
@@ -582,6 +585,28 @@ impl<T: Transport> Forwarder<T> {
                     self.requeue_in_flight();
                 }
             }
+            Outcome::Unverified { batch_id } => {
+                let n = self.telemetry.acks_unverified.fetch_add(1, Ordering::Relaxed) + 1;
+                // Warned about at the first and then every 1000th: a flood must not flood the log.
+                if n == 1 || n.is_multiple_of(1000) {
+                    tracing::warn!(
+                        %batch_id,
+                        ignored_so_far = n,
+                        "ignored an ack without a valid MAC: something other than the cloud published on this \
+                         device's acks topic, or BACKHAUL_API_KEY is not the key the cloud's keys file holds for \
+                         this device; check the broker's ACL and the key"
+                    );
+                }
+            }
+            // Only acks for batches in flight are applied (issue #16): one for a batch not sent, or
+            // answered already, or sent before the link last went down (it will be sent again and
+            // acked as a duplicate), changes nothing.
+            Outcome::Acked { batch_id, .. } | Outcome::Rejected { batch_id, .. }
+                if !self.window.contains(&batch_id) =>
+            {
+                self.telemetry.acks_not_in_flight.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%batch_id, "ack for a batch not in flight (already acked, or sent before the link went down): ignored");
+            }
             Outcome::Acked { batch_id, duplicate } => {
                 let entry = self.window.remove(&batch_id);
                 self.acked_on_link = true;
@@ -601,10 +626,8 @@ impl<T: Transport> Forwarder<T> {
             }
             Outcome::Rejected { batch_id, reason } => {
                 self.backlog = true;
-                // Only refusals of batches in flight count (a late answer may repeat one).
-                if self.window.remove(&batch_id).is_some() {
-                    self.rejections_in_a_row += 1;
-                }
+                self.window.remove(&batch_id);
+                self.rejections_in_a_row += 1;
                 if self.rejections_in_a_row > REJECTIONS_BEFORE_PAUSE {
                     // Refusing batch after batch is a configuration mismatch (batches larger than
                     // the cloud's body limit, an incompatible cloud), not bad batches: keep them.

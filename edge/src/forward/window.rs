@@ -70,6 +70,10 @@ impl Window {
         self.entries.insert(batch.batch_id, InFlight { batch, first_sent_at: now, sent_at: now, sends: 1 });
     }
 
+    pub fn contains(&self, id: &BatchId) -> bool {
+        self.entries.contains_key(id)
+    }
+
     pub fn remove(&mut self, id: &BatchId) -> Option<InFlight> {
         self.entries.remove(id)
     }

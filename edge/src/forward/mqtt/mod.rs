@@ -58,6 +58,9 @@ pub struct MqttSettings {
     pub protocol: MqttProtocol,
     /// `transport.mqtt.max_message_bytes`: the largest PUBLISH packet we send, bytes.
     pub max_message_bytes: Option<usize>,
+    /// The key the cloud signs this device's acks with (`BACKHAUL_API_KEY`, issue #16). Never
+    /// logged. `None`: every ack from the cloud is ignored (allowed only with `ack = "broker"`).
+    pub ack_key: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for MqttSettings {
@@ -68,6 +71,7 @@ impl std::fmt::Debug for MqttSettings {
             .field("client_id", &self.client_id)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("ack_key", &self.ack_key.as_ref().map(|_| "***"))
             .field("protocol", &self.protocol)
             .finish_non_exhaustive()
     }
@@ -237,6 +241,11 @@ impl Transport for MqttTransport {
             MqttEvent::Sent { .. } | MqttEvent::PubAck { .. } => {} // an earlier connection's
             MqttEvent::Acks { payload } => match serde_json::from_slice::<AckMessage>(&payload) {
                 Ok(message) => out.extend(message.acks.into_iter().map(|ack| match ack.status {
+                    // Issue #16: whoever can publish on the acks topic could otherwise make this
+                    // edge delete batches the cloud never stored.
+                    _ if !self.settings.ack_key.as_ref().is_some_and(|k| ack.verify(&self.settings.device_id, k)) => {
+                        Outcome::Unverified { batch_id: ack.batch_id }
+                    }
                     AckStatus::Stored => Outcome::Acked { batch_id: ack.batch_id, duplicate: false },
                     AckStatus::Duplicate => Outcome::Acked { batch_id: ack.batch_id, duplicate: true },
                     AckStatus::Rejected => Outcome::Rejected {
@@ -428,6 +437,7 @@ mod tests {
                 keep_alive: Duration::from_secs(15),
                 protocol: MqttProtocol::V5,
                 max_message_bytes: None,
+                ack_key: Some(KEY.to_vec()),
             },
             batches_topic: Topics::default().batches("pi"),
             client: None,
@@ -439,15 +449,30 @@ mod tests {
         }
     }
 
+    const KEY: &[u8] = b"device-key-pi-0123456789";
+
+    fn acks(acks: &[(BatchId, AckStatus, Option<&[u8]>)]) -> Vec<u8> {
+        let acks = acks
+            .iter()
+            .map(|&(id, status, key)| match key {
+                Some(key) => backhaul_shared::Ack::signed("pi", id, status, Some("bad".into()), key),
+                None => backhaul_shared::Ack { batch_id: id, status, reason: None, mac: None },
+            })
+            .collect();
+        serde_json::to_vec(&AckMessage { acks }).unwrap()
+    }
+
     #[test]
     fn cloud_acks_become_outcomes_and_events_of_old_connections_are_ignored() {
         let mut t = transport(false);
         let (a, b, c) = (BatchId::new(), BatchId::new(), BatchId::new());
-        let payload = format!(
-            r#"{{"acks":[{{"batch_id":"{a}","status":"stored"}},{{"batch_id":"{b}","status":"duplicate"}},{{"batch_id":"{c}","status":"rejected","reason":"bad"}}]}}"#
-        );
+        let payload = acks(&[
+            (a, AckStatus::Stored, Some(KEY)),
+            (b, AckStatus::Duplicate, Some(KEY)),
+            (c, AckStatus::Rejected, Some(KEY)),
+        ]);
         let mut out = Vec::new();
-        t.handle(MqttEvent::Acks { payload: payload.into_bytes() }, &mut out);
+        t.handle(MqttEvent::Acks { payload }, &mut out);
         assert_eq!(out[0], Outcome::Acked { batch_id: a, duplicate: false });
         assert_eq!(out[1], Outcome::Acked { batch_id: b, duplicate: true });
         assert!(matches!(&out[2], Outcome::Rejected { batch_id, reason } if *batch_id == c && reason.contains("bad")));
@@ -461,6 +486,36 @@ mod tests {
         t.handle(MqttEvent::Sent { conn: 1, pkid: 1 }, &mut out);
         t.handle(MqttEvent::PubAck { conn: 1, pkid: 1, refusal: None }, &mut out);
         assert!(out.is_empty(), "with ack = cloud a PUBACK deletes nothing");
+    }
+
+    #[test]
+    fn acks_without_a_valid_mac_are_never_applied() {
+        // Issue #16: forged `stored` and `rejected` acks, unsigned or signed with another key
+        // (another device's, or this key for another device's topic).
+        let mut t = transport(false);
+        let other_device = {
+            let id = BatchId::new();
+            let mut ack = backhaul_shared::Ack::signed("pi-2", id, AckStatus::Stored, None, KEY);
+            ack.batch_id = id;
+            serde_json::to_vec(&AckMessage { acks: vec![ack] }).unwrap()
+        };
+        let (a, b) = (BatchId::new(), BatchId::new());
+        let mut out = Vec::new();
+        for payload in [
+            acks(&[(a, AckStatus::Stored, None), (b, AckStatus::Rejected, None)]),
+            acks(&[(a, AckStatus::Stored, Some(b"another-key-0123456789")), (b, AckStatus::Rejected, Some(b"k"))]),
+        ] {
+            t.handle(MqttEvent::Acks { payload }, &mut out);
+        }
+        t.handle(MqttEvent::Acks { payload: other_device }, &mut out);
+        assert_eq!(out.len(), 5, "{out:?}");
+        assert!(out.iter().all(|o| matches!(o, Outcome::Unverified { .. })), "{out:?}");
+        // Without a key (only allowed with ack = "broker"), no cloud ack is ever applied.
+        let mut t = transport(true);
+        t.settings.ack_key = None;
+        out.clear();
+        t.handle(MqttEvent::Acks { payload: acks(&[(a, AckStatus::Rejected, Some(KEY))]) }, &mut out);
+        assert!(matches!(&out[..], [Outcome::Unverified { .. }]), "{out:?}");
     }
 
     #[test]
