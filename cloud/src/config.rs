@@ -62,6 +62,10 @@ pub struct CloudConfig {
     pub mqtt: Option<MqttConfig>,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// TLS on the HTTP listener (issue #16): `cert_file`, `key_file`, optional `client_ca_file`
+    /// (mTLS: a client's certificate must name the `device_id` it posts for, in its CN or a DNS
+    /// subjectAltName). Reloaded on SIGHUP. Absent: plain HTTP (behind a TLS proxy, or a LAN).
+    pub tls: Option<backhaul_shared::tls::ServerTls>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +89,10 @@ pub struct MqttConfig {
     /// session held is then dropped by the broker and resent by the edges (`ack = "cloud"` only: an
     /// edge with `ack = "broker"` would lose it). 0s..=365d.
     pub session_expiry: Option<HumanDuration>,
+    /// TLS for an `mqtts://` url (`backhaul_shared::tls::ClientTls`: `ca_file` or `roots`,
+    /// optional `cert_file` + `key_file`, optional `server_name`). Absent with `mqtts://`: the
+    /// system's roots.
+    pub tls: Option<backhaul_shared::tls::ClientTls>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -142,8 +150,26 @@ impl CloudConfig {
             return Err(loaded.invalid("database", "must be sqlite:PATH or postgres://…").into());
         }
         check_ranges(&loaded)?;
+        if let Some(tls) = &c.tls {
+            let (_, warnings) =
+                tls.load(backhaul_shared::tls::now()).map_err(|e| loaded.invalid("tls", e.to_string()))?;
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+        }
         if let Some(m) = &c.mqtt {
-            parse_mqtt_url(&m.url).map_err(|e| loaded.invalid("mqtt.url", e.to_string()))?;
+            let (_, _, url_tls) = parse_mqtt_url(&m.url).map_err(|e| loaded.invalid("mqtt.url", e.to_string()))?;
+            let material = backhaul_shared::tls::client_material(
+                url_tls,
+                m.tls.as_ref(),
+                "mqtt.tls",
+                "mqtt.url",
+                backhaul_shared::tls::now(),
+            )
+            .map_err(|e| loaded.invalid("mqtt.tls", e.to_string()))?;
+            for w in material.iter().flat_map(|m| &m.warnings) {
+                tracing::warn!("{w}");
+            }
             if m.topic_prefix.is_empty() || m.topic_prefix.contains(['+', '#']) {
                 return Err(loaded.invalid("mqtt.topic_prefix", "must be non-empty, without + or #").into());
             }
@@ -187,8 +213,8 @@ fn check_ranges(loaded: &Loaded<CloudConfig>) -> Result<()> {
     Ok(())
 }
 
-/// `mqtt://host:port` → (host, port).
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16)> {
+/// `mqtt://host:port` or `mqtts://host:port` → (host, port, tls).
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16, bool)> {
     backhaul_shared::wire::parse_mqtt_url(url).map_err(anyhow::Error::msg)
 }
 
@@ -259,6 +285,16 @@ impl ApiKeys {
         }
         let keys = map.into_iter().map(|(device, key)| ((device != "*").then_some(device), key.into_bytes())).collect();
         Ok(Self { keys })
+    }
+
+    /// How many keys there are.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Never true: loading refuses an empty set.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 
     /// The key that signs acks for `device_id` ([`backhaul_shared::wire::ack_mac`]): the device's

@@ -33,6 +33,9 @@ pub struct App {
     pub max_body_bytes: usize,
     /// How long a bulk post's body may take to arrive (`body_read_timeout`).
     pub body_read_timeout: std::time::Duration,
+    /// mTLS is on (`tls.client_ca_file`): a device key's bulk post must come over a connection
+    /// whose client certificate names its `device_id` (issue #16).
+    pub client_certificates: bool,
 }
 
 /// Reads `BACKHAUL_FAILPOINT=bulk_500:N` (see [`App::fail_next_bulk`]); 0 without it.
@@ -272,7 +275,12 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-async fn bulk(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn bulk(
+    State(app): State<Arc<App>>,
+    peer: Option<axum::Extension<crate::serve::PeerNames>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let scope = match authenticate(&app, &headers) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
@@ -311,6 +319,26 @@ async fn bulk(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> R
             Some("device_id"),
         )
         .into_response();
+    }
+    // mTLS: a device posts only for the device its certificate names (a fleet key, an operator's
+    // replay, is not bound to one device).
+    if app.client_certificates && scope != KeyScope::Fleet {
+        let names = peer.map(|p| p.0 .0.to_vec()).unwrap_or_default();
+        if !names.contains(&batch.device_id) {
+            if let Err(se) = app.ingest.store.count_rejected().await {
+                return storage_down(se);
+            }
+            return error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the client certificate names {names:?}, not device `{}`: each device needs a certificate whose \
+                     CN or DNS subjectAltName is its device_id",
+                    batch.device_id
+                ),
+                Some("device_id"),
+            )
+            .into_response();
+        }
     }
     let idempotency = match headers.get("idempotency-key").map(|v| v.to_str()) {
         Some(Ok(key)) if key.parse::<backhaul_shared::BatchId>().is_ok_and(|k| k == batch.batch_id) => Ok(()),

@@ -30,6 +30,12 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Checks a config, its API keys and every TLS certificate and key it names, without serving;
+    /// prints what would be used (never a key or a password).
+    CheckConfig {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Rebuilds the detections projection from the stored batches (after a schema or decoder fix),
     /// without creating duplicates. Safe while `serve` runs on the same database.
     Reprocess {
@@ -67,6 +73,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => serve(config),
+        Command::CheckConfig { config } => check_config(config),
         Command::Reprocess { config, since, device } => reprocess(config, since, device),
         Command::Demo { seconds, devices, rate, http, no_chaos } => {
             return match demo::run(demo::DemoOptions { seconds, devices: devices.max(1), rate, http, no_chaos }) {
@@ -86,6 +93,48 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn check_config(config_file: PathBuf) -> Result<()> {
+    let config = CloudConfig::load(&config_file)?.config;
+    let keys = ApiKeys::load(config.auth.keys_file.as_deref(), std::env::var("BACKHAUL_API_KEYS").ok().as_deref())?;
+    let now = backhaul_shared::tls::now();
+    println!("config {}: ok", config_file.display());
+    println!("listen: {}{}", config.listen, if config.tls.is_some() { " (HTTPS)" } else { " (plain HTTP)" });
+    println!("database: {}", redact(&config.database));
+    println!("API keys: {}", keys.len());
+    if let Some(tls) = &config.tls {
+        let (_, warnings) = tls.load(now)?;
+        println!(
+            "tls: certificate {} ({}); client certificates {}",
+            tls.cert_file.display(),
+            if warnings.is_empty() { "valid" } else { "see warnings" },
+            match &tls.client_ca_file {
+                Some(f) => format!("required, issued by {}", f.display()),
+                None => "not asked for".into(),
+            }
+        );
+        for w in warnings {
+            println!("warning: {w}");
+        }
+    }
+    if let Some(m) = &config.mqtt {
+        let (_, _, url_tls) = backhaul_cloud::config::parse_mqtt_url(&m.url)?;
+        println!(
+            "mqtt: {}{}",
+            m.url,
+            if m.username.is_some() { " (with a username; password from BACKHAUL_MQTT_PASSWORD)" } else { "" }
+        );
+        if let Some(material) =
+            backhaul_shared::tls::client_material(url_tls, m.tls.as_ref(), "mqtt.tls", "mqtt.url", now)?
+        {
+            println!("{material:?}");
+            for w in material.warnings {
+                println!("warning: {w}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn reprocess(config_file: PathBuf, since: Option<String>, device: Option<String>) -> Result<()> {
@@ -135,7 +184,20 @@ fn serve(config_file: PathBuf) -> Result<()> {
             ingresses: ingresses.clone(),
             max_body_bytes,
             body_read_timeout: config.body_read_timeout.0,
+            client_certificates: config.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()),
         });
+        let tls = match &config.tls {
+            None => None,
+            Some(settings) => {
+                let (server, warnings) = settings.load(backhaul_shared::tls::now()).context("key `tls`")?;
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+                let state: backhaul_cloud::serve::TlsState = Arc::new(std::sync::RwLock::new(server));
+                tokio::spawn(reload_tls_on_sighup(settings.clone(), state.clone()));
+                Some(state)
+            }
+        };
         let listener = tokio::net::TcpListener::bind(config.listen_addr()?)
             .await
             .with_context(|| format!("listening on {} (key `listen`): is another service using it?", config.listen))?;
@@ -159,7 +221,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
             max_connections: config.max_connections,
             header_read_timeout: config.header_read_timeout.0,
         };
-        let server = backhaul_cloud::serve::serve(listener, router(app), limits, stop_rx.clone());
+        let server = backhaul_cloud::serve::serve(listener, router(app), limits, tls, stop_rx.clone());
         let server = tokio::spawn(async move {
             server.await;
             anyhow::Ok(())
@@ -234,6 +296,29 @@ fn serve(config_file: PathBuf) -> Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Loads `[tls]` again on every SIGHUP (a renewed certificate); new connections use it, the open
+/// ones keep theirs. A file that does not load is logged and the old certificate stays.
+async fn reload_tls_on_sighup(settings: backhaul_shared::tls::ServerTls, state: backhaul_cloud::serve::TlsState) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot watch SIGHUP: TLS certificates are reloaded only by a restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match settings.load(backhaul_shared::tls::now()) {
+            Ok((server, warnings)) => {
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+                *state.write().unwrap_or_else(|p| p.into_inner()) = server;
+                tracing::info!(cert_file = %settings.cert_file.display(), "TLS certificate reloaded (SIGHUP)");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reloading the TLS certificate failed (SIGHUP); still serving the old one")
+            }
+        }
+    }
 }
 
 /// The error for a long-lived task that ended before the stop: its panic, its error, or that it

@@ -126,7 +126,16 @@ pub async fn run(
     settings: Settings,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    let (host, port) = parse_mqtt_url(&cfg.url)?;
+    let (host, port, url_tls) = parse_mqtt_url(&cfg.url)?;
+    let tls = backhaul_shared::tls::client_material(
+        url_tls,
+        cfg.tls.as_ref(),
+        "mqtt.tls",
+        "mqtt.url",
+        backhaul_shared::tls::now(),
+    )?
+    .map(|m| m.rustls_config("mqtt.tls"))
+    .transpose()?;
     let max_packet = u32::try_from(settings.max_message_bytes.saturating_add(PACKET_OVERHEAD)).unwrap_or(u32::MAX);
     let mut options = MqttOptions::new(cfg.client_id.clone(), host, port);
     options
@@ -136,6 +145,9 @@ pub async fn run(
         .set_manual_acks(true)
         .set_max_packet_size(Some(max_packet))
         .set_receive_maximum(Some(RECEIVE_MAXIMUM));
+    if let Some(tls) = tls {
+        options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+    }
     if let Some(user) = &cfg.username {
         options.set_credentials(user.clone(), password.unwrap_or_default());
     }
@@ -419,9 +431,9 @@ async fn poll(
                 // From here, PUBACKs for what this connection delivered are stale.
                 connection.fetch_add(1, Ordering::SeqCst);
                 if ingresses.mqtt_connected.swap(false, Ordering::SeqCst) {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection lost; reconnecting");
+                    tracing::warn!(error = %backhaul_shared::tls::explain_handshake_error(&e.to_string()), retry_in = ?backoff, "MQTT connection lost; reconnecting");
                 } else {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "connecting to the MQTT broker failed (is it running, and is mqtt.url right?); retrying");
+                    tracing::warn!(error = %backhaul_shared::tls::explain_handshake_error(&e.to_string()), retry_in = ?backoff, "connecting to the MQTT broker failed (is it running, and is mqtt.url right?); retrying");
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));

@@ -22,6 +22,7 @@ use std::time::Duration;
 use anyhow::Result;
 use backhaul_shared::batch::RSSI_RANGE;
 use backhaul_shared::config::{self, ByteSize, ConfigError, EnvMap, HumanDuration, Loaded};
+use backhaul_shared::tls::{ClientMaterial, ClientTls};
 use serde::{Deserialize, Serialize};
 
 use crate::queue::{OnFull, QueueConfig};
@@ -248,6 +249,10 @@ pub struct TransportConfig {
     pub backoff_max: HumanDuration,
     pub mqtt: MqttSection,
     pub http: HttpSection,
+    /// TLS for `mqtts://` and `https://` URLs (issue #16; `backhaul_shared::tls::ClientTls`):
+    /// `ca_file` or `roots`, optional `cert_file` + `key_file` (mTLS), optional `server_name`
+    /// (MQTT only). Absent with a TLS URL: the system's roots.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for TransportConfig {
@@ -261,6 +266,7 @@ impl Default for TransportConfig {
             backoff_max: HumanDuration(Duration::from_secs(60)),
             mqtt: MqttSection::default(),
             http: HttpSection::default(),
+            tls: None,
         }
     }
 }
@@ -395,9 +401,10 @@ impl Default for HttpSection {
 
 impl MqttSection {
     /// The broker's (host, port): the url's, with `host` and `port` applied.
-    pub fn broker(&self) -> Result<(String, u16), String> {
-        let (host, port) = backhaul_shared::wire::parse_mqtt_url(&self.url)?;
-        Ok((self.host.clone().unwrap_or(host), self.port.unwrap_or(port)))
+    /// (host, port, tls) of the broker.
+    pub fn broker(&self) -> Result<(String, u16, bool), String> {
+        let (host, port, tls) = backhaul_shared::wire::parse_mqtt_url(&self.url)?;
+        Ok((self.host.clone().unwrap_or(host), self.port.unwrap_or(port), tls))
     }
 }
 
@@ -434,6 +441,8 @@ pub struct Secrets {
     pub hash_secret: Option<Secret>,
     pub mqtt_password: Option<Secret>,
     pub api_key: Option<Secret>,
+    /// The link's TLS material, loaded and checked (`[transport.tls]`), when its URL asks for TLS.
+    pub tls: Option<ClientMaterial>,
 }
 
 fn secret(env_var: &str, file: Option<&Path>, file_key: &str) -> Result<Option<Secret>, ConfigError> {
@@ -501,16 +510,34 @@ impl EdgeConfig {
                     ));
                 }
             }
-            TransportMode::Http if !c.transport.http.url.starts_with("http://") => {
-                let why = if c.transport.http.url.starts_with("https://") {
-                    "https:// is not supported by this build yet (no TLS): use http:// to a local TLS proxy"
-                } else {
-                    "must start with http://"
-                };
-                return Err(loaded.invalid("transport.http.url", why));
+            TransportMode::Http
+                if !(c.transport.http.url.starts_with("http://") || c.transport.http.url.starts_with("https://")) =>
+            {
+                return Err(loaded.invalid("transport.http.url", "must start with http:// or https://"));
+            }
+            TransportMode::Http if c.transport.tls.as_ref().is_some_and(|t| t.server_name.is_some()) => {
+                return Err(loaded.invalid(
+                    "transport.tls.server_name",
+                    "is for MQTT only: over HTTPS the URL's host is the name checked; use a URL whose host the \
+                     cloud's certificate names",
+                ));
             }
             _ => {}
         }
+        let (url_key, url_tls) = match c.transport.mode {
+            TransportMode::Mqtt => {
+                ("transport.mqtt.url", c.transport.mqtt.broker().map(|(_, _, tls)| tls).unwrap_or(false))
+            }
+            TransportMode::Http => ("transport.http.url", c.transport.http.url.starts_with("https://")),
+        };
+        let tls = backhaul_shared::tls::client_material(
+            url_tls,
+            c.transport.tls.as_ref(),
+            "transport.tls",
+            url_key,
+            backhaul_shared::tls::now(),
+        )
+        .map_err(|e| loaded.invalid("transport.tls", e.0))?;
         let secrets = Secrets {
             hash_secret: secret(
                 "BACKHAUL_HASH_SECRET",
@@ -530,6 +557,7 @@ impl EdgeConfig {
                 c.transport.http.api_key_file.as_deref(),
                 "transport.http.api_key_file",
             )?,
+            tls,
         };
         // Sent as a header: anything but visible ASCII makes every request fail before it leaves.
         if let Some(key) = &secrets.api_key {
@@ -542,19 +570,6 @@ impl EdgeConfig {
                     ),
                 ));
             }
-        }
-        // Issue #16: over MQTT the cloud signs each ack with this device's API key, and the edge
-        // applies no ack it cannot verify; without the key it could never delete a batch.
-        if c.transport.mode == TransportMode::Mqtt
-            && c.transport.mqtt.ack == AckMode::Cloud
-            && secrets.api_key.is_none()
-        {
-            return Err(loaded.invalid(
-                "transport.http.api_key_file",
-                "with transport.mode = \"mqtt\" and ack = \"cloud\" the edge needs this device's API key (the one \
-                 the cloud's auth.keys_file holds for this device_id, or its fleet key `*`) to verify the cloud's \
-                 acks: set BACKHAUL_API_KEY or transport.http.api_key_file (a file, mode 0600)",
-            ));
         }
         if let Some(p) = c.decode.profiles.iter().find(|p| !["presence", "thingy52"].contains(&p.as_str())) {
             return Err(loaded
@@ -572,6 +587,19 @@ impl EdgeConfig {
                  (an unkeyed hash of a MAC address can be reversed by brute force)",
             ));
         }
+        // Issue #16: over MQTT the cloud signs each ack with this device's API key, and the edge
+        // applies no ack it cannot verify; without the key it could never delete a batch.
+        if c.transport.mode == TransportMode::Mqtt
+            && c.transport.mqtt.ack == AckMode::Cloud
+            && secrets.api_key.is_none()
+        {
+            return Err(loaded.invalid(
+                "transport.http.api_key_file",
+                "with transport.mode = \"mqtt\" and ack = \"cloud\" the edge needs this device's API key (the one \
+                 the cloud's auth.keys_file holds for this device_id, or its fleet key `*`) to verify the cloud's \
+                 acks: set BACKHAUL_API_KEY or transport.http.api_key_file (a file, mode 0600)",
+            ));
+        }
         Ok((loaded, secrets))
     }
 
@@ -587,6 +615,17 @@ impl EdgeConfig {
             match s {
                 Some(s) => out.push_str(&format!("# {name}: *** (from {})\n", s.origin)),
                 None => out.push_str(&format!("# {name}: not set\n")),
+            }
+        }
+        if let Some(tls) = &secrets.tls {
+            out.push_str(&format!(
+                "# TLS: {} trusted root(s){}, client certificate {}\n",
+                tls.roots.len(),
+                if tls.webpki { " + Mozilla's" } else { "" },
+                if tls.identity.is_some() { "set (key never shown)" } else { "not set" }
+            ));
+            for w in &tls.warnings {
+                out.push_str(&format!("# warning: {w}\n"));
             }
         }
         out

@@ -296,7 +296,7 @@ pub fn decoder(config: &EdgeConfig, secrets: &Secrets) -> Result<Decoder> {
 
 fn mqtt_settings(config: &EdgeConfig, secrets: &Secrets) -> Result<MqttSettings> {
     let m = &config.transport.mqtt;
-    let (host, port) = m.broker().map_err(anyhow::Error::msg).context("transport.mqtt.url")?;
+    let (host, port, _tls) = m.broker().map_err(anyhow::Error::msg).context("transport.mqtt.url")?;
     Ok(MqttSettings {
         host,
         port,
@@ -313,6 +313,7 @@ fn mqtt_settings(config: &EdgeConfig, secrets: &Secrets) -> Result<MqttSettings>
         protocol: m.protocol,
         max_message_bytes: m.max_message_bytes.map(|b| usize::try_from(b.0).unwrap_or(usize::MAX)),
         ack_key: secrets.api_key.as_ref().map(|s| s.expose().as_bytes().to_vec()),
+        tls: secrets.tls.as_ref().map(|t| t.rustls_config("transport.tls")).transpose()?,
     })
 }
 
@@ -324,6 +325,7 @@ fn http_settings(config: &EdgeConfig, secrets: &Secrets) -> HttpSettings {
         workers: (h.workers as usize).min(config.transport.max_inflight as usize).max(1),
         timeout: h.timeout.0,
         backoff_max: config.transport.backoff_max.0,
+        tls: secrets.tls.clone(),
     }
 }
 

@@ -82,6 +82,7 @@ fn check_config_prints_effective_settings_with_secrets_masked() {
         &[
             ("BACKHAUL_HASH_SECRET", "s3cret-hash-key-do-not-print"),
             ("BACKHAUL_MQTT_PASSWORD", "mqtt-pass-do-not-print"),
+            ("BACKHAUL_API_KEY", "api-key-0123456789-do-not-print"),
             ("BACKHAUL_TRANSPORT__RATE_PER_SEC", "20"),
         ],
     );

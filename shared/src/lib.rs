@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod logging;
 pub mod panics;
 pub mod record;
+pub mod tls;
 pub mod wire;
 
 pub use batch::{

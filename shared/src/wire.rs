@@ -7,24 +7,23 @@ use crate::batch::BatchId;
 /// The default topic prefix.
 pub const DEFAULT_PREFIX: &str = "backhaul";
 
-/// `mqtt://host[:port]` → (host, port), port 1883 by default. (`mqtts://` needs TLS, which these
-/// builds do not have yet: refused with a message that says so.)
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    if url.starts_with("mqtts://") {
-        return Err(format!(
-            "`{url}`: mqtts:// (TLS) is not supported by this build yet; use mqtt:// to a broker on a trusted network or a local TLS bridge"
-        ));
-    }
-    let Some(rest) = url.strip_prefix("mqtt://") else { return Err(format!("`{url}` is not mqtt://HOST:PORT")) };
+/// `mqtt://host[:port]` or `mqtts://host[:port]` (TLS, [`crate::tls`]) → (host, port, tls); the
+/// port is 1883 or 8883 by default (IANA's MQTT ports).
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16, bool), String> {
+    let (rest, tls) = match (url.strip_prefix("mqtt://"), url.strip_prefix("mqtts://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => return Err(format!("`{url}` is not mqtt://HOST:PORT or mqtts://HOST:PORT")),
+    };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) => (h, p.parse().map_err(|_| format!("bad port in `{url}`"))?),
-        None => (rest, 1883),
+        None => (rest, if tls { 8883 } else { 1883 }),
     };
     if host.is_empty() {
         return Err(format!("no host in `{url}`"));
     }
-    Ok((host.to_owned(), port))
+    Ok((host.to_owned(), port, tls))
 }
 
 /// Checks a topic prefix (edge `transport.mqtt.topic_prefix`, cloud `mqtt.topic_prefix`): not empty
@@ -252,10 +251,11 @@ mod tests {
     }
 
     #[test]
-    fn mqtt_urls_parse_with_a_default_port_and_tls_is_refused_plainly() {
-        assert_eq!(parse_mqtt_url("mqtt://broker.local:1884"), Ok(("broker.local".into(), 1884)));
-        assert_eq!(parse_mqtt_url("mqtt://10.0.0.2"), Ok(("10.0.0.2".into(), 1883)));
-        assert!(parse_mqtt_url("mqtts://b:8883").unwrap_err().contains("TLS"));
+    fn mqtt_urls_parse_with_a_default_port_per_scheme() {
+        assert_eq!(parse_mqtt_url("mqtt://broker.local:1884"), Ok(("broker.local".into(), 1884, false)));
+        assert_eq!(parse_mqtt_url("mqtt://10.0.0.2"), Ok(("10.0.0.2".into(), 1883, false)));
+        assert_eq!(parse_mqtt_url("mqtts://b"), Ok(("b".into(), 8883, true)));
+        assert_eq!(parse_mqtt_url("mqtts://b:18883/"), Ok(("b".into(), 18883, true)));
         assert!(parse_mqtt_url("http://b").is_err());
         assert!(parse_mqtt_url("mqtt://:1883").is_err());
         assert!(parse_mqtt_url("mqtt://b:notaport").is_err());

@@ -18,6 +18,7 @@ pub mod cloud;
 pub mod edge;
 pub mod http_stub;
 pub mod mqtt;
+pub mod pki;
 pub mod postgres;
 
 /// Polls `check` until it returns `Some`, or fails after `timeout` naming `what` was awaited.

@@ -128,8 +128,9 @@ fn protocol_3_1_1_with_ack_broker_is_refused_at_start_and_says_why() {
             ),
         )
         .unwrap();
+        let key = [("BACKHAUL_API_KEY", backhaul_tests::cloud::DEVICE_KEY)];
         let (code, _, stderr) =
-            run("backhaul-edge", &["check-config", "--config", path.to_str().unwrap()], &[]).unwrap();
+            run("backhaul-edge", &["check-config", "--config", path.to_str().unwrap()], &key).unwrap();
         assert_eq!(code, 0, "protocol {protocol}, ack {ack}: {stderr}");
     }
 }

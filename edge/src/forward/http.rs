@@ -42,6 +42,8 @@ pub struct HttpSettings {
     /// Whole-request timeout.
     pub timeout: Duration,
     pub backoff_max: Duration,
+    /// TLS for `https://` (`[transport.tls]`, loaded and checked by `backhaul_shared::tls`).
+    pub tls: Option<backhaul_shared::tls::ClientMaterial>,
 }
 
 impl std::fmt::Debug for HttpSettings {
@@ -52,6 +54,31 @@ impl std::fmt::Debug for HttpSettings {
             .field("workers", &self.workers)
             .finish_non_exhaustive()
     }
+}
+
+/// ureq's TLS settings from ours: the roots we loaded (or Mozilla's), and the client
+/// certificate for mTLS. ureq's `rustls` feature uses ring, our only provider.
+fn tls_config(tls: Option<&backhaul_shared::tls::ClientMaterial>) -> ureq::tls::TlsConfig {
+    use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig, TlsProvider};
+    let mut b = TlsConfig::builder().provider(TlsProvider::Rustls);
+    let Some(tls) = tls else { return b.build() };
+    b = b.root_certs(if tls.webpki && tls.roots.is_empty() {
+        RootCerts::WebPki
+    } else {
+        RootCerts::new_with_certs(
+            &tls.roots.iter().map(|c| Certificate::from_der(c.as_ref()).to_owned()).collect::<Vec<_>>(),
+        )
+    });
+    // ureq takes the key as PEM (its DER constructor needs a type it does not export); the
+    // material was checked at start, so this parses.
+    if let (Some((chain, _)), Some(pem)) = (&tls.identity, &tls.key_pem) {
+        if let Ok(key) = PrivateKey::from_pem(pem) {
+            let chain: Vec<Certificate<'static>> =
+                chain.iter().map(|c| Certificate::from_der(c.as_ref()).to_owned()).collect();
+            b = b.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
+        }
+    }
+    b.build()
 }
 
 /// What a worker reports.
@@ -182,6 +209,7 @@ impl HttpTransport {
             .max_redirects(0)
             .timeout_global(Some(settings.timeout))
             .user_agent(concat!("backhaul-edge/", env!("CARGO_PKG_VERSION")))
+            .tls_config(tls_config(settings.tls.as_ref()))
             .build()
             .into();
         let workers = settings.workers.max(1);

@@ -61,6 +61,8 @@ pub struct MqttSettings {
     /// The key the cloud signs this device's acks with (`BACKHAUL_API_KEY`, issue #16). Never
     /// logged. `None`: every ack from the cloud is ignored (allowed only with `ack = "broker"`).
     pub ack_key: Option<Vec<u8>>,
+    /// TLS for `mqtts://` (`[transport.tls]`, built by `backhaul_shared::tls`).
+    pub tls: Option<std::sync::Arc<backhaul_shared::tls::rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for MqttSettings {
@@ -73,6 +75,7 @@ impl std::fmt::Debug for MqttSettings {
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("ack_key", &self.ack_key.as_ref().map(|_| "***"))
             .field("protocol", &self.protocol)
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -438,6 +441,7 @@ mod tests {
                 protocol: MqttProtocol::V5,
                 max_message_bytes: None,
                 ack_key: Some(KEY.to_vec()),
+                tls: None,
             },
             batches_topic: Topics::default().batches("pi"),
             client: None,

@@ -117,6 +117,11 @@ impl Connection {
                 if let Some(user) = &s.username {
                     o.set_credentials(user.clone(), s.password.clone().unwrap_or_default());
                 }
+                if let Some(tls) = &s.tls {
+                    o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+                        tls.clone(),
+                    )));
+                }
                 let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, capacity);
                 (Client::V5(client), Connection::V5(Box::new(eventloop)))
             }
@@ -130,6 +135,11 @@ impl Connection {
                     .set_last_will(rumqttc::LastWill::new(will_topic, will, rumqttc::QoS::AtLeastOnce, true));
                 if let Some(user) = &s.username {
                     o.set_credentials(user.clone(), s.password.clone().unwrap_or_default());
+                }
+                if let Some(tls) = &s.tls {
+                    o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+                        tls.clone(),
+                    )));
                 }
                 let (client, eventloop) = rumqttc::AsyncClient::new(o, capacity);
                 (Client::V311(client), Connection::V311(Box::new(eventloop)))
@@ -258,9 +268,14 @@ fn describe_v5(e: &rumqttc::v5::ConnectionError, s: &MqttSettings) -> String {
              the connection to {}:{} was closed",
             s.host, s.port
         ),
-        E::Io(io) => format!("cannot reach the broker {}:{}: {io}", s.host, s.port),
-        other => format!("MQTT connection to {}:{}: {other}", s.host, s.port),
+        E::Io(io) => explain(format!("cannot reach the broker {}:{}: {io}", s.host, s.port)),
+        other => explain(format!("MQTT connection to {}:{}: {other}", s.host, s.port)),
     }
+}
+
+/// A TLS failure in words an operator can act on (a certificate not valid yet: the clock).
+fn explain(message: String) -> String {
+    backhaul_shared::tls::explain_handshake_error(&message)
 }
 
 fn describe_v311(e: &rumqttc::ConnectionError, s: &MqttSettings) -> String {
@@ -275,8 +290,8 @@ fn describe_v311(e: &rumqttc::ConnectionError, s: &MqttSettings) -> String {
             };
             refused(&format!("{code:?}"), s, hint)
         }
-        rumqttc::ConnectionError::Io(io) => format!("cannot reach the broker {}:{}: {io}", s.host, s.port),
-        other => format!("MQTT connection to {}:{}: {other}", s.host, s.port),
+        rumqttc::ConnectionError::Io(io) => explain(format!("cannot reach the broker {}:{}: {io}", s.host, s.port)),
+        other => explain(format!("MQTT connection to {}:{}: {other}", s.host, s.port)),
     }
 }
 

@@ -1,0 +1,352 @@
+//! TLS end to end (issue #16), with certificates from a private CA made in each test (rcgen), a
+//! real Mosquitto TLS listener, and the real binaries:
+//! - MQTT over TLS with mTLS, the broker naming each client by its certificate
+//!   (`use_identity_as_username`) and the shipped ACL: edge → broker → cloud, everything stored;
+//! - HTTPS to the cloud with mTLS: a device's certificate must name the device it posts for;
+//! - a renewed certificate is picked up on SIGHUP without a restart;
+//! - every bad certificate or key is a clear error at start, naming the file; a certificate not
+//!   yet valid is a warning that names the clock;
+//! - no key, password or API key used appears in any log line or `check-config` output.
+
+use std::path::Path;
+use std::time::Duration;
+
+use backhaul_tests::cloud::{Cloud, CloudOptions, DEVICE, DEVICE_KEY, FLEET_KEY};
+use backhaul_tests::edge::{Edge, EdgeOptions};
+use backhaul_tests::pki::{Issued, Pki};
+use backhaul_tests::{wait_until, wire_batch, Mosquitto, MosquittoOptions};
+
+const T: Duration = Duration::from_secs(60);
+
+fn inline(ca: &Path, id: Option<&Issued>) -> String {
+    let mut s = format!("tls = {{ ca_file = \"{}\"", ca.display());
+    if let Some(id) = id {
+        s.push_str(&format!(", cert_file = \"{}\", key_file = \"{}\"", id.cert_file.display(), id.key_file.display()));
+    }
+    s.push_str(" }");
+    s
+}
+
+/// Asserts that none of `secrets` appears in `lines`.
+fn no_secret(what: &str, lines: &[String], secrets: &[&str]) {
+    for line in lines {
+        for s in secrets {
+            assert!(!line.contains(s), "{what} logged a secret: {line}");
+        }
+    }
+}
+
+fn key_body(issued: &Issued) -> String {
+    // A line from the middle of the PEM key: if any of it is logged, this is.
+    let pem = std::fs::read_to_string(&issued.key_file).unwrap();
+    pem.lines().nth(1).unwrap().to_owned()
+}
+
+#[test]
+fn mqtt_over_tls_with_client_certificates_and_the_shipped_acl_stores_everything() {
+    let pki = Pki::new("backhaul-test-ca").unwrap();
+    let broker_cert = pki.issue("broker", &["127.0.0.1", "localhost"]).unwrap();
+    let cloud_id = pki.issue("backhaul-cloud", &["backhaul-cloud"]).unwrap();
+    let edge_id = pki.issue(DEVICE, &[DEVICE]).unwrap();
+    let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mosquitto/acl");
+    let broker = Mosquitto::start_with(MosquittoOptions {
+        require_login: true,
+        max_queued_messages: 1000,
+        extra: format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nacl_file {}\n",
+            pki.ca_file.display(),
+            broker_cert.cert_file.display(),
+            broker_cert.key_file.display(),
+            acl.display()
+        ),
+        ..Default::default()
+    })
+    .unwrap();
+    let url = format!("mqtts://127.0.0.1:{}", broker.port());
+    let mut cloud = Cloud::start(CloudOptions {
+        mqtt_url: Some(url.clone()),
+        mqtt_extra: inline(&pki.ca_file, Some(&cloud_id)),
+        ..Default::default()
+    })
+    .unwrap();
+    cloud.process.wait_for_any_line(T, |l| l.contains("subscribed to batches and status")).unwrap();
+    let mut edge = Edge::start(EdgeOptions {
+        mqtt_url: url,
+        count: 500,
+        transport: inline(&pki.ca_file, Some(&edge_id)),
+        ..Default::default()
+    })
+    .unwrap();
+    let status = edge.wait_drained(500, T).unwrap();
+    cloud.wait_detections(DEVICE, 500, T).unwrap();
+    assert_eq!(status["link"]["acks_ignored"]["unverified"], 0, "{status}");
+
+    let secrets = [DEVICE_KEY, FLEET_KEY, &key_body(&edge_id), &key_body(&cloud_id)];
+    no_secret("the edge", edge.process.output(), &secrets);
+    no_secret("the cloud", cloud.process.output(), &secrets);
+    let (code, out, err) = backhaul_tests::run(
+        "backhaul-edge",
+        &["check-config", "--config", edge.config_path().to_str().unwrap()],
+        &[("BACKHAUL_API_KEY", DEVICE_KEY)],
+    )
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("TLS: 1 trusted root(s)") && out.contains("client certificate set"), "{out}");
+    no_secret("check-config", &[out, err], &secrets);
+}
+
+#[test]
+fn mqtt_over_tls_refuses_a_broker_certificate_from_another_ca_and_says_so() {
+    let pki = Pki::new("real-ca").unwrap();
+    let other = Pki::new("other-ca").unwrap();
+    let broker_cert = other.issue("broker", &["127.0.0.1"]).unwrap();
+    let broker = Mosquitto::start_with(MosquittoOptions {
+        extra: format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\n",
+            other.ca_file.display(),
+            broker_cert.cert_file.display(),
+            broker_cert.key_file.display()
+        ),
+        ..Default::default()
+    })
+    .unwrap();
+    let edge = Edge::start(EdgeOptions {
+        mqtt_url: format!("mqtts://127.0.0.1:{}", broker.port()),
+        count: 50,
+        transport: inline(&pki.ca_file, None),
+        ..Default::default()
+    })
+    .unwrap();
+    let status = edge
+        .wait_status("the TLS failure to show", T, |s| {
+            s["link"]["last_error"].as_str().is_some_and(|e| e.contains("not issued by the configured CA"))
+        })
+        .unwrap();
+    assert_eq!(status["link"]["connected"], false, "{status}");
+}
+
+/// A ureq agent for the cloud's HTTPS listener, trusting `ca`, presenting `client` if given.
+fn https_agent(ca: &Path, client: Option<&Issued>) -> ureq::Agent {
+    use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig, TlsProvider};
+    let ca = Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+    let mut tls = TlsConfig::builder().provider(TlsProvider::Rustls).root_certs(RootCerts::new_with_certs(&[ca]));
+    if let Some(c) = client {
+        let cert = Certificate::from_pem(&std::fs::read(&c.cert_file).unwrap()).unwrap();
+        let key = PrivateKey::from_pem(&std::fs::read(&c.key_file).unwrap()).unwrap();
+        tls = tls.client_cert(Some(ClientCert::new_with_certs(&[cert], key)));
+    }
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .tls_config(tls.build())
+        .build()
+        .into()
+}
+
+fn post(agent: &ureq::Agent, port: u16, key: &str, device: &str) -> Result<(u16, String), ureq::Error> {
+    let batch = wire_batch(device, 0, 3);
+    let mut r = agent
+        .post(format!("https://127.0.0.1:{port}/api/v1/detections/bulk"))
+        .header("X-API-Key", key)
+        .header("Idempotency-Key", batch.batch_id.to_string())
+        .header("Content-Type", "application/json")
+        .send(&batch.to_json()[..])?;
+    Ok((r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default()))
+}
+
+fn tls_cloud(pki: &Pki, server: &Issued, client_ca: bool) -> Cloud {
+    let mut extra = format!(
+        "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        server.cert_file.display(),
+        server.key_file.display()
+    );
+    if client_ca {
+        extra.push_str(&format!("client_ca_file = \"{}\"\n", pki.ca_file.display()));
+    }
+    // `extra` goes at the top of the file, before [auth]: a table there is fine.
+    Cloud::start(CloudOptions { extra, ..Default::default() }).unwrap()
+}
+
+#[test]
+fn https_with_client_certificates_binds_each_device_to_its_own_id() {
+    let pki = Pki::new("backhaul-test-ca").unwrap();
+    let server = pki.issue("cloud", &["127.0.0.1"]).unwrap();
+    let cloud = tls_cloud(&pki, &server, true);
+    let mine = pki.issue(DEVICE, &[DEVICE]).unwrap();
+    let other = pki.issue("rpi-other", &["rpi-other"]).unwrap();
+
+    // The real edge over HTTPS with its certificate: everything arrives.
+    let mut edge = Edge::start(EdgeOptions {
+        mode: "http",
+        http_url: format!("https://127.0.0.1:{}", cloud.port),
+        count: 300,
+        transport: inline(&pki.ca_file, Some(&mine)),
+        ..Default::default()
+    })
+    .unwrap();
+    edge.wait_drained(300, T).unwrap();
+
+    // The device key with another device's certificate: refused, naming why.
+    let (status, body) = post(&https_agent(&pki.ca_file, Some(&other)), cloud.port, DEVICE_KEY, DEVICE).unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("rpi-other") && body.contains("certificate"), "{body}");
+    // No client certificate: the handshake itself fails.
+    assert!(post(&https_agent(&pki.ca_file, None), cloud.port, DEVICE_KEY, DEVICE).is_err());
+    // An operator's fleet key is not bound to one device (its certificate is still required).
+    let operator = pki.issue("operator", &["operator"]).unwrap();
+    let (status, body) = post(&https_agent(&pki.ca_file, Some(&operator)), cloud.port, FLEET_KEY, DEVICE).unwrap();
+    assert_eq!(status, 201, "{body}");
+    no_secret("the edge", edge.process.output(), &[DEVICE_KEY, &key_body(&mine)]);
+}
+
+#[test]
+fn a_renewed_certificate_is_served_after_sighup_without_a_restart() {
+    let pki = Pki::new("backhaul-test-ca").unwrap();
+    // First a certificate that does not name 127.0.0.1: clients connecting there refuse it.
+    let wrong = pki.issue("cloud", &["cloud.invalid"]).unwrap();
+    let mut cloud = tls_cloud(&pki, &wrong, false);
+    let agent = https_agent(&pki.ca_file, None);
+    let health = |agent: &ureq::Agent| {
+        agent.get(format!("https://127.0.0.1:{}/health", cloud.port)).call().map(|r| r.status().as_u16())
+    };
+    assert!(health(&agent).is_err(), "a certificate for another name is refused");
+    let pid = cloud.process.pid().unwrap();
+    // The renewed one, written over the same files, then SIGHUP.
+    let right = pki.issue("cloud", &["127.0.0.1"]).unwrap();
+    std::fs::copy(&right.cert_file, &wrong.cert_file).unwrap();
+    std::fs::copy(&right.key_file, &wrong.key_file).unwrap();
+    let ok = std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap();
+    assert!(ok.success());
+    wait_until("the renewed certificate served", T, || health(&agent).ok() == Some(200)).unwrap();
+    assert_eq!(cloud.process.pid(), Some(pid), "the same process");
+    cloud.process.wait_for_any_line(T, |l| l.contains("TLS certificate reloaded")).unwrap();
+    // A broken file on the next SIGHUP keeps the old certificate.
+    std::fs::write(&wrong.cert_file, "not a certificate").unwrap();
+    let ok = std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap();
+    assert!(ok.success());
+    cloud.process.wait_for_any_line(T, |l| l.contains("still serving the old one")).unwrap();
+    assert_eq!(health(&agent).ok(), Some(200));
+}
+
+/// `backhaul-edge check-config` with `[transport.tls]` lines, over mqtts://.
+fn edge_check(dir: &Path, tls: &str) -> (i32, String, String) {
+    let file = dir.join("edge.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "device_id = \"pi-1\"\n[source]\nkind = \"simulated\"\n[transport]\n{tls}\n[transport.mqtt]\nurl = \"mqtts://127.0.0.1:8883\"\n"
+        ),
+    )
+    .unwrap();
+    backhaul_tests::run(
+        "backhaul-edge",
+        &["check-config", "--config", file.to_str().unwrap()],
+        &[("BACKHAUL_API_KEY", DEVICE_KEY)],
+    )
+    .unwrap()
+}
+
+#[test]
+fn each_bad_certificate_is_a_clear_error_at_start_naming_the_file() {
+    let pki = Pki::new("backhaul-test-ca").unwrap();
+    let dir = pki.dir().to_owned();
+    let now = time::OffsetDateTime::now_utc();
+    let day = time::Duration::days(1);
+    let expired = pki.issue_valid(DEVICE, &[DEVICE], now - 30 * day, now - day).unwrap();
+    let future = pki.issue_valid(DEVICE, &[DEVICE], now + 30 * day, now + 60 * day).unwrap();
+    let good = pki.issue(DEVICE, &[DEVICE]).unwrap();
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "hello\n").unwrap();
+    let missing = dir.join("missing.pem");
+    let v1 = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/x509-v1.pem");
+    let ca = pki.ca_file.display().to_string();
+    let cases: Vec<(String, Vec<String>)> = vec![
+        (format!("tls = {{ ca_file = \"{}\" }}", missing.display()), vec!["missing.pem".into(), "cannot read".into()]),
+        (
+            format!("tls = {{ ca_file = \"{}\" }}", garbage.display()),
+            vec!["garbage.pem".into(), "no certificate".into()],
+        ),
+        (format!("tls = {{ ca_file = \"{}\" }}", v1.display()), vec!["x509-v1.pem".into(), "v1".into(), "v3".into()]),
+        (
+            format!(
+                "tls = {{ ca_file = \"{ca}\", cert_file = \"{}\", key_file = \"{}\" }}",
+                expired.cert_file.display(),
+                expired.key_file.display()
+            ),
+            vec!["expired on".into(), "transport.tls.cert_file".into()],
+        ),
+        (
+            format!(
+                "tls = {{ ca_file = \"{ca}\", cert_file = \"{}\", key_file = \"{}\" }}",
+                good.cert_file.display(),
+                garbage.display()
+            ),
+            vec!["transport.tls.key_file".into(), "no PEM private key".into()],
+        ),
+        (
+            format!(
+                "tls = {{ ca_file = \"{ca}\", cert_file = \"{}\", key_file = \"{}\" }}",
+                good.cert_file.display(),
+                expired.key_file.display()
+            ),
+            vec!["do not go together".into()],
+        ),
+        (
+            format!("tls = {{ ca_file = \"{ca}\", cert_file = \"{}\" }}", good.cert_file.display()),
+            vec!["set both or neither".into()],
+        ),
+        (format!("tls = {{ ca_file = \"{ca}\", roots = \"webpki\" }}"), vec!["not both".into()]),
+        ("tls = { server_name = \"x\" }".into(), vec!["set ca_file".into()]),
+    ];
+    for (tls, needles) in &cases {
+        let (code, out, err) = edge_check(&dir, tls);
+        assert_eq!(code, 1, "{tls}: {out}");
+        assert!(err.contains("transport.tls"), "{tls}: {err}");
+        for n in needles {
+            assert!(err.contains(n.as_str()), "{tls}: `{n}` missing from: {err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Not yet valid: a warning that names the clock; the edge may start (the link retries).
+    let tls = format!(
+        "tls = {{ ca_file = \"{ca}\", cert_file = \"{}\", key_file = \"{}\" }}",
+        future.cert_file.display(),
+        future.key_file.display()
+    );
+    let (code, out, err) = edge_check(&dir, &tls);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("not valid until") && out.contains("clock"), "{out}");
+
+    // The cloud's listener: no subjectAltName, and the same file errors, at `serve` and
+    // `check-config`.
+    let no_san = pki.issue("cloud", &[]).unwrap();
+    for (cert, needles) in
+        [(&no_san.cert_file, vec!["subjectAltName"]), (&expired.cert_file, vec!["expired on"]), (&v1, vec!["v1"])]
+    {
+        let config = dir.join("cloud.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\ndatabase = \"sqlite:{}\"\n[auth]\nkeys_file = \"{}\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                dir.join("db").display(),
+                dir.join("keys.toml").display(),
+                cert.display(),
+                no_san.key_file.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.join("keys.toml"), format!("\"*\" = \"{FLEET_KEY}\"\n")).unwrap();
+        for command in ["check-config", "serve"] {
+            let (code, out, err) =
+                backhaul_tests::run("backhaul-cloud", &[command, "--config", config.to_str().unwrap()], &[]).unwrap();
+            assert_eq!(code, 1, "{command} {}: {out}{err}", cert.display());
+            assert!(
+                err.contains("tls.cert_file") && err.contains(&*cert.file_name().unwrap().to_string_lossy()),
+                "{err}"
+            );
+            for n in &needles {
+                assert!(err.contains(n), "{command}: `{n}` missing from: {err}");
+            }
+        }
+    }
+}
