@@ -211,7 +211,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
         });
         tracing::info!(%addr, mqtt = config.mqtt.is_some(), "backhaul-cloud serving");
         println!("listening on {addr}");
-        notify(&[sd_notify::NotifyState::Ready]);
+        backhaul_shared::link::notify(&[sd_notify::NotifyState::Ready]);
         let pinger = tokio::spawn(watchdog_loop(ingest.clone(), ingresses.clone()));
         let projector = {
             let ingest = ingest.clone();
@@ -249,7 +249,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
                 Some(task_ended("the detections projection", r.map(Ok::<(), anyhow::Error>)))
             }
         };
-        notify(&[sd_notify::NotifyState::Stopping]);
+        backhaul_shared::link::notify(&[sd_notify::NotifyState::Stopping]);
         for task in [pinger, projector].into_iter().flatten() {
             task.abort();
         }
@@ -347,13 +347,6 @@ fn log_panics() {
     }));
 }
 
-/// Sends to systemd's notify socket if there is one (a no-op otherwise).
-fn notify(states: &[sd_notify::NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!(error = %e, "sending a notification to systemd failed");
-    }
-}
-
 /// `WATCHDOG=1` at half the watchdog interval while the database answers and no ingress is stalled
 /// (`ingest_stall_after`); a wedged database, runtime or ingress stops the pings and systemd
 /// restarts the service.
@@ -373,7 +366,7 @@ async fn watchdog_loop(ingest: Arc<Ingest>, ingresses: Arc<Ingresses>) {
             }
         } else if watchdog.is_some() {
             if ingest.store.ping().await {
-                notify(&[sd_notify::NotifyState::Watchdog]);
+                backhaul_shared::link::notify(&[sd_notify::NotifyState::Watchdog]);
             } else {
                 tracing::error!("the database does not answer: no watchdog ping");
             }

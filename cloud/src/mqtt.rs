@@ -33,11 +33,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
+use backhaul_shared::link::{Backoff, MqttEndpoint};
 use backhaul_shared::wire::TopicKind;
 use backhaul_shared::{Ack, AckMessage, AckStatus, BatchId, DeviceStatus, Topics};
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -136,8 +137,9 @@ pub async fn run(
     )?
     .map(|m| m.rustls_config("mqtt.tls"))
     .transpose()?;
+    let endpoint = MqttEndpoint { host, port, username: cfg.username.clone(), password, tls };
     let max_packet = u32::try_from(settings.max_message_bytes.saturating_add(PACKET_OVERHEAD)).unwrap_or(u32::MAX);
-    let mut options = MqttOptions::new(cfg.client_id.clone(), host, port);
+    let mut options = endpoint.v5_options(cfg.client_id.clone());
     options
         .set_keep_alive(Duration::from_secs(15))
         .set_clean_start(false)
@@ -145,12 +147,6 @@ pub async fn run(
         .set_manual_acks(true)
         .set_max_packet_size(Some(max_packet))
         .set_receive_maximum(Some(RECEIVE_MAXIMUM));
-    if let Some(tls) = tls {
-        options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
-    }
-    if let Some(user) = &cfg.username {
-        options.set_credentials(user.clone(), password.unwrap_or_default());
-    }
     // The request queue carries PUBACKs (at most one per message the broker may have sent us
     // unacked) and subscriptions.
     let (client, eventloop) = AsyncClient::new(options.clone(), 4 * usize::from(RECEIVE_MAXIMUM));
@@ -356,21 +352,27 @@ pub fn panic_message(e: tokio::task::JoinError) -> String {
     backhaul_shared::panics::message(e.into_panic().as_ref())
 }
 
+/// Reconnect pacing of both connections: full jitter from 100 ms, capped at 10 s.
+fn reconnect_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(10))
+}
+
 /// The ack connection's event loop: nothing comes in that matters; keep it connected.
 async fn poll_acks(mut eventloop: EventLoop) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = reconnect_backoff();
     loop {
         match eventloop.poll().await {
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_))) => {
                 crate::failpoint::panic_in("mqtt-acks");
-                backoff = Duration::from_millis(100);
+                backoff.reset();
             }
-            Ok(_) => backoff = Duration::from_millis(100),
+            Ok(_) => backoff.reset(),
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "MQTT ack connection lost; reconnecting");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                let retry_in = backoff.next_random(None);
+                let error = backhaul_shared::tls::explain_handshake_error(&e.to_string());
+                tracing::warn!(%error, ?retry_in, "MQTT ack connection lost; reconnecting");
+                tokio::time::sleep(retry_in).await;
             }
         }
     }
@@ -385,11 +387,11 @@ async fn poll(
     connection: Arc<AtomicU64>,
     ingresses: Arc<crate::progress::Ingresses>,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = reconnect_backoff();
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 connection.fetch_add(1, Ordering::SeqCst);
                 ingresses.mqtt_connected.store(true, Ordering::SeqCst);
                 tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
@@ -430,13 +432,14 @@ async fn poll(
             Err(e) => {
                 // From here, PUBACKs for what this connection delivered are stale.
                 connection.fetch_add(1, Ordering::SeqCst);
+                let retry_in = backoff.next_random(None);
+                let error = backhaul_shared::tls::explain_handshake_error(&e.to_string());
                 if ingresses.mqtt_connected.swap(false, Ordering::SeqCst) {
-                    tracing::warn!(error = %backhaul_shared::tls::explain_handshake_error(&e.to_string()), retry_in = ?backoff, "MQTT connection lost; reconnecting");
+                    tracing::warn!(%error, ?retry_in, "MQTT connection lost; reconnecting");
                 } else {
-                    tracing::warn!(error = %backhaul_shared::tls::explain_handshake_error(&e.to_string()), retry_in = ?backoff, "connecting to the MQTT broker failed (is it running, and is mqtt.url right?); retrying");
+                    tracing::warn!(%error, ?retry_in, "connecting to the MQTT broker failed (is it running, and is mqtt.url right?); retrying");
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                tokio::time::sleep(retry_in).await;
             }
         }
     }

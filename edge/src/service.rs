@@ -148,7 +148,7 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
     );
     let status_source = StatusSource::new(queue.clone(), telemetry.clone());
     let limits = watchdog::Limits::new(config.queue.block_timeout.0, sd_notify::watchdog_enabled());
-    tell_systemd(&[NotifyState::Ready]);
+    backhaul_shared::link::notify(&[NotifyState::Ready]);
     let pipeline_result = runtime.block_on(async {
         let pinger = tokio::spawn(watchdog_loop(status_source.clone(), limits));
         let sampler = {
@@ -177,7 +177,7 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
             _ = shutdown_signal() => tracing::info!("stopping: enqueueing the batch in hand, finishing what is in flight"),
             _ = pipeline_failed => {}
         }
-        tell_systemd(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+        backhaul_shared::link::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
         stop.store(true, Ordering::Relaxed);
         pinger.abort();
         sampler.abort();
@@ -298,11 +298,14 @@ fn mqtt_settings(config: &EdgeConfig, secrets: &Secrets) -> Result<MqttSettings>
     let m = &config.transport.mqtt;
     let (host, port, _tls) = m.broker().map_err(anyhow::Error::msg).context("transport.mqtt.url")?;
     Ok(MqttSettings {
-        host,
-        port,
+        endpoint: backhaul_shared::link::MqttEndpoint {
+            host,
+            port,
+            username: m.username.clone(),
+            password: secrets.mqtt_password.as_ref().map(|s| s.expose().to_owned()),
+            tls: secrets.tls.as_ref().map(|t| t.rustls_config("transport.tls")).transpose()?,
+        },
         client_id: m.client_id.clone().unwrap_or_else(|| format!("backhaul-edge-{}", config.device_id)),
-        username: m.username.clone(),
-        password: secrets.mqtt_password.as_ref().map(|s| s.expose().to_owned()),
         topics: Topics::new(m.topic_prefix.clone()),
         device_id: config.device_id.clone(),
         ack_on_puback: m.ack == AckMode::Broker,
@@ -313,7 +316,6 @@ fn mqtt_settings(config: &EdgeConfig, secrets: &Secrets) -> Result<MqttSettings>
         protocol: m.protocol,
         max_message_bytes: m.max_message_bytes.map(|b| usize::try_from(b.0).unwrap_or(usize::MAX)),
         ack_key: secrets.api_key.as_ref().map(|s| s.expose().as_bytes().to_vec()),
-        tls: secrets.tls.as_ref().map(|t| t.rustls_config("transport.tls")).transpose()?,
     })
 }
 
@@ -326,14 +328,6 @@ fn http_settings(config: &EdgeConfig, secrets: &Secrets) -> HttpSettings {
         timeout: h.timeout.0,
         backoff_max: config.transport.backoff_max.0,
         tls: secrets.tls.clone(),
-    }
-}
-
-/// Sends to systemd's notify socket, if there is one. A failure is logged, not fatal: the watchdog
-/// (if any) then restarts the service, which is the right outcome for a broken notify socket.
-fn tell_systemd(states: &[NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!(error = %e, "sending a notification to systemd failed");
     }
 }
 
@@ -364,7 +358,7 @@ async fn watchdog_loop(source: StatusSource, limits: watchdog::Limits) {
                     ),
                     None => "queue unreadable".to_owned(),
                 };
-                tell_systemd(&[NotifyState::Watchdog, NotifyState::Status(&line)]);
+                backhaul_shared::link::notify(&[NotifyState::Watchdog, NotifyState::Status(&line)]);
             }
             Err((stage, silent)) => {
                 if !stalled {
@@ -373,7 +367,10 @@ async fn watchdog_loop(source: StatusSource, limits: watchdog::Limits) {
                         ?silent,
                         "a stage stopped making progress: no more watchdog pings, systemd will restart the service"
                     );
-                    tell_systemd(&[NotifyState::Status(&format!("{} stalled for {silent:?}", stage.name()))]);
+                    backhaul_shared::link::notify(&[NotifyState::Status(&format!(
+                        "{} stalled for {silent:?}",
+                        stage.name()
+                    ))]);
                 }
                 stalled = true;
             }

@@ -7,10 +7,14 @@
 //! - [`logging`]: `tracing` for a terminal or for journald.
 //! - [`fuzzing`]: the fuzz targets' entry points.
 //! - [`panics`]: panic messages, and panics caught on purpose under a process-wide hook.
+//! - [`tls`], [`link`], [`backoff`]: what both binaries' links share (TLS, the broker endpoint,
+//!   reconnect pacing, systemd notify).
 
+pub mod backoff;
 pub mod batch;
 pub mod config;
 pub mod fuzzing;
+pub mod link;
 pub mod logging;
 pub mod panics;
 pub mod record;

@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use backhaul_shared::{BatchId, DeviceStatus};
 
-use super::backoff::Backoff;
 use super::{Event, Outcome, Transport};
 use crate::queue::QueuedBatch;
+use backhaul_shared::link::Backoff;
 
 /// Where and how to post.
 #[derive(Clone)]

@@ -35,7 +35,6 @@
 //! - Only the queue's durable batches are handed out, so nothing is sent that a crash could take
 //!   back.
 
-pub mod backoff;
 pub mod http;
 pub mod mqtt;
 pub mod pace;
@@ -53,7 +52,7 @@ use sha2::{Digest, Sha256};
 
 use crate::queue::{AckOutcome, NewBatch, Queue, QueueError, QueuedBatch};
 use crate::telemetry::Telemetry;
-use backoff::Backoff;
+use backhaul_shared::link::Backoff;
 use pace::{End, Pacer};
 use window::Window;
 

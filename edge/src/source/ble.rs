@@ -26,8 +26,8 @@ use futures_util::StreamExt;
 
 use super::{Next, Source};
 use crate::decode::{Advertisement, Decoder};
-use crate::forward::backoff::Backoff;
 use crate::telemetry::Telemetry;
+use backhaul_shared::link::Backoff;
 
 /// What to scan with.
 #[derive(Debug, Clone)]

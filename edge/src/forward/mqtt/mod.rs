@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 use backhaul_shared::{AckMessage, AckStatus, BatchId, DeviceStatus, Topics};
 use tokio::sync::watch;
 
-use super::backoff::Backoff;
 use super::{Event, Outcome, Transport};
 use crate::config::MqttProtocol;
 use crate::queue::QueuedBatch;
+use backhaul_shared::link::{Backoff, MqttEndpoint};
 
 pub mod protocol;
 
@@ -41,12 +41,9 @@ use protocol::{Client, Connection, Polled};
 /// Where and how to connect.
 #[derive(Clone)]
 pub struct MqttSettings {
-    pub host: String,
-    pub port: u16,
+    /// The broker's address, login and TLS (`backhaul_shared::link`).
+    pub endpoint: MqttEndpoint,
     pub client_id: String,
-    pub username: Option<String>,
-    /// Never logged.
-    pub password: Option<String>,
     pub topics: Topics,
     pub device_id: String,
     /// Delete on PUBACK (`broker`) or on the cloud's ack (`cloud`).
@@ -61,21 +58,15 @@ pub struct MqttSettings {
     /// The key the cloud signs this device's acks with (`BACKHAUL_API_KEY`, issue #16). Never
     /// logged. `None`: every ack from the cloud is ignored (allowed only with `ack = "broker"`).
     pub ack_key: Option<Vec<u8>>,
-    /// TLS for `mqtts://` (`[transport.tls]`, built by `backhaul_shared::tls`).
-    pub tls: Option<std::sync::Arc<backhaul_shared::tls::rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for MqttSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MqttSettings")
-            .field("host", &self.host)
-            .field("port", &self.port)
+            .field("endpoint", &self.endpoint)
             .field("client_id", &self.client_id)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "***"))
             .field("ack_key", &self.ack_key.as_ref().map(|_| "***"))
             .field("protocol", &self.protocol)
-            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -231,7 +222,7 @@ impl Transport for MqttTransport {
                             error: format!(
                                 "the broker did not deliver the batch published on {topic} by user {} ({reason}); \
                                  batches stay queued",
-                                self.settings.username.as_deref().unwrap_or("anonymous")
+                                self.settings.endpoint.username.as_deref().unwrap_or("anonymous")
                             ),
                         });
                     }
@@ -353,7 +344,7 @@ async fn link(s: MqttSettings, events: Sender<Event<MqttEvent>>, mut stop: watch
             let event = match polled {
                 Ok(Polled::ConnAck { session_present, max_packet_size }) => {
                     connected_at = Some(Instant::now());
-                    tracing::info!(host = %s.host, port = s.port, protocol = ?s.protocol, session_present, ?max_packet_size, "connected to the MQTT broker");
+                    tracing::info!(broker = %s.endpoint.addr(), protocol = ?s.protocol, session_present, ?max_packet_size, "connected to the MQTT broker");
                     // Queued before any publish of this connection, so the broker has the
                     // subscription before the cloud can answer.
                     if let Err(e) = client.try_subscribe(acks_topic.clone()) {
@@ -426,11 +417,8 @@ mod tests {
         let (stop, _) = watch::channel(false);
         MqttTransport {
             settings: MqttSettings {
-                host: "127.0.0.1".into(),
-                port: 1,
+                endpoint: MqttEndpoint { host: "127.0.0.1".into(), port: 1, username: None, password: None, tls: None },
                 client_id: "t".into(),
-                username: None,
-                password: None,
                 topics: Topics::default(),
                 device_id: "pi".into(),
                 ack_on_puback,
@@ -441,7 +429,6 @@ mod tests {
                 protocol: MqttProtocol::V5,
                 max_message_bytes: None,
                 ack_key: Some(KEY.to_vec()),
-                tls: None,
             },
             batches_topic: Topics::default().batches("pi"),
             client: None,

@@ -107,40 +107,24 @@ impl Connection {
         let will = br#"{"online":false}"#.to_vec();
         match s.protocol {
             MqttProtocol::V5 => {
-                let mut o = rumqttc::v5::MqttOptions::new(s.client_id.clone(), s.host.clone(), s.port);
+                let mut o = s.endpoint.v5_options(s.client_id.clone());
                 o.set_keep_alive(s.keep_alive)
                     .set_clean_start(false)
                     .set_session_expiry_interval(Some(SESSION_NEVER_EXPIRES))
                     .set_max_packet_size(Some(MAX_INCOMING as u32))
                     .set_outgoing_inflight_upper_limit(inflight)
                     .set_last_will(V5LastWill::new(will_topic, will, V5QoS::AtLeastOnce, true, None));
-                if let Some(user) = &s.username {
-                    o.set_credentials(user.clone(), s.password.clone().unwrap_or_default());
-                }
-                if let Some(tls) = &s.tls {
-                    o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
-                        tls.clone(),
-                    )));
-                }
                 let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, capacity);
                 (Client::V5(client), Connection::V5(Box::new(eventloop)))
             }
             MqttProtocol::V311 => {
-                let mut o = rumqttc::MqttOptions::new(s.client_id.clone(), s.host.clone(), s.port);
+                let mut o = s.endpoint.v311_options(s.client_id.clone());
                 o.set_keep_alive(s.keep_alive)
                     .set_clean_session(false)
                     // 3.1.1 cannot tell the broker our limit: a bigger message ends the connection.
                     .set_max_packet_size(MAX_INCOMING, 256 << 20)
                     .set_inflight(inflight)
                     .set_last_will(rumqttc::LastWill::new(will_topic, will, rumqttc::QoS::AtLeastOnce, true));
-                if let Some(user) = &s.username {
-                    o.set_credentials(user.clone(), s.password.clone().unwrap_or_default());
-                }
-                if let Some(tls) = &s.tls {
-                    o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
-                        tls.clone(),
-                    )));
-                }
                 let (client, eventloop) = rumqttc::AsyncClient::new(o, capacity);
                 (Client::V311(client), Connection::V311(Box::new(eventloop)))
             }
@@ -234,7 +218,7 @@ fn disconnect_reason(code: DisconnectReasonCode) -> String {
 
 /// Words for a refused connection, by code.
 fn refused(what: &str, s: &MqttSettings, hint: &str) -> String {
-    format!("the broker {}:{} refused the connection ({what}): {hint}", s.host, s.port)
+    format!("the broker {}:{} refused the connection ({what}): {hint}", s.endpoint.host, s.endpoint.port)
 }
 
 const CHECK_CREDENTIALS: &str =
@@ -266,10 +250,10 @@ fn describe_v5(e: &rumqttc::v5::ConnectionError, s: &MqttSettings) -> String {
         E::MqttState(StateError::OutgoingPacketTooLarge { pkt_size, max }) => format!(
             "a message of {pkt_size} bytes is over the broker's maximum packet size of {max} bytes; \
              the connection to {}:{} was closed",
-            s.host, s.port
+            s.endpoint.host, s.endpoint.port
         ),
-        E::Io(io) => explain(format!("cannot reach the broker {}:{}: {io}", s.host, s.port)),
-        other => explain(format!("MQTT connection to {}:{}: {other}", s.host, s.port)),
+        E::Io(io) => explain(format!("cannot reach the broker {}:{}: {io}", s.endpoint.host, s.endpoint.port)),
+        other => explain(format!("MQTT connection to {}:{}: {other}", s.endpoint.host, s.endpoint.port)),
     }
 }
 
@@ -290,8 +274,10 @@ fn describe_v311(e: &rumqttc::ConnectionError, s: &MqttSettings) -> String {
             };
             refused(&format!("{code:?}"), s, hint)
         }
-        rumqttc::ConnectionError::Io(io) => explain(format!("cannot reach the broker {}:{}: {io}", s.host, s.port)),
-        other => explain(format!("MQTT connection to {}:{}: {other}", s.host, s.port)),
+        rumqttc::ConnectionError::Io(io) => {
+            explain(format!("cannot reach the broker {}:{}: {io}", s.endpoint.host, s.endpoint.port))
+        }
+        other => explain(format!("MQTT connection to {}:{}: {other}", s.endpoint.host, s.endpoint.port)),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Exponential backoff with full jitter, capped, that honours a server's `Retry-After`: a plain
-//! state machine (the random source and the clock are the caller's), used for MQTT reconnects and
-//! HTTP retries alike.
+//! state machine (the random source and the clock are the caller's), used for the edge's and the
+//! cloud's MQTT reconnects, HTTP retries and BLE adapter recovery alike.
 
 use std::time::Duration;
 
