@@ -59,6 +59,14 @@ pub struct CloudConfig {
     /// answers 503 and the systemd watchdog stops (issue #14). 5 s..=1 h; default 60 s.
     #[serde(default = "default_stall_after")]
     pub ingest_stall_after: HumanDuration,
+    /// Batches per second each device may send (HTTP: 429 with Retry-After above it; MQTT: the
+    /// message is PUBACKed unstored and the edge resends it after its ack timeout). 0 turns the
+    /// limit off. 0..=1,000,000; default 100 (twice an edge's default `rate_per_sec`).
+    #[serde(default = "default_device_rate")]
+    pub device_rate_per_sec: u32,
+    /// Batches a device may send at once above its rate. 1..=1,000,000; default 200.
+    #[serde(default = "default_device_burst")]
+    pub device_burst: u32,
     pub mqtt: Option<MqttConfig>,
     #[serde(default)]
     pub auth: AuthConfig,
@@ -100,6 +108,14 @@ pub struct MqttConfig {
 pub struct AuthConfig {
     /// `device_id = "key"` lines (TOML); `"*" = "key"` is a fleet-wide key.
     pub keys_file: Option<PathBuf>,
+}
+
+fn default_device_rate() -> u32 {
+    100
+}
+
+fn default_device_burst() -> u32 {
+    200
 }
 
 fn default_listen() -> String {
@@ -207,6 +223,8 @@ fn check_ranges(loaded: &Loaded<CloudConfig>) -> Result<()> {
     in_range(loaded, "header_read_timeout", c.header_read_timeout, (secs(1), secs(300)))?;
     in_range(loaded, "body_read_timeout", c.body_read_timeout, (secs(1), secs(600)))?;
     in_range(loaded, "ingest_stall_after", c.ingest_stall_after, (secs(5), secs(3600)))?;
+    in_range(loaded, "device_rate_per_sec", c.device_rate_per_sec, (0, 1_000_000))?;
+    in_range(loaded, "device_burst", c.device_burst, (1, 1_000_000))?;
     if let Some(expiry) = c.mqtt.as_ref().and_then(|m| m.session_expiry) {
         in_range(loaded, "mqtt.session_expiry", expiry, (secs(0), secs(365 * 24 * 3600)))?;
     }

@@ -3,6 +3,11 @@
 //! as `backhaul-edge run` processes; shows live progress; kills one Pi with SIGKILL and the broker
 //! mid-run to show that nothing is lost; ends with a summary that compares what each Pi produced
 //! with what the cloud stored. Glue around real processes, nothing simulated but the radios.
+//!
+//! `--tls` (issue #16): a private CA and certificates made in the temp dir with the scripts of
+//! `deploy/pki/` (openssl), every link over TLS with client certificates: Mosquitto's TLS
+//! listener naming each client by its certificate with the shipped ACL (`deploy/mosquitto/acl`),
+//! or, with `--http`, the cloud's HTTPS listener with mTLS.
 
 use std::fmt::Write as _;
 use std::net::TcpListener;
@@ -27,6 +32,48 @@ pub struct DemoOptions {
     pub http: bool,
     /// Skip the kill -9 of a Pi and of the broker.
     pub no_chaos: bool,
+    /// Every link over TLS with client certificates (see the module docs).
+    pub tls: bool,
+}
+
+/// The scripts and broker files of `deploy/`, built in so the demo runs outside the repository.
+const MAKE_CA: &str = include_str!("../../deploy/pki/make-ca.sh");
+const ISSUE: &str = include_str!("../../deploy/pki/issue.sh");
+const ACL: &str = include_str!("../../deploy/mosquitto/acl");
+
+/// Makes the demo's CA and a certificate for each name (`(cn, sans)`) in `dir/pki` with the
+/// `deploy/pki/` scripts; returns the pki directory.
+fn make_pki(dir: &Path, names: &[(String, String)]) -> Result<PathBuf> {
+    if find_program("openssl").is_none() {
+        bail!("--tls makes its certificates with openssl, which is not installed: apt-get install openssl");
+    }
+    let pki = dir.join("pki");
+    let (make_ca, issue) = (dir.join("make-ca.sh"), dir.join("issue.sh"));
+    std::fs::write(&make_ca, MAKE_CA)?;
+    std::fs::write(&issue, ISSUE)?;
+    let run = |script: &Path, args: &[&str]| -> Result<()> {
+        let out = Command::new("sh").arg(script).args(args).output().context("running sh")?;
+        if !out.status.success() {
+            bail!("{} {args:?} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    let p = pki.to_str().context("a UTF-8 temp dir")?;
+    run(&make_ca, &[p])?;
+    for (cn, san) in names {
+        run(&issue, &[p, cn.as_str(), san.as_str()])?;
+    }
+    Ok(pki)
+}
+
+/// `tls = { ca_file, cert_file, key_file }` for `who`'s certificate in `pki`.
+fn tls_inline(pki: &Path, who: &str) -> String {
+    format!(
+        "tls = {{ ca_file = \"{}\", cert_file = \"{}\", key_file = \"{}\" }}",
+        pki.join("ca.pem").display(),
+        pki.join(format!("{who}.pem")).display(),
+        pki.join(format!("{who}.key")).display()
+    )
 }
 
 const FLEET_KEY: &str = "demo-fleet-key-0123456789abcdef";
@@ -34,7 +81,8 @@ const FLEET_KEY: &str = "demo-fleet-key-0123456789abcdef";
 struct Demo {
     dir: tempfile::TempDir,
     cloud: Child,
-    cloud_port: u16,
+    /// `http://127.0.0.1:PORT` or `https://...`.
+    cloud_base: String,
     broker: Option<Broker>,
     pis: Vec<Pi>,
     agent: ureq::Agent,
@@ -163,17 +211,43 @@ pub fn run(o: DemoOptions) -> Result<bool> {
     let edge = edge_binary()?;
     let dir = tempfile::Builder::new().prefix("backhaul-demo-").tempdir()?;
     let mosquitto = if o.http { None } else { find_program("mosquitto") };
+    let pki = if o.tls {
+        let mut names: Vec<(String, String)> = [
+            ("broker", "IP:127.0.0.1"),
+            ("backhaul-cloud", "DNS:backhaul-cloud"),
+            ("cloud", "IP:127.0.0.1"),
+            ("demo-operator", "DNS:demo-operator"),
+        ]
+        .map(|(n, s)| (n.to_owned(), s.to_owned()))
+        .into();
+        names.extend((1..=o.devices).map(|i| (format!("demo-pi-{i}"), format!("DNS:demo-pi-{i}"))));
+        Some(make_pki(dir.path(), &names)?)
+    } else {
+        None
+    };
     let broker = match mosquitto {
         Some(program) => {
             let port = free_port()?;
             let config = dir.path().join("mosquitto.conf");
             let user = if is_root() { "user root\n" } else { "" };
-            std::fs::write(
-                &config,
-                format!(
-                    "{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n"
-                ),
-            )?;
+            let mut text = format!("{user}listener {port} 127.0.0.1\npersistence false\nmax_queued_messages 0\n");
+            match &pki {
+                None => text.push_str("allow_anonymous true\n"),
+                Some(pki) => {
+                    let acl = dir.path().join("acl");
+                    std::fs::write(&acl, ACL)?;
+                    write!(
+                        text,
+                        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\n\
+                         allow_anonymous false\nacl_file {}\n",
+                        pki.join("ca.pem").display(),
+                        pki.join("broker.pem").display(),
+                        pki.join("broker.key").display(),
+                        acl.display()
+                    )?;
+                }
+            }
+            std::fs::write(&config, text)?;
             let mut b = Broker { program, config, port, child: None };
             b.start()?;
             Some(b)
@@ -190,8 +264,26 @@ pub fn run(o: DemoOptions) -> Result<bool> {
         dir.path().join("ingest.db").display(),
         keys.display()
     );
-    if let Some(b) = &broker {
-        write!(cloud_config, "\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nclient_id = \"backhaul-cloud-demo\"\n", b.port)?;
+    let scheme = if pki.is_some() { ("mqtts", "https") } else { ("mqtt", "http") };
+    match (&broker, &pki) {
+        (Some(b), _) => {
+            write!(
+                cloud_config,
+                "\n[mqtt]\nurl = \"{}://127.0.0.1:{}\"\nclient_id = \"backhaul-cloud-demo\"\n{}\n",
+                scheme.0,
+                b.port,
+                pki.as_ref().map(|p| tls_inline(p, "backhaul-cloud")).unwrap_or_default()
+            )?;
+        }
+        // HTTP over TLS: the cloud's listener with mTLS.
+        (None, Some(p)) => write!(
+            cloud_config,
+            "\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+            p.join("cloud.pem").display(),
+            p.join("cloud.key").display(),
+            p.join("ca.pem").display()
+        )?,
+        (None, None) => {}
     }
     let cloud_config_path = dir.path().join("cloud.toml");
     std::fs::write(&cloud_config_path, cloud_config)?;
@@ -206,13 +298,15 @@ pub fn run(o: DemoOptions) -> Result<bool> {
         .stderr(cloud_log)
         .spawn()
         .context("starting backhaul-cloud serve")?;
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into();
-    let mut demo = Demo { dir, cloud, cloud_port, broker, pis: Vec::new(), agent };
-    let health = format!("http://127.0.0.1:{cloud_port}/health");
+    let mut agent =
+        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(5)));
+    let over_https = pki.is_some() && broker.is_none();
+    if let (true, Some(p)) = (over_https, &pki) {
+        agent = agent.tls_config(operator_tls(p)?);
+    }
+    let cloud_base = format!("{}://127.0.0.1:{cloud_port}", if over_https { "https" } else { "http" });
+    let mut demo = Demo { dir, cloud, cloud_base, broker, pis: Vec::new(), agent: agent.build().into() };
+    let health = format!("{}/health", demo.cloud_base);
     wait_until("the cloud to answer /health", Duration::from_secs(30), || {
         demo.agent.get(&health).call().is_ok_and(|r| r.status().as_u16() == 200)
     })?;
@@ -223,7 +317,8 @@ pub fn run(o: DemoOptions) -> Result<bool> {
         let data_dir = demo.dir.path().join(&id);
         let status_port = free_port()?;
         let config = demo.dir.path().join(format!("{id}.toml"));
-        let mqtt_url = demo.broker.as_ref().map_or(String::new(), |b| format!("mqtt://127.0.0.1:{}", b.port));
+        let mqtt_url = demo.broker.as_ref().map_or(String::new(), |b| format!("{}://127.0.0.1:{}", scheme.0, b.port));
+        let tls = pki.as_ref().map(|p| tls_inline(p, &id)).unwrap_or_default();
         std::fs::write(
             &config,
             format!(
@@ -231,11 +326,12 @@ pub fn run(o: DemoOptions) -> Result<bool> {
                  status_listen = \"127.0.0.1:{status_port}\"\n\n\
                  [source]\nkind = \"simulated\"\nrate = {}.0\ncount = {count}\ndevices = 40\nseed = {i}\n\n\
                  [batch]\nmax_detections = 100\nmax_age_ms = 1000\n\n\
-                 [transport]\nmode = \"{mode}\"\nrate_per_sec = 50\nburst = 20\nack_timeout = \"5s\"\nbackoff_max = \"2s\"\n\n\
+                 [transport]\nmode = \"{mode}\"\nrate_per_sec = 50\nburst = 20\nack_timeout = \"5s\"\nbackoff_max = \"2s\"\n{tls}\n\n\
                  [transport.mqtt]\nurl = \"{mqtt_url}\"\n\n\
-                 [transport.http]\nurl = \"http://127.0.0.1:{cloud_port}\"\n",
+                 [transport.http]\nurl = \"{}://127.0.0.1:{cloud_port}\"\n",
                 data_dir.display(),
                 o.rate,
+                scheme.1,
             ),
         )?;
         let mut pi = Pi { id, config, data_dir, status_port, child: None };
@@ -247,7 +343,13 @@ pub fn run(o: DemoOptions) -> Result<bool> {
         "backhaul demo: the cloud on 127.0.0.1:{cloud_port} (SQLite in {}), {}, {} simulated Pis at {} detections/s each for {} s",
         demo.dir.path().display(),
         match &demo.broker {
+            Some(b) if o.tls => format!(
+                "a private Mosquitto with a TLS listener on 127.0.0.1:{} (Pis use MQTT QoS 1 over TLS with client \
+                 certificates and the shipped ACL; the CA is in pki/)",
+                b.port
+            ),
             Some(b) => format!("a private Mosquitto on 127.0.0.1:{} (Pis use MQTT QoS 1)", b.port),
+            None if o.tls => "no broker (Pis use HTTPS with client certificates; the CA is in pki/)".to_owned(),
             None if o.http => "no broker (--http: Pis use HTTP)".to_owned(),
             None => "no Mosquitto installed (Pis use HTTP; `apt-get install mosquitto` for MQTT)".to_owned(),
         },
@@ -303,7 +405,7 @@ pub fn run(o: DemoOptions) -> Result<bool> {
             }
         }
         let statuses: Vec<Option<Value>> = demo.pis.iter().map(|p| p.status(&demo.agent)).collect();
-        let cloud_devices = devices(&demo.agent, demo.cloud_port);
+        let cloud_devices = devices(&demo.agent, &demo.cloud_base);
         if last_print.elapsed() >= Duration::from_secs(2) {
             last_print = Instant::now();
             print_progress(t, &demo.pis, &statuses, &cloud_devices);
@@ -351,8 +453,8 @@ pub fn run(o: DemoOptions) -> Result<bool> {
             .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok());
         produced.push(stats);
     }
-    let cloud_devices = devices(&demo.agent, demo.cloud_port);
-    let stats = get(&demo.agent, demo.cloud_port, "/api/v1/stats").unwrap_or(Value::Null);
+    let cloud_devices = devices(&demo.agent, &demo.cloud_base);
+    let stats = get(&demo.agent, &demo.cloud_base, "/api/v1/stats").unwrap_or(Value::Null);
     println!("\nsummary");
     println!(
         "{:<12} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
@@ -409,13 +511,26 @@ fn wait_child(child: &mut Child, timeout: Duration) -> Result<()> {
     }
 }
 
-fn get(agent: &ureq::Agent, port: u16, path: &str) -> Option<Value> {
-    let mut r = agent.get(format!("http://127.0.0.1:{port}{path}")).header("X-API-Key", FLEET_KEY).call().ok()?;
+/// The demo's own client certificate and the demo CA, for the cloud's HTTPS listener.
+fn operator_tls(pki: &Path) -> Result<ureq::tls::TlsConfig> {
+    use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig, TlsProvider};
+    let ca = Certificate::from_pem(&std::fs::read(pki.join("ca.pem"))?)?;
+    let cert = Certificate::from_pem(&std::fs::read(pki.join("demo-operator.pem"))?)?;
+    let key = PrivateKey::from_pem(&std::fs::read(pki.join("demo-operator.key"))?)?;
+    Ok(TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .root_certs(RootCerts::new_with_certs(&[ca]))
+        .client_cert(Some(ClientCert::new_with_certs(&[cert], key)))
+        .build())
+}
+
+fn get(agent: &ureq::Agent, base: &str, path: &str) -> Option<Value> {
+    let mut r = agent.get(format!("{base}{path}")).header("X-API-Key", FLEET_KEY).call().ok()?;
     serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()
 }
 
-fn devices(agent: &ureq::Agent, port: u16) -> Vec<Value> {
-    get(agent, port, "/api/v1/devices").and_then(|v| v["devices"].as_array().cloned()).unwrap_or_default()
+fn devices(agent: &ureq::Agent, base: &str) -> Vec<Value> {
+    get(agent, base, "/api/v1/devices").and_then(|v| v["devices"].as_array().cloned()).unwrap_or_default()
 }
 
 fn print_progress(t: Duration, pis: &[Pi], statuses: &[Option<Value>], cloud: &[Value]) {

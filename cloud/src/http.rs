@@ -266,6 +266,12 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
                 ("rejected", "Batches refused (a device/topic or key mismatch, a conflict).", s.rejected),
                 ("dead_letters", "Messages or bodies that could not be used, kept for inspection.", s.dead_letters),
                 ("panics", "Messages whose handling panicked (a bug; each also a dead letter).", s.panics),
+                (
+                    "rate_limited",
+                    "Batches turned away since start because their device was over device_rate_per_sec.",
+                    i64::try_from(app.ingest.rates.limited.load(std::sync::atomic::Ordering::Relaxed))
+                        .unwrap_or(i64::MAX),
+                ),
             ] {
                 family(&format!("backhaul_cloud_{name}_total"), "counter", help, &[(String::new(), value.to_string())]);
             }
@@ -293,6 +299,13 @@ async fn bulk(
     if failing.is_ok() {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "FAILPOINT bulk_500", None).into_response();
     }
+    // A device key's device is known before the body is parsed: a flood of its posts costs no
+    // parsing (issue #16). A fleet key's posts are limited by their batch's device below.
+    if let KeyScope::Device(device) = &scope {
+        if let Err(wait) = app.ingest.rates.check(device) {
+            return rate_limited(device, wait);
+        }
+    }
     let Ok(_permit) = app.permits.try_acquire() else {
         return ApiError {
             retry_after: Some("1"),
@@ -319,6 +332,11 @@ async fn bulk(
             Some("device_id"),
         )
         .into_response();
+    }
+    if scope == KeyScope::Fleet {
+        if let Err(wait) = app.ingest.rates.check(&batch.device_id) {
+            return rate_limited(&batch.device_id, wait);
+        }
     }
     // mTLS: a device posts only for the device its certificate names (a fleet key, an operator's
     // replay, is not bound to one device).
@@ -381,6 +399,18 @@ async fn bulk(
         .into_response(),
         Err(e) => storage_down(e),
     }
+}
+
+/// 429 with `Retry-After` for a device over its rate ([`crate::ratelimit`]).
+fn rate_limited(device: &str, wait: std::time::Duration) -> Response {
+    let secs = crate::ratelimit::retry_after_secs(wait);
+    let message =
+        format!("device `{device}` is over its rate limit (device_rate_per_sec, device_burst); retry after {secs} s");
+    let mut response = error(StatusCode::TOO_MANY_REQUESTS, message, Some("device_id")).into_response();
+    if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
 }
 
 async fn stats(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {

@@ -30,6 +30,8 @@ impl Accepted {
 pub struct Ingest {
     pub store: Store,
     pub limits: Limits,
+    /// Per-device rate limits, across both adapters ([`crate::ratelimit`]).
+    pub rates: crate::ratelimit::DeviceLimits,
 }
 
 /// The payload's SHA-256, hex: a resend must be byte-identical to count as a duplicate.
@@ -38,8 +40,8 @@ pub fn payload_hash(raw: &[u8]) -> String {
 }
 
 impl Ingest {
-    pub fn new(store: Store, limits: Limits) -> Self {
-        Self { store, limits }
+    pub fn new(store: Store, limits: Limits, rates: crate::ratelimit::DeviceLimits) -> Self {
+        Self { store, limits, rates }
     }
 
     /// Parses and validates wire bytes (the same rules for every adapter).

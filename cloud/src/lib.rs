@@ -9,5 +9,6 @@ pub mod http;
 pub mod ingest;
 pub mod mqtt;
 pub mod progress;
+pub mod ratelimit;
 pub mod serve;
 pub mod store;

@@ -65,6 +65,10 @@ enum Command {
         /// Do not kill a Pi and the broker mid-run.
         #[arg(long)]
         no_chaos: bool,
+        /// Every link over TLS with client certificates: a private CA made with openssl in the
+        /// temp dir (deploy/pki), Mosquitto's TLS listener with the shipped ACL, or HTTPS with --http.
+        #[arg(long)]
+        tls: bool,
     },
 }
 
@@ -75,8 +79,8 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::CheckConfig { config } => check_config(config),
         Command::Reprocess { config, since, device } => reprocess(config, since, device),
-        Command::Demo { seconds, devices, rate, http, no_chaos } => {
-            return match demo::run(demo::DemoOptions { seconds, devices: devices.max(1), rate, http, no_chaos }) {
+        Command::Demo { seconds, devices, rate, http, no_chaos, tls } => {
+            return match demo::run(demo::DemoOptions { seconds, devices: devices.max(1), rate, http, no_chaos, tls }) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {
@@ -173,7 +177,8 @@ fn serve(config_file: PathBuf) -> Result<()> {
         let store = Store::connect(&config.database)
             .await
             .with_context(|| format!("opening the database {} (key `database`)", redact(&config.database)))?;
-        let ingest = Arc::new(Ingest::new(store, Limits { max_detections: config.max_detections }));
+        let rates = backhaul_cloud::ratelimit::DeviceLimits::new(config.device_rate_per_sec, config.device_burst);
+        let ingest = Arc::new(Ingest::new(store, Limits { max_detections: config.max_detections }, rates));
         let ingresses = Arc::new(Ingresses::new(config.ingest_stall_after.0));
         let max_body_bytes = usize::try_from(config.max_body_bytes.0).unwrap_or(usize::MAX);
         let app = Arc::new(App {

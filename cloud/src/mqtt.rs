@@ -497,6 +497,11 @@ async fn handle(ingest: &Ingest, acks: &AckSender, publish: &Publish, max_bytes:
         return;
     }
     match kind {
+        TopicKind::Batches if ingest.rates.check(device).is_err() => {
+            // Over its rate: PUBACKed unstored and not acked, so the edge resends it after its
+            // ack timeout (see crate::ratelimit).
+            tracing::debug!(device, "batch over the device's rate limit: not stored, the edge resends it later");
+        }
         TopicKind::Batches => {
             crate::failpoint::panic_in("mqtt-message");
             handle_batch(ingest, acks, publish, device).await

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use backhaul_tests::cloud::{get_json, http, Cloud};
+use backhaul_tests::cloud::{get_json, http, Cloud, CloudOptions};
 use backhaul_tests::{find_program, wait_for, wire_batch, Mosquitto, MosquittoOptions};
 
 /// A broker with `deploy/`'s limits.
@@ -68,10 +68,24 @@ fn peak_rss_mib(cloud: &Cloud) -> u64 {
 /// only as fast as messages are handled.)
 const PEAK_RSS_MIB: u64 = 96;
 
+/// A cloud on `broker` without per-device rate limits: the burst comes from one publisher that
+/// never resends, as no edge would (a real edge resends what a rate limit turned away; that is
+/// `tests/tests/rate_limits.rs`), and what is measured here is memory under a burst.
+fn unlimited_cloud(broker: &Mosquitto) -> Cloud {
+    let mut cloud = Cloud::start(CloudOptions {
+        mqtt_url: Some(broker.url()),
+        extra: "device_rate_per_sec = 0\n".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    cloud.process.wait_for_any_line(T, |l| l.contains("subscribed to batches and status")).unwrap();
+    cloud
+}
+
 #[test]
 fn a_burst_of_mixed_messages_drains_and_every_valid_batch_is_stored() {
     let broker = deploy_broker();
-    let cloud = Cloud::start_mqtt(&broker, Vec::new()).unwrap();
+    let cloud = unlimited_cloud(&broker);
     publish_lines(&broker, "backhaul/burst-a/batches", &mixed("burst-a", 25_000));
     wait_for("all 25,000 valid batches stored", T, || (stored_batches(&cloud, "burst-a") == 25_000).then_some(()))
         .unwrap_or_else(|e| panic!("{e}: {} stored", stored_batches(&cloud, "burst-a")));
@@ -84,7 +98,7 @@ fn a_burst_of_mixed_messages_drains_and_every_valid_batch_is_stored() {
 #[test]
 fn a_cloud_restarted_onto_a_backlog_for_its_session_drains_it() {
     let broker = deploy_broker();
-    let mut cloud = Cloud::start_mqtt(&broker, Vec::new()).unwrap();
+    let mut cloud = unlimited_cloud(&broker);
     // The cloud goes away; its persistent session collects the burst.
     cloud.process.kill9().unwrap();
     publish_lines(&broker, "backhaul/burst-b/batches", &mixed("burst-b", 10_000));

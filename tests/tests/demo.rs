@@ -21,3 +21,17 @@ fn the_demo_over_http_loses_nothing() {
     let out = demo(&["demo", "--seconds", "4", "--devices", "2", "--http"]);
     assert!(out.contains("Pis use HTTP"), "{out}");
 }
+
+#[test]
+fn the_demo_over_mqtt_with_tls_and_client_certificates_loses_nothing() {
+    // Issue #16: the CA made with deploy/pki's scripts, Mosquitto's TLS listener with the shipped
+    // ACL, every Pi and the cloud with its own certificate; the Pi and broker kills included.
+    let out = demo(&["demo", "--seconds", "6", "--devices", "2", "--tls"]);
+    assert!(out.contains("TLS listener") && out.contains("kill -9 the broker"), "{out}");
+}
+
+#[test]
+fn the_demo_over_https_with_client_certificates_loses_nothing() {
+    let out = demo(&["demo", "--seconds", "4", "--devices", "2", "--http", "--tls"]);
+    assert!(out.contains("Pis use HTTPS"), "{out}");
+}

@@ -78,7 +78,8 @@ impl CloudProcess {
         let data = tempfile::tempdir_in(dir)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut config = format!(
-            "listen = \"127.0.0.1:{port}\"\ndatabase = \"sqlite:{}\"\nmax_body_bytes = \"4MiB\"\n",
+            // No per-device rate limit: the benchmark measures how fast batches are stored.
+            "listen = \"127.0.0.1:{port}\"\ndatabase = \"sqlite:{}\"\nmax_body_bytes = \"4MiB\"\ndevice_rate_per_sec = 0\n",
             data.path().join("ingest.db").display()
         );
         if let Some(url) = mqtt_url {
