@@ -110,6 +110,21 @@ pub struct AuthConfig {
     pub keys_file: Option<PathBuf>,
 }
 
+impl MqttConfig {
+    /// The broker link's TLS material, loaded and checked: `None` for an `mqtt://` url. Errors
+    /// name `mqtt.url` or `mqtt.tls` and the file.
+    pub fn tls_material(&self) -> Result<Option<backhaul_shared::tls::ClientMaterial>> {
+        let (_, _, url_tls) = parse_mqtt_url(&self.url)?;
+        Ok(backhaul_shared::tls::client_material(
+            url_tls,
+            self.tls.as_ref(),
+            "mqtt.tls",
+            "mqtt.url",
+            backhaul_shared::tls::now(),
+        )?)
+    }
+}
+
 fn default_device_rate() -> u32 {
     100
 }
@@ -174,15 +189,8 @@ impl CloudConfig {
             }
         }
         if let Some(m) = &c.mqtt {
-            let (_, _, url_tls) = parse_mqtt_url(&m.url).map_err(|e| loaded.invalid("mqtt.url", e.to_string()))?;
-            let material = backhaul_shared::tls::client_material(
-                url_tls,
-                m.tls.as_ref(),
-                "mqtt.tls",
-                "mqtt.url",
-                backhaul_shared::tls::now(),
-            )
-            .map_err(|e| loaded.invalid("mqtt.tls", e.to_string()))?;
+            parse_mqtt_url(&m.url).map_err(|e| loaded.invalid("mqtt.url", e.to_string()))?;
+            let material = m.tls_material().map_err(|e| loaded.invalid("mqtt.tls", format!("{e:#}")))?;
             for w in material.iter().flat_map(|m| &m.warnings) {
                 tracing::warn!("{w}");
             }

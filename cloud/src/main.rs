@@ -123,15 +123,12 @@ fn check_config(config_file: PathBuf) -> Result<()> {
         }
     }
     if let Some(m) = &config.mqtt {
-        let (_, _, url_tls) = backhaul_cloud::config::parse_mqtt_url(&m.url)?;
         println!(
             "mqtt: {}{}",
             m.url,
             if m.username.is_some() { " (with a username; password from BACKHAUL_MQTT_PASSWORD)" } else { "" }
         );
-        if let Some(material) =
-            backhaul_shared::tls::client_material(url_tls, m.tls.as_ref(), "mqtt.tls", "mqtt.url", now)?
-        {
+        if let Some(material) = m.tls_material()? {
             println!("{material:?}");
             for w in material.warnings {
                 println!("warning: {w}");
@@ -199,10 +196,15 @@ fn serve(config_file: PathBuf) -> Result<()> {
                     tracing::warn!("{w}");
                 }
                 let state: backhaul_cloud::serve::TlsState = Arc::new(std::sync::RwLock::new(server));
-                tokio::spawn(reload_tls_on_sighup(settings.clone(), state.clone()));
-                Some(state)
+                Some((settings.clone(), state))
             }
         };
+        // SIGHUP is handled from before READY whether or not there is a [tls] to reload: its
+        // default action would end the process without draining what is in hand.
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        tokio::spawn(reload_tls_on_sighup(hangup, tls.clone()));
+        let tls = tls.map(|(_, state)| state);
         let listener = tokio::net::TcpListener::bind(config.listen_addr()?)
             .await
             .with_context(|| format!("listening on {} (key `listen`): is another service using it?", config.listen))?;
@@ -303,11 +305,17 @@ fn serve(config_file: PathBuf) -> Result<()> {
     })
 }
 
-/// Loads `[tls]` again on every SIGHUP (a renewed certificate); new connections use it, the open
-/// ones keep theirs. A file that does not load is logged and the old certificate stays.
-async fn reload_tls_on_sighup(settings: backhaul_shared::tls::ServerTls, state: backhaul_cloud::serve::TlsState) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        tracing::warn!("cannot watch SIGHUP: TLS certificates are reloaded only by a restart");
+/// Loads `[tls]` again on every SIGHUP (a renewed certificate; `systemctl reload`); new
+/// connections use it, the open ones keep theirs. A file that does not load is logged and the old
+/// certificate stays. Without `[tls]` a SIGHUP is logged and changes nothing.
+async fn reload_tls_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    tls: Option<(backhaul_shared::tls::ServerTls, backhaul_cloud::serve::TlsState)>,
+) {
+    let Some((settings, state)) = tls else {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: nothing to reload ([tls] is not set); the service goes on");
+        }
         return;
     };
     while hup.recv().await.is_some() {

@@ -127,16 +127,8 @@ pub async fn run(
     settings: Settings,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    let (host, port, url_tls) = parse_mqtt_url(&cfg.url)?;
-    let tls = backhaul_shared::tls::client_material(
-        url_tls,
-        cfg.tls.as_ref(),
-        "mqtt.tls",
-        "mqtt.url",
-        backhaul_shared::tls::now(),
-    )?
-    .map(|m| m.rustls_config("mqtt.tls"))
-    .transpose()?;
+    let (host, port, _) = parse_mqtt_url(&cfg.url)?;
+    let tls = cfg.tls_material()?.map(|m| m.rustls_config("mqtt.tls")).transpose()?;
     let endpoint = MqttEndpoint { host, port, username: cfg.username.clone(), password, tls };
     let max_packet = u32::try_from(settings.max_message_bytes.saturating_add(PACKET_OVERHEAD)).unwrap_or(u32::MAX);
     let mut options = endpoint.v5_options(cfg.client_id.clone());
@@ -497,11 +489,6 @@ async fn handle(ingest: &Ingest, acks: &AckSender, publish: &Publish, max_bytes:
         return;
     }
     match kind {
-        TopicKind::Batches if ingest.rates.check(device).is_err() => {
-            // Over its rate: PUBACKed unstored and not acked, so the edge resends it after its
-            // ack timeout (see crate::ratelimit).
-            tracing::debug!(device, "batch over the device's rate limit: not stored, the edge resends it later");
-        }
         TopicKind::Batches => {
             crate::failpoint::panic_in("mqtt-message");
             handle_batch(ingest, acks, publish, device).await
@@ -534,6 +521,13 @@ async fn handle_batch(ingest: &Ingest, acks: &AckSender, publish: &Publish, devi
         retry_storage(|| ingest.store.count_rejected()).await;
         tracing::warn!(topic = %topic_str(publish), batch_id = %batch.batch_id, "{reason}");
         acks.send(device, batch.batch_id, AckStatus::Rejected, Some(reason)).await;
+        return;
+    }
+    // Over its rate: PUBACKed unstored and not acked, so the edge resends it after its ack timeout
+    // (see crate::ratelimit). Charged only for a valid batch of the topic's device, so junk on a
+    // device's topic does not use up its allowance.
+    if ingest.rates.check(device).is_err() {
+        tracing::debug!(device, batch_id = %batch.batch_id, "batch over the device's rate limit: not stored, the edge resends it later");
         return;
     }
     let batch_id = batch.batch_id;

@@ -4,7 +4,8 @@
 //!
 //! - HTTP: a bulk post over its device's rate is answered 429 with `Retry-After` (whole seconds,
 //!   at least 1), before its body is parsed when the key is a device key. The edge honours it.
-//! - MQTT: a message over its device's rate is PUBACKed and neither stored nor acked: the edge's
+//! - MQTT: a valid batch of its topic's device over that device's rate (junk does not use up a
+//!   device's allowance) is PUBACKed and neither stored nor acked: the edge's
 //!   own resend after `ack_timeout` brings it again later, so nothing is lost with
 //!   `ack = "cloud"` (the default). MQTT has no per-publisher flow control a subscriber can use
 //!   (PUBACKs must go in order, MQTT 5.0 section 4.6, and the receive window is the whole cloud
@@ -13,7 +14,11 @@
 //!   or over HTTP.
 //!
 //! Counted in `/metrics` (`backhaul_cloud_rate_limited_total`). Memory: one entry per device
-//! seen; entries idle long enough to be full again are dropped every 10,000 checks.
+//! seen (HTTP: authenticated; MQTT: a valid batch whose device_id matches its topic), a few dozen
+//! bytes each; entries idle long enough to be full again (`device_burst / device_rate_per_sec`
+//! seconds) are dropped every 10,000 checks. On a broker without the ACL anyone can publish valid
+//! batches under any device id, and so use up a device's allowance: the limit assumes
+//! `deploy/mosquitto/acl`.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};

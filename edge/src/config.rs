@@ -538,6 +538,9 @@ impl EdgeConfig {
             backhaul_shared::tls::now(),
         )
         .map_err(|e| loaded.invalid("transport.tls", e.0))?;
+        if c.transport.mode == TransportMode::Http {
+            crate::forward::http::tls_config(tls.as_ref()).map_err(|e| loaded.invalid("transport.tls", e))?;
+        }
         let secrets = Secrets {
             hash_secret: secret(
                 "BACKHAUL_HASH_SECRET",

@@ -181,8 +181,15 @@ fn rfc3339(unix: i64) -> String {
 
 /// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1). The key's bytes never appear in an error.
 pub fn load_key(path: &Path, key: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let text =
-        std::fs::read(path).map_err(|e| err(format!("{key}: cannot read the key file {}: {e}", path.display())))?;
+    let text = std::fs::read(path).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            " (the service's user must be able to read it: chown it to that user with mode 0600, or pass it as a \
+             systemd credential with LoadCredential=)"
+        } else {
+            ""
+        };
+        err(format!("{key}: cannot read the key file {}: {e}{hint}", path.display()))
+    })?;
     PrivateKeyDer::from_pem_slice(&text).map_err(|_| {
         err(format!(
             "{key}: {} holds no PEM private key (expected `-----BEGIN PRIVATE KEY-----`, `RSA PRIVATE KEY` or `EC \

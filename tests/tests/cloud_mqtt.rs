@@ -137,7 +137,9 @@ fn malformed(i: usize, good: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_malformed_messages_interleaved_with_good_batches() {
     let broker = Mosquitto::start().unwrap();
-    let cloud = mqtt_cloud(&broker, vec![]);
+    // Without the per-device rate limit: 2,000 posts of one device key in a second would be 429s
+    // (tests/tests/rate_limits.rs), and this test is about what malformed input does.
+    let cloud = mqtt_cloud(&broker, vec![("BACKHAUL_DEVICE_RATE_PER_SEC".into(), "0".into())]);
     let topics = Topics::default();
     let mut edge = TestClient::connect(broker.port(), "edge-sim-flood", true);
     edge.connected(T).await.unwrap();

@@ -164,8 +164,28 @@ async fn over_mqtt_a_flooding_device_does_not_starve_another_and_its_edge_loses_
     .unwrap();
     let status = tokio::task::block_in_place(|| edge.wait_drained(2000, Duration::from_secs(120))).unwrap();
     tokio::task::block_in_place(|| cloud.wait_detections("rpi-backlog", 2000, T)).unwrap();
+    assert!(num(&status, "/sent/resent") > 0, "40 batches at once are over a burst of 20: {status}");
     eprintln!(
         "MQTT: {limited} flood batches turned away; the other device's worst ack: {worst:?}; the edge resent {}",
         num(&status, "/sent/resent")
     );
+}
+
+#[test]
+fn a_device_keys_flood_is_refused_before_its_bodies_are_parsed() {
+    // A device key names its device before the body is read: over its rate, even a body that is
+    // not JSON at all is a 429 (not a 400), so a flood costs no parsing.
+    let cloud = Cloud::start(CloudOptions {
+        extra: "device_rate_per_sec = 1\ndevice_burst = 2\n".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let agent = http();
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let (status, _, retry) = post_batch(&agent, &cloud, Some(DEVICE_KEY), Some("x"), b"not json");
+        answers.push((status, retry));
+    }
+    assert_eq!(answers[0].0, 400, "{answers:?}");
+    assert!(answers[2..].iter().all(|(s, r)| *s == 429 && r.as_deref() == Some("1")), "{answers:?}");
 }

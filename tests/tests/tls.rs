@@ -95,28 +95,37 @@ fn mqtt_over_tls_with_client_certificates_and_the_shipped_acl_stores_everything(
     no_secret("check-config", &[out, err], &secrets);
 }
 
-#[test]
-fn mqtt_over_tls_refuses_a_broker_certificate_from_another_ca_and_says_so() {
-    let pki = Pki::new("real-ca").unwrap();
-    let other = Pki::new("other-ca").unwrap();
-    let broker_cert = other.issue("broker", &["127.0.0.1"]).unwrap();
-    let broker = Mosquitto::start_with(MosquittoOptions {
+/// A broker with a TLS listener presenting `cert` (issued by `ca`), no client certificates asked.
+fn server_auth_broker(ca: &Pki, cert: &Issued) -> Mosquitto {
+    Mosquitto::start_with(MosquittoOptions {
         extra: format!(
             "cafile {}\ncertfile {}\nkeyfile {}\n",
-            other.ca_file.display(),
-            broker_cert.cert_file.display(),
-            broker_cert.key_file.display()
+            ca.ca_file.display(),
+            cert.cert_file.display(),
+            cert.key_file.display()
         ),
         ..Default::default()
     })
-    .unwrap();
-    let edge = Edge::start(EdgeOptions {
+    .unwrap()
+}
+
+/// An edge over `mqtts://` to `broker` trusting `pki`'s CA, with 50 detections to send.
+fn edge_trusting(broker: &Mosquitto, pki: &Pki) -> Edge {
+    Edge::start(EdgeOptions {
         mqtt_url: format!("mqtts://127.0.0.1:{}", broker.port()),
         count: 50,
         transport: inline(&pki.ca_file, None),
         ..Default::default()
     })
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn mqtt_over_tls_refuses_a_broker_certificate_from_another_ca_and_says_so() {
+    let pki = Pki::new("real-ca").unwrap();
+    let other = Pki::new("other-ca").unwrap();
+    let broker = server_auth_broker(&other, &other.issue("broker", &["127.0.0.1"]).unwrap());
+    let edge = edge_trusting(&broker, &pki);
     let status = edge
         .wait_status("the TLS failure to show", T, |s| {
             s["link"]["last_error"].as_str().is_some_and(|e| e.contains("not issued by the configured CA"))
@@ -359,23 +368,8 @@ fn a_broker_certificate_not_yet_valid_by_this_clock_is_blamed_on_the_clock_and_r
     let future = pki
         .issue_valid("broker", &["127.0.0.1"], now + time::Duration::days(1), now + time::Duration::days(30))
         .unwrap();
-    let broker = Mosquitto::start_with(MosquittoOptions {
-        extra: format!(
-            "cafile {}\ncertfile {}\nkeyfile {}\n",
-            pki.ca_file.display(),
-            future.cert_file.display(),
-            future.key_file.display()
-        ),
-        ..Default::default()
-    })
-    .unwrap();
-    let edge = Edge::start(EdgeOptions {
-        mqtt_url: format!("mqtts://127.0.0.1:{}", broker.port()),
-        count: 50,
-        transport: inline(&pki.ca_file, None),
-        ..Default::default()
-    })
-    .unwrap();
+    let broker = server_auth_broker(&pki, &future);
+    let edge = edge_trusting(&broker, &pki);
     edge.wait_status("the clock named as the likely cause", T, |s| {
         s["link"]["last_error"].as_str().is_some_and(|e| e.contains("not valid yet") && e.contains("clock"))
     })
@@ -452,4 +446,72 @@ fn the_securing_a_deployment_steps_of_the_readme_work_end_to_end() {
         Edge::start(EdgeOptions { mqtt_url: url, count: 400, transport: tls(DEVICE), ..Default::default() }).unwrap();
     edge.wait_drained(400, T).unwrap();
     cloud.wait_detections(DEVICE, 400, T).unwrap();
+}
+
+#[test]
+fn server_name_checks_the_broker_certificate_against_that_name_instead_of_the_host() {
+    // The broker's certificate names only `broker.test`; the edge connects to 127.0.0.1.
+    let pki = Pki::new("backhaul-test-ca").unwrap();
+    let broker = server_auth_broker(&pki, &pki.issue("broker", &["broker.test"]).unwrap());
+    let start = |server_name: &str| {
+        Edge::start(EdgeOptions {
+            mqtt_url: format!("mqtts://127.0.0.1:{}", broker.port()),
+            count: 100,
+            transport: format!("tls = {{ ca_file = \"{}\"{server_name} }}", pki.ca_file.display()),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    // Without server_name: the certificate does not name 127.0.0.1, refused and said so.
+    let edge = start("");
+    edge.wait_status("the name mismatch to show", T, |s| {
+        s["link"]["last_error"].as_str().is_some_and(|e| e.contains("does not name this host"))
+    })
+    .unwrap();
+    drop(edge);
+    // A wrong server_name: refused too (the verifier is not a pass-through).
+    let edge = start(", server_name = \"other.test\"");
+    let status = edge
+        .wait_status("the wrong name refused", T, |s| {
+            s["link"]["last_error"].as_str().is_some_and(|e| e.contains("does not name this host"))
+        })
+        .unwrap();
+    assert_eq!(status["link"]["link_ups"], 0, "{status}");
+    drop(edge);
+    // The name the certificate carries: connected, and batches go out (the broker PUBACKs them).
+    let edge = start(", server_name = \"broker.test\"");
+    edge.wait_status("connected with server_name", T, |s| s["link"]["connected"] == true).unwrap();
+}
+
+#[test]
+fn https_refuses_a_cloud_certificate_from_another_ca_and_says_so() {
+    let pki = Pki::new("real-ca").unwrap();
+    let other = Pki::new("other-ca").unwrap();
+    let cloud = tls_cloud(&other, &other.issue("cloud", &["127.0.0.1"]).unwrap(), false);
+    let edge = Edge::start(EdgeOptions {
+        mode: "http",
+        http_url: format!("https://127.0.0.1:{}", cloud.port),
+        count: 50,
+        transport: inline(&pki.ca_file, None),
+        ..Default::default()
+    })
+    .unwrap();
+    let status = edge
+        .wait_status("the TLS failure to show", T, |s| {
+            s["link"]["last_error"].as_str().is_some_and(|e| e.contains("not issued by the configured CA"))
+        })
+        .unwrap();
+    assert_eq!(status["sent"]["acked_batches"], 0, "{status}");
+}
+
+#[test]
+fn a_sighup_without_tls_is_logged_and_the_cloud_goes_on() {
+    // SIGHUP's default action ends a process: `systemctl reload` must never stop the cloud.
+    let mut cloud = Cloud::start(CloudOptions::default()).unwrap();
+    let pid = cloud.process.pid().unwrap();
+    let ok = std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap();
+    assert!(ok.success());
+    cloud.process.wait_for_any_line(T, |l| l.contains("nothing to reload")).unwrap();
+    let (status, _) = backhaul_tests::cloud::get_json(&backhaul_tests::cloud::http(), &cloud, "/api/v1/stats");
+    assert_eq!(status, 200);
 }

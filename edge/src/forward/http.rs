@@ -57,11 +57,12 @@ impl std::fmt::Debug for HttpSettings {
 }
 
 /// ureq's TLS settings from ours: the roots we loaded (or Mozilla's), and the client
-/// certificate for mTLS. ureq's `rustls` feature uses ring, our only provider.
-fn tls_config(tls: Option<&backhaul_shared::tls::ClientMaterial>) -> ureq::tls::TlsConfig {
+/// certificate for mTLS. ureq's `rustls` feature uses ring, our only provider. Errors (a key
+/// ureq cannot read) name `transport.tls.key_file`; the config check calls this at start.
+pub fn tls_config(tls: Option<&backhaul_shared::tls::ClientMaterial>) -> Result<ureq::tls::TlsConfig, String> {
     use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig, TlsProvider};
     let mut b = TlsConfig::builder().provider(TlsProvider::Rustls);
-    let Some(tls) = tls else { return b.build() };
+    let Some(tls) = tls else { return Ok(b.build()) };
     b = b.root_certs(if tls.webpki && tls.roots.is_empty() {
         RootCerts::WebPki
     } else {
@@ -69,16 +70,16 @@ fn tls_config(tls: Option<&backhaul_shared::tls::ClientMaterial>) -> ureq::tls::
             &tls.roots.iter().map(|c| Certificate::from_der(c.as_ref()).to_owned()).collect::<Vec<_>>(),
         )
     });
-    // ureq takes the key as PEM (its DER constructor needs a type it does not export); the
-    // material was checked at start, so this parses.
+    // ureq takes the key as PEM (its DER constructor needs a type it does not export).
     if let (Some((chain, _)), Some(pem)) = (&tls.identity, &tls.key_pem) {
-        if let Ok(key) = PrivateKey::from_pem(pem) {
-            let chain: Vec<Certificate<'static>> =
-                chain.iter().map(|c| Certificate::from_der(c.as_ref()).to_owned()).collect();
-            b = b.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
-        }
+        let key = PrivateKey::from_pem(pem).map_err(|e| {
+            format!("transport.tls.key_file: the HTTPS client cannot read the key ({e}); use a PKCS#8 PEM key")
+        })?;
+        let chain: Vec<Certificate<'static>> =
+            chain.iter().map(|c| Certificate::from_der(c.as_ref()).to_owned()).collect();
+        b = b.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
     }
-    b.build()
+    Ok(b.build())
 }
 
 /// What a worker reports.
@@ -136,7 +137,10 @@ fn cloud_ack(body: &str, batch_id: BatchId) -> Option<bool> {
 /// Sorts the answer to the post of `batch_id` (see the module docs).
 pub fn classify(answer: &Answer, batch_id: BatchId) -> Class {
     let (code, retry_after, location, full_body) = match answer {
-        Answer::Network(e) => return Class::Retry { retry_after: None, error: format!("cannot reach the cloud: {e}") },
+        Answer::Network(e) => {
+            let error = backhaul_shared::tls::explain_handshake_error(&format!("cannot reach the cloud: {e}"));
+            return Class::Retry { retry_after: None, error };
+        }
         Answer::Status { code, retry_after, location, body } => (*code, *retry_after, location, body),
     };
     let body: String = full_body.chars().take(300).collect();
@@ -209,7 +213,7 @@ impl HttpTransport {
             .max_redirects(0)
             .timeout_global(Some(settings.timeout))
             .user_agent(concat!("backhaul-edge/", env!("CARGO_PKG_VERSION")))
-            .tls_config(tls_config(settings.tls.as_ref()))
+            .tls_config(tls_config(settings.tls.as_ref()).map_err(std::io::Error::other)?)
             .build()
             .into();
         let workers = settings.workers.max(1);
@@ -361,7 +365,10 @@ fn health(agent: &ureq::Agent, settings: &HttpSettings) -> HttpEvent {
     let target = url(settings, "/health");
     let mut response = match agent.get(&target).call() {
         Ok(r) => r,
-        Err(e) => return HttpEvent::Health { ok: false, detail: format!("GET {target}: {e}") },
+        Err(e) => {
+            let detail = backhaul_shared::tls::explain_handshake_error(&format!("GET {target}: {e}"));
+            return HttpEvent::Health { ok: false, detail };
+        }
     };
     let code = response.status().as_u16();
     let location = response.headers().get("location").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());

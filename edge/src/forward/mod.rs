@@ -75,9 +75,9 @@ pub enum Outcome {
     /// 0x80 or more, e.g. an ACL): back to the queue, and sending pauses with backoff. `error`
     /// says what to check.
     Refused { batch_id: BatchId, error: String },
-    /// An ack whose MAC is missing or wrong (issue #16): not from the cloud, or not for this
-    /// device's key. Counted and logged, never applied.
-    Unverified { batch_id: BatchId },
+    /// An ack whose MAC is missing (`signed` false) or wrong (issue #16): not from the cloud, or
+    /// not for this device's key. Counted and logged, never applied.
+    Unverified { batch_id: BatchId, signed: bool },
 }
 
 /// A way to the cloud. Its methods never block: I/O happens on the transport's own threads or
@@ -584,17 +584,21 @@ impl<T: Transport> Forwarder<T> {
                     self.requeue_in_flight();
                 }
             }
-            Outcome::Unverified { batch_id } => {
+            Outcome::Unverified { batch_id, signed } => {
                 let n = self.telemetry.acks_unverified.fetch_add(1, Ordering::Relaxed) + 1;
                 // Warned about at the first and then every 1000th: a flood must not flood the log.
                 if n == 1 || n.is_multiple_of(1000) {
-                    tracing::warn!(
-                        %batch_id,
-                        ignored_so_far = n,
-                        "ignored an ack without a valid MAC: something other than the cloud published on this \
-                         device's acks topic, or BACKHAUL_API_KEY is not the key the cloud's keys file holds for \
-                         this device; check the broker's ACL and the key"
-                    );
+                    let why = if signed {
+                        "ignored an ack whose MAC does not verify: BACKHAUL_API_KEY is not the key the cloud signs \
+                         this device's acks with (its own entry in the cloud's keys file if it has one, else the \
+                         fleet key `*`), or something other than the cloud publishes on this device's acks topic \
+                         (check the broker's ACL)"
+                    } else {
+                        "ignored an unsigned ack: the cloud is older than this edge (upgrade the cloud first), or \
+                         it has no key for this device (add one to its keys file), or something other than the \
+                         cloud publishes on this device's acks topic (check the broker's ACL)"
+                    };
+                    tracing::warn!(%batch_id, ignored_so_far = n, "{why}");
                 }
             }
             // Only acks for batches in flight are applied (issue #16): one for a batch not sent, or

@@ -233,12 +233,17 @@ impl Transport for MqttTransport {
                 }
             }
             MqttEvent::Sent { .. } | MqttEvent::PubAck { .. } => {} // an earlier connection's
+            // Without a key (allowed with ack = "broker" only) the cloud's acks cannot be verified:
+            // not applied, and not counted as forgeries either.
+            MqttEvent::Acks { .. } if self.settings.ack_key.is_none() => {
+                tracing::debug!("an ack from the cloud, ignored: no API key to verify it (ack = \"broker\")");
+            }
             MqttEvent::Acks { payload } => match serde_json::from_slice::<AckMessage>(&payload) {
                 Ok(message) => out.extend(message.acks.into_iter().map(|ack| match ack.status {
                     // Issue #16: whoever can publish on the acks topic could otherwise make this
                     // edge delete batches the cloud never stored.
                     _ if !self.settings.ack_key.as_ref().is_some_and(|k| ack.verify(&self.settings.device_id, k)) => {
-                        Outcome::Unverified { batch_id: ack.batch_id }
+                        Outcome::Unverified { batch_id: ack.batch_id, signed: ack.mac.is_some() }
                     }
                     AckStatus::Stored => Outcome::Acked { batch_id: ack.batch_id, duplicate: false },
                     AckStatus::Duplicate => Outcome::Acked { batch_id: ack.batch_id, duplicate: true },
@@ -501,12 +506,14 @@ mod tests {
         t.handle(MqttEvent::Acks { payload: other_device }, &mut out);
         assert_eq!(out.len(), 5, "{out:?}");
         assert!(out.iter().all(|o| matches!(o, Outcome::Unverified { .. })), "{out:?}");
-        // Without a key (only allowed with ack = "broker"), no cloud ack is ever applied.
+        assert_eq!(out.iter().filter(|o| matches!(o, Outcome::Unverified { signed: false, .. })).count(), 2);
+        // Without a key (only allowed with ack = "broker"), no cloud ack is ever applied, and
+        // none is counted as a forgery.
         let mut t = transport(true);
         t.settings.ack_key = None;
         out.clear();
         t.handle(MqttEvent::Acks { payload: acks(&[(a, AckStatus::Rejected, Some(KEY))]) }, &mut out);
-        assert!(matches!(&out[..], [Outcome::Unverified { .. }]), "{out:?}");
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]
