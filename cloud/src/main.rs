@@ -129,7 +129,13 @@ fn check_config(config_file: PathBuf) -> Result<()> {
             if m.username.is_some() { " (with a username; password from BACKHAUL_MQTT_PASSWORD)" } else { "" }
         );
         if let Some(material) = m.tls_material()? {
-            println!("{material:?}");
+            println!(
+                "mqtt.tls: {} trusted root(s){}, client certificate {}{}",
+                material.roots.len(),
+                if material.webpki { " + Mozilla's" } else { "" },
+                if material.identity.is_some() { "set (key never shown)" } else { "not set" },
+                material.server_name.as_deref().map(|n| format!(", server_name {n}")).unwrap_or_default()
+            );
             for w in material.warnings {
                 println!("warning: {w}");
             }

@@ -562,6 +562,17 @@ impl EdgeConfig {
             )?,
             tls,
         };
+        // The cloud refuses keys shorter than 16 characters, so such a key can never be right.
+        if let Some(key) = secrets.api_key.as_ref().filter(|k| k.expose().len() < 16) {
+            return Err(loaded.invalid(
+                "transport.http.api_key_file",
+                format!(
+                    "the API key (from {}) is shorter than 16 characters, which no cloud accepts: use the key the \
+                     cloud's keys file holds for this device",
+                    key.origin
+                ),
+            ));
+        }
         // Sent as a header: anything but visible ASCII makes every request fail before it leaves.
         if let Some(key) = &secrets.api_key {
             if key.expose().bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
@@ -599,8 +610,9 @@ impl EdgeConfig {
             return Err(loaded.invalid(
                 "transport.http.api_key_file",
                 "with transport.mode = \"mqtt\" and ack = \"cloud\" the edge needs this device's API key (the one \
-                 the cloud's auth.keys_file holds for this device_id, or its fleet key `*`) to verify the cloud's \
-                 acks: set BACKHAUL_API_KEY or transport.http.api_key_file (a file, mode 0600)",
+                 the cloud's auth.keys_file holds for this device_id, or its fleet key `*` if it has none) to verify \
+                 the cloud's acks: set BACKHAUL_API_KEY or transport.http.api_key_file (a file, mode 0600; the \
+                 setting serves both modes)",
             ));
         }
         Ok((loaded, secrets))
@@ -960,8 +972,12 @@ mod tests {
         let e = load("", &top).unwrap_err();
         assert!(e.contains("transport.http.api_key_file") && e.contains("X-API-Key"), "{e}");
         assert!(!e.contains("do-not-print"), "the key was printed: {e}");
-        std::fs::write(&key_file, "good-key-0123\n").unwrap();
+        std::fs::write(&key_file, "good-key-0123456789\n").unwrap();
         load("", &top).unwrap();
+        // Shorter than any key the cloud accepts: refused, not printed.
+        std::fs::write(&key_file, "short-key\n").unwrap();
+        let e = load("", &top).unwrap_err();
+        assert!(e.contains("shorter than 16") && !e.contains("short-key"), "{e}");
     }
 
     #[test]

@@ -572,6 +572,14 @@ pub fn render(r: &StatusReport) -> String {
         r.link.last_ack.as_deref().unwrap_or("never (since start)"),
         r.link.last_ack_age_s.map(|s| format!(" ({} ago)", age(Some(s)))).unwrap_or_default()
     );
+    if r.link.acks_ignored.unverified > 0 {
+        let _ = writeln!(
+            out,
+            "           {} acks ignored: no valid MAC (check BACKHAUL_API_KEY against the cloud's keys file, \
+             the cloud's version, the broker's ACL; the log says which)",
+            r.link.acks_ignored.unverified
+        );
+    }
     if r.link.acks_overdue.count > 0 {
         let _ = writeln!(
             out,

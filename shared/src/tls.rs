@@ -286,7 +286,15 @@ impl ClientTls {
         let material =
             ClientMaterial { roots, webpki, identity, key_pem, server_name: self.server_name.clone(), warnings };
         // Build once now, so a key that does not match its certificate fails at start.
-        material.rustls_config(section)?;
+        material.rustls_config(section).map_err(|e| match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) if e.0.contains("do not go together") => err(format!(
+                "{section}: the key in {} is not the key of the certificate in {}: point key_file at the key \
+                 that was made with that certificate (issue.sh writes NAME.pem and NAME.key side by side)",
+                key.display(),
+                cert.display()
+            )),
+            _ => e,
+        })?;
         Ok(material)
     }
 }
@@ -387,7 +395,8 @@ pub fn client_material(
     match (url_tls, tls) {
         (false, None) => Ok(None),
         (false, Some(_)) => Err(err(format!(
-            "{section} is set but {url_key} does not ask for TLS: use mqtts:// or https://, or remove {section}"
+            "{section} is set but {url_key} does not ask for TLS: use {} or remove {section}",
+            if url_key.contains("http") { "https://" } else { "mqtts://" }
         ))),
         (true, Some(t)) => t.load(section, now).map(Some),
         (true, None) => ClientTls { roots: Some(Roots::System), ..Default::default() }.load(section, now).map(Some),
@@ -431,9 +440,14 @@ impl ServerTls {
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let config = builder
-            .with_single_cert(certs.certs, key)
-            .map_err(|e| err(format!("tls: the certificate and tls.key_file do not go together: {e}")))?;
+        let config = builder.with_single_cert(certs.certs, key).map_err(|e| {
+            err(format!(
+                "tls: the key in {} is not the key of the certificate in {} ({e}): point tls.key_file at the key \
+                 that was made with that certificate",
+                self.key_file.display(),
+                self.cert_file.display()
+            ))
+        })?;
         Ok((Arc::new(config), warnings))
     }
 }

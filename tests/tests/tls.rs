@@ -180,7 +180,7 @@ fn tls_cloud(pki: &Pki, server: &Issued, client_ca: bool) -> Cloud {
 fn https_with_client_certificates_binds_each_device_to_its_own_id() {
     let pki = Pki::new("backhaul-test-ca").unwrap();
     let server = pki.issue("cloud", &["127.0.0.1"]).unwrap();
-    let cloud = tls_cloud(&pki, &server, true);
+    let mut cloud = tls_cloud(&pki, &server, true);
     let mine = pki.issue(DEVICE, &[DEVICE]).unwrap();
     let other = pki.issue("rpi-other", &["rpi-other"]).unwrap();
 
@@ -205,7 +205,9 @@ fn https_with_client_certificates_binds_each_device_to_its_own_id() {
     let operator = pki.issue("operator", &["operator"]).unwrap();
     let (status, body) = post(&https_agent(&pki.ca_file, Some(&operator)), cloud.port, FLEET_KEY, DEVICE).unwrap();
     assert_eq!(status, 201, "{body}");
-    no_secret("the edge", edge.process.output(), &[DEVICE_KEY, &key_body(&mine)]);
+    let secrets = [DEVICE_KEY, FLEET_KEY, &key_body(&mine), &key_body(&server), &key_body(&other)];
+    no_secret("the edge", edge.process.output(), &secrets);
+    no_secret("the cloud", cloud.process.output(), &secrets);
 }
 
 #[test]
@@ -298,7 +300,7 @@ fn each_bad_certificate_is_a_clear_error_at_start_naming_the_file() {
                 good.cert_file.display(),
                 expired.key_file.display()
             ),
-            vec!["do not go together".into()],
+            vec!["is not the key of the certificate".into(), "issue.sh".into()],
         ),
         (
             format!("tls = {{ ca_file = \"{ca}\", cert_file = \"{}\" }}", good.cert_file.display()),
@@ -315,6 +317,7 @@ fn each_bad_certificate_is_a_clear_error_at_start_naming_the_file() {
             assert!(err.contains(n.as_str()), "{tls}: `{n}` missing from: {err}");
         }
         assert!(!err.contains("panicked"), "{err}");
+        no_secret("check-config", &[out, err], &[&key_body(&good), &key_body(&expired), DEVICE_KEY]);
     }
     // Not yet valid: a warning that names the clock; the edge may start (the link retries).
     let tls = format!(
