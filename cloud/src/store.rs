@@ -102,8 +102,14 @@ const MIGRATIONS: &[&[&str]] = &[
 /// Batches projected per transaction, at most.
 const PROJECT_PER_TX: i64 = 256;
 
-/// Detection rows per projection transaction, about (a bigger single batch goes alone).
-const PROJECT_ROWS_PER_TX: i64 = 20_000;
+/// Detection rows per projection transaction, about (a bigger single batch goes alone). Small, so
+/// that on SQLite a projection transaction holds the one writer for tens of milliseconds, not a
+/// second: the ack path waits behind it (measured in README "Cloud after the ack-path change").
+const PROJECT_ROWS_PER_TX: i64 = 2_000;
+
+/// On SQLite, how long a projection transaction waits at most while new batches wait to be
+/// written (the ack path goes first); then it goes anyway, so it is never starved for good.
+const PROJECTION_YIELD_MAX: Duration = Duration::from_millis(100);
 
 /// Detections per INSERT statement (14 parameters each; far below SQLite's and PostgreSQL's limits).
 const ROWS_PER_INSERT: usize = 500;
@@ -836,6 +842,7 @@ impl Store {
 
     /// Projects `batch_ids` in one transaction (see [`Self::project_pending`]).
     async fn project(&self, batch_ids: &[String]) -> Result<(), StoreError> {
+        self.yield_to_acks().await;
         let _writer = self.writer().await;
         let mut tx = self.begin_write().await?;
         for batch_id in batch_ids {
@@ -872,6 +879,19 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// SQLite has one writer, and the ack path must not wait behind the projection: while new
+    /// batches wait to be written, wait (polling every 2 ms), at most [`PROJECTION_YIELD_MAX`].
+    /// PostgreSQL has no single writer: no wait.
+    async fn yield_to_acks(&self) {
+        if self.write_lock.is_none() {
+            return;
+        }
+        let started = tokio::time::Instant::now();
+        while !self.lock_pending().is_empty() && started.elapsed() < PROJECTION_YIELD_MAX {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     /// Marks a batch whose projection fails (projected = 3) so that it is not tried forever.
