@@ -36,6 +36,11 @@ fn no_secret(what: &str, lines: &[String], secrets: &[&str]) {
     }
 }
 
+/// Asserts that neither API key appears in what `process` printed.
+fn no_api_key(what: &str, process: &mut backhaul_tests::Process) {
+    no_secret(what, process.output(), &[DEVICE_KEY, FLEET_KEY]);
+}
+
 fn key_body(issued: &Issued) -> String {
     // A line from the middle of the PEM key: if any of it is logged, this is.
     let pem = std::fs::read_to_string(&issued.key_file).unwrap();
@@ -125,13 +130,14 @@ fn mqtt_over_tls_refuses_a_broker_certificate_from_another_ca_and_says_so() {
     let pki = Pki::new("real-ca").unwrap();
     let other = Pki::new("other-ca").unwrap();
     let broker = server_auth_broker(&other, &other.issue("broker", &["127.0.0.1"]).unwrap());
-    let edge = edge_trusting(&broker, &pki);
+    let mut edge = edge_trusting(&broker, &pki);
     let status = edge
         .wait_status("the TLS failure to show", T, |s| {
             s["link"]["last_error"].as_str().is_some_and(|e| e.contains("not issued by the configured CA"))
         })
         .unwrap();
     assert_eq!(status["link"]["connected"], false, "{status}");
+    no_api_key("the edge", &mut edge.process);
 }
 
 /// A ureq agent for the cloud's HTTPS listener, trusting `ca`, presenting `client` if given.
@@ -237,6 +243,7 @@ fn a_renewed_certificate_is_served_after_sighup_without_a_restart() {
     assert!(ok.success());
     cloud.process.wait_for_any_line(T, |l| l.contains("still serving the old one")).unwrap();
     assert_eq!(health(&agent).ok(), Some(200));
+    no_secret("the cloud", cloud.process.output(), &[DEVICE_KEY, FLEET_KEY, &key_body(&right)]);
 }
 
 /// `backhaul-edge check-config` with `[transport.tls]` lines, over mqtts://.
@@ -359,6 +366,7 @@ fn each_bad_certificate_is_a_clear_error_at_start_naming_the_file() {
             for n in &needles {
                 assert!(err.contains(n), "{command}: `{n}` missing from: {err}");
             }
+            no_secret(command, &[out, err], &[FLEET_KEY, &key_body(&no_san)]);
         }
     }
 }
@@ -372,7 +380,7 @@ fn a_broker_certificate_not_yet_valid_by_this_clock_is_blamed_on_the_clock_and_r
         .issue_valid("broker", &["127.0.0.1"], now + time::Duration::days(1), now + time::Duration::days(30))
         .unwrap();
     let broker = server_auth_broker(&pki, &future);
-    let edge = edge_trusting(&broker, &pki);
+    let mut edge = edge_trusting(&broker, &pki);
     edge.wait_status("the clock named as the likely cause", T, |s| {
         s["link"]["last_error"].as_str().is_some_and(|e| e.contains("not valid yet") && e.contains("clock"))
     })
@@ -381,6 +389,7 @@ fn a_broker_certificate_not_yet_valid_by_this_clock_is_blamed_on_the_clock_and_r
     // the clock cannot be moved for one process), batches stay queued meanwhile.
     let status = edge.wait_status("still retrying", T, |s| s["link"]["connected"] == false).unwrap();
     assert_eq!(status["queue"]["dead_letters"], 0, "{status}");
+    no_api_key("the edge", &mut edge.process);
 }
 
 /// Runs a script of `deploy/pki/` as the README does.
@@ -445,10 +454,15 @@ fn the_securing_a_deployment_steps_of_the_readme_work_end_to_end() {
     })
     .unwrap();
     cloud.process.wait_for_any_line(T, |l| l.contains("subscribed to batches and status")).unwrap();
-    let edge =
+    let mut edge =
         Edge::start(EdgeOptions { mqtt_url: url, count: 400, transport: tls(DEVICE), ..Default::default() }).unwrap();
     edge.wait_drained(400, T).unwrap();
     cloud.wait_detections(DEVICE, 400, T).unwrap();
+    let key =
+        |who: &str| std::fs::read_to_string(pki.join(format!("{who}.key"))).unwrap().lines().nth(1).unwrap().to_owned();
+    let secrets = [DEVICE_KEY, FLEET_KEY, &key(DEVICE), &key("backhaul-cloud")];
+    no_secret("the edge", edge.process.output(), &secrets);
+    no_secret("the cloud", cloud.process.output(), &secrets);
 }
 
 #[test]
@@ -482,16 +496,17 @@ fn server_name_checks_the_broker_certificate_against_that_name_instead_of_the_ho
     assert_eq!(status["link"]["link_ups"], 0, "{status}");
     drop(edge);
     // The name the certificate carries: connected, and batches go out (the broker PUBACKs them).
-    let edge = start(", server_name = \"broker.test\"");
+    let mut edge = start(", server_name = \"broker.test\"");
     edge.wait_status("connected with server_name", T, |s| s["link"]["connected"] == true).unwrap();
+    no_api_key("the edge", &mut edge.process);
 }
 
 #[test]
 fn https_refuses_a_cloud_certificate_from_another_ca_and_says_so() {
     let pki = Pki::new("real-ca").unwrap();
     let other = Pki::new("other-ca").unwrap();
-    let cloud = tls_cloud(&other, &other.issue("cloud", &["127.0.0.1"]).unwrap(), false);
-    let edge = Edge::start(EdgeOptions {
+    let mut cloud = tls_cloud(&other, &other.issue("cloud", &["127.0.0.1"]).unwrap(), false);
+    let mut edge = Edge::start(EdgeOptions {
         mode: "http",
         http_url: format!("https://127.0.0.1:{}", cloud.port),
         count: 50,
@@ -505,6 +520,8 @@ fn https_refuses_a_cloud_certificate_from_another_ca_and_says_so() {
         })
         .unwrap();
     assert_eq!(status["sent"]["acked_batches"], 0, "{status}");
+    no_api_key("the edge", &mut edge.process);
+    no_api_key("the cloud", &mut cloud.process);
 }
 
 #[test]
@@ -517,4 +534,5 @@ fn a_sighup_without_tls_is_logged_and_the_cloud_goes_on() {
     cloud.process.wait_for_any_line(T, |l| l.contains("nothing to reload")).unwrap();
     let (status, _) = backhaul_tests::cloud::get_json(&backhaul_tests::cloud::http(), &cloud, "/api/v1/stats");
     assert_eq!(status, 200);
+    no_api_key("the cloud", &mut cloud.process);
 }
