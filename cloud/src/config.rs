@@ -181,19 +181,8 @@ impl CloudConfig {
             return Err(loaded.invalid("database", "must be sqlite:PATH or postgres://…").into());
         }
         check_ranges(&loaded)?;
-        if let Some(tls) = &c.tls {
-            let (_, warnings) =
-                tls.load(backhaul_shared::tls::now()).map_err(|e| loaded.invalid("tls", e.to_string()))?;
-            for w in warnings {
-                tracing::warn!("{w}");
-            }
-        }
         if let Some(m) = &c.mqtt {
             parse_mqtt_url(&m.url).map_err(|e| loaded.invalid("mqtt.url", e.to_string()))?;
-            let material = m.tls_material().map_err(|e| loaded.invalid("mqtt.tls", format!("{e:#}")))?;
-            for w in material.iter().flat_map(|m| &m.warnings) {
-                tracing::warn!("{w}");
-            }
             if m.topic_prefix.is_empty() || m.topic_prefix.contains(['+', '#']) {
                 return Err(loaded.invalid("mqtt.topic_prefix", "must be non-empty, without + or #").into());
             }

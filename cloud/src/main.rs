@@ -216,10 +216,27 @@ fn serve(config_file: PathBuf) -> Result<()> {
             .with_context(|| format!("listening on {} (key `listen`): is another service using it?", config.listen))?;
         let addr = listener.local_addr()?;
         let (stop_tx, stop_rx) = watch::channel(false);
+        // The broker link's TLS, loaded once, before READY: a bad file stops the start here.
+        let mqtt_tls = match &config.mqtt {
+            Some(m) => match m.tls_material().context("key `mqtt.tls`")? {
+                Some(material) => {
+                    for w in &material.warnings {
+                        tracing::warn!("{w}");
+                    }
+                    Some(material.rustls_config("mqtt.tls")?)
+                }
+                None => None,
+            },
+            None => None,
+        };
         let mqtt = config.mqtt.clone().map(|m| {
             let password = std::env::var("BACKHAUL_MQTT_PASSWORD").ok();
-            let settings =
-                backhaul_cloud::mqtt::Settings { max_message_bytes: max_body_bytes, progress: ingresses.clone(), keys };
+            let settings = backhaul_cloud::mqtt::Settings {
+                max_message_bytes: max_body_bytes,
+                progress: ingresses.clone(),
+                keys,
+                tls: mqtt_tls,
+            };
             tokio::spawn(backhaul_cloud::mqtt::run(ingest.clone(), m, password, settings, stop_rx.clone()))
         });
         tracing::info!(%addr, mqtt = config.mqtt.is_some(), "backhaul-cloud serving");

@@ -77,6 +77,8 @@ pub struct Settings {
     pub progress: Arc<crate::progress::Ingresses>,
     /// The API keys: each ack is signed with its device's key ([`ApiKeys::ack_key`]).
     pub keys: ApiKeys,
+    /// TLS for an `mqtts://` url, loaded and checked at start ([`MqttConfig::tls_material`]).
+    pub tls: Option<Arc<backhaul_shared::tls::rustls::ClientConfig>>,
 }
 
 /// Publishes acks on `{prefix}/{device_id}/acks`, each signed with its device's key (issue #16:
@@ -128,8 +130,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let (host, port, _) = parse_mqtt_url(&cfg.url)?;
-    let tls = cfg.tls_material()?.map(|m| m.rustls_config("mqtt.tls")).transpose()?;
-    let endpoint = MqttEndpoint { host, port, username: cfg.username.clone(), password, tls };
+    let endpoint = MqttEndpoint { host, port, username: cfg.username.clone(), password, tls: settings.tls.clone() };
     let max_packet = u32::try_from(settings.max_message_bytes.saturating_add(PACKET_OVERHEAD)).unwrap_or(u32::MAX);
     let mut options = endpoint.v5_options(cfg.client_id.clone());
     options

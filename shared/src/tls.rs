@@ -181,6 +181,13 @@ fn rfc3339(unix: i64) -> String {
 
 /// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1). The key's bytes never appear in an error.
 pub fn load_key(path: &Path, key: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read_key_pem(path, key)?;
+    parse_key(&pem).ok_or_else(|| err(format!("{key}: {} holds no PEM private key", path.display())))
+}
+
+/// The PEM text of a private key file, checked to hold a key (see [`load_key`]). For clients that
+/// take PEM (ureq) as well as rustls, so the file is read once.
+pub fn read_key_pem(path: &Path, key: &str) -> Result<Vec<u8>, TlsError> {
     let text = std::fs::read(path).map_err(|e| {
         let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
             " (the service's user must be able to read it: chown it to that user with mode 0600, or pass it as a \
@@ -190,13 +197,18 @@ pub fn load_key(path: &Path, key: &str) -> Result<PrivateKeyDer<'static>, TlsErr
         };
         err(format!("{key}: cannot read the key file {}: {e}{hint}", path.display()))
     })?;
-    PrivateKeyDer::from_pem_slice(&text).map_err(|_| {
-        err(format!(
+    if parse_key(&text).is_none() {
+        return Err(err(format!(
             "{key}: {} holds no PEM private key (expected `-----BEGIN PRIVATE KEY-----`, `RSA PRIVATE KEY` or `EC \
              PRIVATE KEY`)",
             path.display()
-        ))
-    })
+        )));
+    }
+    Ok(text)
+}
+
+fn parse_key(pem: &[u8]) -> Option<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(pem).ok()
 }
 
 /// The current time, seconds since the Unix epoch.
@@ -213,10 +225,9 @@ pub struct ClientMaterial {
     /// The trusted roots (from `ca_file` or `roots = "system"`); with `webpki`, Mozilla's too.
     pub roots: Vec<CertificateDer<'static>>,
     pub webpki: bool,
-    /// The client certificate chain and key, for mTLS.
-    pub identity: Option<(Vec<CertificateDer<'static>>, Arc<PrivateKeyDer<'static>>)>,
-    /// The key file's PEM text, for clients that take PEM (ureq). Never logged.
-    pub key_pem: Option<Arc<Vec<u8>>>,
+    /// The client certificate chain and the key file's PEM text (checked to hold a key), for
+    /// mTLS. Never logged.
+    pub identity: Option<(Vec<CertificateDer<'static>>, Arc<Vec<u8>>)>,
     pub server_name: Option<String>,
     /// Things to log at start (a certificate not yet valid).
     pub warnings: Vec<String>,
@@ -266,15 +277,12 @@ impl ClientTls {
                 found.certs
             }
         };
-        let mut key_pem = None;
         let identity = match (&self.cert_file, &self.key_file) {
             (None, None) => None,
             (Some(cert), Some(key)) => {
                 let c = load_certs(cert, &format!("{section}.cert_file"), Role::Client, now)?;
                 warnings.extend(c.warnings);
-                let der = load_key(key, &format!("{section}.key_file"))?;
-                key_pem = Some(Arc::new(std::fs::read(key).map_err(|e| err(format!("{section}.key_file: {e}")))?));
-                Some((c.certs, Arc::new(der)))
+                Some((c.certs, Arc::new(read_key_pem(key, &format!("{section}.key_file"))?)))
             }
             _ => return Err(err(format!("{section}: cert_file and key_file go together (mTLS); set both or neither"))),
         };
@@ -283,8 +291,7 @@ impl ClientTls {
                 .map_err(|e| err(format!("{section}.server_name: `{name}` is not a DNS name or IP address: {e}")))?;
         }
         let webpki = self.roots == Some(Roots::Webpki);
-        let material =
-            ClientMaterial { roots, webpki, identity, key_pem, server_name: self.server_name.clone(), warnings };
+        let material = ClientMaterial { roots, webpki, identity, server_name: self.server_name.clone(), warnings };
         // Build once now, so a key that does not match its certificate fails at start.
         material.rustls_config(section).map_err(|e| match (&self.cert_file, &self.key_file) {
             (Some(cert), Some(key)) if e.0.contains("do not go together") => err(format!(
@@ -330,9 +337,12 @@ impl ClientMaterial {
         };
         let config = match &self.identity {
             None => builder.with_no_client_auth(),
-            Some((chain, key)) => builder
-                .with_client_auth_cert(chain.clone(), key.clone_key())
-                .map_err(|e| err(format!("{section}: the client certificate and key_file do not go together: {e}")))?,
+            Some((chain, pem)) => {
+                let key = parse_key(pem).ok_or_else(|| err(format!("{section}.key_file: no PEM private key")))?;
+                builder.with_client_auth_cert(chain.clone(), key).map_err(|e| {
+                    err(format!("{section}: the client certificate and key_file do not go together: {e}"))
+                })?
+            }
         };
         Ok(Arc::new(config))
     }
