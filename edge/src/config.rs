@@ -472,6 +472,12 @@ impl EdgeConfig {
     /// Loads `file` with the environment applied, and checks every rule that can be checked
     /// before starting.
     pub fn load(file: &Path) -> Result<(Loaded<Self>, Secrets), ConfigError> {
+        if std::fs::read_to_string(file).is_ok_and(|t| t.contains(crate::init::PLACEHOLDER_MARKER)) {
+            return Err(ConfigError::Placeholder {
+                file: file.to_owned(),
+                init: "backhaul-edge init --url URL (the broker's mqtts:// or the cloud's https:// URL)".into(),
+            });
+        }
         let env_map = EnvMap { prefix: "BACKHAUL_", aliases: SEED_ALIASES, reserved: RESERVED_ENV };
         let loaded: Loaded<Self> = config::load(file, &env_map, std::env::vars())?;
         let c = &loaded.config;

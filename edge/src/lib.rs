@@ -10,6 +10,7 @@ pub mod config;
 pub mod decode;
 pub mod forward;
 pub mod fuzzing;
+pub mod init;
 pub mod pipeline;
 pub mod queue;
 pub mod source;

@@ -71,11 +71,42 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Write a commented config for this Pi and generate its hash secret (mode 0600); nothing
+    /// that exists is overwritten, so running it again changes nothing. The API key is taken from
+    /// BACKHAUL_API_KEY or --api-key-file when given.
+    Init {
+        /// Default: this machine's host name.
+        #[arg(long, value_name = "ID")]
+        device_id: Option<String>,
+        /// Default: from the URL's scheme (mqtt:// mqtts:// http:// https://).
+        #[arg(long, value_enum)]
+        mode: Option<InitMode>,
+        /// The broker (mqtt://, mqtts://) or the cloud (http://, https://).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        #[arg(long, value_name = "FILE", default_value = "/etc/backhaul/edge.toml")]
+        config: PathBuf,
+        /// Where hash_secret and api_key go (created mode 0700): the files the systemd unit loads.
+        #[arg(long, value_name = "DIR", default_value = "/etc/backhaul/credentials")]
+        credentials_dir: PathBuf,
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/backhaul")]
+        data_dir: PathBuf,
+        /// A file holding this device's API key (the cloud's keys file entry), copied to
+        /// credentials_dir/api_key.
+        #[arg(long, value_name = "FILE")]
+        api_key_file: Option<PathBuf>,
+    },
     /// Validate a config and print the effective settings, secrets masked.
     CheckConfig {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum InitMode {
+    Mqtt,
+    Http,
 }
 
 #[derive(Debug, Subcommand)]
@@ -217,6 +248,34 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Queue { action } => queue_command(action),
+        Command::Init { device_id, mode, url, config, credentials_dir, data_dir, api_key_file } => {
+            use backhaul_edge::config::TransportMode;
+            let api_key = match (api_key_file, std::env::var("BACKHAUL_API_KEY").ok()) {
+                (Some(file), _) => Some(
+                    std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading --api-key-file {}", file.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+                (None, key) => key.map(|k| k.trim().to_owned()),
+            };
+            let report = backhaul_edge::init::init(&backhaul_edge::init::InitOptions {
+                device_id,
+                mode: mode.map(|m| match m {
+                    InitMode::Mqtt => TransportMode::Mqtt,
+                    InitMode::Http => TransportMode::Http,
+                }),
+                url,
+                config,
+                credentials_dir,
+                data_dir,
+                api_key,
+            })?;
+            for line in report.lines {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Replay { since, until, data_dir } => {
             let since = parse_time(&since).context("--since")?;
             let until = until.as_deref().map(parse_time).transpose().context("--until")?;

@@ -39,6 +39,10 @@ pub struct EdgeOptions {
     /// Extra `[transport.mqtt]` lines.
     pub mqtt: String,
     pub env: Vec<(String, String)>,
+    /// A program and its first arguments to run instead of the workspace's `backhaul-edge`
+    /// (e.g. `qemu-aarch64-static -L /usr/aarch64-linux-gnu target/aarch64-.../backhaul-edge`);
+    /// `run --config FILE` follows them.
+    pub launcher: Option<Vec<String>>,
 }
 
 impl Default for EdgeOptions {
@@ -63,6 +67,7 @@ impl Default for EdgeOptions {
             transport: String::new(),
             mqtt: String::new(),
             env: Vec::new(),
+            launcher: None,
         }
     }
 }
@@ -73,6 +78,7 @@ pub struct Edge {
     data_dir: PathBuf,
     config: PathBuf,
     env: Vec<(String, String)>,
+    launcher: Option<Vec<String>>,
     pub status_port: u16,
     pub process: Process,
 }
@@ -126,8 +132,8 @@ impl Edge {
                 .into_iter()
                 .chain(o.env)
                 .collect();
-        let process = spawn(&config_path, &env, status_port)?;
-        Ok(Self { dir, data_dir, config: config_path, env, status_port, process })
+        let process = spawn(&config_path, &env, status_port, o.launcher.as_deref())?;
+        Ok(Self { dir, data_dir, config: config_path, env, launcher: o.launcher, status_port, process })
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -187,7 +193,7 @@ impl Edge {
     /// SIGKILL, then start again on the same data_dir and config.
     pub fn kill9_and_restart(&mut self) -> Result<()> {
         self.process.kill9()?;
-        self.process = spawn(&self.config, &self.env, self.status_port)?;
+        self.process = spawn(&self.config, &self.env, self.status_port, self.launcher.as_deref())?;
         Ok(())
     }
 }
@@ -199,9 +205,17 @@ pub fn status(port: u16) -> Result<Value> {
     Ok(serde_json::from_str(&body)?)
 }
 
-fn spawn(config: &Path, env: &[(String, String)], status_port: u16) -> Result<Process> {
+fn spawn(config: &Path, env: &[(String, String)], status_port: u16, launcher: Option<&[String]>) -> Result<Process> {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut p = Process::spawn("backhaul-edge", &["run", "--config", config.to_str().context("utf-8 path")?], &env)?;
+    let run = ["run", "--config", config.to_str().context("utf-8 path")?];
+    let mut p = match launcher {
+        None => Process::spawn("backhaul-edge", &run, &env)?,
+        Some([program, first @ ..]) => {
+            let args: Vec<&str> = first.iter().map(String::as_str).chain(run).collect();
+            Process::spawn_program("backhaul-edge", Path::new(program), &args, &env)?
+        }
+        Some([]) => anyhow::bail!("an empty launcher"),
+    };
     let up = wait_for("the edge's status endpoint", Duration::from_secs(30), || status(status_port).ok());
     if up.is_err() {
         let out = p.output().join("\n");

@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod chaos;
 pub mod cloud;
+pub mod debian;
 pub mod edge;
 pub mod http_stub;
 pub mod mqtt;
@@ -258,7 +259,7 @@ impl Drop for Mosquitto {
     }
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 
@@ -297,7 +298,13 @@ pub struct Process {
 impl Process {
     /// Runs `name` (a workspace binary) with `args` and extra environment.
     pub fn spawn(name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
-        let mut cmd = Command::new(binary(name)?);
+        Self::spawn_program(name, &binary(name)?, args, env)
+    }
+
+    /// Runs `program` (e.g. `qemu-aarch64-static` in front of a cross-built binary), named `name`
+    /// in errors, with `args` and extra environment.
+    pub fn spawn_program(name: &str, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);

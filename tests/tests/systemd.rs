@@ -219,11 +219,8 @@ fn the_unit_files_pass_systemd_analyze_verify() {
         // ExecStart must name an existing binary for verify: point it at the one just built.
         let text = std::fs::read_to_string(units.join(unit)).unwrap();
         let built = backhaul_tests::binary(binary).unwrap();
-        std::fs::write(
-            dir.path().join(unit),
-            text.replace(&format!("/usr/local/bin/{binary}"), built.to_str().unwrap()),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join(unit), text.replace(&format!("/usr/bin/{binary}"), built.to_str().unwrap()))
+            .unwrap();
     }
     let out = std::process::Command::new(analyze)
         .arg("verify")

@@ -1,0 +1,487 @@
+//! `backhaul-edge init` (SPEC.md, "Wave 2 additions", Edge; issue #21): a commented config for
+//! this Pi and its secrets, written once.
+//!
+//! What it writes, and never overwrites:
+//! - the config (`--config`, default `/etc/backhaul/edge.toml`), mode 0644: the device id (the
+//!   host name unless `--device-id`), the transport mode and URL (the mode follows the URL's
+//!   scheme), the BLE source, and the credential files below. An existing config is kept as it
+//!   is, unless it is the placeholder the package ships ([`PLACEHOLDER_MARKER`]);
+//! - `hash_secret` in the credentials directory (default `/etc/backhaul/credentials`, created
+//!   mode 0700), mode 0600: 32 bytes from the kernel's CSPRNG (`/dev/urandom`) as 64 hex digits,
+//!   the key of the presence profile's address hashes (SPEC.md, "Edge configuration");
+//! - `api_key` there, mode 0600, from `BACKHAUL_API_KEY` or `--api-key-file` when given: the
+//!   key the cloud's keys file holds for this device.
+//!
+//! Every file is written to a temporary name, synced and renamed, so a power cut leaves either
+//! nothing or the whole file. Running it again changes nothing and says so.
+
+use std::fmt::Write as _;
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::TransportMode;
+
+/// The first line of the config the .deb ships at `/etc/backhaul/edge.toml` before `init` ran:
+/// `init` replaces a file that contains it, and loading one is an error that says to run `init`.
+pub const PLACEHOLDER_MARKER: &str = "# backhaul-edge: placeholder, not configured yet";
+
+/// Host names that images ship with (Raspberry Pi OS's `raspberrypi`) or that mean none: never a
+/// device id by default.
+const SHARED_HOST_NAMES: &[&str] = &["raspberrypi", "localhost", "localhost.localdomain", "debian", "ubuntu"];
+
+/// What `init` was asked for.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Default: this machine's host name (`/proc/sys/kernel/hostname`).
+    pub device_id: Option<String>,
+    /// Default: from the URL's scheme; MQTT without a URL.
+    pub mode: Option<TransportMode>,
+    /// `mqtt://`, `mqtts://`, `http://` or `https://`. Default: the mode's default URL on this
+    /// machine (`mqtt://127.0.0.1:1883`, `http://127.0.0.1:8080`), with a warning.
+    pub url: Option<String>,
+    pub config: PathBuf,
+    pub credentials_dir: PathBuf,
+    pub data_dir: PathBuf,
+    /// The device's API key, if given (`BACKHAUL_API_KEY` or `--api-key-file`).
+    pub api_key: Option<String>,
+}
+
+/// What happened to one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Written,
+    /// It existed and was left as it was.
+    Kept,
+    /// Neither existed nor could be written by `init` (the API key without one given).
+    Missing,
+}
+
+/// What `init` did, and what to do next.
+#[derive(Debug)]
+pub struct InitReport {
+    pub config: Outcome,
+    pub hash_secret: Outcome,
+    pub api_key: Outcome,
+    /// Lines for the operator: what was done, warnings, and the next commands.
+    pub lines: Vec<String>,
+}
+
+/// Runs `init`.
+///
+/// # Errors
+/// A device id or URL the edge would refuse (with the rule and what to pass instead), a mode that
+/// contradicts the URL's scheme, an API key the cloud would refuse, and any file that cannot be
+/// created, named with its path.
+pub fn init(o: &InitOptions) -> Result<InitReport> {
+    let mut lines = Vec::new();
+    let existing = match fs::read_to_string(&o.config) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => bail!("reading {}: {e} (run init as root)", o.config.display()),
+    };
+    // What the config will say, checked before anything is written; nothing if it is kept.
+    let plan = match existing {
+        Some(text) if !text.contains(PLACEHOLDER_MARKER) => None,
+        _ => {
+            let device_id = match &o.device_id {
+                Some(id) => {
+                    backhaul_shared::batch::validate_device_id(id)
+                        .map_err(|e| anyhow::anyhow!("--device-id {id:?}: {e}"))?;
+                    id.clone()
+                }
+                None => device_id_from_host(
+                    fs::read_to_string("/proc/sys/kernel/hostname")
+                        .context("reading this machine's host name for the device id: pass --device-id")?
+                        .trim(),
+                )?,
+            };
+            let mut warnings = Vec::new();
+            let (mode, url) = mode_and_url(o.mode, o.url.as_deref(), &mut warnings)?;
+            Some((device_id, mode, url, warnings))
+        }
+    };
+    if let Some(key) = &o.api_key {
+        check_api_key(key)?;
+    }
+
+    create_private_dir(&o.credentials_dir, &mut lines)?;
+    let hash_secret_path = o.credentials_dir.join("hash_secret");
+    let api_key_path = o.credentials_dir.join("api_key");
+
+    let config = match plan {
+        None => {
+            lines.push(format!(
+                "kept {}: it exists (edit it, or remove it and run init again to write a new one)",
+                o.config.display()
+            ));
+            Outcome::Kept
+        }
+        Some((device_id, mode, url, mut warnings)) => {
+            if let Some(parent) = o.config.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            }
+            let text = render_config(&device_id, mode, &url, &o.data_dir, &hash_secret_path, &api_key_path);
+            write_atomically(&o.config, text.as_bytes(), 0o644)?;
+            lines.push(format!("wrote {} for device {device_id:?} ({} to {url})", o.config.display(), mode_name(mode)));
+            lines.append(&mut warnings);
+            Outcome::Written
+        }
+    };
+
+    let hash_secret = if hash_secret_path.exists() {
+        lines.push(format!("kept {}: a hash secret is never overwritten", hash_secret_path.display()));
+        Outcome::Kept
+    } else {
+        let mut bytes = [0u8; 32];
+        fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut bytes))
+            .context("reading 32 random bytes from /dev/urandom for the hash secret")?;
+        write_atomically(&hash_secret_path, hex::encode(bytes).as_bytes(), 0o600)?;
+        lines.push(format!(
+            "wrote {} (mode 0600): the key of the presence hashes; use the same one on every Pi of a deployment whose \
+             hashes the cloud should match",
+            hash_secret_path.display()
+        ));
+        Outcome::Written
+    };
+
+    let api_key = if api_key_path.exists() {
+        lines.push(format!("kept {}: an API key is never overwritten", api_key_path.display()));
+        Outcome::Kept
+    } else if let Some(key) = &o.api_key {
+        write_atomically(&api_key_path, key.as_bytes(), 0o600)?;
+        lines.push(format!("wrote {} (mode 0600)", api_key_path.display()));
+        Outcome::Written
+    } else {
+        Outcome::Missing
+    };
+
+    lines.push(String::new());
+    let config_arg = o.config.display();
+    if api_key == Outcome::Missing {
+        lines.push(format!(
+            "No API key yet: the service needs the key the cloud's keys file holds for this device. Put it in \
+             {path} (mode 0600), e.g. run `sudo sh -c 'umask 077; cat > {path}'`, paste the key and press Ctrl-D, \
+             or run init again with BACKHAUL_API_KEY set. Then:",
+            path = api_key_path.display()
+        ));
+    } else {
+        lines.push("Next:".into());
+    }
+    lines.push(format!("  sudo backhaul-edge check-config --config {config_arg}"));
+    lines.push("  sudo systemctl enable --now backhaul-edge".into());
+    Ok(InitReport { config, hash_secret, api_key, lines })
+}
+
+/// This machine's host name as its device id, unless the edge would refuse it or many machines
+/// share it.
+fn device_id_from_host(host: &str) -> Result<String> {
+    backhaul_shared::batch::validate_device_id(host)
+        .map_err(|e| anyhow::anyhow!("the host name {host:?} cannot be a device id ({e}): pass --device-id"))?;
+    if SHARED_HOST_NAMES.contains(&host) {
+        bail!(
+            "the host name {host:?} is a default that many machines share, and two Pis with one device id would mix \
+             their batches in the cloud: pass --device-id, or give this Pi its own host name \
+             (`sudo hostnamectl set-hostname rpi-entrance-01`) and run init again"
+        );
+    }
+    Ok(host.to_owned())
+}
+
+fn mode_name(mode: TransportMode) -> &'static str {
+    match mode {
+        TransportMode::Mqtt => "mqtt",
+        TransportMode::Http => "http",
+    }
+}
+
+/// The mode and URL to write: the URL's scheme decides the mode; `--mode` must agree with it.
+fn mode_and_url(
+    mode: Option<TransportMode>,
+    url: Option<&str>,
+    lines: &mut Vec<String>,
+) -> Result<(TransportMode, String)> {
+    let Some(url) = url else {
+        let mode = mode.unwrap_or(TransportMode::Mqtt);
+        let url = match mode {
+            TransportMode::Mqtt => "mqtt://127.0.0.1:1883",
+            TransportMode::Http => "http://127.0.0.1:8080",
+        };
+        lines.push(format!(
+            "warning: no --url: the config sends to {url}, on this machine; pass --url (e.g. mqtts://broker.example.org) \
+             or edit the config"
+        ));
+        return Ok((mode, url.to_owned()));
+    };
+    let from_url = if url.starts_with("mqtt://") || url.starts_with("mqtts://") {
+        TransportMode::Mqtt
+    } else if url.starts_with("http://") || url.starts_with("https://") {
+        TransportMode::Http
+    } else {
+        bail!("--url {url:?}: the scheme must be mqtt://, mqtts:// (TLS), http:// or https:// (TLS)");
+    };
+    if let Some(m) = mode.filter(|m| *m != from_url) {
+        bail!(
+            "--mode {} contradicts --url {url:?}, which is {}: leave out --mode, or pass a URL of that mode",
+            mode_name(m),
+            mode_name(from_url)
+        );
+    }
+    if from_url == TransportMode::Mqtt {
+        backhaul_shared::wire::parse_mqtt_url(url).map_err(|e| anyhow::anyhow!("--url {url:?}: {e}"))?;
+    }
+    if url.chars().any(|c| c.is_control() || c == '"' || c == '\\' || c.is_whitespace()) {
+        bail!("--url {url:?}: a URL has no spaces, quotes, backslashes or control characters");
+    }
+    Ok((from_url, url.to_owned()))
+}
+
+/// The rules the edge applies to its API key at start ([`crate::config::EdgeConfig::load`]).
+fn check_api_key(key: &str) -> Result<()> {
+    if key.len() < 16 {
+        bail!("the API key given is shorter than 16 characters, which no cloud accepts: use the key the cloud's keys file holds for this device");
+    }
+    if key.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+        bail!("the API key given must be visible ASCII without spaces or line breaks (it is sent as the X-API-Key header)");
+    }
+    Ok(())
+}
+
+fn create_private_dir(dir: &Path, lines: &mut Vec<String>) -> Result<()> {
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                lines.push(format!(
+                    "warning: {} is mode {mode:04o}: others can list it; `chmod 0700 {}`",
+                    dir.display(),
+                    dir.display()
+                ));
+            }
+            Ok(())
+        }
+        Ok(_) => bail!("{} exists and is not a directory: move it away, or pass --credentials-dir", dir.display()),
+        Err(_) => fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating the credentials directory {} (run init as root)", dir.display())),
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory: synced, given
+/// `mode`, renamed over `path`, and the directory synced.
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().context("a file name")?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.init-{}", std::process::id()));
+    let result: Result<()> = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .with_context(|| format!("creating {} (run init as root)", tmp.display()))?;
+        // The mode passed to open is masked by the umask.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// The commented config `init` writes.
+pub fn render_config(
+    device_id: &str,
+    mode: TransportMode,
+    url: &str,
+    data_dir: &Path,
+    hash_secret: &Path,
+    api_key: &Path,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# backhaul-edge configuration, written by `backhaul-edge init`.");
+    let _ = writeln!(s, "# Every key, its default and its valid range: the README's \"Configuration\" section.");
+    let _ = writeln!(s, "# Check it with `backhaul-edge check-config --config FILE`; secrets never go in this file.");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "# On the wire in every batch and topic: 1..=64 bytes, no '/', '+', '#'.");
+    let _ = writeln!(s, "device_id = {}", toml_string(device_id));
+    let _ = writeln!(s, "# name = \"Entrance Pi\"");
+    let _ = writeln!(s, "# location = \"Main entrance\"");
+    let _ = writeln!(s, "# The durable queue (the systemd unit's StateDirectory).");
+    let _ = writeln!(s, "data_dir = {}", toml_string(&data_dir.to_string_lossy()));
+    let _ = writeln!(s, "# Status and Prometheus metrics, loopback only: `backhaul-edge status`.");
+    let _ = writeln!(s, "status_listen = \"127.0.0.1:9901\"");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "[source]");
+    let _ =
+        writeln!(s, "# ble (this Pi's radio through BlueZ) | replay (path = a `scan --record` capture) | simulated");
+    let _ = writeln!(s, "kind = \"ble\"");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "[decode]");
+    let _ = writeln!(s, "profiles = [\"presence\", \"thingy52\"]");
+    let _ = writeln!(
+        s,
+        "# The key of the presence hashes (HMAC-SHA256 of each address; raw addresses never leave the Pi)."
+    );
+    let _ = writeln!(s, "# Under systemd the unit passes it as a credential instead (LoadCredential=hash_secret).");
+    let _ = writeln!(s, "hash_secret_file = {}", toml_string(&hash_secret.to_string_lossy()));
+    let _ = writeln!(s);
+    let _ = writeln!(s, "[batch]");
+    let _ = writeln!(s, "max_detections = 500");
+    let _ = writeln!(s, "max_age_ms = 5000");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "[queue]");
+    let _ =
+        writeln!(s, "# What the queue may hold; past it the oldest pending batch is dropped (or on_full = \"block\").");
+    let _ = writeln!(s, "max_bytes = \"512MiB\"");
+    let _ = writeln!(s, "on_full = \"drop_oldest\"");
+    let _ = writeln!(s, "# Acked batches kept for `backhaul-edge replay`.");
+    let _ = writeln!(s, "retain_acked = \"24h\"");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "[transport]");
+    let _ = writeln!(s, "mode = \"{}\"", mode_name(mode));
+    let _ = writeln!(s, "rate_per_sec = 50");
+    let _ = writeln!(s, "burst = 100");
+    let _ = writeln!(s);
+    let (mqtt_url, http_url) = match mode {
+        TransportMode::Mqtt => (url, "http://127.0.0.1:8080"),
+        TransportMode::Http => ("mqtt://127.0.0.1:1883", url),
+    };
+    let _ = writeln!(s, "[transport.mqtt]");
+    let _ = writeln!(s, "url = {}", toml_string(mqtt_url));
+    let _ =
+        writeln!(s, "# cloud: a batch is deleted when the cloud stored it (needs the API key); broker: on the PUBACK.");
+    let _ = writeln!(s, "ack = \"cloud\"");
+    let _ = writeln!(s, "# username = {}   # with password_file, if the broker wants a login", toml_string(device_id));
+    let _ = writeln!(s);
+    let _ = writeln!(s, "[transport.http]");
+    let _ = writeln!(s, "url = {}", toml_string(http_url));
+    let _ = writeln!(s, "# The key the cloud's keys file holds for this device: it signs HTTP posts and verifies the");
+    let _ = writeln!(s, "# cloud's acks over MQTT. Under systemd: LoadCredential=api_key.");
+    let _ = writeln!(s, "api_key_file = {}", toml_string(&api_key.to_string_lossy()));
+    let _ = writeln!(s);
+    let _ = writeln!(s, "# TLS for mqtts:// and https:// URLs: the system's roots unless a section says otherwise.");
+    let _ = writeln!(s, "# [transport.tls]");
+    let _ = writeln!(s, "# ca_file = \"/etc/backhaul/pki/ca.pem\"");
+    let _ = writeln!(s, "# cert_file = \"/etc/backhaul/pki/{device_id}.pem\"");
+    let _ = writeln!(s, "# key_file = \"/etc/backhaul/credentials/tls_key\"");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(dir: &Path) -> InitOptions {
+        InitOptions {
+            device_id: Some("rpi-hall-02".into()),
+            mode: None,
+            url: Some("mqtts://broker.example.org".into()),
+            config: dir.join("etc/edge.toml"),
+            credentials_dir: dir.join("etc/credentials"),
+            data_dir: dir.join("data"),
+            api_key: Some("key-of-rpi-hall-02-0123456789".into()),
+        }
+    }
+
+    #[test]
+    fn the_mode_follows_the_url_and_a_contradiction_is_refused() {
+        let mut l = Vec::new();
+        assert_eq!(mode_and_url(None, Some("https://c.example.org"), &mut l).unwrap().0, TransportMode::Http);
+        assert_eq!(mode_and_url(None, Some("mqtt://b:1883"), &mut l).unwrap().0, TransportMode::Mqtt);
+        let e = mode_and_url(Some(TransportMode::Mqtt), Some("http://c:8080"), &mut l).unwrap_err().to_string();
+        assert!(e.contains("--mode mqtt contradicts") && e.contains("which is http"), "{e}");
+        let e = mode_and_url(None, Some("ftp://x"), &mut l).unwrap_err().to_string();
+        assert!(e.contains("scheme must be"), "{e}");
+        let e = mode_and_url(None, Some("mqtt://b\" x"), &mut l).unwrap_err().to_string();
+        assert!(e.contains("no spaces, quotes"), "{e}");
+        assert!(l.is_empty());
+        let (m, u) = mode_and_url(Some(TransportMode::Http), None, &mut l).unwrap();
+        assert_eq!((m, u.as_str()), (TransportMode::Http, "http://127.0.0.1:8080"));
+        assert!(l[0].starts_with("warning: no --url"), "{l:?}");
+    }
+
+    #[test]
+    fn a_host_name_that_many_machines_share_is_no_device_id() {
+        assert_eq!(device_id_from_host("rpi-hall-02").unwrap(), "rpi-hall-02");
+        let e = device_id_from_host("raspberrypi").unwrap_err().to_string();
+        assert!(e.contains("many machines share") && e.contains("--device-id"), "{e}");
+        let e = device_id_from_host("a+b").unwrap_err().to_string();
+        assert!(e.contains("cannot be a device id") && e.contains("--device-id"), "{e}");
+    }
+
+    #[test]
+    fn bad_device_ids_and_api_keys_are_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        for (id, key, want) in [
+            ("a/b", None, "--device-id \"a/b\""),
+            ("", None, "--device-id \"\""),
+            ("ok", Some("short"), "shorter than 16"),
+            ("ok", Some("0123456789abcdef\n"), "visible ASCII"),
+        ] {
+            let o = InitOptions { device_id: Some(id.into()), api_key: key.map(Into::into), ..opts(dir.path()) };
+            let e = format!("{:#}", init(&o).unwrap_err());
+            assert!(e.contains(want), "{id:?} {key:?}: {e}");
+        }
+        assert!(!dir.path().join("etc").exists(), "nothing is written for refused input");
+    }
+
+    #[test]
+    fn init_writes_once_and_a_rerun_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path());
+        let r = init(&o).unwrap();
+        assert_eq!((r.config, r.hash_secret, r.api_key), (Outcome::Written, Outcome::Written, Outcome::Written));
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&o.credentials_dir), 0o700);
+        assert_eq!(mode(&o.credentials_dir.join("hash_secret")), 0o600);
+        assert_eq!(mode(&o.credentials_dir.join("api_key")), 0o600);
+        assert_eq!(mode(&o.config), 0o644);
+        let secret = fs::read_to_string(o.credentials_dir.join("hash_secret")).unwrap();
+        assert_eq!(secret.len(), 64);
+        assert!(secret.bytes().all(|b| b.is_ascii_hexdigit()));
+        let config = fs::read_to_string(&o.config).unwrap();
+        assert!(config.contains("device_id = \"rpi-hall-02\"") && config.contains("mode = \"mqtt\""), "{config}");
+        assert!(config.contains("url = \"mqtts://broker.example.org\""), "{config}");
+        assert!(r.lines.iter().any(|l| l.contains("systemctl enable --now backhaul-edge")), "{:?}", r.lines);
+        // No leftovers of the atomic writes.
+        let names: Vec<_> = fs::read_dir(&o.credentials_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+
+        let again =
+            init(&InitOptions { url: Some("http://elsewhere:8080".into()), api_key: None, ..o.clone() }).unwrap();
+        assert_eq!((again.config, again.hash_secret, again.api_key), (Outcome::Kept, Outcome::Kept, Outcome::Kept));
+        assert_eq!(fs::read_to_string(&o.config).unwrap(), config);
+        assert_eq!(fs::read_to_string(o.credentials_dir.join("hash_secret")).unwrap(), secret);
+    }
+
+    #[test]
+    fn the_packaged_placeholder_is_replaced_and_an_existing_secret_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = InitOptions { api_key: None, ..opts(dir.path()) };
+        fs::create_dir_all(o.config.parent().unwrap()).unwrap();
+        fs::write(&o.config, format!("{PLACEHOLDER_MARKER}\n# run init\n")).unwrap();
+        fs::DirBuilder::new().mode(0o700).create(&o.credentials_dir).unwrap();
+        fs::write(o.credentials_dir.join("hash_secret"), "the deployment's secret").unwrap();
+        let r = init(&o).unwrap();
+        assert_eq!((r.config, r.hash_secret, r.api_key), (Outcome::Written, Outcome::Kept, Outcome::Missing));
+        assert!(!fs::read_to_string(&o.config).unwrap().contains(PLACEHOLDER_MARKER));
+        assert_eq!(fs::read_to_string(o.credentials_dir.join("hash_secret")).unwrap(), "the deployment's secret");
+        assert!(r.lines.iter().any(|l| l.starts_with("No API key yet")), "{:?}", r.lines);
+    }
+}
