@@ -21,6 +21,7 @@ pub mod http_stub;
 pub mod mqtt;
 pub mod pki;
 pub mod postgres;
+pub mod powercut;
 
 /// Polls `check` until it returns `Some`, or fails after `timeout` naming `what` was awaited.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
