@@ -472,10 +472,11 @@ impl EdgeConfig {
     /// Loads `file` with the environment applied, and checks every rule that can be checked
     /// before starting.
     pub fn load(file: &Path) -> Result<(Loaded<Self>, Secrets), ConfigError> {
-        if std::fs::read_to_string(file).is_ok_and(|t| t.contains(crate::init::PLACEHOLDER_MARKER)) {
+        if std::fs::read_to_string(file).is_ok_and(|t| crate::init::is_placeholder(&t)) {
             return Err(ConfigError::Placeholder {
                 file: file.to_owned(),
-                init: "backhaul-edge init --url URL (the broker's mqtts:// or the cloud's https:// URL)".into(),
+                init: "backhaul-edge init --url URL".into(),
+                url: "the broker's mqtts:// or the cloud's https:// URL".into(),
             });
         }
         let env_map = EnvMap { prefix: "BACKHAUL_", aliases: SEED_ALIASES, reserved: RESERVED_ENV };

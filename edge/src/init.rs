@@ -25,13 +25,19 @@ use anyhow::{bail, Context, Result};
 
 use crate::config::TransportMode;
 
-/// The first line of the config the .deb ships at `/etc/backhaul/edge.toml` before `init` ran:
-/// `init` replaces a file that contains it, and loading one is an error that says to run `init`.
+/// The first line of the config the .deb ships at `/etc/backhaul/edge.toml` before `init` ran.
 pub const PLACEHOLDER_MARKER: &str = "# backhaul-edge: placeholder, not configured yet";
+
+/// Whether `text` is the packaged placeholder: its first line is [`PLACEHOLDER_MARKER`] and it
+/// sets no key (comments only). `init` replaces it; loading it is an error that says to run
+/// `init`. A file an operator edited into a real config (keys set) is never taken for it.
+pub fn is_placeholder(text: &str) -> bool {
+    text.lines().next() == Some(PLACEHOLDER_MARKER) && text.parse::<toml::Table>().is_ok_and(|t| t.is_empty())
+}
 
 /// Host names that images ship with (Raspberry Pi OS's `raspberrypi`) or that mean none: never a
 /// device id by default.
-const SHARED_HOST_NAMES: &[&str] = &["raspberrypi", "localhost", "localhost.localdomain", "debian", "ubuntu"];
+const SHARED_HOST_NAMES: &[&str] = &["raspberrypi", "localhost", "localhost.localdomain", "debian", "ubuntu", "(none)"];
 
 /// What `init` was asked for.
 #[derive(Debug, Clone)]
@@ -43,8 +49,14 @@ pub struct InitOptions {
     /// `mqtt://`, `mqtts://`, `http://` or `https://`. Default: the mode's default URL on this
     /// machine (`mqtt://127.0.0.1:1883`, `http://127.0.0.1:8080`), with a warning.
     pub url: Option<String>,
+    /// Where the config goes (`/etc/backhaul/edge.toml`); absolute, as it is written into nothing
+    /// but the messages.
     pub config: PathBuf,
+    /// Where `hash_secret` and `api_key` go (`/etc/backhaul/credentials`, the directory the
+    /// systemd unit loads credentials from); written into the config, so absolute.
     pub credentials_dir: PathBuf,
+    /// The queue's directory written into the config (`/var/lib/backhaul`, the unit's
+    /// StateDirectory); absolute.
     pub data_dir: PathBuf,
     /// The device's API key, if given (`BACKHAUL_API_KEY` or `--api-key-file`).
     pub api_key: Option<String>,
@@ -78,14 +90,16 @@ pub struct InitReport {
 /// created, named with its path.
 pub fn init(o: &InitOptions) -> Result<InitReport> {
     let mut lines = Vec::new();
-    let existing = match fs::read_to_string(&o.config) {
-        Ok(text) => Some(text),
+    let existing = match fs::symlink_metadata(&o.config) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => bail!("reading {}: {e} (run init as root)", o.config.display()),
+        Err(e) => bail!("looking at {}: {e}", o.config.display()),
+        // Anything there (even a dangling link) is someone's: only the placeholder is replaced.
+        Ok(_) => Some(fs::read_to_string(&o.config).unwrap_or_default()),
     };
+    let replace_placeholder = existing.is_some();
     // What the config will say, checked before anything is written; nothing if it is kept.
     let plan = match existing {
-        Some(text) if !text.contains(PLACEHOLDER_MARKER) => None,
+        Some(text) if !is_placeholder(&text) => None,
         _ => {
             let device_id = match &o.device_id {
                 Some(id) => {
@@ -122,42 +136,59 @@ pub fn init(o: &InitOptions) -> Result<InitReport> {
         }
         Some((device_id, mode, url, mut warnings)) => {
             if let Some(parent) = o.config.parent().filter(|p| !p.as_os_str().is_empty()) {
-                fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+                create_dirs(parent, 0o755)?;
             }
             let text = render_config(&device_id, mode, &url, &o.data_dir, &hash_secret_path, &api_key_path);
-            write_atomically(&o.config, text.as_bytes(), 0o644)?;
-            lines.push(format!("wrote {} for device {device_id:?} ({} to {url})", o.config.display(), mode_name(mode)));
-            lines.append(&mut warnings);
-            Outcome::Written
+            // Renamed over the placeholder; where there was nothing, linked, so a file that
+            // appeared since the look above is kept.
+            if write_atomically(&o.config, text.as_bytes(), 0o644, replace_placeholder)? {
+                lines.push(format!(
+                    "wrote {} for device {device_id:?} ({} to {url})",
+                    o.config.display(),
+                    mode_name(mode)
+                ));
+                lines.append(&mut warnings);
+                Outcome::Written
+            } else {
+                lines.push(format!("kept {}: it appeared while init ran", o.config.display()));
+                Outcome::Kept
+            }
         }
     };
 
-    let hash_secret = if hash_secret_path.exists() {
-        lines.push(format!("kept {}: a hash secret is never overwritten", hash_secret_path.display()));
-        Outcome::Kept
-    } else {
-        let mut bytes = [0u8; 32];
-        fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut bytes))
-            .context("reading 32 random bytes from /dev/urandom for the hash secret")?;
-        write_atomically(&hash_secret_path, hex::encode(bytes).as_bytes(), 0o600)?;
+    let mut bytes = [0u8; 32];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading 32 random bytes from /dev/urandom for the hash secret")?;
+    let hash_secret = if write_atomically(&hash_secret_path, hex::encode(bytes).as_bytes(), 0o600, false)? {
         lines.push(format!(
             "wrote {} (mode 0600): the key of the presence hashes; use the same one on every Pi of a deployment whose \
              hashes the cloud should match",
             hash_secret_path.display()
         ));
         Outcome::Written
+    } else {
+        lines.push(format!("kept {}: a hash secret is never overwritten", hash_secret_path.display()));
+        Outcome::Kept
     };
 
-    let api_key = if api_key_path.exists() {
-        lines.push(format!("kept {}: an API key is never overwritten", api_key_path.display()));
-        Outcome::Kept
-    } else if let Some(key) = &o.api_key {
-        write_atomically(&api_key_path, key.as_bytes(), 0o600)?;
-        lines.push(format!("wrote {} (mode 0600)", api_key_path.display()));
-        Outcome::Written
-    } else {
-        Outcome::Missing
+    let api_key = match &o.api_key {
+        Some(key) if write_atomically(&api_key_path, key.as_bytes(), 0o600, false)? => {
+            lines.push(format!("wrote {} (mode 0600)", api_key_path.display()));
+            Outcome::Written
+        }
+        Some(_) => {
+            lines.push(format!(
+                "kept {}: an API key is never overwritten; the key given was not written (remove the file to replace it)",
+                api_key_path.display()
+            ));
+            Outcome::Kept
+        }
+        None if fs::symlink_metadata(&api_key_path).is_ok() => {
+            lines.push(format!("kept {}: an API key is never overwritten", api_key_path.display()));
+            Outcome::Kept
+        }
+        None => Outcome::Missing,
     };
 
     lines.push(String::new());
@@ -165,8 +196,8 @@ pub fn init(o: &InitOptions) -> Result<InitReport> {
     if api_key == Outcome::Missing {
         lines.push(format!(
             "No API key yet: the service needs the key the cloud's keys file holds for this device. Put it in \
-             {path} (mode 0600), e.g. run `sudo sh -c 'umask 077; cat > {path}'`, paste the key and press Ctrl-D, \
-             or run init again with BACKHAUL_API_KEY set. Then:",
+             {path} (mode 0600): run init again with the key on standard input, \
+             `printf '%s' \"$KEY\" | sudo backhaul-edge init --api-key-file -`. Then:",
             path = api_key_path.display()
         ));
     } else {
@@ -182,7 +213,7 @@ pub fn init(o: &InitOptions) -> Result<InitReport> {
 fn device_id_from_host(host: &str) -> Result<String> {
     backhaul_shared::batch::validate_device_id(host)
         .map_err(|e| anyhow::anyhow!("the host name {host:?} cannot be a device id ({e}): pass --device-id"))?;
-    if SHARED_HOST_NAMES.contains(&host) {
+    if SHARED_HOST_NAMES.iter().any(|h| h.eq_ignore_ascii_case(host)) {
         bail!(
             "the host name {host:?} is a default that many machines share, and two Pis with one device id would mix \
              their batches in the cloud: pass --device-id, or give this Pi its own host name \
@@ -251,6 +282,8 @@ fn check_api_key(key: &str) -> Result<()> {
     Ok(())
 }
 
+/// Creates `dir` (mode 0700) and its missing parents (mode 0755, so the service's user can reach
+/// the config beside it), or warns if it exists with access for others.
 fn create_private_dir(dir: &Path, lines: &mut Vec<String>) -> Result<()> {
     match fs::metadata(dir) {
         Ok(m) if m.is_dir() => {
@@ -265,38 +298,66 @@ fn create_private_dir(dir: &Path, lines: &mut Vec<String>) -> Result<()> {
             Ok(())
         }
         Ok(_) => bail!("{} exists and is not a directory: move it away, or pass --credentials-dir", dir.display()),
-        Err(_) => fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating the credentials directory {} (run init as root)", dir.display())),
+        Err(_) => {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                create_dirs(parent, 0o755)?;
+            }
+            create_dirs(dir, 0o700)
+        }
     }
 }
 
+/// Creates `dir` and its missing parents, each given `mode` whatever the umask; existing ones are
+/// left as they are.
+fn create_dirs(dir: &Path, mode: u32) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dirs(parent, 0o755)?;
+    }
+    match fs::DirBuilder::new().mode(mode).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        r => r.with_context(|| format!("creating {} (run init as root)", dir.display()))?,
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", dir.display()))
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same directory: synced, given
-/// `mode`, renamed over `path`, and the directory synced.
-fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+/// `mode` (whatever the umask), published, and the directory synced. With `replace` the file is
+/// renamed over `path`; without, it is linked to `path`, which fails if anything is there (even a
+/// link), so nothing is ever overwritten: `Ok(false)` then, and nothing changed.
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32, replace: bool) -> Result<bool> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().context("a file name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.init-{}", std::process::id()));
-    let result: Result<()> = (|| {
+    let mut random = [0u8; 8];
+    fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random)).context("reading /dev/urandom")?;
+    let tmp = dir.join(format!(".{name}.init-{}", hex::encode(random)));
+    let result: Result<bool> = (|| {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(mode)
             .open(&tmp)
-            .with_context(|| format!("creating {} (run init as root)", tmp.display()))?;
+            .with_context(|| format!("creating {}", tmp.display()))?;
         // The mode passed to open is masked by the umask.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        let published = if replace {
+            fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+            true
+        } else {
+            match fs::hard_link(&tmp, path) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(e).with_context(|| format!("linking {} to {}", tmp.display(), path.display())),
+            }
+        };
         fs::File::open(dir)?.sync_all()?;
-        Ok(())
+        Ok(published)
     })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
+    let _ = fs::remove_file(&tmp);
     result.with_context(|| format!("writing {}", path.display()))
 }
 
@@ -468,6 +529,37 @@ mod tests {
         assert_eq!((again.config, again.hash_secret, again.api_key), (Outcome::Kept, Outcome::Kept, Outcome::Kept));
         assert_eq!(fs::read_to_string(&o.config).unwrap(), config);
         assert_eq!(fs::read_to_string(o.credentials_dir.join("hash_secret")).unwrap(), secret);
+    }
+
+    #[test]
+    fn parents_are_reachable_and_links_are_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path());
+        // A dangling link where the hash secret goes: someone's, never followed or replaced.
+        fs::DirBuilder::new().recursive(true).create(dir.path().join("etc")).unwrap();
+        create_dirs(&o.credentials_dir, 0o700).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), o.credentials_dir.join("hash_secret")).unwrap();
+        let r = init(&o).unwrap();
+        assert_eq!(r.hash_secret, Outcome::Kept);
+        assert!(!dir.path().join("elsewhere").exists());
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&o.credentials_dir), 0o700);
+
+        // Missing parents are made 0755 whatever the umask: the service's user reads the config.
+        let fresh = tempfile::tempdir().unwrap();
+        let o = opts(fresh.path());
+        init(&o).unwrap();
+        assert_eq!(mode(&fresh.path().join("etc")), 0o755);
+        assert_eq!(mode(&o.credentials_dir), 0o700);
+        assert_eq!(mode(&o.config), 0o644);
+    }
+
+    #[test]
+    fn only_the_untouched_placeholder_counts_as_one() {
+        assert!(is_placeholder(&format!("{PLACEHOLDER_MARKER}\n# comments only\n")));
+        assert!(!is_placeholder(&format!("{PLACEHOLDER_MARKER}\ndevice_id = \"pi-1\"\n")), "edited: a real config");
+        assert!(!is_placeholder(&format!("# a comment\n{PLACEHOLDER_MARKER}\n")));
+        assert!(!is_placeholder("device_id = \"pi-1\"\n"));
     }
 
     #[test]

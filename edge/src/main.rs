@@ -86,13 +86,14 @@ enum Command {
         url: Option<String>,
         #[arg(long, value_name = "FILE", default_value = "/etc/backhaul/edge.toml")]
         config: PathBuf,
-        /// Where hash_secret and api_key go (created mode 0700): the files the systemd unit loads.
+        /// Where hash_secret and api_key go (created mode 0700). The systemd unit loads them from
+        /// /etc/backhaul/credentials, the default.
         #[arg(long, value_name = "DIR", default_value = "/etc/backhaul/credentials")]
         credentials_dir: PathBuf,
         #[arg(long, value_name = "DIR", default_value = "/var/lib/backhaul")]
         data_dir: PathBuf,
         /// A file holding this device's API key (the cloud's keys file entry), copied to
-        /// credentials_dir/api_key.
+        /// credentials_dir/api_key; `-` reads it from standard input.
         #[arg(long, value_name = "FILE")]
         api_key_file: Option<PathBuf>,
     },
@@ -251,7 +252,17 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Init { device_id, mode, url, config, credentials_dir, data_dir, api_key_file } => {
             use backhaul_edge::config::TransportMode;
             let api_key = match (api_key_file, std::env::var("BACKHAUL_API_KEY").ok()) {
-                (Some(file), _) => Some(
+                (Some(_), Some(_)) => anyhow::bail!(
+                    "both --api-key-file and BACKHAUL_API_KEY give an API key: pass one (--api-key-file - reads it \
+                     from standard input, out of sight of ps and the shell's history)"
+                ),
+                (Some(file), None) if file.as_os_str() == "-" => {
+                    let mut key = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut key)
+                        .context("reading the API key from standard input (--api-key-file -)")?;
+                    Some(key.trim().to_owned())
+                }
+                (Some(file), None) => Some(
                     std::fs::read_to_string(&file)
                         .with_context(|| format!("reading --api-key-file {}", file.display()))?
                         .trim()
@@ -259,6 +270,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 ),
                 (None, key) => key.map(|k| k.trim().to_owned()),
             };
+            // Written into the config as absolute paths: the service does not run where init did.
+            let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
             let report = backhaul_edge::init::init(&backhaul_edge::init::InitOptions {
                 device_id,
                 mode: mode.map(|m| match m {
@@ -266,9 +279,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     InitMode::Http => TransportMode::Http,
                 }),
                 url,
-                config,
-                credentials_dir,
-                data_dir,
+                config: absolute(config),
+                credentials_dir: absolute(credentials_dir),
+                data_dir: absolute(data_dir),
                 api_key,
             })?;
             for line in report.lines {

@@ -13,6 +13,9 @@ use std::process::{Command, Output, Stdio};
 
 use anyhow::{bail, Context, Result};
 
+/// The host name commands in the root see.
+pub const HOSTNAME: &str = "rpi-debian-root-01";
+
 /// A directory bind-mounted into the root for one command.
 #[derive(Debug, Clone)]
 pub struct Bind {
@@ -35,7 +38,7 @@ impl DebianRoot {
     /// debootstrap failing for another reason than a missing tool (its log's tail is in the error).
     pub fn create(test: &str, include: &[&str]) -> Result<Option<Self>> {
         let skip = |why: &str| {
-            eprintln!("SKIPPED {test}: {why}");
+            crate::skip(test, why);
             Ok(None)
         };
         if !crate::is_root() {
@@ -92,8 +95,9 @@ impl DebianRoot {
     /// and `binds` mounted, this machine's network and environment `env`), to completion.
     pub fn run(&self, script: &str, binds: &[Bind], env: &[(&str, &str)]) -> Result<Output> {
         let root = self.dir.path().to_str().context("utf-8 root path")?;
+        // Its own host name (a UTS namespace), as a Pi has: `init` takes the device id from it.
         let mut setup = format!(
-            "set -e; mount -t proc proc {root}/proc; mount --rbind /dev {root}/dev; \
+            "set -e; hostname {HOSTNAME}; mount -t proc proc {root}/proc; mount --rbind /dev {root}/dev; \
              cp /etc/resolv.conf {root}/etc/resolv.conf 2>/dev/null || true; "
         );
         for b in binds {
@@ -106,7 +110,7 @@ impl DebianRoot {
         }
         setup.push_str(&format!("exec chroot {root} /bin/sh -c \"$0\""));
         let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "--fork", "/bin/sh", "-c", &setup, script])
+        cmd.args(["--mount", "--uts", "--propagation", "private", "--fork", "/bin/sh", "-c", &setup, script])
             .stdin(Stdio::null())
             .env_clear()
             .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
