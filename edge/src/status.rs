@@ -175,6 +175,9 @@ pub struct QueueStatus {
     pub lost: u64,
     pub bytes: u64,
     pub max_bytes: u64,
+    /// What data_dir occupies on disk (allocated size), bytes: see `queue::Stats::disk_bytes`.
+    #[serde(default)]
+    pub disk_bytes: u64,
     pub oldest_pending_age_s: Option<u64>,
 }
 
@@ -342,6 +345,7 @@ impl StatusSource {
                 lost: s.lost_batches,
                 bytes: s.bytes,
                 max_bytes: self.queue.config().max_bytes,
+                disk_bytes: s.disk_bytes,
                 oldest_pending_age_s: s.oldest_pending_age_s,
             },
             link: LinkStatus {
@@ -424,6 +428,12 @@ pub fn prometheus(r: &StatusReport) -> String {
     metric("queue_in_flight_batches", "gauge", "Batches sent and not yet acknowledged.", q.in_flight as f64);
     metric("queue_acked_retained_batches", "gauge", "Acknowledged batches kept for replay.", q.acked_retained as f64);
     metric("queue_bytes", "gauge", "Bytes the queue's budget counts.", q.bytes as f64);
+    metric(
+        "queue_disk_bytes",
+        "gauge",
+        "Bytes data_dir occupies on disk (allocated size, sled's overhead included).",
+        q.disk_bytes as f64,
+    );
     metric("queue_max_bytes", "gauge", "The queue's byte budget.", q.max_bytes as f64);
     metric(
         "queue_oldest_pending_age_seconds",
@@ -601,12 +611,13 @@ pub fn render(r: &StatusReport) -> String {
     }
     let _ = writeln!(
         out,
-        "queue      {} pending, {} in flight, oldest {}; {} of {} bytes",
+        "queue      {} pending, {} in flight, oldest {}; {} of {} bytes ({} on disk)",
         q.pending,
         q.in_flight,
         age(q.oldest_pending_age_s),
         q.bytes,
-        q.max_bytes
+        q.max_bytes,
+        q.disk_bytes
     );
     let _ = writeln!(
         out,

@@ -23,6 +23,16 @@ pub mod pki;
 pub mod postgres;
 pub mod powercut;
 
+/// Whether a test that cannot run here must fail instead of printing SKIPPED and passing:
+/// `BACKHAUL_TEST_NO_SKIP=1`, which `./scripts/test --full` sets (so a long run that skipped its
+/// packaging or power-cut tests does not look green).
+pub fn skip(test: &str, why: &str) {
+    if std::env::var_os("BACKHAUL_TEST_NO_SKIP").is_some_and(|v| v == "1") {
+        panic!("{test} cannot run here ({why}) and BACKHAUL_TEST_NO_SKIP=1 (./scripts/test --full) forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+}
+
 /// Polls `check` until it returns `Some`, or fails after `timeout` naming `what` was awaited.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
@@ -336,6 +346,22 @@ impl Process {
             self.seen.push(line);
         }
         &self.seen
+    }
+
+    /// Every line the process printed, once it has exited (killed or not): waits, up to `timeout`,
+    /// until both of its output pipes are closed and read to the end, so no line still in a pipe
+    /// is missed.
+    pub fn output_to_end(&mut self, timeout: Duration) -> Result<&[String]> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => self.seen.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(&self.seen),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    bail!("{}'s output did not end within {timeout:?} (is it still running?)", self.name)
+                }
+            }
+        }
     }
 
     /// Waits for the next line matching `pred` after the last line this returned, and returns it.

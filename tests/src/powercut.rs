@@ -10,12 +10,15 @@
 //!   file or directory, all of them together and in order, as ext4's ordered-mode journal commits
 //!   every metadata change before the one it was asked to commit (the Pi's root filesystem is
 //!   ext4). A stricter filesystem that needs the directory itself synced is not modelled.
-//! - **A cut** at operation N: operation N and everything after it fail with EIO (nothing reaches
-//!   the "disk"), and [`PowerCutFs::cut_happened`] says so; the test then SIGKILLs the program and
-//!   mounts a fresh filesystem from the durable copy ([`Snapshot`]).
-//! - **Not modelled:** a disk that reorders writes between syncs or tears a sector mid-write (a
-//!   synced range is all there or all gone), lying write caches, the page cache of reads (each
-//!   mount starts cold), xattrs, links, `mmap` (sled does not map its files).
+//! - **A cut** at operation N: operation N and everything after it fail with EIO, and
+//!   [`PowerCut::cut_happened`] says so; the test then SIGKILLs the program and mounts a fresh
+//!   filesystem from what the disk holds ([`Snapshot`]): either only what was synced
+//!   ([`PowerCut::durable`]), or that plus a random part of the unsynced writes, as the kernel's
+//!   background writeback may have got out before the power went ([`PowerCut::durable_with_writeback`]:
+//!   any subset of 4 KiB pages, in no order, and maybe the names).
+//! - **Not modelled:** a disk that tears a sector mid-write or loses synced data (a lying write
+//!   cache), a filesystem that needs the directory synced for a new name, the page cache of reads
+//!   (each mount starts cold), xattrs, links, `mmap` (sled does not map its files).
 //!
 //! Operations counted toward a cut: `write`, `fsync`, `fsyncdir`, `create`, `mkdir`, `rename`,
 //! `unlink`, `rmdir`, `setattr` with a size, `fallocate`.
@@ -236,9 +239,49 @@ impl PowerCut {
         self.cut.store(true, Ordering::SeqCst);
     }
 
-    /// What a disk would hold now.
+    /// What a disk would hold now, if nothing unsynced had reached it.
     pub fn durable(&self) -> Snapshot {
         self.state.lock().unwrap().durable.clone()
+    }
+
+    /// What a disk could hold now if the kernel's background writeback had got some of the unsynced
+    /// writes out before the cut: with `chance(2) == 0` the names were committed (a journal commit
+    /// of its own), and each 4 KiB page of unsynced data of a file on the disk made it, or not, by
+    /// `chance(2)`, in no particular order. A file grows to the end of its last page that made it
+    /// (never past what programs saw); a page that did not make it keeps its old content, or
+    /// zeros past the old end: torn tails, half-written logs.
+    pub fn durable_with_writeback(&self, chance: &mut dyn FnMut(u64) -> u64) -> Snapshot {
+        const PAGE: usize = 4096;
+        let st = self.state.lock().unwrap();
+        let mut disk = if chance(2) == 0 {
+            let mut copy = State { live: st.live.clone(), durable: st.durable.clone(), dirty: HashMap::new() };
+            copy.commit_names();
+            copy.durable
+        } else {
+            st.durable.clone()
+        };
+        for (ino, ranges) in &st.dirty {
+            let (Some(Node::File { data: live, .. }), Some(Node::File { data, .. })) =
+                (st.live.nodes.get(ino), disk.nodes.get_mut(ino))
+            else {
+                continue;
+            };
+            let mut pages: Vec<usize> =
+                ranges.iter().flat_map(|&(start, end)| (start / PAGE)..end.min(live.len()).div_ceil(PAGE)).collect();
+            pages.sort_unstable();
+            pages.dedup();
+            for page in pages {
+                if chance(2) == 0 {
+                    let start = page * PAGE;
+                    let end = ((page + 1) * PAGE).min(live.len());
+                    if data.len() < end {
+                        data.resize(end, 0);
+                    }
+                    data[start..end].copy_from_slice(&live[start..end]);
+                }
+            }
+        }
+        disk
     }
 }
 
@@ -388,9 +431,13 @@ impl Filesystem for PowerCutFs {
         name: &OsStr,
         newparent: INodeNo,
         newname: &OsStr,
-        _flags: fuser::RenameFlags,
+        flags: fuser::RenameFlags,
         reply: ReplyEmpty,
     ) {
+        // RENAME_NOREPLACE and RENAME_EXCHANGE are not modelled: refused, never done wrong.
+        if !flags.is_empty() {
+            return reply.error(Errno::EINVAL);
+        }
         if let Err(e) = self.op() {
             return reply.error(e);
         }

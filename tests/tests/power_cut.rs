@@ -3,8 +3,9 @@
 //! cut at a random write-like operation — in recovery, enqueue, ack, prune or flush — the child is
 //! SIGKILLed, and what a disk would still hold is opened with the real filesystem:
 //! - the queue always opens;
-//! - every batch whose `enqueue` returned is there (pending, or acked and retained), intact, or
-//!   counted `lost_batches` by the watermark;
+//! - every batch whose `enqueue` returned is there (pending, or acked and retained) with its
+//!   batch_id, and nothing is counted lost (the watermark is not synced by itself, so under this
+//!   model it never survives to count a loss: the batches must simply be there);
 //! - nothing is quarantined.
 //!
 //! Each cut's disk is where the next run starts, so recovery after a cut is cut too. The default
@@ -52,11 +53,15 @@ struct Ledger {
     lost: u64,
     /// Promised batches gone without being counted lost (only the negative control may have any).
     unaccounted: u64,
+    /// Promised batches gone, and counted lost, after cuts with background writeback.
+    lost_in_writeback: u64,
+    /// Cuts with (true) and without background writeback.
+    writeback_cuts: BTreeMap<bool, u64>,
 }
 
 /// Runs `cuts` power cuts on a queue with `durability` ("fsync", the product's, or "flush") and
 /// returns the ledger; with "fsync" any promised batch gone and not counted lost fails at once.
-fn power_cuts(cuts: u64, durability: &str) -> Option<Ledger> {
+fn power_cuts(cuts: u64, durability: &str, with_writeback: bool) -> Option<Ledger> {
     if !fuse_available() {
         return None;
     }
@@ -118,9 +123,13 @@ fn power_cuts(cuts: u64, durability: &str) -> Option<Ledger> {
             panic!("cut {cut} at operation {cut_at} (seed {seed}): {e}\nchild:\n{}", child.output().join("\n"));
         }
         child.kill9().unwrap();
-        let lines = child.output().to_vec();
+        // Every line, to the end of the pipes: the last promises are the likeliest to be lost.
+        let lines = child.output_to_end(Duration::from_secs(30)).unwrap().to_vec();
         drop(child);
-        disk = power.durable();
+        // With `with_writeback`, half the cuts find some unsynced writes on the disk too.
+        let writeback = with_writeback && rng.below(2) == 0;
+        disk = if writeback { power.durable_with_writeback(&mut |n| rng.below(n)) } else { power.durable() };
+        *ledger.writeback_cuts.entry(writeback).or_default() += 1;
         drop(session);
 
         let phase = lines.iter().rev().find_map(|l| l.strip_prefix("B ")).unwrap_or("start").to_owned();
@@ -138,15 +147,18 @@ fn power_cuts(cuts: u64, durability: &str) -> Option<Ledger> {
                 _ => {}
             }
         }
-        check(&disk, &mut ledger, cut, cut_at, seed, durability == "fsync");
+        let strict = durability == "fsync";
+        check(&disk, &mut ledger, cut, cut_at, seed, strict, writeback);
     }
     eprintln!(
-        "{cuts} power cuts ({durability}): {} batches promised, {} acked, {} counted lost, {} gone uncounted; \
-         cuts by operation: {:?}; disk {} KiB",
+        "{cuts} power cuts ({durability}): {} batches promised, {} acked, {} counted lost ({} after writeback), {} gone \
+         uncounted; cuts with writeback: {:?}; cuts by operation: {:?}; disk {} KiB",
         ledger.promised.len(),
         ledger.acked.len(),
         ledger.lost,
+        ledger.lost_in_writeback,
         ledger.unaccounted,
+        ledger.writeback_cuts,
         ledger.phases,
         disk.bytes() / 1024
     );
@@ -165,11 +177,11 @@ fn power_cuts(cuts: u64, durability: &str) -> Option<Ledger> {
 }
 
 /// Opens what the disk holds after a cut with the real filesystem and checks the promises.
-fn check(disk: &Snapshot, ledger: &mut Ledger, cut: u64, cut_at: u64, seed: u64, strict: bool) {
+fn check(disk: &Snapshot, ledger: &mut Ledger, cut: u64, cut_at: u64, seed: u64, strict: bool, writeback: bool) {
     let copy = tempfile::tempdir().unwrap();
     disk.materialize(copy.path()).unwrap();
     let data_dir = copy.path().join("data");
-    let context = format!("cut {cut} at operation {cut_at} (seed {seed})");
+    let context = format!("cut {cut} at operation {cut_at}, writeback {writeback} (seed {seed})");
     let queue = Queue::open(&data_dir, QueueConfig { max_bytes: u64::MAX, ..QueueConfig::default() })
         .unwrap_or_else(|e| panic!("{context}: the queue does not open: {e}"));
     let mut found: BTreeMap<u64, (String, &'static str)> = BTreeMap::new();
@@ -202,11 +214,20 @@ fn check(disk: &Snapshot, ledger: &mut Ledger, cut: u64, cut_at: u64, seed: u64,
         .map(|(seq, _)| *seq)
         .collect();
     let newly_lost = stats.lost_batches.saturating_sub(ledger.lost);
-    assert!(
-        !strict || missing.len() as u64 <= newly_lost,
-        "{context}: {} promised batches are gone and {newly_lost} counted lost: seqs {missing:?}",
-        missing.len(),
-    );
+    if strict && !writeback {
+        // Only synced writes on the disk: every promised batch must simply be there.
+        assert!(missing.is_empty(), "{context}: promised batches are gone: seqs {missing:?}");
+        assert_eq!(newly_lost, 0, "{context}: the watermark counted batches lost");
+    } else if strict {
+        // Unsynced writes of sled's on the disk too can cost sled durable batches: each one
+        // must then be counted lost by the (synced) watermark, never gone silently.
+        assert!(
+            missing.len() as u64 <= newly_lost,
+            "{context}: {} promised batches are gone and {newly_lost} counted lost: seqs {missing:?}",
+            missing.len()
+        );
+        ledger.lost_in_writeback += missing.len() as u64;
+    }
     ledger.unaccounted += (missing.len() as u64).saturating_sub(newly_lost);
     assert_eq!(stats.quarantined, 0, "{context}");
     ledger.lost = ledger.lost.max(stats.lost_batches);
@@ -218,13 +239,25 @@ fn check(disk: &Snapshot, ledger: &mut Ledger, cut: u64, cut_at: u64, seed: u64,
 
 #[test]
 fn power_cuts_anywhere_lose_no_batch_whose_enqueue_returned() {
-    power_cuts(150, "fsync");
+    power_cuts(150, "fsync", false);
 }
 
 #[test]
 #[ignore = "minutes: 1,000 power cuts; ./scripts/test --full"]
 fn a_thousand_power_cuts_lose_no_batch_whose_enqueue_returned() {
-    power_cuts(1000, "fsync");
+    power_cuts(1000, "fsync", false);
+}
+
+/// KNOWN TO FAIL (issue #17, open): half of 1,000 cuts also find a random part of the unsynced
+/// writes on the disk, as the kernel's background writeback can leave it. sled 0.34 then comes
+/// back without batches it had made durable — one unsynced 24-byte write of its recovery reaching
+/// the disk is enough — and the watermark counts the loss only when it is at the end of the log.
+/// The issue's contract (present, or counted lost) does not hold yet; this test is its
+/// reproduction (the seed it prints repeats a run).
+#[test]
+#[ignore = "known to fail: sled loses durable batches when unsynced writes reach the disk (issue #17)"]
+fn power_cuts_with_background_writeback_lose_nothing_uncounted() {
+    power_cuts(1000, "fsync", true);
 }
 
 /// The negative control: the same cuts on a queue that skips its own fdatasync (sled's flush ends
@@ -232,6 +265,6 @@ fn a_thousand_power_cuts_lose_no_batch_whose_enqueue_returned() {
 /// lose promised batches, or the layer would be proving nothing.
 #[test]
 fn the_layer_catches_a_queue_that_does_not_sync() {
-    let Some(ledger) = power_cuts(60, "flush") else { return };
+    let Some(ledger) = power_cuts(60, "flush", false) else { return };
     assert!(ledger.unaccounted > 0, "60 cuts of an unsynced queue lost nothing: the layer does not model power cuts");
 }

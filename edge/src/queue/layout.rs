@@ -315,10 +315,12 @@ impl Counters {
 /// (the cloud shows them as gaps), and a resumable source continues after the watermark's
 /// position rather than producing again what was already delivered.
 ///
-/// Rewritten after every sync with `Durability::Fsync` (only then is sled's state durable before
-/// the watermark's write), without an fsync of its own: it never claims more than sled had synced,
-/// and after a power cut it can only be behind (a check that is then lenient, never a false
-/// alarm). The lost count is bounded by the batches pending at that sync: missing batches that had
+/// Rewritten and synced (`fdatasync`) after every sync with `Durability::Fsync` (only then is
+/// sled's state durable before the watermark's write): it never claims more than sled had synced.
+/// Its own sync was added when the power-cut suite (issue #17, `tests/tests/power_cut.rs`) found
+/// that one unsynced write of sled's reaching the disk before a cut (background writeback) can
+/// make sled come back without batches it had made durable: unsynced, the watermark was then
+/// lost too, and so was the loss. The lost count is bounded by the batches pending at that sync: missing batches that had
 /// been acked are in the cloud already. Framed with a CRC; a damaged watermark is ignored. Never
 /// reorder these fields.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

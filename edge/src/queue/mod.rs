@@ -226,6 +226,10 @@ pub struct Stats {
     pub next_seq: u64,
     /// Disk syncs since the queue was opened (with group commit, fewer than enqueues).
     pub syncs_since_open: u64,
+    /// What `data_dir` occupies on its filesystem, bytes: the allocated size (`st_blocks` x 512,
+    /// as `du` counts it) of every file and directory in it, sled's own overhead and set-aside
+    /// (`corrupt-*`) databases included. `bytes` is what the budget counts; this is the card's view.
+    pub disk_bytes: u64,
 }
 
 #[derive(Debug, Error)]
@@ -719,10 +723,13 @@ impl Queue {
             store.log_file.sync_data()?;
         }
         if let Some(file) = sync.watermark.as_ref().filter(|_| self.inner.config.durability == Durability::Fsync) {
-            // No fsync of its own (see `layout::Watermark`); a failure only weakens the check.
+            // Synced after sled's log (see `layout::Watermark`): it never claims more than sled
+            // had made durable, and it survives the power cuts that can cost sled data (issue
+            // #17). A failure only weakens the check.
             let bytes = watermark.encode();
             let written = std::os::unix::fs::FileExt::write_all_at(file, &bytes, 0)
-                .and_then(|()| file.set_len(bytes.len() as u64));
+                .and_then(|()| file.set_len(bytes.len() as u64))
+                .and_then(|()| file.sync_data());
             if let Err(e) = written {
                 tracing::warn!(error = %e, "writing queue.watermark failed; a sled that loses data at the next start may go unnoticed");
             }
@@ -1056,6 +1063,7 @@ impl Queue {
             lost_batches: c.lost_batches,
             next_seq: c.next_seq,
             syncs_since_open,
+            disk_bytes: self.inner.path.parent().map_or(0, allocated_bytes),
         })
     }
 
@@ -1612,6 +1620,20 @@ fn private_dir(data_dir: &Path) -> std::io::Result<()> {
         );
         Ok(())
     }
+}
+
+/// The allocated size of `path` and everything under it, bytes (`st_blocks` x 512, what `du -B1`
+/// reports); entries that vanish while it walks count 0.
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return 0 };
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir() {
+        if let Ok(entries) = std::fs::read_dir(path) {
+            total += entries.filter_map(Result::ok).map(|e| allocated_bytes(&e.path())).sum::<u64>();
+        }
+    }
+    total
 }
 
 fn sled_config(path: &Path, config: &QueueConfig) -> sled::Config {

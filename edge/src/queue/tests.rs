@@ -833,3 +833,20 @@ fn oldest_pending_age_ignores_acks_not_written_yet_and_agrees_after_a_reopen() {
         (live.pending, live.in_flight, live.acked_retained, live.bytes, live.oldest_pending_age_s)
     );
 }
+
+#[test]
+fn disk_bytes_is_what_du_says_data_dir_occupies() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), config());
+    for _ in 0..200 {
+        q.enqueue(new_batch(50)).unwrap();
+    }
+    q.flush().unwrap();
+    let stats = q.stats().unwrap();
+    assert!(stats.disk_bytes > stats.bytes / 2, "sled's files hold the records: {stats:?}");
+    drop(q);
+    // Closed, nothing writes between the two looks: the same walk, the same blocks.
+    let du = std::process::Command::new("du").arg("-s").arg("-B1").arg(dir.path()).output().unwrap();
+    let du: u64 = String::from_utf8_lossy(&du.stdout).split_whitespace().next().unwrap().parse().unwrap();
+    assert_eq!(allocated_bytes(dir.path()), du);
+}
