@@ -445,25 +445,33 @@ pub struct Secrets {
     pub tls: Option<ClientMaterial>,
 }
 
-fn secret(env_var: &str, file: Option<&Path>, file_key: &str) -> Result<Option<Secret>, ConfigError> {
+/// A secret from `env_var`, else from the file the key `file_key` names (errors name the config,
+/// or the variable, that set the key, and the secret file).
+fn secret(
+    env_var: &str,
+    file: Option<&Path>,
+    file_key: &str,
+    loaded: &Loaded<EdgeConfig>,
+) -> Result<Option<Secret>, ConfigError> {
     if let Ok(v) = std::env::var(env_var) {
         if !v.is_empty() {
             return Ok(Some(Secret { value: v, origin: format!("environment variable {env_var}") }));
         }
     }
     let Some(file) = file else { return Ok(None) };
-    let value = std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid {
-        key: file_key.to_owned(),
-        origin: config::Origin::File(file.to_owned()),
-        message: format!("cannot read the secret file: {e}"),
+    let value = std::fs::read_to_string(file).map_err(|e| {
+        loaded.invalid(
+            file_key,
+            format!(
+                "cannot read the secret file {}: {e} (`backhaul-edge init` writes the hash secret and, given \
+                 --api-key-file, the API key; or fix the path)",
+                file.display()
+            ),
+        )
     })?;
     let value = value.trim_end_matches(['\n', '\r']).to_owned();
     if value.is_empty() {
-        return Err(ConfigError::Invalid {
-            key: file_key.to_owned(),
-            origin: config::Origin::File(file.to_owned()),
-            message: "the secret file is empty".into(),
-        });
+        return Err(loaded.invalid(file_key, format!("the secret file {} is empty", file.display())));
     }
     Ok(Some(Secret { value, origin: format!("file {}", file.display()) }))
 }
@@ -553,19 +561,22 @@ impl EdgeConfig {
                 "BACKHAUL_HASH_SECRET",
                 c.decode.hash_secret_file.as_deref(),
                 "decode.hash_secret_file",
+                &loaded,
             )?,
             mqtt_password: match secret(
                 "BACKHAUL_MQTT_PASSWORD",
                 c.transport.mqtt.password_file.as_deref(),
                 "transport.mqtt.password_file",
+                &loaded,
             )? {
                 Some(s) => Some(s),
-                None => secret("MQTT_PASSWORD", None, "transport.mqtt.password_file")?,
+                None => secret("MQTT_PASSWORD", None, "transport.mqtt.password_file", &loaded)?,
             },
             api_key: secret(
                 "BACKHAUL_API_KEY",
                 c.transport.http.api_key_file.as_deref(),
                 "transport.http.api_key_file",
+                &loaded,
             )?,
             tls,
         };

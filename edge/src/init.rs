@@ -98,6 +98,15 @@ pub fn init(o: &InitOptions) -> Result<InitReport> {
     };
     let replace_placeholder = existing.is_some();
     // What the config will say, checked before anything is written; nothing if it is kept.
+    if existing.as_deref().is_some_and(|t| t.lines().next() == Some(PLACEHOLDER_MARKER) && !is_placeholder(t)) {
+        bail!(
+            "{} still starts with the placeholder's first line but sets keys (edited by hand?): remove that line to \
+             keep it as this Pi's config, or remove the file to have init write one",
+            o.config.display()
+        );
+    }
+    // What the kept config sends to, to say so when --url asks for something else.
+    let kept_url = existing.as_deref().filter(|t| !is_placeholder(t)).map(configured_url);
     let plan = match existing {
         Some(text) if !is_placeholder(&text) => None,
         _ => {
@@ -132,6 +141,14 @@ pub fn init(o: &InitOptions) -> Result<InitReport> {
                 "kept {}: it exists (edit it, or remove it and run init again to write a new one)",
                 o.config.display()
             ));
+            if let (Some(want), Some(Some(have))) = (&o.url, &kept_url) {
+                if want != have {
+                    lines.push(format!(
+                        "warning: the kept config sends to {have}, not to --url {want}: edit it, or remove it and run \
+                         init again"
+                    ));
+                }
+            }
             Outcome::Kept
         }
         Some((device_id, mode, url, mut warnings)) => {
@@ -208,6 +225,14 @@ pub fn init(o: &InitOptions) -> Result<InitReport> {
     Ok(InitReport { config, hash_secret, api_key, lines })
 }
 
+/// The URL a config sends to (its mode's), if it says.
+fn configured_url(text: &str) -> Option<String> {
+    let table: toml::Table = text.parse().ok()?;
+    let transport = table.get("transport")?.as_table()?;
+    let mode = transport.get("mode").and_then(|m| m.as_str()).unwrap_or("mqtt").to_ascii_lowercase();
+    transport.get(mode.as_str())?.get("url")?.as_str().map(str::to_owned)
+}
+
 /// This machine's host name as its device id, unless the edge would refuse it or many machines
 /// share it.
 fn device_id_from_host(host: &str) -> Result<String> {
@@ -264,6 +289,10 @@ fn mode_and_url(
     }
     if from_url == TransportMode::Mqtt {
         backhaul_shared::wire::parse_mqtt_url(url).map_err(|e| anyhow::anyhow!("--url {url:?}: {e}"))?;
+    } else if url.split_once("://").is_some_and(|(_, rest)| rest.split('/').next().is_some_and(|a| a.contains('@'))) {
+        bail!(
+            "--url {url:?} has a user or password in it: the API key is the credential, never a URL (configs show it)"
+        );
     }
     if url.chars().any(|c| c.is_control() || c == '"' || c == '\\' || c.is_whitespace()) {
         bail!("--url {url:?}: a URL has no spaces, quotes, backslashes or control characters");
@@ -339,7 +368,7 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32, replace: bool) -> Resu
             .create_new(true)
             .mode(mode)
             .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
+            .with_context(|| format!("creating {} (run init as root, e.g. with sudo)", tmp.display()))?;
         // The mode passed to open is masked by the umask.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
@@ -552,6 +581,38 @@ mod tests {
         assert_eq!(mode(&fresh.path().join("etc")), 0o755);
         assert_eq!(mode(&o.credentials_dir), 0o700);
         assert_eq!(mode(&o.config), 0o644);
+    }
+
+    #[test]
+    fn an_edited_placeholder_is_refused_and_a_kept_config_with_another_url_is_said() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path());
+        create_dirs(o.config.parent().unwrap(), 0o755).unwrap();
+        fs::write(&o.config, format!("{PLACEHOLDER_MARKER}\ndevice_id = \"x\"\n")).unwrap();
+        let e = format!("{:#}", init(&o).unwrap_err());
+        assert!(e.contains("still starts with the placeholder's first line") && e.contains("remove that line"), "{e}");
+        assert!(!o.credentials_dir.exists(), "nothing written");
+
+        fs::remove_file(&o.config).unwrap();
+        init(&o).unwrap();
+        let again = init(&InitOptions { url: Some("https://other.example.org".into()), ..o.clone() }).unwrap();
+        assert!(
+            again.lines.iter().any(|l| l.contains("sends to mqtts://broker.example.org, not to --url https://other")),
+            "{:?}",
+            again.lines
+        );
+        let same = init(&o).unwrap();
+        assert!(!same.lines.iter().any(|l| l.starts_with("warning")), "{:?}", same.lines);
+    }
+
+    #[test]
+    fn a_url_with_a_password_or_a_path_is_refused() {
+        let mut l = Vec::new();
+        for url in ["mqtt://user:pw@host:1883", "https://user:pw@cloud.example.org", "mqtt://host:1883/x?y=1"] {
+            let e = mode_and_url(None, Some(url), &mut l).unwrap_err().to_string();
+            assert!(e.contains("user or password") || e.contains("path or query"), "{url}: {e}");
+        }
+        assert!(mode_and_url(None, Some("https://cloud.example.org/ingest"), &mut l).is_ok());
     }
 
     #[test]

@@ -257,9 +257,19 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                      from standard input, out of sight of ps and the shell's history)"
                 ),
                 (Some(file), None) if file.as_os_str() == "-" => {
+                    use std::io::IsTerminal;
+                    if std::io::stdin().is_terminal() {
+                        anyhow::bail!(
+                            "--api-key-file - reads the key from standard input, which is a terminal here: pipe it in, \
+                             e.g. printf '%s' \"$KEY\" | sudo backhaul-edge init ... --api-key-file -"
+                        );
+                    }
                     let mut key = String::new();
                     std::io::Read::read_to_string(&mut std::io::stdin(), &mut key)
                         .context("reading the API key from standard input (--api-key-file -)")?;
+                    if key.trim().is_empty() {
+                        anyhow::bail!("--api-key-file -: standard input was empty (pipe the key in)");
+                    }
                     Some(key.trim().to_owned())
                 }
                 (Some(file), None) => Some(

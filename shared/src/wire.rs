@@ -16,6 +16,15 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16, bool), String> {
         _ => return Err(format!("`{url}` is not mqtt://HOST:PORT or mqtts://HOST:PORT")),
     };
     let rest = rest.trim_end_matches('/');
+    if rest.contains('@') {
+        return Err(format!(
+            "`{url}` has a user or password in it: the username goes in its own setting and the password in a \
+             password file, never in a URL (which configs and logs show)"
+        ));
+    }
+    if rest.contains(['/', '?', '#']) {
+        return Err(format!("`{url}` has a path or query: an MQTT URL is mqtt://HOST:PORT or mqtts://HOST:PORT"));
+    }
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) => (h, p.parse().map_err(|_| format!("bad port in `{url}`"))?),
         None => (rest, if tls { 8883 } else { 1883 }),
@@ -254,6 +263,8 @@ mod tests {
     fn mqtt_urls_parse_with_a_default_port_per_scheme() {
         assert_eq!(parse_mqtt_url("mqtt://broker.local:1884"), Ok(("broker.local".into(), 1884, false)));
         assert_eq!(parse_mqtt_url("mqtt://10.0.0.2"), Ok(("10.0.0.2".into(), 1883, false)));
+        assert!(parse_mqtt_url("mqtt://user:pw@host:1883").unwrap_err().contains("never in a URL"));
+        assert!(parse_mqtt_url("mqtt://host:1883/path?x=1").unwrap_err().contains("path or query"));
         assert_eq!(parse_mqtt_url("mqtts://b"), Ok(("b".into(), 8883, true)));
         assert_eq!(parse_mqtt_url("mqtts://b:18883/"), Ok(("b".into(), 18883, true)));
         assert!(parse_mqtt_url("http://b").is_err());

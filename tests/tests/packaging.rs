@@ -66,7 +66,8 @@ fn init_writes_a_config_the_edge_runs_with_and_a_rerun_changes_nothing() {
     let again: Vec<&str> = again.iter().map(String::as_str).collect();
     let (code, out, err) = run("backhaul-edge", &again, &[]).unwrap();
     assert_eq!(code, 0, "{out}\n{err}");
-    assert_eq!(out.matches("kept ").count(), 3, "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("kept ")).count(), 3, "{out}");
+    assert!(out.contains("warning: the kept config sends to http://127.0.0.1"), "the other --url is said: {out}");
     assert_eq!(std::fs::read(&config).unwrap(), written);
     assert_eq!(std::fs::read(creds.join("hash_secret")).unwrap(), secret);
 
@@ -367,14 +368,25 @@ fn the_amd64_packages_install_into_a_bare_debian_root() {
     assert!(modes.contains("hash_secret 600 root") && modes.contains("api_key 600 root"), "{modes}");
     let config = std::fs::read(root.host_path("/etc/backhaul/edge.toml")).unwrap();
     let out = root.ok(init, &[], &[]).unwrap();
-    assert_eq!(out.matches("kept ").count(), 3, "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("kept ")).count(), 3, "{out}");
+
+    // The cloud's package: its config checks once the keys file the README names is written.
+    sh("umask 077; printf '\"rpi-debian-root-01\" = \"key-of-this-pi-0123456789\"\\n' > /etc/backhaul/credentials/api-keys.toml");
+    let cloud = sh("backhaul-cloud check-config --config /etc/backhaul/cloud.toml");
+    assert!(!cloud.contains("key-of-this-pi"), "no key printed: {cloud}");
+    let state = sh("stat -c '%n %a %U' /var/lib/backhaul /var/lib/backhaul-cloud");
+    assert!(
+        state.contains("/var/lib/backhaul 750 backhaul")
+            && state.contains("/var/lib/backhaul-cloud 750 backhaul-cloud"),
+        "{state}"
+    );
 
     // A reinstall (an upgrade runs the same scripts) keeps the config init wrote.
     sh("dpkg -i --force-confold /debs/backhaul-edge_*_amd64.deb");
     assert_eq!(std::fs::read(root.host_path("/etc/backhaul/edge.toml")).unwrap(), config);
 
     // Purge: the binary, conffile and credentials go; the queue stays (batches may be unsent).
-    sh("install -d -o backhaul /var/lib/backhaul && echo queued > /var/lib/backhaul/db");
+    sh("echo queued > /var/lib/backhaul/db");
     sh("dpkg --purge backhaul-edge");
     assert!(!root.host_path("/usr/bin/backhaul-edge").exists());
     assert!(!root.host_path("/etc/backhaul/edge.toml").exists());
