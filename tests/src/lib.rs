@@ -453,6 +453,32 @@ pub fn run(name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<(i32, Stri
     ))
 }
 
+/// Batch number `n` of a queue test child (`queue-crash-child`, `queue-power-cut-child`):
+/// `detections` presence detections whose hashes are `n * 1000 + i` (so a checker can tell which
+/// batch it holds), and `n` as its source position (little-endian), as a resumable source stores it.
+pub fn numbered_batch(device_id: &str, n: u64, detections: u64) -> backhaul_edge::queue::NewBatch {
+    use backhaul_shared::{Detection, Presence, Timestamp, Zone};
+    backhaul_edge::queue::NewBatch {
+        device_id: device_id.into(),
+        name: None,
+        location: None,
+        timestamp: Timestamp::now(),
+        detections: (0..detections)
+            .map(|i| {
+                Detection::Presence(Presence {
+                    device_hash: format!("{:016x}", n * 1000 + i),
+                    rssi: -70,
+                    zone: Zone::Medium,
+                    timestamp: Timestamp::now(),
+                })
+            })
+            .collect(),
+        source_position: Some(n.to_le_bytes().to_vec()),
+        batch_id: None,
+        clock: Default::default(),
+    }
+}
+
 /// A batch of `detections` presence detections for `device_id`, to enqueue in tests.
 pub fn presence_batch(device_id: &str, detections: usize) -> backhaul_edge::queue::NewBatch {
     use backhaul_shared::{Detection, Presence, Timestamp, Zone};

@@ -11,8 +11,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use backhaul_edge::queue::{NewBatch, Queue, QueueConfig};
-use backhaul_shared::{Detection, Presence, Timestamp, Zone};
+use backhaul_edge::queue::{Queue, QueueConfig};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -29,25 +28,7 @@ fn main() -> anyhow::Result<()> {
         None => 0,
     };
     loop {
-        let batch = NewBatch {
-            device_id: "crash-test".into(),
-            name: None,
-            location: None,
-            timestamp: Timestamp::now(),
-            detections: (0..detections)
-                .map(|i| {
-                    Detection::Presence(Presence {
-                        device_hash: format!("{:016x}", n * 1000 + i as u64),
-                        rssi: -70,
-                        zone: Zone::Medium,
-                        timestamp: Timestamp::now(),
-                    })
-                })
-                .collect(),
-            source_position: Some(n.to_le_bytes().to_vec()),
-            batch_id: None,
-            clock: Default::default(),
-        };
+        let batch = backhaul_tests::numbered_batch("crash-test", n, detections as u64);
         let e = queue.enqueue(batch)?;
         writeln!(out, "E {} {}", e.seq, e.batch_id)?;
         out.flush()?;

@@ -17,28 +17,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use backhaul_edge::queue::{Durability, NewBatch, Queue, QueueConfig};
-use backhaul_shared::{Detection, Presence, Timestamp, Zone};
 
+/// Batch `n`: 1 to 7 detections.
 fn batch(n: u64) -> NewBatch {
-    NewBatch {
-        device_id: "power-cut-test".into(),
-        name: None,
-        location: None,
-        timestamp: Timestamp::now(),
-        detections: (0..1 + n % 7)
-            .map(|i| {
-                Detection::Presence(Presence {
-                    device_hash: format!("{:016x}", n * 1000 + i),
-                    rssi: -70,
-                    zone: Zone::Medium,
-                    timestamp: Timestamp::now(),
-                })
-            })
-            .collect(),
-        source_position: Some(n.to_le_bytes().to_vec()),
-        batch_id: None,
-        clock: Default::default(),
-    }
+    backhaul_tests::numbered_batch("power-cut-test", n, 1 + n % 7)
 }
 
 fn main() {
