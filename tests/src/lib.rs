@@ -457,47 +457,40 @@ pub fn run(name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<(i32, Stri
 /// `detections` presence detections whose hashes are `n * 1000 + i` (so a checker can tell which
 /// batch it holds), and `n` as its source position (little-endian), as a resumable source stores it.
 pub fn numbered_batch(device_id: &str, n: u64, detections: u64) -> backhaul_edge::queue::NewBatch {
-    use backhaul_shared::{Detection, Presence, Timestamp, Zone};
-    backhaul_edge::queue::NewBatch {
-        device_id: device_id.into(),
-        name: None,
-        location: None,
-        timestamp: Timestamp::now(),
-        detections: (0..detections)
-            .map(|i| {
-                Detection::Presence(Presence {
-                    device_hash: format!("{:016x}", n * 1000 + i),
-                    rssi: -70,
-                    zone: Zone::Medium,
-                    timestamp: Timestamp::now(),
-                })
-            })
-            .collect(),
-        source_position: Some(n.to_le_bytes().to_vec()),
-        batch_id: None,
-        clock: Default::default(),
-    }
+    let hashes = (0..detections).map(|i| n * 1000 + i);
+    presence_batch_of(device_id, hashes, -70, backhaul_shared::Zone::Medium, Some(n.to_le_bytes().to_vec()))
 }
 
 /// A batch of `detections` presence detections for `device_id`, to enqueue in tests.
 pub fn presence_batch(device_id: &str, detections: usize) -> backhaul_edge::queue::NewBatch {
-    use backhaul_shared::{Detection, Presence, Timestamp, Zone};
+    presence_batch_of(device_id, 0..detections as u64, -60, backhaul_shared::Zone::Near, None)
+}
+
+/// Presence detections with the hashes `hashes` (as 16 hex digits), all at `rssi` in `zone`.
+fn presence_batch_of(
+    device_id: &str,
+    hashes: impl Iterator<Item = u64>,
+    rssi: i16,
+    zone: backhaul_shared::Zone,
+    source_position: Option<Vec<u8>>,
+) -> backhaul_edge::queue::NewBatch {
+    use backhaul_shared::{Detection, Presence, Timestamp};
     backhaul_edge::queue::NewBatch {
         device_id: device_id.into(),
         name: None,
         location: None,
         timestamp: Timestamp::now(),
-        detections: (0..detections)
-            .map(|i| {
+        detections: hashes
+            .map(|h| {
                 Detection::Presence(Presence {
-                    device_hash: format!("{i:016x}"),
-                    rssi: -60,
-                    zone: Zone::Near,
+                    device_hash: format!("{h:016x}"),
+                    rssi,
+                    zone,
                     timestamp: Timestamp::now(),
                 })
             })
             .collect(),
-        source_position: None,
+        source_position,
         batch_id: None,
         clock: Default::default(),
     }
