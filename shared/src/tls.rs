@@ -225,12 +225,31 @@ pub struct ClientMaterial {
     /// The trusted roots (from `ca_file` or `roots = "system"`); with `webpki`, Mozilla's too.
     pub roots: Vec<CertificateDer<'static>>,
     pub webpki: bool,
-    /// The client certificate chain and the key file's PEM text (checked to hold a key), for
-    /// mTLS. Never logged.
-    pub identity: Option<(Vec<CertificateDer<'static>>, Arc<Vec<u8>>)>,
+    /// The client certificate and key, for mTLS.
+    pub identity: Option<ClientIdentity>,
     pub server_name: Option<String>,
     /// Things to log at start (a certificate not yet valid).
     pub warnings: Vec<String>,
+}
+
+/// A client certificate chain and its key, with the files they came from (for messages).
+#[derive(Clone)]
+pub struct ClientIdentity {
+    pub certs: Vec<CertificateDer<'static>>,
+    /// The key file's PEM text, checked to hold a key: rustls parses it, ureq takes it as it is.
+    /// Never logged.
+    pub key_pem: Arc<Vec<u8>>,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for ClientMaterial {
@@ -282,7 +301,12 @@ impl ClientTls {
             (Some(cert), Some(key)) => {
                 let c = load_certs(cert, &format!("{section}.cert_file"), Role::Client, now)?;
                 warnings.extend(c.warnings);
-                Some((c.certs, Arc::new(read_key_pem(key, &format!("{section}.key_file"))?)))
+                Some(ClientIdentity {
+                    certs: c.certs,
+                    key_pem: Arc::new(read_key_pem(key, &format!("{section}.key_file"))?),
+                    cert_file: cert.clone(),
+                    key_file: key.clone(),
+                })
             }
             _ => return Err(err(format!("{section}: cert_file and key_file go together (mTLS); set both or neither"))),
         };
@@ -293,15 +317,7 @@ impl ClientTls {
         let webpki = self.roots == Some(Roots::Webpki);
         let material = ClientMaterial { roots, webpki, identity, server_name: self.server_name.clone(), warnings };
         // Build once now, so a key that does not match its certificate fails at start.
-        material.rustls_config(section).map_err(|e| match (&self.cert_file, &self.key_file) {
-            (Some(cert), Some(key)) if e.0.contains("do not go together") => err(format!(
-                "{section}: the key in {} is not the key of the certificate in {}: point key_file at the key \
-                 that was made with that certificate (issue.sh writes NAME.pem and NAME.key side by side)",
-                key.display(),
-                cert.display()
-            )),
-            _ => e,
-        })?;
+        material.rustls_config(section)?;
         Ok(material)
     }
 }
@@ -337,10 +353,17 @@ impl ClientMaterial {
         };
         let config = match &self.identity {
             None => builder.with_no_client_auth(),
-            Some((chain, pem)) => {
-                let key = parse_key(pem).ok_or_else(|| err(format!("{section}.key_file: no PEM private key")))?;
-                builder.with_client_auth_cert(chain.clone(), key).map_err(|e| {
-                    err(format!("{section}: the client certificate and key_file do not go together: {e}"))
+            Some(id) => {
+                let key =
+                    parse_key(&id.key_pem).ok_or_else(|| err(format!("{section}.key_file: no PEM private key")))?;
+                builder.with_client_auth_cert(id.certs.clone(), key).map_err(|e| {
+                    err(format!(
+                        "{section}: the key in {} is not the key of the certificate in {} ({e}): point key_file at \
+                         the key that was made with that certificate (issue.sh writes NAME.pem and NAME.key side by \
+                         side)",
+                        id.key_file.display(),
+                        id.cert_file.display()
+                    ))
                 })?
             }
         };

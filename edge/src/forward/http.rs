@@ -71,7 +71,8 @@ pub fn tls_config(tls: Option<&backhaul_shared::tls::ClientMaterial>) -> Result<
         )
     });
     // ureq takes the key as PEM (its DER constructor needs a type it does not export).
-    if let Some((chain, pem)) = &tls.identity {
+    if let Some(id) = &tls.identity {
+        let (chain, pem) = (&id.certs, &id.key_pem);
         let key = PrivateKey::from_pem(pem).map_err(|e| {
             format!("transport.tls.key_file: the HTTPS client cannot read the key ({e}); use a PKCS#8 PEM key")
         })?;
