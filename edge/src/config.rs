@@ -222,7 +222,7 @@ impl QueueSection {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum TransportMode {
     /// (`MQTT` is the seed agent's spelling.)
@@ -231,6 +231,16 @@ pub enum TransportMode {
     Mqtt,
     #[serde(alias = "HTTP")]
     Http,
+}
+
+impl TransportMode {
+    /// As the config writes it (`transport.mode`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mqtt => "mqtt",
+            Self::Http => "http",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -445,6 +455,19 @@ pub struct Secrets {
     pub tls: Option<ClientMaterial>,
 }
 
+/// Why no cloud could accept `key` as a device's API key, if so: the cloud refuses keys shorter
+/// than 16 characters, and the key is sent as the `X-API-Key` header, so anything but visible
+/// ASCII makes every request fail before it leaves. Checked by `run`, `check-config` and `init`.
+pub fn api_key_problem(key: &str) -> Option<&'static str> {
+    if key.len() < 16 {
+        Some("is shorter than 16 characters, which no cloud accepts: use the key the cloud's keys file holds for this device")
+    } else if key.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+        Some("must be visible ASCII without spaces or line breaks: it is sent as the X-API-Key header")
+    } else {
+        None
+    }
+}
+
 /// A secret from `env_var`, else from the file the key `file_key` names (errors name the config,
 /// or the variable, that set the key, and the secret file).
 fn secret(
@@ -480,15 +503,14 @@ impl EdgeConfig {
     /// Loads `file` with the environment applied, and checks every rule that can be checked
     /// before starting.
     pub fn load(file: &Path) -> Result<(Loaded<Self>, Secrets), ConfigError> {
-        if std::fs::read_to_string(file).is_ok_and(|t| crate::init::is_placeholder(&t)) {
-            return Err(ConfigError::Placeholder {
-                file: file.to_owned(),
-                init: "backhaul-edge init --url URL".into(),
-                url: "the broker's mqtts:// or the cloud's https:// URL".into(),
-            });
-        }
         let env_map = EnvMap { prefix: "BACKHAUL_", aliases: SEED_ALIASES, reserved: RESERVED_ENV };
-        let loaded: Loaded<Self> = config::load(file, &env_map, std::env::vars())?;
+        let loaded: Loaded<Self> = config::load(file, &env_map, std::env::vars()).map_err(|e| {
+            // The packaged placeholder sets no key, so it fails here (no device_id): say what it is.
+            match std::fs::read_to_string(file) {
+                Ok(text) if crate::init::is_placeholder(&text) => ConfigError::Placeholder { file: file.to_owned() },
+                _ => e,
+            }
+        })?;
         let c = &loaded.config;
         check_wire_fields(&loaded)?;
         check_ranges(&loaded)?;
@@ -580,27 +602,10 @@ impl EdgeConfig {
             )?,
             tls,
         };
-        // The cloud refuses keys shorter than 16 characters, so such a key can never be right.
-        if let Some(key) = secrets.api_key.as_ref().filter(|k| k.expose().len() < 16) {
-            return Err(loaded.invalid(
-                "transport.http.api_key_file",
-                format!(
-                    "the API key (from {}) is shorter than 16 characters, which no cloud accepts: use the key the \
-                     cloud's keys file holds for this device",
-                    key.origin
-                ),
-            ));
-        }
-        // Sent as a header: anything but visible ASCII makes every request fail before it leaves.
         if let Some(key) = &secrets.api_key {
-            if key.expose().bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
-                return Err(loaded.invalid(
-                    "transport.http.api_key_file",
-                    format!(
-                        "the API key (from {}) must be visible ASCII without spaces: it is sent as the X-API-Key header",
-                        key.origin
-                    ),
-                ));
+            if let Some(problem) = api_key_problem(key.expose()) {
+                return Err(loaded
+                    .invalid("transport.http.api_key_file", format!("the API key (from {}) {problem}", key.origin)));
             }
         }
         if let Some(p) = c.decode.profiles.iter().find(|p| !["presence", "thingy52"].contains(&p.as_str())) {

@@ -12,10 +12,11 @@
 //! - `api_key` there, mode 0600, from `BACKHAUL_API_KEY` or `--api-key-file` when given: the
 //!   key the cloud's keys file holds for this device.
 //!
-//! Every file is written to a temporary name, synced and renamed, so a power cut leaves either
-//! nothing or the whole file. Running it again changes nothing and says so.
+//! Every file is written to a temporary name and synced, then published: renamed over the
+//! placeholder, else hard-linked, which fails if anything is there, so nothing that exists is
+//! ever overwritten and a power cut leaves either nothing or the whole file. Running it again
+//! changes nothing and says so.
 
-use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -91,25 +92,23 @@ pub struct InitReport {
 pub fn init(o: &InitOptions) -> Result<InitReport> {
     let mut lines = Vec::new();
     let existing = match fs::symlink_metadata(&o.config) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Existing::Nothing,
         Err(e) => bail!("looking at {}: {e}", o.config.display()),
         // Anything there (even a dangling link) is someone's: only the placeholder is replaced.
-        Ok(_) => Some(fs::read_to_string(&o.config).unwrap_or_default()),
+        Ok(_) => match fs::read_to_string(&o.config).unwrap_or_default() {
+            text if is_placeholder(&text) => Existing::Placeholder,
+            text if text.lines().next() == Some(PLACEHOLDER_MARKER) => bail!(
+                "{} still starts with the placeholder's first line but sets keys (edited by hand?): remove that line \
+                 to keep it as this Pi's config, or remove the file to have init write one",
+                o.config.display()
+            ),
+            text => Existing::Config { url: configured_url(&text) },
+        },
     };
-    let replace_placeholder = existing.is_some();
     // What the config will say, checked before anything is written; nothing if it is kept.
-    if existing.as_deref().is_some_and(|t| t.lines().next() == Some(PLACEHOLDER_MARKER) && !is_placeholder(t)) {
-        bail!(
-            "{} still starts with the placeholder's first line but sets keys (edited by hand?): remove that line to \
-             keep it as this Pi's config, or remove the file to have init write one",
-            o.config.display()
-        );
-    }
-    // What the kept config sends to, to say so when --url asks for something else.
-    let kept_url = existing.as_deref().filter(|t| !is_placeholder(t)).map(configured_url);
     let plan = match existing {
-        Some(text) if !is_placeholder(&text) => None,
-        _ => {
+        Existing::Config { .. } => None,
+        Existing::Nothing | Existing::Placeholder => {
             let device_id = match &o.device_id {
                 Some(id) => {
                     backhaul_shared::batch::validate_device_id(id)
@@ -127,8 +126,8 @@ pub fn init(o: &InitOptions) -> Result<InitReport> {
             Some((device_id, mode, url, warnings))
         }
     };
-    if let Some(key) = &o.api_key {
-        check_api_key(key)?;
+    if let Some(problem) = o.api_key.as_deref().and_then(crate::config::api_key_problem) {
+        bail!("the API key given {problem}");
     }
 
     create_private_dir(&o.credentials_dir, &mut lines)?;
@@ -141,7 +140,7 @@ pub fn init(o: &InitOptions) -> Result<InitReport> {
                 "kept {}: it exists (edit it, or remove it and run init again to write a new one)",
                 o.config.display()
             ));
-            if let (Some(want), Some(Some(have))) = (&o.url, &kept_url) {
+            if let (Some(want), Existing::Config { url: Some(have) }) = (&o.url, &existing) {
                 if want != have {
                     lines.push(format!(
                         "warning: the kept config sends to {have}, not to --url {want}: edit it, or remove it and run \
@@ -158,11 +157,11 @@ pub fn init(o: &InitOptions) -> Result<InitReport> {
             let text = render_config(&device_id, mode, &url, &o.data_dir, &hash_secret_path, &api_key_path);
             // Renamed over the placeholder; where there was nothing, linked, so a file that
             // appeared since the look above is kept.
-            if write_atomically(&o.config, text.as_bytes(), 0o644, replace_placeholder)? {
+            if write_atomically(&o.config, text.as_bytes(), 0o644, existing == Existing::Placeholder)? {
                 lines.push(format!(
                     "wrote {} for device {device_id:?} ({} to {url})",
                     o.config.display(),
-                    mode_name(mode)
+                    mode.as_str()
                 ));
                 lines.append(&mut warnings);
                 Outcome::Written
@@ -225,6 +224,18 @@ pub fn init(o: &InitOptions) -> Result<InitReport> {
     Ok(InitReport { config, hash_secret, api_key, lines })
 }
 
+/// What `init` found where the config goes.
+#[derive(Debug, PartialEq, Eq)]
+enum Existing {
+    Nothing,
+    /// The package's placeholder, untouched: replaced.
+    Placeholder,
+    /// Someone's config, kept; the URL it sends to, if it says.
+    Config {
+        url: Option<String>,
+    },
+}
+
 /// The URL a config sends to (its mode's), if it says.
 fn configured_url(text: &str) -> Option<String> {
     let table: toml::Table = text.parse().ok()?;
@@ -246,13 +257,6 @@ fn device_id_from_host(host: &str) -> Result<String> {
         );
     }
     Ok(host.to_owned())
-}
-
-fn mode_name(mode: TransportMode) -> &'static str {
-    match mode {
-        TransportMode::Mqtt => "mqtt",
-        TransportMode::Http => "http",
-    }
 }
 
 /// The mode and URL to write: the URL's scheme decides the mode; `--mode` must agree with it.
@@ -283,8 +287,8 @@ fn mode_and_url(
     if let Some(m) = mode.filter(|m| *m != from_url) {
         bail!(
             "--mode {} contradicts --url {url:?}, which is {}: leave out --mode, or pass a URL of that mode",
-            mode_name(m),
-            mode_name(from_url)
+            m.as_str(),
+            from_url.as_str()
         );
     }
     if from_url == TransportMode::Mqtt {
@@ -298,17 +302,6 @@ fn mode_and_url(
         bail!("--url {url:?}: a URL has no spaces, quotes, backslashes or control characters");
     }
     Ok((from_url, url.to_owned()))
-}
-
-/// The rules the edge applies to its API key at start ([`crate::config::EdgeConfig::load`]).
-fn check_api_key(key: &str) -> Result<()> {
-    if key.len() < 16 {
-        bail!("the API key given is shorter than 16 characters, which no cloud accepts: use the key the cloud's keys file holds for this device");
-    }
-    if key.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
-        bail!("the API key given must be visible ASCII without spaces or line breaks (it is sent as the X-API-Key header)");
-    }
-    Ok(())
 }
 
 /// Creates `dir` (mode 0700) and its missing parents (mode 0755, so the service's user can reach
@@ -394,7 +387,8 @@ fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
 }
 
-/// The commented config `init` writes.
+/// The commented config `init` writes. The values it spells out are the defaults
+/// (`the_rendered_config_spells_out_the_defaults` checks they stay so).
 pub fn render_config(
     device_id: &str,
     mode: TransportMode,
@@ -403,74 +397,77 @@ pub fn render_config(
     hash_secret: &Path,
     api_key: &Path,
 ) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "# backhaul-edge configuration, written by `backhaul-edge init`.");
-    let _ = writeln!(s, "# Every key, its default and its valid range: the README's \"Configuration\" section.");
-    let _ = writeln!(s, "# Check it with `backhaul-edge check-config --config FILE`; secrets never go in this file.");
-    let _ = writeln!(s);
-    let _ = writeln!(s, "# On the wire in every batch and topic: 1..=64 bytes, no '/', '+', '#'.");
-    let _ = writeln!(s, "device_id = {}", toml_string(device_id));
-    let _ = writeln!(s, "# name = \"Entrance Pi\"");
-    let _ = writeln!(s, "# location = \"Main entrance\"");
-    let _ = writeln!(s, "# The durable queue (the systemd unit's StateDirectory).");
-    let _ = writeln!(s, "data_dir = {}", toml_string(&data_dir.to_string_lossy()));
-    let _ = writeln!(s, "# Status and Prometheus metrics, loopback only: `backhaul-edge status`.");
-    let _ = writeln!(s, "status_listen = \"127.0.0.1:9901\"");
-    let _ = writeln!(s);
-    let _ = writeln!(s, "[source]");
-    let _ =
-        writeln!(s, "# ble (this Pi's radio through BlueZ) | replay (path = a `scan --record` capture) | simulated");
-    let _ = writeln!(s, "kind = \"ble\"");
-    let _ = writeln!(s);
-    let _ = writeln!(s, "[decode]");
-    let _ = writeln!(s, "profiles = [\"presence\", \"thingy52\"]");
-    let _ = writeln!(
-        s,
-        "# The key of the presence hashes (HMAC-SHA256 of each address; raw addresses never leave the Pi)."
-    );
-    let _ = writeln!(s, "# Under systemd the unit passes it as a credential instead (LoadCredential=hash_secret).");
-    let _ = writeln!(s, "hash_secret_file = {}", toml_string(&hash_secret.to_string_lossy()));
-    let _ = writeln!(s);
-    let _ = writeln!(s, "[batch]");
-    let _ = writeln!(s, "max_detections = 500");
-    let _ = writeln!(s, "max_age_ms = 5000");
-    let _ = writeln!(s);
-    let _ = writeln!(s, "[queue]");
-    let _ =
-        writeln!(s, "# What the queue may hold; past it the oldest pending batch is dropped (or on_full = \"block\").");
-    let _ = writeln!(s, "max_bytes = \"512MiB\"");
-    let _ = writeln!(s, "on_full = \"drop_oldest\"");
-    let _ = writeln!(s, "# Acked batches kept for `backhaul-edge replay`.");
-    let _ = writeln!(s, "retain_acked = \"24h\"");
-    let _ = writeln!(s);
-    let _ = writeln!(s, "[transport]");
-    let _ = writeln!(s, "mode = \"{}\"", mode_name(mode));
-    let _ = writeln!(s, "rate_per_sec = 50");
-    let _ = writeln!(s, "burst = 100");
-    let _ = writeln!(s);
     let (mqtt_url, http_url) = match mode {
         TransportMode::Mqtt => (url, "http://127.0.0.1:8080"),
         TransportMode::Http => ("mqtt://127.0.0.1:1883", url),
     };
-    let _ = writeln!(s, "[transport.mqtt]");
-    let _ = writeln!(s, "url = {}", toml_string(mqtt_url));
-    let _ =
-        writeln!(s, "# cloud: a batch is deleted when the cloud stored it (needs the API key); broker: on the PUBACK.");
-    let _ = writeln!(s, "ack = \"cloud\"");
-    let _ = writeln!(s, "# username = {}   # with password_file, if the broker wants a login", toml_string(device_id));
-    let _ = writeln!(s);
-    let _ = writeln!(s, "[transport.http]");
-    let _ = writeln!(s, "url = {}", toml_string(http_url));
-    let _ = writeln!(s, "# The key the cloud's keys file holds for this device: it signs HTTP posts and verifies the");
-    let _ = writeln!(s, "# cloud's acks over MQTT. Under systemd: LoadCredential=api_key.");
-    let _ = writeln!(s, "api_key_file = {}", toml_string(&api_key.to_string_lossy()));
-    let _ = writeln!(s);
-    let _ = writeln!(s, "# TLS for mqtts:// and https:// URLs: the system's roots unless a section says otherwise.");
-    let _ = writeln!(s, "# [transport.tls]");
-    let _ = writeln!(s, "# ca_file = \"/etc/backhaul/pki/ca.pem\"");
-    let _ = writeln!(s, "# cert_file = \"/etc/backhaul/pki/{device_id}.pem\"");
-    let _ = writeln!(s, "# key_file = \"/etc/backhaul/credentials/tls_key\"");
-    s
+    format!(
+        r#"# backhaul-edge configuration, written by `backhaul-edge init`.
+# Every key, its default and its valid range: the README's "Configuration" section.
+# Check it with `backhaul-edge check-config --config FILE`; secrets never go in this file.
+
+# On the wire in every batch and topic: 1..=64 bytes, no '/', '+', '#'.
+device_id = {device_id}
+# name = "Entrance Pi"
+# location = "Main entrance"
+# The durable queue (the systemd unit's StateDirectory).
+data_dir = {data_dir}
+# Status and Prometheus metrics, loopback only: `backhaul-edge status`.
+status_listen = "127.0.0.1:9901"
+
+[source]
+# ble (this Pi's radio through BlueZ) | replay (path = a `scan --record` capture) | simulated
+kind = "ble"
+
+[decode]
+profiles = ["presence", "thingy52"]
+# The key of the presence hashes (HMAC-SHA256 of each address; raw addresses never leave the Pi).
+# Under systemd the unit passes it as a credential instead (LoadCredential=hash_secret).
+hash_secret_file = {hash_secret}
+
+[batch]
+max_detections = 500
+max_age_ms = 5000
+
+[queue]
+# What the queue may hold; past it the oldest pending batch is dropped (or on_full = "block").
+max_bytes = "512MiB"
+on_full = "drop_oldest"
+# Acked batches kept for `backhaul-edge replay`.
+retain_acked = "24h"
+
+[transport]
+mode = "{mode}"
+rate_per_sec = 50
+burst = 100
+
+[transport.mqtt]
+url = {mqtt_url}
+# cloud: a batch is deleted when the cloud stored it (needs the API key); broker: on the PUBACK.
+ack = "cloud"
+# username = {device_id}   # with password_file, if the broker wants a login
+
+[transport.http]
+url = {http_url}
+# The key the cloud's keys file holds for this device: it signs HTTP posts and verifies the
+# cloud's acks over MQTT. Under systemd: LoadCredential=api_key.
+api_key_file = {api_key}
+
+# TLS for mqtts:// and https:// URLs: the system's roots unless a section says otherwise.
+# [transport.tls]
+# ca_file = "/etc/backhaul/pki/ca.pem"
+# cert_file = "/etc/backhaul/pki/{device_id_bare}.pem"
+# key_file = "/etc/backhaul/credentials/tls_key"
+"#,
+        device_id = toml_string(device_id),
+        device_id_bare = device_id,
+        data_dir = toml_string(&data_dir.to_string_lossy()),
+        hash_secret = toml_string(&hash_secret.to_string_lossy()),
+        mode = mode.as_str(),
+        mqtt_url = toml_string(mqtt_url),
+        http_url = toml_string(http_url),
+        api_key = toml_string(&api_key.to_string_lossy()),
+    )
 }
 
 #[cfg(test)]
@@ -487,6 +484,27 @@ mod tests {
             data_dir: dir.join("data"),
             api_key: Some("key-of-rpi-hall-02-0123456789".into()),
         }
+    }
+
+    #[test]
+    fn the_rendered_config_spells_out_the_defaults() {
+        use crate::config::{BatchConfig, EdgeConfig, TransportConfig};
+        let text = render_config(
+            "pi-1",
+            TransportMode::Http,
+            "https://c.example.org",
+            Path::new("/var/lib/backhaul"),
+            Path::new("/s"),
+            Path::new("/k"),
+        );
+        let c: EdgeConfig = toml::from_str(&text).unwrap();
+        let d: EdgeConfig = toml::from_str("device_id = \"pi-1\"").unwrap();
+        let (b, t) = (BatchConfig::default(), TransportConfig::default());
+        assert_eq!((c.batch.max_detections, c.batch.max_age_ms), (b.max_detections, b.max_age_ms));
+        assert_eq!((c.transport.rate_per_sec, c.transport.burst), (t.rate_per_sec, t.burst));
+        assert_eq!(c.queue.queue_config(), d.queue.queue_config());
+        assert_eq!((c.status_listen, c.decode.profiles), (d.status_listen, d.decode.profiles));
+        assert_eq!((c.transport.mode, c.transport.http.url.as_str()), (TransportMode::Http, "https://c.example.org"));
     }
 
     #[test]

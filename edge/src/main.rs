@@ -80,7 +80,7 @@ enum Command {
         device_id: Option<String>,
         /// Default: from the URL's scheme (mqtt:// mqtts:// http:// https://).
         #[arg(long, value_enum)]
-        mode: Option<InitMode>,
+        mode: Option<backhaul_edge::config::TransportMode>,
         /// The broker (mqtt://, mqtts://) or the cloud (http://, https://).
         #[arg(long, value_name = "URL")]
         url: Option<String>,
@@ -102,12 +102,6 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum InitMode {
-    Mqtt,
-    Http,
 }
 
 #[derive(Debug, Subcommand)]
@@ -250,7 +244,6 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Queue { action } => queue_command(action),
         Command::Init { device_id, mode, url, config, credentials_dir, data_dir, api_key_file } => {
-            use backhaul_edge::config::TransportMode;
             let api_key = match (api_key_file, std::env::var("BACKHAUL_API_KEY").ok()) {
                 (Some(_), Some(_)) => anyhow::bail!(
                     "both --api-key-file and BACKHAUL_API_KEY give an API key: pass one (--api-key-file - reads it \
@@ -284,10 +277,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
             let report = backhaul_edge::init::init(&backhaul_edge::init::InitOptions {
                 device_id,
-                mode: mode.map(|m| match m {
-                    InitMode::Mqtt => TransportMode::Mqtt,
-                    InitMode::Http => TransportMode::Http,
-                }),
+                mode,
                 url,
                 config: absolute(config),
                 credentials_dir: absolute(credentials_dir),
@@ -363,7 +353,9 @@ fn open_offline(data_dir: &std::path::Path) -> Result<Queue> {
 fn queue_command(action: QueueAction) -> Result<ExitCode> {
     match action {
         QueueAction::Stats { data_dir } => {
-            let stats = open_offline(&data_dir)?.stats()?;
+            let queue = open_offline(&data_dir)?;
+            let mut stats = serde_json::to_value(queue.stats()?)?;
+            stats["disk_bytes"] = queue.disk_bytes().into();
             println!("{}", serde_json::to_string_pretty(&stats)?);
             Ok(ExitCode::SUCCESS)
         }

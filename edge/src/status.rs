@@ -324,6 +324,7 @@ impl StatusSource {
     /// The report. Blocking: it reads the queue.
     pub fn report(&self) -> Result<StatusReport, crate::queue::QueueError> {
         let s = self.queue.stats()?;
+        let disk_bytes = self.queue.disk_bytes();
         let t = &self.telemetry;
         let last_ack_ms = t.last_ack_ms.load(Ordering::Relaxed);
         let now_ms = backhaul_shared::Timestamp::now().unix_millis().max(0) as u64;
@@ -345,7 +346,7 @@ impl StatusSource {
                 lost: s.lost_batches,
                 bytes: s.bytes,
                 max_bytes: self.queue.config().max_bytes,
-                disk_bytes: s.disk_bytes,
+                disk_bytes,
                 oldest_pending_age_s: s.oldest_pending_age_s,
             },
             link: LinkStatus {

@@ -48,10 +48,10 @@ pub enum ConfigError {
     Syntax { file: PathBuf, message: String },
     #[error("{origin}: key `{key}`: {message}")]
     Invalid { key: String, origin: Origin, message: String },
-    /// The packaged placeholder config: `init` is the command that writes a real one, `url` says
-    /// what its URL is.
-    #[error("config file {} is the placeholder the package installed: write this machine's config first, with `sudo {init}` (URL: {url}; see the README, \"Running on a Pi\")", file.display())]
-    Placeholder { file: PathBuf, init: String, url: String },
+    /// The placeholder config the backhaul-edge package installs (issue #21), found where a config
+    /// was expected.
+    #[error("config file {} is the placeholder the package installed: write this machine's config first, with `sudo backhaul-edge init --url URL` (URL: the broker's mqtts:// or the cloud's https:// URL; see the README, \"Running on a Pi\")", file.display())]
+    Placeholder { file: PathBuf },
     #[error("environment variable {var} does not name a config key (for `{key}`); remove it or fix its spelling (sections are joined with `__`, e.g. BACKHAUL_TRANSPORT__MQTT__URL)")]
     UnknownEnv { var: String, key: String },
 }

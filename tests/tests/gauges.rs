@@ -57,6 +57,9 @@ fn assert_gauges_match(status: &Value, text: &str, stats: &Value) {
         ("/produced/batches", "produced_batches", "produced_batches_total"),
         ("/produced/detections", "produced_detections", "produced_detections_total"),
     ];
+    // What data_dir occupies on disk moves with sled's own writes (and its close): only present.
+    assert!(num(status, "/queue/disk_bytes") > 0 && metric(text, "queue_disk_bytes") > 0, "{status}\n{text}");
+    assert!(stats["disk_bytes"].as_u64().unwrap_or(0) > 0, "{stats}");
     for (pointer, key, name) in pairs {
         let offline = stats[key].as_u64().unwrap_or_else(|| panic!("no {key} in queue stats: {stats}"));
         assert_eq!(num(status, pointer), offline, "/status {pointer} vs queue stats {key}\n{status}\n{stats}");

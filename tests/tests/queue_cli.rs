@@ -31,6 +31,9 @@ fn stats_verify_export_and_replay_work_on_a_real_data_dir() {
     assert_eq!(stats["acked_retained"], 1);
     assert_eq!(stats["produced_detections"], 12);
     assert_eq!(stats["dropped_batches"], 0);
+    // What data_dir occupies on disk (allocated size): sled's files, more than the records' bytes.
+    let disk = stats["disk_bytes"].as_u64().unwrap_or(0);
+    assert!(disk > stats["bytes"].as_u64().unwrap(), "{stats}");
 
     let (code, out, _) = run("backhaul-edge", &["queue", "verify", "--data-dir", data_dir], &[]).unwrap();
     assert_eq!(code, 0);

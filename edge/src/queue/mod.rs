@@ -130,7 +130,7 @@ pub enum OnFull {
 }
 
 /// Queue settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueConfig {
     /// Budget for pending + retained acked records, in bytes.
     pub max_bytes: u64,
@@ -226,10 +226,6 @@ pub struct Stats {
     pub next_seq: u64,
     /// Disk syncs since the queue was opened (with group commit, fewer than enqueues).
     pub syncs_since_open: u64,
-    /// What `data_dir` occupies on its filesystem, bytes: the allocated size (`st_blocks` x 512,
-    /// as `du` counts it) of every file and directory in it, sled's own overhead and set-aside
-    /// (`corrupt-*`) databases included. `bytes` is what the budget counts; this is the card's view.
-    pub disk_bytes: u64,
 }
 
 #[derive(Debug, Error)]
@@ -1063,8 +1059,16 @@ impl Queue {
             lost_batches: c.lost_batches,
             next_seq: c.next_seq,
             syncs_since_open,
-            disk_bytes: self.inner.path.parent().map_or(0, allocated_bytes),
         })
+    }
+
+    /// What `data_dir` occupies on its filesystem, bytes: the allocated size (`st_blocks` x 512,
+    /// as `du` counts it) of every file and directory in it, sled's own overhead and set-aside
+    /// (`corrupt-*`) databases included. [`Stats::bytes`] is what the budget counts; this is the
+    /// card's view. A directory walk, taken only where it is shown (`/status`, `queue stats`),
+    /// not by [`Queue::stats`], which the forwarder calls too.
+    pub fn disk_bytes(&self) -> u64 {
+        self.inner.path.parent().map_or(0, allocated_bytes)
     }
 
     /// Reads every record and checks it. It changes nothing but writing the acks still in memory.
