@@ -270,7 +270,8 @@ impl Drop for Mosquitto {
     }
 }
 
-pub(crate) fn is_root() -> bool {
+/// Whether this process runs as root (uid 0).
+pub fn is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 

@@ -139,22 +139,22 @@ impl State {
     /// Names are durable as a whole (the journal commit): every directory's entries, and the
     /// nodes they name (a new file arrives empty, or with what was synced of it).
     fn commit_names(&mut self) {
-        let mut nodes: HashMap<u64, Node> = HashMap::new();
-        for (ino, node) in &self.live.nodes {
+        let (live, durable) = (&self.live.nodes, &mut self.durable.nodes);
+        durable.retain(|ino, _| live.contains_key(ino));
+        for (ino, node) in live {
             match node {
                 Node::Dir { .. } => {
-                    nodes.insert(*ino, node.clone());
+                    durable.insert(*ino, node.clone());
                 }
-                Node::File { mode, .. } => {
-                    let data = match self.durable.nodes.get(ino) {
-                        Some(Node::File { data, .. }) => data.clone(),
-                        _ => Vec::new(),
-                    };
-                    nodes.insert(*ino, Node::File { data, mode: *mode });
-                }
+                // The data stays what was synced of it; a new file arrives empty.
+                Node::File { mode, .. } => match durable.get_mut(ino) {
+                    Some(Node::File { mode: m, .. }) => *m = *mode,
+                    _ => {
+                        durable.insert(*ino, Node::File { data: Vec::new(), mode: *mode });
+                    }
+                },
             }
         }
-        self.durable.nodes = nodes;
         self.durable.next_ino = self.live.next_ino;
     }
 

@@ -32,10 +32,13 @@ impl Rng {
 }
 
 fn fuse_available() -> bool {
-    let root = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
-    if !root || !std::path::Path::new("/dev/fuse").exists() || find_program("fusermount3").is_none() {
-        eprintln!(
-            "SKIPPED power cuts: needs root, /dev/fuse and fusermount3 (Debian's fuse3; ./scripts/test installs it)"
+    if !backhaul_tests::is_root()
+        || !std::path::Path::new("/dev/fuse").exists()
+        || find_program("fusermount3").is_none()
+    {
+        backhaul_tests::skip(
+            "power cuts",
+            "needs root, /dev/fuse and fusermount3 (Debian's fuse3; ./scripts/test installs it)",
         );
         return false;
     }
