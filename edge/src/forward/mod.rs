@@ -482,10 +482,15 @@ impl<T: Transport> Forwarder<T> {
     /// limit is learned as one byte below its size, and it is cut to fit (see
     /// [`Self::cut_to_fit`]), as every later batch that size or more. Only when no limit is known
     /// (the broker's or the config's), never below [`MIN_LEARNED_PAYLOAD`], and a drop after a
-    /// connection that lasted, or after an ack, clears the suspicion; the limit learned lasts
-    /// until the process restarts.
+    /// connection that lasted, after an ack, or a failed connect attempt (the broker was away)
+    /// clears the suspicion; the limit learned lasts until the process restarts.
     fn suspect_oversized(&mut self) {
-        let Some(up_at) = self.link_up_at.take() else { return };
+        let Some(up_at) = self.link_up_at.take() else {
+            // A connect attempt that failed: the broker was away (killed, restarting), so the
+            // drops before were not a broker refusing a packet: a broker that does stays up.
+            self.suspects.clear();
+            return;
+        };
         if self.acked_on_link || up_at.elapsed() >= SHORT_CONNECTION {
             self.suspects.clear();
             return;
@@ -782,6 +787,28 @@ mod tests {
         let stats = queue.stats().unwrap();
         assert_eq!(stats.dead_letters, u64::from(REJECTIONS_BEFORE_PAUSE), "{stats:?}");
         assert_eq!(stats.pending + stats.in_flight, 20 - u64::from(REJECTIONS_BEFORE_PAUSE), "the rest stays queued");
+    }
+
+    #[test]
+    fn a_failed_connect_attempt_clears_the_suspicion_of_an_oversized_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue =
+            Queue::open(dir.path(), QueueConfig { durability: Durability::Flush, ..QueueConfig::default() }).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let config = ForwarderConfig {
+            max_inflight: 4,
+            rate_per_sec: 1000,
+            burst: 1000,
+            status_every: Duration::from_secs(3600),
+            stop_grace: Duration::from_millis(100),
+        };
+        let telemetry = Arc::new(Telemetry::new("pi", "test"));
+        let mut f = Forwarder::new(queue, RefusingCloud { events: tx }, rx, telemetry, config);
+        // Two short drops with the same batch in flight, then a broker that was not there.
+        f.suspects.insert(BatchId::new(), STRIKES - 1);
+        f.apply(Outcome::LinkDown { error: "connection refused".into(), resend_in_flight: true });
+        assert!(f.suspects.is_empty(), "a broker that was away refused no packet");
+        assert!(f.learned_max_payload.is_none());
     }
 
     #[test]
