@@ -145,18 +145,17 @@ async fn gate_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > max_body_bytes as u64) {
-        return error(
+        return closing(error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "the body declares {} bytes; the limit is {max_body_bytes} (max_body_bytes)",
                 declared.unwrap_or(0)
             ),
             None,
-        )
-        .into_response();
+        ));
     }
     if let Err(e) = authenticate(&app, request.headers()) {
-        return e.into_response();
+        return closing(e);
     }
     let (parts, body) = request.into_parts();
     let read = axum::body::to_bytes(body, max_body_bytes);
@@ -165,7 +164,7 @@ async fn gate_body(
         Ok(Err(e)) => {
             let over = std::error::Error::source(&e)
                 .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some());
-            return if over {
+            return closing(if over {
                 error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("the body is over {max_body_bytes} bytes (max_body_bytes)"),
@@ -173,22 +172,30 @@ async fn gate_body(
                 )
             } else {
                 error(StatusCode::BAD_REQUEST, format!("reading the body failed: {e}"), None)
-            }
-            .into_response();
+            });
         }
         Err(_) => {
-            return error(
+            return closing(error(
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
                     "the body did not arrive within {} s (body_read_timeout); send it faster or in smaller batches",
                     app.body_read_timeout.as_secs()
                 ),
                 None,
-            )
-            .into_response()
+            ))
         }
     };
     next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
+
+/// An answer given before the request's body was read: `Connection: close`, because the server
+/// closes the connection rather than read the rest (RFC 9112 §9.6). Without it a client that pools
+/// connections (ureq) sends its next request on a connection the server is closing, and that
+/// request fails with "peer disconnected" (seen in `tests/tests/cloud_http.rs` after a 413).
+fn closing(answer: impl IntoResponse) -> Response {
+    let mut response = answer.into_response();
+    response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    response
 }
 
 /// 200 `{"status":"ok"}` while the database answers and no ingress is stalled; otherwise 503 with

@@ -36,8 +36,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Rebuilds the detections projection from the stored batches (after a schema or decoder fix),
-    /// without creating duplicates. Safe while `serve` runs on the same database.
+    /// Re-derives the stored batches' time index (first and last detection time) from their
+    /// payloads, after a decoder fix; nothing is stored twice. Safe while `serve` runs on the same
+    /// database. Exit 1 if a stored batch no longer decodes.
     Reprocess {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
@@ -158,12 +159,20 @@ fn reprocess(config_file: PathBuf, since: Option<String>, device: Option<String>
         let store = Store::connect(&config.database)
             .await
             .with_context(|| format!("opening the database {} (key `database`)", redact(&config.database)))?;
-        let (done, skipped) = store.reprocess(since_us, device.as_deref()).await.context("reprocessing")?;
-        println!("reprocessed {done} batches into detections");
-        if skipped > 0 {
+        let done = store.reprocess(since_us, device.as_deref()).await.context("reprocessing")?;
+        println!("reprocessed {} batches: their time index was re-derived from their payloads", done.reindexed);
+        if done.skipped > 0 {
             println!(
-                "skipped {skipped} batches stored before the payload was kept (schema 4): their detection rows are \
-                 their only copy and were left as they are"
+                "skipped {} batches stored before the payload was kept (schema 4): their detection rows are \
+                 their only copy and were left as they are",
+                done.skipped
+            );
+        }
+        if done.undecodable > 0 {
+            anyhow::bail!(
+                "{} stored batches no longer decode (their batch_ids are in the log above): they stay stored, \
+                 their detections are left out of reads; report it with the log",
+                done.undecodable
             );
         }
         Ok(())
@@ -243,10 +252,6 @@ fn serve(config_file: PathBuf) -> Result<()> {
         println!("listening on {addr}");
         backhaul_shared::link::notify(&[sd_notify::NotifyState::Ready]);
         let pinger = tokio::spawn(watchdog_loop(ingest.clone(), ingresses.clone()));
-        let projector = {
-            let ingest = ingest.clone();
-            tokio::spawn(async move { ingest.store.run_projection().await })
-        };
         let limits = backhaul_cloud::serve::Limits {
             max_connections: config.max_connections,
             header_read_timeout: config.header_read_timeout.0,
@@ -259,7 +264,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
         // Every long-lived task runs until the stop is asked: one that ends before died (a panic,
         // or an error it cannot get over). Ingest must not stay dead with the process up, so the
         // service then stops with an error and systemd restarts it.
-        let (mut server, mut mqtt, mut pinger, mut projector) = (Some(server), mqtt, Some(pinger), Some(projector));
+        let (mut server, mut mqtt, mut pinger) = (Some(server), mqtt, Some(pinger));
         let died = tokio::select! {
             _ = shutdown_signal() => None,
             r = async { server.as_mut().expect("set").await } => {
@@ -274,13 +279,9 @@ fn serve(config_file: PathBuf) -> Result<()> {
                 pinger = None;
                 Some(task_ended("the watchdog task", r.map(Ok::<(), anyhow::Error>)))
             }
-            r = async { projector.as_mut().expect("set").await } => {
-                projector = None;
-                Some(task_ended("the detections projection", r.map(Ok::<(), anyhow::Error>)))
-            }
         };
         backhaul_shared::link::notify(&[sd_notify::NotifyState::Stopping]);
-        for task in [pinger, projector].into_iter().flatten() {
+        if let Some(task) = pinger {
             task.abort();
         }
         let _ = stop_tx.send(true);

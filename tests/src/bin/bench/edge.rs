@@ -363,7 +363,11 @@ pub fn edge_run(dir: &Path, run: &Run) -> Result<Value> {
     }
     let cloud = match mode {
         "broker" => None,
-        _ => Some(CloudProcess::start(dir, (mode == "mqtt").then(|| broker.url()).as_deref())?),
+        _ => Some(CloudProcess::start(
+            dir,
+            (mode == "mqtt").then(|| broker.url()).as_deref(),
+            &crate::cloud::Database::Sqlite,
+        )?),
     };
     let (transport_mode, ack) =
         if mode == "http" { ("http", "cloud") } else { ("mqtt", if mode == "broker" { "broker" } else { "cloud" }) };

@@ -231,8 +231,10 @@ fn run_scenario(args: &[String]) -> Result<Value> {
             args.get(4).is_some_and(|a| a == "retain0"),
         ),
         Some("backlog-drain") => backlog_drain(Path::new(&arg(1)?), args.get(2).is_some_and(|a| a == "retain0")),
-        Some("cloud-http") => cloud_http(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
-        Some("cloud-mqtt") => cloud_mqtt(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
+        Some("cloud-http") => {
+            cloud_http(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?, &arg(4)?, arg(5)?.parse()?)
+        }
+        Some("cloud-mqtt") => cloud_mqtt(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?, &arg(4)?),
         Some("edge-run") => edge_run(Path::new(&arg(1)?), &Run::parse(&args[2..])?),
         Some("seed-backend") => seed_backend(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
         Some("fill-edge") => fill_then_wait(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),

@@ -11,24 +11,36 @@
 //! `first_ts`/`last_ts` (UTC µs of its earliest and latest detection)) and `payload`: the exact bytes
 //! it arrived as, LZ4-compressed (`lz4_flex`'s block format with the uncompressed size prepended as a
 //! little-endian u32; never change this format without a migration that rewrites old rows); and the
-//! device's row and the counters. `projected` is 0 for such a row.
+//! device's row (with `max_span_us`, the widest `last_ts - first_ts` of its batches that are not
+//! *wide*, see below) and the counters. Nothing is written per detection.
 //!
-//! The `detections` table is a *projection* of the stored batches, built off the ack path by
-//! [`Store::project_pending`] (a background task; every read of detections first waits, up to 10 s,
-//! for the batches acked before it): each batch's payload is decoded and its
-//! old rows replaced by its rows and `projected` set to 1, in one transaction. `projected` = 2
-//! marks a payload that could not be decoded, 3 a batch whose projection failed (both logged, not
-//! tried again until a `reprocess`). Rows stored before migration 4 have no payload and
-//! `projected` = 1: their detection rows are the only copy. [`Store::reprocess`]
-//! (`backhaul-cloud reprocess`) marks the batches that have a payload for a rebuild.
+//! `GET /api/v1/detections` is served from the batches themselves ([`Store::detections`], in
+//! `detections.rs`): the batches' time ranges are the index. A page (newest first) reads the
+//! batches whose range can hold its rows, newest `last_ts` first (indexes `batches_time` and
+//! `batches_device_time`, bounded below by the device's `max_span_us`), decodes their payloads
+//! and stops once no further batch can hold a newer row than the page's last. A batch whose range
+//! is wider than one hour ([`detections::WIDE_SPAN_US`], e.g. its clock was set mid-batch) is
+//! found through the partial index `batches_wide` instead, so that one such batch does not widen
+//! every scan. Acked is therefore readable at once, on every replica.
+//!
+//! The `detections` table (one row per detection) holds only batches stored before migration 4,
+//! which have no payload: their rows are their only copy, and reads merge them in. Migration 5
+//! removed the rows the former projection had derived from payloads. The `projected` column is
+//! no longer read (kept: persisted columns are never dropped or reordered).
+//! [`Store::reprocess`] (`backhaul-cloud reprocess`) re-derives the index fields from the payloads
+//! after a decoder fix.
 
 use std::time::Duration;
 
-use backhaul_shared::{Batch, Detection, DeviceStatus, Timestamp, Zone};
+use backhaul_shared::{Batch, DeviceStatus, Timestamp, Zone};
 use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 use thiserror::Error;
+
+mod detections;
+
+pub use detections::Reprocessed;
 
 /// Schema migrations, in order. Portable SQL: it runs on SQLite and PostgreSQL.
 const MIGRATIONS: &[&[&str]] = &[
@@ -97,22 +109,21 @@ const MIGRATIONS: &[&[&str]] = &[
         "ALTER TABLE batches ADD COLUMN last_ts BIGINT",
         "CREATE INDEX IF NOT EXISTS batches_unprojected ON batches (received_at, batch_id) WHERE projected = 0",
     ],
+    // 5 (issue #15): detections are read from the batches (see the module doc); the rows the
+    // projection derived from payloads go. `3600000000` is `detections::WIDE_SPAN_US`, spelled out
+    // because SQLite uses a partial index only for a query that repeats its condition literally.
+    &[
+        "ALTER TABLE devices ADD COLUMN max_span_us BIGINT NOT NULL DEFAULT 0",
+        "UPDATE devices SET max_span_us = COALESCE((SELECT MAX(b.last_ts - b.first_ts) FROM batches b
+            WHERE b.device_id = devices.device_id AND b.payload IS NOT NULL
+              AND b.last_ts - b.first_ts <= 3600000000), 0)",
+        "CREATE INDEX IF NOT EXISTS batches_time ON batches (last_ts, batch_id)",
+        "CREATE INDEX IF NOT EXISTS batches_device_time ON batches (device_id, last_ts, batch_id)",
+        "CREATE INDEX IF NOT EXISTS batches_wide ON batches (first_ts) WHERE last_ts - first_ts > 3600000000",
+        "DELETE FROM detections WHERE batch_id IN (SELECT batch_id FROM batches WHERE payload IS NOT NULL)",
+        "DROP INDEX IF EXISTS batches_unprojected",
+    ],
 ];
-
-/// Batches projected per transaction, at most.
-const PROJECT_PER_TX: i64 = 256;
-
-/// Detection rows per projection transaction, about (a bigger single batch goes alone). Small, so
-/// that on SQLite a projection transaction holds the one writer for tens of milliseconds, not a
-/// second: the ack path waits behind it (measured in README "Cloud after the ack-path change").
-const PROJECT_ROWS_PER_TX: i64 = 2_000;
-
-/// On SQLite, how long a projection transaction waits at most while new batches wait to be
-/// written (the ack path goes first); then it goes anyway, so it is never starved for good.
-const PROJECTION_YIELD_MAX: Duration = Duration::from_millis(100);
-
-/// Detections per INSERT statement (14 parameters each; far below SQLite's and PostgreSQL's limits).
-const ROWS_PER_INSERT: usize = 500;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -157,12 +168,6 @@ pub struct Store {
     /// Group commit: new batches wait here; whoever holds the write lock next writes all of them
     /// in one transaction (one fsync), and answers each. A std Mutex: held only to push or take.
     pending: std::sync::Mutex<Vec<WriteRequest>>,
-    /// Signalled after every write of new batches: the projection task has work.
-    projection: tokio::sync::Notify,
-    /// One projector at a time in this process (the background task and `reprocess`).
-    projecting: tokio::sync::Mutex<()>,
-    /// Signalled by a reader waiting for the projection: ends the projector's backoff early.
-    reader_waiting: tokio::sync::Notify,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -297,9 +302,6 @@ impl Store {
             unwritten_duplicates: Default::default(),
             unwritten_rejected: Default::default(),
             pending: Default::default(),
-            projection: Default::default(),
-            projecting: Default::default(),
-            reader_waiting: Default::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -365,10 +367,7 @@ impl Store {
                     reply,
                 }];
                 match self.write_group(&own).await {
-                    Ok(outcomes) => {
-                        self.projection.notify_one();
-                        return Ok(outcomes[0]);
-                    }
+                    Ok(outcomes) => return Ok(outcomes[0]),
                     Err(StoreError::Db(e)) if lost_a_race(&e) && attempt < RACE_ATTEMPTS => {
                         if let Some(outcome) = self.seen(&self.pool, &batch_id, payload_sha256).await? {
                             return Ok(outcome);
@@ -396,7 +395,6 @@ impl Store {
         let group = std::mem::take(&mut *self.lock_pending());
         match self.write_group(&group).await {
             Ok(outcomes) => {
-                self.projection.notify_one();
                 for (request, outcome) in group.into_iter().zip(outcomes) {
                     let _ = request.reply.send(Ok(outcome));
                 }
@@ -459,21 +457,6 @@ fn lost_a_race(e: &sqlx::Error) -> bool {
     }
 }
 
-/// An error about the data a statement carried (SQLSTATE class 22 data exception, 23 integrity
-/// constraint, 42 syntax or type; decoding), not about the database being reachable: retrying the
-/// same batch cannot help.
-fn is_data_error(e: &StoreError) -> bool {
-    match e {
-        StoreError::Db(sqlx::Error::Database(d)) => {
-            let code = d.code().unwrap_or_default();
-            ["22", "23", "42"].iter().any(|class| code.starts_with(class))
-                || !matches!(d.kind(), sqlx::error::ErrorKind::Other)
-        }
-        StoreError::Db(sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. }) => true,
-        _ => false,
-    }
-}
-
 /// The index row of one new batch, its device and the counters, in `tx` (the ack path: no
 /// detection rows, see the module doc).
 async fn insert_batch(
@@ -487,10 +470,11 @@ async fn insert_batch(
     let seq = i64::try_from(batch.seq).unwrap_or(i64::MAX);
     let times = batch.detections.iter().map(|d| d.timestamp().unix_micros());
     let (first_ts, last_ts) = (times.clone().min(), times.max());
+    let span = detections::narrow_span(first_ts, last_ts);
     sqlx::query(
         "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via, payload,
                               projected, first_ts, last_ts)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10)",
     )
     .bind(batch_id.to_owned())
     .bind(&batch.device_id)
@@ -506,8 +490,8 @@ async fn insert_batch(
     .await?;
     sqlx::query(
             "INSERT INTO devices (device_id, name, location, first_seen, last_seen, last_seq, batches, detections,
-                clock_unsynced_batches)
-             VALUES ($1, $2, $3, $4, $4, $5, 1, $6, $7)
+                clock_unsynced_batches, max_span_us)
+             VALUES ($1, $2, $3, $4, $4, $5, 1, $6, $7, $8)
              ON CONFLICT (device_id) DO UPDATE SET
                 name = COALESCE(excluded.name, devices.name),
                 location = COALESCE(excluded.location, devices.location),
@@ -515,7 +499,9 @@ async fn insert_batch(
                 last_seq = CASE WHEN excluded.last_seq > devices.last_seq THEN excluded.last_seq ELSE devices.last_seq END,
                 batches = devices.batches + 1,
                 detections = devices.detections + excluded.detections,
-                clock_unsynced_batches = devices.clock_unsynced_batches + excluded.clock_unsynced_batches",
+                clock_unsynced_batches = devices.clock_unsynced_batches + excluded.clock_unsynced_batches,
+                max_span_us = CASE WHEN excluded.max_span_us > devices.max_span_us THEN excluded.max_span_us
+                    ELSE devices.max_span_us END",
         )
         .bind(&batch.device_id)
         .bind(batch.name.clone())
@@ -524,80 +510,11 @@ async fn insert_batch(
         .bind(seq)
         .bind(n)
         .bind(i64::from(!batch.clock.is_synced()))
+        .bind(span)
         .execute(&mut **tx)
         .await?;
     bump(tx, "batches", 1).await?;
     bump(tx, "detections", n).await?;
-    Ok(())
-}
-
-/// The detection rows of one batch, in `tx` (the projection). Rows already there are left alone,
-/// so projecting a batch twice changes nothing. `positional` uses `?` placeholders (SQLite) rather
-/// than `$N`.
-async fn insert_detections(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    batch: &Batch,
-    batch_id: &str,
-    positional: bool,
-) -> Result<(), sqlx::Error> {
-    let batch_id = batch_id.to_owned();
-    for (chunk_no, chunk) in batch.detections.chunks(ROWS_PER_INSERT).enumerate() {
-        let mut sql = String::from(
-            "INSERT INTO detections (batch_id, idx, device_id, ts, kind, rssi, device_hash, zone, node, temp,
-                 humidity, co2_ppm, window_open, battery) VALUES ",
-        );
-        for i in 0..chunk.len() {
-            let b = i * 14;
-            if i > 0 {
-                sql.push(',');
-            }
-            // SQLite looks up `$N` parameters by name, which is quadratic in their number
-            // (measured: 80-180 ms for 500 rows); `?` is positional. PostgreSQL needs `$N`.
-            if positional {
-                sql.push_str("(?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
-            } else {
-                sql.push('(');
-                sql.push_str(&(1..=14).map(|k| format!("${}", b + k)).collect::<Vec<_>>().join(","));
-                sql.push(')');
-            }
-        }
-        sql.push_str(" ON CONFLICT (batch_id, idx) DO NOTHING");
-        // Only placeholders are spliced in; values are bound.
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        // Every value is bound as its column's exact type (INTEGER: i32, BIGINT: i64), NULLs
-        // included: PostgreSQL fixes a prepared statement's parameter types when it is first
-        // prepared on a connection, and a later value of another width is refused ("incorrect
-        // binary data format"), seen once a connection projected presence and sensor rows in turn.
-        for (i, d) in chunk.iter().enumerate() {
-            let idx = i32::try_from(chunk_no * ROWS_PER_INSERT + i).unwrap_or(i32::MAX);
-            q = q.bind(batch_id.clone()).bind(idx).bind(batch.device_id.clone()).bind(d.timestamp().unix_micros());
-            q = match d {
-                Detection::Presence(p) => q
-                    .bind("presence")
-                    .bind(i32::from(p.rssi))
-                    .bind(Some(p.device_hash.clone()))
-                    .bind(Some(zone_str(p.zone)))
-                    .bind(None::<String>)
-                    .bind(None::<f64>)
-                    .bind(None::<i32>)
-                    .bind(None::<i64>)
-                    .bind(None::<i32>)
-                    .bind(None::<i32>),
-                Detection::Sensor(s) => q
-                    .bind("sensor")
-                    .bind(i32::from(s.rssi))
-                    .bind(None::<String>)
-                    .bind(None::<String>)
-                    .bind(Some(s.node.clone()))
-                    .bind(s.temp)
-                    .bind(s.humidity.map(i32::from))
-                    .bind(s.co2_ppm.map(i64::from))
-                    .bind(s.window_open.map(i32::from))
-                    .bind(s.battery.map(i32::from)),
-            };
-        }
-        q.execute(&mut **tx).await?;
-    }
     Ok(())
 }
 
@@ -791,266 +708,6 @@ impl Store {
         .await?;
         rows.iter().map(device_row).collect::<Result<_, sqlx::Error>>().map_err(Into::into)
     }
-
-    /// Projects the oldest batches not yet projected into `detections`, in one transaction: up to
-    /// [`PROJECT_PER_TX`] batches and about [`PROJECT_ROWS_PER_TX`] rows (at least one batch), so a
-    /// projection never holds the writer long. Each batch's old rows are deleted and its rows
-    /// inserted after its payload decoded, so a rebuild (`reprocess`) that fails to decode leaves the
-    /// old rows. Returns how many batches were projected.
-    pub async fn project_pending(&self) -> Result<usize, StoreError> {
-        let _one = self.projecting.lock().await;
-        // Read outside the write lock: SQLite readers do not block its writer. A total order, so
-        // replicas projecting at once take rows in the same order (batches of one group share
-        // received_at) and never deadlock on each other's rows.
-        let candidates = sqlx::query(
-            "SELECT batch_id, detections FROM batches WHERE projected = 0 ORDER BY received_at, batch_id LIMIT $1",
-        )
-        .bind(PROJECT_PER_TX)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut chosen = Vec::new();
-        let mut rows = 0i64;
-        for c in &candidates {
-            let n: i64 = c.try_get(1)?;
-            if !chosen.is_empty() && rows + n > PROJECT_ROWS_PER_TX {
-                break;
-            }
-            rows += n;
-            chosen.push(c.try_get::<String, _>(0)?);
-        }
-        if chosen.is_empty() {
-            return Ok(0);
-        }
-        match self.project(&chosen).await {
-            Ok(()) => Ok(chosen.len()),
-            // One bad batch must not stop the rest: each alone, and one that the database refuses
-            // for its data is marked (projected = 3) with its error logged. Any other error (the
-            // database gone) is the caller's: nothing is marked, the projection tries again.
-            Err(e) if is_data_error(&e) => {
-                for id in &chosen {
-                    match self.project(std::slice::from_ref(id)).await {
-                        Ok(()) => {}
-                        Err(e) if is_data_error(&e) => self.mark_unprojectable(id, &e.to_string()).await?,
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(chosen.len())
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Projects `batch_ids` in one transaction (see [`Self::project_pending`]).
-    async fn project(&self, batch_ids: &[String]) -> Result<(), StoreError> {
-        self.yield_to_acks().await;
-        let _writer = self.writer().await;
-        let mut tx = self.begin_write().await?;
-        for batch_id in batch_ids {
-            let payload: Option<Vec<u8>> = sqlx::query("SELECT payload FROM batches WHERE batch_id = $1")
-                .bind(batch_id.clone())
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get(0)?;
-            // Decoded with serde alone: the batch was validated when it was acked, and a later,
-            // stricter validation must not make stored batches unreadable.
-            let decoded = payload
-                .ok_or_else(|| "no payload".to_owned())
-                .and_then(|p| lz4_flex::decompress_size_prepended(&p).map_err(|e| e.to_string()))
-                .and_then(|raw| serde_json::from_slice::<Batch>(&raw).map_err(|e| e.to_string()));
-            let state = match decoded {
-                Ok(batch) => {
-                    sqlx::query("DELETE FROM detections WHERE batch_id = $1")
-                        .bind(batch_id.clone())
-                        .execute(&mut *tx)
-                        .await?;
-                    insert_detections(&mut tx, &batch, batch_id, self.write_lock.is_some()).await?;
-                    1
-                }
-                Err(e) => {
-                    tracing::error!(%batch_id, error = %e, "a stored batch cannot be decoded: its detections are not queryable (a bug; the batch stays stored, its old rows if any are kept)");
-                    2
-                }
-            };
-            sqlx::query("UPDATE batches SET projected = $1 WHERE batch_id = $2")
-                .bind(state)
-                .bind(batch_id.clone())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// SQLite has one writer, and the ack path must not wait behind the projection: while new
-    /// batches wait to be written, wait (polling every 2 ms), at most [`PROJECTION_YIELD_MAX`].
-    /// PostgreSQL has no single writer: no wait.
-    async fn yield_to_acks(&self) {
-        if self.write_lock.is_none() {
-            return;
-        }
-        let started = tokio::time::Instant::now();
-        while !self.lock_pending().is_empty() && started.elapsed() < PROJECTION_YIELD_MAX {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    /// Marks a batch whose projection fails (projected = 3) so that it is not tried forever.
-    async fn mark_unprojectable(&self, batch_id: &str, error: &str) -> Result<(), StoreError> {
-        tracing::error!(%batch_id, error, "projecting a stored batch failed: its detections are not queryable (the batch stays stored; `reprocess` tries it again)");
-        let _writer = self.writer().await;
-        sqlx::query("UPDATE batches SET projected = 3 WHERE batch_id = $1")
-            .bind(batch_id.to_owned())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    /// Projects until nothing is pending. A transaction that loses to another replica's (a
-    /// deadlock or serialization victim on PostgreSQL) is tried again.
-    pub async fn project_all(&self) -> Result<usize, StoreError> {
-        let mut total = 0;
-        let mut lost = 0;
-        loop {
-            match self.project_pending().await {
-                Ok(0) => return Ok(total),
-                Ok(n) => total += n,
-                Err(StoreError::Db(e)) if lost_a_race(&e) && lost < RACE_ATTEMPTS => lost += 1,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// The background projection: catches up after every write of new batches (and every second,
-    /// for what another replica stored). After an error (the database gone) it waits, doubling up
-    /// to 30 s, however much is written meanwhile, unless a reader is waiting (at most one try
-    /// every 500 ms then). Runs until the process ends.
-    pub async fn run_projection(&self) {
-        let mut backoff = Duration::from_secs(1);
-        loop {
-            match self.project_all().await {
-                Ok(_) => {
-                    backoff = Duration::from_secs(1);
-                    let _ = tokio::time::timeout(Duration::from_secs(1), self.projection.notified()).await;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, retry_in = ?backoff, "projecting stored batches into detections failed");
-                    let _ = tokio::time::timeout(backoff, self.reader_waiting.notified()).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                }
-            }
-        }
-    }
-
-    /// Marks stored batches for a rebuild of their detections (`backhaul-cloud reprocess`): those
-    /// with a payload, received at or after `since_us` (UTC µs), of `device_id` if given; then
-    /// projects them (each batch's rows replaced in one transaction, so readers never see it half
-    /// done and nothing is stored twice). Returns (batches reprocessed, batches skipped: stored
-    /// before migration 4, without a payload).
-    pub async fn reprocess(&self, since_us: Option<i64>, device_id: Option<&str>) -> Result<(u64, u64), StoreError> {
-        let device_clause = if device_id.is_some() { " AND device_id = $2" } else { "" };
-        let since = since_us.unwrap_or(i64::MIN);
-        let query = |sql: String| {
-            // Only the fixed clauses above are spliced in; values are bound.
-            let q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(since);
-            match device_id {
-                Some(d) => q.bind(d.to_owned()),
-                None => q,
-            }
-        };
-        let skipped: i64 =
-            query(format!("SELECT COUNT(*) FROM batches WHERE received_at >= $1{device_clause} AND payload IS NULL"))
-                .fetch_one(&self.pool)
-                .await?
-                .try_get(0)?;
-        let marked = {
-            let _writer = self.writer().await;
-            query(format!(
-                "UPDATE batches SET projected = 0 WHERE received_at >= $1{device_clause} AND payload IS NOT NULL"
-            ))
-            .execute(&self.pool)
-            .await?
-            .rows_affected()
-        };
-        self.projection.notify_one();
-        self.project_all().await?;
-        Ok((marked, u64::try_from(skipped).unwrap_or(0)))
-    }
-
-    /// Waits until the batches acked before this call are projected, for at most `deadline`
-    /// (reads call it, so that what was acked is readable). Never writes, so a reader that goes
-    /// away leaves nothing half done. Past the deadline the read is served as it is, logged.
-    async fn wait_projected(&self, deadline: Duration) -> Result<(), StoreError> {
-        let mark = Timestamp::now().unix_micros();
-        let started = tokio::time::Instant::now();
-        let mut next_nudge = Duration::ZERO;
-        loop {
-            let pending: i64 = sqlx::query("SELECT COUNT(*) FROM batches WHERE projected = 0 AND received_at <= $1")
-                .bind(mark)
-                .fetch_one(&self.pool)
-                .await?
-                .try_get(0)?;
-            if pending == 0 {
-                return Ok(());
-            }
-            if started.elapsed() >= deadline {
-                tracing::warn!(pending, "serving detections while acked batches are still being projected");
-                return Ok(());
-            }
-            if started.elapsed() >= next_nudge {
-                self.reader_waiting.notify_one();
-                next_nudge += Duration::from_millis(500);
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Detections, newest first, from the projection (after waiting, up to 10 s, for the batches
-    /// acked before the call to be projected).
-    pub async fn detections(&self, q: &DetectionQuery) -> Result<Vec<DetectionRow>, StoreError> {
-        self.wait_projected(Duration::from_secs(10)).await?;
-        let mut sql = String::from(
-            "SELECT device_id, batch_id, idx, kind, ts, rssi, device_hash, zone, node, temp, humidity, co2_ppm,
-                    window_open, battery FROM detections WHERE 1 = 1",
-        );
-        let mut n = 0;
-        let mut next = || {
-            n += 1;
-            format!("${n}")
-        };
-        if q.device_id.is_some() {
-            sql.push_str(&format!(" AND device_id = {}", next()));
-        }
-        if q.since_us.is_some() {
-            sql.push_str(&format!(" AND ts >= {}", next()));
-        }
-        if q.until_us.is_some() {
-            sql.push_str(&format!(" AND ts < {}", next()));
-        }
-        if q.after.is_some() {
-            let (a, b, c, d, e) = (next(), next(), next(), next(), next());
-            sql.push_str(&format!(
-                " AND (ts < {a} OR (ts = {b} AND (batch_id < {c} OR (batch_id = {d} AND idx < {e}))))"
-            ));
-        }
-        sql.push_str(&format!(" ORDER BY ts DESC, batch_id DESC, idx DESC LIMIT {}", next()));
-        // Only placeholders are spliced in; values are bound.
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        if let Some(d) = &q.device_id {
-            query = query.bind(d.clone());
-        }
-        if let Some(s) = q.since_us {
-            query = query.bind(s);
-        }
-        if let Some(u) = q.until_us {
-            query = query.bind(u);
-        }
-        if let Some((ts, batch, idx)) = &q.after {
-            query = query.bind(*ts).bind(*ts).bind(batch.clone()).bind(batch.clone()).bind(*idx);
-        }
-        query = query.bind(q.limit);
-        let rows = query.fetch_all(&self.pool).await?;
-        rows.iter().map(detection_row).collect::<Result<_, sqlx::Error>>().map_err(Into::into)
-    }
 }
 
 async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>, counter: &str, by: i64) -> Result<(), sqlx::Error> {
@@ -1079,28 +736,6 @@ fn device_row(r: &AnyRow) -> Result<DeviceRow, sqlx::Error> {
     })
 }
 
-fn detection_row(r: &AnyRow) -> Result<DetectionRow, sqlx::Error> {
-    let ts: i64 = r.try_get(4)?;
-    let batch_id: String = r.try_get(1)?;
-    let idx: i64 = r.try_get(2)?;
-    Ok(DetectionRow {
-        device_id: r.try_get(0)?,
-        cursor: format!("{ts}.{batch_id}.{idx}"),
-        batch_id,
-        kind: r.try_get(3)?,
-        timestamp: ts_string(ts),
-        rssi: r.try_get(5)?,
-        device_hash: r.try_get(6)?,
-        zone: r.try_get(7)?,
-        node: r.try_get(8)?,
-        temp: r.try_get(9)?,
-        humidity: r.try_get(10)?,
-        co2_ppm: r.try_get(11)?,
-        window_open: r.try_get::<Option<i64>, _>(12)?.map(|v| v != 0),
-        battery: r.try_get(13)?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1121,11 +756,12 @@ mod tests {
         assert!(path.exists());
     }
 
-    /// Issue #15: the ack path stores the batch with its payload and no detection rows; a read
-    /// catches the projection up; `reprocess` rebuilds it without duplicates.
+    /// Issue #15: the ack path stores the batch with its payload and no detection rows; what was
+    /// acked is readable at once from the batches; `reprocess` re-derives their index without
+    /// duplicates.
     #[tokio::test]
-    async fn the_projection_is_built_off_the_ack_path_and_rebuilt_without_duplicates() {
-        use backhaul_shared::{Presence, Zone};
+    async fn acked_batches_are_read_from_their_payloads_and_reprocessed_without_duplicates() {
+        use backhaul_shared::{Detection, Presence, Zone};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::connect(&format!("sqlite:{}", dir.path().join("ingest.db").display())).await.unwrap();
         for seq in 0..3u64 {
@@ -1157,7 +793,6 @@ mod tests {
             async move { sqlx::query(sql).fetch_one(&pool).await.unwrap().try_get::<i64, _>(0).unwrap() }
         };
         assert_eq!(count("SELECT COUNT(*) FROM detections").await, 0, "no detection rows on the ack path");
-        assert_eq!(count("SELECT COUNT(*) FROM batches WHERE projected = 0 AND payload IS NOT NULL").await, 3);
         let q =
             DetectionQuery { device_id: Some("pi".into()), since_us: None, until_us: None, limit: 100, after: None };
         let keys = |rows: Vec<DetectionRow>| {
@@ -1165,16 +800,118 @@ mod tests {
             k.sort();
             k
         };
-        // (No background task here: `serve` runs one, and reads wait for it.)
-        assert_eq!(store.project_all().await.unwrap(), 3);
         let first = keys(store.detections(&q).await.unwrap());
-        assert_eq!(first.len(), 12);
-        assert_eq!(store.reprocess(None, None).await.unwrap(), (3, 0));
-        assert_eq!(keys(store.detections(&q).await.unwrap()), first, "rebuilt: the same rows, none twice");
-        assert_eq!(count("SELECT COUNT(*) FROM detections").await, 12);
-        assert_eq!(store.reprocess(None, Some("other")).await.unwrap(), (0, 0));
-        assert_eq!(store.reprocess(Some(i64::MAX), None).await.unwrap(), (0, 0));
-        assert_eq!(store.project_all().await.unwrap(), 0);
+        assert_eq!(first.len(), 12, "acked is readable at once");
+        let done = store.reprocess(None, None).await.unwrap();
+        assert_eq!(done, Reprocessed { reindexed: 3, undecodable: 0, skipped: 0 });
+        assert_eq!(keys(store.detections(&q).await.unwrap()), first, "the same rows, none twice");
+        assert_eq!(count("SELECT COUNT(*) FROM detections").await, 0);
+        assert_eq!(store.reprocess(None, Some("other")).await.unwrap().reindexed, 0);
+        assert_eq!(store.reprocess(Some(i64::MAX), None).await.unwrap().reindexed, 0);
+    }
+
+    /// A database of schema 4 (the projection wrote detection rows for batches with a payload) is
+    /// migrated: the derived rows go, reads serve each detection once, from the payload or, for a
+    /// batch stored before schema 4, from its rows.
+    #[tokio::test]
+    async fn a_database_of_schema_4_keeps_every_detection_once() {
+        use backhaul_shared::{Detection, Presence};
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("ingest.db").display());
+        let t = |us: i64| Timestamp::from_unix_micros(1_795_996_800_000_000 + us).unwrap();
+        let batch = Batch {
+            schema: 1,
+            batch_id: backhaul_shared::BatchId::new(),
+            device_id: "pi".into(),
+            seq: 1,
+            name: None,
+            location: None,
+            timestamp: t(0),
+            detections: [10, 30]
+                .iter()
+                .map(|&us| {
+                    Detection::Presence(Presence {
+                        device_hash: "00000000000000ab".into(),
+                        rssi: -60,
+                        zone: Zone::Near,
+                        timestamp: t(us),
+                    })
+                })
+                .collect(),
+            clock: Default::default(),
+        };
+        let id = batch.batch_id.to_string();
+        let old = backhaul_shared::BatchId::new().to_string();
+        {
+            sqlx::any::install_default_drivers();
+            let pool = AnyPoolOptions::new().max_connections(1).connect(&format!("{url}?mode=rwc")).await.unwrap();
+            pool.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)").await.unwrap();
+            for (i, statements) in MIGRATIONS[..4].iter().enumerate() {
+                for sql in *statements {
+                    pool.execute(sqlx::AssertSqlSafe(sql.replace("{blob}", "BLOB"))).await.unwrap();
+                }
+                sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+                    .bind(i as i64 + 1)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            pool.execute(
+                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections)
+                 VALUES ('pi', 0, 0, 1, 2, 4)",
+            )
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via,
+                                      payload, projected, first_ts, last_ts)
+                 VALUES ($1, 'pi', 1, 'h', 1, 2, 'http', $2, 1, $3, $4)",
+            )
+            .bind(id.clone())
+            .bind(lz4_flex::compress_prepend_size(&batch.to_json()))
+            .bind(t(10).unix_micros())
+            .bind(t(30).unix_micros())
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via)
+                 VALUES ($1, 'pi', 0, 'h', 0, 2, 'http')",
+            )
+            .bind(old.clone())
+            .execute(&pool)
+            .await
+            .unwrap();
+            // The projection's rows of the new batch, and the only copy of the old one's.
+            for (batch_id, idx, us) in [(&id, 0, 10), (&id, 1, 30), (&old, 0, 20), (&old, 1, 40)] {
+                sqlx::query(
+                    "INSERT INTO detections (batch_id, idx, device_id, ts, kind, rssi, device_hash, zone)
+                     VALUES ($1, $2, 'pi', $3, 'presence', -60, '00000000000000ab', 'near')",
+                )
+                .bind(batch_id.clone())
+                .bind(idx)
+                .bind(t(us).unix_micros())
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            pool.close().await;
+        }
+        let store = Store::connect(&url).await.unwrap();
+        let q = DetectionQuery { device_id: Some("pi".into()), limit: 100, ..Default::default() };
+        let rows: Vec<_> = store.detections(&q).await.unwrap().into_iter().map(|r| (r.timestamp, r.batch_id)).collect();
+        let want: Vec<_> = [(40, &old), (30, &id), (20, &old), (10, &id)]
+            .iter()
+            .map(|(us, b)| (t(*us).to_string(), (*b).clone()))
+            .collect();
+        assert_eq!(rows, want);
+        let span: i64 = sqlx::query("SELECT max_span_us FROM devices WHERE device_id = 'pi'")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(span, 20);
     }
 
     /// A database made by a build before migration 2 (issue #13) opens, is migrated, and counts

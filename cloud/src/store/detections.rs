@@ -1,0 +1,418 @@
+//! Reading detections from the stored batches (issue #15; the layout is in the module doc of
+//! `store`): a page of `GET /api/v1/detections`, newest first, and `reprocess`.
+//!
+//! A page is the `limit` greatest keys `(ts, batch_id, idx)` below the cursor among the detections
+//! that pass the filters. A detection lies inside its batch's `[first_ts, last_ts]`, so a batch
+//! with `last_ts` below the page's current last `ts` cannot add a row to a full page: the batches
+//! are read newest `last_ts` first and the scan stops there. A batch that can hold a row at or below
+//! `hi` (the highest `ts` a row may have) has `first_ts <= hi`, hence `last_ts <= hi + span`: the
+//! scan starts at `hi` plus the widest span of the batches it reads (`devices.max_span_us`), not
+//! at the newest batch, so deep pages cost what the first page costs.
+
+use std::cmp::Reverse;
+
+use backhaul_shared::{Batch, Detection};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{ts_string, zone_str, DetectionQuery, DetectionRow, Store, StoreError};
+
+/// A batch whose detections span more than this (µs, one hour) is *wide*: it is left out of
+/// `devices.max_span_us` and found through the partial index `batches_wide` (migration 5 spells
+/// the number out). Normal batches span seconds to minutes (the edge's `max_batch_age`); a wide one
+/// is rare, e.g. its clock was set (NTP) while it was being filled.
+pub(super) const WIDE_SPAN_US: i64 = 3_600_000_000;
+
+/// Batches fetched per query of a page's scan, at first; doubled up to [`MAX_CHUNK`] while the
+/// page is not full.
+const FIRST_CHUNK: i64 = 4;
+const MAX_CHUNK: i64 = 256;
+
+/// The span (µs) a batch adds to its device's `max_span_us`: its own, or 0 when it is wide or has
+/// no detections.
+pub(super) fn narrow_span(first_ts: Option<i64>, last_ts: Option<i64>) -> i64 {
+    match (first_ts, last_ts) {
+        (Some(first), Some(last)) => {
+            let span = last.saturating_sub(first);
+            if span <= WIDE_SPAN_US {
+                span
+            } else {
+                0
+            }
+        }
+        _ => 0,
+    }
+}
+
+/// A row with its page key.
+struct Keyed {
+    key: (i64, String, i64),
+    row: DetectionRow,
+}
+
+/// The rows of one page being gathered.
+struct Page<'q> {
+    q: &'q DetectionQuery,
+    limit: usize,
+    rows: Vec<Keyed>,
+    /// `rows` is sorted, newest first, and at most `limit` long.
+    compact: bool,
+}
+
+impl<'q> Page<'q> {
+    fn new(q: &'q DetectionQuery) -> Self {
+        Self { q, limit: usize::try_from(q.limit.max(1)).unwrap_or(1), rows: Vec::new(), compact: true }
+    }
+
+    /// Adds `row` if it passes the query's time window and lies below its cursor.
+    fn offer(&mut self, key: (i64, String, i64), row: impl FnOnce() -> DetectionRow) {
+        let ts = key.0;
+        if self.q.since_us.is_some_and(|s| ts < s) || self.q.until_us.is_some_and(|u| ts >= u) {
+            return;
+        }
+        if let Some((a_ts, a_batch, a_idx)) = &self.q.after {
+            if (ts, key.1.as_str(), key.2) >= (*a_ts, a_batch.as_str(), *a_idx) {
+                return;
+            }
+        }
+        self.rows.push(Keyed { key, row: row() });
+        self.compact = false;
+    }
+
+    /// Every detection of a decoded batch.
+    fn offer_batch(&mut self, batch_id: &str, batch: &Batch) {
+        for (idx, d) in batch.detections.iter().enumerate() {
+            let ts = d.timestamp().unix_micros();
+            let idx = idx as i64;
+            self.offer((ts, batch_id.to_owned(), idx), || from_detection(&batch.device_id, batch_id, idx, ts, d));
+        }
+    }
+
+    fn sort(&mut self) {
+        if !self.compact {
+            self.rows.sort_unstable_by(|a, b| Reverse(&a.key).cmp(&Reverse(&b.key)));
+            self.rows.truncate(self.limit);
+            self.compact = true;
+        }
+    }
+
+    /// The `ts` of the page's last row once the page is full: no batch whose `last_ts` is below it
+    /// can change the page.
+    fn floor(&mut self) -> Option<i64> {
+        self.sort();
+        (self.rows.len() >= self.limit).then(|| self.rows[self.limit - 1].key.0)
+    }
+
+    fn finish(mut self) -> Vec<DetectionRow> {
+        self.sort();
+        self.rows.into_iter().map(|k| k.row).collect()
+    }
+}
+
+fn from_detection(device_id: &str, batch_id: &str, idx: i64, ts: i64, d: &Detection) -> DetectionRow {
+    let mut row = DetectionRow {
+        device_id: device_id.to_owned(),
+        batch_id: batch_id.to_owned(),
+        kind: String::new(),
+        timestamp: ts_string(ts),
+        rssi: i64::from(d.rssi()),
+        device_hash: None,
+        zone: None,
+        node: None,
+        temp: None,
+        humidity: None,
+        co2_ppm: None,
+        window_open: None,
+        battery: None,
+        cursor: format!("{ts}.{batch_id}.{idx}"),
+    };
+    match d {
+        Detection::Presence(p) => {
+            row.kind = "presence".into();
+            row.device_hash = Some(p.device_hash.clone());
+            row.zone = Some(zone_str(p.zone).into());
+        }
+        Detection::Sensor(s) => {
+            row.kind = "sensor".into();
+            row.node = Some(s.node.clone());
+            row.temp = s.temp;
+            row.humidity = s.humidity.map(i64::from);
+            row.co2_ppm = s.co2_ppm.map(i64::from);
+            row.window_open = s.window_open;
+            row.battery = s.battery.map(i64::from);
+        }
+    }
+    row
+}
+
+/// Decodes a stored payload (see the layout). With serde alone: the batch was validated when it was
+/// acked, and a later, stricter validation must not make stored batches unreadable.
+fn decode(payload: &[u8]) -> Result<Batch, String> {
+    let raw = lz4_flex::decompress_size_prepended(payload).map_err(|e| format!("decompressing: {e}"))?;
+    serde_json::from_slice::<Batch>(&raw).map_err(|e| format!("parsing: {e}"))
+}
+
+impl Store {
+    /// One page of detections, newest first (`(ts, batch_id, idx)` descending), below `q.after`,
+    /// at most `q.limit` rows; read from the stored batches, and from the `detections` rows of
+    /// batches stored before migration 4. A stored payload that no longer decodes is skipped and
+    /// logged (the batch stays stored; a bug to report).
+    ///
+    /// Errors: the database's ([`StoreError::Db`]).
+    pub async fn detections(&self, q: &DetectionQuery) -> Result<Vec<DetectionRow>, StoreError> {
+        let mut hi = i64::MAX;
+        if let Some(until) = q.until_us {
+            hi = hi.min(until.saturating_sub(1));
+        }
+        if let Some((ts, _, _)) = &q.after {
+            hi = hi.min(*ts);
+        }
+        let lo = q.since_us.unwrap_or(i64::MIN);
+        let mut page = Page::new(q);
+        if hi < lo {
+            return Ok(Vec::new());
+        }
+        for r in self.legacy_detections(q).await? {
+            let row = legacy_row(&r)?;
+            let key = (r.try_get::<i64, _>(4)?, row.batch_id.clone(), r.try_get::<i64, _>(2)?);
+            page.offer(key, || row);
+        }
+
+        // Wide batches: few; all of those that can hold a row.
+        let device = q.device_id.as_deref().map(|_| " AND device_id = $3").unwrap_or_default();
+        let sql = format!(
+            "SELECT batch_id, payload FROM batches WHERE last_ts - first_ts > 3600000000
+               AND first_ts <= $1 AND last_ts >= $2{device}"
+        );
+        // Only the fixed clause above is spliced in; values are bound.
+        let mut wide = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(hi).bind(lo);
+        if let Some(d) = &q.device_id {
+            wide = wide.bind(d.clone());
+        }
+        for r in wide.fetch_all(&self.pool).await? {
+            self.offer_stored(&mut page, &r)?;
+        }
+
+        // Narrow batches, newest last_ts first, from hi plus the widest span.
+        let span: i64 = {
+            let sql = format!(
+                "SELECT COALESCE(MAX(max_span_us), 0) FROM devices WHERE 1 = 1{}",
+                q.device_id.as_deref().map(|_| " AND device_id = $1").unwrap_or_default()
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            if let Some(d) = &q.device_id {
+                query = query.bind(d.clone());
+            }
+            query.fetch_one(&self.pool).await?.try_get(0)?
+        };
+        let top = hi.saturating_add(span.max(0));
+        let mut chunk = FIRST_CHUNK;
+        let mut below: Option<(i64, String)> = None;
+        loop {
+            let mut sql = String::from(
+                "SELECT batch_id, payload, last_ts FROM batches
+                  WHERE last_ts <= $1 AND last_ts >= $2 AND first_ts <= $3 AND last_ts - first_ts <= 3600000000",
+            );
+            let mut n = 3;
+            let mut next = || {
+                n += 1;
+                format!("${n}")
+            };
+            if q.device_id.is_some() {
+                sql.push_str(&format!(" AND device_id = {}", next()));
+            }
+            if below.is_some() {
+                let (a, b, c) = (next(), next(), next());
+                sql.push_str(&format!(" AND (last_ts < {a} OR (last_ts = {b} AND batch_id < {c}))"));
+            }
+            sql.push_str(&format!(" ORDER BY last_ts DESC, batch_id DESC LIMIT {}", next()));
+            // Only placeholders are spliced in; values are bound.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(top).bind(lo).bind(hi);
+            if let Some(d) = &q.device_id {
+                query = query.bind(d.clone());
+            }
+            if let Some((last_ts, batch_id)) = &below {
+                query = query.bind(*last_ts).bind(*last_ts).bind(batch_id.clone());
+            }
+            let rows = query.bind(chunk).fetch_all(&self.pool).await?;
+            for r in &rows {
+                let last_ts: i64 = r.try_get(2)?;
+                if page.floor().is_some_and(|floor| last_ts < floor) {
+                    return Ok(page.finish());
+                }
+                self.offer_stored(&mut page, r)?;
+                below = Some((last_ts, r.try_get(0)?));
+            }
+            if (rows.len() as i64) < chunk {
+                return Ok(page.finish());
+            }
+            chunk = (chunk * 2).min(MAX_CHUNK);
+        }
+    }
+
+    /// Offers the detections of a row `(batch_id, payload, ..)` to `page`.
+    fn offer_stored(&self, page: &mut Page<'_>, r: &AnyRow) -> Result<(), StoreError> {
+        let batch_id: String = r.try_get(0)?;
+        let payload: Option<Vec<u8>> = r.try_get(1)?;
+        match payload.as_deref().map(decode) {
+            Some(Ok(batch)) => page.offer_batch(&batch_id, &batch),
+            Some(Err(e)) => tracing::error!(
+                %batch_id, error = %e,
+                "a stored batch cannot be decoded: its detections are left out of reads (a bug to report; the batch stays stored)"
+            ),
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Rows of the `detections` table (batches stored before migration 4) for `q`: at most a page.
+    async fn legacy_detections(&self, q: &DetectionQuery) -> Result<Vec<AnyRow>, StoreError> {
+        let mut sql = String::from(
+            "SELECT device_id, batch_id, idx, kind, ts, rssi, device_hash, zone, node, temp, humidity, co2_ppm,
+                    window_open, battery FROM detections WHERE 1 = 1",
+        );
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if q.device_id.is_some() {
+            sql.push_str(&format!(" AND device_id = {}", next()));
+        }
+        if q.since_us.is_some() {
+            sql.push_str(&format!(" AND ts >= {}", next()));
+        }
+        if q.until_us.is_some() {
+            sql.push_str(&format!(" AND ts < {}", next()));
+        }
+        if q.after.is_some() {
+            let (a, b, c, d, e) = (next(), next(), next(), next(), next());
+            sql.push_str(&format!(
+                " AND (ts < {a} OR (ts = {b} AND (batch_id < {c} OR (batch_id = {d} AND idx < {e}))))"
+            ));
+        }
+        sql.push_str(&format!(" ORDER BY ts DESC, batch_id DESC, idx DESC LIMIT {}", next()));
+        // Only placeholders are spliced in; values are bound.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if let Some(d) = &q.device_id {
+            query = query.bind(d.clone());
+        }
+        if let Some(s) = q.since_us {
+            query = query.bind(s);
+        }
+        if let Some(u) = q.until_us {
+            query = query.bind(u);
+        }
+        if let Some((ts, batch, idx)) = &q.after {
+            query = query.bind(*ts).bind(*ts).bind(batch.clone()).bind(batch.clone()).bind(*idx);
+        }
+        Ok(query.bind(q.limit).fetch_all(&self.pool).await?)
+    }
+
+    /// Re-derives the index fields of stored batches from their payloads (`backhaul-cloud
+    /// reprocess`, after a decoder fix): `first_ts`, `last_ts` and the devices' `max_span_us`; for
+    /// those received at or after `since_us` (UTC µs), of `device_id` if given. Each batch is
+    /// updated in place, so nothing is stored twice; one whose payload no longer decodes keeps its
+    /// fields and is counted (and logged). Returns (reindexed, undecodable, skipped: stored before
+    /// migration 4, without a payload, whose `detections` rows are their only copy).
+    ///
+    /// Errors: the database's ([`StoreError::Db`]).
+    pub async fn reprocess(&self, since_us: Option<i64>, device_id: Option<&str>) -> Result<Reprocessed, StoreError> {
+        let device_clause = if device_id.is_some() { " AND device_id = $2" } else { "" };
+        let since = since_us.unwrap_or(i64::MIN);
+        let bind = |sql: String| {
+            // Only the fixed clauses above are spliced in; values are bound.
+            let q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(since);
+            match device_id {
+                Some(d) => q.bind(d.to_owned()),
+                None => q,
+            }
+        };
+        let skipped: i64 =
+            bind(format!("SELECT COUNT(*) FROM batches WHERE received_at >= $1{device_clause} AND payload IS NULL"))
+                .fetch_one(&self.pool)
+                .await?
+                .try_get(0)?;
+        let ids: Vec<String> = bind(format!(
+            "SELECT batch_id FROM batches WHERE received_at >= $1{device_clause} AND payload IS NOT NULL
+              ORDER BY batch_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+        let mut done = Reprocessed { skipped: u64::try_from(skipped).unwrap_or(0), ..Default::default() };
+        for chunk in ids.chunks(256) {
+            let _writer = self.writer().await;
+            let mut tx = self.begin_write().await?;
+            for batch_id in chunk {
+                let row = sqlx::query("SELECT payload FROM batches WHERE batch_id = $1")
+                    .bind(batch_id.clone())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let payload: Vec<u8> = row.try_get(0)?;
+                let batch = match decode(&payload) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(%batch_id, error = %e, "a stored batch cannot be decoded: its index fields are kept (a bug to report)");
+                        done.undecodable += 1;
+                        continue;
+                    }
+                };
+                let times = batch.detections.iter().map(|d| d.timestamp().unix_micros());
+                let (first_ts, last_ts) = (times.clone().min(), times.max());
+                sqlx::query("UPDATE batches SET first_ts = $1, last_ts = $2 WHERE batch_id = $3")
+                    .bind(first_ts)
+                    .bind(last_ts)
+                    .bind(batch_id.clone())
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "UPDATE devices SET max_span_us = CASE WHEN $1 > max_span_us THEN $1 ELSE max_span_us END
+                      WHERE device_id = $2",
+                )
+                .bind(narrow_span(first_ts, last_ts))
+                .bind(batch.device_id.clone())
+                .execute(&mut *tx)
+                .await?;
+                done.reindexed += 1;
+            }
+            tx.commit().await?;
+        }
+        Ok(done)
+    }
+}
+
+/// What [`Store::reprocess`] did, in batches.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reprocessed {
+    /// Index fields re-derived from the payload.
+    pub reindexed: u64,
+    /// The payload no longer decodes: fields kept, logged.
+    pub undecodable: u64,
+    /// Stored before migration 4, without a payload: nothing to derive from.
+    pub skipped: u64,
+}
+
+fn legacy_row(r: &AnyRow) -> Result<DetectionRow, sqlx::Error> {
+    let ts: i64 = r.try_get(4)?;
+    let batch_id: String = r.try_get(1)?;
+    let idx: i64 = r.try_get(2)?;
+    Ok(DetectionRow {
+        device_id: r.try_get(0)?,
+        cursor: format!("{ts}.{batch_id}.{idx}"),
+        batch_id,
+        kind: r.try_get(3)?,
+        timestamp: ts_string(ts),
+        rssi: r.try_get(5)?,
+        device_hash: r.try_get(6)?,
+        zone: r.try_get(7)?,
+        node: r.try_get(8)?,
+        temp: r.try_get(9)?,
+        humidity: r.try_get(10)?,
+        co2_ppm: r.try_get(11)?,
+        window_open: r.try_get::<Option<i64>, _>(12)?.map(|v| v != 0),
+        battery: r.try_get(13)?,
+    })
+}

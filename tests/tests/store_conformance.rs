@@ -1,0 +1,388 @@
+//! One conformance suite for the cloud's store (issue #15), run against SQLite (a temp file) and a
+//! private PostgreSQL (initdb into a temp dir, a free loopback port): every case on a fresh
+//! database of each backend, through the store's public API. What both backends must agree on:
+//! outcomes and counters, devices and gaps, pages of detections (checked against a brute-force
+//! order over batches with overlapping, tied, wide and empty time ranges, and rows from before
+//! schema 4), stored payloads that no longer decode, `reprocess`, and one batch raced by many writers.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+
+use backhaul_cloud::store::{DetectionQuery, DetectionRow, Outcome, Reprocessed, Store};
+use backhaul_shared::{Batch, BatchId, Detection, DeviceStatus, Limits, Presence, Sensor, Timestamp, Zone};
+use backhaul_tests::postgres::Postgres;
+use sqlx::Executor;
+
+type Case = fn(String) -> Pin<Box<dyn Future<Output = ()>>>;
+
+/// Every case, by name.
+const CASES: &[(&str, Case)] = &[
+    ("outcomes_and_counters", |u| Box::pin(outcomes_and_counters(u))),
+    ("devices_gaps_and_status", |u| Box::pin(devices_gaps_and_status(u))),
+    ("pages_match_a_brute_force_order", |u| Box::pin(pages_match_a_brute_force_order(u))),
+    ("rows_from_before_schema_4_are_merged_in", |u| Box::pin(rows_from_before_schema_4_are_merged_in(u))),
+    ("an_undecodable_payload_is_skipped_and_counted", |u| Box::pin(an_undecodable_payload_is_skipped_and_counted(u))),
+    ("reprocess_repairs_the_time_index_without_duplicates", |u| {
+        Box::pin(reprocess_repairs_the_time_index_without_duplicates(u))
+    }),
+    ("one_batch_raced_by_many_writers_is_stored_once", |u| Box::pin(one_batch_raced_by_many_writers_is_stored_once(u))),
+];
+
+fn run_all(mut database: impl FnMut(&str) -> String) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    for (name, case) in CASES {
+        let url = database(name);
+        eprintln!("case {name} on {url}");
+        rt.block_on(case(url));
+    }
+}
+
+#[test]
+fn conformance_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    run_all(|name| format!("sqlite:{}", dir.path().join(format!("{name}.db")).display()));
+}
+
+#[test]
+fn conformance_on_postgresql() {
+    let pg = Postgres::start().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    run_all(|name| {
+        rt.block_on(async {
+            sqlx::any::install_default_drivers();
+            let pool = sqlx::AnyPool::connect(&pg.url()).await.unwrap();
+            pool.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await.unwrap();
+            pool.close().await;
+        });
+        pg.url().replace("/postgres", &format!("/{name}"))
+    });
+}
+
+/// A raw connection to the same database, for what the API cannot do (old rows, damage).
+async fn raw(url: &str) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::AnyPool::connect(url).await.unwrap()
+}
+
+/// 2026-11-30T00:00:00Z in UTC µs.
+const BASE: i64 = 1_795_996_800_000_000;
+
+fn ts(us: i64) -> Timestamp {
+    Timestamp::from_unix_micros(us).unwrap()
+}
+
+fn batch(device: &str, seq: u64, times: &[i64]) -> Batch {
+    Batch {
+        schema: 1,
+        batch_id: BatchId::new(),
+        device_id: device.into(),
+        seq,
+        name: None,
+        location: None,
+        timestamp: ts(BASE),
+        detections: times
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                if i % 5 == 4 {
+                    Detection::Sensor(Sensor {
+                        node: format!("thingy-{i}"),
+                        rssi: -70,
+                        temp: Some(21.5),
+                        humidity: Some(40),
+                        co2_ppm: None,
+                        window_open: Some(i % 2 == 0),
+                        battery: Some(90),
+                        timestamp: ts(t),
+                    })
+                } else {
+                    Detection::Presence(Presence {
+                        device_hash: format!("{:016x}", seq * 1000 + i as u64),
+                        rssi: -60,
+                        zone: Zone::Near,
+                        timestamp: ts(t),
+                    })
+                }
+            })
+            .collect(),
+        clock: Default::default(),
+    }
+}
+
+async fn store(s: &Store, b: &Batch) -> Outcome {
+    let raw = b.to_json();
+    let hash = format!("{:x}", fastrand::u128(..));
+    s.store_batch(b, &raw, &hash, "test").await.unwrap()
+}
+
+/// Stores `b` with a hash derived from its bytes (so a resend is a duplicate).
+async fn store_same(s: &Store, b: &Batch) -> Outcome {
+    let raw = b.to_json();
+    let hash = format!("{}-{}", b.batch_id, raw.len());
+    s.store_batch(b, &raw, &hash, "test").await.unwrap()
+}
+
+async fn outcomes_and_counters(url: String) {
+    let s = Store::connect(&url).await.unwrap();
+    let b = batch("pi-a", 0, &[BASE, BASE + 1]);
+    assert_eq!(store_same(&s, &b).await, Outcome::Stored);
+    assert_eq!(store_same(&s, &b).await, Outcome::Duplicate);
+    assert_eq!(store(&s, &b).await, Outcome::Conflict, "same batch_id, another payload hash");
+    s.dead_letter("mqtt", Some("backhaul/x/batches"), None, 12, "not JSON").await.unwrap();
+    s.flush_counts().await.unwrap();
+    let st = s.stats().await.unwrap();
+    assert_eq!((st.batches, st.detections, st.duplicates, st.dead_letters), (1, 2, 1, 1), "{st:?}");
+    assert_eq!(st.rejected, 2, "the conflict and the dead letter: {st:?}");
+    // Counters survive a reconnect (they are in the database).
+    drop(s);
+    let s = Store::connect(&url).await.unwrap();
+    assert_eq!(s.stats().await.unwrap(), st);
+    assert!(s.ping().await);
+}
+
+async fn devices_gaps_and_status(url: String) {
+    let s = Store::connect(&url).await.unwrap();
+    for seq in [0, 1, 3, 6] {
+        store(&s, &batch("pi-a", seq, &[BASE + seq as i64])).await;
+    }
+    let mut unsynced = batch("pi-b", 0, &[]);
+    unsynced.clock = backhaul_shared::Clock::Unsynced;
+    store(&s, &unsynced).await;
+    s.device_status("pi-a", &DeviceStatus { online: true, queue_depth: Some(7), ..Default::default() }).await.unwrap();
+    s.device_status("pi-c", &DeviceStatus::default()).await.unwrap();
+    let devices: BTreeMap<_, _> = s.devices().await.unwrap().into_iter().map(|d| (d.device_id.clone(), d)).collect();
+    assert_eq!(devices.keys().cloned().collect::<Vec<_>>(), ["pi-a", "pi-b", "pi-c"]);
+    let a = &devices["pi-a"];
+    assert_eq!((a.batches, a.detections, a.last_seq, a.gaps, a.online), (4, 4, 6, 3, true), "{a:?}");
+    assert_eq!(a.status.as_ref().and_then(|v| v["queue_depth"].as_u64()), Some(7));
+    let b = &devices["pi-b"];
+    assert_eq!((b.batches, b.detections, b.gaps, b.clock_unsynced_batches), (1, 0, 0, 1), "{b:?}");
+    assert!(!devices["pi-c"].online);
+}
+
+/// The rows a store must return for `q`, from the batches as they were acked (parsed back from
+/// their bytes, as the store reads them): sorted by (ts, batch_id, idx) descending.
+fn expected(batches: &[Batch], q: &DetectionQuery) -> Vec<String> {
+    let mut keys: Vec<(i64, String, i64)> = Vec::new();
+    for b in batches {
+        let parsed = Batch::from_json(&b.to_json(), &Limits::default()).unwrap();
+        if q.device_id.as_ref().is_some_and(|d| *d != parsed.device_id) {
+            continue;
+        }
+        for (i, d) in parsed.detections.iter().enumerate() {
+            let t = d.timestamp().unix_micros();
+            if q.since_us.is_some_and(|s| t < s) || q.until_us.is_some_and(|u| t >= u) {
+                continue;
+            }
+            keys.push((t, parsed.batch_id.to_string(), i as i64));
+        }
+    }
+    keys.sort_by(|a, b| b.cmp(a));
+    keys.into_iter().map(|(t, b, i)| format!("{t}.{b}.{i}")).collect()
+}
+
+/// Every page of `q`, following the cursor as `GET /api/v1/detections` does.
+async fn all_pages(s: &Store, q: &DetectionQuery) -> Vec<DetectionRow> {
+    let mut q = q.clone();
+    let mut out = Vec::new();
+    for _ in 0..100_000 {
+        let page = s.detections(&q).await.unwrap();
+        assert!(page.len() as i64 <= q.limit);
+        let full = page.len() as i64 == q.limit;
+        let last = page.last().map(|r| r.cursor.clone());
+        out.extend(page);
+        match (full, last) {
+            (true, Some(c)) => {
+                let mut parts = c.splitn(3, '.');
+                let t = parts.next().unwrap().parse().unwrap();
+                let b = parts.next().unwrap().to_owned();
+                let i = parts.next().unwrap().parse().unwrap();
+                q.after = Some((t, b, i));
+            }
+            _ => return out,
+        }
+    }
+    panic!("paging did not end");
+}
+
+/// Batches from three devices: overlapping ranges, times shared across batches, out of order
+/// within a batch, empty batches, and wide ones (a clock set mid-batch); then queries of every
+/// shape, paged with several limits, against the brute-force order.
+async fn pages_match_a_brute_force_order(url: String) {
+    let s = Store::connect(&url).await.unwrap();
+    let mut rng = fastrand::Rng::with_seed(15);
+    let mut batches = Vec::new();
+    for i in 0..120u64 {
+        let device = ["pi-a", "pi-b", "pi-c"][i as usize % 3];
+        let start = BASE + rng.i64(0..600_000_000);
+        let n = if i % 17 == 0 { 0 } else { rng.usize(1..40) };
+        let mut times: Vec<i64> = (0..n)
+            .map(|_| if rng.bool() { start + rng.i64(0..30_000_000) } else { (start / 1_000_000) * 1_000_000 })
+            .collect();
+        if i % 29 == 5 && n > 1 {
+            // A clock stepped mid-batch: 1970 first, then now.
+            times[0] = 1_000_000;
+        }
+        if i % 31 == 7 && n > 1 {
+            times[n - 1] = start + 3 * 3_600_000_000;
+        }
+        let b = batch(device, i, &times);
+        assert_eq!(store(&s, &b).await, Outcome::Stored);
+        batches.push(b);
+    }
+    let mid = BASE + 300_000_000;
+    let queries = [
+        (None, None, None),
+        (Some("pi-a"), None, None),
+        (Some("pi-c"), Some(mid), None),
+        (None, None, Some(mid)),
+        (Some("pi-b"), Some(BASE + 100_000_000), Some(BASE + 200_000_000)),
+        (None, Some(mid), Some(mid)),
+        (Some("nobody"), None, None),
+        (None, Some(0), Some(2_000_000)),
+    ];
+    for (device, since, until) in queries {
+        for limit in [1, 7, 100, 1000] {
+            if limit == 1 && device.is_none() && since.is_none() && until.is_none() {
+                continue; // one row per page over everything: thousands of pages, covered by 7
+            }
+            let q = DetectionQuery {
+                device_id: device.map(str::to_owned),
+                since_us: since,
+                until_us: until,
+                limit,
+                after: None,
+            };
+            let got: Vec<String> = all_pages(&s, &q).await.into_iter().map(|r| r.cursor).collect();
+            let want = expected(&batches, &q);
+            assert_eq!(got.len(), want.len(), "{q:?}");
+            assert!(got == want, "{q:?}: pages differ from the brute-force order");
+        }
+    }
+    // The rows carry the detection's fields.
+    let q = DetectionQuery { device_id: Some("pi-a".into()), limit: 1000, ..Default::default() };
+    let rows = s.detections(&q).await.unwrap();
+    let sensor = rows.iter().find(|r| r.kind == "sensor").expect("a sensor row");
+    assert_eq!((sensor.temp, sensor.humidity, sensor.battery, sensor.co2_ppm), (Some(21.5), Some(40), Some(90), None));
+    assert!(sensor.node.as_deref().is_some_and(|n| n.starts_with("thingy-")) && sensor.device_hash.is_none());
+    let presence = rows.iter().find(|r| r.kind == "presence").expect("a presence row");
+    assert_eq!((presence.rssi, presence.zone.as_deref()), (-60, Some("near")));
+}
+
+/// A batch stored before schema 4 has no payload: its `detections` rows are its only copy, and
+/// pages merge them with the rows read from payloads.
+async fn rows_from_before_schema_4_are_merged_in(url: String) {
+    let s = Store::connect(&url).await.unwrap();
+    let new = batch("pi-a", 1, &[BASE + 10, BASE + 30]);
+    store(&s, &new).await;
+    let pool = raw(&url).await;
+    let old_id = BatchId::new().to_string();
+    sqlx::query(
+        "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via)
+         VALUES ($1, 'pi-a', 0, 'h', 0, 2, 'http')",
+    )
+    .bind(old_id.clone())
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (idx, t) in [(0i32, BASE + 20), (1, BASE + 40)] {
+        sqlx::query(
+            "INSERT INTO detections (batch_id, idx, device_id, ts, kind, rssi, device_hash, zone)
+             VALUES ($1, $2, 'pi-a', $3, 'presence', -50, 'aaaaaaaaaaaaaaaa', 'far')",
+        )
+        .bind(old_id.clone())
+        .bind(idx)
+        .bind(t)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let q = DetectionQuery { device_id: Some("pi-a".into()), limit: 1, ..Default::default() };
+    let rows = all_pages(&s, &q).await;
+    let got: Vec<_> = rows.iter().map(|r| (r.timestamp.clone(), r.batch_id.clone())).collect();
+    let new_id = new.batch_id.to_string();
+    let want: Vec<_> = [(BASE + 40, &old_id), (BASE + 30, &new_id), (BASE + 20, &old_id), (BASE + 10, &new_id)]
+        .into_iter()
+        .map(|(t, b)| (ts(t).to_string(), b.clone()))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(rows[0].zone.as_deref(), Some("far"));
+    assert_eq!(s.reprocess(None, None).await.unwrap(), Reprocessed { reindexed: 1, undecodable: 0, skipped: 1 });
+}
+
+async fn an_undecodable_payload_is_skipped_and_counted(url: String) {
+    let s = Store::connect(&url).await.unwrap();
+    let good = batch("pi-a", 0, &[BASE + 1, BASE + 2]);
+    let bad = batch("pi-a", 1, &[BASE + 3]);
+    store(&s, &good).await;
+    store(&s, &bad).await;
+    let pool = raw(&url).await;
+    sqlx::query("UPDATE batches SET payload = $1 WHERE batch_id = $2")
+        .bind(vec![9u8, 0, 0, 0, 1, 2, 3])
+        .bind(bad.batch_id.to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let q = DetectionQuery { limit: 100, ..Default::default() };
+    let rows = s.detections(&q).await.unwrap();
+    assert_eq!(rows.len(), 2, "the damaged batch is left out, the others are read");
+    assert!(rows.iter().all(|r| r.batch_id == good.batch_id.to_string()));
+    assert_eq!(s.reprocess(None, None).await.unwrap(), Reprocessed { reindexed: 1, undecodable: 1, skipped: 0 });
+    assert_eq!(s.stats().await.unwrap().batches, 2, "nothing is removed");
+}
+
+/// An index written wrong (as an older decoder would have): rows go missing from pages until
+/// `reprocess` re-derives it; twice changes nothing and stores nothing twice.
+async fn reprocess_repairs_the_time_index_without_duplicates(url: String) {
+    let s = Store::connect(&url).await.unwrap();
+    let batches: Vec<Batch> = (0..6)
+        .map(|i| batch(if i % 2 == 0 { "pi-a" } else { "pi-b" }, i, &[BASE + i as i64 * 1000, BASE + 5]))
+        .collect();
+    for b in &batches {
+        store(&s, b).await;
+    }
+    let pool = raw(&url).await;
+    sqlx::query("UPDATE batches SET first_ts = 0, last_ts = 1").execute(&pool).await.unwrap();
+    let q = DetectionQuery { limit: 3, ..Default::default() };
+    assert!(all_pages(&s, &q).await.len() < 12, "the wrong index hides rows");
+    let done = s.reprocess(None, Some("pi-a")).await.unwrap();
+    assert_eq!(done.reindexed, 3);
+    let done = s.reprocess(None, None).await.unwrap();
+    assert_eq!(done, Reprocessed { reindexed: 6, undecodable: 0, skipped: 0 });
+    let got: Vec<String> = all_pages(&s, &q).await.into_iter().map(|r| r.cursor).collect();
+    assert_eq!(got, expected(&batches, &q));
+    s.reprocess(None, None).await.unwrap();
+    let again: Vec<String> = all_pages(&s, &q).await.into_iter().map(|r| r.cursor).collect();
+    assert_eq!(again, got);
+    assert_eq!(s.stats().await.unwrap().detections, 12);
+}
+
+/// The same batch from 16 writers at once (replicas, resends), among 16 other new batches: each
+/// stored once, every other answer a duplicate, never an error.
+async fn one_batch_raced_by_many_writers_is_stored_once(url: String) {
+    let s = std::sync::Arc::new(Store::connect(&url).await.unwrap());
+    let raced = batch("pi-a", 0, &[BASE, BASE + 1]);
+    let others: Vec<Batch> = (1..=16).map(|i| batch("pi-a", i, &[BASE + i as i64])).collect();
+    let mut tasks = Vec::new();
+    for other in others {
+        let (s, raced) = (s.clone(), raced.clone());
+        tasks.push(tokio::spawn(async move { (store_same(&s, &raced).await, store_same(&s, &other).await) }));
+    }
+    let mut stored = 0;
+    for t in tasks {
+        let (r, o) = t.await.unwrap();
+        assert_eq!(o, Outcome::Stored);
+        match r {
+            Outcome::Stored => stored += 1,
+            Outcome::Duplicate => {}
+            Outcome::Conflict => panic!("the same bytes are never a conflict"),
+        }
+    }
+    assert_eq!(stored, 1);
+    s.flush_counts().await.unwrap();
+    let st = s.stats().await.unwrap();
+    assert_eq!((st.batches, st.detections, st.duplicates), (17, 18, 15), "{st:?}");
+    let q = DetectionQuery { limit: 1000, ..Default::default() };
+    assert_eq!(s.detections(&q).await.unwrap().len(), 18);
+}
