@@ -320,6 +320,10 @@ async fn bulk(
         }
         .into_response();
     };
+    let hash = crate::ingest::payload_hash(&body);
+    if let Some(answer) = known_duplicate(&app, &scope, peer.as_ref(), &headers, &hash).await {
+        return answer;
+    }
     let batch = match app.ingest.parse(&body) {
         Ok(b) => b,
         Err(e) => {
@@ -384,7 +388,7 @@ async fn bulk(
             eprintln!("FAILPOINT stall_http: the bulk post hangs before it is stored");
             std::future::pending::<()>().await;
         }
-        ingest.accept(batch, &body, "http").await
+        ingest.accept_hashed(batch, &body, hash, "http").await
     })
     .await;
     let accepted = match accepted {
@@ -406,6 +410,38 @@ async fn bulk(
         .into_response(),
         Err(e) => storage_down(e),
     }
+}
+
+/// The answer to a resend, found without parsing its body (issue #15: replays of a backlog are
+/// mostly resends): the Idempotency-Key names a stored batch whose payload has this SHA-256, so the
+/// body is byte for byte one that was validated when it was stored. Answered `200 duplicate` only
+/// if every check of the full path would pass for the stored batch's device (key scope, fleet
+/// rate limit, client certificate); otherwise `None`, and the full path answers.
+async fn known_duplicate(
+    app: &App,
+    scope: &KeyScope,
+    peer: Option<&axum::Extension<crate::serve::PeerNames>>,
+    headers: &HeaderMap,
+    hash: &str,
+) -> Option<Response> {
+    let id = headers.get("idempotency-key")?.to_str().ok()?.parse::<backhaul_shared::BatchId>().ok()?;
+    let device = match app.ingest.store.duplicate_of(&id.to_string(), hash).await {
+        Ok(found) => found?,
+        Err(e) => return Some(storage_down(e)),
+    };
+    if !scope.allows(&device) {
+        return None;
+    }
+    if app.client_certificates && *scope != KeyScope::Fleet && !peer.is_some_and(|p| p.0 .0.contains(&device)) {
+        return None;
+    }
+    if *scope == KeyScope::Fleet {
+        if let Err(wait) = app.ingest.rates.check(&device) {
+            return Some(rate_limited(&device, wait));
+        }
+    }
+    app.ingest.store.count_duplicate();
+    Some((StatusCode::OK, Json(json!({ "status": "duplicate", "batch_id": id }))).into_response())
 }
 
 /// 429 with `Retry-After` for a device over its rate ([`crate::ratelimit`]).

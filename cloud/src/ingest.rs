@@ -52,6 +52,17 @@ impl Ingest {
     /// Stores a parsed batch exactly once. `raw` are the bytes it was parsed from.
     pub async fn accept(&self, batch: Batch, raw: &[u8], via: &str) -> Result<Accepted, StoreError> {
         let hash = payload_hash(raw);
+        self.accept_hashed(batch, raw, hash, via).await
+    }
+
+    /// [`Self::accept`] with `hash` = [`payload_hash`]`(raw)` already computed.
+    pub async fn accept_hashed(
+        &self,
+        batch: Batch,
+        raw: &[u8],
+        hash: String,
+        via: &str,
+    ) -> Result<Accepted, StoreError> {
         Ok(match self.store.store_batch(&batch, raw, &hash, via).await? {
             Outcome::Stored => Accepted::Stored(batch),
             Outcome::Duplicate => Accepted::Duplicate(batch),

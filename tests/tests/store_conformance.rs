@@ -383,6 +383,9 @@ async fn one_batch_raced_by_many_writers_is_stored_once(url: String) {
     s.flush_counts().await.unwrap();
     let st = s.stats().await.unwrap();
     assert_eq!((st.batches, st.detections, st.duplicates), (17, 18, 15), "{st:?}");
+    // Batches written in one group transaction add up on their device's row.
+    let device = s.devices().await.unwrap().into_iter().find(|d| d.device_id == "pi-a").unwrap();
+    assert_eq!((device.batches, device.detections, device.last_seq, device.gaps), (17, 18, 16, 0), "{device:?}");
     let q = DetectionQuery { limit: 1000, ..Default::default() };
     assert_eq!(s.detections(&q).await.unwrap().len(), 18);
 }

@@ -426,6 +426,11 @@ impl Store {
         let now = Timestamp::now().unix_micros();
         let mut tx = self.begin_write().await?;
         let mut outcomes = Vec::with_capacity(group.len());
+        // What the new batches add to each device's row and to the counters: one statement per
+        // device and per counter for the whole group, not per batch. Devices in sorted order, so
+        // concurrent transactions (PostgreSQL replicas) take their rows in the same order.
+        let mut devices: std::collections::BTreeMap<&str, DeviceDelta> = Default::default();
+        let (mut batches, mut detections) = (0i64, 0i64);
         for request in group {
             let batch_id = request.batch.batch_id.to_string();
             // Again inside the transaction: stored meanwhile, or twice in this group.
@@ -433,8 +438,18 @@ impl Store {
                 outcomes.push(outcome);
                 continue;
             }
-            insert_batch(&mut tx, request, &batch_id, now).await?;
+            let span = insert_batch(&mut tx, request, &batch_id, now).await?;
+            devices.entry(&request.batch.device_id).or_default().add(&request.batch, span);
+            batches += 1;
+            detections += request.batch.detections.len() as i64;
             outcomes.push(Outcome::Stored);
+        }
+        for (device_id, delta) in &devices {
+            upsert_device(&mut tx, device_id, delta, now).await?;
+        }
+        if batches > 0 {
+            bump(&mut tx, "batches", batches).await?;
+            bump(&mut tx, "detections", detections).await?;
         }
         self.write_unwritten_counts(&mut tx).await?;
         tx.commit().await?;
@@ -457,20 +472,19 @@ fn lost_a_race(e: &sqlx::Error) -> bool {
     }
 }
 
-/// The index row of one new batch, its device and the counters, in `tx` (the ack path: no
-/// detection rows, see the module doc).
+/// The index row of one new batch and its compressed payload, in `tx` (the ack path: no detection
+/// rows, see the module doc). Returns the span it adds to its device's `max_span_us`.
 async fn insert_batch(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     request: &WriteRequest,
     batch_id: &str,
     now: i64,
-) -> Result<(), sqlx::Error> {
+) -> Result<i64, sqlx::Error> {
     let batch = &request.batch;
     let n = batch.detections.len() as i64;
     let seq = i64::try_from(batch.seq).unwrap_or(i64::MAX);
     let times = batch.detections.iter().map(|d| d.timestamp().unix_micros());
     let (first_ts, last_ts) = (times.clone().min(), times.max());
-    let span = detections::narrow_span(first_ts, last_ts);
     sqlx::query(
         "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via, payload,
                               projected, first_ts, last_ts)
@@ -488,33 +502,85 @@ async fn insert_batch(
     .bind(last_ts)
     .execute(&mut **tx)
     .await?;
+    Ok(detections::narrow_span(first_ts, last_ts))
+}
+
+/// What the new batches of one group add to their device's row.
+#[derive(Debug)]
+struct DeviceDelta {
+    /// The last name and location a batch of the group carried (a batch without keeps the row's).
+    name: Option<String>,
+    location: Option<String>,
+    last_seq: i64,
+    batches: i64,
+    detections: i64,
+    clock_unsynced_batches: i64,
+    max_span_us: i64,
+}
+
+impl Default for DeviceDelta {
+    fn default() -> Self {
+        Self {
+            name: None,
+            location: None,
+            last_seq: i64::MIN,
+            batches: 0,
+            detections: 0,
+            clock_unsynced_batches: 0,
+            max_span_us: 0,
+        }
+    }
+}
+
+impl DeviceDelta {
+    fn add(&mut self, batch: &Batch, span: i64) {
+        if batch.name.is_some() {
+            self.name.clone_from(&batch.name);
+        }
+        if batch.location.is_some() {
+            self.location.clone_from(&batch.location);
+        }
+        self.last_seq = self.last_seq.max(i64::try_from(batch.seq).unwrap_or(i64::MAX));
+        self.batches += 1;
+        self.detections += batch.detections.len() as i64;
+        self.clock_unsynced_batches += i64::from(!batch.clock.is_synced());
+        self.max_span_us = self.max_span_us.max(span);
+    }
+}
+
+/// Adds a group's [`DeviceDelta`] to the device's row (created on its first batch), in `tx`.
+async fn upsert_device(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    device_id: &str,
+    d: &DeviceDelta,
+    now: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
-            "INSERT INTO devices (device_id, name, location, first_seen, last_seen, last_seq, batches, detections,
-                clock_unsynced_batches, max_span_us)
-             VALUES ($1, $2, $3, $4, $4, $5, 1, $6, $7, $8)
-             ON CONFLICT (device_id) DO UPDATE SET
-                name = COALESCE(excluded.name, devices.name),
-                location = COALESCE(excluded.location, devices.location),
-                last_seen = excluded.last_seen,
-                last_seq = CASE WHEN excluded.last_seq > devices.last_seq THEN excluded.last_seq ELSE devices.last_seq END,
-                batches = devices.batches + 1,
-                detections = devices.detections + excluded.detections,
-                clock_unsynced_batches = devices.clock_unsynced_batches + excluded.clock_unsynced_batches,
-                max_span_us = CASE WHEN excluded.max_span_us > devices.max_span_us THEN excluded.max_span_us
-                    ELSE devices.max_span_us END",
-        )
-        .bind(&batch.device_id)
-        .bind(batch.name.clone())
-        .bind(batch.location.clone())
-        .bind(now)
-        .bind(seq)
-        .bind(n)
-        .bind(i64::from(!batch.clock.is_synced()))
-        .bind(span)
-        .execute(&mut **tx)
-        .await?;
-    bump(tx, "batches", 1).await?;
-    bump(tx, "detections", n).await?;
+        "INSERT INTO devices (device_id, name, location, first_seen, last_seen, last_seq, batches, detections,
+            clock_unsynced_batches, max_span_us)
+         VALUES ($1, $2, $3, $4, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT (device_id) DO UPDATE SET
+            name = COALESCE(excluded.name, devices.name),
+            location = COALESCE(excluded.location, devices.location),
+            last_seen = excluded.last_seen,
+            last_seq = CASE WHEN excluded.last_seq > devices.last_seq THEN excluded.last_seq ELSE devices.last_seq END,
+            batches = devices.batches + excluded.batches,
+            detections = devices.detections + excluded.detections,
+            clock_unsynced_batches = devices.clock_unsynced_batches + excluded.clock_unsynced_batches,
+            max_span_us = CASE WHEN excluded.max_span_us > devices.max_span_us THEN excluded.max_span_us
+                ELSE devices.max_span_us END",
+    )
+    .bind(device_id.to_owned())
+    .bind(d.name.clone())
+    .bind(d.location.clone())
+    .bind(now)
+    .bind(d.last_seq)
+    .bind(d.batches)
+    .bind(d.detections)
+    .bind(d.clock_unsynced_batches)
+    .bind(d.max_span_us)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -545,6 +611,26 @@ impl Store {
                 Outcome::Conflict
             }
         }))
+    }
+
+    /// The device of the stored batch `batch_id` if its payload's SHA-256 is `payload_sha256` (a
+    /// resend), else `None` (not stored, or stored with another payload). A read; counts nothing
+    /// (see [`Self::count_duplicate`]).
+    ///
+    /// Errors: the database's ([`StoreError::Db`]).
+    pub async fn duplicate_of(&self, batch_id: &str, payload_sha256: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT device_id, payload_sha256 FROM batches WHERE batch_id = $1")
+            .bind(batch_id.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let hash: String = row.try_get(1)?;
+        Ok((hash == payload_sha256).then(|| row.try_get(0)).transpose()?)
+    }
+
+    /// Counts a duplicate answered without [`Self::store_batch`] (written with the next write).
+    pub fn count_duplicate(&self) {
+        self.unwritten_duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Adds the duplicates and conflicts counted in memory to the counters, in `tx`.
