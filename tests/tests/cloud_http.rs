@@ -89,6 +89,59 @@ fn every_status_code_of_the_bulk_endpoint() {
     assert_eq!(get_json(&agent, &cloud, "/health").0, 200);
 }
 
+/// Issue #15: a resend is answered from the stored batch (its batch_id and payload hash) without
+/// parsing the body: a batch stored under a limit that was lowered since is still a 200 duplicate,
+/// while a new batch over the limit is a 400.
+#[test]
+fn a_resend_is_answered_without_parsing_its_body_even_after_the_limits_changed() {
+    let db = tempfile::tempdir().unwrap();
+    let healthy = |cloud: &Cloud| {
+        backhaul_tests::wait_until("the cloud to answer", std::time::Duration::from_secs(30), || {
+            get_json(&http(), cloud, "/health").0 == 200
+        })
+        .unwrap()
+    };
+    let mut cloud =
+        Cloud::start(CloudOptions { database_dir: Some(db.path().to_owned()), ..Default::default() }).unwrap();
+    healthy(&cloud);
+    let stored = wire_batch(DEVICE, 0, 5);
+    let id = stored.batch_id.to_string();
+    assert_eq!(post_batch(&http(), &cloud, Some(DEVICE_KEY), Some(&id), &stored.to_json()).0, 201);
+    cloud.process.kill9().unwrap();
+    let cloud = Cloud::start(CloudOptions {
+        database_dir: Some(db.path().to_owned()),
+        extra: "max_detections = 2".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    healthy(&cloud);
+    let (status, body, _) = post_batch(&http(), &cloud, Some(DEVICE_KEY), Some(&id), &stored.to_json());
+    assert_eq!((status, body.contains("duplicate")), (200, true), "{body}");
+    let new = wire_batch(DEVICE, 1, 5);
+    let (status, body, _) =
+        post_batch(&http(), &cloud, Some(DEVICE_KEY), Some(&new.batch_id.to_string()), &new.to_json());
+    assert_eq!(status, 400, "{body}");
+    let stats = get_json(&http(), &cloud, "/api/v1/stats").1;
+    assert_eq!((stats["batches"].as_i64(), stats["duplicates"].as_i64()), (Some(1), Some(1)), "{stats}");
+}
+
+/// A fleet key's resends are answered without parsing, but still within the batch's device's rate.
+#[test]
+fn a_fleet_keys_resends_stay_within_the_devices_rate() {
+    let cloud =
+        Cloud::start(CloudOptions { extra: "device_rate_per_sec = 1\ndevice_burst = 2".into(), ..Default::default() })
+            .unwrap();
+    backhaul_tests::wait_until("the cloud to answer", std::time::Duration::from_secs(30), || {
+        get_json(&http(), &cloud, "/health").0 == 200
+    })
+    .unwrap();
+    let b = wire_batch(DEVICE, 0, 1);
+    let id = b.batch_id.to_string();
+    let statuses: Vec<u16> =
+        (0..3).map(|_| post_batch(&http(), &cloud, Some(FLEET_KEY), Some(&id), &b.to_json()).0).collect();
+    assert_eq!(statuses, [201, 200, 429]);
+}
+
 #[test]
 fn rate_limited_answers_429_with_retry_after() {
     // No ingest slots at all: every ingest is turned away, politely.

@@ -27,6 +27,8 @@ const CASES: &[(&str, Case)] = &[
         Box::pin(reprocess_repairs_the_time_index_without_duplicates(u))
     }),
     ("one_batch_raced_by_many_writers_is_stored_once", |u| Box::pin(one_batch_raced_by_many_writers_is_stored_once(u))),
+    ("batches_with_identical_times_page_by_batch_id", |u| Box::pin(batches_with_identical_times_page_by_batch_id(u))),
+    ("a_newer_schema_is_refused", |u| Box::pin(a_newer_schema_is_refused(u))),
 ];
 
 fn run_all(mut database: impl FnMut(&str) -> String) {
@@ -227,9 +229,27 @@ async fn pages_match_a_brute_force_order(url: String) {
         if i % 31 == 7 && n > 1 {
             times[n - 1] = start + 3 * 3_600_000_000;
         }
-        let b = batch(device, i, &times);
-        assert_eq!(store(&s, &b).await, Outcome::Stored);
-        batches.push(b);
+        batches.push(batch(device, i, &times));
+    }
+    // Stored 8 at a time, so that on SQLite group commits carry several devices' batches.
+    let s = std::sync::Arc::new(s);
+    for group in batches.chunks(8) {
+        let tasks: Vec<_> = group
+            .iter()
+            .map(|b| {
+                let (s, b) = (s.clone(), b.clone());
+                tokio::spawn(async move { store(&s, &b).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Outcome::Stored);
+        }
+    }
+    let devices = s.devices().await.unwrap();
+    for d in &devices {
+        let mine: Vec<&Batch> = batches.iter().filter(|b| b.device_id == d.device_id).collect();
+        let detections: usize = mine.iter().map(|b| b.detections.len()).sum();
+        assert_eq!((d.batches, d.detections), (mine.len() as i64, detections as i64), "{d:?}");
     }
     let mid = BASE + 300_000_000;
     let queries = [
@@ -298,6 +318,20 @@ async fn rows_from_before_schema_4_are_merged_in(url: String) {
         .await
         .unwrap();
     }
+    // A build before migration 5 on the same database still projects payload batches into rows:
+    // those rows are not read twice.
+    for (idx, t) in [(0i32, BASE + 10), (1, BASE + 30)] {
+        sqlx::query(
+            "INSERT INTO detections (batch_id, idx, device_id, ts, kind, rssi, device_hash, zone)
+             VALUES ($1, $2, 'pi-a', $3, 'presence', -60, 'bbbbbbbbbbbbbbbb', 'near')",
+        )
+        .bind(new.batch_id.to_string())
+        .bind(idx)
+        .bind(t)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
     let q = DetectionQuery { device_id: Some("pi-a".into()), limit: 1, ..Default::default() };
     let rows = all_pages(&s, &q).await;
     let got: Vec<_> = rows.iter().map(|r| (r.timestamp.clone(), r.batch_id.clone())).collect();
@@ -344,6 +378,7 @@ async fn reprocess_repairs_the_time_index_without_duplicates(url: String) {
     }
     let pool = raw(&url).await;
     sqlx::query("UPDATE batches SET first_ts = 0, last_ts = 1").execute(&pool).await.unwrap();
+    sqlx::query("UPDATE devices SET max_span_us = 0").execute(&pool).await.unwrap();
     let q = DetectionQuery { limit: 3, ..Default::default() };
     assert!(all_pages(&s, &q).await.len() < 12, "the wrong index hides rows");
     let done = s.reprocess(None, Some("pi-a")).await.unwrap();
@@ -388,4 +423,28 @@ async fn one_batch_raced_by_many_writers_is_stored_once(url: String) {
     assert_eq!((device.batches, device.detections, device.last_seq, device.gaps), (17, 18, 16, 0), "{device:?}");
     let q = DetectionQuery { limit: 1000, ..Default::default() };
     assert_eq!(s.detections(&q).await.unwrap().len(), 18);
+}
+
+/// Twelve batches whose detections all carry the same time: pages order them by batch_id (and
+/// index), whatever the limit, across chunk boundaries of the scan.
+async fn batches_with_identical_times_page_by_batch_id(url: String) {
+    let s = Store::connect(&url).await.unwrap();
+    let batches: Vec<Batch> = (0..12).map(|i| batch(["pi-a", "pi-b"][i % 2], i as u64, &[BASE; 3])).collect();
+    for b in &batches {
+        store(&s, b).await;
+    }
+    for (device, limit) in [(None, 1), (None, 3), (Some("pi-a"), 1), (Some("pi-b"), 4), (None, 1000)] {
+        let q = DetectionQuery { device_id: device.map(str::to_owned), limit, ..Default::default() };
+        let got: Vec<String> = all_pages(&s, &q).await.into_iter().map(|r| r.cursor).collect();
+        assert_eq!(got, expected(&batches, &q), "{q:?}");
+    }
+}
+
+/// A database migrated by a newer build is refused with a clear error, not used.
+async fn a_newer_schema_is_refused(url: String) {
+    drop(Store::connect(&url).await.unwrap());
+    let pool = raw(&url).await;
+    sqlx::query("INSERT INTO schema_version (version) VALUES (999)").execute(&pool).await.unwrap();
+    let e = Store::connect(&url).await.unwrap_err().to_string();
+    assert!(e.contains("999") && e.contains("newer"), "{e}");
 }

@@ -57,11 +57,15 @@ struct Page<'q> {
     rows: Vec<Keyed>,
     /// `rows` is sorted, newest first, and at most `limit` long.
     compact: bool,
+    /// Batches whose payload was offered: a page's statements are not one snapshot, and a batch
+    /// whose index a concurrent `reprocess` moved could be met twice.
+    offered: std::collections::HashSet<String>,
 }
 
 impl<'q> Page<'q> {
     fn new(q: &'q DetectionQuery) -> Self {
-        Self { q, limit: usize::try_from(q.limit.max(1)).unwrap_or(1), rows: Vec::new(), compact: true }
+        let limit = usize::try_from(q.limit.clamp(1, i64::from(u32::MAX))).unwrap_or(1);
+        Self { q, limit, rows: Vec::new(), compact: true, offered: Default::default() }
     }
 
     /// Adds `row` if it passes the query's time window and lies below its cursor.
@@ -77,10 +81,17 @@ impl<'q> Page<'q> {
         }
         self.rows.push(Keyed { key, row: row() });
         self.compact = false;
+        // Memory stays about twice a page, however many batches are offered.
+        if self.rows.len() >= 2 * self.limit + 1024 {
+            self.sort();
+        }
     }
 
-    /// Every detection of a decoded batch.
+    /// Every detection of a decoded batch (once per page).
     fn offer_batch(&mut self, batch_id: &str, batch: &Batch) {
+        if !self.offered.insert(batch_id.to_owned()) {
+            return;
+        }
         for (idx, d) in batch.detections.iter().enumerate() {
             let ts = d.timestamp().unix_micros();
             let idx = idx as i64;
@@ -172,104 +183,67 @@ impl Store {
         if hi < lo {
             return Ok(Vec::new());
         }
-        for r in self.legacy_detections(q).await? {
+        for r in self.legacy_detections(q, page.limit).await? {
             let row = legacy_row(&r)?;
             let key = (r.try_get::<i64, _>(4)?, row.batch_id.clone(), r.try_get::<i64, _>(2)?);
             page.offer(key, || row);
         }
 
-        // Wide batches: few; all of those that can hold a row.
-        let device = q.device_id.as_deref().map(|_| " AND device_id = $3").unwrap_or_default();
-        let sql = format!(
-            "SELECT batch_id, payload FROM batches WHERE last_ts - first_ts > 3600000000
-               AND first_ts <= $1 AND last_ts >= $2{device}"
-        );
-        // Only the fixed clause above is spliced in; values are bound.
-        let mut wide = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(hi).bind(lo);
-        if let Some(d) = &q.device_id {
-            wide = wide.bind(d.clone());
-        }
-        for r in wide.fetch_all(&self.pool).await? {
-            self.offer_stored(&mut page, &r)?;
-        }
-
-        // Narrow batches, newest last_ts first, from hi plus the widest span.
+        // Narrow batches from hi plus the widest span of the batches read; wide ones (any span)
+        // from their own index. Both newest last_ts first, merged.
         let span: i64 = {
             let sql = format!(
                 "SELECT COALESCE(MAX(max_span_us), 0) FROM devices WHERE 1 = 1{}",
                 q.device_id.as_deref().map(|_| " AND device_id = $1").unwrap_or_default()
             );
+            // Only the fixed clause above is spliced in; values are bound.
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             if let Some(d) = &q.device_id {
                 query = query.bind(d.clone());
             }
             query.fetch_one(&self.pool).await?.try_get(0)?
         };
-        let top = hi.saturating_add(span.max(0));
-        let mut chunk = FIRST_CHUNK;
-        let mut below: Option<(i64, String)> = None;
+        let mut narrow = Scan::new(false, hi.saturating_add(span.max(0)));
+        let mut wide = Scan::new(true, i64::MAX);
         loop {
-            let mut sql = String::from(
-                "SELECT batch_id, payload, last_ts FROM batches
-                  WHERE last_ts <= $1 AND last_ts >= $2 AND first_ts <= $3 AND last_ts - first_ts <= 3600000000",
-            );
-            let mut n = 3;
-            let mut next = || {
-                n += 1;
-                format!("${n}")
-            };
-            if q.device_id.is_some() {
-                sql.push_str(&format!(" AND device_id = {}", next()));
-            }
-            if below.is_some() {
-                let (a, b, c) = (next(), next(), next());
-                sql.push_str(&format!(" AND (last_ts < {a} OR (last_ts = {b} AND batch_id < {c}))"));
-            }
-            sql.push_str(&format!(" ORDER BY last_ts DESC, batch_id DESC LIMIT {}", next()));
-            // Only placeholders are spliced in; values are bound.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(top).bind(lo).bind(hi);
-            if let Some(d) = &q.device_id {
-                query = query.bind(d.clone());
-            }
-            if let Some((last_ts, batch_id)) = &below {
-                query = query.bind(*last_ts).bind(*last_ts).bind(batch_id.clone());
-            }
-            let rows = query.bind(chunk).fetch_all(&self.pool).await?;
-            for r in &rows {
-                let last_ts: i64 = r.try_get(2)?;
-                if page.floor().is_some_and(|floor| last_ts < floor) {
-                    return Ok(page.finish());
+            let n = narrow.peek(self, q, lo, hi).await?;
+            let w = wide.peek(self, q, lo, hi).await?;
+            let scan = match (n, w) {
+                (None, None) => return Ok(page.finish()),
+                (Some(_), None) => &mut narrow,
+                (None, Some(_)) => &mut wide,
+                (Some(a), Some(b)) => {
+                    if a >= b {
+                        &mut narrow
+                    } else {
+                        &mut wide
+                    }
                 }
-                self.offer_stored(&mut page, r)?;
-                below = Some((last_ts, r.try_get(0)?));
-            }
-            if (rows.len() as i64) < chunk {
+            };
+            let candidate = scan.pop().expect("peeked");
+            if page.floor().is_some_and(|floor| candidate.last_ts < floor) {
+                // The newest of both scans can hold no row of the page: neither can the rest.
                 return Ok(page.finish());
             }
-            chunk = (chunk * 2).min(MAX_CHUNK);
+            match candidate.payload.as_deref().map(decode) {
+                Some(Ok(batch)) => page.offer_batch(&candidate.batch_id, &batch),
+                Some(Err(e)) => tracing::error!(
+                    batch_id = %candidate.batch_id, error = %e,
+                    "a stored batch cannot be decoded: its detections are left out of reads (a bug to report; the batch stays stored)"
+                ),
+                None => {}
+            }
         }
-    }
-
-    /// Offers the detections of a row `(batch_id, payload, ..)` to `page`.
-    fn offer_stored(&self, page: &mut Page<'_>, r: &AnyRow) -> Result<(), StoreError> {
-        let batch_id: String = r.try_get(0)?;
-        let payload: Option<Vec<u8>> = r.try_get(1)?;
-        match payload.as_deref().map(decode) {
-            Some(Ok(batch)) => page.offer_batch(&batch_id, &batch),
-            Some(Err(e)) => tracing::error!(
-                %batch_id, error = %e,
-                "a stored batch cannot be decoded: its detections are left out of reads (a bug to report; the batch stays stored)"
-            ),
-            None => {}
-        }
-        Ok(())
     }
 
     /// Rows of the `detections` table (batches stored before migration 4) for `q`: at most a page.
-    async fn legacy_detections(&self, q: &DetectionQuery) -> Result<Vec<AnyRow>, StoreError> {
+    async fn legacy_detections(&self, q: &DetectionQuery, limit: usize) -> Result<Vec<AnyRow>, StoreError> {
+        // Rows of a batch that has a payload are read from it (rows that a build before migration 5
+        // still projected on a shared database are not read twice).
         let mut sql = String::from(
             "SELECT device_id, batch_id, idx, kind, ts, rssi, device_hash, zone, node, temp, humidity, co2_ppm,
-                    window_open, battery FROM detections WHERE 1 = 1",
+                    window_open, battery FROM detections
+              WHERE NOT EXISTS (SELECT 1 FROM batches b WHERE b.batch_id = detections.batch_id AND b.payload IS NOT NULL)",
         );
         let mut n = 0;
         let mut next = || {
@@ -306,7 +280,7 @@ impl Store {
         if let Some((ts, batch, idx)) = &q.after {
             query = query.bind(*ts).bind(*ts).bind(batch.clone()).bind(batch.clone()).bind(*idx);
         }
-        Ok(query.bind(q.limit).fetch_all(&self.pool).await?)
+        Ok(query.bind(i64::try_from(limit).unwrap_or(i64::MAX)).fetch_all(&self.pool).await?)
     }
 
     /// Re-derives the index fields of stored batches from their payloads (`backhaul-cloud
@@ -381,6 +355,93 @@ impl Store {
             tx.commit().await?;
         }
         Ok(done)
+    }
+}
+
+/// A stored batch that may hold rows of a page.
+struct Candidate {
+    batch_id: String,
+    last_ts: i64,
+    payload: Option<Vec<u8>>,
+}
+
+/// One scan of a page over `batches`, newest `(last_ts, batch_id)` first, in chunks that double
+/// from [`FIRST_CHUNK`] to [`MAX_CHUNK`] (keyset paging, so each chunk starts where the last ended):
+/// the narrow batches from `top` down, or the wide ones (index `batches_wide`).
+struct Scan {
+    wide: bool,
+    top: i64,
+    chunk: i64,
+    below: Option<(i64, String)>,
+    buffer: std::collections::VecDeque<Candidate>,
+    done: bool,
+}
+
+impl Scan {
+    fn new(wide: bool, top: i64) -> Self {
+        Self { wide, top, chunk: FIRST_CHUNK, below: None, buffer: Default::default(), done: false }
+    }
+
+    /// The next candidate's `(last_ts, batch_id)`, reading a chunk if needed.
+    async fn peek(
+        &mut self,
+        store: &Store,
+        q: &DetectionQuery,
+        lo: i64,
+        hi: i64,
+    ) -> Result<Option<(i64, String)>, StoreError> {
+        if self.buffer.is_empty() && !self.done {
+            self.fill(store, q, lo, hi).await?;
+        }
+        Ok(self.buffer.front().map(|c| (c.last_ts, c.batch_id.clone())))
+    }
+
+    fn pop(&mut self) -> Option<Candidate> {
+        self.buffer.pop_front()
+    }
+
+    async fn fill(&mut self, store: &Store, q: &DetectionQuery, lo: i64, hi: i64) -> Result<(), StoreError> {
+        // `3600000000` is WIDE_SPAN_US, literal so that SQLite matches the partial index.
+        let kind = if self.wide {
+            "last_ts - first_ts > 3600000000"
+        } else {
+            "last_ts - first_ts <= 3600000000 AND last_ts <= $3"
+        };
+        let mut sql =
+            format!("SELECT batch_id, last_ts, payload FROM batches WHERE {kind} AND last_ts >= $1 AND first_ts <= $2");
+        let mut n = if self.wide { 2 } else { 3 };
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if q.device_id.is_some() {
+            sql.push_str(&format!(" AND device_id = {}", next()));
+        }
+        if self.below.is_some() {
+            let (a, b, c) = (next(), next(), next());
+            sql.push_str(&format!(" AND (last_ts < {a} OR (last_ts = {b} AND batch_id < {c}))"));
+        }
+        sql.push_str(&format!(" ORDER BY last_ts DESC, batch_id DESC LIMIT {}", next()));
+        // Only placeholders and the fixed clauses above are spliced in; values are bound.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(lo).bind(hi);
+        if !self.wide {
+            query = query.bind(self.top);
+        }
+        if let Some(d) = &q.device_id {
+            query = query.bind(d.clone());
+        }
+        if let Some((last_ts, batch_id)) = &self.below {
+            query = query.bind(*last_ts).bind(*last_ts).bind(batch_id.clone());
+        }
+        let rows = query.bind(self.chunk).fetch_all(&store.pool).await?;
+        self.done = (rows.len() as i64) < self.chunk;
+        self.chunk = (self.chunk * 2).min(MAX_CHUNK);
+        for r in rows {
+            let candidate = Candidate { batch_id: r.try_get(0)?, last_ts: r.try_get(1)?, payload: r.try_get(2)? };
+            self.below = Some((candidate.last_ts, candidate.batch_id.clone()));
+            self.buffer.push_back(candidate);
+        }
+        Ok(())
     }
 }
 

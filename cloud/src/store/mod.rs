@@ -117,9 +117,9 @@ const MIGRATIONS: &[&[&str]] = &[
         "UPDATE devices SET max_span_us = COALESCE((SELECT MAX(b.last_ts - b.first_ts) FROM batches b
             WHERE b.device_id = devices.device_id AND b.payload IS NOT NULL
               AND b.last_ts - b.first_ts <= 3600000000), 0)",
-        "CREATE INDEX IF NOT EXISTS batches_time ON batches (last_ts, batch_id)",
-        "CREATE INDEX IF NOT EXISTS batches_device_time ON batches (device_id, last_ts, batch_id)",
-        "CREATE INDEX IF NOT EXISTS batches_wide ON batches (first_ts) WHERE last_ts - first_ts > 3600000000",
+        "CREATE INDEX IF NOT EXISTS batches_time ON batches (last_ts, batch_id, first_ts)",
+        "CREATE INDEX IF NOT EXISTS batches_device_time ON batches (device_id, last_ts, batch_id, first_ts)",
+        "CREATE INDEX IF NOT EXISTS batches_wide ON batches (last_ts, batch_id) WHERE last_ts - first_ts > 3600000000",
         "DELETE FROM detections WHERE batch_id IN (SELECT batch_id FROM batches WHERE payload IS NOT NULL)",
         "DROP INDEX IF EXISTS batches_unprojected",
     ],
@@ -129,6 +129,12 @@ const MIGRATIONS: &[&[&str]] = &[
 pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// The database was migrated by a newer build (`schema_version` above what this one knows).
+    #[error(
+        "the database's schema is version {found}, newer than this build knows ({known}): a newer backhaul-cloud \
+         migrated it; run that version (every replica on one database must run the same version)"
+    )]
+    NewerSchema { found: i64, known: i64 },
     /// The group transaction this batch was written in failed.
     #[error("database: {0}")]
     Group(String),
@@ -313,6 +319,26 @@ impl Store {
             .fetch_one(&self.pool)
             .await?
             .try_get(0)?;
+        let known = MIGRATIONS.len() as i64;
+        if current > known {
+            return Err(StoreError::NewerSchema { found: current, known });
+        }
+        if current < known {
+            tracing::info!(
+                from = current,
+                to = known,
+                "migrating the database (a large one takes a while; the start waits)"
+            );
+        }
+        // A migration of a large database can outlast systemd's start timeout (the service then
+        // restarts, rolls the migration back, and loops): ask for more time while it runs.
+        let extend = tokio::spawn(async {
+            loop {
+                backhaul_shared::link::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(90_000_000)]);
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        });
+        let _stop_extending = AbortOnDrop(extend);
         for (i, statements) in MIGRATIONS.iter().enumerate() {
             let version = i as i64 + 1;
             if version <= current {
@@ -454,6 +480,15 @@ impl Store {
         self.write_unwritten_counts(&mut tx).await?;
         tx.commit().await?;
         Ok(outcomes)
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -78,6 +78,22 @@ pub fn cloud_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Targ
         );
     }
     println!();
+    let stored = if quick { "100000" } else { "10000000" };
+    let r = child(&[s("cloud-restart"), s(&d), s(stored), s("500")], runs)?;
+    let health = median(&r, "health_ms");
+    println!("| restart of `serve` on SQLite with {stored} stored detections (500 per batch) | |");
+    println!("| --- | ---: |");
+    println!("| spawn to the first `/health` 200 | {health:.0} ms |");
+    println!("| newest page of detections after it | {:.1} ms |", median(&r, "read_newest_ms"));
+    println!("| database bytes per stored detection | {:.1} |", median(&r, "db_bytes_per_detection"));
+    println!("| filling it through the store (group commits of 64, one client) | {:.0} s |", median(&r, "fill_s"));
+    targets.add(
+        "#15",
+        &format!("restart with {stored} stored detections: /health 200 in under 1 s"),
+        format!("{health:.0} ms"),
+        Some(health < 1000.0),
+    );
+    println!();
     let batches = if quick { "200" } else { "2000" };
     println!("| MQTT QoS 1, publish to end-to-end ack, {batches} batches | detections/s | batches/s |");
     println!("| --- | ---: | ---: |");
@@ -183,16 +199,23 @@ impl Drop for CloudProcess {
 /// `i / 8` holds detections from its own 5-second window (in no order within it), the windows of
 /// one device follow each other and end now, and the 8 devices' windows overlap.
 pub fn wire_batches(n: usize, per: usize) -> Vec<(String, Vec<u8>)> {
+    wire_batches_ending(n, per, 0, 0)
+}
+
+/// [`wire_batches`] whose windows end `earlier_us` before now, with seqs from `first_seq`.
+pub fn wire_batches_ending(n: usize, per: usize, earlier_us: i64, first_seq: u64) -> Vec<(String, Vec<u8>)> {
     let rounds = n.div_ceil(8) as i64;
-    let end = backhaul_shared::Timestamp::now().unix_micros();
+    let end = backhaul_shared::Timestamp::now().unix_micros() - earlier_us;
     (0..n)
         .map(|i| {
             let mut nb = sample_batch(per, i as u64);
             // sample_batch's times lie in the 5 s before its `now`: moved into this batch's window.
             let shift = (rounds - (i / 8) as i64) * 5_000_000 + (i % 8) as i64 * 611_000;
             for d in &mut nb.detections {
-                let t = backhaul_shared::Timestamp::from_unix_micros(d.timestamp().unix_micros().min(end) - shift)
-                    .context("a bench time")?;
+                let t = backhaul_shared::Timestamp::from_unix_micros(
+                    d.timestamp().unix_micros().min(end + earlier_us) - earlier_us - shift,
+                )
+                .context("a bench time")?;
                 match d {
                     Detection::Presence(p) => p.timestamp = t,
                     Detection::Sensor(s) => s.timestamp = t,
@@ -203,7 +226,7 @@ pub fn wire_batches(n: usize, per: usize) -> Vec<(String, Vec<u8>)> {
                 schema: 1,
                 batch_id: backhaul_shared::BatchId::new(),
                 device_id: format!("rpi-bench-{:02}", i % 8),
-                seq: (i / 8) as u64,
+                seq: first_seq + (i / 8) as u64,
                 name: nb.name,
                 location: nb.location,
                 timestamp: nb.timestamp,
@@ -321,6 +344,67 @@ pub fn cloud_http(dir: &Path, total: usize, per: usize, backend: &str, replicas:
         "peak_rss_mib": rss,
         "read_newest_ms": read_newest, "read_middle_ms": read_middle,
         "read_device_newest_ms": read_device_newest, "read_device_middle_ms": read_device_middle,
+    }))
+}
+
+/// Restart with `total` stored detections (issue #15: `/health` 200 in under 1 s at 10,000,000):
+/// the database is filled through the store itself, as the ack path writes it (64 batches at a
+/// time, so in group commits), not over HTTP; then `serve` starts on it. Returns the time from
+/// spawning `serve` to its first `/health` 200, and the newest page's read time there.
+pub fn cloud_restart(dir: &Path, total: usize, per: usize) -> Result<Value> {
+    use backhaul_cloud::store::Store;
+    let data = tempfile::tempdir_in(dir)?;
+    let url = format!("sqlite:{}", data.path().join("ingest.db").display());
+    let n = total / per;
+    let chunk = 4096usize;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let fill_start = Instant::now();
+    rt.block_on(async {
+        let store = Arc::new(Store::connect(&url).await?);
+        for c in 0..n.div_ceil(chunk) {
+            let count = chunk.min(n - c * chunk);
+            // Older chunks further back: chunk c's windows end (chunks - c) windows ago.
+            let earlier = (n.div_ceil(chunk) - c) as i64 * (chunk as i64 / 8) * 5_000_000;
+            let batches = wire_batches_ending(count, per, earlier, (c * chunk / 8) as u64);
+            let limits = backhaul_shared::Limits::default();
+            for group in batches.chunks(64) {
+                let mut tasks = Vec::new();
+                for (_, raw) in group {
+                    let (store, raw) = (store.clone(), raw.clone());
+                    let batch = backhaul_shared::Batch::from_json(&raw, &limits)?;
+                    tasks.push(tokio::spawn(async move {
+                        let hash = backhaul_cloud::ingest::payload_hash(&raw);
+                        store.store_batch(&batch, &raw, &hash, "bench").await
+                    }));
+                }
+                for t in tasks {
+                    t.await??;
+                }
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let fill_s = fill_start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let cloud = CloudProcess::start(dir, None, &Database::Url(&url))?;
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    loop {
+        let r = agent.get(format!("http://127.0.0.1:{}/health", cloud.port)).call();
+        if r.is_ok_and(|r| r.status().as_u16() == 200) {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("/health did not answer 200 within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let health_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let read_newest = read_ms(&agent, cloud.port, "/api/v1/detections?limit=100")?;
+    let db_bytes: u64 =
+        std::fs::read_dir(data.path())?.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
+    Ok(json!({
+        "health_ms": health_ms, "fill_s": fill_s, "read_newest_ms": read_newest,
+        "db_bytes_per_detection": db_bytes as f64 / total as f64,
     }))
 }
 
