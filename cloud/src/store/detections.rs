@@ -7,7 +7,16 @@
 //! are read newest `last_ts` first and the scan stops there. A batch that can hold a row at or below
 //! `hi` (the highest `ts` a row may have) has `first_ts <= hi`, hence `last_ts <= hi + span`: the
 //! scan starts at `hi` plus the widest span of the batches it reads (`devices.max_span_us`), not
-//! at the newest batch, so deep pages cost what the first page costs.
+//! at the newest batch, so deep pages cost what the first page costs. Wide batches (span over
+//! [`WIDE_SPAN_US`]) are left out of that bound and scanned on their own index, newest `last_ts`
+//! first too; the two scans are merged and stop together.
+//!
+//! Cost of a page: the batches whose range overlaps it are decoded. With a device filter that is
+//! about one batch plus the page's rows; fleet-wide it is about one batch per device that was
+//! sending at that time, so a fleet of many devices pays per page what a per-row index would not.
+//! Wide batches that overlap the page are decoded too, so a device that keeps sending wide
+//! batches (a broken clock, or a hostile device key) slows fleet-wide pages; the per-device rate
+//! limit bounds how many there can be.
 
 use std::cmp::Reverse;
 
