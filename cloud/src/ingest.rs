@@ -1,11 +1,12 @@
 //! The one path every batch takes, whichever adapter (HTTP, MQTT) received it: validate with the
 //! shared rules, then store it exactly once by its `batch_id` in one transaction. No SQL here, and
-//! no HTTP or MQTT either.
+//! no HTTP or MQTT either. The adapters reach storage only through [`Ingest`]: the store is
+//! private to it (the CLI's `reprocess` opens its own).
 
-use backhaul_shared::{Batch, BatchError, Limits};
+use backhaul_shared::{Batch, BatchError, DeviceStatus, Limits};
 use sha2::{Digest, Sha256};
 
-use crate::store::{Outcome, Store, StoreError};
+use crate::store::{DetectionQuery, DetectionRow, DeviceRow, Outcome, Stats, Store, StoreError};
 
 /// What became of a batch.
 #[derive(Debug)]
@@ -28,7 +29,7 @@ impl Accepted {
 
 #[derive(Debug)]
 pub struct Ingest {
-    pub store: Store,
+    store: Store,
     pub limits: Limits,
     /// Per-device rate limits, across both adapters ([`crate::ratelimit`]).
     pub rates: crate::ratelimit::DeviceLimits,
@@ -76,5 +77,73 @@ impl Ingest {
                 Accepted::Conflict(batch)
             }
         })
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> bool {
+        self.store.ping().await
+    }
+
+    /// The stored batch's device if `batch_id` is stored with this payload hash (a resend);
+    /// see [`Store::duplicate_of`].
+    pub async fn duplicate_of(&self, batch_id: &str, payload_sha256: &str) -> Result<Option<String>, StoreError> {
+        self.store.duplicate_of(batch_id, payload_sha256).await
+    }
+
+    /// Counts a resend answered from [`Self::duplicate_of`].
+    pub fn count_duplicate(&self) {
+        self.store.count_duplicate();
+    }
+
+    /// Counts a batch refused before storage (a key, topic or certificate mismatch).
+    pub async fn count_rejected(&self) -> Result<(), StoreError> {
+        self.store.count_rejected().await
+    }
+
+    /// Keeps an unusable message for inspection (where it came from, its size, why).
+    pub async fn dead_letter(
+        &self,
+        via: &str,
+        topic: Option<&str>,
+        device_id: Option<&str>,
+        size: usize,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        self.store.dead_letter(via, topic, device_id, size, error).await
+    }
+
+    /// A dead letter for a message whose handling panicked (also counted in `panics`).
+    pub async fn dead_letter_panic(
+        &self,
+        via: &str,
+        topic: Option<&str>,
+        device_id: Option<&str>,
+        size: usize,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        self.store.dead_letter_panic(via, topic, device_id, size, error).await
+    }
+
+    /// Records a device's status message.
+    pub async fn device_status(&self, device_id: &str, status: &DeviceStatus) -> Result<(), StoreError> {
+        self.store.device_status(device_id, status).await
+    }
+
+    /// Writes the duplicate and conflict counts held in memory (at shutdown).
+    pub async fn flush_counts(&self) -> Result<(), StoreError> {
+        self.store.flush_counts().await
+    }
+
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        self.store.stats().await
+    }
+
+    pub async fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
+        self.store.devices().await
+    }
+
+    /// A page of detections; see [`Store::detections`].
+    pub async fn detections(&self, q: &DetectionQuery) -> Result<Vec<DetectionRow>, StoreError> {
+        self.store.detections(q).await
     }
 }

@@ -161,6 +161,13 @@ fn reprocess(config_file: PathBuf, since: Option<String>, device: Option<String>
             .with_context(|| format!("opening the database {} (key `database`)", redact(&config.database)))?;
         let done = store.reprocess(since_us, device.as_deref()).await.context("reprocessing")?;
         println!("reprocessed {} batches: their time index was re-derived from their payloads", done.reindexed);
+        if done.reindexed + done.skipped + done.undecodable == 0 {
+            eprintln!(
+                "note: no stored batch matched{}{}; check the device id and the time",
+                device.as_deref().map(|d| format!(" --device `{d}`")).unwrap_or_default(),
+                if since_us.is_some() { " and --since" } else { "" }
+            );
+        }
         if done.skipped > 0 {
             println!(
                 "skipped {} batches stored before the payload was kept (schema 4): their detection rows are \
@@ -299,7 +306,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
             if tokio::time::timeout(std::time::Duration::from_secs(5), rest).await.is_err() {
                 tracing::warn!("the other tasks did not stop within 5 s; exiting anyway");
             }
-            let _ = ingest.store.flush_counts().await;
+            let _ = ingest.flush_counts().await;
             return Err(e);
         }
         tracing::info!("shutting down: finishing the requests and messages in hand");
@@ -323,7 +330,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
                  answering?); stopping anyway: the broker redelivers what was not PUBACKed"
             ),
         }
-        ingest.store.flush_counts().await.context("writing the last duplicate counts")?;
+        ingest.flush_counts().await.context("writing the last duplicate counts")?;
         tracing::info!("stopped");
         Ok(())
     })
@@ -396,13 +403,18 @@ async fn watchdog_loop(ingest: Arc<Ingest>, ingresses: Arc<Ingresses>) {
     loop {
         every.tick().await;
         backhaul_cloud::failpoint::panic_in("watchdog");
+        // Duplicate and conflict counts are held in memory between writes: written within a tick,
+        // so that a replica that only sees resends still shows them in every replica's stats.
+        if let Err(e) = ingest.flush_counts().await {
+            tracing::warn!(error = %e, "writing the duplicate counts failed (kept; tried again)");
+        }
         let stalls = ingresses.stalls();
         if !stalls.is_empty() {
             for (_, why) in stalls {
                 tracing::error!("{why}");
             }
         } else if watchdog.is_some() {
-            if ingest.store.ping().await {
+            if ingest.ping().await {
                 backhaul_shared::link::notify(&[sd_notify::NotifyState::Watchdog]);
             } else {
                 tracing::error!("the database does not answer: no watchdog ping");

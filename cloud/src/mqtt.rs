@@ -446,8 +446,7 @@ async fn handler_panicked(ingest: &Ingest, acks: &AckSender, publish: &Publish, 
     let topic = topic_str(publish);
     let device = acks.topics.parse(&topic).map(|(d, _)| d);
     tracing::error!(topic = %topic, size = publish.payload.len(), "{reason}; dead-lettered, PUBACKed, going on");
-    retry_storage(|| ingest.store.dead_letter_panic("mqtt", Some(&topic), device, publish.payload.len(), &reason))
-        .await;
+    retry_storage(|| ingest.dead_letter_panic("mqtt", Some(&topic), device, publish.payload.len(), &reason)).await;
     if let (Some(device), Some(batch_id)) = (device, readable_batch_id(&publish.payload)) {
         acks.send(device, batch_id, AckStatus::Rejected, Some(reason)).await;
     }
@@ -496,7 +495,7 @@ async fn handle(ingest: &Ingest, acks: &AckSender, publish: &Publish, max_bytes:
         }
         TopicKind::Status => match serde_json::from_slice::<DeviceStatus>(&publish.payload) {
             Ok(status) => {
-                retry_storage(|| ingest.store.device_status(device, &status)).await;
+                retry_storage(|| ingest.device_status(device, &status)).await;
             }
             Err(e) => dead_letter(ingest, publish, Some(device), &format!("status is not valid: {e}")).await,
         },
@@ -519,7 +518,7 @@ async fn handle_batch(ingest: &Ingest, acks: &AckSender, publish: &Publish, devi
     };
     if batch.device_id != device {
         let reason = format!("payload device_id `{}` differs from the topic's `{device}`", batch.device_id);
-        retry_storage(|| ingest.store.count_rejected()).await;
+        retry_storage(|| ingest.count_rejected()).await;
         tracing::warn!(topic = %topic_str(publish), batch_id = %batch.batch_id, "{reason}");
         acks.send(device, batch.batch_id, AckStatus::Rejected, Some(reason)).await;
         return;
@@ -565,7 +564,7 @@ fn readable_batch_id(payload: &[u8]) -> Option<backhaul_shared::BatchId> {
 async fn dead_letter(ingest: &Ingest, publish: &Publish, device: Option<&str>, error: &str) {
     let topic = topic_str(publish);
     tracing::warn!(topic = %topic, size = publish.payload.len(), error, "unusable MQTT message: dead-lettered");
-    retry_storage(|| ingest.store.dead_letter("mqtt", Some(&topic), device, publish.payload.len(), error)).await;
+    retry_storage(|| ingest.dead_letter("mqtt", Some(&topic), device, publish.payload.len(), error)).await;
 }
 
 async fn retry_storage<F, Fut>(mut op: F)

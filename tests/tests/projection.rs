@@ -54,3 +54,60 @@ fn reprocess_reindexes_without_duplicates_while_serving_and_stopped() {
     let stats = get_json(&agent, &cloud, "/api/v1/stats").1;
     assert_eq!((stats["batches"].as_i64(), stats["detections"].as_i64()), (Some(10), Some(70)), "{stats}");
 }
+
+/// Found by trying it as an operator (issue #15): while `reprocess` and `serve` both wrote to one
+/// SQLite file, 40% of posts were answered 503 at once and `reprocess` failed with "database is
+/// locked" (a deferred transaction that reads first cannot take the write lock once another
+/// connection wrote). Now each write transaction takes the lock first and waits for it.
+#[test]
+fn reprocess_while_batches_arrive_answers_no_503_and_does_not_fail() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let cloud = Cloud::start(CloudOptions { extra: "device_rate_per_sec = 0".into(), ..Default::default() }).unwrap();
+    backhaul_tests::wait_until("the cloud to answer", std::time::Duration::from_secs(30), || {
+        get_json(&http(), &cloud, "/health").0 == 200
+    })
+    .unwrap();
+    let agent = http();
+    for seq in 0..300 {
+        let b = wire_batch(DEVICE, seq, 20);
+        assert_eq!(post_batch(&agent, &cloud, Some(DEVICE_KEY), Some(&b.batch_id.to_string()), &b.to_json()).0, 201);
+    }
+    let config = cloud.config_path().to_str().unwrap().to_owned();
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = cloud.url("/api/v1/detections/bulk");
+    let posters: Vec<_> = (0..2u64)
+        .map(|t| {
+            let (stop, url) = (stop.clone(), url.clone());
+            std::thread::spawn(move || {
+                let agent = http();
+                let mut answers = Vec::new();
+                let mut seq = 1_000 + t * 1_000_000;
+                while !stop.load(Ordering::Relaxed) {
+                    let b = wire_batch(DEVICE, seq, 20);
+                    let answer = agent
+                        .post(&url)
+                        .header("X-API-Key", DEVICE_KEY)
+                        .header("Idempotency-Key", b.batch_id.to_string())
+                        .send(&b.to_json()[..]);
+                    answers.push(match answer {
+                        Ok(mut r) => (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default()),
+                        Err(e) => (0, e.to_string()),
+                    });
+                    seq += 1;
+                }
+                answers
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        let (code, out, err) = run("backhaul-cloud", &["reprocess", "--config", &config], &[]).unwrap();
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let answers: Vec<(u16, String)> = posters.into_iter().flat_map(|p| p.join().unwrap()).collect();
+    assert!(!answers.is_empty());
+    let refused = answers.iter().filter(|(s, _)| *s != 201).count();
+    let examples: Vec<_> = answers.iter().filter(|(s, _)| *s != 201).take(3).collect();
+    assert_eq!(refused, 0, "{refused} of {} posts not stored, e.g. {examples:?}", answers.len());
+}

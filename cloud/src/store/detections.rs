@@ -326,28 +326,34 @@ impl Store {
         .map(|r| r.try_get(0))
         .collect::<Result<_, _>>()?;
         let mut done = Reprocessed { skipped: u64::try_from(skipped).unwrap_or(0), ..Default::default() };
+        // Payloads are read and decoded outside any transaction; each chunk's updates are one
+        // short write transaction, so `serve`'s writes wait milliseconds, not a decode of 256 batches.
         for chunk in ids.chunks(256) {
-            let _writer = self.writer().await;
-            let mut tx = self.begin_write().await?;
+            let mut updates = Vec::with_capacity(chunk.len());
             for batch_id in chunk {
                 let row = sqlx::query("SELECT payload FROM batches WHERE batch_id = $1")
                     .bind(batch_id.clone())
-                    .fetch_one(&mut *tx)
+                    .fetch_one(&self.pool)
                     .await?;
                 let payload: Vec<u8> = row.try_get(0)?;
-                let batch = match decode(&payload) {
-                    Ok(b) => b,
+                match decode(&payload) {
+                    Ok(batch) => {
+                        let times = batch.detections.iter().map(|d| d.timestamp().unix_micros());
+                        let (first_ts, last_ts) = (times.clone().min(), times.max());
+                        updates.push((batch_id.clone(), batch.device_id, first_ts, last_ts));
+                    }
                     Err(e) => {
                         tracing::error!(%batch_id, error = %e, "a stored batch cannot be decoded: its index fields are kept (a bug to report)");
                         done.undecodable += 1;
-                        continue;
                     }
-                };
-                let times = batch.detections.iter().map(|d| d.timestamp().unix_micros());
-                let (first_ts, last_ts) = (times.clone().min(), times.max());
+                }
+            }
+            let _writer = self.writer().await;
+            let mut tx = self.begin_write().await?;
+            for (batch_id, device_id, first_ts, last_ts) in &updates {
                 sqlx::query("UPDATE batches SET first_ts = $1, last_ts = $2 WHERE batch_id = $3")
-                    .bind(first_ts)
-                    .bind(last_ts)
+                    .bind(*first_ts)
+                    .bind(*last_ts)
                     .bind(batch_id.clone())
                     .execute(&mut *tx)
                     .await?;
@@ -355,13 +361,13 @@ impl Store {
                     "UPDATE devices SET max_span_us = CASE WHEN $1 > max_span_us THEN $1 ELSE max_span_us END
                       WHERE device_id = $2",
                 )
-                .bind(narrow_span(first_ts, last_ts))
-                .bind(batch.device_id.clone())
+                .bind(narrow_span(*first_ts, *last_ts))
+                .bind(device_id.clone())
                 .execute(&mut *tx)
                 .await?;
-                done.reindexed += 1;
             }
             tx.commit().await?;
+            done.reindexed += updates.len() as u64;
         }
         Ok(done)
     }

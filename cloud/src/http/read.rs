@@ -1,0 +1,202 @@
+//! The read routes: `/health`, `/metrics`, `/api/v1/stats`, `/api/v1/devices` and
+//! `/api/v1/detections` (SPEC.md, "Read API"), each with its response type, each scoped by
+//! [`Caller`].
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::auth::Caller;
+use super::{error, storage_down, ApiError, App};
+use crate::store::{DetectionQuery, DetectionRow, DeviceRow};
+
+/// `GET /api/v1/devices`.
+#[derive(Debug, Serialize)]
+struct DevicesList {
+    devices: Vec<DeviceRow>,
+}
+
+/// `GET /api/v1/detections`: a page, newest first; `next_cursor` is set when the page is full.
+#[derive(Debug, Serialize)]
+struct DetectionsPage {
+    detections: Vec<DetectionRow>,
+    next_cursor: Option<String>,
+}
+
+/// 200 `{"status":"ok"}` while the database answers and no ingress is stalled; otherwise 503 with
+/// `error` saying which and what to do, and `stalled` listing the stalled ingresses.
+pub(super) async fn health(State(app): State<Arc<App>>) -> Response {
+    if !app.ingest.ping().await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "database does not answer", None).into_response();
+    }
+    let stalls = app.ingresses.stalls();
+    if stalls.is_empty() {
+        return Json(json!({ "status": "ok" })).into_response();
+    }
+    let (stalled, why): (Vec<&str>, Vec<String>) = stalls.into_iter().unzip();
+    let body = json!({ "status": "unhealthy", "error": why.join("; "), "stalled": stalled });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+/// Prometheus text format (version 0.0.4): each ingress's progress and the stored counts. Needs
+/// a key, like `/api/v1/stats` (Prometheus sends one with `authorization: {credentials: …}`).
+pub(super) async fn metrics(State(app): State<Arc<App>>, caller: Caller) -> Response {
+    if let Err(r) = caller.fleet_only() {
+        return r.into_response();
+    }
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, value) in samples {
+            out.push_str(&format!("{name}{labels} {value}\n"));
+        }
+    };
+    let ingresses = app.ingresses.all().map(|p| (p, p.snapshot()));
+    let per = |f: &dyn Fn(&crate::progress::Snapshot) -> String| -> Vec<(String, String)> {
+        ingresses.iter().map(|(p, s)| (format!("{{ingress=\"{}\"}}", p.name), f(s))).collect()
+    };
+    let stall_after = app.ingresses.stall_after;
+    family(
+        "backhaul_cloud_ingress_waiting",
+        "gauge",
+        "Messages (MQTT) or bulk posts (HTTP) taken in and not finished.",
+        &per(&|s| s.waiting.to_string()),
+    );
+    family(
+        "backhaul_cloud_ingress_finished_total",
+        "counter",
+        "Messages or bulk posts finished since the start (stored, duplicate, refused or dead-lettered).",
+        &per(&|s| s.finished.to_string()),
+    );
+    family(
+        "backhaul_cloud_ingress_seconds_since_progress",
+        "gauge",
+        "Seconds since the ingress last finished something (or since work arrived while idle).",
+        &per(&|s| format!("{:.3}", s.since_progress.as_secs_f64())),
+    );
+    family(
+        "backhaul_cloud_ingress_stalled",
+        "gauge",
+        "1 if work waits and none was finished for ingest_stall_after.",
+        &per(&|s| u8::from(s.stalled(stall_after)).to_string()),
+    );
+    if app.ingresses.mqtt_configured.load(std::sync::atomic::Ordering::SeqCst) {
+        let up = app.ingresses.mqtt_connected.load(std::sync::atomic::Ordering::SeqCst);
+        family(
+            "backhaul_cloud_mqtt_connected",
+            "gauge",
+            "1 while the MQTT ingest connection is up (MQTT ingest configured only).",
+            &[(String::new(), u8::from(up).to_string())],
+        );
+    }
+    match app.ingest.stats().await {
+        Ok(s) => {
+            for (name, help, value) in [
+                ("batches", "Batches stored.", s.batches),
+                ("detections", "Detections stored.", s.detections),
+                ("duplicates", "Batches received again and answered as duplicates.", s.duplicates),
+                ("rejected", "Batches refused (a device/topic or key mismatch, a conflict).", s.rejected),
+                ("dead_letters", "Messages or bodies that could not be used, kept for inspection.", s.dead_letters),
+                ("panics", "Messages whose handling panicked (a bug; each also a dead letter).", s.panics),
+                (
+                    "rate_limited",
+                    "Batches turned away since start because their device was over device_rate_per_sec.",
+                    i64::try_from(app.ingest.rates.limited.load(std::sync::atomic::Ordering::Relaxed))
+                        .unwrap_or(i64::MAX),
+                ),
+            ] {
+                family(&format!("backhaul_cloud_{name}_total"), "counter", help, &[(String::new(), value.to_string())]);
+            }
+        }
+        Err(e) => return storage_down(e),
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+pub(super) async fn stats(State(app): State<Arc<App>>, caller: Caller) -> Response {
+    if let Err(r) = caller.fleet_only() {
+        return r.into_response();
+    }
+    match app.ingest.stats().await {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => storage_down(e),
+    }
+}
+
+pub(super) async fn devices(State(app): State<Arc<App>>, caller: Caller) -> Response {
+    match app.ingest.devices().await {
+        // A device key sees its own device only.
+        Ok(mut d) => {
+            d.retain(|row| caller.allows(&row.device_id));
+            Json(DevicesList { devices: d }).into_response()
+        }
+        Err(e) => storage_down(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct DetectionParams {
+    device_id: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+pub(super) async fn detections(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Query(mut p): Query<DetectionParams>,
+) -> Response {
+    p.device_id = match caller.read_scope(p.device_id.take()) {
+        Ok(d) => d,
+        Err(r) => return r.into_response(),
+    };
+    let time = |v: &Option<String>, field: &str| -> Result<Option<i64>, ApiError> {
+        v.as_deref()
+            .map(|s| {
+                s.parse::<backhaul_shared::Timestamp>()
+                    .map(|t| t.unix_micros())
+                    .map_err(|e| error(StatusCode::BAD_REQUEST, e, Some(field)))
+            })
+            .transpose()
+    };
+    let since_us = match time(&p.since, "since") {
+        Ok(v) => v,
+        Err(r) => return r.into_response(),
+    };
+    let until_us = match time(&p.until, "until") {
+        Ok(v) => v,
+        Err(r) => return r.into_response(),
+    };
+    let after = match p.cursor.as_deref().map(parse_cursor) {
+        None => None,
+        Some(Some(c)) => Some(c),
+        Some(None) => {
+            return error(StatusCode::BAD_REQUEST, "cursor is not one this API returned", Some("cursor"))
+                .into_response()
+        }
+    };
+    let limit = p.limit.unwrap_or(100).clamp(1, 1000);
+    let q = DetectionQuery { device_id: p.device_id, since_us, until_us, limit, after };
+    match app.ingest.detections(&q).await {
+        Ok(rows) => {
+            let next_cursor = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.cursor.clone())).flatten();
+            Json(DetectionsPage { detections: rows, next_cursor }).into_response()
+        }
+        Err(e) => storage_down(e),
+    }
+}
+
+fn parse_cursor(s: &str) -> Option<(i64, String, i64)> {
+    let mut parts = s.splitn(3, '.');
+    let ts = parts.next()?.parse().ok()?;
+    let batch = parts.next()?.to_owned();
+    let idx = parts.next()?.parse().ok()?;
+    Some((ts, batch, idx))
+}
