@@ -129,7 +129,7 @@ impl Ingest {
         self.store.device_status(device_id, status).await
     }
 
-    /// Writes the duplicate and conflict counts held in memory (at shutdown).
+    /// Writes the duplicate and conflict counts held in memory (every 5 s and at shutdown).
     pub async fn flush_counts(&self) -> Result<(), StoreError> {
         self.store.flush_counts().await
     }

@@ -259,6 +259,22 @@ fn serve(config_file: PathBuf) -> Result<()> {
         println!("listening on {addr}");
         backhaul_shared::link::notify(&[sd_notify::NotifyState::Ready]);
         let pinger = tokio::spawn(watchdog_loop(ingest.clone(), ingresses.clone()));
+        // Duplicate and conflict counts are held in memory between writes: written every 5 s, so
+        // that a replica that only sees resends shows them in every replica's stats. Its own task,
+        // never aborted: a write that waits must not hold up the watchdog, and the flush at the
+        // stop waits for one in progress.
+        {
+            let ingest = ingest.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    every.tick().await;
+                    if let Err(e) = ingest.flush_counts().await {
+                        tracing::warn!(error = %e, "writing the duplicate counts failed (kept; tried again in 5 s)");
+                    }
+                }
+            });
+        }
         let limits = backhaul_cloud::serve::Limits {
             max_connections: config.max_connections,
             header_read_timeout: config.header_read_timeout.0,
@@ -403,11 +419,6 @@ async fn watchdog_loop(ingest: Arc<Ingest>, ingresses: Arc<Ingresses>) {
     loop {
         every.tick().await;
         backhaul_cloud::failpoint::panic_in("watchdog");
-        // Duplicate and conflict counts are held in memory between writes: written within a tick,
-        // so that a replica that only sees resends still shows them in every replica's stats.
-        if let Err(e) = ingest.flush_counts().await {
-            tracing::warn!(error = %e, "writing the duplicate counts failed (kept; tried again)");
-        }
         let stalls = ingresses.stalls();
         if !stalls.is_empty() {
             for (_, why) in stalls {

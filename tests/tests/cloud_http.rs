@@ -125,6 +125,34 @@ fn a_resend_is_answered_without_parsing_its_body_even_after_the_limits_changed()
     assert_eq!((stats["batches"].as_i64(), stats["duplicates"].as_i64()), (Some(1), Some(1)), "{stats}");
 }
 
+/// Found by a fresh operator (issue #15): a replica that only answered resends kept their count
+/// in memory until its next new batch, so the other replicas' stats never showed it. Now the
+/// counts are written every 5 s: a second process on the same database sees them.
+#[test]
+fn a_replica_that_only_answers_resends_writes_their_count_within_seconds() {
+    let db = tempfile::tempdir().unwrap();
+    let start = || {
+        let cloud =
+            Cloud::start(CloudOptions { database_dir: Some(db.path().to_owned()), ..Default::default() }).unwrap();
+        backhaul_tests::wait_until("the cloud to answer", std::time::Duration::from_secs(30), || {
+            get_json(&http(), &cloud, "/health").0 == 200
+        })
+        .unwrap();
+        cloud
+    };
+    let (a, b) = (start(), start());
+    let batch = wire_batch(DEVICE, 0, 2);
+    let id = batch.batch_id.to_string();
+    assert_eq!(post_batch(&http(), &b, Some(DEVICE_KEY), Some(&id), &batch.to_json()).0, 201);
+    for _ in 0..3 {
+        assert_eq!(post_batch(&http(), &a, Some(DEVICE_KEY), Some(&id), &batch.to_json()).0, 200);
+    }
+    backhaul_tests::wait_for("replica b to see a's 3 duplicates", std::time::Duration::from_secs(20), || {
+        (get_json(&http(), &b, "/api/v1/stats").1["duplicates"].as_i64() == Some(3)).then_some(())
+    })
+    .unwrap();
+}
+
 /// A fleet key's resends are answered without parsing, but still within the batch's device's rate.
 #[test]
 fn a_fleet_keys_resends_stay_within_the_devices_rate() {

@@ -75,10 +75,11 @@ fn reprocess_while_batches_arrive_answers_no_503_and_does_not_fail() {
     }
     let config = cloud.config_path().to_str().unwrap().to_owned();
     let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let url = cloud.url("/api/v1/detections/bulk");
     let posters: Vec<_> = (0..2u64)
         .map(|t| {
-            let (stop, url) = (stop.clone(), url.clone());
+            let (stop, url, answered) = (stop.clone(), url.clone(), answered.clone());
             std::thread::spawn(move || {
                 let agent = http();
                 let mut answers = Vec::new();
@@ -94,17 +95,25 @@ fn reprocess_while_batches_arrive_answers_no_503_and_does_not_fail() {
                         Ok(mut r) => (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default()),
                         Err(e) => (0, e.to_string()),
                     });
+                    answered.fetch_add(1, Ordering::Relaxed);
                     seq += 1;
                 }
                 answers
             })
         })
         .collect();
+    backhaul_tests::wait_until("the posters to start", std::time::Duration::from_secs(30), || {
+        answered.load(Ordering::Relaxed) > 0
+    })
+    .unwrap();
+    let before = answered.load(Ordering::Relaxed);
     for _ in 0..3 {
         let (code, out, err) = run("backhaul-cloud", &["reprocess", "--config", &config], &[]).unwrap();
         assert_eq!(code, 0, "{out}{err}");
     }
+    let during = answered.load(Ordering::Relaxed) - before;
     stop.store(true, Ordering::Relaxed);
+    assert!(during >= 10, "only {during} posts were answered while reprocess ran: the test proves little");
     let answers: Vec<(u16, String)> = posters.into_iter().flat_map(|p| p.join().unwrap()).collect();
     assert!(!answers.is_empty());
     let refused = answers.iter().filter(|(s, _)| *s != 201).count();
