@@ -80,6 +80,11 @@ impl Ingest {
     }
 
     /// Whether the database answers.
+    /// The commands to devices (issue #18): their own room of the store.
+    pub fn commands(&self) -> crate::store::Commands<'_> {
+        self.store.commands()
+    }
+
     pub async fn ping(&self) -> bool {
         self.store.ping().await
     }
@@ -140,6 +145,16 @@ impl Ingest {
 
     pub async fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
         self.store.devices().await
+    }
+
+    /// See [`Store::gaps`].
+    pub async fn gaps(&self, device_id: &str, limit: i64) -> Result<Vec<crate::store::SeqGap>, StoreError> {
+        self.store.gaps(device_id, limit).await
+    }
+
+    /// See [`Store::dead_letters`].
+    pub async fn dead_letters(&self, limit: i64) -> Result<Vec<crate::store::DeadLetterRow>, StoreError> {
+        self.store.dead_letters(limit).await
     }
 
     /// A page of detections; see [`Store::detections`].

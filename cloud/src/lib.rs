@@ -12,3 +12,13 @@ pub mod progress;
 pub mod ratelimit;
 pub mod serve;
 pub mod store;
+
+/// Aborts a task when dropped (a helper task that must not outlive its owner).
+#[derive(Debug)]
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,6 +1,7 @@
 //! The `backhaul-cloud` command line (SPEC.md, "Cloud command line and configuration"). Glue only.
 
 mod demo;
+mod operator;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +50,45 @@ enum Command {
         #[arg(long, value_name = "DEVICE_ID")]
         device: Option<String>,
     },
+    /// The devices: online, last seen, batches, detections, gaps, queued (operator CLI: a running
+    /// cloud's HTTP API with the fleet key in BACKHAUL_API_KEY).
+    Devices {
+        #[command(flatten)]
+        api: operator::Api,
+    },
+    /// A device's missing seq ranges.
+    Gaps {
+        device: String,
+        #[command(flatten)]
+        api: operator::Api,
+    },
+    /// Sends a command to a device (it runs once, online; `commands DEVICE` shows the result).
+    #[command(name = "command")]
+    Send {
+        device: String,
+        #[command(subcommand)]
+        send: operator::Send,
+        #[command(flatten)]
+        api: operator::Api,
+    },
+    /// A device's commands and their results.
+    Commands {
+        device: String,
+        #[command(flatten)]
+        api: operator::Api,
+    },
+    /// The newest dead letters (unusable messages kept for inspection).
+    DeadLetters {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        api: operator::Api,
+    },
+    /// The cloud's counters.
+    Stats {
+        #[command(flatten)]
+        api: operator::Api,
+    },
     /// A newcomer's first command: the cloud, a private Mosquitto and a few simulated Pis.
     Demo {
         /// How long the Pis produce.
@@ -80,6 +120,12 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::CheckConfig { config } => check_config(config),
         Command::Reprocess { config, since, device } => reprocess(config, since, device),
+        Command::Devices { api } => operator::devices(api),
+        Command::Gaps { device, api } => operator::gaps(api, device),
+        Command::Send { device, send, api } => operator::command(api, device, send),
+        Command::Commands { device, api } => operator::commands(api, device),
+        Command::DeadLetters { limit, api } => operator::dead_letters(api, limit),
+        Command::Stats { api } => operator::stats(api),
         Command::Demo { seconds, devices, rate, http, no_chaos, tls } => {
             return match demo::run(demo::DemoOptions { seconds, devices: devices.max(1), rate, http, no_chaos, tls }) {
                 Ok(true) => ExitCode::SUCCESS,
@@ -200,6 +246,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
         let ingest = Arc::new(Ingest::new(store, Limits { max_detections: config.max_detections }, rates));
         let ingresses = Arc::new(Ingresses::new(config.ingest_stall_after.0));
         let max_body_bytes = usize::try_from(config.max_body_bytes.0).unwrap_or(usize::MAX);
+        let commands_queued = Arc::new(tokio::sync::Notify::new());
         let app = Arc::new(App {
             ingest: ingest.clone(),
             keys: keys.clone(),
@@ -209,6 +256,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
             max_body_bytes,
             body_read_timeout: config.body_read_timeout.0,
             client_certificates: config.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()),
+            commands_queued: commands_queued.clone(),
         });
         let tls = match &config.tls {
             None => None,
@@ -252,6 +300,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
                 progress: ingresses.clone(),
                 keys,
                 tls: mqtt_tls,
+                commands_queued: commands_queued.clone(),
             };
             tokio::spawn(backhaul_cloud::mqtt::run(ingest.clone(), m, password, settings, stop_rx.clone()))
         });
@@ -267,10 +316,20 @@ fn serve(config_file: PathBuf) -> Result<()> {
             let ingest = ingest.clone();
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
-                loop {
+                for round in 0u64.. {
                     every.tick().await;
                     if let Err(e) = ingest.flush_counts().await {
                         tracing::warn!(error = %e, "writing the duplicate counts failed (kept; tried again in 5 s)");
+                    }
+                    // About once a minute: commands no device answered for a week fail (issue #18).
+                    if round % 12 == 0 {
+                        let before = backhaul_shared::Timestamp::now().unix_micros()
+                            - backhaul_cloud::store::COMMAND_TTL.as_micros() as i64;
+                        match ingest.commands().expire(before).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::warn!(commands = n, "commands unanswered for a week failed as expired"),
+                            Err(e) => tracing::warn!(error = %e, "expiring old commands failed; tried again in a minute"),
+                        }
                     }
                 }
             });

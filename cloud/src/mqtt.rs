@@ -79,6 +79,64 @@ pub struct Settings {
     pub keys: ApiKeys,
     /// TLS for an `mqtts://` url, loaded and checked at start ([`MqttConfig::tls_material`]).
     pub tls: Option<Arc<backhaul_shared::tls::rustls::ClientConfig>>,
+    /// Woken when an operator queued a command (issue #18): it is published at once.
+    pub commands_queued: Arc<tokio::sync::Notify>,
+}
+
+/// How long a published command may go unanswered before it is published again (the device runs
+/// it once, and answers a redelivery from its record).
+pub const REPUBLISH_AFTER: Duration = Duration::from_secs(60);
+
+/// Commands published per round.
+const PUBLISH_ROUND: i64 = 100;
+
+/// Publishes the commands operators queued, each signed with its device's key, on
+/// `{prefix}/{device_id}/commands` (QoS 1: a device on a persistent session gets it when it
+/// returns), and again every [`REPUBLISH_AFTER`] while unanswered. Runs until aborted; storage
+/// errors are logged and retried at the next round. Several replicas may publish the same command:
+/// the device runs it once.
+async fn publish_commands(ingest: Arc<Ingest>, acks: AckSender, queued: Arc<tokio::sync::Notify>) {
+    loop {
+        let _ = tokio::time::timeout(Duration::from_secs(5), queued.notified()).await;
+        let before = backhaul_shared::Timestamp::now().unix_micros() - REPUBLISH_AFTER.as_micros() as i64;
+        let due = match ingest.commands().to_publish(before, PUBLISH_ROUND).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the commands to publish failed; retrying in 5 s");
+                continue;
+            }
+        };
+        for (device, message) in due {
+            let Some(key) = acks.keys.ack_key(&device) else {
+                tracing::warn!(
+                    device,
+                    command_id = %message.command_id,
+                    "no API key for this device and no fleet key: its commands cannot be signed and are not sent; add \
+                     the device's key to auth.keys_file"
+                );
+                continue;
+            };
+            let signed = backhaul_shared::command::Signed::seal(
+                &message,
+                backhaul_shared::command::Purpose::Command,
+                &device,
+                key,
+            );
+            let payload = serde_json::to_vec(&signed).expect("an envelope serializes");
+            match acks.client.try_publish(acks.topics.commands(&device), QoS::AtLeastOnce, false, payload) {
+                Ok(()) => {
+                    let id = message.command_id.to_string();
+                    if let Err(e) = ingest.commands().delivered(&device, &id, true).await {
+                        tracing::warn!(error = %e, device, command_id = id, "recording a command as published failed; it is published again");
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "the MQTT request queue is full; commands wait for the next round");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Publishes acks on `{prefix}/{device_id}/acks`, each signed with its device's key (issue #16:
@@ -167,6 +225,8 @@ pub async fn run(
     let (acks, ack_eventloop) = AsyncClient::new(ack_options, 1024);
     let acks = AckSender { client: acks, topics: topics.clone(), keys: settings.keys.clone() };
     let ack_poller = tokio::spawn(poll_acks(ack_eventloop));
+    let publisher = tokio::spawn(publish_commands(ingest.clone(), acks.clone(), settings.commands_queued.clone()));
+    let _stop_publisher = crate::AbortOnDrop(publisher);
 
     // Up to IN_HAND messages are handled at once, so their new batches share the store's group
     // commit; PUBACKs still go out strictly in arrival order, each after its own message is done.
@@ -389,8 +449,12 @@ async fn poll(
                 ingresses.mqtt_connected.store(true, Ordering::SeqCst);
                 tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
                 // try_subscribe_many only queues the request: never await from the polling task.
-                let filters = [topics.shared_batches_filter(&group), topics.all_status_filter()]
-                    .map(|f| Filter::new(f, QoS::AtLeastOnce));
+                let filters = [
+                    topics.shared_batches_filter(&group),
+                    topics.all_status_filter(),
+                    topics.shared_command_results_filter(&group),
+                ]
+                .map(|f| Filter::new(f, QoS::AtLeastOnce));
                 if let Err(e) = client.try_subscribe_many(filters) {
                     tracing::error!(error = %e, "subscribing failed");
                 }
@@ -400,11 +464,11 @@ async fn poll(
                 let refused: Vec<_> =
                     ack.return_codes.iter().filter(|c| !matches!(c, SubscribeReasonCode::Success(_))).collect();
                 if refused.is_empty() {
-                    tracing::info!("subscribed to batches and status");
+                    tracing::info!("subscribed to batches and status (and command results)");
                 } else {
                     tracing::error!(
                         reasons = ?refused,
-                        "the broker refused a subscription (batches first, then status): nothing arrives over MQTT; \
+                        "the broker refused a subscription (batches, status, command results): nothing arrives over MQTT; \
                          check the broker's ACL for this client and that it supports shared subscriptions"
                     );
                 }
@@ -499,7 +563,47 @@ async fn handle(ingest: &Ingest, acks: &AckSender, publish: &Publish, max_bytes:
             }
             Err(e) => dead_letter(ingest, publish, Some(device), &format!("status is not valid: {e}")).await,
         },
-        TopicKind::Acks => {}
+        TopicKind::CommandResults => handle_command_result(ingest, acks, publish, device).await,
+        TopicKind::Acks | TopicKind::Commands => {}
+    }
+}
+
+/// A device's answer to a command (issue #18): a [`backhaul_shared::command::Signed`] result,
+/// verified with the device's key; recorded unless the command is final already. Anything else
+/// is dead-lettered.
+async fn handle_command_result(ingest: &Ingest, acks: &AckSender, publish: &Publish, device: &str) {
+    use backhaul_shared::command::{CommandResult, Purpose, Signed};
+    let opened = serde_json::from_slice::<Signed>(&publish.payload)
+        .map_err(|e| format!("a command result is not a signed envelope: {e}"))
+        .and_then(|signed| {
+            let key = acks.keys.ack_key(device).ok_or("no API key for this device to verify its command result")?;
+            let body = signed
+                .open(Purpose::Result, device, key)
+                .ok_or("a command result whose MAC does not verify with the device's key (forged, or another key)")?;
+            serde_json::from_str::<CommandResult>(body)
+                .map_err(|e| format!("a command result that does not parse: {e}"))
+        })
+        .and_then(|r| if r.status.is_final() { Ok(r) } else { Err("a command result must be done or failed".into()) });
+    let result = match opened {
+        Ok(r) => r,
+        Err(why) => return dead_letter(ingest, publish, Some(device), &why).await,
+    };
+    loop {
+        match ingest.commands().finish(device, &result).await {
+            Ok(crate::store::Finished::Recorded) => {
+                tracing::info!(device, command_id = %result.command_id, status = result.status.as_str(), "command answered");
+                return;
+            }
+            Ok(crate::store::Finished::AlreadyFinal) => return,
+            Ok(crate::store::Finished::Unknown) => {
+                return dead_letter(ingest, publish, Some(device), "a result for a command this device was never sent")
+                    .await
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "storing a command result failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 

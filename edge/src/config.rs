@@ -396,6 +396,8 @@ pub struct HttpSection {
     pub workers: u32,
     /// Whole-request timeout: 1s..=10m.
     pub timeout: HumanDuration,
+    /// How often the edge asks the cloud for commands (issue #18): 1s..=1h.
+    pub command_poll: HumanDuration,
 }
 
 impl Default for HttpSection {
@@ -405,6 +407,7 @@ impl Default for HttpSection {
             api_key_file: None,
             workers: 4,
             timeout: HumanDuration(Duration::from_secs(30)),
+            command_poll: HumanDuration(Duration::from_secs(10)),
         }
     }
 }
@@ -811,6 +814,7 @@ fn check_ranges(loaded: &Loaded<EdgeConfig>) -> Result<(), ConfigError> {
     }
     in_range(loaded, "transport.http.workers", h.workers, (1, 64), "")?;
     in_range(loaded, "transport.http.timeout", h.timeout, (secs(1), secs(600)), "")?;
+    in_range(loaded, "transport.http.command_poll", h.command_poll, (secs(1), secs(3600)), "")?;
     Ok(())
 }
 
@@ -908,6 +912,7 @@ mod tests {
             ("transport.mqtt", "max_message_bytes", "\"1KiB\"", "\"1023B\"", "\"256MiB\"", "\"257MiB\""),
             ("transport.http", "workers", "1", "0", "64", "65"),
             ("transport.http", "timeout", "\"1s\"", "\"999ms\"", "\"10m\"", "\"601s\""),
+            ("transport.http", "command_poll", "\"1s\"", "\"999ms\"", "\"1h\"", "\"61m\""),
         ];
         for (section, key, low_ok, low_bad, high_ok, high_bad) in cases {
             let full = format!("{section}.{key}");

@@ -1,11 +1,13 @@
 //! backhaul-edge: the store-and-forward service for a BLE-listening Raspberry Pi.
 //!
 //! Stages: [`source`] → `decode` → [`batch`] → [`queue`] → [`forward`], the producing half driven
-//! by [`pipeline`]. Only the binary's `main` wires them together. [`status`] serves what
+//! by [`pipeline`]; [`commands`] runs what operators send through the cloud. Only the binary's
+//! `main` wires them together. [`status`] serves what
 //! [`telemetry`] and the queue know on a loopback port.
 
 pub mod batch;
 pub mod clock;
+pub mod commands;
 pub mod config;
 pub mod decode;
 pub mod forward;

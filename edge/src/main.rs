@@ -240,6 +240,20 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 println!("# {key} set by environment variable {var}");
             }
             print!("{}", loaded.config.effective(&secrets));
+            // An operator's set_rate (issue #18) wins over the config's rate while it is there.
+            match backhaul_edge::commands::RateOverride::load(&loaded.config.data_dir) {
+                Ok(Some(o)) => println!(
+                    "# in force instead of transport.rate_per_sec and burst: rate_per_sec = {}, burst = {} (set by \
+                     command {} at {}, kept in {}; remove that file to use the config's)",
+                    o.rate_per_sec,
+                    o.burst,
+                    o.command_id,
+                    o.set_at,
+                    backhaul_edge::commands::RateOverride::path(&loaded.config.data_dir).display()
+                ),
+                Ok(None) => {}
+                Err(e) => println!("# warning: {e}"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Queue { action } => queue_command(action),

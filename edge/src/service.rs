@@ -1,7 +1,8 @@
 //! `backhaul-edge run`: the binary's wiring of the stages, and nothing else.
 //!
 //! Threads: the pipeline (source → batch → queue), the forwarder (queue → transport), the
-//! transport's own (MQTT link / HTTP workers), and this one, which serves the status endpoint on a
+//! transport's own (MQTT link / HTTP workers), the command stage (`backhaul_edge::commands`), and
+//! this one, which serves the status endpoint on a
 //! small tokio runtime and waits for SIGTERM or Ctrl-C. A stop: the source stops and its batch in
 //! hand is enqueued, the forwarder waits briefly for answers to what is in flight, writes the
 //! acks, says "offline" and disconnects; the queue closes with the last handle.
@@ -27,10 +28,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use backhaul_edge::batch::Batcher;
+use backhaul_edge::commands::{Answers, Effects, Incoming, Journal, RateOverride, Stage};
 use backhaul_edge::config::{AckMode, EdgeConfig, ReplayPace, Secrets, SourceKind, TransportMode};
 use backhaul_edge::decode::presence::{AddressHasher, Zones};
 use backhaul_edge::decode::{Decoder, PresenceSettings, Thingy52Settings};
-use backhaul_edge::forward::http::{HttpSettings, HttpTransport};
+use backhaul_edge::forward::http::{CommandClient, HttpSettings, HttpTransport};
 use backhaul_edge::forward::mqtt::protocol::publish_overhead;
 use backhaul_edge::forward::mqtt::{MqttSettings, MqttTransport};
 use backhaul_edge::forward::{Event, Forwarder, ForwarderConfig, Transport};
@@ -104,25 +106,70 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
         )
     })?;
 
+    // An operator's `set_rate` (issue #18) wins over the config, across restarts. A damaged
+    // override must not keep an unattended device down: the config's rate is used, loudly.
+    let rate_override = RateOverride::load(&config.data_dir).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "ignoring the rate override; using transport.rate_per_sec and burst");
+        None
+    });
+    let (rate_per_sec, burst) = match &rate_override {
+        Some(o) => {
+            tracing::info!(
+                rate_per_sec = o.rate_per_sec,
+                burst = o.burst,
+                command_id = %o.command_id,
+                set_at = %o.set_at,
+                config_rate = config.transport.rate_per_sec,
+                "send rate from an operator's set_rate command (data_dir/rate-override.json), not the config"
+            );
+            (o.rate_per_sec, o.burst)
+        }
+        None => (config.transport.rate_per_sec, config.transport.burst),
+    };
+    telemetry.set_rate(rate_per_sec, burst, rate_override.as_ref());
+    let journal = Journal::open(&config.data_dir)
+        .with_context(|| format!("opening the command journal in {}/commands", config.data_dir.display()))?;
+    let (commands_tx, commands_rx) = mpsc::channel::<Incoming>();
+
     let forwarder_config = ForwarderConfig {
         max_inflight: config.transport.max_inflight as usize,
-        rate_per_sec: config.transport.rate_per_sec,
-        burst: config.transport.burst,
+        rate_per_sec,
+        burst,
         status_every: config.transport.mqtt.status_interval.0,
         stop_grace: Duration::from_secs(3),
     };
-    let (forwarder_handle, notify): (std::thread::JoinHandle<()>, Notify) = match config.transport.mode {
-        TransportMode::Mqtt => {
-            let (tx, rx) = mpsc::channel();
-            let transport = MqttTransport::start(mqtt_settings(&config, &secrets)?, tx.clone())?;
-            (spawn_forwarder(queue.clone(), transport, rx, telemetry.clone(), forwarder_config)?, notifier(tx))
-        }
-        TransportMode::Http => {
-            let (tx, rx) = mpsc::channel();
-            let transport = HttpTransport::start(http_settings(&config, &secrets), tx.clone())?;
-            (spawn_forwarder(queue.clone(), transport, rx, telemetry.clone(), forwarder_config)?, notifier(tx))
-        }
-    };
+    let (forwarder_handle, notify, answers): (std::thread::JoinHandle<()>, Notify, Answers) =
+        match config.transport.mode {
+            TransportMode::Mqtt => {
+                let (tx, rx) = mpsc::channel();
+                let mut settings = mqtt_settings(&config, &secrets)?;
+                settings.commands = Some(commands_tx.clone());
+                let transport = MqttTransport::start(settings, tx.clone())?;
+                let notify = notifier(tx);
+                let publish = {
+                    let notify = notify.clone();
+                    Box::new(move |payload| notify(Control::CommandResult(payload)))
+                };
+                (
+                    spawn_forwarder(queue.clone(), transport, rx, telemetry.clone(), forwarder_config)?,
+                    notify,
+                    Answers::Mqtt { publish },
+                )
+            }
+            TransportMode::Http => {
+                let (tx, rx) = mpsc::channel();
+                let settings = http_settings(&config, &secrets);
+                let client = CommandClient::new(settings.clone(), &config.device_id)
+                    .map_err(anyhow::Error::msg)
+                    .context("transport.tls")?;
+                let transport = HttpTransport::start(settings, tx.clone())?;
+                (
+                    spawn_forwarder(queue.clone(), transport, rx, telemetry.clone(), forwarder_config)?,
+                    notifier(tx),
+                    Answers::Http { client: Box::new(client), poll: config.transport.http.command_poll.0 },
+                )
+            }
+        };
 
     let stop = Arc::new(AtomicBool::new(false));
     let pipeline_handle = {
@@ -134,7 +181,7 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
         };
         let mut batcher = Batcher::new(config.batch.max_detections, config.batch.max_age_ms);
         std::thread::Builder::new().name("pipeline".into()).spawn(move || {
-            let enqueued = || notify(false);
+            let enqueued = || notify(Control::Enqueued);
             pipeline::run(source.as_mut(), &mut batcher, &queue, &device, &telemetry, &stop, &enqueued)
         })?
     };
@@ -147,6 +194,34 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
         "backhaul-edge running"
     );
     let status_source = StatusSource::new(queue.clone(), telemetry.clone());
+    let commands_handle = {
+        let stage = Stage {
+            journal,
+            effects: Effects {
+                queue: queue.clone(),
+                telemetry: telemetry.clone(),
+                status: status_source.clone(),
+                data_dir: config.data_dir.clone(),
+                source_kind: match config.source.kind {
+                    SourceKind::Ble => "ble",
+                    SourceKind::Simulated => "simulated",
+                    SourceKind::Replay => "replay",
+                },
+                wake_forwarder: {
+                    let notify = notify.clone();
+                    Box::new(move || notify(Control::Enqueued))
+                },
+                set_rate: {
+                    let notify = notify.clone();
+                    Box::new(move |rate_per_sec, burst| notify(Control::SetRate { rate_per_sec, burst }))
+                },
+            },
+            answers,
+            device_id: config.device_id.clone(),
+            key: secrets.api_key.as_ref().map(|k| k.expose().as_bytes().to_vec()),
+        };
+        std::thread::Builder::new().name("commands".into()).spawn(move || stage.run(commands_rx))?
+    };
     let limits = watchdog::Limits::new(config.queue.block_timeout.0, sd_notify::watchdog_enabled());
     backhaul_shared::link::notify(&[NotifyState::Ready]);
     let pipeline_result = runtime.block_on(async {
@@ -189,8 +264,13 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
             Err(e) => Err(anyhow::anyhow!("joining the pipeline: {e}")),
         }
     });
-    // Stop the forwarder after the pipeline, so the batch in hand is on disk first.
-    notify(true);
+    // The command stage first (a command in hand finishes), then the forwarder after the
+    // pipeline, so the batch in hand is on disk first.
+    let _ = commands_tx.send(Incoming::Shutdown);
+    if commands_handle.join().is_err() {
+        tracing::error!("the command stage panicked");
+    }
+    notify(Control::Shutdown);
     if forwarder_handle.join().is_err() {
         tracing::error!("the forwarder thread panicked");
     }
@@ -200,12 +280,30 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
     Ok(())
 }
 
-/// Tells the forwarder a batch was enqueued (`false`) or to stop (`true`), whatever its transport.
-type Notify = Arc<dyn Fn(bool) + Send + Sync>;
+/// What the other stages tell the forwarder, whatever its transport.
+enum Control {
+    /// A batch was enqueued (or requeued by a replay).
+    Enqueued,
+    Shutdown,
+    /// An operator's `set_rate`.
+    SetRate {
+        rate_per_sec: u32,
+        burst: u32,
+    },
+    /// A sealed command result to publish (MQTT).
+    CommandResult(Vec<u8>),
+}
+
+type Notify = Arc<dyn Fn(Control) + Send + Sync>;
 
 fn notifier<E: Send + 'static>(tx: mpsc::Sender<Event<E>>) -> Notify {
-    Arc::new(move |shutdown| {
-        let _ = tx.send(if shutdown { Event::Shutdown } else { Event::Enqueued });
+    Arc::new(move |control| {
+        let _ = tx.send(match control {
+            Control::Enqueued => Event::Enqueued,
+            Control::Shutdown => Event::Shutdown,
+            Control::SetRate { rate_per_sec, burst } => Event::SetRate { rate_per_sec, burst },
+            Control::CommandResult(payload) => Event::CommandResult(payload),
+        });
     })
 }
 
@@ -316,6 +414,7 @@ fn mqtt_settings(config: &EdgeConfig, secrets: &Secrets) -> Result<MqttSettings>
         protocol: m.protocol,
         max_message_bytes: m.max_message_bytes.map(|b| usize::try_from(b.0).unwrap_or(usize::MAX)),
         ack_key: secrets.api_key.as_ref().map(|s| s.expose().as_bytes().to_vec()),
+        commands: None,
     })
 }
 

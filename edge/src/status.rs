@@ -147,6 +147,23 @@ pub struct StatusReport {
     /// `backhaul-edge status` still reads a service from before the field.
     #[serde(default)]
     pub clock: ClockReport,
+    /// The send pace in force and where it comes from (issue #18: `set_rate` overrides the config).
+    #[serde(default)]
+    pub rate: crate::telemetry::RateInForce,
+    /// Commands from the cloud since start (issue #18).
+    #[serde(default)]
+    pub commands: CommandsReport,
+}
+
+/// `commands` in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct CommandsReport {
+    /// Run (each once).
+    pub run: u64,
+    /// Delivered again and answered from the journal, not run again.
+    pub redelivered: u64,
+    /// Ignored: not signed with this device's key.
+    pub unverified: u64,
 }
 
 /// `clock` in `/status`.
@@ -396,6 +413,12 @@ impl StatusSource {
             clock: {
                 let c = crate::clock::status();
                 ClockReport { synced: c.synced, floor: c.floor.to_string() }
+            },
+            rate: t.rate(),
+            commands: CommandsReport {
+                run: t.commands_run.load(Ordering::Relaxed),
+                redelivered: t.commands_redelivered.load(Ordering::Relaxed),
+                unverified: t.commands_unverified.load(Ordering::Relaxed),
             },
         })
     }

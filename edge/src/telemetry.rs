@@ -64,6 +64,29 @@ pub struct Telemetry {
     /// Queued batches too large for the link, cut into batches that fit (or, when they could not
     /// be cut, dead-lettered) since start.
     pub cut_batches: AtomicU64,
+    /// Commands from the cloud (issue #18) run since start; delivered again and answered from the
+    /// journal; ignored for a MAC that does not verify.
+    pub commands_run: AtomicU64,
+    pub commands_redelivered: AtomicU64,
+    pub commands_unverified: AtomicU64,
+    /// `flush`: set by the command stage, cleared by the pipeline once it cut its open batch;
+    /// `flushes` counts the cuts, `last_flush_detections` says how many detections the last held.
+    pub flush_requested: AtomicBool,
+    pub flushes: AtomicU64,
+    pub last_flush_detections: AtomicU64,
+    /// `rescan`: wakes the BLE scanner, which reopens its adapter.
+    pub rescan: tokio::sync::Notify,
+    /// The send pace in force and where it comes from (the config, or an operator's `set_rate`).
+    pub rate: Mutex<RateInForce>,
+}
+
+/// The send pace in force (`/status` `rate`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+pub struct RateInForce {
+    pub rate_per_sec: u32,
+    pub burst: u32,
+    /// `config`, or `command {id} at {time}` (`data_dir/rate-override.json`).
+    pub source: String,
 }
 
 impl Telemetry {
@@ -97,7 +120,28 @@ impl Telemetry {
             acks_unverified: AtomicU64::new(0),
             acks_not_in_flight: AtomicU64::new(0),
             cut_batches: AtomicU64::new(0),
+            commands_run: AtomicU64::new(0),
+            commands_redelivered: AtomicU64::new(0),
+            commands_unverified: AtomicU64::new(0),
+            flush_requested: AtomicBool::new(false),
+            flushes: AtomicU64::new(0),
+            last_flush_detections: AtomicU64::new(0),
+            rescan: tokio::sync::Notify::new(),
+            rate: Mutex::new(RateInForce::default()),
         }
+    }
+
+    /// Records the pace in force: from the config (`by` None) or an operator's override.
+    pub fn set_rate(&self, rate_per_sec: u32, burst: u32, by: Option<&crate::commands::RateOverride>) {
+        let source = match by {
+            None => "config".to_owned(),
+            Some(o) => format!("command {} at {} (data_dir/rate-override.json)", o.command_id, o.set_at),
+        };
+        *self.rate.lock().unwrap_or_else(|p| p.into_inner()) = RateInForce { rate_per_sec, burst, source };
+    }
+
+    pub fn rate(&self) -> RateInForce {
+        self.rate.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn uptime_s(&self) -> u64 {

@@ -2,6 +2,7 @@
 //!
 //! - [`batch`]: the schema-1 batch, its idempotency key ([`BatchId`]) and validation.
 //! - [`wire`]: acks, device status and the MQTT topic layout.
+//! - [`command`]: commands from the cloud to one device and their results (issue #18).
 //! - [`record`]: the version + length + CRC32 framing of every record stored on disk.
 //! - [`config`]: TOML + environment configuration with errors that name the key.
 //! - [`logging`]: `tracing` for a terminal or for journald.
@@ -12,6 +13,7 @@
 
 pub mod backoff;
 pub mod batch;
+pub mod command;
 pub mod config;
 pub mod fuzzing;
 pub mod link;

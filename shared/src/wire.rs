@@ -100,6 +100,22 @@ impl Topics {
         format!("{}/+/status", self.prefix)
     }
 
+    /// `{prefix}/{device_id}/commands`: cloud → edge, QoS 1 (issue #18).
+    pub fn commands(&self, device_id: &str) -> String {
+        format!("{}/{device_id}/commands", self.prefix)
+    }
+
+    /// `{prefix}/{device_id}/command-results`: edge → cloud, QoS 1 (issue #18).
+    pub fn command_results(&self, device_id: &str) -> String {
+        format!("{}/{device_id}/command-results", self.prefix)
+    }
+
+    /// The cloud's subscription to every device's command results, shared by its replicas:
+    /// `$share/{group}/{prefix}/+/command-results`.
+    pub fn shared_command_results_filter(&self, group: &str) -> String {
+        format!("$share/{group}/{}/+/command-results", self.prefix)
+    }
+
     /// The device id and kind (`batches`, `acks`, `status`) of a topic under this prefix.
     pub fn parse<'t>(&self, topic: &'t str) -> Option<(&'t str, TopicKind)> {
         let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?;
@@ -111,6 +127,8 @@ impl Topics {
             "batches" => TopicKind::Batches,
             "acks" => TopicKind::Acks,
             "status" => TopicKind::Status,
+            "commands" => TopicKind::Commands,
+            "command-results" => TopicKind::CommandResults,
             _ => return None,
         };
         Some((device, kind))
@@ -123,6 +141,10 @@ pub enum TopicKind {
     Batches,
     Acks,
     Status,
+    /// Cloud → edge commands (issue #18).
+    Commands,
+    /// Edge → cloud command results (issue #18).
+    CommandResults,
 }
 
 /// The cloud's answer to one or more batches, on `{prefix}/{device_id}/acks`.
@@ -182,7 +204,7 @@ fn ack_hmac(key: &[u8], device_id: &str, batch_id: &BatchId, status: AckStatus) 
     mac
 }
 
-fn from_hex(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn from_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) || !s.is_ascii() {
         return None;
     }
@@ -256,6 +278,9 @@ mod tests {
         assert_eq!(t.parse("backhaulx/pi-1/batches"), None);
         assert_eq!(t.parse("backhaul//batches"), None);
         assert_eq!(t.parse("backhaul/pi-1/other"), None);
+        assert_eq!(t.parse("backhaul/pi-1/commands"), Some(("pi-1", TopicKind::Commands)));
+        assert_eq!(t.parse("backhaul/pi-1/command-results"), Some(("pi-1", TopicKind::CommandResults)));
+        assert_eq!(t.shared_command_results_filter("g"), "$share/g/backhaul/+/command-results");
         assert_eq!(t.parse("backhaul/a/b/batches"), None);
     }
 

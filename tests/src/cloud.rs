@@ -98,6 +98,15 @@ impl Cloud {
 }
 
 impl Cloud {
+    /// SIGKILL, then `between` with the cloud's temp dir (where its SQLite files are), then start
+    /// again on the same config: e.g. to snapshot or restore the database as a backup would.
+    pub fn kill9_then(&mut self, between: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        self.process.kill9()?;
+        between(self.dir.path())?;
+        self.process = spawn(&self.config, &self.env)?;
+        Ok(())
+    }
+
     /// SIGKILL, then start again on the same database and port with `env` added (e.g. a
     /// failpoint).
     pub fn restart_with(&mut self, env: &[(&str, &str)]) -> Result<()> {

@@ -38,6 +38,8 @@ pub struct EdgeOptions {
     pub transport: String,
     /// Extra `[transport.mqtt]` lines.
     pub mqtt: String,
+    /// Extra `[transport.http]` lines.
+    pub http: String,
     pub env: Vec<(String, String)>,
     /// A program and its first arguments to run instead of the workspace's `backhaul-edge`
     /// (e.g. `qemu-aarch64-static -L /usr/aarch64-linux-gnu target/aarch64-.../backhaul-edge`);
@@ -66,6 +68,7 @@ impl Default for EdgeOptions {
             data_dir: None,
             transport: String::new(),
             mqtt: String::new(),
+            http: String::new(),
             env: Vec::new(),
             launcher: None,
         }
@@ -104,7 +107,7 @@ impl Edge {
              [transport]\nmode = \"{mode}\"\nrate_per_sec = {rps}\nburst = {burst}\nmax_inflight = {mi}\n\
              ack_timeout = \"5s\"\nbackoff_max = \"500ms\"\n{transport}\n\n\
              [transport.mqtt]\nurl = \"{mqtt}\"\nkeep_alive = \"5s\"\nstatus_interval = \"2s\"\n{mqtt_extra}\n\n\
-             [transport.http]\nurl = \"{http}\"\ntimeout = \"10s\"\n",
+             [transport.http]\nurl = \"{http}\"\ntimeout = \"10s\"\n{http_extra}\n",
             device = o.device_id,
             data = data_dir.display(),
             source = o.source.clone().unwrap_or_else(|| format!(
@@ -123,6 +126,7 @@ impl Edge {
             mqtt = o.mqtt_url,
             mqtt_extra = o.mqtt,
             http = o.http_url,
+            http_extra = o.http,
         );
         let config_path = dir.path().join("edge.toml");
         std::fs::write(&config_path, config)?;
@@ -188,6 +192,27 @@ impl Edge {
     /// The environment the next (re)start runs with (e.g. to remove a failpoint).
     pub fn env_mut(&mut self) -> &mut Vec<(String, String)> {
         &mut self.env
+    }
+
+    /// SIGTERM (a clean stop: the acks in memory are written), and stay down until
+    /// [`Edge::restart`].
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(child) = self.process.child() {
+            crate::sigterm(child)?;
+        }
+        self.process.wait_exit(Duration::from_secs(30))?;
+        Ok(())
+    }
+
+    /// SIGKILL, and stay down until [`Edge::restart`].
+    pub fn kill9(&mut self) -> Result<()> {
+        self.process.kill9()
+    }
+
+    /// Starts again on the same data_dir and config (after [`Edge::kill9`]).
+    pub fn restart(&mut self) -> Result<()> {
+        self.process = spawn(&self.config, &self.env, self.status_port, self.launcher.as_deref())?;
+        Ok(())
     }
 
     /// SIGKILL, then start again on the same data_dir and config.

@@ -1,7 +1,8 @@
 //! The HTTP ingress adapter (SPEC.md, "HTTP ingest" and the read API), in three rooms:
 //! [`auth`] (the one extractor that authenticates a request and applies its key's scope),
 //! [`ingest`] (the bulk post: body limits, then [`crate::ingest::Ingest::accept`]) and [`read`]
-//! (health, metrics, stats, devices, detections, each with its response type). Storage is reached
+//! (health, metrics, stats, devices, detections, each with its response type), and [`commands`]
+//! (commands to devices, issue #18). Storage is reached
 //! only through [`crate::ingest::Ingest`].
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::config::ApiKeys;
 use crate::ingest::Ingest;
 
 mod auth;
+mod commands;
 mod ingest;
 mod read;
 
@@ -40,6 +42,8 @@ pub struct App {
     /// mTLS is on (`tls.client_ca_file`): a device key's bulk post must come over a connection
     /// whose client certificate names its `device_id` (issue #16).
     pub client_certificates: bool,
+    /// Woken when a command is queued, so the MQTT side publishes it at once (issue #18).
+    pub commands_queued: Arc<tokio::sync::Notify>,
 }
 
 /// Reads `BACKHAUL_FAILPOINT=bulk_500:N` (see [`App::fail_next_bulk`]); 0 without it.
@@ -60,6 +64,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/stats", get(read::stats))
         .route("/api/v1/devices", get(read::devices))
         .route("/api/v1/detections", get(read::detections))
+        .route("/api/v1/devices/{device_id}/gaps", get(read::gaps))
+        .route("/api/v1/dead-letters", get(read::dead_letters))
+        .route("/api/v1/devices/{device_id}/commands", post(commands::create).get(commands::list))
+        .route("/api/v1/devices/{device_id}/commands/{command_id}", get(commands::get_one))
+        .route("/api/v1/devices/{device_id}/commands/{command_id}/result", post(commands::result))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(app)
 }

@@ -140,6 +140,46 @@ pub(super) async fn devices(State(app): State<Arc<App>>, caller: Caller) -> Resp
 }
 
 #[derive(Debug, Deserialize)]
+pub(super) struct LimitParam {
+    limit: Option<i64>,
+}
+
+/// `GET /api/v1/devices/{device_id}/gaps`: the device's missing `seq` ranges, lowest first
+/// (`{"device_id", "gaps": [{"first", "last"}], "missing"}`, at most `limit` ranges, 1..=10000).
+pub(super) async fn gaps(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    axum::extract::Path(device_id): axum::extract::Path<String>,
+    Query(p): Query<LimitParam>,
+) -> Response {
+    if let Err(r) = caller.read_scope(Some(device_id.clone())) {
+        return r.into_response();
+    }
+    let limit = p.limit.unwrap_or(1000).clamp(1, 10_000);
+    match app.ingest.gaps(&device_id, limit).await {
+        Ok(gaps) => {
+            let missing: i64 = gaps.iter().map(|g| g.last - g.first + 1).sum();
+            Json(json!({ "device_id": device_id, "gaps": gaps, "missing": missing })).into_response()
+        }
+        Err(e) => storage_down(e),
+    }
+}
+
+/// `GET /api/v1/dead-letters` (fleet key): the newest dead letters, newest first
+/// (`{"dead_letters": [{"received_at", "via", "topic", "device_id", "size", "error"}]}`, at most
+/// `limit`, 1..=1000).
+pub(super) async fn dead_letters(State(app): State<Arc<App>>, caller: Caller, Query(p): Query<LimitParam>) -> Response {
+    if let Err(r) = caller.fleet_only() {
+        return r.into_response();
+    }
+    let limit = p.limit.unwrap_or(100).clamp(1, 1000);
+    match app.ingest.dead_letters(limit).await {
+        Ok(rows) => Json(json!({ "dead_letters": rows })).into_response(),
+        Err(e) => storage_down(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
 pub(super) struct DetectionParams {
     device_id: Option<String>,
     since: Option<String>,

@@ -38,8 +38,10 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 use thiserror::Error;
 
+mod commands;
 mod detections;
 
+pub use commands::{CommandRow, Commands, Filter as CommandFilter, Finished, COMMAND_TTL};
 pub use detections::Reprocessed;
 
 /// Schema migrations, in order. Portable SQL: it runs on SQLite and PostgreSQL.
@@ -122,6 +124,22 @@ const MIGRATIONS: &[&[&str]] = &[
         "CREATE INDEX IF NOT EXISTS batches_wide ON batches (last_ts, batch_id) WHERE last_ts - first_ts > 3600000000",
         "DELETE FROM detections WHERE batch_id IN (SELECT batch_id FROM batches WHERE payload IS NOT NULL)",
         "DROP INDEX IF EXISTS batches_unprojected",
+    ],
+    // 6 (issue #18): commands to devices (see `commands.rs`).
+    &[
+        "CREATE TABLE IF NOT EXISTS commands (
+        command_id TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        body TEXT NOT NULL,
+        status TEXT NOT NULL,
+        result TEXT,
+        created_at BIGINT NOT NULL,
+        delivered_at BIGINT,
+        published_at BIGINT,
+        done_at BIGINT)",
+        "CREATE INDEX IF NOT EXISTS commands_device ON commands (device_id, command_id)",
+        "CREATE INDEX IF NOT EXISTS commands_open ON commands (command_id) WHERE status IN ('queued', 'delivered')",
     ],
 ];
 
@@ -341,7 +359,7 @@ impl Store {
                 tokio::time::sleep(Duration::from_secs(30)).await;
             }
         });
-        let _stop_extending = AbortOnDrop(extend);
+        let _stop_extending = crate::AbortOnDrop(extend);
         for (i, statements) in MIGRATIONS.iter().enumerate() {
             let version = i as i64 + 1;
             if version <= current {
@@ -358,6 +376,11 @@ impl Store {
             tracing::info!(version, "database migrated");
         }
         Ok(())
+    }
+
+    /// The commands to devices (issue #18).
+    pub fn commands(&self) -> Commands<'_> {
+        Commands(self)
     }
 
     /// Whether the database answers.
@@ -483,15 +506,6 @@ impl Store {
         let taken = self.write_unwritten_counts(&mut tx).await?;
         self.commit_counted(tx, taken).await?;
         Ok(outcomes)
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -868,6 +882,79 @@ impl Store {
         .await?;
         rows.iter().map(device_row).collect::<Result<_, sqlx::Error>>().map_err(Into::into)
     }
+}
+
+impl Store {
+    /// The `seq` ranges missing below a device's highest stored `seq` (dropped at the edge, lost,
+    /// or not arrived yet), lowest first, at most `limit`; counted from 0, as `gaps` in
+    /// `GET /api/v1/devices` (an edge's seqs start at 0).
+    pub async fn gaps(&self, device_id: &str, limit: i64) -> Result<Vec<SeqGap>, StoreError> {
+        let first: Option<i64> = sqlx::query("SELECT MIN(seq) FROM batches WHERE device_id = $1")
+            .bind(device_id)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        let mut gaps = Vec::new();
+        if let Some(first) = first.filter(|f| *f > 0) {
+            gaps.push(SeqGap { first: 0, last: first - 1 });
+        }
+        let rows = sqlx::query(
+            "SELECT seq, next FROM (SELECT seq, LEAD(seq) OVER (ORDER BY seq) AS next FROM batches WHERE device_id = $1) t
+             WHERE next > seq + 1 ORDER BY seq LIMIT $2",
+        )
+        .bind(device_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        for r in rows {
+            let (seq, next): (i64, i64) = (r.try_get(0)?, r.try_get(1)?);
+            gaps.push(SeqGap { first: seq + 1, last: next - 1 });
+        }
+        gaps.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(gaps)
+    }
+
+    /// The newest dead letters (unusable messages kept for inspection), newest first, at most
+    /// `limit`.
+    pub async fn dead_letters(&self, limit: i64) -> Result<Vec<DeadLetterRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT received_at, via, topic, device_id, size, error FROM dead_letters ORDER BY received_at DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeadLetterRow {
+                    received_at: ts_string(r.try_get(0)?),
+                    via: r.try_get(1)?,
+                    topic: r.try_get(2)?,
+                    device_id: r.try_get(3)?,
+                    size: r.try_get(4)?,
+                    error: r.try_get(5)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+}
+
+/// Missing `seq` numbers `first..=last` of a device.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct SeqGap {
+    pub first: i64,
+    pub last: i64,
+}
+
+/// A dead letter: where an unusable message came from, its size (bytes) and why it was refused.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetterRow {
+    pub received_at: String,
+    pub via: String,
+    pub topic: Option<String>,
+    pub device_id: Option<String>,
+    pub size: i64,
+    pub error: String,
 }
 
 async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>, counter: &str, by: i64) -> Result<(), sqlx::Error> {

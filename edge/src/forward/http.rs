@@ -330,6 +330,91 @@ impl Transport for HttpTransport {
     }
 }
 
+/// The command stage's HTTP client (issue #18): fetches this device's unanswered commands and
+/// posts its results, with the transport's URL, key and TLS, on its own connection.
+pub struct CommandClient {
+    agent: ureq::Agent,
+    settings: HttpSettings,
+    device_id: String,
+}
+
+impl std::fmt::Debug for CommandClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandClient").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+impl CommandClient {
+    /// Errors: the TLS settings cannot be used (as for the transport).
+    pub fn new(settings: HttpSettings, device_id: &str) -> Result<Self, String> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_global(Some(settings.timeout))
+            .user_agent(concat!("backhaul-edge/", env!("CARGO_PKG_VERSION")))
+            .tls_config(tls_config(settings.tls.as_ref())?)
+            .build()
+            .into();
+        Ok(Self { agent, settings, device_id: device_id.to_owned() })
+    }
+
+    fn commands_url(&self) -> String {
+        url(&self.settings, &format!("/api/v1/devices/{}/commands", self.device_id))
+    }
+
+    fn keyed<B>(&self, r: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.settings.api_key {
+            Some(k) => r.header("X-API-Key", k),
+            None => r,
+        }
+    }
+
+    /// `GET .../commands?status=queued`: the commands this device has not answered.
+    /// Errors: network, or any answer but 200 with a command list (the text says which).
+    pub fn fetch(&self) -> Result<Vec<backhaul_shared::command::CommandMessage>, String> {
+        #[derive(serde::Deserialize)]
+        struct Listed {
+            command_id: backhaul_shared::command::CommandId,
+            command: serde_json::Value,
+        }
+        #[derive(serde::Deserialize)]
+        struct List {
+            commands: Vec<Listed>,
+        }
+        let target = format!("{}?status=queued", self.commands_url());
+        let mut r = self.keyed(self.agent.get(&target)).call().map_err(|e| format!("GET {target}: {e}"))?;
+        let code = r.status().as_u16();
+        let body = r.body_mut().with_config().limit(4 << 20).read_to_string().map_err(|e| e.to_string())?;
+        if code != 200 {
+            return Err(format!("GET {target}: HTTP {code}: {}", body.chars().take(300).collect::<String>()));
+        }
+        let list: List = serde_json::from_str(&body).map_err(|e| format!("GET {target}: not a command list: {e}"))?;
+        Ok(list
+            .commands
+            .into_iter()
+            .map(|c| backhaul_shared::command::CommandMessage { command_id: c.command_id, command: c.command })
+            .collect())
+    }
+
+    /// `POST .../commands/{id}/result`. Errors: network, or an answer but 200.
+    pub fn answer(&self, result: &backhaul_shared::command::CommandResult) -> Result<(), String> {
+        let target = format!("{}/{}/result", self.commands_url(), result.command_id);
+        let body = serde_json::to_vec(result).expect("a result serializes");
+        let mut r = self
+            .keyed(self.agent.post(&target))
+            .header("Content-Type", "application/json")
+            .send(&body[..])
+            .map_err(|e| format!("POST {target}: {e}"))?;
+        match r.status().as_u16() {
+            200 => Ok(()),
+            code => Err(format!(
+                "POST {target}: HTTP {code}: {}",
+                r.body_mut().read_to_string().unwrap_or_default().chars().take(300).collect::<String>()
+            )),
+        }
+    }
+}
+
 fn url(settings: &HttpSettings, path: &str) -> String {
     format!("{}{path}", settings.base_url.trim_end_matches('/'))
 }

@@ -106,6 +106,11 @@ pub trait Transport {
     fn missing_acks_hint(&self) -> String {
         "check the link and the cloud".into()
     }
+    /// Publishes a sealed command result (MQTT, issue #18); false if it could not (not
+    /// connected): the cloud publishes the command again later and gets the result again.
+    fn publish_command_result(&mut self, _payload: Vec<u8>) -> bool {
+        false
+    }
     /// Publishes the device's status, if the transport carries one (MQTT, retained).
     fn publish_status(&mut self, status: &DeviceStatus);
     /// Closing: publishes the last status and disconnects.
@@ -121,6 +126,12 @@ pub enum Event<E> {
     Link(E),
     /// Stop: finish the batches in flight for a moment, write the acks, disconnect.
     Shutdown,
+    /// An operator's `set_rate` (issue #18): the new pace, from now on.
+    SetRate { rate_per_sec: u32, burst: u32 },
+    /// A command result for the transport to publish (MQTT; issue #18). Published from this
+    /// thread because it is the one that publishes: rumqttc's packet ids are paired with batches
+    /// in publish order.
+    CommandResult(Vec<u8>),
 }
 
 /// The forwarder's settings.
@@ -281,6 +292,15 @@ impl<T: Transport> Forwarder<T> {
                 match event {
                     Event::Enqueued => self.backlog = true,
                     Event::Link(e) => self.transport.handle(e, &mut outcomes),
+                    Event::SetRate { rate_per_sec, burst } => {
+                        self.pacer = Pacer::new(rate_per_sec, burst);
+                        tracing::info!(rate_per_sec, burst, "send pace changed");
+                    }
+                    Event::CommandResult(payload) => {
+                        if !self.transport.publish_command_result(payload) {
+                            tracing::info!("a command result could not be published now; it is sent again when the cloud asks again");
+                        }
+                    }
                     Event::Shutdown => {
                         if stop_at.is_none() {
                             tracing::info!(in_flight = self.window.len(), "forwarder stopping");

@@ -137,7 +137,16 @@ async fn scan(
     tracing::info!(adapter = %info, "scanning for BLE advertisements");
     let mut rescanned = false;
     loop {
-        let event = match tokio::time::timeout(settings.stall_after, events.next()).await {
+        let next = tokio::select! {
+            n = tokio::time::timeout(settings.stall_after, events.next()) => n,
+            // An operator's `rescan` command (issue #18): reopen the adapter, as after a stall.
+            _ = telemetry.rescan.notified() => {
+                telemetry.source_recoveries.fetch_add(1, Ordering::Relaxed);
+                let _ = central.stop_scan().await;
+                return Err(format!("{info}: rescan asked by an operator's command; opening the adapter again"));
+            }
+        };
+        let event = match next {
             Ok(Some(e)) => e,
             Ok(None) => return Err(format!("{info}: the event stream ended (adapter reset or bluetoothd restarted?)")),
             Err(_) if !rescanned => {

@@ -58,6 +58,9 @@ pub struct MqttSettings {
     /// The key the cloud signs this device's acks with (`BACKHAUL_API_KEY`, issue #16). Never
     /// logged. `None`: every ack from the cloud is ignored (allowed only with `ack = "broker"`).
     pub ack_key: Option<Vec<u8>>,
+    /// Where messages on `{prefix}/{device_id}/commands` go (the command stage, issue #18);
+    /// `None`: the commands topic is not subscribed.
+    pub commands: Option<std::sync::mpsc::Sender<crate::commands::Incoming>>,
 }
 
 impl std::fmt::Debug for MqttSettings {
@@ -290,6 +293,11 @@ impl Transport for MqttTransport {
         }
     }
 
+    fn publish_command_result(&mut self, payload: Vec<u8>) -> bool {
+        let topic = self.settings.topics.command_results(&self.settings.device_id);
+        self.publish(topic, payload, false, None)
+    }
+
     fn publish_status(&mut self, status: &DeviceStatus) {
         let topic = self.settings.topics.status(&self.settings.device_id);
         let payload = serde_json::to_vec(status).expect("a status serializes");
@@ -323,6 +331,7 @@ async fn link(s: MqttSettings, events: Sender<Event<MqttEvent>>, mut stop: watch
     let report = |e: MqttEvent| events.send(Event::Link(e)).is_ok();
     let mut backoff = Backoff::new(Duration::from_millis(200), s.backoff_max);
     let acks_topic = s.topics.acks(&s.device_id);
+    let commands_topic = s.topics.commands(&s.device_id);
     let mut conn = 0u64;
     loop {
         conn += 1;
@@ -355,11 +364,25 @@ async fn link(s: MqttSettings, events: Sender<Event<MqttEvent>>, mut stop: watch
                     if let Err(e) = client.try_subscribe(acks_topic.clone()) {
                         break format!("subscribing to {acks_topic}: {e}");
                     }
+                    // Commands (issue #18): on the persistent session, so one sent while the
+                    // device was away waits at the broker.
+                    if s.commands.is_some() {
+                        if let Err(e) = client.try_subscribe(commands_topic.clone()) {
+                            break format!("subscribing to {commands_topic}: {e}");
+                        }
+                    }
                     MqttEvent::Up { conn, client: client.clone(), max_packet_size }
                 }
                 Ok(Polled::Sent(pkid)) => MqttEvent::Sent { conn, pkid },
                 Ok(Polled::PubAck { pkid, refusal }) => MqttEvent::PubAck { conn, pkid, refusal },
                 Ok(Polled::Message { topic, payload }) if topic == acks_topic => MqttEvent::Acks { payload },
+                Ok(Polled::Message { topic, payload }) if topic == commands_topic => {
+                    // Straight to the command stage: the link feeds it, the forwarder never sees it.
+                    if let Some(commands) = &s.commands {
+                        let _ = commands.send(crate::commands::Incoming::Signed(payload));
+                    }
+                    continue;
+                }
                 Ok(Polled::BrokerDisconnect(why)) => {
                     broker_said = Some(why);
                     continue;
@@ -434,6 +457,7 @@ mod tests {
                 protocol: MqttProtocol::V5,
                 max_message_bytes: None,
                 ack_key: Some(KEY.to_vec()),
+                commands: None,
             },
             batches_topic: Topics::default().batches("pi"),
             client: None,

@@ -1,0 +1,226 @@
+//! The command routes (issue #18; SPEC.md "Wave 2 additions", "HTTP, more routes"):
+//!
+//! | request | who | answers |
+//! | --- | --- | --- |
+//! | `POST /api/v1/devices/{device_id}/commands` `{"kind": ...}` | a fleet key | 202 `{"command_id", "status": "queued"}`; 422 unknown kind or bad field (naming it); 404 a device this cloud has never heard from |
+//! | `GET /api/v1/devices/{device_id}/commands[?status=S&limit=N]` | a fleet key, or that device's key | 200 `{"commands": [...]}`, oldest first |
+//! | `GET /api/v1/devices/{device_id}/commands/{command_id}` | the same | 200 the command; 404 |
+//! | `POST /api/v1/devices/{device_id}/commands/{command_id}/result` | that device's key (or a fleet key) | 200 `{"status": "recorded" \| "already_final"}`; 404; 422 |
+//!
+//! A device's own key asking for `status=queued` is the device fetching its work (HTTP mode): it
+//! gets every command it has not answered yet (`queued` or `delivered`: an answer lost on the way
+//! may need a redelivery, which the device answers from its record without running it again),
+//! and they become `delivered`. With mTLS (`tls.client_ca_file`) a device key's request must come
+//! with that device's certificate, as for the bulk route.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use backhaul_shared::command::{CommandKind, CommandResult, CommandStatus};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::auth::Caller;
+use super::{error, storage_down, ApiError, App};
+use crate::config::KeyScope;
+use crate::store::{CommandFilter, CommandRow, Finished};
+
+/// `GET /api/v1/devices/{device_id}/commands`.
+#[derive(Debug, Serialize)]
+struct CommandList {
+    commands: Vec<CommandRow>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ListQuery {
+    status: Option<String>,
+    limit: Option<i64>,
+}
+
+/// The most commands a listing returns.
+const MAX_LIST: i64 = 1000;
+
+/// 403 unless the caller may act for `device_id` (a fleet key, or the device's own key, over its
+/// own certificate when mTLS is on).
+fn for_device(
+    app: &App,
+    caller: &Caller,
+    peer: Option<&axum::Extension<crate::serve::PeerNames>>,
+    device_id: &str,
+) -> Result<(), ApiError> {
+    if !caller.allows(device_id) {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            format!("this API key may not act for device `{device_id}`: use that device's key or a fleet key"),
+            Some("device_id"),
+        ));
+    }
+    if app.client_certificates
+        && caller.0 != KeyScope::Fleet
+        && !peer.is_some_and(|p| p.0 .0.iter().any(|n| n == device_id))
+    {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            format!("mTLS is on: a device key's request must come with a client certificate naming `{device_id}`"),
+            None,
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /api/v1/devices/{device_id}/commands`.
+pub(super) async fn create(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(device_id): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(e) = caller.fleet_only() {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("only a fleet (operator) key may command a device; {}", e.message),
+            None,
+        )
+        .into_response();
+    }
+    let kind = match CommandKind::parse(&body) {
+        Ok(k) => k,
+        Err((field, message)) => {
+            return error(StatusCode::UNPROCESSABLE_ENTITY, message, field.as_deref()).into_response()
+        }
+    };
+    match app.ingest.commands().device_known(&device_id).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no device `{device_id}` has sent anything to this cloud: check the id (GET /api/v1/devices); a \
+                     new Pi can be commanded once it has connected"
+                ),
+                Some("device_id"),
+            )
+            .into_response()
+        }
+        Err(e) => return storage_down(e),
+    }
+    match app.ingest.commands().create(&device_id, &kind).await {
+        Ok(row) => {
+            tracing::info!(device_id, command_id = %row.command_id, kind = kind.name(), "command queued");
+            app.commands_queued.notify_one();
+            (StatusCode::ACCEPTED, Json(json!({ "command_id": row.command_id, "status": row.status }))).into_response()
+        }
+        Err(e) => storage_down(e),
+    }
+}
+
+/// `GET /api/v1/devices/{device_id}/commands`.
+pub(super) async fn list(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    peer: Option<axum::Extension<crate::serve::PeerNames>>,
+    Path(device_id): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    if let Err(e) = for_device(&app, &caller, peer.as_ref(), &device_id) {
+        return e.into_response();
+    }
+    let status = match q.status.as_deref().map(str::parse::<CommandStatus>).transpose() {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e, Some("status")).into_response(),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_LIST);
+    let fetching = status == Some(CommandStatus::Queued) && caller.0 != KeyScope::Fleet;
+    let filter = match status {
+        _ if fetching => CommandFilter::Open,
+        Some(s) => CommandFilter::Status(s),
+        None => CommandFilter::All,
+    };
+    let commands = app.ingest.commands();
+    let mut rows = match commands.list(&device_id, filter, limit).await {
+        Ok(r) => r,
+        Err(e) => return storage_down(e),
+    };
+    if fetching {
+        for row in &mut rows {
+            if let Err(e) = commands.delivered(&device_id, &row.command_id, false).await {
+                return storage_down(e);
+            }
+            if row.status == "queued" {
+                row.status = "delivered".into();
+            }
+        }
+    }
+    Json(CommandList { commands: rows }).into_response()
+}
+
+/// `GET /api/v1/devices/{device_id}/commands/{command_id}`.
+pub(super) async fn get_one(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    peer: Option<axum::Extension<crate::serve::PeerNames>>,
+    Path((device_id, command_id)): Path<(String, String)>,
+) -> Response {
+    if let Err(e) = for_device(&app, &caller, peer.as_ref(), &device_id) {
+        return e.into_response();
+    }
+    match app.ingest.commands().get(&device_id, &command_id).await {
+        Ok(Some(row)) => Json(row).into_response(),
+        Ok(None) => not_found(&device_id, &command_id),
+        Err(e) => storage_down(e),
+    }
+}
+
+fn not_found(device_id: &str, command_id: &str) -> Response {
+    error(StatusCode::NOT_FOUND, format!("device `{device_id}` has no command `{command_id}`"), Some("command_id"))
+        .into_response()
+}
+
+/// `POST /api/v1/devices/{device_id}/commands/{command_id}/result`.
+pub(super) async fn result(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    peer: Option<axum::Extension<crate::serve::PeerNames>>,
+    Path((device_id, command_id)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    if let Err(e) = for_device(&app, &caller, peer.as_ref(), &device_id) {
+        return e.into_response();
+    }
+    let result: CommandResult = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("not a command result ({{\"command_id\", \"status\": \"done\"|\"failed\", \"result\", \"finished_at\"}}): {e}"),
+                None,
+            )
+            .into_response()
+        }
+    };
+    if result.command_id.to_string() != command_id {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the body's command_id is not the one in the path",
+            Some("command_id"),
+        )
+        .into_response();
+    }
+    if !result.status.is_final() {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "a result's status is `done` or `failed`", Some("status"))
+            .into_response();
+    }
+    match app.ingest.commands().finish(&device_id, &result).await {
+        Ok(Finished::Recorded) => {
+            tracing::info!(device_id, command_id, status = result.status.as_str(), "command answered");
+            Json(json!({ "status": "recorded" })).into_response()
+        }
+        Ok(Finished::AlreadyFinal) => Json(json!({ "status": "already_final" })).into_response(),
+        Ok(Finished::Unknown) => not_found(&device_id, &command_id),
+        Err(e) => storage_down(e),
+    }
+}

@@ -1,0 +1,251 @@
+//! Commands to devices (issue #18), in the `commands` table (migration 6): one row per command,
+//! created `queued` by an operator, `delivered` once published to the broker or fetched by the
+//! device over HTTP, then `done` or `failed` with the device's `result` (final: a second answer
+//! changes nothing).
+//!
+//! | column | meaning |
+//! | --- | --- |
+//! | `command_id` | the ULID, primary key (the device's idempotency key for the command) |
+//! | `device_id`, `kind` | whom, and what (`replay`, `set_rate`, ...) |
+//! | `body` | the command as JSON (`{"kind": ..., ...}`), as validated at creation |
+//! | `status` | `queued`, `delivered`, `done`, `failed` |
+//! | `result` | the device's answer, JSON text (at most [`MAX_RESULT_BYTES`]) |
+//! | `created_at`, `delivered_at`, `published_at`, `done_at` | UTC µs; `published_at` is the last MQTT publish |
+//!
+//! Never reorder or rename these columns: they are persisted.
+
+use backhaul_shared::command::{CommandId, CommandKind, CommandMessage, CommandResult, CommandStatus};
+use backhaul_shared::Timestamp;
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{ts_string, Store, StoreError};
+
+/// How long a command may stay unanswered before it fails as expired.
+pub const COMMAND_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// The largest result kept, bytes of JSON text; a larger one is replaced by an error saying so.
+pub const MAX_RESULT_BYTES: usize = 64 << 10;
+
+/// A command as the API shows it (`GET /api/v1/devices/{device_id}/commands`; SPEC.md "Wave 2
+/// additions"). Times are RFC 3339.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CommandRow {
+    pub command_id: String,
+    pub device_id: String,
+    pub kind: String,
+    /// The command itself (`{"kind": ..., ...}`).
+    pub command: serde_json::Value,
+    pub status: String,
+    pub result: Option<serde_json::Value>,
+    pub created_at: String,
+    pub delivered_at: Option<String>,
+    pub done_at: Option<String>,
+}
+
+/// What recording a device's answer did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// Recorded: the command is now `done` or `failed`.
+    Recorded,
+    /// It was final already (an answer sent again): nothing changed.
+    AlreadyFinal,
+    /// No such command for this device.
+    Unknown,
+}
+
+/// Which commands a listing shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    All,
+    Status(CommandStatus),
+    /// Not answered yet: `queued` or `delivered` (what a device fetches over HTTP).
+    Open,
+}
+
+const COLUMNS: &str = "command_id, device_id, kind, body, status, result, created_at, delivered_at, done_at";
+
+fn row(r: &AnyRow) -> Result<CommandRow, sqlx::Error> {
+    let body: String = r.try_get(3)?;
+    let result: Option<String> = r.try_get(5)?;
+    Ok(CommandRow {
+        command_id: r.try_get(0)?,
+        device_id: r.try_get(1)?,
+        kind: r.try_get(2)?,
+        command: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        status: r.try_get(4)?,
+        result: result.map(|s| serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s))),
+        created_at: ts_string(r.try_get(6)?),
+        delivered_at: r.try_get::<Option<i64>, _>(7)?.map(ts_string),
+        done_at: r.try_get::<Option<i64>, _>(8)?.map(ts_string),
+    })
+}
+
+/// The commands room of the store: see the module docs.
+#[derive(Debug, Clone, Copy)]
+pub struct Commands<'s>(pub(super) &'s Store);
+
+impl Commands<'_> {
+    /// Records a new `queued` command for `device_id`. Errors: the database's.
+    pub async fn create(&self, device_id: &str, kind: &CommandKind) -> Result<CommandRow, StoreError> {
+        let id = CommandId::new();
+        let body = serde_json::to_string(kind).expect("a command serializes");
+        let now = Timestamp::now().unix_micros();
+        let _writer = self.0.writer().await;
+        sqlx::query(
+            "INSERT INTO commands (command_id, device_id, kind, body, status, created_at) VALUES ($1, $2, $3, $4, 'queued', $5)",
+        )
+        .bind(id.to_string())
+        .bind(device_id)
+        .bind(kind.name())
+        .bind(&body)
+        .bind(now)
+        .execute(&self.0.pool)
+        .await?;
+        drop(_writer);
+        Ok(self.get(device_id, &id.to_string()).await?.expect("just written"))
+    }
+
+    /// Whether `device_id` has ever sent a batch or a status to this cloud.
+    pub async fn device_known(&self, device_id: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query("SELECT 1 FROM devices WHERE device_id = $1")
+            .bind(device_id)
+            .fetch_optional(&self.0.pool)
+            .await?
+            .is_some())
+    }
+
+    /// One command of `device_id`, if it exists.
+    pub async fn get(&self, device_id: &str, command_id: &str) -> Result<Option<CommandRow>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM commands WHERE device_id = $1 AND command_id = $2");
+        let r =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(device_id).bind(command_id).fetch_optional(&self.0.pool).await?;
+        Ok(r.as_ref().map(row).transpose()?)
+    }
+
+    /// `device_id`'s commands, oldest first, at most `limit`.
+    pub async fn list(&self, device_id: &str, filter: Filter, limit: i64) -> Result<Vec<CommandRow>, StoreError> {
+        let (condition, status) = match filter {
+            Filter::All => ("", None),
+            Filter::Status(s) => (" AND status = $2", Some(s.as_str())),
+            Filter::Open => (" AND status IN ('queued', 'delivered')", None),
+        };
+        let limit_at = if status.is_some() { "$3" } else { "$2" };
+        let sql = format!(
+            "SELECT {COLUMNS} FROM commands WHERE device_id = $1{condition} ORDER BY command_id LIMIT {limit_at}"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(device_id);
+        if let Some(s) = status {
+            q = q.bind(s);
+        }
+        let rows = q.bind(limit).fetch_all(&self.0.pool).await?;
+        Ok(rows.iter().map(row).collect::<Result<_, _>>()?)
+    }
+
+    /// Marks commands handed to their device: `queued` ones become `delivered`; `published`
+    /// records an MQTT publish (for [`Commands::to_publish`]).
+    pub async fn delivered(&self, device_id: &str, command_id: &str, published: bool) -> Result<(), StoreError> {
+        let now = Timestamp::now().unix_micros();
+        let _writer = self.0.writer().await;
+        sqlx::query(
+            "UPDATE commands SET status = CASE WHEN status = 'queued' THEN 'delivered' ELSE status END,
+                delivered_at = COALESCE(delivered_at, $1),
+                published_at = CASE WHEN $2 = 1 THEN $1 ELSE published_at END
+             WHERE device_id = $3 AND command_id = $4",
+        )
+        .bind(now)
+        .bind(i64::from(published))
+        .bind(device_id)
+        .bind(command_id)
+        .execute(&self.0.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records the device's answer, unless the command is final already (the first answer
+    /// stands). `status` must be `done` or `failed` (the caller checks).
+    pub async fn finish(&self, device_id: &str, result: &CommandResult) -> Result<Finished, StoreError> {
+        let mut text = serde_json::to_string(&result.result).unwrap_or_else(|_| "null".into());
+        if text.len() > MAX_RESULT_BYTES {
+            text = serde_json::json!({
+                "error": format!("the device's result was {} bytes, over the {MAX_RESULT_BYTES} kept", text.len())
+            })
+            .to_string();
+        }
+        let now = Timestamp::now().unix_micros();
+        let id = result.command_id.to_string();
+        let _writer = self.0.writer().await;
+        let done = sqlx::query(
+            "UPDATE commands SET status = $1, result = $2, done_at = $3, delivered_at = COALESCE(delivered_at, $3)
+             WHERE device_id = $4 AND command_id = $5 AND status IN ('queued', 'delivered')",
+        )
+        .bind(result.status.as_str())
+        .bind(text)
+        .bind(now)
+        .bind(device_id)
+        .bind(&id)
+        .execute(&self.0.pool)
+        .await?
+        .rows_affected();
+        drop(_writer);
+        if done > 0 {
+            return Ok(Finished::Recorded);
+        }
+        Ok(match self.get(device_id, &id).await? {
+            Some(_) => Finished::AlreadyFinal,
+            None => Finished::Unknown,
+        })
+    }
+
+    /// Commands to publish over MQTT: every `queued` one, and `delivered` ones unanswered whose
+    /// last publish is older than `republish_before_us` (the device may have missed it: a session
+    /// the broker dropped, a result lost on the way back; the device runs each once and answers
+    /// a redelivery with its recorded result). Oldest first, at most `limit`.
+    pub async fn to_publish(
+        &self,
+        republish_before_us: i64,
+        limit: i64,
+    ) -> Result<Vec<(String, CommandMessage)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT device_id, command_id, body FROM commands
+             WHERE status = 'queued' OR (status = 'delivered' AND (published_at IS NULL OR published_at < $1))
+             ORDER BY command_id LIMIT $2",
+        )
+        .bind(republish_before_us)
+        .bind(limit)
+        .fetch_all(&self.0.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let (device, id, body): (String, String, String) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+            let (Ok(command_id), Ok(command)) = (id.parse::<CommandId>(), serde_json::from_str(&body)) else {
+                tracing::warn!(command_id = %id, "a stored command does not parse; skipped");
+                continue;
+            };
+            out.push((device, CommandMessage { command_id, command }));
+        }
+        Ok(out)
+    }
+
+    /// Fails the commands still unanswered that were created before `created_before_us` (the
+    /// device never came back for them). Returns how many.
+    pub async fn expire(&self, created_before_us: i64) -> Result<u64, StoreError> {
+        let now = Timestamp::now().unix_micros();
+        let result = serde_json::json!({
+            "error": "expired: the device did not answer in time (is it online? send the command again once it is)"
+        })
+        .to_string();
+        let _writer = self.0.writer().await;
+        Ok(sqlx::query(
+            "UPDATE commands SET status = 'failed', result = $1, done_at = $2
+             WHERE status IN ('queued', 'delivered') AND created_at < $3",
+        )
+        .bind(result)
+        .bind(now)
+        .bind(created_before_us)
+        .execute(&self.0.pool)
+        .await?
+        .rows_affected())
+    }
+}

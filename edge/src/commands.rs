@@ -1,0 +1,502 @@
+//! The command stage (issue #18): runs the typed commands an operator sends through the cloud
+//! (`backhaul_shared::command`), each exactly once in effect, and answers each.
+//!
+//! # Shape
+//! One thread runs [`Stage::run`]. The link feeds it: over MQTT the link thread hands it every
+//! message on `{prefix}/{device_id}/commands` ([`Incoming::Signed`]); over HTTP the stage fetches
+//! `GET /api/v1/devices/{device_id}/commands?status=queued` itself every
+//! `transport.http.command_poll`. Answers go back the same way: over MQTT through the forwarder's
+//! thread (the one thread that publishes, so rumqttc's packet ids stay paired with batches), on
+//! `{prefix}/{device_id}/command-results`; over HTTP with `POST .../commands/{id}/result`.
+//!
+//! # Exactly once in effect
+//! - A command's id is written to the [`Journal`] (`data_dir/commands/{id}.json`, written to a
+//!   temporary file, fsynced and renamed) **before** it runs, and its result after. A command whose
+//!   id is in the journal is never run again: a redelivery (the broker's, or the cloud publishing
+//!   again a command it has no answer for) gets the recorded result sent again. So a result lost
+//!   in transit is resent, and a duplicated command runs once.
+//! - A command found begun but without a result at start (the process died while running it) is
+//!   answered `failed`, "interrupted", and not run again: the operator decides.
+//! - An MQTT command is applied only if its envelope's MAC verifies with this device's API key
+//!   (the key acks are verified with): whoever can publish on the topic but lacks the key cannot
+//!   command the device. Unverified messages are counted and logged, never run.
+//!
+//! # Kinds
+//! `replay` requeues retained acked batches online ([`Queue::requeue_acked`], then wakes the
+//! forwarder); `set_rate` is persisted in `data_dir/rate-override.json` ([`RateOverride`]) and
+//! applied to the forwarder's pace at once, and at every start from then on; `flush` asks the
+//! pipeline to cut its open batch and waits up to [`FLUSH_WAIT`] for it; `ping` answers with the
+//! status report; `rescan` asks the BLE scanner to reopen its adapter. A kind this edge does not
+//! know is answered `failed`, naming it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backhaul_shared::command::{CommandId, CommandKind, CommandMessage, CommandResult, CommandStatus, Purpose, Signed};
+use backhaul_shared::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::queue::Queue;
+use crate::status::StatusSource;
+use crate::telemetry::Telemetry;
+
+/// How long `flush` waits for the pipeline to cut the open batch.
+pub const FLUSH_WAIT: Duration = Duration::from_secs(5);
+
+/// Journal entries kept: the newest this many (a redelivery comes within days, not thousands of
+/// commands later).
+const JOURNAL_KEEP: usize = 1000;
+
+/// What reaches the stage.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A message from the MQTT commands topic: a [`Signed`] [`CommandMessage`].
+    Signed(Vec<u8>),
+    /// Stop.
+    Shutdown,
+}
+
+/// One command's record in the journal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    pub command_id: CommandId,
+    pub command: serde_json::Value,
+    pub started_at: Timestamp,
+    /// `None`: begun and not finished (a crash while it ran).
+    pub result: Option<CommandResult>,
+}
+
+/// The durable record of the commands this device has begun (see the module docs).
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+impl Journal {
+    /// Opens `data_dir/commands` (created 0700), answering `failed` for commands a crash
+    /// interrupted, and keeping the newest [`JOURNAL_KEEP`] entries.
+    ///
+    /// Errors: the directory cannot be made or read (the message names it).
+    pub fn open(data_dir: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = data_dir.join("commands");
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        let journal = Self { dir };
+        let mut ids = journal.ids()?;
+        ids.sort();
+        let excess = ids.len().saturating_sub(JOURNAL_KEEP);
+        for id in &ids[..excess] {
+            let _ = std::fs::remove_file(journal.path(*id));
+        }
+        for id in &ids[excess..] {
+            if let Some(mut entry) = journal.get(*id) {
+                if entry.result.is_none() {
+                    tracing::warn!(command_id = %id, "a command was interrupted by a restart while it ran: answered failed, not run again");
+                    entry.result = Some(failed(
+                        *id,
+                        "interrupted: backhaul-edge stopped while this command ran; it is not run again (send it again if \
+                         it is still wanted)",
+                    ));
+                    journal.write(&entry)?;
+                }
+            }
+        }
+        Ok(journal)
+    }
+
+    fn path(&self, id: CommandId) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    fn ids(&self) -> std::io::Result<Vec<CommandId>> {
+        let mut ids = Vec::new();
+        for e in std::fs::read_dir(&self.dir)? {
+            let name = e?.file_name();
+            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The entry for `id`, if it was begun (an unreadable entry counts as begun and interrupted).
+    pub fn get(&self, id: CommandId) -> Option<Entry> {
+        let bytes = std::fs::read(self.path(id)).ok()?;
+        Some(serde_json::from_slice(&bytes).unwrap_or_else(|_| Entry {
+            command_id: id,
+            command: serde_json::Value::Null,
+            started_at: Timestamp::now(),
+            result: Some(failed(id, "the journal entry of this command is damaged; it is not run again")),
+        }))
+    }
+
+    /// Writes `entry` durably: a temporary file, fsync, rename, fsync of the directory.
+    pub fn write(&self, entry: &Entry) -> std::io::Result<()> {
+        use std::io::Write;
+        let path = self.path(entry.command_id);
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(entry).expect("an entry serializes"))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+}
+
+fn failed(id: CommandId, error: &str) -> CommandResult {
+    CommandResult {
+        command_id: id,
+        status: CommandStatus::Failed,
+        result: json!({ "error": error }),
+        finished_at: Timestamp::now(),
+    }
+}
+
+/// The send pace an operator set with `set_rate`, kept in `data_dir/rate-override.json`; it wins
+/// over `transport.rate_per_sec`/`burst` until the next `set_rate` (or until the file is
+/// removed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateOverride {
+    pub rate_per_sec: u32,
+    pub burst: u32,
+    pub command_id: CommandId,
+    pub set_at: Timestamp,
+}
+
+impl RateOverride {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("rate-override.json")
+    }
+
+    /// The override in `data_dir`, if any. Errors: the file exists but cannot be read, or is not
+    /// a valid override (the message names the file and what to do).
+    pub fn load(data_dir: &Path) -> Result<Option<Self>, String> {
+        let path = Self::path(data_dir);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        };
+        let o: Self = serde_json::from_slice(&bytes).map_err(|e| {
+            format!("{} is not a rate override ({e}): remove it to use the config's rate", path.display())
+        })?;
+        CommandKind::SetRate { rate_per_sec: o.rate_per_sec, burst: o.burst }
+            .validate()
+            .map_err(|(_, m)| format!("{}: {m}; remove it to use the config's rate", path.display()))?;
+        Ok(Some(o))
+    }
+
+    /// Writes it durably (temporary file, fsync, rename, fsync of the directory).
+    pub fn store(&self, data_dir: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let path = Self::path(data_dir);
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self).expect("an override serializes"))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(data_dir)?.sync_all()
+    }
+}
+
+/// What a command acts on: the running service's handles.
+pub struct Effects {
+    pub queue: Queue,
+    pub telemetry: Arc<Telemetry>,
+    pub status: StatusSource,
+    pub data_dir: PathBuf,
+    /// `source.kind`: only `ble` can rescan.
+    pub source_kind: &'static str,
+    /// Wakes the forwarder: there is something to send (after a replay).
+    pub wake_forwarder: Box<dyn Fn() + Send>,
+    /// Applies a new pace to the forwarder.
+    pub set_rate: Box<dyn Fn(u32, u32) + Send>,
+}
+
+impl std::fmt::Debug for Effects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Effects")
+            .field("data_dir", &self.data_dir)
+            .field("source_kind", &self.source_kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Answers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Mqtt { .. } => f.write_str("Answers::Mqtt"),
+            Self::Http { client, poll } => {
+                f.debug_struct("Answers::Http").field("client", client).field("poll", poll).finish()
+            }
+        }
+    }
+}
+
+/// Where answers go.
+pub enum Answers {
+    /// Sealed and handed to the forwarder, which publishes them on the command-results topic.
+    Mqtt { publish: Box<dyn Fn(Vec<u8>) + Send> },
+    /// Posted to the cloud; commands are fetched from it every `poll`.
+    Http { client: Box<crate::forward::http::CommandClient>, poll: Duration },
+}
+
+/// The command stage. See the module docs.
+pub struct Stage {
+    pub journal: Journal,
+    pub effects: Effects,
+    pub answers: Answers,
+    pub device_id: String,
+    /// The device's API key: MQTT envelopes are verified and sealed with it. `None`: MQTT
+    /// commands cannot be verified and are ignored. Never logged.
+    pub key: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage")
+            .field("device_id", &self.device_id)
+            .field("answers", &self.answers)
+            .field("key", &self.key.as_ref().map(|_| "***"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stage {
+    /// Runs until [`Incoming::Shutdown`] or every sender is gone.
+    pub fn run(mut self, rx: Receiver<Incoming>) {
+        let mut next_poll = Instant::now();
+        loop {
+            let wait = match &self.answers {
+                Answers::Http { .. } => next_poll.saturating_duration_since(Instant::now()),
+                Answers::Mqtt { .. } => Duration::from_secs(3600),
+            };
+            match rx.recv_timeout(wait) {
+                Ok(Incoming::Signed(bytes)) => self.signed(&bytes),
+                Ok(Incoming::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if let Answers::Http { poll, .. } = &self.answers {
+                if Instant::now() >= next_poll {
+                    next_poll = Instant::now() + *poll;
+                    self.fetch();
+                }
+            }
+        }
+    }
+
+    fn signed(&mut self, bytes: &[u8]) {
+        let key = self.key.clone();
+        let message = serde_json::from_slice::<Signed>(bytes).ok().and_then(|s| {
+            let body = s.open(Purpose::Command, &self.device_id, key.as_deref()?)?;
+            serde_json::from_str::<CommandMessage>(body).ok()
+        });
+        match message {
+            Some(m) => {
+                let result = self.handle(m);
+                self.answer(&result);
+            }
+            None => {
+                let n = self.effects.telemetry.commands_unverified.fetch_add(1, Ordering::Relaxed) + 1;
+                if n == 1 || n.is_multiple_of(100) {
+                    tracing::warn!(
+                        ignored_so_far = n,
+                        "ignored a message on the commands topic that is not a command signed with this device's key \
+                         (BACKHAUL_API_KEY is not the key the cloud has for this device, or something other than the \
+                         cloud publishes there: check the broker's ACL)"
+                    );
+                }
+            }
+        }
+    }
+
+    fn fetch(&mut self) {
+        let Answers::Http { client, .. } = &self.answers else { return };
+        let messages = match client.fetch() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "fetching commands failed; trying again at the next poll");
+                return;
+            }
+        };
+        for m in messages {
+            let result = self.handle(m);
+            self.answer(&result);
+        }
+    }
+
+    fn answer(&self, result: &CommandResult) {
+        match &self.answers {
+            Answers::Mqtt { publish } => match &self.key {
+                Some(key) => publish(
+                    serde_json::to_vec(&Signed::seal(result, Purpose::Result, &self.device_id, key))
+                        .expect("an envelope serializes"),
+                ),
+                None => tracing::warn!("no API key: a command result cannot be signed and is not sent"),
+            },
+            Answers::Http { client, .. } => {
+                if let Err(e) = client.answer(result) {
+                    tracing::warn!(error = %e, command_id = %result.command_id, "sending a command result failed; it is sent again when the cloud asks again");
+                }
+            }
+        }
+    }
+
+    /// Runs a command once (see the module docs) and returns its result, or the one recorded.
+    pub fn handle(&mut self, m: CommandMessage) -> CommandResult {
+        if let Some(entry) = self.journal.get(m.command_id) {
+            tracing::info!(command_id = %m.command_id, "a command delivered again: not run again, its result is sent again");
+            self.effects.telemetry.commands_redelivered.fetch_add(1, Ordering::Relaxed);
+            return entry.result.unwrap_or_else(|| failed(m.command_id, "interrupted"));
+        }
+        let mut entry =
+            Entry { command_id: m.command_id, command: m.command.clone(), started_at: Timestamp::now(), result: None };
+        if let Err(e) = self.journal.write(&entry) {
+            tracing::error!(error = %e, command_id = %m.command_id, "cannot record a command before running it: not run");
+            return failed(
+                m.command_id,
+                &format!("not run: the command could not be recorded in data_dir/commands first ({e})"),
+            );
+        }
+        let result = match serde_json::from_value::<CommandKind>(m.command.clone()) {
+            Ok(kind) => {
+                tracing::info!(command_id = %m.command_id, kind = kind.name(), "running a command from the cloud");
+                match self.execute(m.command_id, &kind) {
+                    Ok(result) => CommandResult {
+                        command_id: m.command_id,
+                        status: CommandStatus::Done,
+                        result,
+                        finished_at: Timestamp::now(),
+                    },
+                    Err(error) => failed(m.command_id, &error),
+                }
+            }
+            Err(e) => failed(
+                m.command_id,
+                &format!(
+                    "this backhaul-edge ({}) cannot run this command ({e}); upgrade it for newer kinds",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            ),
+        };
+        self.effects.telemetry.commands_run.fetch_add(1, Ordering::Relaxed);
+        entry.result = Some(result.clone());
+        if let Err(e) = self.journal.write(&entry) {
+            tracing::warn!(error = %e, command_id = %m.command_id, "recording a command's result failed; a redelivery is answered \"interrupted\"");
+        }
+        result
+    }
+
+    fn execute(&mut self, id: CommandId, kind: &CommandKind) -> Result<serde_json::Value, String> {
+        let e = &self.effects;
+        match kind {
+            CommandKind::Replay { since, until } => {
+                let to_system = |t: &Timestamp| {
+                    std::time::UNIX_EPOCH + Duration::from_micros(u64::try_from(t.unix_micros()).unwrap_or(0))
+                };
+                if e.queue.config().retain_acked.is_zero() {
+                    return Err("nothing to replay: queue.retain_acked is 0, so acked batches are not kept".into());
+                }
+                let n = e
+                    .queue
+                    .requeue_acked(to_system(since), until.as_ref().map(to_system))
+                    .map_err(|err| format!("requeueing acked batches failed: {err}"))?;
+                (e.wake_forwarder)();
+                Ok(json!({ "requeued_batches": n }))
+            }
+            CommandKind::SetRate { rate_per_sec, burst } => {
+                let o = RateOverride {
+                    rate_per_sec: *rate_per_sec,
+                    burst: *burst,
+                    command_id: id,
+                    set_at: Timestamp::now(),
+                };
+                o.store(&e.data_dir).map_err(|err| {
+                    format!("not applied: {} could not be written ({err})", RateOverride::path(&e.data_dir).display())
+                })?;
+                (e.set_rate)(*rate_per_sec, *burst);
+                e.telemetry.set_rate(*rate_per_sec, *burst, Some(&o));
+                tracing::info!(rate_per_sec, burst, command_id = %id, "send rate set by an operator's command (kept across restarts)");
+                Ok(json!({ "rate_per_sec": rate_per_sec, "burst": burst, "persisted": true }))
+            }
+            CommandKind::Flush => {
+                let before = e.telemetry.flushes.load(Ordering::SeqCst);
+                e.telemetry.flush_requested.store(true, Ordering::SeqCst);
+                let deadline = Instant::now() + FLUSH_WAIT;
+                while e.telemetry.flushes.load(Ordering::SeqCst) == before {
+                    if Instant::now() >= deadline {
+                        return Err(format!(
+                            "the pipeline did not cut its batch within {FLUSH_WAIT:?} (is it blocked on a full queue?)"
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(json!({ "cut_detections": e.telemetry.last_flush_detections.load(Ordering::SeqCst) }))
+            }
+            CommandKind::Ping => {
+                let report = e.status.report().map_err(|err| format!("the queue cannot be read: {err}"))?;
+                Ok(serde_json::to_value(report).unwrap_or_default())
+            }
+            CommandKind::Rescan => {
+                if e.source_kind != "ble" {
+                    return Err(format!("source.kind is `{}`: only the BLE scanner can rescan", e.source_kind));
+                }
+                e.telemetry.rescan.notify_one();
+                Ok(json!({ "rescan": "requested: the scanner reopens its adapter" }))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_command_is_answered_failed_at_open_and_old_entries_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let id = CommandId::new();
+        j.write(&Entry {
+            command_id: id,
+            command: json!({"kind": "ping"}),
+            started_at: Timestamp::now(),
+            result: None,
+        })
+        .unwrap();
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        let r = j.get(id).unwrap().result.unwrap();
+        assert_eq!(r.status, CommandStatus::Failed);
+        assert!(r.result["error"].as_str().unwrap().contains("interrupted"), "{r:?}");
+        std::fs::write(j.path(CommandId::new()), b"not json").unwrap();
+        for _ in 0..JOURNAL_KEEP + 5 {
+            let id = CommandId::new();
+            j.write(&Entry {
+                command_id: id,
+                command: json!(null),
+                started_at: Timestamp::now(),
+                result: Some(failed(id, "x")),
+            })
+            .unwrap();
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.ids().unwrap().len(), JOURNAL_KEEP);
+        assert!(j.get(id).is_none(), "the oldest went");
+    }
+
+    #[test]
+    fn a_rate_override_round_trips_and_a_bad_one_names_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(RateOverride::load(dir.path()).unwrap(), None);
+        let o = RateOverride { rate_per_sec: 7, burst: 9, command_id: CommandId::new(), set_at: Timestamp::now() };
+        o.store(dir.path()).unwrap();
+        assert_eq!(RateOverride::load(dir.path()).unwrap(), Some(o));
+        std::fs::write(RateOverride::path(dir.path()), br#"{"rate_per_sec":0,"burst":1,"command_id":"01JD3Q8Z9X6K1V2B3N4M5P6Q7R","set_at":"2026-11-30T00:00:00Z"}"#).unwrap();
+        assert!(RateOverride::load(dir.path()).unwrap_err().contains("rate-override.json"));
+    }
+}

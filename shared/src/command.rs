@@ -1,0 +1,329 @@
+//! Commands from the cloud to one device, and their results (issue #18; SPEC.md "Wave 2
+//! additions": MQTT `{prefix}/{device_id}/commands` and `{prefix}/{device_id}/command-results`,
+//! HTTP `/api/v1/devices/{device_id}/commands`).
+//!
+//! A command is typed ([`CommandKind`]), never free-form: an operator can replay, change the send
+//! rate, cut the open batch, ask for the status or restart the BLE scan, nothing else. Its
+//! [`CommandId`] (a ULID) is its idempotency key: an edge records it durably before running it,
+//! so a command delivered twice runs once, and answers a second delivery with the result it
+//! recorded.
+//!
+//! Over MQTT both directions travel in a [`Signed`] envelope: the JSON text of a
+//! [`CommandMessage`] or a [`CommandResult`], and an HMAC-SHA256 over it keyed with the device's
+//! API key (the key acks are signed with, [`crate::wire::ack_mac`]): whoever can publish on a
+//! device's topics but does not hold its key can neither command it nor forge its answers.
+//! Over HTTP the API key and TLS authenticate both ends, so bodies are plain JSON.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::batch::Timestamp;
+
+/// A command's id: a ULID made by the cloud when the command is created (26 characters, Crockford
+/// base32); sortable by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CommandId(ulid::Ulid);
+
+impl CommandId {
+    pub fn new() -> Self {
+        Self(ulid::Ulid::new())
+    }
+
+    /// Milliseconds since the Unix epoch at which the command was made.
+    pub fn timestamp_ms(self) -> u64 {
+        self.0.timestamp_ms()
+    }
+}
+
+impl Default for CommandId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for CommandId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for CommandId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ulid::Ulid::from_string(s)
+            .map(Self)
+            .map_err(|e| format!("`{s}` is not a command id (a 26-character ULID): {e}"))
+    }
+}
+
+impl Serialize for CommandId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for CommandId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a command asks (the body of `POST /api/v1/devices/{device_id}/commands`). Unknown
+/// fields are refused, so a misspelt `until` is an error, not a replay without an end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CommandKind {
+    /// Requeue the retained, already acked batches whose ack time is in `[since, until)` under
+    /// their original batch ids (the cloud counts them as duplicates, or stores what it lost).
+    Replay {
+        since: Timestamp,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<Timestamp>,
+    },
+    /// Send at most `rate_per_sec` batches per second with bursts of `burst` (each
+    /// 1..=1,000,000, as `transport.rate_per_sec` and `transport.burst`), from now on and after
+    /// restarts, until another `set_rate`.
+    SetRate { rate_per_sec: u32, burst: u32 },
+    /// Cut the batch being filled now, without waiting for `batch.max_age_ms`.
+    Flush,
+    /// Answer with the device's status (`GET /status` of the edge).
+    Ping,
+    /// Restart the BLE scan and reopen the adapter.
+    Rescan,
+}
+
+/// The range of `rate_per_sec` and `burst` (the edge's `transport.rate_per_sec` and
+/// `transport.burst` have the same).
+pub const RATE_RANGE: (u32, u32) = (1, 1_000_000);
+
+impl CommandKind {
+    /// The `kind` on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Replay { .. } => "replay",
+            Self::SetRate { .. } => "set_rate",
+            Self::Flush => "flush",
+            Self::Ping => "ping",
+            Self::Rescan => "rescan",
+        }
+    }
+
+    /// Checks the fields' ranges; the error names the field and says what is allowed.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        match self {
+            Self::Replay { since, until: Some(until) } if until <= since => {
+                Err(("until", format!("`until` ({until}) must be after `since` ({since})")))
+            }
+            Self::SetRate { rate_per_sec, burst } => {
+                for (field, v) in [("rate_per_sec", *rate_per_sec), ("burst", *burst)] {
+                    if !(RATE_RANGE.0..=RATE_RANGE.1).contains(&v) {
+                        return Err((
+                            field,
+                            format!("`{field}` is {v}; allowed: {} to {}", RATE_RANGE.0, RATE_RANGE.1),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Parses a command's body as the cloud receives it, validated. The error names the field
+    /// when it can (`kind` for an unknown kind).
+    pub fn parse(body: &[u8]) -> Result<Self, (Option<String>, String)> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let kind: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let field = if inner.contains("unknown variant") || inner.contains("missing field `kind`") {
+                Some("kind".to_owned())
+            } else if path != "." {
+                Some(path)
+            } else {
+                None
+            };
+            let hint = "kinds: replay {since, until?}, set_rate {rate_per_sec, burst}, flush, ping, rescan";
+            (field, format!("{inner} ({hint})"))
+        })?;
+        kind.validate().map_err(|(f, m)| (Some(f.to_owned()), m))?;
+        Ok(kind)
+    }
+}
+
+/// A command as a device receives it. `command` is kept as JSON, so that an edge that does not
+/// know its kind can still answer `failed` under its id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandMessage {
+    pub command_id: CommandId,
+    /// A [`CommandKind`] as JSON (`{"kind": ..., ...}`).
+    pub command: serde_json::Value,
+}
+
+/// Where a command is. `queued` → `delivered` (published to the broker, or fetched over HTTP)
+/// → `done` or `failed` (the device answered). Final states never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandStatus {
+    Queued,
+    Delivered,
+    Done,
+    Failed,
+}
+
+impl CommandStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Delivered => "delivered",
+            Self::Done => "done",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Done | Self::Failed)
+    }
+}
+
+impl FromStr for CommandStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "queued" => Ok(Self::Queued),
+            "delivered" => Ok(Self::Delivered),
+            "done" => Ok(Self::Done),
+            "failed" => Ok(Self::Failed),
+            _ => Err(format!("`{s}` is not a command status (queued, delivered, done, failed)")),
+        }
+    }
+}
+
+/// A device's answer to a command: `status` is `done` or `failed`; `result` says what happened
+/// (e.g. `{"requeued_batches": 12}`, or `{"error": "..."}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandResult {
+    pub command_id: CommandId,
+    pub status: CommandStatus,
+    pub result: serde_json::Value,
+    /// When the device finished running it.
+    pub finished_at: Timestamp,
+}
+
+/// An MQTT command or result: `body` is the JSON text of a [`CommandMessage`] or a
+/// [`CommandResult`]; `mac` is [`envelope_mac`] over it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signed {
+    pub body: String,
+    pub mac: String,
+}
+
+/// What a [`Signed`] envelope carries; part of the MAC, so a command cannot be replayed as a
+/// result or the other way round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Command,
+    Result,
+}
+
+impl Purpose {
+    fn tag(self) -> &'static str {
+        match self {
+            Self::Command => "backhaul-command-v1",
+            Self::Result => "backhaul-command-result-v1",
+        }
+    }
+}
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+fn envelope_hmac(key: &[u8], purpose: Purpose, device_id: &str, body: &str) -> HmacSha256 {
+    use hmac::{KeyInit, Mac};
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(format!("{}\n{device_id}\n{body}", purpose.tag()).as_bytes());
+    mac
+}
+
+/// HMAC-SHA256 (RFC 2104) keyed with the device's API key over the UTF-8 bytes of
+/// `"{tag}\n{device_id}\n{body}"`, tag `backhaul-command-v1` or `backhaul-command-result-v1`;
+/// lowercase hex. Never change the message without a new tag.
+pub fn envelope_mac(key: &[u8], purpose: Purpose, device_id: &str, body: &str) -> String {
+    use hmac::Mac;
+    envelope_hmac(key, purpose, device_id, body).finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Signed {
+    /// Signs the JSON text of `value` for `device_id`.
+    pub fn seal<T: Serialize>(value: &T, purpose: Purpose, device_id: &str, key: &[u8]) -> Self {
+        let body = serde_json::to_string(value).expect("a command serializes");
+        let mac = envelope_mac(key, purpose, device_id, &body);
+        Self { body, mac }
+    }
+
+    /// The body, if the MAC verifies for `device_id` under `key` (compared in constant time).
+    pub fn open(&self, purpose: Purpose, device_id: &str, key: &[u8]) -> Option<&str> {
+        use hmac::Mac;
+        let tag = crate::wire::from_hex(&self.mac)?;
+        envelope_hmac(key, purpose, device_id, &self.body).verify_slice(&tag).ok()?;
+        Some(&self.body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_parse_with_their_fields_and_refuse_the_rest_naming_the_field() {
+        let ok = |s: &str| CommandKind::parse(s.as_bytes()).unwrap();
+        assert_eq!(
+            ok(r#"{"kind":"replay","since":"2026-11-30T10:00:00Z"}"#),
+            CommandKind::Replay { since: "2026-11-30T10:00:00Z".parse().unwrap(), until: None }
+        );
+        assert_eq!(
+            ok(r#"{"kind":"set_rate","rate_per_sec":5,"burst":10}"#),
+            CommandKind::SetRate { rate_per_sec: 5, burst: 10 }
+        );
+        for k in ["flush", "ping", "rescan"] {
+            assert_eq!(ok(&format!(r#"{{"kind":"{k}"}}"#)).name(), k);
+        }
+        let err = |s: &str| CommandKind::parse(s.as_bytes()).unwrap_err();
+        assert_eq!(err(r#"{"kind":"reboot"}"#).0.as_deref(), Some("kind"));
+        assert_eq!(err(r#"{"since":"2026-11-30T10:00:00Z"}"#).0.as_deref(), Some("kind"));
+        assert!(err(r#"{"kind":"replay","since":"2026-11-30T10:00:00Z","untill":"x"}"#).1.contains("untill"));
+        assert!(err(r#"{"kind":"replay","since":"yesterday"}"#).1.contains("RFC 3339"));
+        assert_eq!(
+            err(r#"{"kind":"replay","since":"2026-11-30T10:00:00Z","until":"2026-11-30T09:00:00Z"}"#).0.as_deref(),
+            Some("until")
+        );
+        assert_eq!(err(r#"{"kind":"set_rate","rate_per_sec":0,"burst":10}"#).0.as_deref(), Some("rate_per_sec"));
+        assert_eq!(err(r#"{"kind":"set_rate","rate_per_sec":1,"burst":1000001}"#).0.as_deref(), Some("burst"));
+        assert!(err(r#"{"kind":"set_rate","rate_per_sec":-1,"burst":1}"#).1.contains("-1"));
+        assert!(err("not json").0.is_none());
+    }
+
+    #[test]
+    fn an_envelope_opens_only_with_its_key_device_and_purpose() {
+        let key = b"device-key-0123456789";
+        let m = CommandMessage { command_id: CommandId::new(), command: serde_json::json!({"kind": "ping"}) };
+        let s = Signed::seal(&m, Purpose::Command, "pi-1", key);
+        let body = s.open(Purpose::Command, "pi-1", key).unwrap();
+        assert_eq!(serde_json::from_str::<CommandMessage>(body).unwrap(), m);
+        assert!(s.open(Purpose::Command, "pi-2", key).is_none(), "another device");
+        assert!(s.open(Purpose::Result, "pi-1", key).is_none(), "a command is not a result");
+        assert!(s.open(Purpose::Command, "pi-1", b"another-key-0123456789").is_none());
+        let tampered = Signed { body: s.body.replace("ping", "rescan"), ..s.clone() };
+        assert!(tampered.open(Purpose::Command, "pi-1", key).is_none());
+        assert!(Signed { mac: "zz".into(), ..s }.open(Purpose::Command, "pi-1", key).is_none());
+        // python3 -c 'import hmac,hashlib;print(hmac.new(b"k",b"backhaul-command-v1\npi\n{}",hashlib.sha256).hexdigest())'
+        assert_eq!(
+            envelope_mac(b"k", Purpose::Command, "pi", "{}"),
+            "9bda51f24be4bc3ee20a5954291f8caeb9e7f51ea09077872ffc0c46db7c5d5e"
+        );
+    }
+}
