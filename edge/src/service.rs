@@ -427,6 +427,7 @@ fn http_settings(config: &EdgeConfig, secrets: &Secrets) -> HttpSettings {
         timeout: h.timeout.0,
         backoff_max: config.transport.backoff_max.0,
         tls: secrets.tls.clone(),
+        device_id: Some(config.device_id.clone()),
     }
 }
 

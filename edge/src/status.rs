@@ -153,6 +153,9 @@ pub struct StatusReport {
     /// Commands from the cloud since start (issue #18).
     #[serde(default)]
     pub commands: CommandsReport,
+    /// How fast the backlog drains and when it will be empty (SPEC.md "Wave 2 additions").
+    #[serde(default)]
+    pub drain: crate::telemetry::Drain,
 }
 
 /// `commands` in `/status`.
@@ -335,7 +338,10 @@ impl StatusSource {
 
     /// Samples the totals for the rates (call about once a second).
     pub fn sample(&self) {
-        self.rates.lock().unwrap_or_else(|p| p.into_inner()).sample(Instant::now(), self.totals());
+        let mut meter = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+        meter.sample(Instant::now(), self.totals());
+        let rate = meter.rates().acked_batches_per_s;
+        self.telemetry.drain_milli.store((rate * 1000.0).round() as u64, Ordering::Relaxed);
     }
 
     /// The report. Blocking: it reads the queue.
@@ -415,6 +421,7 @@ impl StatusSource {
                 ClockReport { synced: c.synced, floor: c.floor.to_string() }
             },
             rate: t.rate(),
+            drain: t.drain(s.pending + s.in_flight),
             commands: CommandsReport {
                 run: t.commands_run.load(Ordering::Relaxed),
                 redelivered: t.commands_redelivered.load(Ordering::Relaxed),
@@ -685,6 +692,23 @@ pub fn render(r: &StatusReport) -> String {
         "rates      {} detections/s in, {} batches/s ({} detections/s) acked",
         r.rates.source_detections_per_s, r.rates.acked_batches_per_s, r.rates.acked_detections_per_s
     );
+    let eta = match r.drain.eta_s {
+        Some(0) => "nothing to drain".to_owned(),
+        Some(s) => format!("drained in about {}", age(Some(s))),
+        None => "not draining".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "send rate  {} batches/s, burst {} (from {}); {eta}",
+        r.rate.rate_per_sec, r.rate.burst, r.rate.source
+    );
+    if r.commands.run + r.commands.redelivered + r.commands.unverified > 0 {
+        let _ = writeln!(
+            out,
+            "commands   {} run, {} delivered again (not run again), {} ignored (not signed with this device's key)",
+            r.commands.run, r.commands.redelivered, r.commands.unverified
+        );
+    }
     out
 }
 

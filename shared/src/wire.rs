@@ -250,6 +250,32 @@ pub struct DeviceStatus {
     pub dropped_detections: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uptime_s: Option<u64>,
+    /// The conservation ledger's counters (issue #18), in batches since the queue was created
+    /// unless named otherwise: produced (every batch enqueued, cuts included), in flight (part of
+    /// `queue_depth`), quarantined (failed their checksum), lost (damaged queue files, found at a
+    /// start), dead-lettered (refused by the cloud for good, ever). The cloud checks
+    /// `produced = stored + queue_depth + dropped + quarantined + lost + dead_lettered`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub produced_batches: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub produced_detections: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_batches: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_lettered: Option<u64>,
+    /// Detections dropped before batching for breaking the wire contract, since the edge started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_invalid: Option<u64>,
+    /// Batches acked per second over the last 10 s, and the seconds the backlog (`queue_depth`)
+    /// takes to drain at that rate (absent when nothing drains).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<u64>,
 }
 
 #[cfg(test)]

@@ -38,6 +38,18 @@ pub fn edge_ledger(data_dir: &Path) -> Result<(Ledger, u64)> {
     Ok((ledger, stats["dropped_batches"].as_u64().unwrap_or(0)))
 }
 
+/// Waits until `GET /api/v1/devices` says `device_id`'s conservation ledger balances (issue #18:
+/// `produced = stored + queued + dropped + quarantined + lost + dead_lettered`, from the edge's
+/// last status and the cloud's count); returns the ledger. Errors with the last ledger seen.
+pub fn ledger_balances(cloud: &Cloud, device_id: &str, timeout: std::time::Duration) -> Result<Value> {
+    let mut last = Value::Null;
+    let r = crate::wait_for(&format!("{device_id}'s ledger to balance"), timeout, || {
+        last = cloud.device(device_id)["ledger"].clone();
+        (last["balanced"] == true).then(|| last.clone())
+    });
+    r.with_context(|| format!("the last ledger: {last}"))
+}
+
 /// Every batch the cloud stored for `device_id`, with its detection count.
 pub fn cloud_ledger(cloud: &Cloud, device_id: &str) -> Ledger {
     let agent = http();

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use backhaul_tests::chaos::{cloud_ledger, compare, edge_ledger, Tally};
+use backhaul_tests::chaos::{cloud_ledger, compare, edge_ledger, ledger_balances, Tally};
 use backhaul_tests::cloud::{get_json, http, Cloud, DEVICE};
 use backhaul_tests::edge::{num, Edge, EdgeOptions};
 use backhaul_tests::Mosquitto;
@@ -37,6 +37,8 @@ fn settle_and_compare(
     cloud.wait_detections(device, detections, T).unwrap();
     backhaul_tests::sigterm(edge.process.child().unwrap()).unwrap();
     edge.process.wait_exit(T).unwrap();
+    // The ledger the operator sees (issue #18) agrees: the edge's last status against the cloud.
+    ledger_balances(cloud, device, T).unwrap();
     let (edge_batches, dropped) = edge_ledger(&edge.data_dir()).unwrap();
     let stored = cloud_ledger(cloud, device);
     let (mut tally, problems) = compare(&edge_batches, &stored);
@@ -298,6 +300,8 @@ fn over_its_byte_budget_drop_oldest_drops_are_counted_and_visible_as_gaps_in_the
     assert_eq!(num(&device, "/gaps"), dropped, "every drop is a seq gap in the cloud: {device}");
     backhaul_tests::sigterm(edge.process.child().unwrap()).unwrap();
     edge.process.wait_exit(T).unwrap();
+    let ledger = ledger_balances(&cloud, DEVICE, T).unwrap();
+    assert_eq!(num(&ledger, "/dropped"), dropped, "{ledger}");
     let (kept, dropped_on_disk) = edge_ledger(&edge.data_dir()).unwrap();
     assert_eq!(dropped_on_disk, dropped);
     let (tally, problems) = compare(&kept, &cloud_ledger(&cloud, DEVICE));
@@ -360,6 +364,7 @@ fn a_full_disk_under_block_loses_nothing_and_the_edge_recovers_when_space_return
     let device = cloud.wait_detections(DEVICE, detections, T).unwrap();
     assert_eq!(num(&device, "/batches"), num(&status, "/produced/batches"), "{device}\n{status}");
     assert_eq!(num(&device, "/gaps"), 0, "{device}");
+    ledger_balances(&cloud, DEVICE, T).unwrap();
     println!(
         "CHAOS | a full disk (tmpfs) under on_full = block, link down, then space and link back | 1 | {} | {} | 0 | 0 | - |",
         num(&status, "/produced/batches"),
@@ -412,6 +417,8 @@ fn bytes_flipped_in_the_stopped_queue_the_edge_starts_and_keeps_working_and_acco
         "{missing} batches missing and not accounted for: moved aside {moved_aside}, quarantined {quarantined}, lost {lost}"
     );
     if !moved_aside {
+        // Quarantined and lost batches are in the edge's counters: the ledger balances.
+        ledger_balances(&cloud, DEVICE, T).unwrap();
         let (kept, _) = edge_ledger(&edge.data_dir()).unwrap();
         let (_, problems) = compare(&kept, &stored);
         assert!(problems.is_empty(), "{problems:?}");

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use backhaul_shared::command::{CommandId, CommandMessage, Purpose, Signed};
 use backhaul_shared::Topics;
+use backhaul_tests::chaos::ledger_balances;
 use backhaul_tests::cloud::{get_json, http, Cloud, CloudOptions, DEVICE, DEVICE_KEY, FLEET_KEY};
 use backhaul_tests::edge::{num, Edge, EdgeOptions};
 use backhaul_tests::mqtt::TestClient;
@@ -310,4 +311,13 @@ fn over_http_commands_are_fetched_run_once_and_answered_and_only_a_fleet_key_com
     assert_eq!((code, v["commands"].as_array().map(Vec::len)), (200, Some(0)), "nothing left open: {v}");
     let s = edge.status().unwrap();
     assert_eq!(num(&s, "/commands/run"), 4, "{s}");
+    assert_eq!(s["drain"]["eta_s"], 0, "nothing left to drain: {s}");
+
+    // An HTTP edge posts its status too: the ledger balances and the backlog is empty.
+    let ledger = ledger_balances(&cloud, DEVICE, T).unwrap();
+    assert_eq!(num(&ledger, "/produced"), num(&s, "/produced/batches"), "{ledger}");
+    assert_eq!(num(&ledger, "/stored"), batches, "{ledger}");
+    let device = cloud.device(DEVICE);
+    assert_eq!(device["backlog"]["batches"], 0, "{device}");
+    assert_eq!(device["backlog"]["eta_s"], 0, "{device}");
 }

@@ -56,6 +56,34 @@ impl Caller {
         }
     }
 
+    /// 403 unless the caller may act for `device_id`: a fleet key, or the device's own key, over
+    /// a connection whose client certificate names it when mTLS is on (as for the bulk route).
+    pub(super) fn for_device(
+        &self,
+        app: &App,
+        peer: Option<&axum::Extension<crate::serve::PeerNames>>,
+        device_id: &str,
+    ) -> Result<(), ApiError> {
+        if !self.allows(device_id) {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                format!("this API key may not act for device `{device_id}`: use that device's key or a fleet key"),
+                Some("device_id"),
+            ));
+        }
+        if app.client_certificates
+            && self.0 != KeyScope::Fleet
+            && !peer.is_some_and(|p| p.0 .0.iter().any(|n| n == device_id))
+        {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                format!("mTLS is on: a device key's request must come with a client certificate naming `{device_id}`"),
+                None,
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether this key may read or write `device_id`'s data.
     pub(super) fn allows(&self, device_id: &str) -> bool {
         self.0.allows(device_id)

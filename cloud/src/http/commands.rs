@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::auth::Caller;
-use super::{error, storage_down, ApiError, App};
+use super::{error, storage_down, App};
 use crate::config::KeyScope;
 use crate::store::{CommandFilter, CommandRow, Finished};
 
@@ -43,34 +43,6 @@ pub(super) struct ListQuery {
 
 /// The most commands a listing returns.
 const MAX_LIST: i64 = 1000;
-
-/// 403 unless the caller may act for `device_id` (a fleet key, or the device's own key, over its
-/// own certificate when mTLS is on).
-fn for_device(
-    app: &App,
-    caller: &Caller,
-    peer: Option<&axum::Extension<crate::serve::PeerNames>>,
-    device_id: &str,
-) -> Result<(), ApiError> {
-    if !caller.allows(device_id) {
-        return Err(error(
-            StatusCode::FORBIDDEN,
-            format!("this API key may not act for device `{device_id}`: use that device's key or a fleet key"),
-            Some("device_id"),
-        ));
-    }
-    if app.client_certificates
-        && caller.0 != KeyScope::Fleet
-        && !peer.is_some_and(|p| p.0 .0.iter().any(|n| n == device_id))
-    {
-        return Err(error(
-            StatusCode::FORBIDDEN,
-            format!("mTLS is on: a device key's request must come with a client certificate naming `{device_id}`"),
-            None,
-        ));
-    }
-    Ok(())
-}
 
 /// `POST /api/v1/devices/{device_id}/commands`.
 pub(super) async fn create(
@@ -126,7 +98,7 @@ pub(super) async fn list(
     Path(device_id): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    if let Err(e) = for_device(&app, &caller, peer.as_ref(), &device_id) {
+    if let Err(e) = caller.for_device(&app, peer.as_ref(), &device_id) {
         return e.into_response();
     }
     let status = match q.status.as_deref().map(str::parse::<CommandStatus>).transpose() {
@@ -165,7 +137,7 @@ pub(super) async fn get_one(
     peer: Option<axum::Extension<crate::serve::PeerNames>>,
     Path((device_id, command_id)): Path<(String, String)>,
 ) -> Response {
-    if let Err(e) = for_device(&app, &caller, peer.as_ref(), &device_id) {
+    if let Err(e) = caller.for_device(&app, peer.as_ref(), &device_id) {
         return e.into_response();
     }
     match app.ingest.commands().get(&device_id, &command_id).await {
@@ -188,7 +160,7 @@ pub(super) async fn result(
     Path((device_id, command_id)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    if let Err(e) = for_device(&app, &caller, peer.as_ref(), &device_id) {
+    if let Err(e) = caller.for_device(&app, peer.as_ref(), &device_id) {
         return e.into_response();
     }
     let result: CommandResult = match serde_json::from_slice(&body) {

@@ -240,3 +240,32 @@ fn rate_limited(device: &str, wait: std::time::Duration) -> Response {
     }
     response
 }
+
+/// `POST /api/v1/devices/{device_id}/status` (the device's key; issue #18): an HTTP-mode edge's
+/// status (`backhaul_shared::DeviceStatus`, as MQTT edges publish on `{prefix}/{device_id}/status`),
+/// for the ledger and the backlog in `GET /api/v1/devices`. 200; 422 not a status; 403 another
+/// device's key.
+pub(super) async fn status(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    peer: Option<axum::Extension<crate::serve::PeerNames>>,
+    axum::extract::Path(device_id): axum::extract::Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(e) = caller.for_device(&app, peer.as_ref(), &device_id) {
+        return e.into_response();
+    }
+    if let Err(e) = backhaul_shared::batch::validate_device_id(&device_id) {
+        return error(StatusCode::BAD_REQUEST, format!("device_id {e}"), Some("device_id")).into_response();
+    }
+    let status: backhaul_shared::DeviceStatus = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            return error(StatusCode::UNPROCESSABLE_ENTITY, format!("not a device status: {e}"), None).into_response()
+        }
+    };
+    match app.ingest.device_status(&device_id, &status).await {
+        Ok(()) => Json(json!({ "status": "recorded" })).into_response(),
+        Err(e) => storage_down(e),
+    }
+}

@@ -65,6 +65,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/devices", get(read::devices))
         .route("/api/v1/detections", get(read::detections))
         .route("/api/v1/devices/{device_id}/gaps", get(read::gaps))
+        .route("/api/v1/devices/{device_id}/status", post(ingest::status))
         .route("/api/v1/dead-letters", get(read::dead_letters))
         .route("/api/v1/devices/{device_id}/commands", post(commands::create).get(commands::list))
         .route("/api/v1/devices/{device_id}/commands/{command_id}", get(commands::get_one))

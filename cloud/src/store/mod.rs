@@ -223,6 +223,67 @@ pub struct DeviceRow {
     /// Batches stamped while the device's wall clock was below its clock floor (`"clock":
     /// "unsynced"`): their times are the device's estimates.
     pub clock_unsynced_batches: i64,
+    /// The conservation ledger (issue #18), from the device's last status with counters.
+    pub ledger: Option<Ledger>,
+    /// What the device holds and when it will have sent it, from the same status.
+    pub backlog: Option<Backlog>,
+}
+
+/// `produced = stored + queued + dropped + quarantined + lost + dead_lettered`, in batches
+/// (issue #18): `produced`, `queued` (pending + in flight), `dropped` (the queue's byte budget),
+/// `quarantined`, `lost` and `dead_lettered` are the edge's counters from its last status (sent
+/// every `transport.mqtt.status_interval` and when it stops); `stored` is what this cloud holds
+/// for the device now. `difference` is `produced` minus the right-hand side: positive means
+/// batches the device produced that are nowhere (lost between edge and cloud), negative means
+/// the cloud holds more than the device knows of (a data_dir that was reset; batches stored
+/// since the status was sent). While batches move it can be off by what moved since the last
+/// status; it settles when the device is idle or stopped.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Ledger {
+    pub produced: i64,
+    pub stored: i64,
+    pub queued: i64,
+    pub dropped: i64,
+    pub quarantined: i64,
+    pub lost: i64,
+    pub dead_lettered: i64,
+    pub balanced: bool,
+    pub difference: i64,
+    /// When the counters were reported (RFC 3339).
+    pub reported_at: String,
+}
+
+/// `backlog` of a device (SPEC.md "Wave 2 additions"): batches it holds to send, the oldest's
+/// age (s), and its drain rate (batches/s) and ETA (s) as it last reported them.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Backlog {
+    pub batches: u64,
+    pub oldest_age_s: Option<u64>,
+    pub drain_rate: Option<f64>,
+    pub eta_s: Option<u64>,
+}
+
+fn ledger_of(status: &DeviceStatus, stored: i64, reported_at: String) -> Option<Ledger> {
+    let n = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+    let produced = n(status.produced_batches)?;
+    let queued = n(status.queue_depth).unwrap_or(0);
+    let dropped = n(status.dropped_batches).unwrap_or(0);
+    let quarantined = n(status.quarantined).unwrap_or(0);
+    let lost = n(status.lost_batches).unwrap_or(0);
+    let dead_lettered = n(status.dead_lettered).unwrap_or(0);
+    let difference = produced - (stored + queued + dropped + quarantined + lost + dead_lettered);
+    Some(Ledger {
+        produced,
+        stored,
+        queued,
+        dropped,
+        quarantined,
+        lost,
+        dead_lettered,
+        balanced: difference == 0,
+        difference,
+        reported_at,
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -829,10 +890,25 @@ impl Store {
         Ok(())
     }
 
-    /// Records a device's status message (online, queue depth, drops).
+    /// Records a device's status message (online, queue depth, drops, the ledger's counters). A
+    /// last will (`{"online":false}`, nothing else) changes only `online`: the counters of the
+    /// last full status stay for the ledger.
     pub async fn device_status(&self, device_id: &str, status: &DeviceStatus) -> Result<(), StoreError> {
         let _writer = self.writer().await;
         let now = Timestamp::now().unix_micros();
+        if *status == (DeviceStatus { online: status.online, ..DeviceStatus::default() }) {
+            sqlx::query(
+                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, online)
+                 VALUES ($1, $2, $2, -1, 0, 0, $3)
+                 ON CONFLICT (device_id) DO UPDATE SET online = excluded.online",
+            )
+            .bind(device_id)
+            .bind(now)
+            .bind(i64::from(status.online))
+            .execute(&self.pool)
+            .await?;
+            return Ok(());
+        }
         let json = serde_json::to_string(status).unwrap_or_default();
         sqlx::query(
             "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, online, status_json, status_at)
@@ -875,7 +951,7 @@ impl Store {
             "SELECT d.device_id, d.name, d.location, d.last_seen, d.online, d.batches, d.detections, d.last_seq,
                     d.status_json,
                     (SELECT COALESCE(MAX(b.seq) + 1 - COUNT(DISTINCT b.seq), 0) FROM batches b WHERE b.device_id = d.device_id),
-                    d.clock_unsynced_batches
+                    d.clock_unsynced_batches, d.status_at
              FROM devices d ORDER BY d.device_id",
         )
         .fetch_all(&self.pool)
@@ -968,7 +1044,19 @@ async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>, counter: &str, by: i64)
 
 fn device_row(r: &AnyRow) -> Result<DeviceRow, sqlx::Error> {
     let status: Option<String> = r.try_get(8)?;
+    let batches: i64 = r.try_get(5)?;
+    let reported_at = r.try_get::<Option<i64>, _>(11)?.map(ts_string).unwrap_or_default();
+    let parsed: Option<DeviceStatus> = status.as_deref().and_then(|s| serde_json::from_str(s).ok());
+    let ledger = parsed.as_ref().and_then(|st| ledger_of(st, batches, reported_at));
+    let backlog = parsed.as_ref().filter(|st| st.queue_depth.is_some()).map(|st| Backlog {
+        batches: st.queue_depth.unwrap_or(0),
+        oldest_age_s: st.oldest_pending_age_s,
+        drain_rate: st.drain_rate,
+        eta_s: st.eta_s,
+    });
     Ok(DeviceRow {
+        ledger,
+        backlog,
         device_id: r.try_get(0)?,
         name: r.try_get(1)?,
         location: r.try_get(2)?,

@@ -44,6 +44,9 @@ pub struct HttpSettings {
     pub backoff_max: Duration,
     /// TLS for `https://` (`[transport.tls]`, loaded and checked by `backhaul_shared::tls`).
     pub tls: Option<backhaul_shared::tls::ClientMaterial>,
+    /// The device whose status is posted every `transport.mqtt.status_interval` (issue #18);
+    /// `None`: no status is posted.
+    pub device_id: Option<String>,
 }
 
 impl std::fmt::Debug for HttpSettings {
@@ -184,11 +187,16 @@ pub fn classify(answer: &Answer, batch_id: BatchId) -> Class {
 enum Job {
     Post(QueuedBatch),
     Health,
+    /// `POST /api/v1/devices/{device_id}/status` (issue #18: the ledger's counters); answered by
+    /// nobody: a status that does not arrive is replaced by the next.
+    Status(String, DeviceStatus),
 }
 
 /// The forwarder's side of the HTTP workers.
 pub struct HttpTransport {
     jobs: Sender<Job>,
+    /// Whose status is posted (`None`: none is).
+    device_id: Option<String>,
     workers: usize,
     busy: usize,
     up: bool,
@@ -231,6 +239,10 @@ impl HttpTransport {
                         HttpEvent::Answer { batch_id: batch.batch_id, answer: post(&agent, &settings, &batch) }
                     }
                     Job::Health => health(&agent, &settings),
+                    Job::Status(device_id, status) => {
+                        post_status(&agent, &settings, &device_id, &status);
+                        continue;
+                    }
                 };
                 if events.send(Event::Link(event)).is_err() {
                     return;
@@ -239,6 +251,7 @@ impl HttpTransport {
         }
         Ok(Self {
             jobs,
+            device_id: settings.device_id.clone(),
             workers,
             busy: 0,
             up: false,
@@ -323,10 +336,18 @@ impl Transport for HttpTransport {
         None // every request is answered or times out on its own
     }
 
-    fn publish_status(&mut self, _status: &DeviceStatus) {}
+    fn publish_status(&mut self, status: &DeviceStatus) {
+        // Only while the cloud answers: a status must not wait in front of batches for a link
+        // that is down.
+        if let (true, Some(device_id)) = (self.up, &self.device_id) {
+            let _ = self.jobs.send(Job::Status(device_id.clone(), status.clone()));
+        }
+    }
 
-    fn close(&mut self, _status: &DeviceStatus) {
-        // Dropping the job sender ends the workers once their request in hand is answered.
+    fn close(&mut self, status: &DeviceStatus) {
+        // The last status (best effort), then dropping the job sender ends the workers once the
+        // jobs already queued are done.
+        self.publish_status(status);
     }
 }
 
@@ -412,6 +433,21 @@ impl CommandClient {
                 r.body_mut().read_to_string().unwrap_or_default().chars().take(300).collect::<String>()
             )),
         }
+    }
+}
+
+/// Posts the device's status; failures are only logged (the next status replaces it).
+fn post_status(agent: &ureq::Agent, settings: &HttpSettings, device_id: &str, status: &DeviceStatus) {
+    let target = url(settings, &format!("/api/v1/devices/{device_id}/status"));
+    let mut request = agent.post(&target).header("Content-Type", "application/json");
+    if let Some(key) = &settings.api_key {
+        request = request.header("X-API-Key", key);
+    }
+    let body = serde_json::to_vec(status).expect("a status serializes");
+    match request.send(&body[..]) {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => tracing::debug!(code = r.status().as_u16(), "the cloud did not take the status (an older cloud?)"),
+        Err(e) => tracing::debug!(error = %e, "posting the status failed; the next one replaces it"),
     }
 }
 

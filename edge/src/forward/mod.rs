@@ -710,6 +710,7 @@ impl<T: Transport> Forwarder<T> {
 
     fn device_status(&self, online: bool) -> Option<DeviceStatus> {
         let stats = self.queue.stats().ok()?;
+        let drain = self.telemetry.drain(stats.pending + stats.in_flight);
         Some(DeviceStatus {
             online,
             queue_depth: Some(stats.pending + stats.in_flight),
@@ -717,6 +718,15 @@ impl<T: Transport> Forwarder<T> {
             dropped_batches: Some(stats.dropped_batches),
             dropped_detections: Some(stats.dropped_detections),
             uptime_s: Some(self.telemetry.uptime_s()),
+            produced_batches: Some(stats.produced_batches),
+            produced_detections: Some(stats.produced_detections),
+            in_flight: Some(stats.in_flight),
+            quarantined: Some(stats.quarantined),
+            lost_batches: Some(stats.lost_batches),
+            dead_lettered: Some(stats.dead_lettered_total),
+            dropped_invalid: Some(self.telemetry.dropped_invalid().values().sum()),
+            drain_rate: Some(drain.rate_per_s),
+            eta_s: drain.eta_s,
         })
     }
 }
