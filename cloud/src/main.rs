@@ -321,13 +321,13 @@ fn serve(config_file: PathBuf) -> Result<()> {
                     if let Err(e) = ingest.flush_counts().await {
                         tracing::warn!(error = %e, "writing the duplicate counts failed (kept; tried again in 5 s)");
                     }
-                    // About once a minute: commands no device answered for a week fail (issue #18).
+                    // About once a minute: commands no device answered in time fail (issue #18).
                     if round % 12 == 0 {
                         let before = backhaul_shared::Timestamp::now().unix_micros()
-                            - backhaul_cloud::store::COMMAND_TTL.as_micros() as i64;
+                            - backhaul_cloud::store::EXPIRE_AFTER.as_micros() as i64;
                         match ingest.commands().expire(before).await {
                             Ok(0) => {}
-                            Ok(n) => tracing::warn!(commands = n, "commands unanswered for a week failed as expired"),
+                            Ok(n) => tracing::warn!(commands = n, "commands unanswered past their time to live failed as expired"),
                             Err(e) => tracing::warn!(error = %e, "expiring old commands failed; tried again in a minute"),
                         }
                     }

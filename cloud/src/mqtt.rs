@@ -83,37 +83,36 @@ pub struct Settings {
     pub commands_queued: Arc<tokio::sync::Notify>,
 }
 
-/// How long a published command may go unanswered before it is published again (the device runs
-/// it once, and answers a redelivery from its record).
-pub const REPUBLISH_AFTER: Duration = Duration::from_secs(60);
-
 /// Commands published per round.
 const PUBLISH_ROUND: i64 = 100;
 
 /// Publishes the commands operators queued, each signed with its device's key, on
 /// `{prefix}/{device_id}/commands` (QoS 1: a device on a persistent session gets it when it
-/// returns), and again every [`REPUBLISH_AFTER`] while unanswered. Runs until aborted; storage
-/// errors are logged and retried at the next round. Several replicas may publish the same command:
-/// the device runs it once.
+/// returns), and again while unanswered and the device is online, with backoff
+/// ([`crate::store::republish_delay`]). Runs until aborted; storage errors are logged and retried
+/// at the next round. Several replicas may publish the same command: the device runs it once.
 async fn publish_commands(ingest: Arc<Ingest>, acks: AckSender, queued: Arc<tokio::sync::Notify>) {
     loop {
         let _ = tokio::time::timeout(Duration::from_secs(5), queued.notified()).await;
-        let before = backhaul_shared::Timestamp::now().unix_micros() - REPUBLISH_AFTER.as_micros() as i64;
-        let due = match ingest.commands().to_publish(before, PUBLISH_ROUND).await {
+        let due = match ingest.commands().to_publish(PUBLISH_ROUND).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the commands to publish failed; retrying in 5 s");
                 continue;
             }
         };
-        for (device, message) in due {
+        for (device, message, publishes) in due {
+            let id = message.command_id.to_string();
             let Some(key) = acks.keys.ack_key(&device) else {
                 tracing::warn!(
                     device,
-                    command_id = %message.command_id,
-                    "no API key for this device and no fleet key: its commands cannot be signed and are not sent; add \
-                     the device's key to auth.keys_file"
+                    command_id = id,
+                    "no API key for this device and no fleet key: its command cannot be signed and is not sent (tried \
+                     again in an hour); add the device's key to auth.keys_file"
                 );
+                if let Err(e) = ingest.commands().postpone(&device, &id).await {
+                    tracing::warn!(error = %e, "putting off a command failed");
+                }
                 continue;
             };
             let signed = backhaul_shared::command::Signed::seal(
@@ -125,8 +124,7 @@ async fn publish_commands(ingest: Arc<Ingest>, acks: AckSender, queued: Arc<toki
             let payload = serde_json::to_vec(&signed).expect("an envelope serializes");
             match acks.client.try_publish(acks.topics.commands(&device), QoS::AtLeastOnce, false, payload) {
                 Ok(()) => {
-                    let id = message.command_id.to_string();
-                    if let Err(e) = ingest.commands().delivered(&device, &id, true).await {
+                    if let Err(e) = ingest.commands().delivered(&device, &id, Some(publishes + 1)).await {
                         tracing::warn!(error = %e, device, command_id = id, "recording a command as published failed; it is published again");
                     }
                 }

@@ -34,7 +34,7 @@ pub enum Send {
     /// Set the device's send rate (batches per second), kept across its restarts.
     SetRate {
         rate_per_sec: u32,
-        /// Burst (batches); default: twice the rate.
+        /// Burst (batches); default: twice the rate (at most 1,000,000).
         #[arg(long)]
         burst: Option<u32>,
     },
@@ -95,15 +95,7 @@ impl Client {
     }
 }
 
-/// Percent-encodes a path segment (device ids may hold any printable character).
-fn segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+use backhaul_shared::command::path_segment as segment;
 
 /// A plain text table: a header, then rows, columns padded to their widest cell.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -197,7 +189,7 @@ pub fn command(api: Api, device: String, send: Send) -> Result<()> {
         Send::SetRate { rate_per_sec, burst } => json!({
             "kind": "set_rate",
             "rate_per_sec": rate_per_sec,
-            "burst": burst.unwrap_or(rate_per_sec.saturating_mul(2)),
+            "burst": burst.unwrap_or(rate_per_sec.saturating_mul(2).min(backhaul_shared::command::RATE_RANGE.1)),
         }),
         Send::Flush => json!({ "kind": "flush" }),
         Send::Ping => json!({ "kind": "ping" }),

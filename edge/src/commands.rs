@@ -35,7 +35,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backhaul_shared::command::{CommandId, CommandKind, CommandMessage, CommandResult, CommandStatus, Purpose, Signed};
+use backhaul_shared::command::{
+    CommandId, CommandKind, CommandMessage, CommandResult, CommandStatus, Purpose, Signed, COMMAND_TTL,
+};
 use backhaul_shared::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -44,12 +46,16 @@ use crate::queue::Queue;
 use crate::status::StatusSource;
 use crate::telemetry::Telemetry;
 
+/// The largest sealed result published over MQTT, bytes (the cloud keeps at most 64 KiB of a
+/// result; a ping's status report is a few KiB).
+pub const MAX_RESULT_BYTES: usize = 60 << 10;
+
 /// How long `flush` waits for the pipeline to cut the open batch.
 pub const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
-/// Journal entries kept: the newest this many (a redelivery comes within days, not thousands of
-/// commands later).
-const JOURNAL_KEEP: usize = 1000;
+/// Journal entries kept at most, newest first: a hard bound on `data_dir/commands` whatever
+/// the rate of commands (entries younger than [`COMMAND_TTL`] are kept otherwise).
+const JOURNAL_MAX: usize = 10_000;
 
 /// What reaches the stage.
 #[derive(Debug)]
@@ -78,7 +84,8 @@ pub struct Journal {
 
 impl Journal {
     /// Opens `data_dir/commands` (created 0700), answering `failed` for commands a crash
-    /// interrupted, and keeping the newest [`JOURNAL_KEEP`] entries.
+    /// interrupted, and removing entries older than [`COMMAND_TTL`] (commands that old are
+    /// refused anyway) beyond the newest [`JOURNAL_MAX`].
     ///
     /// Errors: the directory cannot be made or read (the message names it).
     pub fn open(data_dir: &Path) -> std::io::Result<Self> {
@@ -86,18 +93,13 @@ impl Journal {
         let dir = data_dir.join("commands");
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
         let journal = Self { dir };
-        let mut ids = journal.ids()?;
-        ids.sort();
-        let excess = ids.len().saturating_sub(JOURNAL_KEEP);
-        for id in &ids[..excess] {
-            let _ = std::fs::remove_file(journal.path(*id));
-        }
-        for id in &ids[excess..] {
-            if let Some(mut entry) = journal.get(*id) {
+        journal.prune()?;
+        for id in journal.ids()? {
+            if let Ok(Some(mut entry)) = journal.get(id) {
                 if entry.result.is_none() {
                     tracing::warn!(command_id = %id, "a command was interrupted by a restart while it ran: answered failed, not run again");
                     entry.result = Some(failed(
-                        *id,
+                        id,
                         "interrupted: backhaul-edge stopped while this command ran; it is not run again (send it again if \
                          it is still wanted)",
                     ));
@@ -106,6 +108,19 @@ impl Journal {
             }
         }
         Ok(journal)
+    }
+
+    /// Removes the entries of commands older than [`COMMAND_TTL`], and the oldest beyond
+    /// [`JOURNAL_MAX`].
+    fn prune(&self) -> std::io::Result<()> {
+        let mut ids = self.ids()?;
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        for (i, id) in ids.iter().enumerate() {
+            if i >= JOURNAL_MAX || too_old(*id) {
+                let _ = std::fs::remove_file(self.path(*id));
+            }
+        }
+        Ok(())
     }
 
     fn path(&self, id: CommandId) -> PathBuf {
@@ -123,15 +138,21 @@ impl Journal {
         Ok(ids)
     }
 
-    /// The entry for `id`, if it was begun (an unreadable entry counts as begun and interrupted).
-    pub fn get(&self, id: CommandId) -> Option<Entry> {
-        let bytes = std::fs::read(self.path(id)).ok()?;
-        Some(serde_json::from_slice(&bytes).unwrap_or_else(|_| Entry {
+    /// The entry for `id`, if it was begun (`Ok(None)`: never). A damaged entry counts as begun
+    /// and interrupted. Errors: the entry exists but cannot be read (the caller must not run the
+    /// command: it may have run).
+    pub fn get(&self, id: CommandId) -> std::io::Result<Option<Entry>> {
+        let bytes = match std::fs::read(self.path(id)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(Some(serde_json::from_slice(&bytes).unwrap_or_else(|_| Entry {
             command_id: id,
             command: serde_json::Value::Null,
             started_at: Timestamp::now(),
             result: Some(failed(id, "the journal entry of this command is damaged; it is not run again")),
-        }))
+        })))
     }
 
     /// Writes `entry` durably: a temporary file, fsync, rename, fsync of the directory.
@@ -145,6 +166,13 @@ impl Journal {
         std::fs::rename(&tmp, &path)?;
         std::fs::File::open(&self.dir)?.sync_all()
     }
+}
+
+/// Whether a command is older than [`COMMAND_TTL`] by its id's time against this device's clock
+/// (`crate::clock`, never below its floor).
+fn too_old(id: CommandId) -> bool {
+    let now_ms = crate::clock::now().unix_millis().max(0) as u64;
+    now_ms.saturating_sub(id.timestamp_ms()) > COMMAND_TTL.as_millis() as u64
 }
 
 fn failed(id: CommandId, error: &str) -> CommandResult {
@@ -254,6 +282,8 @@ pub struct Stage {
     /// The device's API key: MQTT envelopes are verified and sealed with it. `None`: MQTT
     /// commands cannot be verified and are ignored. Never logged.
     pub key: Option<Vec<u8>>,
+    /// The last kind of command-fetch failure said (HTTP), so it is said once.
+    pub fetch_error: Option<String>,
 }
 
 impl std::fmt::Debug for Stage {
@@ -302,7 +332,13 @@ impl Stage {
             }
             None => {
                 let n = self.effects.telemetry.commands_unverified.fetch_add(1, Ordering::Relaxed) + 1;
-                if n == 1 || n.is_multiple_of(100) {
+                if self.key.is_none() && (n == 1 || n.is_multiple_of(100)) {
+                    tracing::warn!(
+                        ignored_so_far = n,
+                        "ignored a command from the cloud: no API key is set (BACKHAUL_API_KEY or transport.http.api_key_file) \
+                         to verify it with"
+                    );
+                } else if n == 1 || n.is_multiple_of(100) {
                     tracing::warn!(
                         ignored_so_far = n,
                         "ignored a message on the commands topic that is not a command signed with this device's key \
@@ -317,9 +353,20 @@ impl Stage {
     fn fetch(&mut self) {
         let Answers::Http { client, .. } = &self.answers else { return };
         let messages = match client.fetch() {
-            Ok(m) => m,
+            Ok(m) => {
+                self.fetch_error = None;
+                m
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "fetching commands failed; trying again at the next poll");
+                // Said once per kind of failure (a wrong key or URL would otherwise stop commands
+                // silently), then at debug level while it lasts.
+                let kind: String = e.chars().take_while(|c| *c != ':').collect();
+                if self.fetch_error.as_deref() != Some(kind.as_str()) {
+                    tracing::warn!(error = %e, "fetching commands from the cloud failed; trying again every poll (check transport.http.url and BACKHAUL_API_KEY if it lasts)");
+                    self.fetch_error = Some(kind);
+                } else {
+                    tracing::debug!(error = %e, "fetching commands failed again");
+                }
                 return;
             }
         };
@@ -332,10 +379,23 @@ impl Stage {
     fn answer(&self, result: &CommandResult) {
         match &self.answers {
             Answers::Mqtt { publish } => match &self.key {
-                Some(key) => publish(
-                    serde_json::to_vec(&Signed::seal(result, Purpose::Result, &self.device_id, key))
-                        .expect("an envelope serializes"),
-                ),
+                Some(key) => {
+                    let seal = |r: &CommandResult| {
+                        serde_json::to_vec(&Signed::seal(r, Purpose::Result, &self.device_id, key))
+                            .expect("an envelope serializes")
+                    };
+                    let mut payload = seal(result);
+                    if payload.len() > MAX_RESULT_BYTES {
+                        let error = format!("the result is {} bytes, over the {MAX_RESULT_BYTES} sent", payload.len());
+                        tracing::warn!(command_id = %result.command_id, "{error}");
+                        payload = seal(&CommandResult {
+                            status: CommandStatus::Failed,
+                            result: json!({ "error": error }),
+                            ..result.clone()
+                        });
+                    }
+                    publish(payload)
+                }
                 None => tracing::warn!("no API key: a command result cannot be signed and is not sent"),
             },
             Answers::Http { client, .. } => {
@@ -348,10 +408,30 @@ impl Stage {
 
     /// Runs a command once (see the module docs) and returns its result, or the one recorded.
     pub fn handle(&mut self, m: CommandMessage) -> CommandResult {
-        if let Some(entry) = self.journal.get(m.command_id) {
-            tracing::info!(command_id = %m.command_id, "a command delivered again: not run again, its result is sent again");
-            self.effects.telemetry.commands_redelivered.fetch_add(1, Ordering::Relaxed);
-            return entry.result.unwrap_or_else(|| failed(m.command_id, "interrupted"));
+        match self.journal.get(m.command_id) {
+            Ok(None) => {}
+            Ok(Some(entry)) => {
+                tracing::info!(command_id = %m.command_id, "a command delivered again: not run again, its result is sent again");
+                self.effects.telemetry.commands_redelivered.fetch_add(1, Ordering::Relaxed);
+                return entry.result.unwrap_or_else(|| failed(m.command_id, "interrupted"));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, command_id = %m.command_id, "the command journal cannot be read: the command is not run");
+                return failed(
+                    m.command_id,
+                    &format!("not run: its entry in data_dir/commands cannot be read ({e}); it may have run already"),
+                );
+            }
+        }
+        if too_old(m.command_id) {
+            tracing::warn!(command_id = %m.command_id, "refused a command older than its time to live");
+            return failed(
+                m.command_id,
+                &format!(
+                    "not run: the command is older than {} days (the cloud has given up on it; send it again)",
+                    COMMAND_TTL.as_secs() / 86_400
+                ),
+            );
         }
         let mut entry =
             Entry { command_id: m.command_id, command: m.command.clone(), started_at: Timestamp::now(), result: None };
@@ -409,6 +489,14 @@ impl Stage {
                 Ok(json!({ "requeued_batches": n }))
             }
             CommandKind::SetRate { rate_per_sec, burst } => {
+                // A set_rate delivered late (a redelivery after a restart) must not undo a newer
+                // one: ids are ULIDs, ordered by the time the cloud made them.
+                if let Ok(Some(current)) = RateOverride::load(&e.data_dir) {
+                    if current.command_id > id {
+                        return Ok(json!({ "superseded_by": current.command_id, "rate_per_sec": current.rate_per_sec,
+                                          "burst": current.burst, "persisted": false }));
+                    }
+                }
                 let o = RateOverride {
                     rate_per_sec: *rate_per_sec,
                     burst: *burst,
@@ -424,13 +512,13 @@ impl Stage {
                 Ok(json!({ "rate_per_sec": rate_per_sec, "burst": burst, "persisted": true }))
             }
             CommandKind::Flush => {
-                let before = e.telemetry.flushes.load(Ordering::SeqCst);
-                e.telemetry.flush_requested.store(true, Ordering::SeqCst);
+                let mine = e.telemetry.flush_requests.fetch_add(1, Ordering::SeqCst) + 1;
                 let deadline = Instant::now() + FLUSH_WAIT;
-                while e.telemetry.flushes.load(Ordering::SeqCst) == before {
+                while e.telemetry.flushes_done.load(Ordering::SeqCst) < mine {
                     if Instant::now() >= deadline {
                         return Err(format!(
-                            "the pipeline did not cut its batch within {FLUSH_WAIT:?} (is it blocked on a full queue?)"
+                            "the pipeline did not cut its batch within {FLUSH_WAIT:?} (is it waiting for room in a full \
+                             queue?); it cuts it when it gets to it"
                         ));
                     }
                     std::thread::sleep(Duration::from_millis(10));
@@ -470,23 +558,84 @@ mod tests {
         .unwrap();
         drop(j);
         let j = Journal::open(dir.path()).unwrap();
-        let r = j.get(id).unwrap().result.unwrap();
+        let r = j.get(id).unwrap().unwrap().result.unwrap();
         assert_eq!(r.status, CommandStatus::Failed);
         assert!(r.result["error"].as_str().unwrap().contains("interrupted"), "{r:?}");
-        std::fs::write(j.path(CommandId::new()), b"not json").unwrap();
-        for _ in 0..JOURNAL_KEEP + 5 {
-            let id = CommandId::new();
-            j.write(&Entry {
-                command_id: id,
-                command: json!(null),
-                started_at: Timestamp::now(),
-                result: Some(failed(id, "x")),
-            })
-            .unwrap();
-        }
+        let damaged = CommandId::new();
+        std::fs::write(j.path(damaged), b"not json").unwrap();
+        assert_eq!(j.get(damaged).unwrap().unwrap().result.unwrap().status, CommandStatus::Failed);
+        // An entry older than the time to live goes at the next open; a recent one stays.
+        let old = old_id();
+        j.write(&Entry { command_id: old, command: json!(null), started_at: Timestamp::now(), result: None }).unwrap();
         let j = Journal::open(dir.path()).unwrap();
-        assert_eq!(j.ids().unwrap().len(), JOURNAL_KEEP);
-        assert!(j.get(id).is_none(), "the oldest went");
+        assert!(j.get(old).unwrap().is_none(), "the old entry went");
+        assert!(j.get(id).unwrap().is_some());
+    }
+
+    /// An id made eight days ago.
+    fn old_id() -> CommandId {
+        id_made_ago(8 * 86_400_000)
+    }
+
+    /// An id made `ms_ago` milliseconds ago.
+    fn id_made_ago(ms_ago: u64) -> CommandId {
+        let ms = Timestamp::now().unix_millis() as u64 - ms_ago;
+        let mut bytes = [7u8; 16];
+        bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        serde_json::from_value(json!(ulid::Ulid::from_bytes(bytes).to_string())).unwrap()
+    }
+
+    fn stage(dir: &Path) -> Stage {
+        let queue = Queue::open(
+            &dir.join("data"),
+            crate::queue::QueueConfig { durability: crate::queue::Durability::Flush, ..Default::default() },
+        )
+        .unwrap();
+        let telemetry = Arc::new(Telemetry::new("pi", "test"));
+        Stage {
+            journal: Journal::open(&dir.join("data")).unwrap(),
+            effects: Effects {
+                status: StatusSource::new(queue.clone(), telemetry.clone()),
+                queue,
+                telemetry,
+                data_dir: dir.join("data"),
+                source_kind: "simulated",
+                wake_forwarder: Box::new(|| {}),
+                set_rate: Box::new(|_, _| {}),
+            },
+            answers: Answers::Mqtt { publish: Box::new(|_| {}) },
+            device_id: "pi".into(),
+            key: None,
+            fetch_error: None,
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_fail_old_commands_are_refused_and_an_older_set_rate_never_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stage = stage(dir.path());
+        let run = |s: &mut Stage, id: CommandId, command: serde_json::Value| {
+            s.handle(CommandMessage { command_id: id, command })
+        };
+        let r = run(&mut stage, CommandId::new(), json!({"kind": "reboot", "now": true}));
+        assert_eq!(r.status, CommandStatus::Failed);
+        assert!(r.result["error"].as_str().unwrap().contains("cannot run this command"), "{r:?}");
+        let r = run(&mut stage, old_id(), json!({"kind": "ping"}));
+        assert!(r.result["error"].as_str().unwrap().contains("older than 7 days"), "{r:?}");
+        assert_eq!(stage.effects.telemetry.commands_run.load(Ordering::Relaxed), 1, "the old one did not run");
+        // Two set_rates; the older one arrives last (a redelivery) and does not undo the newer.
+        let (older, newer) = (id_made_ago(2000), id_made_ago(1000));
+        assert!(older < newer);
+        let set = |rate: u32| json!({"kind": "set_rate", "rate_per_sec": rate, "burst": rate});
+        assert_eq!(run(&mut stage, newer, set(20)).status, CommandStatus::Done);
+        let r = run(&mut stage, older, set(10));
+        assert_eq!((r.status, &r.result["superseded_by"]), (CommandStatus::Done, &json!(newer.to_string())), "{r:?}");
+        let o = RateOverride::load(&dir.path().join("data")).unwrap().unwrap();
+        assert_eq!((o.rate_per_sec, o.command_id), (20, newer));
+        // Run once: the same id again is answered from the journal.
+        let again = run(&mut stage, newer, set(20));
+        assert_eq!(again.result["rate_per_sec"], 20);
+        assert_eq!(stage.effects.telemetry.commands_redelivered.load(Ordering::Relaxed), 1);
     }
 
     #[test]

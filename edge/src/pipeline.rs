@@ -73,15 +73,15 @@ pub fn run(
             return Ok(());
         }
         // An operator's `flush` command (issue #18): cut the open batch now.
-        if telemetry.flush_requested.load(Ordering::SeqCst) {
+        let asked = telemetry.flush_requests.load(Ordering::SeqCst);
+        if asked > telemetry.flushes_done.load(Ordering::SeqCst) {
             let cut = batcher.flush();
             let detections = cut.as_ref().map_or(0, |c| c.detections.len() as u64);
             if let Some(cut) = cut {
                 store(queue, device, cut, telemetry, stop, false, enqueued)?;
             }
             telemetry.last_flush_detections.store(detections, Ordering::SeqCst);
-            telemetry.flush_requested.store(false, Ordering::SeqCst);
-            telemetry.flushes.fetch_add(1, Ordering::SeqCst);
+            telemetry.flushes_done.store(asked, Ordering::SeqCst);
         }
         let now = Instant::now();
         let mut nap = MAX_NAP;

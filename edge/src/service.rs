@@ -219,6 +219,7 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
             answers,
             device_id: config.device_id.clone(),
             key: secrets.api_key.as_ref().map(|k| k.expose().as_bytes().to_vec()),
+            fetch_error: None,
         };
         std::thread::Builder::new().name("commands".into()).spawn(move || stage.run(commands_rx))?
     };

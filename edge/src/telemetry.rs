@@ -69,10 +69,11 @@ pub struct Telemetry {
     pub commands_run: AtomicU64,
     pub commands_redelivered: AtomicU64,
     pub commands_unverified: AtomicU64,
-    /// `flush`: set by the command stage, cleared by the pipeline once it cut its open batch;
-    /// `flushes` counts the cuts, `last_flush_detections` says how many detections the last held.
-    pub flush_requested: AtomicBool,
-    pub flushes: AtomicU64,
+    /// `flush`: the command stage numbers its requests (`flush_requests`); the pipeline cuts its
+    /// open batch and sets `flushes_done` to the newest request it served, and
+    /// `last_flush_detections` to how many detections that cut held.
+    pub flush_requests: AtomicU64,
+    pub flushes_done: AtomicU64,
     pub last_flush_detections: AtomicU64,
     /// `rescan`: wakes the BLE scanner, which reopens its adapter.
     pub rescan: tokio::sync::Notify,
@@ -136,8 +137,8 @@ impl Telemetry {
             commands_run: AtomicU64::new(0),
             commands_redelivered: AtomicU64::new(0),
             commands_unverified: AtomicU64::new(0),
-            flush_requested: AtomicBool::new(false),
-            flushes: AtomicU64::new(0),
+            flush_requests: AtomicU64::new(0),
+            flushes_done: AtomicU64::new(0),
             last_flush_detections: AtomicU64::new(0),
             rescan: tokio::sync::Notify::new(),
             rate: Mutex::new(RateInForce::default()),

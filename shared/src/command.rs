@@ -96,6 +96,23 @@ pub enum CommandKind {
     Rescan,
 }
 
+/// The age (from its id's time) past which an edge refuses to run a command: one that old was
+/// either answered long ago or given up on by the cloud (which fails it an hour later), and a
+/// captured one must not be replayed onto a device forever. Edges keep their journal of
+/// commands run at least this long.
+pub const COMMAND_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Percent-encodes `s` as one URL path segment (RFC 3986: everything but unreserved characters):
+/// a device id may hold characters a URL cannot carry as they are.
+pub fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// The range of `rate_per_sec` and `burst` (the edge's `transport.rate_per_sec` and
 /// `transport.burst` have the same).
 pub const RATE_RANGE: (u32, u32) = (1, 1_000_000);

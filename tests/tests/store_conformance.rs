@@ -29,6 +29,10 @@ const CASES: &[(&str, Case)] = &[
     ("one_batch_raced_by_many_writers_is_stored_once", |u| Box::pin(one_batch_raced_by_many_writers_is_stored_once(u))),
     ("batches_with_identical_times_page_by_batch_id", |u| Box::pin(batches_with_identical_times_page_by_batch_id(u))),
     ("a_newer_schema_is_refused", |u| Box::pin(a_newer_schema_is_refused(u))),
+    ("commands_are_queued_published_answered_once_and_expire", |u| {
+        Box::pin(commands_are_queued_published_answered_once_and_expire(u))
+    }),
+    ("gap_ranges_dead_letters_and_the_ledger", |u| Box::pin(gap_ranges_dead_letters_and_the_ledger(u))),
 ];
 
 fn run_all(mut database: impl FnMut(&str) -> String) {
@@ -447,4 +451,109 @@ async fn a_newer_schema_is_refused(url: String) {
     sqlx::query("INSERT INTO schema_version (version) VALUES (999)").execute(&pool).await.unwrap();
     let e = Store::connect(&url).await.unwrap_err().to_string();
     assert!(e.contains("999") && e.contains("newer"), "{e}");
+}
+
+async fn commands_are_queued_published_answered_once_and_expire(url: String) {
+    use backhaul_cloud::store::{republish_delay, CommandFilter, Finished};
+    use backhaul_shared::command::{CommandKind, CommandResult, CommandStatus};
+    let s = Store::connect(&url).await.unwrap();
+    let c = s.commands();
+    store(&s, &batch("pi-a", 0, &[BASE])).await;
+    assert!(c.device_known("pi-a").await.unwrap());
+    assert!(!c.device_known("pi-z").await.unwrap());
+    let ping = c.create("pi-a", &CommandKind::Ping).await.unwrap();
+    let rate = c.create("pi-a", &CommandKind::SetRate { rate_per_sec: 5, burst: 6 }).await.unwrap();
+    assert_eq!((ping.status.as_str(), ping.kind.as_str()), ("queued", "ping"));
+    assert_eq!(rate.command, serde_json::json!({"kind": "set_rate", "rate_per_sec": 5, "burst": 6}));
+    // Both are due; the device is offline, and that does not hold back a first publish.
+    let due = c.to_publish(100).await.unwrap();
+    assert_eq!(
+        due.iter().map(|d| d.1.command_id.to_string()).collect::<Vec<_>>(),
+        [ping.command_id.clone(), rate.command_id.clone()]
+    );
+    c.delivered("pi-a", &ping.command_id, Some(1)).await.unwrap();
+    c.delivered("pi-a", &rate.command_id, None).await.unwrap(); // fetched over HTTP
+    assert!(c.to_publish(100).await.unwrap().is_empty(), "published: due again only after the backoff");
+    assert_eq!(republish_delay(1), std::time::Duration::from_secs(120));
+    assert_eq!(republish_delay(40), std::time::Duration::from_secs(3600));
+    // Listings: a device's open work oldest first; everything newest first.
+    let open = c.list("pi-a", CommandFilter::Open, 10).await.unwrap();
+    assert_eq!(open.iter().map(|r| r.command_id.as_str()).collect::<Vec<_>>(), [&ping.command_id, &rate.command_id]);
+    assert!(open.iter().all(|r| r.status == "delivered" && r.delivered_at.is_some()));
+    let all = c.list("pi-a", CommandFilter::All, 1).await.unwrap();
+    assert_eq!(all[0].command_id, rate.command_id, "newest first");
+    // The first answer stands; an answer for another device's command is unknown.
+    let answer = |id: &str, status| CommandResult {
+        command_id: id.parse().unwrap(),
+        status,
+        result: serde_json::json!({"ok": true}),
+        finished_at: Timestamp::now(),
+    };
+    assert_eq!(c.finish("pi-a", &answer(&ping.command_id, CommandStatus::Done)).await.unwrap(), Finished::Recorded);
+    assert_eq!(
+        c.finish("pi-a", &answer(&ping.command_id, CommandStatus::Failed)).await.unwrap(),
+        Finished::AlreadyFinal
+    );
+    assert_eq!(c.finish("pi-b", &answer(&rate.command_id, CommandStatus::Done)).await.unwrap(), Finished::Unknown);
+    let done = c.get("pi-a", &ping.command_id).await.unwrap().unwrap();
+    assert_eq!((done.status.as_str(), &done.result), ("done", &Some(serde_json::json!({"ok": true}))));
+    assert!(c.get("pi-b", &ping.command_id).await.unwrap().is_none(), "another device's command is not found");
+    // A big result is replaced by an error saying so.
+    let big = c.create("pi-a", &CommandKind::Flush).await.unwrap();
+    let mut huge = answer(&big.command_id, CommandStatus::Done);
+    huge.result = serde_json::json!({"x": "y".repeat(100_000)});
+    c.finish("pi-a", &huge).await.unwrap();
+    let big = c.get("pi-a", &big.command_id).await.unwrap().unwrap();
+    assert!(big.result.unwrap()["error"].as_str().unwrap().contains("over the"));
+    // Expiry fails what is still open, once.
+    assert_eq!(c.expire(Timestamp::now().unix_micros() + 1).await.unwrap(), 1);
+    let expired = c.get("pi-a", &rate.command_id).await.unwrap().unwrap();
+    assert_eq!(expired.status, "failed");
+    assert!(expired.result.unwrap()["error"].as_str().unwrap().contains("expired"));
+    assert_eq!(c.expire(Timestamp::now().unix_micros() + 1).await.unwrap(), 0);
+    assert_eq!(c.list("pi-a", CommandFilter::Status(CommandStatus::Failed), 10).await.unwrap().len(), 1);
+}
+
+async fn gap_ranges_dead_letters_and_the_ledger(url: String) {
+    let s = Store::connect(&url).await.unwrap();
+    for seq in [2, 3, 6, 7, 10] {
+        store(&s, &batch("pi-a", seq, &[BASE + seq as i64])).await;
+    }
+    let gaps: Vec<(i64, i64)> = s.gaps("pi-a", 100).await.unwrap().iter().map(|g| (g.first, g.last)).collect();
+    assert_eq!(gaps, [(0, 1), (4, 5), (8, 9)]);
+    assert_eq!(s.gaps("pi-a", 2).await.unwrap().len(), 2);
+    assert!(s.gaps("pi-none", 10).await.unwrap().is_empty());
+    for i in 0..3 {
+        s.dead_letter("http", None, Some("pi-a"), i, &format!("bad {i}")).await.unwrap();
+    }
+    let dead = s.dead_letters(2).await.unwrap();
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0].error, "bad 2", "newest first");
+    // The ledger: 5 stored + 2 queued + 4 dropped + 1 dead-lettered = 12 produced. A last will
+    // keeps the counters.
+    let status = DeviceStatus {
+        online: true,
+        queue_depth: Some(2),
+        dropped_batches: Some(4),
+        produced_batches: Some(12),
+        quarantined: Some(0),
+        lost_batches: Some(0),
+        dead_lettered: Some(1),
+        drain_rate: Some(2.5),
+        eta_s: Some(1),
+        ..Default::default()
+    };
+    s.device_status("pi-a", &status).await.unwrap();
+    s.device_status("pi-a", &DeviceStatus { online: false, ..Default::default() }).await.unwrap();
+    let a = s.devices().await.unwrap().into_iter().find(|d| d.device_id == "pi-a").unwrap();
+    assert!(!a.online);
+    let l = a.ledger.unwrap();
+    assert_eq!((l.produced, l.stored, l.queued, l.dropped, l.dead_lettered), (12, 5, 2, 4, 1));
+    assert!(l.balanced && l.difference == 0, "{l:?}");
+    let b = a.backlog.unwrap();
+    assert_eq!((b.batches, b.eta_s, b.drain_rate), (2, Some(1), Some(2.5)));
+    // One batch the cloud never got: off by one, and says so.
+    s.device_status("pi-a", &DeviceStatus { produced_batches: Some(13), ..status }).await.unwrap();
+    let l = s.devices().await.unwrap().into_iter().find(|d| d.device_id == "pi-a").unwrap().ledger.unwrap();
+    assert_eq!((l.balanced, l.difference), (false, 1));
 }

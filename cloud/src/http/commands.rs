@@ -3,7 +3,7 @@
 //! | request | who | answers |
 //! | --- | --- | --- |
 //! | `POST /api/v1/devices/{device_id}/commands` `{"kind": ...}` | a fleet key | 202 `{"command_id", "status": "queued"}`; 422 unknown kind or bad field (naming it); 404 a device this cloud has never heard from |
-//! | `GET /api/v1/devices/{device_id}/commands[?status=S&limit=N]` | a fleet key, or that device's key | 200 `{"commands": [...]}`, oldest first |
+//! | `GET /api/v1/devices/{device_id}/commands[?status=S&limit=N]` | a fleet key, or that device's key | 200 `{"commands": [...]}`, newest first (a device fetching its work: oldest first) |
 //! | `GET /api/v1/devices/{device_id}/commands/{command_id}` | the same | 200 the command; 404 |
 //! | `POST /api/v1/devices/{device_id}/commands/{command_id}/result` | that device's key (or a fleet key) | 200 `{"status": "recorded" \| "already_final"}`; 404; 422 |
 //!
@@ -119,7 +119,7 @@ pub(super) async fn list(
     };
     if fetching {
         for row in &mut rows {
-            if let Err(e) = commands.delivered(&device_id, &row.command_id, false).await {
+            if let Err(e) = commands.delivered(&device_id, &row.command_id, None).await {
                 return storage_down(e);
             }
             if row.status == "queued" {

@@ -11,6 +11,7 @@
 //! | `status` | `queued`, `delivered`, `done`, `failed` |
 //! | `result` | the device's answer, JSON text (at most [`MAX_RESULT_BYTES`]) |
 //! | `created_at`, `delivered_at`, `published_at`, `done_at` | UTC µs; `published_at` is the last MQTT publish |
+//! | `publishes`, `next_publish_at` | MQTT publishes so far, and when the next is due (UTC µs; [`republish_delay`]) |
 //!
 //! Never reorder or rename these columns: they are persisted.
 
@@ -22,8 +23,19 @@ use sqlx::Row;
 
 use super::{ts_string, Store, StoreError};
 
-/// How long a command may stay unanswered before it fails as expired.
-pub const COMMAND_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+/// How long a command may stay unanswered before the cloud fails it as expired: an hour past
+/// the age at which an edge refuses to run it ([`backhaul_shared::command::COMMAND_TTL`]), so a
+/// command that ran has had time to be answered.
+pub const EXPIRE_AFTER: std::time::Duration =
+    std::time::Duration::from_secs(backhaul_shared::command::COMMAND_TTL.as_secs() + 3600);
+
+/// How long after its `publishes`-th MQTT publish a command still unanswered is published again:
+/// 1 min, doubling, at most 1 h. Only while its device is online: a device that is away gets
+/// the copy its persistent session holds when it returns, and one copy is enough.
+pub fn republish_delay(publishes: i64) -> std::time::Duration {
+    let minutes = 1u64 << publishes.clamp(0, 6);
+    std::time::Duration::from_secs((minutes * 60).min(3600))
+}
 
 /// The largest result kept, bytes of JSON text; a larger one is replaced by an error saying so.
 pub const MAX_RESULT_BYTES: usize = 64 << 10;
@@ -124,7 +136,8 @@ impl Commands<'_> {
         Ok(r.as_ref().map(row).transpose()?)
     }
 
-    /// `device_id`'s commands, oldest first, at most `limit`.
+    /// `device_id`'s commands, at most `limit`: the open ones ([`Filter::Open`], what a device
+    /// fetches) oldest first, in the order they are to run; any other listing newest first.
     pub async fn list(&self, device_id: &str, filter: Filter, limit: i64) -> Result<Vec<CommandRow>, StoreError> {
         let (condition, status) = match filter {
             Filter::All => ("", None),
@@ -132,8 +145,9 @@ impl Commands<'_> {
             Filter::Open => (" AND status IN ('queued', 'delivered')", None),
         };
         let limit_at = if status.is_some() { "$3" } else { "$2" };
+        let order = if filter == Filter::Open { "" } else { " DESC" };
         let sql = format!(
-            "SELECT {COLUMNS} FROM commands WHERE device_id = $1{condition} ORDER BY command_id LIMIT {limit_at}"
+            "SELECT {COLUMNS} FROM commands WHERE device_id = $1{condition} ORDER BY command_id{order} LIMIT {limit_at}"
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(device_id);
         if let Some(s) = status {
@@ -143,23 +157,42 @@ impl Commands<'_> {
         Ok(rows.iter().map(row).collect::<Result<_, _>>()?)
     }
 
-    /// Marks commands handed to their device: `queued` ones become `delivered`; `published`
-    /// records an MQTT publish (for [`Commands::to_publish`]).
-    pub async fn delivered(&self, device_id: &str, command_id: &str, published: bool) -> Result<(), StoreError> {
+    /// Marks a command handed to its device: `queued` becomes `delivered`. `publishes`: the
+    /// MQTT publishes made so far including this one (`None`: fetched over HTTP), which sets
+    /// when it is next due ([`republish_delay`]).
+    pub async fn delivered(&self, device_id: &str, command_id: &str, publishes: Option<i64>) -> Result<(), StoreError> {
         let now = Timestamp::now().unix_micros();
+        let n = publishes.unwrap_or(0);
+        let next = now + republish_delay(n).as_micros() as i64;
         let _writer = self.0.writer().await;
         sqlx::query(
             "UPDATE commands SET status = CASE WHEN status = 'queued' THEN 'delivered' ELSE status END,
                 delivered_at = COALESCE(delivered_at, $1),
-                published_at = CASE WHEN $2 = 1 THEN $1 ELSE published_at END
-             WHERE device_id = $3 AND command_id = $4",
+                published_at = CASE WHEN $2 > 0 THEN $1 ELSE published_at END,
+                publishes = CASE WHEN $2 > 0 THEN $2 ELSE publishes END,
+                next_publish_at = $3
+             WHERE device_id = $4 AND command_id = $5",
         )
         .bind(now)
-        .bind(i64::from(published))
+        .bind(n)
+        .bind(next)
         .bind(device_id)
         .bind(command_id)
         .execute(&self.0.pool)
         .await?;
+        Ok(())
+    }
+
+    /// Puts off a command's next publish (its device has no key to sign it with) for an hour.
+    pub async fn postpone(&self, device_id: &str, command_id: &str) -> Result<(), StoreError> {
+        let next = Timestamp::now().unix_micros() + 3_600_000_000;
+        let _writer = self.0.writer().await;
+        sqlx::query("UPDATE commands SET next_publish_at = $1 WHERE device_id = $2 AND command_id = $3")
+            .bind(next)
+            .bind(device_id)
+            .bind(command_id)
+            .execute(&self.0.pool)
+            .await?;
         Ok(())
     }
 
@@ -198,32 +231,33 @@ impl Commands<'_> {
         })
     }
 
-    /// Commands to publish over MQTT: every `queued` one, and `delivered` ones unanswered whose
-    /// last publish is older than `republish_before_us` (the device may have missed it: a session
-    /// the broker dropped, a result lost on the way back; the device runs each once and answers
-    /// a redelivery with its recorded result). Oldest first, at most `limit`.
-    pub async fn to_publish(
-        &self,
-        republish_before_us: i64,
-        limit: i64,
-    ) -> Result<Vec<(String, CommandMessage)>, StoreError> {
+    /// Commands to publish over MQTT, oldest first, at most `limit`: every `queued` one whose
+    /// publish is not put off, and `delivered` ones unanswered whose next publish is due
+    /// ([`republish_delay`]) and whose device is online (the device may have missed it: a
+    /// session the broker dropped, a result lost on the way back; it runs each command once and
+    /// answers a redelivery from its record). Each with the publishes made so far.
+    pub async fn to_publish(&self, limit: i64) -> Result<Vec<(String, CommandMessage, i64)>, StoreError> {
+        let now = Timestamp::now().unix_micros();
         let rows = sqlx::query(
-            "SELECT device_id, command_id, body FROM commands
-             WHERE status = 'queued' OR (status = 'delivered' AND (published_at IS NULL OR published_at < $1))
-             ORDER BY command_id LIMIT $2",
+            "SELECT c.device_id, c.command_id, c.body, c.publishes FROM commands c
+             WHERE (c.status = 'queued' AND (c.next_publish_at IS NULL OR c.next_publish_at < $1))
+                OR (c.status = 'delivered' AND c.next_publish_at < $1
+                    AND EXISTS (SELECT 1 FROM devices d WHERE d.device_id = c.device_id AND d.online = 1))
+             ORDER BY c.command_id LIMIT $2",
         )
-        .bind(republish_before_us)
+        .bind(now)
         .bind(limit)
         .fetch_all(&self.0.pool)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let (device, id, body): (String, String, String) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+            let publishes: i64 = r.try_get(3)?;
             let (Ok(command_id), Ok(command)) = (id.parse::<CommandId>(), serde_json::from_str(&body)) else {
                 tracing::warn!(command_id = %id, "a stored command does not parse; skipped");
                 continue;
             };
-            out.push((device, CommandMessage { command_id, command }));
+            out.push((device, CommandMessage { command_id, command }, publishes));
         }
         Ok(out)
     }

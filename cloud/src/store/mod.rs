@@ -41,7 +41,7 @@ use thiserror::Error;
 mod commands;
 mod detections;
 
-pub use commands::{CommandRow, Commands, Filter as CommandFilter, Finished, COMMAND_TTL};
+pub use commands::{republish_delay, CommandRow, Commands, Filter as CommandFilter, Finished, EXPIRE_AFTER};
 pub use detections::Reprocessed;
 
 /// Schema migrations, in order. Portable SQL: it runs on SQLite and PostgreSQL.
@@ -137,7 +137,9 @@ const MIGRATIONS: &[&[&str]] = &[
         created_at BIGINT NOT NULL,
         delivered_at BIGINT,
         published_at BIGINT,
-        done_at BIGINT)",
+        done_at BIGINT,
+        publishes BIGINT NOT NULL DEFAULT 0,
+        next_publish_at BIGINT)",
         "CREATE INDEX IF NOT EXISTS commands_device ON commands (device_id, command_id)",
         "CREATE INDEX IF NOT EXISTS commands_open ON commands (command_id) WHERE status IN ('queued', 'delivered')",
     ],

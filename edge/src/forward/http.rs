@@ -380,7 +380,8 @@ impl CommandClient {
     }
 
     fn commands_url(&self) -> String {
-        url(&self.settings, &format!("/api/v1/devices/{}/commands", self.device_id))
+        let device = backhaul_shared::command::path_segment(&self.device_id);
+        url(&self.settings, &format!("/api/v1/devices/{device}/commands"))
     }
 
     fn keyed<B>(&self, r: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
@@ -438,7 +439,8 @@ impl CommandClient {
 
 /// Posts the device's status; failures are only logged (the next status replaces it).
 fn post_status(agent: &ureq::Agent, settings: &HttpSettings, device_id: &str, status: &DeviceStatus) {
-    let target = url(settings, &format!("/api/v1/devices/{device_id}/status"));
+    let device = backhaul_shared::command::path_segment(device_id);
+    let target = url(settings, &format!("/api/v1/devices/{device}/status"));
     let mut request = agent.post(&target).header("Content-Type", "application/json");
     if let Some(key) = &settings.api_key {
         request = request.header("X-API-Key", key);
