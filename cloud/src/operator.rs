@@ -73,8 +73,15 @@ impl Client {
         let body = r.body_mut().read_to_string().unwrap_or_default();
         let value: Value = serde_json::from_str(&body).unwrap_or(Value::String(body.clone()));
         if !(200..300).contains(&code) {
-            let message = value["error"].as_str().map(str::to_owned).unwrap_or(body);
-            bail!("{what}: the cloud answered HTTP {code}: {message}");
+            match value["error"].as_str() {
+                Some(message) => bail!("{what}: the cloud answered HTTP {code}: {message}"),
+                None => bail!(
+                    "{what}: HTTP {code} from {}, without the cloud's JSON error: is --url (or BACKHAUL_URL) the \
+                     cloud's address, scheme, host and port only (no path)? Body: {:?}",
+                    self.url,
+                    body.chars().take(200).collect::<String>()
+                ),
+            }
         }
         Ok(value)
     }
@@ -148,11 +155,24 @@ pub fn devices(api: Api) -> Result<()> {
                     cell(&d["batches"]),
                     cell(&d["detections"]),
                     cell(&d["gaps"]),
-                    cell(&d["status"]["queue_depth"]),
+                    cell(&d["backlog"]["batches"]),
+                    match d["backlog"]["eta_s"].as_u64() {
+                        Some(s) => format!("{s}s"),
+                        None if d["backlog"].is_object() => "not draining".into(),
+                        None => "-".into(),
+                    },
+                    match d["ledger"]["balanced"].as_bool() {
+                        Some(true) => "yes".into(),
+                        Some(false) => format!("NO ({:+})", d["ledger"]["difference"].as_i64().unwrap_or(0)),
+                        None => "-".into(),
+                    },
                 ]
             })
             .collect();
-        table(&["DEVICE", "ONLINE", "LAST SEEN", "BATCHES", "DETECTIONS", "GAPS", "QUEUED"], &rows)
+        table(
+            &["DEVICE", "ONLINE", "LAST SEEN", "BATCHES", "DETECTIONS", "GAPS", "QUEUED", "DRAIN ETA", "BALANCED"],
+            &rows,
+        )
     });
     Ok(())
 }
@@ -221,7 +241,7 @@ pub fn commands(api: Api, device: String) -> Result<()> {
                     cell(&c["status"]),
                     cell(&c["created_at"]),
                     cell(&c["done_at"]),
-                    cell(&c["result"]).chars().take(80).collect(),
+                    cell(&c["result"]).chars().take(120).collect(),
                 ]
             })
             .collect();

@@ -314,17 +314,51 @@ impl RateMeter {
     }
 }
 
+/// Samples of the backlog (pending + in flight batches), for the rate at which it drains over
+/// the same window as [`RateMeter`] (issue #18: an ETA that also counts what keeps arriving).
+#[derive(Debug, Default)]
+pub struct BacklogMeter {
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl BacklogMeter {
+    pub fn sample(&mut self, now: Instant, backlog: u64) {
+        self.samples.push_back((now, backlog));
+        while self.samples.len() > 2 && self.samples.front().is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Batches per second the backlog shrank over the window (negative: it grew); 0 without two
+    /// samples.
+    pub fn drain_rate(&self) -> f64 {
+        let (Some((t0, a)), Some((t1, b))) = (self.samples.front(), self.samples.back()) else { return 0.0 };
+        let dt = t1.duration_since(*t0).as_secs_f64();
+        if dt <= 0.0 {
+            return 0.0;
+        }
+        ((*a as f64 - *b as f64) / dt * 10.0).round() / 10.0
+    }
+}
+
 /// What the endpoint reads.
 #[derive(Debug, Clone)]
 pub struct StatusSource {
     pub queue: Queue,
     pub telemetry: Arc<Telemetry>,
     pub rates: Arc<Mutex<RateMeter>>,
+    pub backlog: Arc<Mutex<BacklogMeter>>,
 }
 
 impl StatusSource {
     pub fn new(queue: Queue, telemetry: Arc<Telemetry>) -> Self {
-        Self { queue, telemetry, rates: Arc::new(Mutex::new(RateMeter::default())) }
+        Self {
+            queue,
+            telemetry,
+            rates: Arc::new(Mutex::new(RateMeter::default())),
+            backlog: Arc::new(Mutex::new(BacklogMeter::default())),
+        }
     }
 
     fn totals(&self) -> [u64; 3] {
@@ -338,10 +372,14 @@ impl StatusSource {
 
     /// Samples the totals for the rates (call about once a second).
     pub fn sample(&self) {
-        let mut meter = self.rates.lock().unwrap_or_else(|p| p.into_inner());
-        meter.sample(Instant::now(), self.totals());
-        let rate = meter.rates().acked_batches_per_s;
-        self.telemetry.drain_milli.store((rate * 1000.0).round() as u64, Ordering::Relaxed);
+        let now = Instant::now();
+        self.rates.lock().unwrap_or_else(|p| p.into_inner()).sample(now, self.totals());
+        if let Ok(stats) = self.queue.stats() {
+            let mut meter = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+            meter.sample(now, stats.pending + stats.in_flight);
+            let rate = meter.drain_rate();
+            self.telemetry.drain_milli.store((rate * 1000.0).round() as i64, Ordering::Relaxed);
+        }
     }
 
     /// The report. Blocking: it reads the queue.
@@ -421,7 +459,7 @@ impl StatusSource {
                 ClockReport { synced: c.synced, floor: c.floor.to_string() }
             },
             rate: t.rate(),
-            drain: t.drain(s.pending + s.in_flight),
+            drain: t.drain(s.pending, s.in_flight),
             commands: CommandsReport {
                 run: t.commands_run.load(Ordering::Relaxed),
                 redelivered: t.commands_redelivered.load(Ordering::Relaxed),
@@ -737,5 +775,26 @@ mod tests {
         m.sample(t0 + Duration::from_secs(30), [200, 10, 500]);
         m.sample(t0 + Duration::from_secs(31), [200, 10, 500]);
         assert_eq!(m.rates().acked_batches_per_s, 0.0);
+    }
+
+    #[test]
+    fn the_drain_rate_is_how_fast_the_backlog_shrinks_whatever_keeps_arriving() {
+        let mut m = BacklogMeter::default();
+        let t0 = Instant::now();
+        assert_eq!(m.drain_rate(), 0.0);
+        m.sample(t0, 100);
+        m.sample(t0 + Duration::from_secs(4), 80);
+        assert_eq!(m.drain_rate(), 5.0);
+        let mut growing = BacklogMeter::default();
+        growing.sample(t0, 117);
+        growing.sample(t0 + Duration::from_secs(3), 147);
+        assert_eq!(growing.drain_rate(), -10.0, "acked, but more arrives than leaves");
+        let t = crate::telemetry::Telemetry::new("pi", "test");
+        t.drain_milli.store(-10_000, Ordering::Relaxed);
+        assert_eq!(t.drain(147, 0).eta_s, None, "a growing backlog never drains");
+        t.drain_milli.store(5_000, Ordering::Relaxed);
+        assert_eq!(t.drain(18, 2).eta_s, Some(4));
+        t.drain_milli.store(0, Ordering::Relaxed);
+        assert_eq!(t.drain(0, 3).eta_s, Some(0), "only in flight: keeping up");
     }
 }

@@ -79,19 +79,9 @@ pub struct Telemetry {
     pub rescan: tokio::sync::Notify,
     /// The send pace in force and where it comes from (the config, or an operator's `set_rate`).
     pub rate: Mutex<RateInForce>,
-    /// Batches acked per second over the last 10 s, in thousandths (written by the status
-    /// sampler once a second): the backlog's drain rate.
-    pub drain_milli: AtomicU64,
-}
-
-/// How fast the backlog drains (`/status` `drain`; issue #18).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, Default)]
-pub struct Drain {
-    /// Batches acked per second over the last 10 s.
-    pub rate_per_s: f64,
-    /// Seconds until the backlog (pending + in flight) is drained at that rate; absent when
-    /// nothing drains (no backlog is 0).
-    pub eta_s: Option<u64>,
+    /// Batches per second the backlog (pending + in flight) shrank over the last 10 s, in
+    /// thousandths, negative when it grew (written by the status sampler once a second).
+    pub drain_milli: std::sync::atomic::AtomicI64,
 }
 
 /// The send pace in force (`/status` `rate`).
@@ -101,6 +91,17 @@ pub struct RateInForce {
     pub burst: u32,
     /// `config`, or `command {id} at {time}` (`data_dir/rate-override.json`).
     pub source: String,
+}
+
+/// How fast the backlog drains (`/status` `drain`; issue #18).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, Default)]
+pub struct Drain {
+    /// Batches per second the backlog (pending + in flight) shrank over the last 10 s: acks
+    /// less what arrived (negative: it grew).
+    pub rate: f64,
+    /// Seconds until nothing is pending at that rate: 0 with nothing pending (only batches in
+    /// flight: keeping up); absent while the backlog does not shrink.
+    pub eta_s: Option<u64>,
 }
 
 impl Telemetry {
@@ -142,21 +143,8 @@ impl Telemetry {
             last_flush_detections: AtomicU64::new(0),
             rescan: tokio::sync::Notify::new(),
             rate: Mutex::new(RateInForce::default()),
-            drain_milli: AtomicU64::new(0),
+            drain_milli: std::sync::atomic::AtomicI64::new(0),
         }
-    }
-
-    /// The drain rate, and the time to drain `backlog` batches at it.
-    pub fn drain(&self, backlog: u64) -> Drain {
-        let rate_per_s = self.drain_milli.load(Ordering::Relaxed) as f64 / 1000.0;
-        let eta_s = if backlog == 0 {
-            Some(0)
-        } else if rate_per_s > 0.0 {
-            Some((backlog as f64 / rate_per_s).ceil() as u64)
-        } else {
-            None
-        };
-        Drain { rate_per_s, eta_s }
     }
 
     /// Records the pace in force: from the config (`by` None) or an operator's override.
@@ -170,6 +158,20 @@ impl Telemetry {
 
     pub fn rate(&self) -> RateInForce {
         self.rate.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The drain rate, and the time until `pending` batches (with `in_flight` more out) are sent
+    /// at it.
+    pub fn drain(&self, pending: u64, in_flight: u64) -> Drain {
+        let rate = self.drain_milli.load(Ordering::Relaxed) as f64 / 1000.0;
+        let eta_s = if pending == 0 {
+            Some(0)
+        } else if rate > 0.0 {
+            Some(((pending + in_flight) as f64 / rate).ceil() as u64)
+        } else {
+            None
+        };
+        Drain { rate, eta_s }
     }
 
     pub fn uptime_s(&self) -> u64 {

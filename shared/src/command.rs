@@ -151,22 +151,32 @@ impl CommandKind {
     }
 
     /// Parses a command's body as the cloud receives it, validated. The error names the field
-    /// when it can (`kind` for an unknown kind).
+    /// when it can (`kind` for an unknown kind, the name of a field the kind does not take).
     pub fn parse(body: &[u8]) -> Result<Self, (Option<String>, String)> {
-        let mut de = serde_json::Deserializer::from_slice(body);
-        let kind: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            let field = if inner.contains("unknown variant") || inner.contains("missing field `kind`") {
+        let hint = "kinds: replay {since, until?}, set_rate {rate_per_sec, burst}, flush, ping, rescan";
+        let given: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| (None, format!("the body is not JSON: {e} ({hint})")))?;
+        let Some(fields) = given.as_object() else {
+            return Err((None, format!("the body must be a JSON object ({hint})")));
+        };
+        let kind: Self = serde_json::from_value(given.clone()).map_err(|e| {
+            let text = e.to_string();
+            let quoted = |after: &str| text.split(after).nth(1).and_then(|r| r.split('`').nth(1)).map(str::to_owned);
+            let field = if text.contains("unknown variant") || text.contains("missing field `kind`") {
                 Some("kind".to_owned())
-            } else if path != "." {
-                Some(path)
             } else {
-                None
+                quoted("unknown field").or_else(|| quoted("missing field"))
             };
-            let hint = "kinds: replay {since, until?}, set_rate {rate_per_sec, burst}, flush, ping, rescan";
-            (field, format!("{inner} ({hint})"))
+            (field, format!("{text} ({hint})"))
         })?;
+        // Unit kinds (ping, flush, rescan) take no fields, and serde lets extra ones through there.
+        let known = serde_json::to_value(&kind).expect("a command serializes");
+        if let Some(extra) = fields.iter().find(|(k, v)| !v.is_null() && known.get(k.as_str()).is_none()) {
+            return Err((
+                Some(extra.0.clone()),
+                format!("unknown field `{}` for kind `{}` ({hint})", extra.0, kind.name()),
+            ));
+        }
         kind.validate().map_err(|(f, m)| (Some(f.to_owned()), m))?;
         Ok(kind)
     }
@@ -312,7 +322,15 @@ mod tests {
         let err = |s: &str| CommandKind::parse(s.as_bytes()).unwrap_err();
         assert_eq!(err(r#"{"kind":"reboot"}"#).0.as_deref(), Some("kind"));
         assert_eq!(err(r#"{"since":"2026-11-30T10:00:00Z"}"#).0.as_deref(), Some("kind"));
-        assert!(err(r#"{"kind":"replay","since":"2026-11-30T10:00:00Z","untill":"x"}"#).1.contains("untill"));
+        assert_eq!(
+            err(r#"{"kind":"replay","since":"2026-11-30T10:00:00Z","untill":"x"}"#).0.as_deref(),
+            Some("untill")
+        );
+        assert_eq!(err(r#"{"kind":"set_rate","rate_per_sec":5,"brust":10}"#).0.as_deref(), Some("brust"));
+        assert_eq!(err(r#"{"kind":"set_rate","rate_per_sec":5}"#).0.as_deref(), Some("burst"));
+        assert_eq!(err(r#"{"kind":"ping","extra":1}"#).0.as_deref(), Some("extra"));
+        assert!(err("[1]").1.contains("JSON object"));
+        assert_eq!(ok(r#"{"kind":"replay","since":"2026-11-30T10:00:00Z","until":null}"#).name(), "replay");
         assert!(err(r#"{"kind":"replay","since":"yesterday"}"#).1.contains("RFC 3339"));
         assert_eq!(
             err(r#"{"kind":"replay","since":"2026-11-30T10:00:00Z","until":"2026-11-30T09:00:00Z"}"#).0.as_deref(),

@@ -270,8 +270,9 @@ pub struct DeviceStatus {
     /// Detections dropped before batching for breaking the wire contract, since the edge started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropped_invalid: Option<u64>,
-    /// Batches acked per second over the last 10 s, and the seconds the backlog (`queue_depth`)
-    /// takes to drain at that rate (absent when nothing drains).
+    /// Batches per second the backlog (`queue_depth`) shrank over the last 10 s (acks less what
+    /// arrived; negative: it grew), and the seconds until nothing is pending at that rate (0 with
+    /// nothing pending; absent while it does not shrink).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_rate: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

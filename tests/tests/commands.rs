@@ -267,10 +267,16 @@ fn over_http_commands_are_fetched_run_once_and_answered_and_only_a_fleet_key_com
     assert_eq!(code, 403, "{v}");
     let (code, v) = post_command(&cloud, FLEET_KEY, "rpi-nobody", &ping);
     assert_eq!((code, v["field"].as_str()), (404, Some("device_id")), "{v}");
+    for path in ["/api/v1/devices/rpi-nobody/commands", "/api/v1/devices/rpi-nobody/gaps"] {
+        let (code, v) = get_with(&cloud, FLEET_KEY, path);
+        assert_eq!(code, 404, "a typo must not look like a healthy device: {path}: {v}");
+    }
     for (body, field) in [
         (json!({ "kind": "reboot" }), "kind"),
         (json!({ "kind": "set_rate", "rate_per_sec": 0, "burst": 1 }), "rate_per_sec"),
         (json!({ "kind": "replay", "since": "2026-11-30T10:00:00Z", "until": "2026-11-30T09:00:00Z" }), "until"),
+        (json!({ "kind": "set_rate", "rate_per_sec": 5, "brust": 10 }), "brust"),
+        (json!({ "kind": "ping", "extra": 1 }), "extra"),
     ] {
         let (code, v) = post_command(&cloud, FLEET_KEY, DEVICE, &body);
         assert_eq!((code, v["field"].as_str()), (422, Some(field)), "{body}: {v}");
@@ -325,4 +331,33 @@ fn over_http_commands_are_fetched_run_once_and_answered_and_only_a_fleet_key_com
     let device = cloud.device(DEVICE);
     assert_eq!(device["backlog"]["batches"], 0, "{device}");
     assert_eq!(device["backlog"]["eta_s"], 0, "{device}");
+}
+
+#[test]
+fn an_http_edge_that_holds_the_fleet_key_gets_its_commands_from_a_cloud_that_also_speaks_mqtt() {
+    // The cloud publishes every queued command over MQTT too (it cannot know the device's
+    // mode), which marks it delivered; the edge's fetch says it is the device fetching its work.
+    let broker = Mosquitto::start().unwrap();
+    let cloud = Cloud::start_mqtt(&broker, Vec::new()).unwrap();
+    let device = "rpi-fleet-keyed"; // the harness gives it the fleet key
+    let edge = Edge::start(EdgeOptions {
+        device_id: device.into(),
+        mode: "http",
+        http_url: cloud.url(""),
+        count: 100,
+        http: "command_poll = \"1s\"".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    cloud.wait_detections(device, 100, T).unwrap();
+    edge.wait_drained(100, T).unwrap();
+    let (code, v) = post_command(&cloud, FLEET_KEY, device, &json!({ "kind": "ping" }));
+    assert_eq!(code, 202, "{v}");
+    let id = v["command_id"].as_str().unwrap().to_owned();
+    let c = wait_for("the ping answered", T, || {
+        let (_, v) = get_json(&http(), &cloud, &format!("/api/v1/devices/{device}/commands/{id}"));
+        (v["status"] == "done").then_some(v)
+    })
+    .unwrap();
+    assert_eq!(c["result"]["device_id"], device, "{c}");
 }

@@ -2,12 +2,13 @@
 //!
 //! | request | who | answers |
 //! | --- | --- | --- |
-//! | `POST /api/v1/devices/{device_id}/commands` `{"kind": ...}` | a fleet key | 202 `{"command_id", "status": "queued"}`; 422 unknown kind or bad field (naming it); 404 a device this cloud has never heard from |
+//! | `POST /api/v1/devices/{device_id}/commands` `{"kind": ...}` | a fleet key | 202 `{"command_id", "status": "queued"}`; 422 unknown kind or bad field (naming it); 404 a device this cloud has never heard from (also for the listings) |
 //! | `GET /api/v1/devices/{device_id}/commands[?status=S&limit=N]` | a fleet key, or that device's key | 200 `{"commands": [...]}`, newest first (a device fetching its work: oldest first) |
 //! | `GET /api/v1/devices/{device_id}/commands/{command_id}` | the same | 200 the command; 404 |
 //! | `POST /api/v1/devices/{device_id}/commands/{command_id}/result` | that device's key (or a fleet key) | 200 `{"status": "recorded" \| "already_final"}`; 404; 422 |
 //!
-//! A device's own key asking for `status=queued` is the device fetching its work (HTTP mode): it
+//! A device's own key asking for `status=queued` (or any key with `&fetch=1`: an edge that holds
+//! a fleet key) is the device fetching its work (HTTP mode): it
 //! gets every command it has not answered yet (`queued` or `delivered`: an answer lost on the way
 //! may need a redelivery, which the device answers from its record without running it again),
 //! and they become `delivered`. With mTLS (`tls.client_ca_file`) a device key's request must come
@@ -29,6 +30,19 @@ use super::{error, storage_down, App};
 use crate::config::KeyScope;
 use crate::store::{CommandFilter, CommandRow, Finished};
 
+/// 404: the cloud never heard from `device_id`.
+pub(super) fn unknown_device(device_id: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no device `{device_id}` has sent anything to this cloud: check the id (GET /api/v1/devices); a new Pi \
+             can be commanded once it has connected"
+        ),
+        Some("device_id"),
+    )
+    .into_response()
+}
+
 /// `GET /api/v1/devices/{device_id}/commands`.
 #[derive(Debug, Serialize)]
 struct CommandList {
@@ -39,6 +53,9 @@ struct CommandList {
 pub(super) struct ListQuery {
     status: Option<String>,
     limit: Option<i64>,
+    /// `1`: the device itself fetching its work (an edge that holds a fleet key says so; one
+    /// with its own key need not).
+    fetch: Option<u8>,
 }
 
 /// The most commands a listing returns.
@@ -51,10 +68,11 @@ pub(super) async fn create(
     Path(device_id): Path<String>,
     body: Bytes,
 ) -> Response {
-    if let Err(e) = caller.fleet_only() {
+    if caller.0 != KeyScope::Fleet {
         return error(
             StatusCode::FORBIDDEN,
-            format!("only a fleet (operator) key may command a device; {}", e.message),
+            "only a fleet (operator) key (\"*\" in the keys file) may command a device; a device key, even the \
+             device's own, may only read and answer its commands",
             None,
         )
         .into_response();
@@ -67,17 +85,7 @@ pub(super) async fn create(
     };
     match app.ingest.commands().device_known(&device_id).await {
         Ok(true) => {}
-        Ok(false) => {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "no device `{device_id}` has sent anything to this cloud: check the id (GET /api/v1/devices); a \
-                     new Pi can be commanded once it has connected"
-                ),
-                Some("device_id"),
-            )
-            .into_response()
-        }
+        Ok(false) => return unknown_device(&device_id),
         Err(e) => return storage_down(e),
     }
     match app.ingest.commands().create(&device_id, &kind).await {
@@ -106,7 +114,14 @@ pub(super) async fn list(
         Err(e) => return error(StatusCode::BAD_REQUEST, e, Some("status")).into_response(),
     };
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_LIST);
-    let fetching = status == Some(CommandStatus::Queued) && caller.0 != KeyScope::Fleet;
+    let fetching = status == Some(CommandStatus::Queued) && (caller.0 != KeyScope::Fleet || q.fetch == Some(1));
+    if !fetching {
+        match app.ingest.commands().device_known(&device_id).await {
+            Ok(true) => {}
+            Ok(false) => return unknown_device(&device_id),
+            Err(e) => return storage_down(e),
+        }
+    }
     let filter = match status {
         _ if fetching => CommandFilter::Open,
         Some(s) => CommandFilter::Status(s),

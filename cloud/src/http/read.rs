@@ -155,6 +155,11 @@ pub(super) async fn gaps(
     if let Err(r) = caller.read_scope(Some(device_id.clone())) {
         return r.into_response();
     }
+    match app.ingest.commands().device_known(&device_id).await {
+        Ok(true) => {}
+        Ok(false) => return super::commands::unknown_device(&device_id),
+        Err(e) => return storage_down(e),
+    }
     let limit = p.limit.unwrap_or(1000).clamp(1, 10_000);
     match app.ingest.gaps(&device_id, limit).await {
         Ok(gaps) => {

@@ -234,17 +234,19 @@ pub struct DeviceRow {
 /// `produced = stored + queued + dropped + quarantined + lost + dead_lettered`, in batches
 /// (issue #18): `produced`, `queued` (pending + in flight), `dropped` (the queue's byte budget),
 /// `quarantined`, `lost` and `dead_lettered` are the edge's counters from its last status (sent
-/// every `transport.mqtt.status_interval` and when it stops); `stored` is what this cloud holds
-/// for the device now. `difference` is `produced` minus the right-hand side: positive means
-/// batches the device produced that are nowhere (lost between edge and cloud), negative means
-/// the cloud holds more than the device knows of (a data_dir that was reset; batches stored
-/// since the status was sent). While batches move it can be off by what moved since the last
-/// status; it settles when the device is idle or stopped.
+/// every `transport.mqtt.status_interval` and when it stops); `stored` is what this cloud had
+/// stored for the device when that status arrived, so a live device compares like with like.
+/// `difference` is `produced` minus the right-hand side. A batch in flight when the status was
+/// made may be stored already and still counted queued by the edge (its ack was on the way), so
+/// the ledger is `balanced` when `difference` is between `-in_flight` and 0. Above 0: batches the
+/// device produced that are nowhere (lost between edge and cloud); below `-in_flight`: the cloud
+/// holds more than the device knows of (its data_dir was reset, or moved aside after damage).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Ledger {
     pub produced: i64,
     pub stored: i64,
     pub queued: i64,
+    pub in_flight: i64,
     pub dropped: i64,
     pub quarantined: i64,
     pub lost: i64,
@@ -273,16 +275,18 @@ fn ledger_of(status: &DeviceStatus, stored: i64, reported_at: String) -> Option<
     let quarantined = n(status.quarantined).unwrap_or(0);
     let lost = n(status.lost_batches).unwrap_or(0);
     let dead_lettered = n(status.dead_lettered).unwrap_or(0);
+    let in_flight = n(status.in_flight).unwrap_or(0);
     let difference = produced - (stored + queued + dropped + quarantined + lost + dead_lettered);
     Some(Ledger {
         produced,
         stored,
         queued,
+        in_flight,
         dropped,
         quarantined,
         lost,
         dead_lettered,
-        balanced: difference == 0,
+        balanced: (-in_flight..=0).contains(&difference),
         difference,
         reported_at,
     })
@@ -953,7 +957,8 @@ impl Store {
             "SELECT d.device_id, d.name, d.location, d.last_seen, d.online, d.batches, d.detections, d.last_seq,
                     d.status_json,
                     (SELECT COALESCE(MAX(b.seq) + 1 - COUNT(DISTINCT b.seq), 0) FROM batches b WHERE b.device_id = d.device_id),
-                    d.clock_unsynced_batches, d.status_at
+                    d.clock_unsynced_batches, d.status_at,
+                    (SELECT COUNT(*) FROM batches b WHERE b.device_id = d.device_id AND b.received_at <= d.status_at)
              FROM devices d ORDER BY d.device_id",
         )
         .fetch_all(&self.pool)
@@ -1046,10 +1051,10 @@ async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>, counter: &str, by: i64)
 
 fn device_row(r: &AnyRow) -> Result<DeviceRow, sqlx::Error> {
     let status: Option<String> = r.try_get(8)?;
-    let batches: i64 = r.try_get(5)?;
+    let stored_at_status: i64 = r.try_get(12)?;
     let reported_at = r.try_get::<Option<i64>, _>(11)?.map(ts_string).unwrap_or_default();
     let parsed: Option<DeviceStatus> = status.as_deref().and_then(|s| serde_json::from_str(s).ok());
-    let ledger = parsed.as_ref().and_then(|st| ledger_of(st, batches, reported_at));
+    let ledger = parsed.as_ref().and_then(|st| ledger_of(st, stored_at_status, reported_at));
     let backlog = parsed.as_ref().filter(|st| st.queue_depth.is_some()).map(|st| Backlog {
         batches: st.queue_depth.unwrap_or(0),
         oldest_age_s: st.oldest_pending_age_s,

@@ -403,7 +403,8 @@ impl CommandClient {
         struct List {
             commands: Vec<Listed>,
         }
-        let target = format!("{}?status=queued", self.commands_url());
+        // `fetch=1`: this is the device fetching its work, also when it holds a fleet key.
+        let target = format!("{}?status=queued&fetch=1", self.commands_url());
         let mut r = self.keyed(self.agent.get(&target)).call().map_err(|e| format!("GET {target}: {e}"))?;
         let code = r.status().as_u16();
         let body = r.body_mut().with_config().limit(4 << 20).read_to_string().map_err(|e| e.to_string())?;

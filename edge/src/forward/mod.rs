@@ -710,7 +710,7 @@ impl<T: Transport> Forwarder<T> {
 
     fn device_status(&self, online: bool) -> Option<DeviceStatus> {
         let stats = self.queue.stats().ok()?;
-        let drain = self.telemetry.drain(stats.pending + stats.in_flight);
+        let drain = self.telemetry.drain(stats.pending, stats.in_flight);
         Some(DeviceStatus {
             online,
             queue_depth: Some(stats.pending + stats.in_flight),
@@ -725,7 +725,7 @@ impl<T: Transport> Forwarder<T> {
             lost_batches: Some(stats.lost_batches),
             dead_lettered: Some(stats.dead_lettered_total),
             dropped_invalid: Some(self.telemetry.dropped_invalid().values().sum()),
-            drain_rate: Some(drain.rate_per_s),
+            drain_rate: Some(drain.rate),
             eta_s: drain.eta_s,
         })
     }
