@@ -130,8 +130,14 @@ impl Ingest {
     }
 
     /// Records a device's status message.
-    pub async fn device_status(&self, device_id: &str, status: &DeviceStatus) -> Result<(), StoreError> {
-        self.store.device_status(device_id, status).await
+    /// Records a device's status; `retained`: an MQTT retained one (see [`Store::device_status`]).
+    pub async fn device_status(
+        &self,
+        device_id: &str,
+        status: &DeviceStatus,
+        retained: bool,
+    ) -> Result<(), StoreError> {
+        self.store.device_status(device_id, status, retained).await
     }
 
     /// Writes the duplicate and conflict counts held in memory (every 5 s and at shutdown).

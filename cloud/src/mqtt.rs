@@ -557,7 +557,8 @@ async fn handle(ingest: &Ingest, acks: &AckSender, publish: &Publish, max_bytes:
         }
         TopicKind::Status => match serde_json::from_slice::<DeviceStatus>(&publish.payload) {
             Ok(status) => {
-                retry_storage(|| ingest.device_status(device, &status)).await;
+                // A retained status comes again at every subscribe, old: it must not pass for news.
+                retry_storage(|| ingest.device_status(device, &status, publish.retain)).await;
             }
             Err(e) => dead_letter(ingest, publish, Some(device), &format!("status is not valid: {e}")).await,
         },

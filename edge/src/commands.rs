@@ -53,9 +53,9 @@ pub const MAX_RESULT_BYTES: usize = 60 << 10;
 /// How long `flush` waits for the pipeline to cut the open batch.
 pub const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
-/// Journal entries kept at most, newest first: a hard bound on `data_dir/commands` whatever
-/// the rate of commands (entries younger than [`COMMAND_TTL`] are kept otherwise).
-const JOURNAL_MAX: usize = 10_000;
+/// The journal is pruned (entries older than [`COMMAND_TTL`] removed) at open and after this
+/// many writes.
+const PRUNE_EVERY: u64 = 100;
 
 /// What reaches the stage.
 #[derive(Debug)]
@@ -80,19 +80,20 @@ pub struct Entry {
 #[derive(Debug)]
 pub struct Journal {
     dir: PathBuf,
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl Journal {
     /// Opens `data_dir/commands` (created 0700), answering `failed` for commands a crash
     /// interrupted, and removing entries older than [`COMMAND_TTL`] (commands that old are
-    /// refused anyway) beyond the newest [`JOURNAL_MAX`].
+    /// refused anyway; never a younger one, whose command could be delivered again).
     ///
     /// Errors: the directory cannot be made or read (the message names it).
     pub fn open(data_dir: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         let dir = data_dir.join("commands");
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
-        let journal = Self { dir };
+        let journal = Self { dir, writes: Default::default() };
         journal.prune()?;
         for id in journal.ids()? {
             if let Ok(Some(mut entry)) = journal.get(id) {
@@ -110,14 +111,11 @@ impl Journal {
         Ok(journal)
     }
 
-    /// Removes the entries of commands older than [`COMMAND_TTL`], and the oldest beyond
-    /// [`JOURNAL_MAX`].
+    /// Removes the entries of commands older than [`COMMAND_TTL`].
     fn prune(&self) -> std::io::Result<()> {
-        let mut ids = self.ids()?;
-        ids.sort_unstable_by(|a, b| b.cmp(a));
-        for (i, id) in ids.iter().enumerate() {
-            if i >= JOURNAL_MAX || too_old(*id) {
-                let _ = std::fs::remove_file(self.path(*id));
+        for id in self.ids()? {
+            if too_old(id) {
+                let _ = std::fs::remove_file(self.path(id));
             }
         }
         Ok(())
@@ -155,16 +153,17 @@ impl Journal {
         })))
     }
 
-    /// Writes `entry` durably: a temporary file, fsync, rename, fsync of the directory.
+    /// Writes `entry` durably ([`write_durably`]); prunes every [`PRUNE_EVERY`] writes.
     pub fn write(&self, entry: &Entry) -> std::io::Result<()> {
-        use std::io::Write;
-        let path = self.path(entry.command_id);
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec(entry).expect("an entry serializes"))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(&self.dir)?.sync_all()
+        write_durably(
+            &self.dir,
+            &self.path(entry.command_id),
+            &serde_json::to_vec(entry).expect("an entry serializes"),
+        )?;
+        if self.writes.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
+            self.prune()?;
+        }
+        Ok(())
     }
 }
 
@@ -173,6 +172,19 @@ impl Journal {
 fn too_old(id: CommandId) -> bool {
     let now_ms = crate::clock::now().unix_millis().max(0) as u64;
     now_ms.saturating_sub(id.timestamp_ms()) > COMMAND_TTL.as_millis() as u64
+}
+
+/// Replaces `path` (in `dir`) with `bytes` so that a crash or power cut leaves the old file or the
+/// new one, never a mix: a temporary file, fsync, rename over `path`, fsync of `dir`. Errors: any
+/// of those steps' (the old file is then untouched).
+fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn failed(id: CommandId, error: &str) -> CommandResult {
@@ -218,16 +230,13 @@ impl RateOverride {
         Ok(Some(o))
     }
 
-    /// Writes it durably (temporary file, fsync, rename, fsync of the directory).
+    /// Writes it durably ([`write_durably`]).
     pub fn store(&self, data_dir: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        let path = Self::path(data_dir);
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).expect("an override serializes"))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(data_dir)?.sync_all()
+        write_durably(
+            data_dir,
+            &Self::path(data_dir),
+            &serde_json::to_vec_pretty(self).expect("an override serializes"),
+        )
     }
 }
 

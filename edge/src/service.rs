@@ -233,7 +233,10 @@ pub fn run(config: EdgeConfig, secrets: Secrets) -> Result<()> {
                 let mut every = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     every.tick().await;
-                    s.sample();
+                    // It reads the queue, which can wait for a sync: never on this runtime, which
+                    // also serves /status and pings the watchdog.
+                    let s = s.clone();
+                    let _ = tokio::task::spawn_blocking(move || s.sample()).await;
                 }
             })
         };

@@ -264,7 +264,7 @@ pub(super) async fn status(
             return error(StatusCode::UNPROCESSABLE_ENTITY, format!("not a device status: {e}"), None).into_response()
         }
     };
-    match app.ingest.device_status(&device_id, &status).await {
+    match app.ingest.device_status(&device_id, &status, false).await {
         Ok(()) => Json(json!({ "status": "recorded" })).into_response(),
         Err(e) => storage_down(e),
     }

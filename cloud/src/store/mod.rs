@@ -141,6 +141,8 @@ const MIGRATIONS: &[&[&str]] = &[
         publishes BIGINT NOT NULL DEFAULT 0,
         next_publish_at BIGINT)",
         "CREATE INDEX IF NOT EXISTS commands_device ON commands (device_id, command_id)",
+        // The ledger (issue #18): `devices.batches` when the last full status was recorded.
+        "ALTER TABLE devices ADD COLUMN stored_at_status BIGINT NOT NULL DEFAULT 0",
         "CREATE INDEX IF NOT EXISTS commands_open ON commands (command_id) WHERE status IN ('queued', 'delivered')",
     ],
 ];
@@ -234,13 +236,18 @@ pub struct DeviceRow {
 /// `produced = stored + queued + dropped + quarantined + lost + dead_lettered`, in batches
 /// (issue #18): `produced`, `queued` (pending + in flight), `dropped` (the queue's byte budget),
 /// `quarantined`, `lost` and `dead_lettered` are the edge's counters from its last status (sent
-/// every `transport.mqtt.status_interval` and when it stops); `stored` is what this cloud had
-/// stored for the device when that status arrived, so a live device compares like with like.
-/// `difference` is `produced` minus the right-hand side. A batch in flight when the status was
-/// made may be stored already and still counted queued by the edge (its ack was on the way), so
-/// the ledger is `balanced` when `difference` is between `-in_flight` and 0. Above 0: batches the
-/// device produced that are nowhere (lost between edge and cloud); below `-in_flight`: the cloud
-/// holds more than the device knows of (its data_dir was reset, or moved aside after damage).
+/// every `transport.mqtt.status_interval` and when it stops); `stored` is what this cloud held
+/// for the device when that status was recorded (the device's batch count, copied in the same
+/// statement: no clocks compared), or, after a clean stop, what it holds now.
+///
+/// `difference` is `produced` minus the right-hand side. A batch the edge counts as queued may
+/// be stored already: it is in flight with its ack on the way, its ack was lost in a crash (acks
+/// are written in groups), or a replay put it back; so the ledger is `balanced` when
+/// `difference` is between `-queued` and 0. It proves that nothing is lost once the queue is
+/// empty (then `difference` must be 0). Above 0: batches the device produced that are nowhere
+/// (lost between edge and cloud). Below `-queued`: the cloud holds more than the device knows of
+/// (its data_dir was reset, or moved aside after damage; rarely, a batch dropped by the byte
+/// budget after it had been sent and stored).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Ledger {
     pub produced: i64,
@@ -276,7 +283,10 @@ fn ledger_of(status: &DeviceStatus, stored: i64, reported_at: String) -> Option<
     let lost = n(status.lost_batches).unwrap_or(0);
     let dead_lettered = n(status.dead_lettered).unwrap_or(0);
     let in_flight = n(status.in_flight).unwrap_or(0);
-    let difference = produced - (stored + queued + dropped + quarantined + lost + dead_lettered);
+    // In i128: counters come from devices, and one absurd status must not overflow the listing.
+    let accounted =
+        [stored, queued, dropped, quarantined, lost, dead_lettered].iter().map(|&v| i128::from(v)).sum::<i128>();
+    let difference = (i128::from(produced) - accounted).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
     Some(Ledger {
         produced,
         stored,
@@ -286,7 +296,7 @@ fn ledger_of(status: &DeviceStatus, stored: i64, reported_at: String) -> Option<
         quarantined,
         lost,
         dead_lettered,
-        balanced: (-in_flight..=0).contains(&difference),
+        balanced: (-queued..=0).contains(&difference),
         difference,
         reported_at,
     })
@@ -898,10 +908,33 @@ impl Store {
 
     /// Records a device's status message (online, queue depth, drops, the ledger's counters). A
     /// last will (`{"online":false}`, nothing else) changes only `online`: the counters of the
-    /// last full status stay for the ledger.
-    pub async fn device_status(&self, device_id: &str, status: &DeviceStatus) -> Result<(), StoreError> {
+    /// last full status stay for the ledger. `retained`: an MQTT retained status, delivered again
+    /// when the cloud subscribes; it is old, so it is recorded only for a device without one.
+    pub async fn device_status(
+        &self,
+        device_id: &str,
+        status: &DeviceStatus,
+        retained: bool,
+    ) -> Result<(), StoreError> {
         let _writer = self.writer().await;
         let now = Timestamp::now().unix_micros();
+        if retained {
+            let json = serde_json::to_string(status).unwrap_or_default();
+            sqlx::query(
+                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, online, status_json, status_at)
+                 VALUES ($1, $2, $2, -1, 0, 0, $3, $4, $2)
+                 ON CONFLICT (device_id) DO UPDATE SET online = excluded.online,
+                    status_json = COALESCE(devices.status_json, excluded.status_json),
+                    status_at = COALESCE(devices.status_at, excluded.status_at)",
+            )
+            .bind(device_id)
+            .bind(now)
+            .bind(i64::from(status.online))
+            .bind(json)
+            .execute(&self.pool)
+            .await?;
+            return Ok(());
+        }
         if *status == (DeviceStatus { online: status.online, ..DeviceStatus::default() }) {
             sqlx::query(
                 "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, online)
@@ -920,7 +953,7 @@ impl Store {
             "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, online, status_json, status_at)
              VALUES ($1, $2, $2, -1, 0, 0, $3, $4, $2)
              ON CONFLICT (device_id) DO UPDATE SET online = excluded.online, status_json = excluded.status_json,
-                status_at = excluded.status_at",
+                status_at = excluded.status_at, stored_at_status = devices.batches",
         )
         .bind(device_id)
         .bind(now)
@@ -957,8 +990,7 @@ impl Store {
             "SELECT d.device_id, d.name, d.location, d.last_seen, d.online, d.batches, d.detections, d.last_seq,
                     d.status_json,
                     (SELECT COALESCE(MAX(b.seq) + 1 - COUNT(DISTINCT b.seq), 0) FROM batches b WHERE b.device_id = d.device_id),
-                    d.clock_unsynced_batches, d.status_at,
-                    (SELECT COUNT(*) FROM batches b WHERE b.device_id = d.device_id AND b.received_at <= d.status_at)
+                    d.clock_unsynced_batches, d.status_at, d.stored_at_status
              FROM devices d ORDER BY d.device_id",
         )
         .fetch_all(&self.pool)
@@ -983,7 +1015,7 @@ impl Store {
         }
         let rows = sqlx::query(
             "SELECT seq, next FROM (SELECT seq, LEAD(seq) OVER (ORDER BY seq) AS next FROM batches WHERE device_id = $1) t
-             WHERE next > seq + 1 ORDER BY seq LIMIT $2",
+             WHERE next - seq > 1 ORDER BY seq LIMIT $2",
         )
         .bind(device_id)
         .bind(limit)
@@ -1054,7 +1086,14 @@ fn device_row(r: &AnyRow) -> Result<DeviceRow, sqlx::Error> {
     let stored_at_status: i64 = r.try_get(12)?;
     let reported_at = r.try_get::<Option<i64>, _>(11)?.map(ts_string).unwrap_or_default();
     let parsed: Option<DeviceStatus> = status.as_deref().and_then(|s| serde_json::from_str(s).ok());
-    let ledger = parsed.as_ref().and_then(|st| ledger_of(st, stored_at_status, reported_at));
+    // After a clean stop (its last full status says offline) nothing more comes: compare with
+    // everything stored, so the batches stored after that status was recorded (acked by the
+    // broker, `ack = "broker"`) count.
+    let stored = match &parsed {
+        Some(st) if !st.online => r.try_get::<i64, _>(5)?,
+        _ => stored_at_status,
+    };
+    let ledger = parsed.as_ref().and_then(|st| ledger_of(st, stored, reported_at));
     let backlog = parsed.as_ref().filter(|st| st.queue_depth.is_some()).map(|st| Backlog {
         batches: st.queue_depth.unwrap_or(0),
         oldest_age_s: st.oldest_pending_age_s,

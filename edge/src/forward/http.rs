@@ -188,8 +188,9 @@ enum Job {
     Post(QueuedBatch),
     Health,
     /// `POST /api/v1/devices/{device_id}/status` (issue #18: the ledger's counters); answered by
-    /// nobody: a status that does not arrive is replaced by the next.
-    Status(String, DeviceStatus),
+    /// nobody: a status that does not arrive is replaced by the next. The sender, if any, hears
+    /// when it was posted (the last one, at a stop).
+    Status(Box<(String, DeviceStatus)>, Option<mpsc::Sender<()>>),
 }
 
 /// The forwarder's side of the HTTP workers.
@@ -239,8 +240,11 @@ impl HttpTransport {
                         HttpEvent::Answer { batch_id: batch.batch_id, answer: post(&agent, &settings, &batch) }
                     }
                     Job::Health => health(&agent, &settings),
-                    Job::Status(device_id, status) => {
-                        post_status(&agent, &settings, &device_id, &status);
+                    Job::Status(status, done) => {
+                        post_status(&agent, &settings, &status.0, &status.1);
+                        if let Some(done) = done {
+                            let _ = done.send(());
+                        }
                         continue;
                     }
                 };
@@ -340,14 +344,21 @@ impl Transport for HttpTransport {
         // Only while the cloud answers: a status must not wait in front of batches for a link
         // that is down.
         if let (true, Some(device_id)) = (self.up, &self.device_id) {
-            let _ = self.jobs.send(Job::Status(device_id.clone(), status.clone()));
+            let _ = self.jobs.send(Job::Status(Box::new((device_id.clone(), status.clone())), None));
         }
     }
 
     fn close(&mut self, status: &DeviceStatus) {
-        // The last status (best effort), then dropping the job sender ends the workers once the
-        // jobs already queued are done.
-        self.publish_status(status);
+        // The last status (it says the device stopped, for the ledger and `online`), waited for
+        // briefly; then dropping the job sender ends the workers once their jobs are done.
+        if let (true, Some(device_id)) = (self.up, &self.device_id) {
+            let (done, posted) = mpsc::channel();
+            if self.jobs.send(Job::Status(Box::new((device_id.clone(), status.clone())), Some(done))).is_ok()
+                && posted.recv_timeout(Duration::from_secs(3)).is_err()
+            {
+                tracing::info!("the last status did not reach the cloud within 3 s");
+            }
+        }
     }
 }
 
