@@ -444,7 +444,13 @@ impl Stage {
         }
         let mut entry =
             Entry { command_id: m.command_id, command: m.command.clone(), started_at: Timestamp::now(), result: None };
-        if let Err(e) = self.journal.write(&entry) {
+        let begun = self.journal.write(&entry);
+        // Test-only fault injection: the process dies between the journal's record and the run.
+        if begun.is_ok() && std::env::var("BACKHAUL_FAILPOINT").as_deref() == Ok("abort_after_journal") {
+            eprintln!("FAILPOINT abort_after_journal: the process dies with the command recorded, not run");
+            std::process::abort();
+        }
+        if let Err(e) = begun {
             tracing::error!(error = %e, command_id = %m.command_id, "cannot record a command before running it: not run");
             return failed(
                 m.command_id,

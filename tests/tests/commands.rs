@@ -361,3 +361,31 @@ fn an_http_edge_that_holds_the_fleet_key_gets_its_commands_from_a_cloud_that_als
     .unwrap();
     assert_eq!(c["result"]["device_id"], device, "{c}");
 }
+
+#[test]
+fn a_pi_that_dies_between_recording_a_command_and_running_it_answers_interrupted_and_never_runs_it() {
+    let cloud = Cloud::start(CloudOptions::default()).unwrap();
+    let mut edge = Edge::start(EdgeOptions {
+        mode: "http",
+        http_url: cloud.url(""),
+        count: 100,
+        http: "command_poll = \"1s\"".into(),
+        env: vec![("BACKHAUL_FAILPOINT".into(), "abort_after_journal".into())],
+        ..Default::default()
+    })
+    .unwrap();
+    cloud.wait_detections(DEVICE, 100, T).unwrap();
+    edge.wait_drained(100, T).unwrap();
+    let id = command(&cloud, json!({ "kind": "set_rate", "rate_per_sec": 3, "burst": 3 }));
+    // It dies with the command in its journal, not run (abort: no cleanup, like a crash).
+    let code = edge.process.wait_exit(T).unwrap();
+    assert_ne!(code, Some(0));
+    edge.env_mut().retain(|(k, _)| k != "BACKHAUL_FAILPOINT");
+    edge.restart().unwrap();
+    let c = finished(&cloud, &id);
+    assert_eq!(c["status"], "failed", "{c}");
+    assert!(c["result"]["error"].as_str().unwrap().contains("interrupted"), "{c}");
+    let s = edge.status().unwrap();
+    assert_eq!(num(&s, "/commands/run"), 0, "never run: {s}");
+    assert_eq!(s["rate"]["source"], "config", "the rate was not changed: {s}");
+}
