@@ -918,23 +918,6 @@ impl Store {
     ) -> Result<(), StoreError> {
         let _writer = self.writer().await;
         let now = Timestamp::now().unix_micros();
-        if retained {
-            let json = serde_json::to_string(status).unwrap_or_default();
-            sqlx::query(
-                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, online, status_json, status_at)
-                 VALUES ($1, $2, $2, -1, 0, 0, $3, $4, $2)
-                 ON CONFLICT (device_id) DO UPDATE SET online = excluded.online,
-                    status_json = COALESCE(devices.status_json, excluded.status_json),
-                    status_at = COALESCE(devices.status_at, excluded.status_at)",
-            )
-            .bind(device_id)
-            .bind(now)
-            .bind(i64::from(status.online))
-            .bind(json)
-            .execute(&self.pool)
-            .await?;
-            return Ok(());
-        }
         if *status == (DeviceStatus { online: status.online, ..DeviceStatus::default() }) {
             sqlx::query(
                 "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, online)
@@ -952,13 +935,19 @@ impl Store {
         sqlx::query(
             "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, online, status_json, status_at)
              VALUES ($1, $2, $2, -1, 0, 0, $3, $4, $2)
-             ON CONFLICT (device_id) DO UPDATE SET online = excluded.online, status_json = excluded.status_json,
-                status_at = excluded.status_at, stored_at_status = devices.batches",
+             ON CONFLICT (device_id) DO UPDATE SET online = excluded.online,
+                status_json = CASE WHEN $5 = 1 AND devices.status_json IS NOT NULL THEN devices.status_json
+                                   ELSE excluded.status_json END,
+                stored_at_status = CASE WHEN $5 = 1 AND devices.status_json IS NOT NULL THEN devices.stored_at_status
+                                        ELSE devices.batches END,
+                status_at = CASE WHEN $5 = 1 AND devices.status_at IS NOT NULL THEN devices.status_at
+                                 ELSE excluded.status_at END",
         )
         .bind(device_id)
         .bind(now)
         .bind(i64::from(status.online))
         .bind(json)
+        .bind(i64::from(retained))
         .execute(&self.pool)
         .await?;
         Ok(())
