@@ -105,7 +105,8 @@ impl Ingest {
         self.store.count_rejected().await
     }
 
-    /// Keeps an unusable message for inspection (where it came from, its size, why).
+    /// Keeps an unusable message for inspection (where it came from, its size, why);
+    /// `panicked`: its handling panicked (also counted in `panics`).
     pub async fn dead_letter(
         &self,
         via: &str,
@@ -113,23 +114,11 @@ impl Ingest {
         device_id: Option<&str>,
         size: usize,
         error: &str,
+        panicked: bool,
     ) -> Result<(), StoreError> {
-        self.store.dead_letter(via, topic, device_id, size, error).await
+        self.store.dead_letter(via, topic, device_id, size, error, panicked).await
     }
 
-    /// A dead letter for a message whose handling panicked (also counted in `panics`).
-    pub async fn dead_letter_panic(
-        &self,
-        via: &str,
-        topic: Option<&str>,
-        device_id: Option<&str>,
-        size: usize,
-        error: &str,
-    ) -> Result<(), StoreError> {
-        self.store.dead_letter_panic(via, topic, device_id, size, error).await
-    }
-
-    /// Records a device's status message.
     /// Records a device's status; `retained`: an MQTT retained one (see [`Store::device_status`]).
     pub async fn device_status(
         &self,

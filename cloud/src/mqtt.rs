@@ -508,7 +508,7 @@ async fn handler_panicked(ingest: &Ingest, acks: &AckSender, publish: &Publish, 
     let topic = topic_str(publish);
     let device = acks.topics.parse(&topic).map(|(d, _)| d);
     tracing::error!(topic = %topic, size = publish.payload.len(), "{reason}; dead-lettered, PUBACKed, going on");
-    retry_storage(|| ingest.dead_letter_panic("mqtt", Some(&topic), device, publish.payload.len(), &reason)).await;
+    retry_storage(|| ingest.dead_letter("mqtt", Some(&topic), device, publish.payload.len(), &reason, true)).await;
     if let (Some(device), Some(batch_id)) = (device, readable_batch_id(&publish.payload)) {
         acks.send(device, batch_id, AckStatus::Rejected, Some(reason)).await;
     }
@@ -667,7 +667,7 @@ fn readable_batch_id(payload: &[u8]) -> Option<backhaul_shared::BatchId> {
 async fn dead_letter(ingest: &Ingest, publish: &Publish, device: Option<&str>, error: &str) {
     let topic = topic_str(publish);
     tracing::warn!(topic = %topic, size = publish.payload.len(), error, "unusable MQTT message: dead-lettered");
-    retry_storage(|| ingest.dead_letter("mqtt", Some(&topic), device, publish.payload.len(), error)).await;
+    retry_storage(|| ingest.dead_letter("mqtt", Some(&topic), device, publish.payload.len(), error, false)).await;
 }
 
 async fn retry_storage<F, Fut>(mut op: F)

@@ -153,13 +153,9 @@ impl Journal {
         })))
     }
 
-    /// Writes `entry` durably ([`write_durably`]); prunes every [`PRUNE_EVERY`] writes.
+    /// Writes `entry` durably ([`replace_file`]); prunes every [`PRUNE_EVERY`] writes.
     pub fn write(&self, entry: &Entry) -> std::io::Result<()> {
-        write_durably(
-            &self.dir,
-            &self.path(entry.command_id),
-            &serde_json::to_vec(entry).expect("an entry serializes"),
-        )?;
+        replace_file(&self.path(entry.command_id), &serde_json::to_vec(entry).expect("an entry serializes"))?;
         if self.writes.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
             self.prune()?;
         }
@@ -174,17 +170,13 @@ fn too_old(id: CommandId) -> bool {
     now_ms.saturating_sub(id.timestamp_ms()) > COMMAND_TTL.as_millis() as u64
 }
 
-/// Replaces `path` (in `dir`) with `bytes` so that a crash or power cut leaves the old file or the
-/// new one, never a mix: a temporary file, fsync, rename over `path`, fsync of `dir`. Errors: any
-/// of those steps' (the old file is then untouched).
-fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+/// Replaces `path` with `bytes`, private (0600), through `init`'s atomic write (a temporary
+/// file, fsync, rename, fsync of the directory): a crash or power cut leaves the old file or the
+/// new one, never a mix. Errors: any of those steps', with the path.
+fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    crate::init::write_atomically(path, bytes, 0o600, true)
+        .map(|_| ())
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))
 }
 
 fn failed(id: CommandId, error: &str) -> CommandResult {
@@ -230,13 +222,9 @@ impl RateOverride {
         Ok(Some(o))
     }
 
-    /// Writes it durably ([`write_durably`]).
+    /// Writes it durably ([`replace_file`]).
     pub fn store(&self, data_dir: &Path) -> std::io::Result<()> {
-        write_durably(
-            data_dir,
-            &Self::path(data_dir),
-            &serde_json::to_vec_pretty(self).expect("an override serializes"),
-        )
+        replace_file(&Self::path(data_dir), &serde_json::to_vec_pretty(self).expect("an override serializes"))
     }
 }
 
@@ -490,9 +478,7 @@ impl Stage {
         let e = &self.effects;
         match kind {
             CommandKind::Replay { since, until } => {
-                let to_system = |t: &Timestamp| {
-                    std::time::UNIX_EPOCH + Duration::from_micros(u64::try_from(t.unix_micros()).unwrap_or(0))
-                };
+                let to_system = |t: &Timestamp| std::time::SystemTime::from(t.as_offset_date_time());
                 if e.queue.config().retain_acked.is_zero() {
                     return Err("nothing to replay: queue.retain_acked is 0, so acked batches are not kept".into());
                 }

@@ -349,7 +349,7 @@ fn create_dirs(dir: &Path, mode: u32) -> Result<()> {
 /// `mode` (whatever the umask), published, and the directory synced. With `replace` the file is
 /// renamed over `path`; without, it is linked to `path`, which fails if anything is there (even a
 /// link), so nothing is ever overwritten: `Ok(false)` then, and nothing changed.
-fn write_atomically(path: &Path, bytes: &[u8], mode: u32, replace: bool) -> Result<bool> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32, replace: bool) -> Result<bool> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().context("a file name")?.to_string_lossy();
     let mut random = [0u8; 8];

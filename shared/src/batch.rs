@@ -31,11 +31,6 @@ pub const MAX_TEXT_BYTES: usize = 256;
 pub struct BatchId(ulid::Ulid);
 
 impl BatchId {
-    /// A new id for a batch made now.
-    pub fn new() -> Self {
-        Self(ulid::Ulid::new())
-    }
-
     /// The id's 16 bytes, big-endian: byte order is time order.
     pub fn to_bytes(self) -> [u8; 16] {
         self.0.to_bytes()
@@ -44,45 +39,65 @@ impl BatchId {
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
         Self(ulid::Ulid::from_bytes(bytes))
     }
-
-    /// Milliseconds since the Unix epoch at which the id was made.
-    pub fn timestamp_ms(self) -> u64 {
-        self.0.timestamp_ms()
-    }
 }
 
-impl Default for BatchId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+/// The shared surface of an id that is a ULID newtype (`$name(ulid::Ulid)`): `new` (made now),
+/// `timestamp_ms` (milliseconds since the Unix epoch it was made at), `Default` (a new one), and
+/// the 26-character Crockford base32 form for `Display`, `FromStr` (the error names `$what`) and
+/// serde.
+macro_rules! ulid_id {
+    ($name:ident, $what:literal) => {
+        impl $name {
+            /// A new id, made now.
+            pub fn new() -> Self {
+                Self(ulid::Ulid::new())
+            }
 
-impl fmt::Display for BatchId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
+            /// Milliseconds since the Unix epoch at which the id was made.
+            pub fn timestamp_ms(self) -> u64 {
+                self.0.timestamp_ms()
+            }
+        }
 
-impl FromStr for BatchId {
-    type Err = String;
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
 
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ulid::Ulid::from_string(s).map(Self).map_err(|e| format!("`{s}` is not a batch id (a 26-character ULID): {e}"))
-    }
-}
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
 
-impl Serialize for BatchId {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
-    }
-}
+        impl std::str::FromStr for $name {
+            type Err = String;
 
-impl<'de> Deserialize<'de> for BatchId {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                ulid::Ulid::from_string(s)
+                    .map(Self)
+                    .map_err(|e| format!("`{s}` is not a {} (a 26-character ULID): {e}", $what))
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(&self.0)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
 }
+pub(crate) use ulid_id;
+
+ulid_id!(BatchId, "batch id");
 
 /// A point in time, on the wire as RFC 3339 (UTC, `Z`), internally UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -14,10 +14,9 @@
 //! device's topics but does not hold its key can neither command it nor forge its answers.
 //! Over HTTP the API key and TLS authenticate both ends, so bodies are plain JSON.
 
-use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use crate::batch::Timestamp;
 
@@ -26,51 +25,7 @@ use crate::batch::Timestamp;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CommandId(ulid::Ulid);
 
-impl CommandId {
-    pub fn new() -> Self {
-        Self(ulid::Ulid::new())
-    }
-
-    /// Milliseconds since the Unix epoch at which the command was made.
-    pub fn timestamp_ms(self) -> u64 {
-        self.0.timestamp_ms()
-    }
-}
-
-impl Default for CommandId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl fmt::Display for CommandId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl FromStr for CommandId {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ulid::Ulid::from_string(s)
-            .map(Self)
-            .map_err(|e| format!("`{s}` is not a command id (a 26-character ULID): {e}"))
-    }
-}
-
-impl Serialize for CommandId {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for CommandId {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+crate::batch::ulid_id!(CommandId, "command id");
 
 /// What a command asks (the body of `POST /api/v1/devices/{device_id}/commands`). Unknown
 /// fields are refused, so a misspelt `until` is an error, not a replay without an end.

@@ -135,7 +135,7 @@ async fn outcomes_and_counters(url: String) {
     assert_eq!(store_same(&s, &b).await, Outcome::Stored);
     assert_eq!(store_same(&s, &b).await, Outcome::Duplicate);
     assert_eq!(store(&s, &b).await, Outcome::Conflict, "same batch_id, another payload hash");
-    s.dead_letter("mqtt", Some("backhaul/x/batches"), None, 12, "not JSON").await.unwrap();
+    s.dead_letter("mqtt", Some("backhaul/x/batches"), None, 12, "not JSON", false).await.unwrap();
     s.flush_counts().await.unwrap();
     let st = s.stats().await.unwrap();
     assert_eq!((st.batches, st.detections, st.duplicates, st.dead_letters), (1, 2, 1, 1), "{st:?}");
@@ -539,7 +539,7 @@ async fn gap_ranges_dead_letters_and_the_ledger(url: String) {
     assert_eq!(s.gaps("pi-a", 2).await.unwrap().len(), 2);
     assert!(s.gaps("pi-none", 10).await.unwrap().is_empty());
     for i in 0..3 {
-        s.dead_letter("http", None, Some("pi-a"), i, &format!("bad {i}")).await.unwrap();
+        s.dead_letter("http", None, Some("pi-a"), i, &format!("bad {i}"), false).await.unwrap();
     }
     let dead = s.dead_letters(2).await.unwrap();
     assert_eq!(dead.len(), 2);

@@ -133,13 +133,13 @@ pub(super) async fn list(
         Err(e) => return storage_down(e),
     };
     if fetching {
-        for row in &mut rows {
+        // Only the ones not handed out yet: a command fetched again (its answer not in yet) costs
+        // no write at every poll.
+        for row in rows.iter_mut().filter(|r| r.status == CommandStatus::Queued.as_str()) {
             if let Err(e) = commands.delivered(&device_id, &row.command_id, None).await {
                 return storage_down(e);
             }
-            if row.status == "queued" {
-                row.status = "delivered".into();
-            }
+            row.status = CommandStatus::Delivered.as_str().into();
         }
     }
     Json(CommandList { commands: rows }).into_response()

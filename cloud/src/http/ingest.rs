@@ -112,7 +112,7 @@ pub(super) async fn bulk(
     let batch = match app.ingest.parse(&body) {
         Ok(b) => b,
         Err(e) => {
-            if let Err(se) = app.ingest.dead_letter("http", None, None, body.len(), &e.to_string()).await {
+            if let Err(se) = app.ingest.dead_letter("http", None, None, body.len(), &e.to_string(), false).await {
                 return storage_down(se);
             }
             return error(StatusCode::BAD_REQUEST, e.to_string(), Some(e.field())).into_response();

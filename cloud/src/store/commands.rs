@@ -115,8 +115,17 @@ impl Commands<'_> {
         .bind(now)
         .execute(&self.0.pool)
         .await?;
-        drop(_writer);
-        Ok(self.get(device_id, &id.to_string()).await?.expect("just written"))
+        Ok(CommandRow {
+            command_id: id.to_string(),
+            device_id: device_id.to_owned(),
+            kind: kind.name().to_owned(),
+            command: serde_json::from_str(&body).expect("just serialized"),
+            status: CommandStatus::Queued.as_str().to_owned(),
+            result: None,
+            created_at: ts_string(now),
+            delivered_at: None,
+            done_at: None,
+        })
     }
 
     /// Whether `device_id` has ever sent a batch or a status to this cloud.

@@ -848,31 +848,9 @@ impl Store {
         Ok(())
     }
 
-    /// Records an unusable message (kept for inspection: where it came from, its size, why).
+    /// Records an unusable message (kept for inspection: where it came from, its size, why);
+    /// `panicked`: its handling panicked, also counted in `panics`.
     pub async fn dead_letter(
-        &self,
-        via: &str,
-        topic: Option<&str>,
-        device_id: Option<&str>,
-        size: usize,
-        error: &str,
-    ) -> Result<(), StoreError> {
-        self.write_dead_letter(via, topic, device_id, size, error, false).await
-    }
-
-    /// Records a message whose handling panicked: a dead letter, also counted in `panics`.
-    pub async fn dead_letter_panic(
-        &self,
-        via: &str,
-        topic: Option<&str>,
-        device_id: Option<&str>,
-        size: usize,
-        error: &str,
-    ) -> Result<(), StoreError> {
-        self.write_dead_letter(via, topic, device_id, size, error, true).await
-    }
-
-    async fn write_dead_letter(
         &self,
         via: &str,
         topic: Option<&str>,

@@ -86,6 +86,20 @@ pub fn tls_config(tls: Option<&backhaul_shared::tls::ClientMaterial>) -> Result<
     Ok(b.build())
 }
 
+/// The HTTP client every request to the cloud goes through: statuses as answers, no redirect
+/// followed (a 3xx comes back as the answer, see the module docs), the whole-request timeout, our
+/// TLS. Errors: the TLS settings cannot be used ([`tls_config`]).
+fn agent(settings: &HttpSettings) -> Result<ureq::Agent, String> {
+    Ok(ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(settings.timeout))
+        .user_agent(concat!("backhaul-edge/", env!("CARGO_PKG_VERSION")))
+        .tls_config(tls_config(settings.tls.as_ref())?)
+        .build()
+        .into())
+}
+
 /// What a worker reports.
 #[derive(Debug)]
 pub enum HttpEvent {
@@ -217,15 +231,7 @@ impl HttpTransport {
     pub fn start(settings: HttpSettings, events: Sender<Event<HttpEvent>>) -> std::io::Result<Self> {
         let (jobs, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            // A 3xx comes back as the answer (see the module docs).
-            .max_redirects(0)
-            .timeout_global(Some(settings.timeout))
-            .user_agent(concat!("backhaul-edge/", env!("CARGO_PKG_VERSION")))
-            .tls_config(tls_config(settings.tls.as_ref()).map_err(std::io::Error::other)?)
-            .build()
-            .into();
+        let agent = agent(&settings).map_err(std::io::Error::other)?;
         let workers = settings.workers.max(1);
         for i in 0..workers {
             let (rx, events, agent, settings) = (rx.clone(), events.clone(), agent.clone(), settings.clone());
@@ -379,15 +385,7 @@ impl std::fmt::Debug for CommandClient {
 impl CommandClient {
     /// Errors: the TLS settings cannot be used (as for the transport).
     pub fn new(settings: HttpSettings, device_id: &str) -> Result<Self, String> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .timeout_global(Some(settings.timeout))
-            .user_agent(concat!("backhaul-edge/", env!("CARGO_PKG_VERSION")))
-            .tls_config(tls_config(settings.tls.as_ref())?)
-            .build()
-            .into();
-        Ok(Self { agent, settings, device_id: device_id.to_owned() })
+        Ok(Self { agent: agent(&settings)?, settings, device_id: device_id.to_owned() })
     }
 
     fn commands_url(&self) -> String {
