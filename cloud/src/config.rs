@@ -47,6 +47,11 @@ pub struct CloudConfig {
     /// 1..=65,536; default 512 (the unit's `LimitNOFILE` is 65,536).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Dashboards' live streams (`GET /api/v1/live`) open at once; more are answered 503. Each
+    /// holds one of `max_connections`, so it must be below it (ingest keeps the rest).
+    /// 0..=65,535; default 100.
+    #[serde(default = "default_max_live_clients")]
+    pub max_live_clients: usize,
     /// A client must send a request's headers within this (or the connection is closed; idle
     /// keep-alive connections too). 1 s..=5 min; default 10 s.
     #[serde(default = "default_header_read_timeout")]
@@ -148,6 +153,9 @@ fn default_max_concurrent() -> usize {
 fn default_max_connections() -> usize {
     512
 }
+fn default_max_live_clients() -> usize {
+    100
+}
 fn default_header_read_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
@@ -217,6 +225,7 @@ fn check_ranges(loaded: &Loaded<CloudConfig>) -> Result<()> {
     in_range(loaded, "max_detections", c.max_detections, (1, 100_000))?;
     in_range(loaded, "max_concurrent_ingest", c.max_concurrent_ingest, (0, 4096))?;
     in_range(loaded, "max_connections", c.max_connections, (1, 65_536))?;
+    in_range(loaded, "max_live_clients", c.max_live_clients, (0, c.max_connections - 1))?;
     in_range(loaded, "header_read_timeout", c.header_read_timeout, (secs(1), secs(300)))?;
     in_range(loaded, "body_read_timeout", c.body_read_timeout, (secs(1), secs(600)))?;
     in_range(loaded, "ingest_stall_after", c.ingest_stall_after, (secs(5), secs(3600)))?;
@@ -369,6 +378,7 @@ mod tests {
             ("ingest_stall_after = \"1s\"", "ingest_stall_after", "5s..=1h"),
             ("max_body_bytes = \"1GiB\"", "max_body_bytes", "..="),
             ("max_detections = 0", "max_detections", "1..=100000"),
+            ("max_live_clients = 512", "max_live_clients", "0..=511"),
         ] {
             std::fs::write(&file, format!("database = \"sqlite:/tmp/x.db\"\n{line}\n")).unwrap();
             let e = CloudConfig::load(&file).unwrap_err().to_string();

@@ -33,6 +33,8 @@ pub struct Ingest {
     pub limits: Limits,
     /// Per-device rate limits, across both adapters ([`crate::ratelimit`]).
     pub rates: crate::ratelimit::DeviceLimits,
+    /// What the dashboard shows live: every batch taken in, and the ingest rate (issue #19).
+    pub live: std::sync::Arc<crate::live::Live>,
 }
 
 /// The payload's SHA-256, hex: a resend must be byte-identical to count as a duplicate.
@@ -42,7 +44,7 @@ pub fn payload_hash(raw: &[u8]) -> String {
 
 impl Ingest {
     pub fn new(store: Store, limits: Limits, rates: crate::ratelimit::DeviceLimits) -> Self {
-        Self { store, limits, rates }
+        Self { store, limits, rates, live: Default::default() }
     }
 
     /// Parses and validates wire bytes (the same rules for every adapter).
@@ -51,7 +53,7 @@ impl Ingest {
     }
 
     /// Stores a parsed batch exactly once. `raw` are the bytes it was parsed from.
-    pub async fn accept(&self, batch: Batch, raw: &[u8], via: &str) -> Result<Accepted, StoreError> {
+    pub async fn accept(&self, batch: Batch, raw: &[u8], via: &'static str) -> Result<Accepted, StoreError> {
         let hash = payload_hash(raw);
         self.accept_hashed(batch, raw, hash, via).await
     }
@@ -62,11 +64,17 @@ impl Ingest {
         batch: Batch,
         raw: &[u8],
         hash: String,
-        via: &str,
+        via: &'static str,
     ) -> Result<Accepted, StoreError> {
         Ok(match self.store.store_batch(&batch, raw, &hash, via).await? {
-            Outcome::Stored => Accepted::Stored(batch),
-            Outcome::Duplicate => Accepted::Duplicate(batch),
+            Outcome::Stored => {
+                self.live.batch(&batch, false, via);
+                Accepted::Stored(batch)
+            }
+            Outcome::Duplicate => {
+                self.live.batch(&batch, true, via);
+                Accepted::Duplicate(batch)
+            }
             Outcome::Conflict => {
                 tracing::warn!(
                     batch_id = %batch.batch_id,
@@ -89,15 +97,25 @@ impl Ingest {
         self.store.ping().await
     }
 
-    /// The stored batch's device if `batch_id` is stored with this payload hash (a resend);
-    /// see [`Store::duplicate_of`].
-    pub async fn duplicate_of(&self, batch_id: &str, payload_sha256: &str) -> Result<Option<String>, StoreError> {
+    /// The stored batch if `batch_id` is stored with this payload hash (a resend); see
+    /// [`Store::duplicate_of`].
+    pub async fn duplicate_of(
+        &self,
+        batch_id: &str,
+        payload_sha256: &str,
+    ) -> Result<Option<crate::store::StoredBatch>, StoreError> {
         self.store.duplicate_of(batch_id, payload_sha256).await
     }
 
     /// Counts a resend answered from [`Self::duplicate_of`].
-    pub fn count_duplicate(&self) {
+    pub fn count_duplicate(&self, batch_id: &str, stored: &crate::store::StoredBatch, via: &'static str) {
         self.store.count_duplicate();
+        self.live.resend(&stored.device_id, batch_id, stored.seq, stored.detections, via);
+    }
+
+    /// A device's latest batches, newest first; see [`Store::recent_batches`].
+    pub async fn recent_batches(&self, device_id: &str, limit: i64) -> Result<Vec<crate::store::BatchRow>, StoreError> {
+        self.store.recent_batches(device_id, limit).await
     }
 
     /// Counts a batch refused before storage (a key, topic or certificate mismatch).

@@ -7,6 +7,7 @@ pub mod config;
 pub mod failpoint;
 pub mod http;
 pub mod ingest;
+pub mod live;
 pub mod mqtt;
 pub mod progress;
 pub mod ratelimit;

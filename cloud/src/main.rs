@@ -257,6 +257,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
             body_read_timeout: config.body_read_timeout.0,
             client_certificates: config.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()),
             commands_queued: commands_queued.clone(),
+            max_live_clients: config.max_live_clients as u64,
         });
         let tls = match &config.tls {
             None => None,
@@ -367,6 +368,8 @@ fn serve(config_file: PathBuf) -> Result<()> {
             task.abort();
         }
         let _ = stop_tx.send(true);
+        // The dashboards' live streams end now, not at the HTTP drain's deadline.
+        ingest.live.close();
         if let Some(e) = died {
             tracing::error!(error = %format!("{e:#}"), "a task of the service died: stopping with an error so that systemd restarts it");
             // What is still up finishes what it has in hand, briefly; its own errors are secondary.

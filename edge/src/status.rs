@@ -588,6 +588,19 @@ pub fn prometheus(r: &StatusReport) -> String {
         r.source.bad_lines as f64,
     );
     metric("uptime_seconds", "gauge", "Seconds since the process started.", r.uptime_s as f64);
+    metric(
+        "drain_rate_batches_per_second",
+        "gauge",
+        "Batches per second the backlog shrank over the last 10 s (acks less arrivals; negative: it grew).",
+        r.drain.rate,
+    );
+    // Absent while the backlog does not shrink: -1 then (Prometheus has no null).
+    metric(
+        "drain_eta_seconds",
+        "gauge",
+        "Seconds until nothing is pending at the drain rate; -1 while the backlog does not shrink.",
+        r.drain.eta_s.map_or(-1.0, |s| s as f64),
+    );
     // One series per reason, every known reason from the start (a counter that appears only at
     // its first increment hides that increment from rate()).
     let name = "backhaul_edge_dropped_invalid_detections_total";

@@ -277,6 +277,19 @@ pub struct DeviceStatus {
     pub drain_rate: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_s: Option<u64>,
+    /// The link's transport, `mqtt` or `http` (the dashboard's "link mode", issue #19).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// Detections dropped before batching, by reason (the keys of
+    /// [`crate::batch::DETECTION_REASONS`]), since the edge started; they sum to `dropped_invalid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_invalid_by_reason: Option<std::collections::BTreeMap<String, u64>>,
+    /// Times the detection source (the BLE scanner) was reopened after failing, since start, and
+    /// its last error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_recoveries: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_error: Option<String>,
 }
 
 #[cfg(test)]

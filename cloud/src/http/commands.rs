@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::auth::Caller;
-use super::{error, storage_down, App};
+use super::{error, storage_down, App, Path, Query};
 use crate::config::KeyScope;
 use crate::store::{CommandFilter, CommandRow, Finished};
 
@@ -44,8 +44,8 @@ pub(super) fn unknown_device(device_id: &str) -> Response {
 }
 
 /// `GET /api/v1/devices/{device_id}/commands`.
-#[derive(Debug, Serialize)]
-struct CommandList {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct CommandList {
     commands: Vec<CommandRow>,
 }
 
@@ -62,6 +62,7 @@ pub(super) struct ListQuery {
 const MAX_LIST: i64 = 1000;
 
 /// `POST /api/v1/devices/{device_id}/commands`.
+#[utoipa::path(post, path = "/api/v1/devices/{device_id}/commands", tag = "commands", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)")), request_body(content = Object, content_type = "application/json", description = "`{\"kind\": \"replay\"|\"set_rate\"|\"flush\"|\"ping\"|\"rescan\", ...}` (SPEC.md, \"Commands\")"), responses((status = 202, description = "Queued", body = super::openapi::CommandQueued), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 404, description = "No such device (never heard from), or no such command", body = super::openapi::ErrorBody), (status = 422, description = "The body is not what this route takes (`field` names what is wrong)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn create(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -99,6 +100,7 @@ pub(super) async fn create(
 }
 
 /// `GET /api/v1/devices/{device_id}/commands`.
+#[utoipa::path(get, path = "/api/v1/devices/{device_id}/commands", tag = "commands", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)"), ("status" = Option<String>, Query, description = "queued, delivered, done or failed"), ("limit" = Option<i64>, Query, description = "1..=1000 (default 100)"), ("fetch" = Option<u8>, Query, description = "1: the device itself fetching its work")), responses((status = 200, description = "The device's commands, newest first", body = CommandList), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 404, description = "No such device (never heard from), or no such command", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn list(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -146,6 +148,7 @@ pub(super) async fn list(
 }
 
 /// `GET /api/v1/devices/{device_id}/commands/{command_id}`.
+#[utoipa::path(get, path = "/api/v1/devices/{device_id}/commands/{command_id}", tag = "commands", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)"), ("command_id" = String, Path, description = "The command (a ULID)")), responses((status = 200, description = "The command", body = crate::store::CommandRow), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 404, description = "No such device (never heard from), or no such command", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn get_one(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -168,6 +171,7 @@ fn not_found(device_id: &str, command_id: &str) -> Response {
 }
 
 /// `POST /api/v1/devices/{device_id}/commands/{command_id}/result`.
+#[utoipa::path(post, path = "/api/v1/devices/{device_id}/commands/{command_id}/result", tag = "commands", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)"), ("command_id" = String, Path, description = "The command (a ULID)")), request_body(content = Object, content_type = "application/json", description = "`{\"command_id\", \"status\": \"done\"|\"failed\", \"result\", \"finished_at\"}`"), responses((status = 200, description = "Recorded (`recorded`, or `already_final` if it was answered before)", body = super::openapi::Recorded), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 404, description = "No such device (never heard from), or no such command", body = super::openapi::ErrorBody), (status = 422, description = "The body is not what this route takes (`field` names what is wrong)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn result(
     State(app): State<Arc<App>>,
     caller: Caller,

@@ -76,6 +76,7 @@ pub(super) async fn gate_body(
     next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
+#[utoipa::path(post, path = "/api/v1/detections/bulk", tag = "ingest", params(("Idempotency-Key" = String, Header, pattern = "^[0-9A-HJKMNP-TV-Z]{26}$", description = "The body's batch_id (a ULID)")), request_body(content = Object, content_type = "application/json", description = "One batch (SPEC.md, \"Batch\")"), responses((status = 201, description = "Stored", body = super::openapi::BulkAnswer), (status = 200, description = "Stored before with this payload: a duplicate, not stored again", body = super::openapi::BulkAnswer), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 422, description = "The body is not what this route takes (`field` names what is wrong)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody), (status = 408, description = "The body did not arrive within body_read_timeout", body = super::openapi::ErrorBody), (status = 413, description = "The body is over max_body_bytes", body = super::openapi::ErrorBody), (status = 429, description = "Too many ingests at once, or the device is over its rate: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn bulk(
     State(app): State<Arc<App>>,
     Caller(scope): Caller,
@@ -210,22 +211,23 @@ async fn known_duplicate(
     hash: &str,
 ) -> Option<Response> {
     let id = headers.get("idempotency-key")?.to_str().ok()?.parse::<backhaul_shared::BatchId>().ok()?;
-    let device = match app.ingest.duplicate_of(&id.to_string(), hash).await {
+    let stored = match app.ingest.duplicate_of(&id.to_string(), hash).await {
         Ok(found) => found?,
         Err(e) => return Some(storage_down(e)),
     };
-    if !scope.allows(&device) {
+    let device = &stored.device_id;
+    if !scope.allows(device) {
         return None;
     }
-    if app.client_certificates && *scope != KeyScope::Fleet && !peer.is_some_and(|p| p.0 .0.contains(&device)) {
+    if app.client_certificates && *scope != KeyScope::Fleet && !peer.is_some_and(|p| p.0 .0.contains(device)) {
         return None;
     }
     if *scope == KeyScope::Fleet {
-        if let Err(wait) = app.ingest.rates.check(&device) {
-            return Some(rate_limited(&device, wait));
+        if let Err(wait) = app.ingest.rates.check(device) {
+            return Some(rate_limited(device, wait));
         }
     }
-    app.ingest.count_duplicate();
+    app.ingest.count_duplicate(&id.to_string(), &stored, "http");
     Some((StatusCode::OK, Json(json!({ "status": "duplicate", "batch_id": id }))).into_response())
 }
 
@@ -245,11 +247,12 @@ fn rate_limited(device: &str, wait: std::time::Duration) -> Response {
 /// status (`backhaul_shared::DeviceStatus`, as MQTT edges publish on `{prefix}/{device_id}/status`),
 /// for the ledger and the backlog in `GET /api/v1/devices`. 200; 422 not a status; 403 another
 /// device's key.
+#[utoipa::path(post, path = "/api/v1/devices/{device_id}/status", tag = "ingest", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)")), request_body(content = Object, content_type = "application/json", description = "The device's status (backhaul_shared::DeviceStatus; SPEC.md, \"Device status\")"), responses((status = 200, description = "Recorded", body = super::openapi::Recorded), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 422, description = "The body is not what this route takes (`field` names what is wrong)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn status(
     State(app): State<Arc<App>>,
     caller: Caller,
     peer: Option<axum::Extension<crate::serve::PeerNames>>,
-    axum::extract::Path(device_id): axum::extract::Path<String>,
+    super::Path(device_id): super::Path<String>,
     body: Bytes,
 ) -> Response {
     if let Err(e) = caller.for_device(&app, peer.as_ref(), &device_id) {

@@ -2,7 +2,8 @@
 //! [`auth`] (the one extractor that authenticates a request and applies its key's scope),
 //! [`ingest`] (the bulk post: body limits, then [`crate::ingest::Ingest::accept`]) and [`read`]
 //! (health, metrics, stats, devices, detections, each with its response type), and [`commands`]
-//! (commands to devices, issue #18). Storage is reached
+//! (commands to devices, issue #18), and [`live`] (the dashboard, its live feed and ingest rate,
+//! issue #19). Storage is reached
 //! only through [`crate::ingest::Ingest`].
 
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use crate::ingest::Ingest;
 mod auth;
 mod commands;
 mod ingest;
+mod live;
+pub mod openapi;
 mod read;
 
 /// Shared by the handlers.
@@ -44,6 +47,8 @@ pub struct App {
     pub client_certificates: bool,
     /// Woken when a command is queued, so the MQTT side publishes it at once (issue #18).
     pub commands_queued: Arc<tokio::sync::Notify>,
+    /// Live listeners (`GET /api/v1/live`) at most (`max_live_clients`).
+    pub max_live_clients: u64,
 }
 
 /// Reads `BACKHAUL_FAILPOINT=bulk_500:N` (see [`App::fail_next_bulk`]); 0 without it.
@@ -58,7 +63,12 @@ pub fn router(app: Arc<App>) -> Router {
     let max_body_bytes = app.max_body_bytes;
     let gate = axum::middleware::from_fn_with_state(app.clone(), ingest::gate_body);
     Router::new()
+        .route("/", get(live::page))
         .route("/health", get(read::health))
+        .route("/api/v1/live", get(live::live))
+        .route("/api/v1/openapi.json", get(openapi::openapi_json))
+        .route("/api/v1/ingest-rate", get(live::ingest_rate))
+        .route("/api/v1/devices/{device_id}/batches", get(live::batches))
         .route("/metrics", get(read::metrics))
         .route("/api/v1/detections/bulk", post(ingest::bulk).layer(gate))
         .route("/api/v1/stats", get(read::stats))
@@ -94,6 +104,41 @@ impl IntoResponse for ApiError {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(after));
         }
         r
+    }
+}
+
+/// axum's `Query`, answering a malformed query string with a JSON 400 that says what is wrong
+/// (axum's own rejection is plain text).
+#[derive(Debug)]
+struct Query<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(q) => Ok(Self(q.0)),
+            Err(e) => Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("{}; this route's parameters are in /api/v1/openapi.json", e.body_text()),
+                None,
+            )),
+        }
+    }
+}
+
+/// axum's `Path`, answering a malformed path parameter with a JSON 400 (axum's is plain text).
+#[derive(Debug)]
+struct Path<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(p) => Ok(Self(p.0)),
+            Err(e) => Err(error(StatusCode::BAD_REQUEST, e.body_text(), None)),
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,24 +12,25 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::auth::Caller;
-use super::{error, storage_down, ApiError, App};
+use super::{error, storage_down, ApiError, App, Path, Query};
 use crate::store::{DetectionQuery, DetectionRow, DeviceRow};
 
 /// `GET /api/v1/devices`.
-#[derive(Debug, Serialize)]
-struct DevicesList {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct DevicesList {
     devices: Vec<DeviceRow>,
 }
 
 /// `GET /api/v1/detections`: a page, newest first; `next_cursor` is set when the page is full.
-#[derive(Debug, Serialize)]
-struct DetectionsPage {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct DetectionsPage {
     detections: Vec<DetectionRow>,
     next_cursor: Option<String>,
 }
 
 /// 200 `{"status":"ok"}` while the database answers and no ingress is stalled; otherwise 503 with
 /// `error` saying which and what to do, and `stalled` listing the stalled ingresses.
+#[utoipa::path(get, path = "/health", tag = "meta", security(()), responses((status = 200, description = "The database answers and no ingress is stalled", body = super::openapi::Health), (status = 503, description = "The database does not answer, or an ingress is stalled (`error` says which)", body = super::openapi::Health)))]
 pub(super) async fn health(State(app): State<Arc<App>>) -> Response {
     if !app.ingest.ping().await {
         return error(StatusCode::SERVICE_UNAVAILABLE, "database does not answer", None).into_response();
@@ -45,6 +46,7 @@ pub(super) async fn health(State(app): State<Arc<App>>) -> Response {
 
 /// Prometheus text format (version 0.0.4): each ingress's progress and the stored counts. Needs
 /// a key, like `/api/v1/stats` (Prometheus sends one with `authorization: {credentials: …}`).
+#[utoipa::path(get, path = "/metrics", tag = "meta", responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn metrics(State(app): State<Arc<App>>, caller: Caller) -> Response {
     if let Err(r) = caller.fleet_only() {
         return r.into_response();
@@ -94,6 +96,70 @@ pub(super) async fn metrics(State(app): State<Arc<App>>, caller: Caller) -> Resp
             &[(String::new(), u8::from(up).to_string())],
         );
     }
+    let live = &app.ingest.live;
+    family(
+        "backhaul_cloud_live_clients",
+        "gauge",
+        "Dashboards' live streams (GET /api/v1/live) connected to this replica.",
+        &[(String::new(), live.clients.load(std::sync::atomic::Ordering::Relaxed).to_string())],
+    );
+    family(
+        "backhaul_cloud_live_dropped_total",
+        "counter",
+        "Live events not delivered to a stream that fell behind (or got over 400 events/s), since start.",
+        &[(String::new(), live.dropped.load(std::sync::atomic::Ordering::Relaxed).to_string())],
+    );
+    // Each device as its last status reported it (issue #19): a fleet's backlog without scraping
+    // every Pi (most sit behind NAT).
+    let devices = match app.ingest.devices().await {
+        Ok(d) => d,
+        Err(e) => return storage_down(e),
+    };
+    let per_device = |f: &dyn Fn(&DeviceRow) -> Option<String>| -> Vec<(String, String)> {
+        devices.iter().filter_map(|d| Some((format!("{{device_id=\"{}\"}}", label(&d.device_id)), f(d)?))).collect()
+    };
+    family(
+        "backhaul_cloud_device_online",
+        "gauge",
+        "1 while the device is online (its last status, or its last will).",
+        &per_device(&|d| Some(u8::from(d.online).to_string())),
+    );
+    family(
+        "backhaul_cloud_device_backlog_batches",
+        "gauge",
+        "Batches the device holds to send (pending + in flight), as it last reported.",
+        &per_device(&|d| d.backlog.as_ref().map(|b| b.batches.to_string())),
+    );
+    family(
+        "backhaul_cloud_device_oldest_pending_age_seconds",
+        "gauge",
+        "Age of the device's oldest batch waiting to be sent, as it last reported.",
+        &per_device(&|d| d.backlog.as_ref().and_then(|b| b.oldest_age_s).map(|a| a.to_string())),
+    );
+    family(
+        "backhaul_cloud_device_drain_rate_batches_per_second",
+        "gauge",
+        "How fast the device's backlog shrank (negative: grew), as it last reported.",
+        &per_device(&|d| d.backlog.as_ref().and_then(|b| b.drain_rate).map(|r| r.to_string())),
+    );
+    family(
+        "backhaul_cloud_device_gaps_batches",
+        "gauge",
+        "seq numbers missing below the device's last seq (dropped at the edge, or not arrived yet).",
+        &per_device(&|d| Some(d.gaps.to_string())),
+    );
+    family(
+        "backhaul_cloud_device_ledger_difference_batches",
+        "gauge",
+        "produced - (stored + queued + dropped + quarantined + lost + dead-lettered): above 0, batches lost.",
+        &per_device(&|d| d.ledger.as_ref().map(|l| l.difference.to_string())),
+    );
+    family(
+        "backhaul_cloud_device_ledger_balanced",
+        "gauge",
+        "1 if the device's conservation ledger balances (GET /api/v1/devices, ledger.balanced).",
+        &per_device(&|d| d.ledger.as_ref().map(|l| u8::from(l.balanced).to_string())),
+    );
     match app.ingest.stats().await {
         Ok(s) => {
             for (name, help, value) in [
@@ -118,6 +184,12 @@ pub(super) async fn metrics(State(app): State<Arc<App>>, caller: Caller) -> Resp
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
+/// A Prometheus label value: `\`, `"` and newlines escaped (exposition format 0.0.4).
+fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[utoipa::path(get, path = "/api/v1/stats", tag = "read", responses((status = 200, description = "Fleet-wide counts", body = crate::store::Stats), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn stats(State(app): State<Arc<App>>, caller: Caller) -> Response {
     if let Err(r) = caller.fleet_only() {
         return r.into_response();
@@ -128,6 +200,7 @@ pub(super) async fn stats(State(app): State<Arc<App>>, caller: Caller) -> Respon
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/devices", tag = "read", responses((status = 200, description = "Every device (a device key: its own)", body = DevicesList), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn devices(State(app): State<Arc<App>>, caller: Caller) -> Response {
     match app.ingest.devices().await {
         // A device key sees its own device only.
@@ -146,10 +219,11 @@ pub(super) struct LimitParam {
 
 /// `GET /api/v1/devices/{device_id}/gaps`: the device's missing `seq` ranges, lowest first
 /// (`{"device_id", "gaps": [{"first", "last"}], "missing"}`, at most `limit` ranges, 1..=10000).
+#[utoipa::path(get, path = "/api/v1/devices/{device_id}/gaps", tag = "read", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)"), ("limit" = Option<i64>, Query, description = "Ranges at most, 1..=10000 (default 1000)")), responses((status = 200, description = "Missing seq ranges, lowest first", body = super::openapi::Gaps), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 404, description = "No such device (never heard from), or no such command", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn gaps(
     State(app): State<Arc<App>>,
     caller: Caller,
-    axum::extract::Path(device_id): axum::extract::Path<String>,
+    Path(device_id): Path<String>,
     Query(p): Query<LimitParam>,
 ) -> Response {
     if let Err(r) = caller.read_scope(Some(device_id.clone())) {
@@ -173,6 +247,7 @@ pub(super) async fn gaps(
 /// `GET /api/v1/dead-letters` (fleet key): the newest dead letters, newest first
 /// (`{"dead_letters": [{"received_at", "via", "topic", "device_id", "size", "error"}]}`, at most
 /// `limit`, 1..=1000).
+#[utoipa::path(get, path = "/api/v1/dead-letters", tag = "read", params(("limit" = Option<i64>, Query, description = "1..=1000 (default 100)")), responses((status = 200, description = "The newest dead letters, newest first", body = super::openapi::DeadLetters), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn dead_letters(State(app): State<Arc<App>>, caller: Caller, Query(p): Query<LimitParam>) -> Response {
     if let Err(r) = caller.fleet_only() {
         return r.into_response();
@@ -193,6 +268,7 @@ pub(super) struct DetectionParams {
     cursor: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/v1/detections", tag = "read", params(("device_id" = Option<String>, Query, description = "One device (a device key: its own only)"), ("since" = Option<String>, Query, description = "RFC 3339, inclusive"), ("until" = Option<String>, Query, description = "RFC 3339, exclusive"), ("limit" = Option<i64>, Query, description = "1..=1000 (default 100)"), ("cursor" = Option<String>, Query, description = "A `next_cursor` this API returned")), responses((status = 200, description = "A page of detections, newest first", body = DetectionsPage), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn detections(
     State(app): State<Arc<App>>,
     caller: Caller,

@@ -42,14 +42,16 @@ pub const MAX_RESULT_BYTES: usize = 64 << 10;
 
 /// A command as the API shows it (`GET /api/v1/devices/{device_id}/commands`; SPEC.md "Wave 2
 /// additions"). Times are RFC 3339.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct CommandRow {
     pub command_id: String,
     pub device_id: String,
     pub kind: String,
     /// The command itself (`{"kind": ..., ...}`).
+    #[schema(value_type = Object)]
     pub command: serde_json::Value,
     pub status: String,
+    #[schema(value_type = Option<Object>)]
     pub result: Option<serde_json::Value>,
     pub created_at: String,
     pub delivered_at: Option<String>,

@@ -200,7 +200,7 @@ pub struct Store {
     flushing: tokio::sync::Mutex<()>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Stats {
     pub batches: i64,
     pub detections: i64,
@@ -211,7 +211,7 @@ pub struct Stats {
     pub panics: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeviceRow {
     pub device_id: String,
     pub name: Option<String>,
@@ -223,6 +223,9 @@ pub struct DeviceRow {
     pub last_seq: i64,
     /// seq numbers missing below `last_seq` (dropped at the edge, or not arrived yet).
     pub gaps: i64,
+    /// The device's last status as it sent it (`backhaul_shared::DeviceStatus`; SPEC.md, "Device
+    /// status"), or null before the first.
+    #[schema(value_type = Option<Object>)]
     pub status: Option<serde_json::Value>,
     /// Batches stamped while the device's wall clock was below its clock floor (`"clock":
     /// "unsynced"`): their times are the device's estimates.
@@ -248,7 +251,7 @@ pub struct DeviceRow {
 /// (lost between edge and cloud). Below `-queued`: the cloud holds more than the device knows of
 /// (its data_dir was reset, or moved aside after damage; rarely, a batch dropped by the byte
 /// budget after it had been sent and stored).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Ledger {
     pub produced: i64,
     pub stored: i64,
@@ -266,7 +269,7 @@ pub struct Ledger {
 
 /// `backlog` of a device (SPEC.md "Wave 2 additions"): batches it holds to send, the oldest's
 /// age (s), and its drain rate (batches/s) and ETA (s) as it last reported them.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Backlog {
     pub batches: u64,
     pub oldest_age_s: Option<u64>,
@@ -302,7 +305,7 @@ fn ledger_of(status: &DeviceStatus, stored: i64, reported_at: String) -> Option<
     })
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DetectionRow {
     pub device_id: String,
     pub batch_id: String,
@@ -747,14 +750,46 @@ impl Store {
     /// (see [`Self::count_duplicate`]).
     ///
     /// Errors: the database's ([`StoreError::Db`]).
-    pub async fn duplicate_of(&self, batch_id: &str, payload_sha256: &str) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT device_id, payload_sha256 FROM batches WHERE batch_id = $1")
+    pub async fn duplicate_of(&self, batch_id: &str, payload_sha256: &str) -> Result<Option<StoredBatch>, StoreError> {
+        let row = sqlx::query("SELECT device_id, payload_sha256, seq, detections FROM batches WHERE batch_id = $1")
             .bind(batch_id.to_owned())
             .fetch_optional(&self.pool)
             .await?;
         let Some(row) = row else { return Ok(None) };
         let hash: String = row.try_get(1)?;
-        Ok((hash == payload_sha256).then(|| row.try_get(0)).transpose()?)
+        if hash != payload_sha256 {
+            return Ok(None);
+        }
+        let (seq, detections): (i64, i64) = (row.try_get(2)?, row.try_get(3)?);
+        Ok(Some(StoredBatch {
+            device_id: row.try_get(0)?,
+            seq: u64::try_from(seq).unwrap_or(0),
+            detections: u64::try_from(detections).unwrap_or(0),
+        }))
+    }
+
+    /// `device_id`'s latest `limit` batches by `seq`, newest first (the dashboard's batches over
+    /// time, issue #19).
+    pub async fn recent_batches(&self, device_id: &str, limit: i64) -> Result<Vec<BatchRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT batch_id, seq, received_at, detections, via FROM batches WHERE device_id = $1
+             ORDER BY seq DESC LIMIT $2",
+        )
+        .bind(device_id.to_owned())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(BatchRow {
+                    batch_id: r.try_get(0)?,
+                    seq: r.try_get(1)?,
+                    received_at: ts_string(r.try_get(2)?),
+                    detections: r.try_get(3)?,
+                    via: r.try_get(4)?,
+                })
+            })
+            .collect()
     }
 
     /// Counts a duplicate answered without [`Self::store_batch`] (written with the next write).
@@ -1022,14 +1057,14 @@ impl Store {
 }
 
 /// Missing `seq` numbers `first..=last` of a device.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct SeqGap {
     pub first: i64,
     pub last: i64,
 }
 
 /// A dead letter: where an unusable message came from, its size (bytes) and why it was refused.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeadLetterRow {
     pub received_at: String,
     pub via: String,
@@ -1037,6 +1072,25 @@ pub struct DeadLetterRow {
     pub device_id: Option<String>,
     pub size: i64,
     pub error: String,
+}
+
+/// A stored batch found by [`Store::duplicate_of`]: whose it is, its `seq` and its detections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBatch {
+    pub device_id: String,
+    pub seq: u64,
+    pub detections: u64,
+}
+
+/// One of a device's batches (`GET /api/v1/devices/{device_id}/batches`): its idempotency key,
+/// `seq`, when this cloud stored it (RFC 3339), its detections and the adapter (`http`, `mqtt`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct BatchRow {
+    pub batch_id: String,
+    pub seq: i64,
+    pub received_at: String,
+    pub detections: i64,
+    pub via: String,
 }
 
 async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>, counter: &str, by: i64) -> Result<(), sqlx::Error> {

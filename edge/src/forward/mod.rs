@@ -711,6 +711,7 @@ impl<T: Transport> Forwarder<T> {
     fn device_status(&self, online: bool) -> Option<DeviceStatus> {
         let stats = self.queue.stats().ok()?;
         let drain = self.telemetry.drain(stats.pending, stats.in_flight);
+        let dropped_invalid = self.telemetry.dropped_invalid();
         Some(DeviceStatus {
             online,
             queue_depth: Some(stats.pending + stats.in_flight),
@@ -724,9 +725,13 @@ impl<T: Transport> Forwarder<T> {
             quarantined: Some(stats.quarantined),
             lost_batches: Some(stats.lost_batches),
             dead_lettered: Some(stats.dead_lettered_total),
-            dropped_invalid: Some(self.telemetry.dropped_invalid().values().sum()),
+            dropped_invalid: Some(dropped_invalid.values().sum()),
             drain_rate: Some(drain.rate),
             eta_s: drain.eta_s,
+            link: Some(self.telemetry.mode.to_owned()),
+            dropped_invalid_by_reason: Some(dropped_invalid),
+            source_recoveries: Some(self.telemetry.source_recoveries.load(Ordering::Relaxed)),
+            source_error: self.telemetry.source_error(),
         })
     }
 }

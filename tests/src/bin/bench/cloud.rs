@@ -78,6 +78,37 @@ pub fn cloud_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Targ
         );
     }
     println!();
+    let live_total = if quick { "20000" } else { "400000" };
+    println!(
+        "| cloud ingest (SQLite, HTTP, 50 det/batch, {live_total} detections) with dashboards reading the live feed | detections/s | batches/s | cloud CPU s per M det | events each client got | dropped per client | vs no clients |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut none = 0.0;
+    for clients in ["0", "500"] {
+        let r = child(&[s("cloud-live"), s(&d), s(live_total), s("50"), s(clients)], runs)?;
+        let rate = median(&r, "new_detections_per_s");
+        if clients == "0" {
+            none = rate;
+        }
+        println!(
+            "| {clients} live clients | {rate:.0} | {:.0} | {:.1} | {:.0} of {:.0} | {:.0} | {:.2}x |",
+            median(&r, "new_batches_per_s"),
+            median(&r, "cpu_s_per_million"),
+            median(&r, "events_per_client"),
+            median(&r, "batches"),
+            median(&r, "dropped_per_client"),
+            rate / none
+        );
+        if clients == "500" {
+            targets.add(
+                "#19",
+                "500 live clients: ingest within 10% of none",
+                format!("{:.2}x", rate / none),
+                Some(rate >= 0.9 * none),
+            );
+        }
+    }
+    println!();
     let stored = if quick { "100000" } else { "10000000" };
     let r = child(&[s("cloud-restart"), s(&d), s(stored), s("500")], runs)?;
     let health = median(&r, "health_ms");
@@ -123,6 +154,11 @@ pub enum Database<'a> {
 
 impl CloudProcess {
     pub fn start(dir: &Path, mqtt_url: Option<&str>, database: &Database<'_>) -> Result<Self> {
+        Self::start_with(dir, mqtt_url, database, "")
+    }
+
+    /// [`Self::start`] with `extra` lines at the top of the config.
+    pub fn start_with(dir: &Path, mqtt_url: Option<&str>, database: &Database<'_>, extra: &str) -> Result<Self> {
         use std::io::BufRead;
         let data = tempfile::tempdir_in(dir)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -133,7 +169,7 @@ impl CloudProcess {
         let mut config = format!(
             // No per-device rate limit: the benchmark measures how fast batches are stored.
             "listen = \"127.0.0.1:{port}\"\ndatabase = \"{url}\"\nmax_body_bytes = \"4MiB\"\ndevice_rate_per_sec = 0\n\
-             max_concurrent_ingest = 64\n"
+             max_concurrent_ingest = 64\n{extra}\n"
         );
         if let Some(url) = mqtt_url {
             config.push_str(&format!(
@@ -344,6 +380,94 @@ pub fn cloud_http(dir: &Path, total: usize, per: usize, backend: &str, replicas:
         "peak_rss_mib": rss,
         "read_newest_ms": read_newest, "read_middle_ms": read_middle,
         "read_device_newest_ms": read_device_newest, "read_device_middle_ms": read_device_middle,
+    }))
+}
+
+/// New batches over HTTP (as [`cloud_http`], SQLite) while `clients` dashboards read the live
+/// feed (`GET /api/v1/live`, issue #19), each reading as fast as it can; returns the ingest rate,
+/// the events the clients got and the events they dropped (the cloud's
+/// `backhaul_cloud_live_dropped_total`).
+pub fn cloud_live(dir: &Path, total: usize, per: usize, clients: usize) -> Result<Value> {
+    use std::io::{Read, Write};
+    let cloud = CloudProcess::start_with(
+        dir,
+        None,
+        &Database::Sqlite,
+        &format!("max_connections = {}\nmax_live_clients = {}", clients + 256, clients + 1),
+    )?;
+    let port = cloud.port;
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // One thread per 50 clients, each polling its sockets without blocking.
+    let mut readers = Vec::new();
+    for group in 0..clients.div_ceil(50) {
+        let n = (clients - group * 50).min(50);
+        let mut socks = Vec::new();
+        for _ in 0..n {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            write!(s, "GET /api/v1/live HTTP/1.1\r\nHost: bench\r\nX-API-Key: {BENCH_KEY}\r\n\r\n")?;
+            s.set_nonblocking(true)?;
+            socks.push(s);
+        }
+        let (received, stop) = (received.clone(), stop.clone());
+        readers.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                let mut any = false;
+                for s in &mut socks {
+                    match s.read(&mut buf) {
+                        Ok(n) if n > 0 => {
+                            any = true;
+                            let events = buf[..n].windows(12).filter(|w| w == b"event: batch").count();
+                            received.fetch_add(events as u64, Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                }
+                if !any {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }));
+    }
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let metric = |name: &str| -> Result<f64> {
+        let text = agent
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .header("X-API-Key", BENCH_KEY)
+            .call()?
+            .body_mut()
+            .read_to_string()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .with_context(|| format!("{name} not in /metrics"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric("backhaul_cloud_live_clients")? < clients as f64 {
+        if Instant::now() > deadline {
+            bail!("only {} of {clients} live clients connected", metric("backhaul_cloud_live_clients")?);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let batches = Arc::new(wire_batches(total / per, per));
+    let cpu_before = cpu_seconds(cloud.child.id()).unwrap_or(0.0);
+    let (new_d, new_b) = post_all(&[port], &batches, per, 201)?;
+    let cpu = cpu_seconds(cloud.child.id()).unwrap_or(0.0) - cpu_before;
+    // What was sent is read within a flush or two.
+    std::thread::sleep(Duration::from_millis(500));
+    let dropped = metric("backhaul_cloud_live_dropped_total")?;
+    let connected = metric("backhaul_cloud_live_clients")?;
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        let _ = r.join();
+    }
+    Ok(json!({
+        "new_detections_per_s": new_d, "new_batches_per_s": new_b,
+        "cpu_s_per_million": cpu / (batches.len() * per) as f64 * 1e6,
+        "events_per_client": received.load(Ordering::Relaxed) as f64 / clients.max(1) as f64,
+        "dropped_per_client": dropped / clients.max(1) as f64,
+        "still_connected": connected,
+        "batches": batches.len(),
     }))
 }
 

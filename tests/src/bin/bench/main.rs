@@ -234,6 +234,7 @@ fn run_scenario(args: &[String]) -> Result<Value> {
         Some("cloud-http") => {
             cloud_http(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?, &arg(4)?, arg(5)?.parse()?)
         }
+        Some("cloud-live") => cloud_live(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?, arg(4)?.parse()?),
         Some("cloud-restart") => cloud_restart(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
         Some("cloud-mqtt") => cloud_mqtt(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?, &arg(4)?),
         Some("edge-run") => edge_run(Path::new(&arg(1)?), &Run::parse(&args[2..])?),

@@ -1,0 +1,389 @@
+//! What the dashboard shows live (issue #19): every batch this replica takes in, as an event on
+//! `GET /api/v1/live` (server-sent events), and the ingest rate of the last minutes, per second.
+//!
+//! Back-pressure: an event is encoded once, as its server-sent-events frame, and goes through a
+//! bounded broadcast channel ([`CAPACITY`] events). Ingest never waits for a listener. Each
+//! listener wakes at most every [`FLUSH_EVERY`] and writes what arrived meanwhile in one chunk, at
+//! most [`MAX_PER_FLUSH`] events; a listener that fell more than [`CAPACITY`] events behind (a slow
+//! browser), or got more than that per flush, loses the rest, is told how many (`event: dropped`),
+//! and they are counted in `backhaul_cloud_live_dropped_total`. With no listener an event is not
+//! even built.
+//!
+//! Both are per replica: a fleet behind several replicas shows each replica's share on its own page.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use backhaul_shared::{Batch, Detection};
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+/// Events a listener may fall behind before it loses the oldest.
+pub const CAPACITY: usize = 1024;
+/// Seconds of ingest rate kept (10 minutes).
+pub const RATE_WINDOW_S: u64 = 600;
+/// Detections of a new batch carried in its event, at most.
+pub const SAMPLE: usize = 5;
+/// A listener writes at most this often (so 500 listeners cost ingest 2,000 wakeups/s at most).
+pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Events one flush writes at most (400 events/s per listener); the rest are dropped, counted.
+pub const MAX_PER_FLUSH: usize = 100;
+
+/// An event as it goes out: its device (a device key's listener gets its own only) and its
+/// `event: batch` frame (text/event-stream, WHATWG HTML "Server-sent events").
+#[derive(Debug)]
+pub struct Frame {
+    pub device_id: String,
+    pub bytes: Bytes,
+}
+
+/// One batch taken in: `GET /api/v1/live`'s `event: batch`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct LiveEvent {
+    pub device_id: String,
+    pub batch_id: String,
+    pub seq: u64,
+    /// Detections in the batch.
+    pub detections: u64,
+    /// Received before (answered as a duplicate, not stored again).
+    pub duplicate: bool,
+    /// `http` or `mqtt`.
+    #[schema(value_type = String)]
+    pub via: &'static str,
+    /// When this replica took it in (RFC 3339, UTC).
+    pub received_at: String,
+    /// The first detections of a new batch (at most [`SAMPLE`]; none for a duplicate), as on the
+    /// wire (SPEC.md, "Batch").
+    #[schema(value_type = Vec<Object>)]
+    pub sample: Vec<Detection>,
+}
+
+/// One second of ingest: detections newly stored and detections received again.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct RatePoint {
+    /// Unix time of the second's start, s.
+    pub t: u64,
+    pub new: u64,
+    pub duplicate: u64,
+}
+
+/// The live hub, one per process.
+#[derive(Debug)]
+pub struct Live {
+    events: broadcast::Sender<Arc<Frame>>,
+    rate: Mutex<VecDeque<RatePoint>>,
+    /// Listeners connected now.
+    pub clients: AtomicU64,
+    /// Events listeners lost for falling behind, since start.
+    pub dropped: AtomicU64,
+    /// Turns true when the process stops: every listener's stream ends (an open stream would
+    /// otherwise hold the HTTP drain for its whole grace).
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Self {
+            events: broadcast::channel(CAPACITY).0,
+            rate: Mutex::new(VecDeque::new()),
+            clients: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            closing: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Live {
+    /// Records a batch taken in: counts it in the rate and, if anyone listens, sends its event.
+    pub fn batch(&self, batch: &Batch, duplicate: bool, via: &'static str) {
+        let n = batch.detections.len() as u64;
+        self.count(n, duplicate);
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let sample = if duplicate { Vec::new() } else { batch.detections.iter().take(SAMPLE).cloned().collect() };
+        self.send(LiveEvent {
+            device_id: batch.device_id.clone(),
+            batch_id: batch.batch_id.to_string(),
+            seq: batch.seq,
+            detections: n,
+            duplicate,
+            via,
+            received_at: backhaul_shared::Timestamp::now().to_string(),
+            sample,
+        });
+    }
+
+    /// Records a resend answered without parsing it (its stored row gave its size).
+    pub fn resend(&self, device_id: &str, batch_id: &str, seq: u64, detections: u64, via: &'static str) {
+        self.count(detections, true);
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        self.send(LiveEvent {
+            device_id: device_id.to_owned(),
+            batch_id: batch_id.to_owned(),
+            seq,
+            detections,
+            duplicate: true,
+            via,
+            received_at: backhaul_shared::Timestamp::now().to_string(),
+            sample: Vec::new(),
+        });
+    }
+
+    fn send(&self, event: LiveEvent) {
+        let json = serde_json::to_string(&event).expect("a live event always serializes");
+        let frame = Frame { device_id: event.device_id, bytes: Bytes::from(format!("event: batch\ndata: {json}\n\n")) };
+        // Err only when the last listener left meanwhile: nobody to tell.
+        let _ = self.events.send(Arc::new(frame));
+    }
+
+    fn count(&self, detections: u64, duplicate: bool) {
+        let t = now_s();
+        let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        if rate.back().is_none_or(|p| p.t < t) {
+            rate.push_back(RatePoint { t, new: 0, duplicate: 0 });
+        }
+        while rate.front().is_some_and(|p| p.t + RATE_WINDOW_S <= t) {
+            rate.pop_front();
+        }
+        // A clock stepped back lands in the newest second.
+        let p = rate.back_mut().expect("pushed above");
+        if duplicate {
+            p.duplicate += detections;
+        } else {
+            p.new += detections;
+        }
+    }
+
+    /// The ingest rate of the last `seconds` (at most [`RATE_WINDOW_S`]), one point per second,
+    /// oldest first, seconds without ingest included as zeros, the current second last.
+    pub fn rate(&self, seconds: u64) -> Vec<RatePoint> {
+        let seconds = seconds.clamp(1, RATE_WINDOW_S);
+        let now = now_s();
+        let first = now + 1 - seconds;
+        let rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<RatePoint> = (first..=now).map(|t| RatePoint { t, new: 0, duplicate: 0 }).collect();
+        for p in rate.iter().filter(|p| p.t >= first && p.t <= now) {
+            out[(p.t - first) as usize] = *p;
+        }
+        out
+    }
+
+    /// A new listener; counted in [`Self::clients`] until the [`Listener`] is dropped.
+    pub fn listen(self: &Arc<Self>) -> Listener {
+        self.clients.fetch_add(1, Ordering::Relaxed);
+        Listener { live: self.clone(), events: self.events.subscribe(), closing: self.closing.subscribe() }
+    }
+
+    /// Ends every listener's stream, now and from now on (the process is stopping).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+}
+
+/// One listener's end of the channel.
+#[derive(Debug)]
+pub struct Listener {
+    live: Arc<Live>,
+    events: broadcast::Receiver<Arc<Frame>>,
+    closing: tokio::sync::watch::Receiver<bool>,
+}
+
+/// What a listener gets next.
+#[derive(Debug)]
+pub enum Next {
+    Event(Arc<Frame>),
+    /// This many events were lost (the listener fell behind); counted in [`Live::dropped`].
+    Dropped(u64),
+    /// The process is stopping.
+    Closed,
+}
+
+impl Listener {
+    pub async fn next(&mut self) -> Next {
+        if *self.closing.borrow() {
+            return Next::Closed;
+        }
+        let event = tokio::select! {
+            e = self.events.recv() => e,
+            _ = self.closing.wait_for(|c| *c) => return Next::Closed,
+        };
+        match event {
+            Ok(e) => Next::Event(e),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                self.live.dropped.fetch_add(n, Ordering::Relaxed);
+                Next::Dropped(n)
+            }
+            Err(broadcast::error::RecvError::Closed) => Next::Closed,
+        }
+    }
+}
+
+impl Listener {
+    /// The next chunk to write for a listener limited to `device` (`None`: every device): waits
+    /// for an event, then until [`FLUSH_EVERY`] has passed since the last chunk, and returns the
+    /// frames that arrived, at most [`MAX_PER_FLUSH`], followed by an `event: dropped` frame
+    /// (`{"dropped": n}`) if any were lost. `None` when the process stops.
+    pub async fn chunk(&mut self, device: Option<&str>, last: &mut tokio::time::Instant) -> Option<Bytes> {
+        let mine = |f: &Frame| device.is_none_or(|d| d == f.device_id);
+        let mut out = Vec::new();
+        let mut sent = 0;
+        let mut dropped = 0;
+        // The first one: wait as long as it takes.
+        loop {
+            match self.next().await {
+                Next::Event(f) if mine(&f) => {
+                    out.extend_from_slice(&f.bytes);
+                    sent += 1;
+                    break;
+                }
+                Next::Event(_) => {}
+                Next::Dropped(n) => {
+                    dropped += n;
+                    break;
+                }
+                Next::Closed => return None,
+            }
+        }
+        tokio::time::sleep_until(*last + FLUSH_EVERY).await;
+        loop {
+            match self.events.try_recv() {
+                Ok(f) if mine(&f) => {
+                    if sent < MAX_PER_FLUSH {
+                        out.extend_from_slice(&f.bytes);
+                        sent += 1;
+                    } else {
+                        dropped += 1;
+                        self.live.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    dropped += n;
+                    self.live.dropped.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(_) => break,
+            }
+        }
+        if dropped > 0 {
+            out.extend_from_slice(format!("event: dropped\ndata: {{\"dropped\":{dropped}}}\n\n").as_bytes());
+        }
+        *last = tokio::time::Instant::now();
+        Some(Bytes::from(out))
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.live.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(n: usize) -> Batch {
+        let timestamp = backhaul_shared::Timestamp::now();
+        Batch {
+            schema: backhaul_shared::batch::SCHEMA_VERSION,
+            batch_id: backhaul_shared::BatchId::new(),
+            device_id: "pi-1".into(),
+            seq: 1,
+            name: None,
+            location: None,
+            timestamp,
+            detections: (0..n)
+                .map(|i| {
+                    Detection::Presence(backhaul_shared::Presence {
+                        device_hash: format!("{i:016x}"),
+                        rssi: -60,
+                        zone: backhaul_shared::Zone::Near,
+                        timestamp,
+                    })
+                })
+                .collect(),
+            clock: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_falls_behind_loses_the_oldest_and_is_told_how_many() {
+        let live = Arc::new(Live::default());
+        let mut slow = live.listen();
+        assert_eq!(live.clients.load(Ordering::Relaxed), 1);
+        let b = batch(8);
+        for _ in 0..CAPACITY + 10 {
+            live.batch(&b, false, "http");
+        }
+        match slow.next().await {
+            Next::Dropped(n) => assert_eq!(n, 10),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(live.dropped.load(Ordering::Relaxed), 10);
+        match slow.next().await {
+            Next::Event(f) => {
+                let text = std::str::from_utf8(&f.bytes).unwrap();
+                let json: serde_json::Value =
+                    serde_json::from_str(text.strip_prefix("event: batch\ndata: ").unwrap().trim_end()).unwrap();
+                assert_eq!(json["detections"], 8);
+                assert_eq!(json["sample"].as_array().unwrap().len(), SAMPLE);
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(slow);
+        assert_eq!(live.clients.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_carries_at_most_max_per_flush_events_and_counts_the_rest_and_a_device_gets_its_own() {
+        let live = Arc::new(Live::default());
+        let mut all = live.listen();
+        let mut own = live.listen();
+        let (mut last_all, mut last_own) = (tokio::time::Instant::now(), tokio::time::Instant::now());
+        let mut other = batch(1);
+        other.device_id = "pi-2".into();
+        for _ in 0..MAX_PER_FLUSH + 7 {
+            live.batch(&batch(1), false, "http");
+        }
+        live.batch(&other, false, "http");
+        let chunk = all.chunk(None, &mut last_all).await.unwrap();
+        let text = std::str::from_utf8(&chunk).unwrap();
+        assert_eq!(text.matches("event: batch\n").count(), MAX_PER_FLUSH);
+        assert!(text.ends_with("event: dropped\ndata: {\"dropped\":8}\n\n"), "{text}");
+        let chunk = own.chunk(Some("pi-2"), &mut last_own).await.unwrap();
+        let text = std::str::from_utf8(&chunk).unwrap();
+        assert_eq!(text.matches("event: batch\n").count(), 1);
+        assert!(text.contains("\"device_id\":\"pi-2\""));
+        assert!(!text.contains("dropped"));
+        assert_eq!(live.dropped.load(Ordering::Relaxed), 8);
+        live.close();
+        assert!(all.chunk(None, &mut last_all).await.is_none());
+    }
+
+    #[test]
+    fn the_rate_counts_new_and_duplicate_detections_per_second_with_empty_seconds_as_zeros() {
+        let live = Live::default();
+        live.batch(&batch(3), false, "mqtt");
+        live.batch(&batch(4), true, "mqtt");
+        live.resend("pi-1", "x", 1, 5, "http");
+        let rate = live.rate(60);
+        assert_eq!(rate.len(), 60);
+        let last = rate.last().unwrap();
+        // The second may have turned between the calls: sum the last two.
+        let (new, dup) = rate.iter().rev().take(2).fold((0, 0), |(n, d), p| (n + p.new, d + p.duplicate));
+        assert_eq!((new, dup), (3, 9), "{rate:?}");
+        assert!(rate.windows(2).all(|w| w[1].t == w[0].t + 1));
+        assert!(last.t >= now_s() - 1);
+        assert_eq!(live.rate(100_000).len() as u64, RATE_WINDOW_S);
+    }
+}
