@@ -73,6 +73,9 @@ pub struct CloudConfig {
     #[serde(default = "default_device_burst")]
     pub device_burst: u32,
     pub mqtt: Option<MqttConfig>,
+    /// The seed senders' MQTT topics (issue #20), each off by default; needs `[mqtt]`.
+    #[serde(default)]
+    pub compat: CompatConfig,
     #[serde(default)]
     pub auth: AuthConfig,
     /// TLS on the HTTP listener (issue #16): `cert_file`, `key_file`, optional `client_ca_file`
@@ -106,6 +109,29 @@ pub struct MqttConfig {
     /// optional `cert_file` + `key_file`, optional `server_name`). Absent with `mqtts://`: the
     /// system's roots.
     pub tls: Option<backhaul_shared::tls::ClientTls>,
+}
+
+/// `[compat]` (SPEC.md, "Seed compatibility"; `crate::compat`): which seed senders' MQTT topics
+/// this cloud subscribes to, shared by the replicas of `mqtt.shared_group` like the batches.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompatConfig {
+    /// The BLE presence agent's topic (`"tfg/detections/raw"` as deployed): every device on it,
+    /// the device in the payload. Absent: not subscribed. A topic name, 1..=256 bytes, no `+`/`#`.
+    pub tfg_topic: Option<String>,
+    /// Thingy:52 gateways' `{gateway_id}/{node_mac}/update`.
+    #[serde(default)]
+    pub thingy_topics: bool,
+    /// Fleet clients' `rpi/{client_id}/heartbeat` and `rpi/{client_id}/state`.
+    #[serde(default)]
+    pub fleet_topics: bool,
+}
+
+impl CompatConfig {
+    /// Whether any seed MQTT topic is on.
+    pub fn any(&self) -> bool {
+        self.tfg_topic.is_some() || self.thingy_topics || self.fleet_topics
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -189,6 +215,21 @@ impl CloudConfig {
             return Err(loaded.invalid("database", "must be sqlite:PATH or postgres://…").into());
         }
         check_ranges(&loaded)?;
+        if let Some(t) = &c.compat.tfg_topic {
+            if t.is_empty() || t.len() > 256 || t.contains(['+', '#']) || t.starts_with('$') || t.contains('\0') {
+                return Err(loaded
+                    .invalid(
+                        "compat.tfg_topic",
+                        "must be a topic name of 1..=256 bytes, without + or # (e.g. tfg/detections/raw)",
+                    )
+                    .into());
+            }
+        }
+        if c.compat.any() && c.mqtt.is_none() {
+            return Err(loaded
+                .invalid("compat", "the seed MQTT topics need an [mqtt] section (the broker to read them from)")
+                .into());
+        }
         if let Some(m) = &c.mqtt {
             parse_mqtt_url(&m.url).map_err(|e| loaded.invalid("mqtt.url", e.to_string()))?;
             if m.topic_prefix.is_empty() || m.topic_prefix.contains(['+', '#']) {

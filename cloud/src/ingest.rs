@@ -147,6 +147,11 @@ impl Ingest {
         self.store.device_status(device_id, status, retained).await
     }
 
+    /// A seed fleet client's heartbeat (issue #20); see [`Store::heartbeat`].
+    pub async fn heartbeat(&self, device_id: &str, at_us: i64) -> Result<(), StoreError> {
+        self.store.heartbeat(device_id, at_us).await
+    }
+
     /// Writes the duplicate and conflict counts held in memory (every 5 s and at shutdown).
     pub async fn flush_counts(&self) -> Result<(), StoreError> {
         self.store.flush_counts().await

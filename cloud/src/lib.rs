@@ -3,6 +3,7 @@
 //! `http` and `mqtt` are thin ingress adapters that both call [`ingest::Ingest::accept`], which
 //! validates, deduplicates and calls [`store`]; no SQL in the adapters.
 
+pub mod compat;
 pub mod config;
 pub mod failpoint;
 pub mod http;

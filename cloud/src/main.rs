@@ -302,6 +302,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
                 keys,
                 tls: mqtt_tls,
                 commands_queued: commands_queued.clone(),
+                compat: Arc::new(backhaul_cloud::compat::Compat::new(config.compat.clone())),
             };
             tokio::spawn(backhaul_cloud::mqtt::run(ingest.clone(), m, password, settings, stop_rx.clone()))
         });

@@ -42,6 +42,7 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::compat::{Compat, SeedTopic};
 use crate::config::{parse_mqtt_url, ApiKeys, MqttConfig};
 use crate::ingest::{Accepted, Ingest};
 
@@ -81,6 +82,8 @@ pub struct Settings {
     pub tls: Option<Arc<backhaul_shared::tls::rustls::ClientConfig>>,
     /// Woken when an operator queued a command (issue #18): it is published at once.
     pub commands_queued: Arc<tokio::sync::Notify>,
+    /// The seed senders' topics taken (`[compat]`, issue #20).
+    pub compat: Arc<Compat>,
 }
 
 /// Commands published per round.
@@ -204,15 +207,17 @@ pub async fn run(
     let connection = Arc::new(AtomicU64::new(0));
     let ingresses = settings.progress.clone();
     ingresses.mqtt_configured.store(true, Ordering::SeqCst);
-    let poller = tokio::spawn(poll(
-        eventloop,
-        client.clone(),
-        topics.clone(),
-        cfg.shared_group.clone(),
-        tx,
-        connection.clone(),
-        ingresses.clone(),
-    ));
+    // Batches and command results shared by the group's replicas, every status, and the seed
+    // senders' topics turned on in `[compat]`.
+    let filters: Vec<String> = [
+        topics.shared_batches_filter(&cfg.shared_group),
+        topics.all_status_filter(),
+        topics.shared_command_results_filter(&cfg.shared_group),
+    ]
+    .into_iter()
+    .chain(settings.compat.filters(&cfg.shared_group))
+    .collect();
+    let poller = tokio::spawn(poll(eventloop, client.clone(), filters, tx, connection.clone(), ingresses.clone()));
 
     let mut ack_options = options;
     ack_options
@@ -313,8 +318,8 @@ pub async fn run(
             Some((received_on, publish)) => {
                 crate::failpoint::panic_in("mqtt-worker");
                 let (ingest, acks, p) = (ingest.clone(), acks.clone(), publish.clone());
-                let max = settings.max_message_bytes;
-                let task = tokio::spawn(async move { handle(&ingest, &acks, &p, max).await });
+                let (max, compat) = (settings.max_message_bytes, settings.compat.clone());
+                let task = tokio::spawn(async move { handle(&ingest, &acks, &compat, &p, max).await });
                 in_hand.push_back((received_on, publish, task));
             }
             // The poller is gone: its handle's branch above says how.
@@ -432,8 +437,7 @@ async fn poll_acks(mut eventloop: EventLoop) {
 async fn poll(
     mut eventloop: EventLoop,
     client: AsyncClient,
-    topics: Topics,
-    group: String,
+    filters: Vec<String>,
     tx: mpsc::Sender<(u64, Publish)>,
     connection: Arc<AtomicU64>,
     ingresses: Arc<crate::progress::Ingresses>,
@@ -447,12 +451,7 @@ async fn poll(
                 ingresses.mqtt_connected.store(true, Ordering::SeqCst);
                 tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
                 // try_subscribe_many only queues the request: never await from the polling task.
-                let filters = [
-                    topics.shared_batches_filter(&group),
-                    topics.all_status_filter(),
-                    topics.shared_command_results_filter(&group),
-                ]
-                .map(|f| Filter::new(f, QoS::AtLeastOnce));
+                let filters = filters.iter().map(|f| Filter::new(f.clone(), QoS::AtLeastOnce));
                 if let Err(e) = client.try_subscribe_many(filters) {
                     tracing::error!(error = %e, "subscribing failed");
                 }
@@ -520,9 +519,12 @@ fn topic_str(publish: &Publish) -> String {
 }
 
 /// Handles one message to completion: stored (or recorded as unusable) before it returns.
-async fn handle(ingest: &Ingest, acks: &AckSender, publish: &Publish, max_bytes: usize) {
+async fn handle(ingest: &Ingest, acks: &AckSender, compat: &Compat, publish: &Publish, max_bytes: usize) {
     let topic = topic_str(publish);
     let Some((device, kind)) = acks.topics.parse(&topic) else {
+        if let Some(seed) = compat.classify(&topic) {
+            return handle_seed(ingest, compat, publish, seed, max_bytes).await;
+        }
         dead_letter(ingest, publish, None, "topic is not {prefix}/{device}/batches or /status").await;
         return;
     };
@@ -564,6 +566,62 @@ async fn handle(ingest: &Ingest, acks: &AckSender, publish: &Publish, max_bytes:
         },
         TopicKind::CommandResults => handle_command_result(ingest, acks, publish, device).await,
         TopicKind::Acks | TopicKind::Commands => {}
+    }
+}
+
+/// A seed sender's message (issue #20, [`crate::compat`]): a heartbeat updates its device's
+/// liveness (written at most every [`crate::store::HEARTBEAT_WRITE_EVERY`]); anything else
+/// becomes a batch stored through the one ingest path, with no ack (seed senders listen for
+/// none) and no rate limit (they do not resend what the broker took). Unusable: dead-lettered.
+async fn handle_seed(ingest: &Ingest, compat: &Compat, publish: &Publish, seed: SeedTopic<'_>, max_bytes: usize) {
+    let device = match seed {
+        SeedTopic::Agent => None,
+        SeedTopic::Thingy { gateway: d, .. } | SeedTopic::Heartbeat { client: d } | SeedTopic::State { client: d } => {
+            if let Err(e) = crate::compat::device_level(d) {
+                return dead_letter(ingest, publish, None, &format!("the topic's device id {e}")).await;
+            }
+            Some(d)
+        }
+    };
+    if publish.payload.len() > max_bytes {
+        let reason = format!("message of {} bytes is over max_body_bytes ({max_bytes})", publish.payload.len());
+        return dead_letter(ingest, publish, device, &reason).await;
+    }
+    let limits = &ingest.limits;
+    let batch = match seed {
+        SeedTopic::Heartbeat { client } => {
+            if compat.heartbeat_due(client) {
+                if let Err(e) = ingest.heartbeat(client, backhaul_shared::Timestamp::now().unix_micros()).await {
+                    tracing::warn!(error = %e, client, "recording a heartbeat failed; the next one tries again");
+                    compat.heartbeat_failed(client);
+                }
+            }
+            return;
+        }
+        SeedTopic::Agent => crate::compat::agent_batch(&publish.payload, None, limits),
+        SeedTopic::Thingy { gateway, node } => crate::compat::thingy_batch(gateway, node, &publish.payload, limits),
+        SeedTopic::State { client } => {
+            crate::compat::state_batch(client, &publish.payload, backhaul_shared::Timestamp::now(), limits)
+        }
+    };
+    let batch = match batch {
+        Ok(b) => b,
+        Err(e) => return dead_letter(ingest, publish, device, &e.to_string()).await,
+    };
+    let raw = batch.to_json();
+    let batch_id = batch.batch_id;
+    loop {
+        match ingest.accept(batch.clone(), &raw, "mqtt").await {
+            Ok(Accepted::Conflict(_)) => {
+                return dead_letter(ingest, publish, device, "its derived batch id is stored with another payload")
+                    .await
+            }
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(error = %e, %batch_id, "storing a seed sender's batch failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 

@@ -960,7 +960,7 @@ mod tests {
             Detection::Presence(Presence { device_hash: "f".repeat(64), rssi: -127, zone: Zone::Medium, timestamp: t });
         let sensor = Detection::Sensor(Sensor {
             node: "c1:0e:5a:33:9f:02".into(),
-            rssi: -127,
+            rssi: Some(-127),
             temp: Some(-100.0 / 3.0),
             humidity: Some(100),
             co2_ppm: Some(u32::MAX),

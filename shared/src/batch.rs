@@ -22,22 +22,95 @@ pub const RSSI_RANGE: std::ops::RangeInclusive<i32> = -127..=20;
 /// Longest free-text field (`name`, `location`, `node`), in bytes.
 pub const MAX_TEXT_BYTES: usize = 256;
 
-/// The idempotency key of a batch: a ULID made at enqueue time.
+/// The idempotency key of a batch: a ULID made at enqueue time, or a UUID from a third-party
+/// sender (SPEC.md, "Wave 2 additions": the cloud accepts a UUID of any version).
 ///
-/// Unique forever (48 bits of milliseconds + 80 random bits), also when a device's data directory is
-/// wiped and its `seq` starts again, and sortable by creation time. On the wire it is the 26-character
-/// Crockford base32 form.
+/// A ULID is unique forever (48 bits of milliseconds + 80 random bits), also when a device's data
+/// directory is wiped and its `seq` starts again, and sortable by creation time. On the wire it is
+/// the 26-character Crockford base32 form; a UUID is written in its hyphenated lowercase form (RFC
+/// 9562 §4), whatever form and case it was read in, so one id has one text. Both are 128 bits; the
+/// form is part of the id (a UUID and a ULID with the same bits are different ids).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct BatchId(ulid::Ulid);
+pub struct BatchId {
+    bits: ulid::Ulid,
+    uuid: bool,
+}
 
 impl BatchId {
-    /// The id's 16 bytes, big-endian: byte order is time order.
-    pub fn to_bytes(self) -> [u8; 16] {
-        self.0.to_bytes()
+    /// A new ULID, made now.
+    pub fn new() -> Self {
+        Self { bits: ulid::Ulid::new(), uuid: false }
     }
 
+    /// Milliseconds since the Unix epoch at which a ULID was made (meaningless for a UUID).
+    pub fn timestamp_ms(self) -> u64 {
+        self.bits.timestamp_ms()
+    }
+
+    /// The id's 16 bytes, big-endian: for a ULID, byte order is time order.
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.bits.to_bytes()
+    }
+
+    /// A ULID from its 16 bytes (the edge's queue stores its own ids so).
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
-        Self(ulid::Ulid::from_bytes(bytes))
+        Self { bits: ulid::Ulid::from_bytes(bytes), uuid: false }
+    }
+
+    /// A UUID from its 16 bytes (RFC 9562), written in the UUID form.
+    pub fn from_uuid_bytes(bytes: [u8; 16]) -> Self {
+        Self { bits: ulid::Ulid::from_bytes(bytes), uuid: true }
+    }
+
+    /// Whether this id is a UUID (a third-party sender's, or a derived key).
+    pub fn is_uuid(self) -> bool {
+        self.uuid
+    }
+}
+
+impl Default for BatchId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for BatchId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.uuid {
+            uuid::Uuid::from_bytes(self.bits.to_bytes()).hyphenated().fmt(f)
+        } else {
+            self.bits.fmt(f)
+        }
+    }
+}
+
+impl FromStr for BatchId {
+    type Err = String;
+
+    /// A 26-character ULID, or a UUID of any version (hyphenated, simple, braced or URN form, any
+    /// case).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() == ulid::ULID_LEN {
+            return ulid::Ulid::from_string(s)
+                .map(|bits| Self { bits, uuid: false })
+                .map_err(|e| format!("`{s}` is not a batch id (a 26-character ULID or a UUID): {e}"));
+        }
+        uuid::Uuid::try_parse(s)
+            .map(|u| Self::from_uuid_bytes(u.into_bytes()))
+            .map_err(|e| format!("`{s}` is not a batch id (a 26-character ULID or a UUID): {e}"))
+    }
+}
+
+impl Serialize for BatchId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -96,8 +169,6 @@ macro_rules! ulid_id {
     };
 }
 pub(crate) use ulid_id;
-
-ulid_id!(BatchId, "batch id");
 
 /// A point in time, on the wire as RFC 3339 (UTC, `Z`), internally UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -242,6 +313,8 @@ impl Clock {
 pub enum Detection {
     Presence(Presence),
     Sensor(Sensor),
+    /// Added in wave 2 (issue #20): a fleet client's state report.
+    Telemetry(Telemetry),
 }
 
 impl Detection {
@@ -249,13 +322,17 @@ impl Detection {
         match self {
             Detection::Presence(p) => p.timestamp,
             Detection::Sensor(s) => s.timestamp,
+            Detection::Telemetry(t) => t.timestamp,
         }
     }
 
-    pub fn rssi(&self) -> i16 {
+    /// dBm, if the detection was heard over the air (a gateway's sensor update and telemetry
+    /// carry none).
+    pub fn rssi(&self) -> Option<i16> {
         match self {
-            Detection::Presence(p) => p.rssi,
+            Detection::Presence(p) => Some(p.rssi),
             Detection::Sensor(s) => s.rssi,
+            Detection::Telemetry(_) => None,
         }
     }
 }
@@ -285,8 +362,9 @@ pub enum Zone {
 pub struct Sensor {
     /// The sensor node's address (the fleet's own hardware, not a passer-by).
     pub node: String,
-    /// dBm.
-    pub rssi: i16,
+    /// dBm; absent when relayed by a gateway that does not report it (issue #20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rssi: Option<i16>,
     /// °C.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temp: Option<f64>,
@@ -302,6 +380,19 @@ pub struct Sensor {
     pub battery: Option<u8>,
     pub timestamp: Timestamp,
 }
+
+/// Numbers reported by an entity of a fleet client (a robot's pose and velocity, issue #20), e.g.
+/// `{"kind": "telemetry", "entity_id": 7, "fields": {"pose.x": 120, "velocity.vx": -3},
+/// "timestamp": "..."}`. Field names are 1..=64 bytes of text; at most [`MAX_TELEMETRY_FIELDS`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Telemetry {
+    pub entity_id: u32,
+    pub fields: std::collections::BTreeMap<String, f64>,
+    pub timestamp: Timestamp,
+}
+
+/// Most fields one telemetry detection may carry.
+pub const MAX_TELEMETRY_FIELDS: usize = 64;
 
 /// Limits a consumer enforces beyond the schema itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -446,6 +537,7 @@ pub const DETECTION_REASONS: &[&str] = &[
     "temp_out_of_range",
     "humidity_out_of_range",
     "battery_out_of_range",
+    "telemetry_fields_invalid",
 ];
 
 /// Checks one detection against every rule of the wire contract that its type alone does not
@@ -453,15 +545,28 @@ pub const DETECTION_REASONS: &[&str] = &[
 /// (the cloud refuses the whole batch), and the edge applies it to each detection before batching
 /// (it drops and counts the one detection), so the two cannot drift apart.
 pub fn validate_detection(d: &Detection) -> Result<(), DetectionError> {
-    let rssi = i32::from(d.rssi());
-    if !RSSI_RANGE.contains(&rssi) {
-        return Err(DetectionError::new(
-            "rssi",
-            "rssi_out_of_range",
-            format!("{rssi} dBm is outside {}..={}", RSSI_RANGE.start(), RSSI_RANGE.end()),
-        ));
+    if let Some(rssi) = d.rssi().map(i32::from) {
+        if !RSSI_RANGE.contains(&rssi) {
+            return Err(DetectionError::new(
+                "rssi",
+                "rssi_out_of_range",
+                format!("{rssi} dBm is outside {}..={}", RSSI_RANGE.start(), RSSI_RANGE.end()),
+            ));
+        }
     }
     match d {
+        Detection::Telemetry(t) => {
+            let bad = |p: String| DetectionError::new("fields", "telemetry_fields_invalid", p);
+            if t.fields.is_empty() || t.fields.len() > MAX_TELEMETRY_FIELDS {
+                return Err(bad(format!("{} fields; 1..={MAX_TELEMETRY_FIELDS} are allowed", t.fields.len())));
+            }
+            for name in t.fields.keys() {
+                if name.is_empty() || name.len() > 64 {
+                    return Err(bad(format!("the field name `{name}` is not 1..=64 bytes")));
+                }
+                check_text(name).map_err(|p| bad(format!("the field name `{name}` {p}")))?;
+            }
+        }
         Detection::Presence(p) => {
             let h = &p.device_hash;
             if h.is_empty() || h.len() > 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -510,10 +615,11 @@ fn refine_detection_error(bytes: &[u8], path: &str) -> Option<BatchError> {
     let result = match kind {
         Some("presence") => serde_path_to_error::deserialize::<_, Presence>(element).map(drop),
         Some("sensor") => serde_path_to_error::deserialize::<_, Sensor>(element).map(drop),
+        Some("telemetry") => serde_path_to_error::deserialize::<_, Telemetry>(element).map(drop),
         _ => {
             return Some(BatchError::Malformed {
                 field: at("kind"),
-                message: "must be \"presence\" or \"sensor\"".into(),
+                message: "must be \"presence\", \"sensor\" or \"telemetry\"".into(),
             })
         }
     };
@@ -608,7 +714,7 @@ mod tests {
     fn absent_sensor_values_are_omitted_not_zero_filled() {
         let s = Detection::Sensor(Sensor {
             node: "n".into(),
-            rssi: -70,
+            rssi: Some(-70),
             temp: None,
             humidity: None,
             co2_ppm: None,
@@ -792,7 +898,7 @@ mod tests {
             .prop_map(|(node, rssi, t10, humidity, co2_ppm, window_open, battery, timestamp)| {
                 Detection::Sensor(Sensor {
                     node,
-                    rssi,
+                    rssi: Some(rssi),
                     temp: t10.map(|t| f64::from(t) / 10.0),
                     humidity,
                     co2_ppm,
@@ -828,7 +934,16 @@ mod tests {
             arb_ts(),
         )
             .prop_map(|(node, rssi, temp, humidity, co2_ppm, window_open, battery, timestamp)| {
-                Detection::Sensor(Sensor { node, rssi, temp, humidity, co2_ppm, window_open, battery, timestamp })
+                Detection::Sensor(Sensor {
+                    node,
+                    rssi: Some(rssi),
+                    temp,
+                    humidity,
+                    co2_ppm,
+                    window_open,
+                    battery,
+                    timestamp,
+                })
             });
         prop_oneof![presence, sensor]
     }

@@ -24,6 +24,6 @@ pub mod tls;
 pub mod wire;
 
 pub use batch::{
-    Batch, BatchError, BatchId, Clock, Detection, Limits, Presence, Sensor, Timestamp, ValidationError, Zone,
+    Batch, BatchError, BatchId, Clock, Detection, Limits, Presence, Sensor, Telemetry, Timestamp, ValidationError, Zone,
 };
 pub use wire::{Ack, AckMessage, AckStatus, DeviceStatus, Topics};

@@ -33,6 +33,7 @@ const CASES: &[(&str, Case)] = &[
         Box::pin(commands_are_queued_published_answered_once_and_expire(u))
     }),
     ("gap_ranges_dead_letters_and_the_ledger", |u| Box::pin(gap_ranges_dead_letters_and_the_ledger(u))),
+    ("seed_senders_heartbeats_uuids_and_telemetry", |u| Box::pin(seed_senders_heartbeats_uuids_and_telemetry(u))),
 ];
 
 fn run_all(mut database: impl FnMut(&str) -> String) {
@@ -94,7 +95,7 @@ fn batch(device: &str, seq: u64, times: &[i64]) -> Batch {
                 if i % 5 == 4 {
                     Detection::Sensor(Sensor {
                         node: format!("thingy-{i}"),
-                        rssi: -70,
+                        rssi: Some(-70),
                         temp: Some(21.5),
                         humidity: Some(40),
                         co2_ppm: None,
@@ -293,7 +294,7 @@ async fn pages_match_a_brute_force_order(url: String) {
     assert_eq!((sensor.temp, sensor.humidity, sensor.battery, sensor.co2_ppm), (Some(21.5), Some(40), Some(90), None));
     assert!(sensor.node.as_deref().is_some_and(|n| n.starts_with("thingy-")) && sensor.device_hash.is_none());
     let presence = rows.iter().find(|r| r.kind == "presence").expect("a presence row");
-    assert_eq!((presence.rssi, presence.zone.as_deref()), (-60, Some("near")));
+    assert_eq!((presence.rssi, presence.zone.as_deref()), (Some(-60), Some("near")));
 }
 
 /// A batch stored before schema 4 has no payload: its `detections` rows are its only copy, and
@@ -608,4 +609,56 @@ async fn gap_ranges_dead_letters_and_the_ledger(url: String) {
     s.device_status("pi-a", &absurd, false).await.unwrap();
     let l = s.devices().await.unwrap().into_iter().find(|d| d.device_id == "pi-a").unwrap().ledger.unwrap();
     assert_eq!((l.produced, l.queued), (i64::MAX, i64::MAX), "capped, and the sums do not overflow: {l:?}");
+}
+
+/// Issue #20: a heartbeat makes a device online and seen, without a batch, until it is older than
+/// the timeout; a batch with a UUID id and a telemetry detection is stored once and read back.
+async fn seed_senders_heartbeats_uuids_and_telemetry(url: String) {
+    use backhaul_cloud::store::HEARTBEAT_TIMEOUT;
+    let s = Store::connect(&url).await.unwrap();
+    let now = Timestamp::now().unix_micros();
+    s.heartbeat("robot-1", now).await.unwrap();
+    s.heartbeat("robot-1", now - 1_000).await.unwrap();
+    let d = s.devices().await.unwrap().into_iter().find(|d| d.device_id == "robot-1").unwrap();
+    assert!(d.online);
+    assert_eq!((d.batches, d.detections), (0, 0));
+    assert_eq!(
+        d.last_seen,
+        Timestamp::from_unix_micros(now).unwrap().to_string(),
+        "an older heartbeat does not move it back"
+    );
+    let stale = now - HEARTBEAT_TIMEOUT.as_micros() as i64 - 1_000_000;
+    s.heartbeat("robot-2", stale).await.unwrap();
+    let d = s.devices().await.unwrap().into_iter().find(|d| d.device_id == "robot-2").unwrap();
+    assert!(!d.online, "silent for longer than {HEARTBEAT_TIMEOUT:?}: offline");
+
+    let at: Timestamp = "2026-11-30T10:00:00Z".parse().unwrap();
+    let batch = Batch {
+        schema: 1,
+        batch_id: "6F9619FF-8B86-D011-B42D-00C04FC964FF".parse().unwrap(),
+        device_id: "robot-1".into(),
+        seq: 0,
+        name: None,
+        location: None,
+        timestamp: at,
+        detections: vec![Detection::Telemetry(backhaul_shared::Telemetry {
+            entity_id: 7,
+            fields: BTreeMap::from([("pose.x".to_owned(), -3.0), ("velocity.vx".to_owned(), 2.5)]),
+            timestamp: at,
+        })],
+        clock: Default::default(),
+    };
+    assert_eq!(batch.batch_id.to_string(), "6f9619ff-8b86-d011-b42d-00c04fc964ff");
+    assert_eq!(store_same(&s, &batch).await, Outcome::Stored);
+    assert_eq!(store_same(&s, &batch).await, Outcome::Duplicate);
+    let q =
+        DetectionQuery { device_id: Some("robot-1".into()), since_us: None, until_us: None, limit: 10, after: None };
+    let rows = s.detections(&q).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    let r = &rows[0];
+    assert_eq!(
+        (r.kind.as_str(), r.batch_id.as_str(), r.entity_id, r.rssi),
+        ("telemetry", "6f9619ff-8b86-d011-b42d-00c04fc964ff", Some(7), None)
+    );
+    assert_eq!(r.fields.as_ref().unwrap()["velocity.vx"], 2.5);
 }

@@ -110,7 +110,29 @@ pub(super) async fn bulk(
     if let Some(answer) = known_duplicate(&app, &scope, peer.as_ref(), &headers, &hash).await {
         return answer;
     }
-    let batch = match app.ingest.parse(&body) {
+    // A batch; or, if it is not one and has no `schema`, the seed agent's body (issue #20), which
+    // becomes the batch it maps to: that batch's bytes are what is hashed and stored.
+    let mut seed = false;
+    let parsed = match app.ingest.parse(&body) {
+        Err(_) if crate::compat::is_seed_body(&body) => {
+            seed = true;
+            let id = match headers.get("idempotency-key").map(|v| v.to_str().map(str::parse::<backhaul_shared::BatchId>)) {
+                None => None,
+                Some(Ok(Ok(id))) => Some(id),
+                Some(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "the Idempotency-Key header must be a ULID or a UUID (or be left out: a key is derived from the body)",
+                        Some("batch_id"),
+                    )
+                    .into_response()
+                }
+            };
+            crate::compat::agent_batch(&body, id, &app.ingest.limits)
+        }
+        other => other,
+    };
+    let batch = match parsed {
         Ok(b) => b,
         Err(e) => {
             if let Err(se) = app.ingest.dead_letter("http", None, None, body.len(), &e.to_string(), false).await {
@@ -118,6 +140,13 @@ pub(super) async fn bulk(
             }
             return error(StatusCode::BAD_REQUEST, e.to_string(), Some(e.field())).into_response();
         }
+    };
+    let (body, hash) = if seed {
+        let raw = Bytes::from(batch.to_json());
+        let hash = crate::ingest::payload_hash(&raw);
+        (raw, hash)
+    } else {
+        (body, hash)
     };
     if !scope.allows(&batch.device_id) {
         if let Err(se) = app.ingest.count_rejected().await {
@@ -158,6 +187,8 @@ pub(super) async fn bulk(
     let idempotency = match headers.get("idempotency-key").map(|v| v.to_str()) {
         Some(Ok(key)) if key.parse::<backhaul_shared::BatchId>().is_ok_and(|k| k == batch.batch_id) => Ok(()),
         Some(_) => Err("the Idempotency-Key header must equal the body's batch_id"),
+        // The seed agent's body: its key is the header's, or derived from it.
+        None if seed => Ok(()),
         None => Err("the Idempotency-Key header (the batch_id) is missing"),
     };
     if let Err(message) = idempotency {

@@ -135,7 +135,7 @@ fn from_detection(device_id: &str, batch_id: &str, idx: i64, ts: i64, d: &Detect
         batch_id: batch_id.to_owned(),
         kind: String::new(),
         timestamp: ts_string(ts),
-        rssi: i64::from(d.rssi()),
+        rssi: d.rssi().map(i64::from),
         device_hash: None,
         zone: None,
         node: None,
@@ -144,6 +144,8 @@ fn from_detection(device_id: &str, batch_id: &str, idx: i64, ts: i64, d: &Detect
         co2_ppm: None,
         window_open: None,
         battery: None,
+        entity_id: None,
+        fields: None,
         cursor: format!("{ts}.{batch_id}.{idx}"),
     };
     match d {
@@ -160,6 +162,11 @@ fn from_detection(device_id: &str, batch_id: &str, idx: i64, ts: i64, d: &Detect
             row.co2_ppm = s.co2_ppm.map(i64::from);
             row.window_open = s.window_open;
             row.battery = s.battery.map(i64::from);
+        }
+        Detection::Telemetry(t) => {
+            row.kind = "telemetry".into();
+            row.entity_id = Some(i64::from(t.entity_id));
+            row.fields = Some(t.fields.clone());
         }
     }
     row
@@ -490,5 +497,7 @@ fn legacy_row(r: &AnyRow) -> Result<DetectionRow, sqlx::Error> {
         co2_ppm: r.try_get(11)?,
         window_open: r.try_get::<Option<i64>, _>(12)?.map(|v| v != 0),
         battery: r.try_get(13)?,
+        entity_id: None,
+        fields: None,
     })
 }

@@ -145,7 +145,15 @@ const MIGRATIONS: &[&[&str]] = &[
         "ALTER TABLE devices ADD COLUMN stored_at_status BIGINT NOT NULL DEFAULT 0",
         "CREATE INDEX IF NOT EXISTS commands_open ON commands (command_id) WHERE status IN ('queued', 'delivered')",
     ],
+    // 7 (issue #20): a seed fleet client's last heartbeat; its liveness is that, not a status.
+    &["ALTER TABLE devices ADD COLUMN heartbeat_at BIGINT"],
 ];
+
+/// A device that sends heartbeats (a seed fleet client, issue #20) is online while its last one is
+/// at most this old (they come every 500 ms; the cloud records one per [`HEARTBEAT_WRITE_EVERY`]).
+pub const HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A device's heartbeats are written at most this often (the rest only counted in memory).
+pub const HEARTBEAT_WRITE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -311,7 +319,9 @@ pub struct DetectionRow {
     pub batch_id: String,
     pub kind: String,
     pub timestamp: String,
-    pub rssi: i64,
+    /// dBm; absent for telemetry and for sensor updates relayed without it (issue #20).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rssi: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_hash: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -328,6 +338,12 @@ pub struct DetectionRow {
     pub window_open: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub battery: Option<i64>,
+    /// A telemetry detection's entity (issue #20).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entity_id: Option<i64>,
+    /// A telemetry detection's numbers, by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fields: Option<std::collections::BTreeMap<String, f64>>,
     /// Paging position of this row.
     #[serde(skip)]
     pub cursor: String,
@@ -966,6 +982,24 @@ impl Store {
         Ok(())
     }
 
+    /// Records a heartbeat of `device_id` at `at_us` (µs since the Unix epoch): its last seen
+    /// time and liveness, no row of its own (issue #20). The device is created if new.
+    pub async fn heartbeat(&self, device_id: &str, at_us: i64) -> Result<(), StoreError> {
+        let _writer = self.writer().await;
+        sqlx::query(
+            "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, online, heartbeat_at)
+             VALUES ($1, $2, $2, -1, 0, 0, 1, $2)
+             ON CONFLICT (device_id) DO UPDATE SET online = 1, heartbeat_at = excluded.heartbeat_at,
+                last_seen = CASE WHEN excluded.last_seen > devices.last_seen THEN excluded.last_seen
+                                 ELSE devices.last_seen END",
+        )
+        .bind(device_id)
+        .bind(at_us)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     pub async fn stats(&self) -> Result<Stats, StoreError> {
         let rows = sqlx::query("SELECT name, value FROM counters").fetch_all(&self.pool).await?;
         let mut s = Stats { batches: 0, detections: 0, duplicates: 0, rejected: 0, dead_letters: 0, panics: 0 };
@@ -992,7 +1026,7 @@ impl Store {
             "SELECT d.device_id, d.name, d.location, d.last_seen, d.online, d.batches, d.detections, d.last_seq,
                     d.status_json,
                     (SELECT COALESCE(MAX(b.seq) + 1 - COUNT(DISTINCT b.seq), 0) FROM batches b WHERE b.device_id = d.device_id),
-                    d.clock_unsynced_batches, d.status_at, d.stored_at_status
+                    d.clock_unsynced_batches, d.status_at, d.stored_at_status, d.heartbeat_at
              FROM devices d ORDER BY d.device_id",
         )
         .fetch_all(&self.pool)
@@ -1128,7 +1162,11 @@ fn device_row(r: &AnyRow) -> Result<DeviceRow, sqlx::Error> {
         name: r.try_get(1)?,
         location: r.try_get(2)?,
         last_seen: ts_string(r.try_get(3)?),
-        online: r.try_get::<i64, _>(4)? != 0,
+        // A device that sends heartbeats is online while they come.
+        online: r.try_get::<i64, _>(4)? != 0
+            && r.try_get::<Option<i64>, _>(13)?.is_none_or(|at| {
+                Timestamp::now().unix_micros().saturating_sub(at) <= HEARTBEAT_TIMEOUT.as_micros() as i64
+            }),
         batches: r.try_get(5)?,
         detections: r.try_get(6)?,
         last_seq: r.try_get(7)?,

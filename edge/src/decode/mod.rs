@@ -165,7 +165,7 @@ impl Decoder {
                 if !rssi_valid || fresh(&mut self.last, self.dedup_window_ms, Profile::Thingy52, &address, t_ms) {
                     out.push(Detection::Sensor(Sensor {
                         node: address.to_ascii_lowercase(),
-                        rssi: adv.rssi,
+                        rssi: Some(adv.rssi),
                         temp: r.temp,
                         humidity: r.humidity,
                         co2_ppm: r.co2_ppm,

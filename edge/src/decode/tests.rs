@@ -70,7 +70,7 @@ fn a_thingy52_advertisement_makes_a_sensor_reading_and_a_presence_detection() {
         (s.window_open, s.humidity, s.temp, s.co2_ppm, s.battery),
         (Some(true), Some(40), Some(25.3), Some(612), Some(87))
     );
-    assert_eq!((s.rssi, s.timestamp), (-71, "2026-11-21T10:29:58Z".parse().unwrap()));
+    assert_eq!((s.rssi, s.timestamp), (Some(-71), "2026-11-21T10:29:58Z".parse().unwrap()));
     assert!(matches!(&out[1], Detection::Presence(p) if p.zone == backhaul_shared::Zone::Medium));
 }
 
@@ -179,7 +179,11 @@ fn a_refused_rssi_takes_no_dedup_slot_and_stays_out_of_the_median() {
     assert_eq!(refused.len(), 2, "a reading and a presence, both refused later: {refused:?}");
     assert!(refused.iter().all(|x| backhaul_shared::batch::validate_detection(x).is_err()));
     let real = d.decode(&at(100, -61));
-    assert_eq!(real.iter().map(Detection::rssi).collect::<Vec<_>>(), vec![-61, -61], "not swallowed: {real:?}");
+    assert_eq!(
+        real.iter().map(Detection::rssi).collect::<Vec<_>>(),
+        vec![Some(-61), Some(-61)],
+        "not swallowed: {real:?}"
+    );
     assert!(d.decode(&at(200, -62)).is_empty(), "the real reading's window holds");
 
     let mut smoothed = Decoder::new(
@@ -194,7 +198,7 @@ fn a_refused_rssi_takes_no_dedup_slot_and_stays_out_of_the_median() {
     let rssi: Vec<i16> = [(0, -60), (100, 127), (200, 127), (300, -64)]
         .into_iter()
         .flat_map(|(ms, r)| smoothed.decode(&at(ms, r)))
-        .map(|x| x.rssi())
+        .filter_map(|x| x.rssi())
         .collect();
     assert_eq!(rssi[3], smoothed_median(&[-60, -64]), "the median of the real readings only: {rssi:?}");
 }

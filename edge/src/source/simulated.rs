@@ -82,7 +82,7 @@ impl Simulated {
         if i % 10 == 9 {
             Detection::Sensor(Sensor {
                 node: format!("sim:{:02x}:{:02x}", (device >> 8) & 0xff, device & 0xff),
-                rssi: -50 - (r % 40) as i16,
+                rssi: Some(-50 - (r % 40) as i16),
                 temp: Some(f64::from((r % 300) as u32) / 10.0),
                 humidity: Some((r % 100) as u8),
                 co2_ppm: Some(400 + (r % 1000) as u32),

@@ -255,6 +255,7 @@ pub fn wire_batches_ending(n: usize, per: usize, earlier_us: i64, first_seq: u64
                 match d {
                     Detection::Presence(p) => p.timestamp = t,
                     Detection::Sensor(s) => s.timestamp = t,
+                    Detection::Telemetry(m) => m.timestamp = t,
                 }
             }
             let b = backhaul_shared::Batch {
@@ -636,7 +637,7 @@ pub fn seed_backend(dir: &Path, total: usize, per: usize) -> Result<Value> {
                         .bind(None::<i64>),
                     Detection::Sensor(s) => q
                         .bind("sensor")
-                        .bind(i64::from(s.rssi))
+                        .bind(s.rssi.map_or(0, i64::from))
                         .bind(None::<&String>)
                         .bind(None::<String>)
                         .bind(Some(s.node.clone()))
@@ -645,6 +646,7 @@ pub fn seed_backend(dir: &Path, total: usize, per: usize) -> Result<Value> {
                         .bind(s.co2_ppm.map(i64::from))
                         .bind(s.window_open.map(i64::from))
                         .bind(s.battery.map(i64::from)),
+                    Detection::Telemetry(_) => anyhow::bail!("the seed backend has no telemetry"),
                 };
                 q.execute(&mut *tx).await?;
             }

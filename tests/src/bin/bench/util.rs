@@ -31,7 +31,7 @@ pub fn sample_batch(detections: usize, salt: u64) -> NewBatch {
                 if i % 10 == 9 {
                     Detection::Sensor(Sensor {
                         node: format!("c1:0e:5a:33:9f:{:02x}", r % 8),
-                        rssi: -60 - (r % 30) as i16,
+                        rssi: Some(-60 - (r % 30) as i16),
                         temp: Some(f64::from((r % 300) as u32) / 10.0),
                         humidity: Some((r % 100) as u8),
                         co2_ppm: Some(400 + (r % 1000) as u32),
