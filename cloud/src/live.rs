@@ -74,6 +74,7 @@ pub struct RatePoint {
 #[derive(Debug)]
 pub struct Live {
     events: broadcast::Sender<Arc<Frame>>,
+    /// Per-second counts: a std mutex, held for a few instructions and never across an await.
     rate: Mutex<VecDeque<RatePoint>>,
     /// Listeners connected now.
     pub clients: AtomicU64,
@@ -82,6 +83,8 @@ pub struct Live {
     /// Turns true when the process stops: every listener's stream ends (an open stream would
     /// otherwise hold the HTTP drain for its whole grace).
     closing: tokio::sync::watch::Sender<bool>,
+    /// Streams open per device key.
+    per_device: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Default for Live {
@@ -92,6 +95,7 @@ impl Default for Live {
             clients: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             closing: tokio::sync::watch::Sender::new(false),
+            per_device: Mutex::default(),
         }
     }
 }
@@ -181,7 +185,29 @@ impl Live {
     /// A new listener; counted in [`Self::clients`] until the [`Listener`] is dropped.
     pub fn listen(self: &Arc<Self>) -> Listener {
         self.clients.fetch_add(1, Ordering::Relaxed);
-        Listener { live: self.clone(), events: self.events.subscribe(), closing: self.closing.subscribe() }
+        self.listener(None)
+    }
+
+    /// A new listener if fewer than `max` are connected and, for a device's key (`device`), fewer
+    /// than [`MAX_PER_DEVICE_KEY`] of that device's; else why not. Checked and counted in one step.
+    pub fn try_listen(self: &Arc<Self>, max: u64, device: Option<&str>) -> Result<Listener, Refused> {
+        self.clients
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .map_err(|_| Refused::Full)?;
+        let Some(device) = device else { return Ok(self.listener(None)) };
+        let mut per = self.per_device.lock().unwrap_or_else(|p| p.into_inner());
+        let n = per.entry(device.to_owned()).or_insert(0);
+        if *n >= MAX_PER_DEVICE_KEY {
+            drop(per);
+            self.clients.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refused::DeviceFull);
+        }
+        *n += 1;
+        Ok(self.listener(Some(device.to_owned())))
+    }
+
+    fn listener(self: &Arc<Self>, device: Option<String>) -> Listener {
+        Listener { live: self.clone(), events: self.events.subscribe(), closing: self.closing.subscribe(), device }
     }
 
     /// Ends every listener's stream, now and from now on (the process is stopping).
@@ -196,7 +222,22 @@ pub struct Listener {
     live: Arc<Live>,
     events: broadcast::Receiver<Arc<Frame>>,
     closing: tokio::sync::watch::Receiver<bool>,
+    /// The device whose key opened it (counted per device).
+    device: Option<String>,
 }
+
+/// Why [`Live::try_listen`] refused a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// `max_live_clients` are connected.
+    Full,
+    /// This device's key holds [`MAX_PER_DEVICE_KEY`] streams already.
+    DeviceFull,
+}
+
+/// Streams one device's key may hold at once: a key taken from a Pi cannot fill `max_live_clients`
+/// and shut the operators out.
+pub const MAX_PER_DEVICE_KEY: u64 = 4;
 
 /// What a listener gets next.
 #[derive(Debug)]
@@ -229,55 +270,70 @@ impl Listener {
 }
 
 impl Listener {
-    /// The next chunk to write for a listener limited to `device` (`None`: every device): waits
-    /// for an event, then until [`FLUSH_EVERY`] has passed since the last chunk, and returns the
-    /// frames that arrived, at most [`MAX_PER_FLUSH`], followed by an `event: dropped` frame
-    /// (`{"dropped": n}`) if any were lost. `None` when the process stops.
-    pub async fn chunk(&mut self, device: Option<&str>, last: &mut tokio::time::Instant) -> Option<Bytes> {
+    /// The next chunk to write for a listener limited to `device` (`None`: every device).
+    ///
+    /// Waits for any event (or `keepalive`: then a comment, `: keepalive`), then until
+    /// [`FLUSH_EVERY`] has passed since `last`, and returns the frames of `device` that arrived, at
+    /// most [`MAX_PER_FLUSH`], then an `event: dropped` frame if any were lost: `{"dropped": n}`
+    /// for a fleet listener; `{"dropped": null}` for a device's, which cannot tell how many of the
+    /// lost were its own (and must not learn the fleet's volume). A device's listener with nothing
+    /// of its own keeps waiting, waking at most every [`FLUSH_EVERY`] whatever the fleet sends.
+    /// `None` when the process stops.
+    pub async fn chunk(
+        &mut self,
+        device: Option<&str>,
+        last: &mut tokio::time::Instant,
+        keepalive: std::time::Duration,
+    ) -> Option<Bytes> {
         let mine = |f: &Frame| device.is_none_or(|d| d == f.device_id);
+        let deadline = tokio::time::Instant::now() + keepalive;
         let mut out = Vec::new();
         let mut sent = 0;
         let mut dropped = 0;
-        // The first one: wait as long as it takes.
         loop {
-            match self.next().await {
+            // Any event wakes us; nothing is taken from the channel when the keep-alive is due.
+            let first = tokio::select! {
+                next = self.next() => next,
+                _ = tokio::time::sleep_until(deadline) => return Some(Bytes::from_static(b": keepalive\n\n")),
+            };
+            match first {
                 Next::Event(f) if mine(&f) => {
                     out.extend_from_slice(&f.bytes);
                     sent += 1;
-                    break;
                 }
                 Next::Event(_) => {}
-                Next::Dropped(n) => {
-                    dropped += n;
-                    break;
-                }
+                Next::Dropped(n) => dropped += n,
                 Next::Closed => return None,
             }
-        }
-        tokio::time::sleep_until(*last + FLUSH_EVERY).await;
-        loop {
-            match self.events.try_recv() {
-                Ok(f) if mine(&f) => {
-                    if sent < MAX_PER_FLUSH {
-                        out.extend_from_slice(&f.bytes);
-                        sent += 1;
-                    } else {
-                        dropped += 1;
-                        self.live.dropped.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep_until(*last + FLUSH_EVERY).await;
+            loop {
+                match self.events.try_recv() {
+                    Ok(f) if mine(&f) => {
+                        if sent < MAX_PER_FLUSH {
+                            out.extend_from_slice(&f.bytes);
+                            sent += 1;
+                        } else {
+                            dropped += 1;
+                            self.live.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
+                    Ok(_) => {}
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                        dropped += n;
+                        self.live.dropped.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(_) => break,
                 }
-                Ok(_) => {}
-                Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                    dropped += n;
-                    self.live.dropped.fetch_add(n, Ordering::Relaxed);
-                }
-                Err(_) => break,
+            }
+            *last = tokio::time::Instant::now();
+            if sent > 0 || dropped > 0 {
+                break;
             }
         }
         if dropped > 0 {
-            out.extend_from_slice(format!("event: dropped\ndata: {{\"dropped\":{dropped}}}\n\n").as_bytes());
+            let n = if device.is_some() { "null".to_owned() } else { dropped.to_string() };
+            out.extend_from_slice(format!("event: dropped\ndata: {{\"dropped\":{n}}}\n\n").as_bytes());
         }
-        *last = tokio::time::Instant::now();
         Some(Bytes::from(out))
     }
 }
@@ -285,6 +341,15 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         self.live.clients.fetch_sub(1, Ordering::Relaxed);
+        if let Some(d) = &self.device {
+            let mut per = self.live.per_device.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = per.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    per.remove(d);
+                }
+            }
+        }
     }
 }
 
@@ -344,6 +409,46 @@ mod tests {
         assert_eq!(live.clients.load(Ordering::Relaxed), 0);
     }
 
+    #[test]
+    fn listeners_are_admitted_up_to_the_limit_and_a_device_key_up_to_its_share() {
+        let live = Arc::new(Live::default());
+        let fleet = live.try_listen(6, None).unwrap();
+        let own: Vec<_> = (0..MAX_PER_DEVICE_KEY).map(|_| live.try_listen(6, Some("pi-1")).unwrap()).collect();
+        assert_eq!(live.try_listen(6, Some("pi-1")).unwrap_err(), Refused::DeviceFull);
+        let other = live.try_listen(6, Some("pi-2")).unwrap();
+        assert_eq!(live.try_listen(6, None).unwrap_err(), Refused::Full);
+        assert_eq!(live.clients.load(Ordering::Relaxed), 6);
+        drop(own);
+        drop(other);
+        drop(fleet);
+        assert_eq!(live.clients.load(Ordering::Relaxed), 0);
+        assert!(live.per_device.lock().unwrap().is_empty());
+        assert_eq!(live.try_listen(0, None).unwrap_err(), Refused::Full);
+    }
+
+    const LONG: std::time::Duration = std::time::Duration::from_secs(3600);
+
+    #[tokio::test]
+    async fn a_device_listener_sleeps_through_other_devices_and_is_not_told_the_fleet_volume() {
+        let live = Arc::new(Live::default());
+        let mut own = live.listen();
+        let mut last = tokio::time::Instant::now();
+        for _ in 0..CAPACITY + 5 {
+            live.batch(&batch(1), false, "http");
+        }
+        let chunk = own.chunk(Some("pi-2"), &mut last, LONG).await.unwrap();
+        assert_eq!(&chunk[..], b"event: dropped\ndata: {\"dropped\":null}\n\n");
+        assert_eq!(live.dropped.load(Ordering::Relaxed), 5, "the fleet's metric counts them");
+        // Nothing of its own: a keep-alive comment when it is due, and no event lost to it.
+        let chunk = own.chunk(Some("pi-2"), &mut last, std::time::Duration::from_millis(300)).await.unwrap();
+        assert_eq!(&chunk[..], b": keepalive\n\n");
+        let mut other = batch(1);
+        other.device_id = "pi-2".into();
+        live.batch(&other, false, "http");
+        let chunk = own.chunk(Some("pi-2"), &mut last, LONG).await.unwrap();
+        assert!(std::str::from_utf8(&chunk).unwrap().starts_with("event: batch\n"));
+    }
+
     #[tokio::test]
     async fn a_chunk_carries_at_most_max_per_flush_events_and_counts_the_rest_and_a_device_gets_its_own() {
         let live = Arc::new(Live::default());
@@ -356,18 +461,18 @@ mod tests {
             live.batch(&batch(1), false, "http");
         }
         live.batch(&other, false, "http");
-        let chunk = all.chunk(None, &mut last_all).await.unwrap();
+        let chunk = all.chunk(None, &mut last_all, LONG).await.unwrap();
         let text = std::str::from_utf8(&chunk).unwrap();
         assert_eq!(text.matches("event: batch\n").count(), MAX_PER_FLUSH);
         assert!(text.ends_with("event: dropped\ndata: {\"dropped\":8}\n\n"), "{text}");
-        let chunk = own.chunk(Some("pi-2"), &mut last_own).await.unwrap();
+        let chunk = own.chunk(Some("pi-2"), &mut last_own, LONG).await.unwrap();
         let text = std::str::from_utf8(&chunk).unwrap();
         assert_eq!(text.matches("event: batch\n").count(), 1);
         assert!(text.contains("\"device_id\":\"pi-2\""));
         assert!(!text.contains("dropped"));
         assert_eq!(live.dropped.load(Ordering::Relaxed), 8);
         live.close();
-        assert!(all.chunk(None, &mut last_all).await.is_none());
+        assert!(all.chunk(None, &mut last_all, LONG).await.is_none());
     }
 
     #[test]

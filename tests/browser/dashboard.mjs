@@ -31,7 +31,17 @@ try {
   const page = await fleet.newPage();
   const requests = [];
   page.on("request", (r) => requests.push(r.url()));
-  page.on("pageerror", (e) => { console.log("page error: " + e.message); process.exitCode = 1; });
+  const failOn = (p) => {
+    p.on("pageerror", (e) => { console.log("page error: " + e.message); process.exitCode = 1; });
+    // A blocked inline script or style (the CSP names them by hash) would show here.
+    p.on("console", (m) => {
+      if (m.type() === "error" && /Content Security Policy/i.test(m.text())) {
+        console.log("CSP violation: " + m.text());
+        process.exitCode = 1;
+      }
+    });
+  };
+  failOn(page);
   await page.goto(url + "/");
 
   // A wrong key is refused and says so.
@@ -45,6 +55,16 @@ try {
   await page.waitForSelector("#app:not([hidden])", { timeout: 10000 });
   await page.waitForFunction(() => document.getElementById("who").textContent === "fleet key", null, deadline(10));
   await page.waitForFunction(() => document.getElementById("feed-state").textContent === "live", null, deadline(10));
+
+  // A device key's page, open while the edges send: its feed must carry its own device only.
+  const own = await browser.newContext();
+  const devicePage = await own.newPage();
+  failOn(devicePage);
+  await devicePage.goto(url + "/");
+  await devicePage.fill("#key", env("DEVICE_KEY"));
+  await devicePage.click("#signin button");
+  await devicePage.waitForSelector("#app:not([hidden])", { timeout: 10000 });
+  await devicePage.waitForFunction(() => document.getElementById("feed-state").textContent === "live", null, deadline(10));
   step("ready");
 
   // Both devices, with the right counts.
@@ -121,14 +141,13 @@ try {
   const leaked = requests.filter((r) => r.includes(env("FLEET_KEY")));
   if (leaked.length) throw new Error("the key appeared in a URL: " + leaked[0]);
 
-  // A device key: one device, no replay button, its own feed only.
-  const own = await browser.newContext();
-  const devicePage = await own.newPage();
-  await devicePage.goto(url + "/");
-  await devicePage.fill("#key", env("DEVICE_KEY"));
-  await devicePage.click("#signin button");
-  await devicePage.waitForSelector("#app:not([hidden])", { timeout: 10000 });
+  // The device key's page: one device, no replay button, its own feed only.
   await devicePage.waitForFunction(() => document.querySelectorAll("#fleet tbody tr").length > 0, null, deadline(10));
+  const ownFeed = await devicePage.$$eval("#feed li", (li) => li.map((l) => l.dataset.device));
+  if (ownFeed.length === 0 || ownFeed.some((d) => d !== env("DEVICE"))) {
+    throw new Error(`a device key's live feed showed ${JSON.stringify(ownFeed)}`);
+  }
+  step(`a device key's live feed: ${ownFeed.length} lines, all of ${env("DEVICE")}`);
   const seen = await devicePage.$$eval("#fleet tbody tr", (rows) => rows.map((r) => r.dataset.device));
   if (JSON.stringify(seen) !== JSON.stringify([env("DEVICE")])) throw new Error(`a device key sees ${seen}`);
   await devicePage.click(`#fleet tbody tr[data-device="${seen[0]}"]`);

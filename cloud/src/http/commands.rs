@@ -16,7 +16,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -26,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::auth::Caller;
-use super::{error, storage_down, App, Path, Query};
+use super::{error, storage_down, App, Path, Query, RawBody};
 use crate::config::KeyScope;
 use crate::store::{CommandFilter, CommandRow, Finished};
 
@@ -62,12 +61,12 @@ pub(super) struct ListQuery {
 const MAX_LIST: i64 = 1000;
 
 /// `POST /api/v1/devices/{device_id}/commands`.
-#[utoipa::path(post, path = "/api/v1/devices/{device_id}/commands", tag = "commands", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)")), request_body(content = Object, content_type = "application/json", description = "`{\"kind\": \"replay\"|\"set_rate\"|\"flush\"|\"ping\"|\"rescan\", ...}` (SPEC.md, \"Commands\")"), responses((status = 202, description = "Queued", body = super::openapi::CommandQueued), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 404, description = "No such device (never heard from), or no such command", body = super::openapi::ErrorBody), (status = 422, description = "The body is not what this route takes (`field` names what is wrong)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/devices/{device_id}/commands", tag = "commands", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)")), request_body(content = Object, content_type = "application/json", description = "`{\"kind\": \"replay\"|\"set_rate\"|\"flush\"|\"ping\"|\"rescan\", ...}` (SPEC.md, \"Commands\")"), responses((status = 202, description = "Queued", body = super::openapi::CommandQueued), (status = 413, description = "The body is over max_body_bytes", body = super::openapi::ErrorBody), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 404, description = "No such device (never heard from), or no such command", body = super::openapi::ErrorBody), (status = 422, description = "The body is not what this route takes (`field` names what is wrong)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn create(
     State(app): State<Arc<App>>,
     caller: Caller,
     Path(device_id): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Response {
     if caller.0 != KeyScope::Fleet {
         return error(
@@ -171,13 +170,13 @@ fn not_found(device_id: &str, command_id: &str) -> Response {
 }
 
 /// `POST /api/v1/devices/{device_id}/commands/{command_id}/result`.
-#[utoipa::path(post, path = "/api/v1/devices/{device_id}/commands/{command_id}/result", tag = "commands", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)"), ("command_id" = String, Path, description = "The command (a ULID)")), request_body(content = Object, content_type = "application/json", description = "`{\"command_id\", \"status\": \"done\"|\"failed\", \"result\", \"finished_at\"}`"), responses((status = 200, description = "Recorded (`recorded`, or `already_final` if it was answered before)", body = super::openapi::Recorded), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 404, description = "No such device (never heard from), or no such command", body = super::openapi::ErrorBody), (status = 422, description = "The body is not what this route takes (`field` names what is wrong)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/devices/{device_id}/commands/{command_id}/result", tag = "commands", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)"), ("command_id" = String, Path, description = "The command (a ULID)")), request_body(content = Object, content_type = "application/json", description = "`{\"command_id\", \"status\": \"done\"|\"failed\", \"result\", \"finished_at\"}`"), responses((status = 200, description = "Recorded (`recorded`, or `already_final` if it was answered before)", body = super::openapi::Recorded), (status = 413, description = "The body is over max_body_bytes", body = super::openapi::ErrorBody), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 404, description = "No such device (never heard from), or no such command", body = super::openapi::ErrorBody), (status = 422, description = "The body is not what this route takes (`field` names what is wrong)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn result(
     State(app): State<Arc<App>>,
     caller: Caller,
     peer: Option<axum::Extension<crate::serve::PeerNames>>,
     Path((device_id, command_id)): Path<(String, String)>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Response {
     if let Err(e) = caller.for_device(&app, peer.as_ref(), &device_id) {
         return e.into_response();

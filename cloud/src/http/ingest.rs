@@ -278,13 +278,13 @@ fn rate_limited(device: &str, wait: std::time::Duration) -> Response {
 /// status (`backhaul_shared::DeviceStatus`, as MQTT edges publish on `{prefix}/{device_id}/status`),
 /// for the ledger and the backlog in `GET /api/v1/devices`. 200; 422 not a status; 403 another
 /// device's key.
-#[utoipa::path(post, path = "/api/v1/devices/{device_id}/status", tag = "ingest", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)")), request_body(content = Object, content_type = "application/json", description = "The device's status (backhaul_shared::DeviceStatus; SPEC.md, \"Device status\")"), responses((status = 200, description = "Recorded", body = super::openapi::Recorded), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 422, description = "The body is not what this route takes (`field` names what is wrong)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/devices/{device_id}/status", tag = "ingest", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)")), request_body(content = Object, content_type = "application/json", description = "The device's status (backhaul_shared::DeviceStatus; SPEC.md, \"Device status\")"), responses((status = 200, description = "Recorded", body = super::openapi::Recorded), (status = 413, description = "The body is over max_body_bytes", body = super::openapi::ErrorBody), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 422, description = "The body is not what this route takes (`field` names what is wrong)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
 pub(super) async fn status(
     State(app): State<Arc<App>>,
     caller: Caller,
     peer: Option<axum::Extension<crate::serve::PeerNames>>,
     super::Path(device_id): super::Path<String>,
-    body: Bytes,
+    super::RawBody(body): super::RawBody,
 ) -> Response {
     if let Err(e) = caller.for_device(&app, peer.as_ref(), &device_id) {
         return e.into_response();

@@ -127,6 +127,22 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestP
     }
 }
 
+/// A request body read whole (at most `max_body_bytes`): axum's `Bytes`, answering a body over the
+/// limit with a JSON 413 (axum's is plain text).
+#[derive(Debug)]
+struct RawBody(axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match axum::body::Bytes::from_request(request, state).await {
+            Ok(b) => Ok(Self(b)),
+            Err(e) => Err(error(e.status(), format!("{} (max_body_bytes)", e.body_text()), None)),
+        }
+    }
+}
+
 /// axum's `Path`, answering a malformed path parameter with a JSON 400 (axum's is plain text).
 #[derive(Debug)]
 struct Path<T>(pub T);

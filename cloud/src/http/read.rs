@@ -33,7 +33,8 @@ pub(super) struct DetectionsPage {
 #[utoipa::path(get, path = "/health", tag = "meta", security(()), responses((status = 200, description = "The database answers and no ingress is stalled", body = super::openapi::Health), (status = 503, description = "The database does not answer, or an ingress is stalled (`error` says which)", body = super::openapi::Health)))]
 pub(super) async fn health(State(app): State<Arc<App>>) -> Response {
     if !app.ingest.ping().await {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "database does not answer", None).into_response();
+        let body = json!({ "status": "unhealthy", "error": "the database does not answer: check it is running and reachable" });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     let stalls = app.ingresses.stalls();
     if stalls.is_empty() {

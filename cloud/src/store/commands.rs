@@ -51,7 +51,8 @@ pub struct CommandRow {
     #[schema(value_type = Object)]
     pub command: serde_json::Value,
     pub status: String,
-    #[schema(value_type = Option<Object>)]
+    /// What the device answered: any JSON value (SPEC.md, "Commands").
+    #[schema(value_type = Option<Value>)]
     pub result: Option<serde_json::Value>,
     pub created_at: String,
     pub delivered_at: Option<String>,
