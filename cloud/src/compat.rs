@@ -33,6 +33,9 @@ use sha2::{Digest, Sha256};
 
 use crate::config::CompatConfig;
 
+/// The highest CO2 reading stored, ppm (the edge's Thingy:52 decoder's bound).
+pub const MAX_CO2_PPM: u32 = 100_000;
+
 /// The seed agent's body (HTTP and MQTT): SPEC.md "Seed compatibility". `timestamp` (when the
 /// agent sent it) is read and not kept: a resend may carry a new one.
 #[derive(Debug, Deserialize)]
@@ -113,7 +116,8 @@ pub fn agent_batch(raw: &[u8], batch_id: Option<BatchId>, limits: &Limits) -> Re
         .into_iter()
         .map(|d| {
             Detection::Presence(Presence {
-                device_hash: d.device_hash,
+                // The edge writes lower-case hex: one hash, one spelling.
+                device_hash: d.device_hash.to_ascii_lowercase(),
                 rssi: d.rssi,
                 zone: d.zone,
                 timestamp: d.timestamp,
@@ -177,13 +181,29 @@ impl SeedTime {
     }
 }
 
+/// CO2 the Thingy:52 reports while its sensor warms up ("not ready", SPEC.md "Decoders"): absent.
+const CO2_NOT_READY: u32 = 0xFFFF_FFFF;
+
 /// A Thingy:52 update as a batch of `gateway`'s with one sensor detection of `node` (no RSSI:
-/// the gateway reports none; absent values stay absent), keyed by [`derived_key`].
+/// the gateway reports none; absent values stay absent, as does CO2 "not ready"; the node's
+/// address in lower case, as the edge writes it), keyed by [`derived_key`]. An update with no
+/// reading, or CO2 over `MAX_CO2_PPM` ppm (the edge's decoder's bound), is refused.
 pub fn thingy_batch(gateway: &str, node: &str, raw: &[u8], limits: &Limits) -> Result<Batch, BatchError> {
-    let u: ThingyUpdate = parse(raw)?;
+    let mut u: ThingyUpdate = parse(raw)?;
     let timestamp = u.timestamp.timestamp()?;
+    let bad = |field: &str, message: String| BatchError::Malformed { field: field.into(), message };
+    if u.co2_ppm == Some(CO2_NOT_READY) {
+        u.co2_ppm = None;
+    }
+    if let Some(ppm) = u.co2_ppm.filter(|&p| p > MAX_CO2_PPM) {
+        return Err(bad("co2_ppm", format!("{ppm} ppm is over {MAX_CO2_PPM}")));
+    }
+    if u.temp.is_none() && u.humidity.is_none() && u.co2_ppm.is_none() && u.window_open.is_none() && u.battery.is_none()
+    {
+        return Err(bad(".", "no reading (temp, humidity, co2_ppm, window_open or battery): nothing to store".into()));
+    }
     let detection = Detection::Sensor(Sensor {
-        node: node.to_owned(),
+        node: node.to_ascii_lowercase(),
         rssi: None,
         temp: u.temp,
         humidity: u.humidity,
@@ -275,7 +295,13 @@ pub enum SeedTopic<'a> {
 pub struct Compat {
     pub config: CompatConfig,
     heartbeats: Mutex<HashMap<String, Instant>>,
+    /// Devices created by heartbeats in the current minute: (its start, how many).
+    new_devices: Mutex<Option<(Instant, u32)>>,
 }
+
+/// Devices heartbeats may create per minute (a fleet's clients appear over a few minutes; a flood
+/// of made-up ids is dead-lettered beyond this).
+pub const NEW_DEVICES_PER_MINUTE: u32 = 60;
 
 /// Clients whose last heartbeat write is remembered, at most (a flood of made-up client ids
 /// clears the memory rather than growing it).
@@ -283,7 +309,7 @@ const MAX_REMEMBERED: usize = 100_000;
 
 impl Compat {
     pub fn new(config: CompatConfig) -> Self {
-        Self { config, heartbeats: Mutex::default() }
+        Self { config, heartbeats: Mutex::default(), new_devices: Mutex::default() }
     }
 
     /// The subscriptions, each shared by `group`'s replicas like the batches (empty with
@@ -332,6 +358,21 @@ impl Compat {
                 true
             }
         }
+    }
+
+    /// Whether a heartbeat may create one more device this minute (counts it if so).
+    pub fn new_device_allowed(&self) -> bool {
+        let now = Instant::now();
+        let mut window = self.new_devices.lock().unwrap_or_else(|p| p.into_inner());
+        let (start, n) = window.get_or_insert((now, 0));
+        if now.duration_since(*start) >= std::time::Duration::from_secs(60) {
+            (*start, *n) = (now, 0);
+        }
+        if *n >= NEW_DEVICES_PER_MINUTE {
+            return false;
+        }
+        *n += 1;
+        true
     }
 
     /// Forgets a heartbeat write that failed, so the next heartbeat tries again.
@@ -421,8 +462,17 @@ mod tests {
         let Detection::Sensor(s) = &b.detections[0] else { panic!() };
         assert_eq!(
             (s.node.as_str(), s.temp, s.humidity, s.co2_ppm, s.window_open, s.battery, s.rssi),
-            ("C0:98:E5:00:00:01", Some(21.5), Some(40), None, Some(false), Some(88), None)
+            ("c0:98:e5:00:00:01", Some(21.5), Some(40), None, Some(false), Some(88), None)
         );
+        let not_ready =
+            thingy_batch("gw", "n1", br#"{"timestamp": 1796036400, "temp": 20, "co2_ppm": 4294967295}"#, &limits())
+                .unwrap();
+        let Detection::Sensor(s) = &not_ready.detections[0] else { panic!() };
+        assert_eq!(s.co2_ppm, None, "0xFFFFFFFF is the sensor's not-ready value");
+        let e = thingy_batch("gw", "n1", br#"{"timestamp": 1796036400, "co2_ppm": 200000}"#, &limits()).unwrap_err();
+        assert_eq!(e.field(), "co2_ppm");
+        let e = thingy_batch("gw", "n1", br#"{"timestamp": 1796036400}"#, &limits()).unwrap_err();
+        assert!(e.to_string().contains("no reading"), "{e}");
         let json = String::from_utf8(b.to_json()).unwrap();
         assert!(!json.contains("co2_ppm") && !json.contains("rssi"), "{json}");
         let secs = thingy_batch("gw", "n1", br#"{"timestamp": 1796036400, "temp": 20}"#, &limits()).unwrap();
@@ -471,6 +521,10 @@ mod tests {
         assert_eq!(on.classify("rpi/c1/other"), None);
         assert_eq!(on.classify("a/b/c/update"), None);
         assert_eq!(on.filters("g").len(), 4);
+        for _ in 0..NEW_DEVICES_PER_MINUTE {
+            assert!(on.new_device_allowed());
+        }
+        assert!(!on.new_device_allowed(), "a flood of new ids is capped");
         assert!(on.heartbeat_due("c1"));
         assert!(!on.heartbeat_due("c1"));
         on.heartbeat_failed("c1");

@@ -225,6 +225,19 @@ impl CloudConfig {
                     .into());
             }
         }
+        if let (Some(t), Some(m)) = (&c.compat.tfg_topic, &c.mqtt) {
+            let levels: Vec<&str> = t.split('/').collect();
+            let overlaps = matches!(levels.as_slice(), ["rpi", _, "heartbeat" | "state"] | [_, _, "update"])
+                || t.starts_with(&format!("{}/", m.topic_prefix.trim_end_matches('/')));
+            if overlaps {
+                return Err(loaded
+                    .invalid(
+                        "compat.tfg_topic",
+                        "overlaps the Thingy, fleet or backhaul topics ({gateway}/{node}/update, rpi/{client}/..., mqtt.topic_prefix/...): pick another",
+                    )
+                    .into());
+            }
+        }
         if c.compat.any() && c.mqtt.is_none() {
             return Err(loaded
                 .invalid("compat", "the seed MQTT topics need an [mqtt] section (the broker to read them from)")

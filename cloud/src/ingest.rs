@@ -147,6 +147,11 @@ impl Ingest {
         self.store.device_status(device_id, status, retained).await
     }
 
+    /// See [`Store::runs_edge`].
+    pub async fn runs_edge(&self, device_id: &str) -> Result<bool, StoreError> {
+        self.store.runs_edge(device_id).await
+    }
+
     /// A seed fleet client's heartbeat (issue #20); see [`Store::heartbeat`].
     pub async fn heartbeat(&self, device_id: &str, at_us: i64) -> Result<(), StoreError> {
         self.store.heartbeat(device_id, at_us).await

@@ -23,14 +23,17 @@ use tokio::sync::broadcast;
 
 /// Events a listener may fall behind before it loses the oldest.
 pub const CAPACITY: usize = 1024;
+/// The same for a device key's listener, on its device's own channel.
+pub const DEVICE_CAPACITY: usize = 256;
 /// Seconds of ingest rate kept (10 minutes).
 pub const RATE_WINDOW_S: u64 = 600;
 /// Detections of a new batch carried in its event, at most.
-pub const SAMPLE: usize = 5;
+pub const SAMPLE: usize = 3;
 /// A listener writes at most this often (so 500 listeners cost ingest 2,000 wakeups/s at most).
 pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-/// Events one flush writes at most (400 events/s per listener); the rest are dropped, counted.
-pub const MAX_PER_FLUSH: usize = 100;
+/// Events one flush writes at most (200 events/s per listener: more than a person reads); the
+/// rest are dropped, counted.
+pub const MAX_PER_FLUSH: usize = 50;
 
 /// An event as it goes out: its device (a device key's listener gets its own only) and its
 /// `event: batch` frame (text/event-stream, WHATWG HTML "Server-sent events").
@@ -84,7 +87,9 @@ pub struct Live {
     /// otherwise hold the HTTP drain for its whole grace).
     closing: tokio::sync::watch::Sender<bool>,
     /// Streams open per device key.
-    per_device: Mutex<std::collections::HashMap<String, u64>>,
+    per_device: Mutex<std::collections::HashMap<String, DeviceChannel>>,
+    /// Device-key listeners connected (so ingest skips the map lock while there are none).
+    device_listeners: AtomicU64,
 }
 
 impl Default for Live {
@@ -96,6 +101,7 @@ impl Default for Live {
             dropped: AtomicU64::new(0),
             closing: tokio::sync::watch::Sender::new(false),
             per_device: Mutex::default(),
+            device_listeners: AtomicU64::new(0),
         }
     }
 }
@@ -104,12 +110,27 @@ fn now_s() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// A device's own channel: its key's listeners get that device's events only, and are woken by
+/// nothing else.
+#[derive(Debug)]
+struct DeviceChannel {
+    listeners: u64,
+    events: broadcast::Sender<Arc<Frame>>,
+}
+
 impl Live {
+    /// Whether an event of `device` would reach anyone.
+    fn heard(&self, device: &str) -> bool {
+        self.events.receiver_count() > 0
+            || (self.device_listeners.load(Ordering::Relaxed) > 0
+                && self.per_device.lock().unwrap_or_else(|p| p.into_inner()).contains_key(device))
+    }
+
     /// Records a batch taken in: counts it in the rate and, if anyone listens, sends its event.
     pub fn batch(&self, batch: &Batch, duplicate: bool, via: &'static str) {
         let n = batch.detections.len() as u64;
         self.count(n, duplicate);
-        if self.events.receiver_count() == 0 {
+        if !self.heard(&batch.device_id) {
             return;
         }
         let sample = if duplicate { Vec::new() } else { batch.detections.iter().take(SAMPLE).cloned().collect() };
@@ -128,7 +149,7 @@ impl Live {
     /// Records a resend answered without parsing it (its stored row gave its size).
     pub fn resend(&self, device_id: &str, batch_id: &str, seq: u64, detections: u64, via: &'static str) {
         self.count(detections, true);
-        if self.events.receiver_count() == 0 {
+        if !self.heard(device_id) {
             return;
         }
         self.send(LiveEvent {
@@ -145,9 +166,17 @@ impl Live {
 
     fn send(&self, event: LiveEvent) {
         let json = serde_json::to_string(&event).expect("a live event always serializes");
-        let frame = Frame { device_id: event.device_id, bytes: Bytes::from(format!("event: batch\ndata: {json}\n\n")) };
+        let frame = Arc::new(Frame {
+            device_id: event.device_id,
+            bytes: Bytes::from(format!("event: batch\ndata: {json}\n\n")),
+        });
+        if self.device_listeners.load(Ordering::Relaxed) > 0 {
+            if let Some(c) = self.per_device.lock().unwrap_or_else(|p| p.into_inner()).get(&frame.device_id) {
+                let _ = c.events.send(frame.clone());
+            }
+        }
         // Err only when the last listener left meanwhile: nobody to tell.
-        let _ = self.events.send(Arc::new(frame));
+        let _ = self.events.send(frame);
     }
 
     fn count(&self, detections: u64, duplicate: bool) {
@@ -196,14 +225,18 @@ impl Live {
             .map_err(|_| Refused::Full)?;
         let Some(device) = device else { return Ok(self.listener(None)) };
         let mut per = self.per_device.lock().unwrap_or_else(|p| p.into_inner());
-        let n = per.entry(device.to_owned()).or_insert(0);
-        if *n >= MAX_PER_DEVICE_KEY {
+        let c = per
+            .entry(device.to_owned())
+            .or_insert_with(|| DeviceChannel { listeners: 0, events: broadcast::channel(DEVICE_CAPACITY).0 });
+        if c.listeners >= MAX_PER_DEVICE_KEY {
             drop(per);
             self.clients.fetch_sub(1, Ordering::Relaxed);
             return Err(Refused::DeviceFull);
         }
-        *n += 1;
-        Ok(self.listener(Some(device.to_owned())))
+        c.listeners += 1;
+        let events = c.events.subscribe();
+        self.device_listeners.fetch_add(1, Ordering::Relaxed);
+        Ok(Listener { live: self.clone(), events, closing: self.closing.subscribe(), device: Some(device.to_owned()) })
     }
 
     fn listener(self: &Arc<Self>, device: Option<String>) -> Listener {
@@ -274,10 +307,9 @@ impl Listener {
     ///
     /// Waits for any event (or `keepalive`: then a comment, `: keepalive`), then until
     /// [`FLUSH_EVERY`] has passed since `last`, and returns the frames of `device` that arrived, at
-    /// most [`MAX_PER_FLUSH`], then an `event: dropped` frame if any were lost: `{"dropped": n}`
-    /// for a fleet listener; `{"dropped": null}` for a device's, which cannot tell how many of the
-    /// lost were its own (and must not learn the fleet's volume). A device's listener with nothing
-    /// of its own keeps waiting, waking at most every [`FLUSH_EVERY`] whatever the fleet sends.
+    /// most [`MAX_PER_FLUSH`], then an `event: dropped` frame (`{"dropped": n}`) if any were lost.
+    /// A device key's listener reads its device's own channel: it is woken by, and told of,
+    /// nothing else.
     /// `None` when the process stops.
     pub async fn chunk(
         &mut self,
@@ -331,8 +363,7 @@ impl Listener {
             }
         }
         if dropped > 0 {
-            let n = if device.is_some() { "null".to_owned() } else { dropped.to_string() };
-            out.extend_from_slice(format!("event: dropped\ndata: {{\"dropped\":{n}}}\n\n").as_bytes());
+            out.extend_from_slice(format!("event: dropped\ndata: {{\"dropped\":{dropped}}}\n\n").as_bytes());
         }
         Some(Bytes::from(out))
     }
@@ -342,10 +373,11 @@ impl Drop for Listener {
     fn drop(&mut self) {
         self.live.clients.fetch_sub(1, Ordering::Relaxed);
         if let Some(d) = &self.device {
+            self.live.device_listeners.fetch_sub(1, Ordering::Relaxed);
             let mut per = self.live.per_device.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = per.get_mut(d) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(c) = per.get_mut(d) {
+                c.listeners -= 1;
+                if c.listeners == 0 {
                     per.remove(d);
                 }
             }
@@ -429,24 +461,30 @@ mod tests {
     const LONG: std::time::Duration = std::time::Duration::from_secs(3600);
 
     #[tokio::test]
-    async fn a_device_listener_sleeps_through_other_devices_and_is_not_told_the_fleet_volume() {
+    async fn a_device_listener_is_not_woken_by_other_devices_and_counts_only_its_own_losses() {
         let live = Arc::new(Live::default());
-        let mut own = live.listen();
+        let mut own = live.try_listen(10, Some("pi-2")).unwrap();
         let mut last = tokio::time::Instant::now();
         for _ in 0..CAPACITY + 5 {
             live.batch(&batch(1), false, "http");
         }
-        let chunk = own.chunk(Some("pi-2"), &mut last, LONG).await.unwrap();
-        assert_eq!(&chunk[..], b"event: dropped\ndata: {\"dropped\":null}\n\n");
-        assert_eq!(live.dropped.load(Ordering::Relaxed), 5, "the fleet's metric counts them");
-        // Nothing of its own: a keep-alive comment when it is due, and no event lost to it.
+        // Nothing of its own: a keep-alive comment when it is due.
         let chunk = own.chunk(Some("pi-2"), &mut last, std::time::Duration::from_millis(300)).await.unwrap();
         assert_eq!(&chunk[..], b": keepalive\n\n");
-        let mut other = batch(1);
-        other.device_id = "pi-2".into();
-        live.batch(&other, false, "http");
+        let mut mine = batch(1);
+        mine.device_id = "pi-2".into();
+        for _ in 0..DEVICE_CAPACITY + 3 {
+            live.batch(&mine, false, "http");
+        }
         let chunk = own.chunk(Some("pi-2"), &mut last, LONG).await.unwrap();
-        assert!(std::str::from_utf8(&chunk).unwrap().starts_with("event: batch\n"));
+        let text = std::str::from_utf8(&chunk).unwrap();
+        assert_eq!(text.matches("event: batch\n").count(), MAX_PER_FLUSH);
+        let lost = DEVICE_CAPACITY + 3 - MAX_PER_FLUSH;
+        assert!(text.ends_with(&format!("event: dropped\ndata: {{\"dropped\":{lost}}}\n\n")), "{text}");
+        assert!(!text.contains("\"device_id\":\"pi-1\""));
+        drop(own);
+        assert!(live.per_device.lock().unwrap().is_empty(), "the device's channel goes with its last listener");
+        assert_eq!(live.device_listeners.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

@@ -169,6 +169,11 @@ fn check_config(config_file: PathBuf) -> Result<()> {
             println!("warning: {w}");
         }
     }
+    if config.compat.any() {
+        let compat = backhaul_cloud::compat::Compat::new(config.compat.clone());
+        let group = config.mqtt.as_ref().map_or("ingest", |m| m.shared_group.as_str());
+        println!("compat (seed senders' MQTT topics): {}", compat.filters(group).join(", "));
+    }
     if let Some(m) = &config.mqtt {
         println!(
             "mqtt: {}{}",
@@ -306,7 +311,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
             };
             tokio::spawn(backhaul_cloud::mqtt::run(ingest.clone(), m, password, settings, stop_rx.clone()))
         });
-        tracing::info!(%addr, mqtt = config.mqtt.is_some(), "backhaul-cloud serving");
+        tracing::info!(%addr, mqtt = config.mqtt.is_some(), compat = ?config.compat, "backhaul-cloud serving");
         println!("listening on {addr}");
         backhaul_shared::link::notify(&[sd_notify::NotifyState::Ready]);
         let pinger = tokio::spawn(watchdog_loop(ingest.clone(), ingresses.clone()));

@@ -590,11 +590,36 @@ async fn handle_seed(ingest: &Ingest, compat: &Compat, publish: &Publish, seed: 
     let limits = &ingest.limits;
     let batch = match seed {
         SeedTopic::Heartbeat { client } => {
-            if compat.heartbeat_due(client) {
-                if let Err(e) = ingest.heartbeat(client, backhaul_shared::Timestamp::now().unix_micros()).await {
+            if serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&publish.payload).is_err() {
+                let why = "a heartbeat must be a JSON object (the fleet client sends {\"timestamp\": ...})";
+                return dead_letter(ingest, publish, device, why).await;
+            }
+            if !compat.heartbeat_due(client) {
+                return;
+            }
+            // A heartbeat can create a device: at most NEW_DEVICES_PER_MINUTE new ones, so a flood of
+            // made-up client ids cannot fill the fleet.
+            match ingest.commands().device_known(client).await {
+                Ok(true) => {}
+                Ok(false) if compat.new_device_allowed() => {}
+                Ok(false) => {
+                    compat.heartbeat_failed(client);
+                    let why = format!(
+                        "more than {} new devices a minute announced by heartbeats: this one is not recorded \
+                         (its next heartbeat tries again); check who publishes on rpi/+/heartbeat",
+                        crate::compat::NEW_DEVICES_PER_MINUTE
+                    );
+                    return dead_letter(ingest, publish, device, &why).await;
+                }
+                Err(e) => {
                     tracing::warn!(error = %e, client, "recording a heartbeat failed; the next one tries again");
                     compat.heartbeat_failed(client);
+                    return;
                 }
+            }
+            if let Err(e) = ingest.heartbeat(client, backhaul_shared::Timestamp::now().unix_micros()).await {
+                tracing::warn!(error = %e, client, "recording a heartbeat failed; the next one tries again");
+                compat.heartbeat_failed(client);
             }
             return;
         }
@@ -608,6 +633,24 @@ async fn handle_seed(ingest: &Ingest, compat: &Compat, publish: &Publish, seed: 
         Ok(b) => b,
         Err(e) => return dead_letter(ingest, publish, device, &e.to_string()).await,
     };
+    // A device that runs backhaul-edge sends its own batches: a seed message in its name can only
+    // be someone else's (every agent publishes on one topic, which no ACL can split by device).
+    loop {
+        match ingest.runs_edge(&batch.device_id).await {
+            Ok(false) => break,
+            Ok(true) => {
+                let why = format!(
+                    "device `{}` runs backhaul-edge: seed messages in its name are refused (stop its seed agent)",
+                    batch.device_id
+                );
+                return dead_letter(ingest, publish, Some(&batch.device_id), &why).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading a device failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
     let raw = batch.to_json();
     let batch_id = batch.batch_id;
     loop {

@@ -638,6 +638,17 @@ pub fn validate_device_id(id: &str) -> Result<(), String> {
     if let Some(c) = id.chars().find(|c| matches!(c, '/' | '+' | '#') || c.is_control()) {
         return Err(format!("must not contain {c:?} (it is an MQTT topic level)"));
     }
+    // A URL path segment too (`/api/v1/devices/{device_id}/...`), where `.` and `..` are not names.
+    if id == "." || id == ".." {
+        return Err(format!("must not be `{id}` (it is a URL path segment)"));
+    }
+    // Invisible or direction-changing characters make one id look like another (Unicode TR #9).
+    if let Some(c) = id
+        .chars()
+        .find(|c| matches!(*c as u32, 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x2064 | 0x2066..=0x2069 | 0xFEFF))
+    {
+        return Err(format!("must not contain the invisible or direction-changing character U+{:04X}", c as u32));
+    }
     Ok(())
 }
 
@@ -663,6 +674,37 @@ fn check_text(s: &str) -> Result<(), String> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn device_ids_that_are_path_segments_or_hide_characters_are_refused() {
+        for bad in [".", "..", "pi\u{202E}1", "pi\u{200B}", "\u{FEFF}pi", "a/b", "a+b", "a#b", ""] {
+            assert!(validate_device_id(bad).is_err(), "{bad:?}");
+        }
+        for good in ["rpi-entrance-01", "pi.1", "...", "gw-lab", "Café"] {
+            validate_device_id(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_uuid_batch_id_is_read_in_any_form_and_written_hyphenated_in_lower_case() {
+        let want = "6f9619ff-8b86-d011-b42d-00c04fc964ff";
+        for form in [
+            "6F9619FF-8B86-D011-B42D-00C04FC964FF",
+            "6f9619ff8b86d011b42d00c04fc964ff",
+            "{6f9619ff-8b86-d011-b42d-00c04fc964ff}",
+            "urn:uuid:6f9619ff-8b86-d011-b42d-00c04fc964ff",
+        ] {
+            let id: BatchId = form.parse().unwrap();
+            assert!(id.is_uuid());
+            assert_eq!(id.to_string(), want, "{form}");
+        }
+        let ulid = BatchId::new();
+        assert_eq!(ulid.to_string().parse::<BatchId>().unwrap(), ulid);
+        assert!(!ulid.is_uuid());
+        assert_ne!(BatchId::from_uuid_bytes(ulid.to_bytes()), ulid, "the form is part of the id");
+        let e = "not-an-id".parse::<BatchId>().unwrap_err();
+        assert!(e.contains("ULID or a UUID"), "{e}");
+    }
 
     const SPEC_EXAMPLE: &str = r#"{
       "schema": 1,
@@ -951,7 +993,7 @@ mod tests {
     proptest! {
         #[test]
         fn any_valid_batch_round_trips(
-            device_id in "[a-zA-Z0-9_.-]{1,64}",
+            device_id in "[a-zA-Z0-9_.-]{1,64}".prop_filter("a path segment is refused", |d| d != "." && d != ".."),
             seq in 0..=i64::MAX as u64,
             name in proptest::option::of("[ -~]{0,40}"),
             ts in arb_ts(),

@@ -87,7 +87,13 @@ fn the_document_names_every_route_with_its_statuses_and_every_route_needs_a_key_
 #[test]
 fn a_malformed_query_or_path_is_a_json_400_naming_the_problem() {
     let cloud = Cloud::start(CloudOptions::default()).unwrap();
-    for path in ["/api/v1/detections?limit=abc", "/api/v1/dead-letters?limit=1.5", "/api/v1/ingest-rate?seconds=-1"] {
+    for path in [
+        "/api/v1/detections?limit=abc",
+        "/api/v1/dead-letters?limit=1.5",
+        "/api/v1/ingest-rate?seconds=-1",
+        // A misspelt parameter is refused, not ignored (a typo in device_id would read the fleet).
+        "/api/v1/detections?devce_id=pi",
+    ] {
         let mut r = http().get(cloud.url(path)).header("X-API-Key", FLEET_KEY).call().unwrap();
         assert_eq!(r.status().as_u16(), 400, "{path}");
         let ct = r.headers().get("content-type").unwrap().to_str().unwrap().to_owned();
@@ -95,6 +101,24 @@ fn a_malformed_query_or_path_is_a_json_400_naming_the_problem() {
         let body: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
         let e = body["error"].as_str().unwrap();
         assert!(e.contains("openapi.json"), "{path}: {e}");
+    }
+    let (code, body) =
+        get_json(&http(), &cloud, "/api/v1/detections?since=2026-11-30T10:00:00Z&until=2026-11-30T09:00:00Z");
+    assert_eq!((code, body["field"].clone()), (400, serde_json::json!("until")), "{body}");
+    // Unknown paths and methods: JSON too.
+    for (method, path, want) in
+        [("GET", "/api/v1/nothing", 404), ("DELETE", "/api/v1/devices", 405), ("PUT", "/health", 405)]
+    {
+        let url = cloud.url(path);
+        let mut r = match method {
+            "GET" => http().get(&url).header("X-API-Key", FLEET_KEY).call(),
+            "DELETE" => http().delete(&url).header("X-API-Key", FLEET_KEY).call(),
+            _ => http().put(&url).header("X-API-Key", FLEET_KEY).send("{}".as_bytes()),
+        }
+        .unwrap();
+        assert_eq!(r.status().as_u16(), want, "{method} {path}");
+        let body: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        assert!(body["error"].as_str().unwrap().contains("openapi.json"), "{method} {path}: {body}");
     }
 }
 

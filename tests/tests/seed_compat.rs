@@ -126,6 +126,24 @@ async fn the_seed_mqtt_senders_are_stored_once_each_value_as_sent() {
     let cloud = tokio::task::block_in_place(|| compat_cloud(&broker));
     let mut sender = TestClient::connect(broker.port(), "tfg-agent", true);
     sender.connected(T).await.unwrap();
+    // A Pi that already runs backhaul-edge (it has sent a status): the shared seed topic cannot
+    // write in its name.
+    tokio::task::block_in_place(|| {
+        let r = http()
+            .post(cloud.url("/api/v1/devices/rpi-migrated/status"))
+            .header("X-API-Key", FLEET_KEY)
+            .header("Content-Type", "application/json")
+            .send(r#"{"online": true, "queue_depth": 0}"#.as_bytes())
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+    });
+    sender
+        .client
+        .publish("tfg/detections/raw", QoS::AtLeastOnce, false, agent_body("rpi-migrated", 0, 2).to_string())
+        .await
+        .unwrap();
+    // A heartbeat that is not JSON: a dead letter, and no device.
+    sender.client.publish("rpi/junk-1/heartbeat", QoS::AtLeastOnce, false, "garbage").await.unwrap();
 
     // The agent over MQTT: 100 messages on the one topic, then the same 100 again (its RAM buffer
     // after a reconnect). Each message: 2 detections, with name, location and its send time.
@@ -190,7 +208,8 @@ async fn the_seed_mqtt_senders_are_stored_once_each_value_as_sent() {
         let gw = cloud.wait_detections("gw-lab", 2, T).unwrap();
         assert_eq!(gw["batches"], 2);
         let rows = detections(&cloud, "gw-lab");
-        let n1 = rows.iter().find(|r| r["node"] == "C0:98:E5:00:00:01").unwrap();
+        // The node address in lower case, as backhaul-edge writes it (one node, one history).
+        let n1 = rows.iter().find(|r| r["node"] == "c0:98:e5:00:00:01").unwrap();
         assert_eq!(n1["kind"], "sensor");
         assert_eq!(n1["timestamp"], "2026-11-30T10:30:00Z");
         assert_eq!(
@@ -198,7 +217,7 @@ async fn the_seed_mqtt_senders_are_stored_once_each_value_as_sent() {
             (json!(21.5), json!(40), json!(false), json!(88))
         );
         assert!(n1.get("co2_ppm").is_none() && n1.get("rssi").is_none(), "absent stays absent: {n1}");
-        let n2 = rows.iter().find(|r| r["node"] == "C0:98:E5:00:00:02").unwrap();
+        let n2 = rows.iter().find(|r| r["node"] == "c0:98:e5:00:00:02").unwrap();
         assert_eq!(
             (n2["temp"].clone(), n2["co2_ppm"].clone(), n2["window_open"].clone(), n2["battery"].clone()),
             (json!(-5.25), json!(1200), json!(true), json!(3))
@@ -221,6 +240,13 @@ async fn the_seed_mqtt_senders_are_stored_once_each_value_as_sent() {
         })
         .unwrap();
         assert!(dead["error"].as_str().unwrap().contains("device_id"), "{dead}");
+        let (_, v) = get_json(&http(), &cloud, "/api/v1/dead-letters");
+        let errors: Vec<String> =
+            v["dead_letters"].as_array().unwrap().iter().map(|d| d["error"].as_str().unwrap().to_owned()).collect();
+        assert!(errors.iter().any(|e| e.contains("`rpi-migrated` runs backhaul-edge")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("a heartbeat must be a JSON object")), "{errors:?}");
+        assert_eq!(cloud.device("rpi-migrated")["detections"], 0);
+        assert_eq!(cloud.device("junk-1"), Value::Null);
     });
 }
 
@@ -241,7 +267,22 @@ async fn heartbeats_alone_make_a_device_seen_and_online_and_the_seed_topics_are_
     for _ in 0..5 {
         sender.client.publish("rpi/robot-9/heartbeat", QoS::AtLeastOnce, false, "{}").await.unwrap();
     }
+    // A flood of made-up client ids: at most NEW_DEVICES_PER_MINUTE become devices.
+    for i in 0..80 {
+        sender.client.publish(format!("rpi/flood-{i:02}/heartbeat"), QoS::AtLeastOnce, false, "{}").await.unwrap();
+    }
     tokio::task::block_in_place(|| {
+        let cap = backhaul_cloud::compat::NEW_DEVICES_PER_MINUTE as usize;
+        let flood = wait_for("the flood's heartbeats handled", T, || {
+            let (_, v) = get_json(&http(), &compat, "/api/v1/devices");
+            let devices = v["devices"].as_array().unwrap().clone();
+            let (_, dead) = get_json(&http(), &compat, "/api/v1/dead-letters?limit=1000");
+            let refused = dead["dead_letters"].as_array().unwrap().len();
+            (devices.len() + refused >= 81).then_some((devices, refused))
+        })
+        .unwrap();
+        assert_eq!(flood.0.len(), cap, "robot-9 and {} flood ids: {:?}", cap - 1, flood.0.len());
+        assert_eq!(flood.1, 81 - cap);
         let seen = wait_for("robot-9 seen by its heartbeats", T, || {
             let d = compat.device("robot-9");
             (d["online"] == true).then_some(d)

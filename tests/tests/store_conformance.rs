@@ -631,6 +631,18 @@ async fn seed_senders_heartbeats_uuids_and_telemetry(url: String) {
     s.heartbeat("robot-2", stale).await.unwrap();
     let d = s.devices().await.unwrap().into_iter().find(|d| d.device_id == "robot-2").unwrap();
     assert!(!d.online, "silent for longer than {HEARTBEAT_TIMEOUT:?}: offline");
+    assert_eq!(d.liveness, "heartbeat");
+    // A Pi that runs backhaul-edge says itself whether it is online: a heartbeat in its name (a
+    // fleet client on the same host, or anyone on the topic) does not bring a stopped edge back.
+    s.device_status("pi-edge", &DeviceStatus { online: true, queue_depth: Some(0), ..Default::default() }, false)
+        .await
+        .unwrap();
+    s.device_status("pi-edge", &DeviceStatus { online: false, ..Default::default() }, false).await.unwrap();
+    s.heartbeat("pi-edge", now).await.unwrap();
+    let d = s.devices().await.unwrap().into_iter().find(|d| d.device_id == "pi-edge").unwrap();
+    assert_eq!((d.online, d.liveness.as_str()), (false, "status"));
+    assert!(s.runs_edge("pi-edge").await.unwrap());
+    assert!(!s.runs_edge("robot-1").await.unwrap());
 
     let at: Timestamp = "2026-11-30T10:00:00Z".parse().unwrap();
     let batch = Batch {

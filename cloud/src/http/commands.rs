@@ -49,6 +49,7 @@ pub(super) struct CommandList {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ListQuery {
     status: Option<String>,
     limit: Option<i64>,

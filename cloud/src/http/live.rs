@@ -121,6 +121,7 @@ pub(super) async fn live(State(app): State<Arc<App>>, caller: Caller) -> Respons
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RateParams {
     seconds: Option<u64>,
 }
@@ -138,6 +139,7 @@ pub(super) async fn ingest_rate(State(app): State<Arc<App>>, caller: Caller, Que
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct BatchesParams {
     limit: Option<i64>,
 }

@@ -80,8 +80,24 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/devices/{device_id}/commands", post(commands::create).get(commands::list))
         .route("/api/v1/devices/{device_id}/commands/{command_id}", get(commands::get_one))
         .route("/api/v1/devices/{device_id}/commands/{command_id}/result", post(commands::result))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(app)
+}
+
+/// 404 for a path no route serves, in JSON like every other error.
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    error(StatusCode::NOT_FOUND, format!("no route `{}`: the routes are in /api/v1/openapi.json", uri.path()), None)
+}
+
+/// 405 for a route asked with a method it does not take.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("`{}` does not take {method}: its methods are in /api/v1/openapi.json", uri.path()),
+        None,
+    )
 }
 
 /// An error answer: a status and a JSON body that says what is wrong (and which field).

@@ -135,7 +135,30 @@ pub(super) async fn metrics(State(app): State<Arc<App>>, caller: Caller) -> Resp
         "backhaul_cloud_device_oldest_pending_age_seconds",
         "gauge",
         "Age of the device's oldest batch waiting to be sent, as it last reported.",
-        &per_device(&|d| d.backlog.as_ref().and_then(|b| b.oldest_age_s).map(|a| a.to_string())),
+        // Nothing pending is age 0, so a healthy fleet is not "No data".
+        &per_device(&|d| d.backlog.as_ref().map(|b| b.oldest_age_s.unwrap_or(0).to_string())),
+    );
+    let by_reason: Vec<(String, String)> = devices
+        .iter()
+        .flat_map(|d| {
+            let reasons = d
+                .status
+                .as_ref()
+                .and_then(|s| s.get("dropped_invalid_by_reason"))
+                .and_then(|r| r.as_object())
+                .cloned()
+                .unwrap_or_default();
+            reasons.into_iter().filter_map(move |(reason, n)| {
+                let labels = format!("{{device_id=\"{}\",reason=\"{}\"}}", label(&d.device_id), label(&reason));
+                Some((labels, n.as_u64()?.to_string()))
+            })
+        })
+        .collect();
+    family(
+        "backhaul_cloud_device_dropped_invalid_detections",
+        "gauge",
+        "Detections the device dropped before batching, by reason, since it started, as it last reported.",
+        &by_reason,
     );
     family(
         "backhaul_cloud_device_drain_rate_batches_per_second",
@@ -214,6 +237,7 @@ pub(super) async fn devices(State(app): State<Arc<App>>, caller: Caller) -> Resp
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct LimitParam {
     limit: Option<i64>,
 }
@@ -261,6 +285,7 @@ pub(super) async fn dead_letters(State(app): State<Arc<App>>, caller: Caller, Qu
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct DetectionParams {
     device_id: Option<String>,
     since: Option<String>,
@@ -296,6 +321,12 @@ pub(super) async fn detections(
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
+    if let (Some(since), Some(until)) = (since_us, until_us) {
+        if since > until {
+            return error(StatusCode::BAD_REQUEST, "`since` is after `until`: nothing can match", Some("until"))
+                .into_response();
+        }
+    }
     let after = match p.cursor.as_deref().map(parse_cursor) {
         None => None,
         Some(Some(c)) => Some(c),

@@ -225,7 +225,13 @@ pub struct DeviceRow {
     pub name: Option<String>,
     pub location: Option<String>,
     pub last_seen: String,
+    /// From `liveness`: the device's last status (or last will), or a heartbeat within
+    /// [`HEARTBEAT_TIMEOUT`]; false when nothing tells (`liveness` `none`).
     pub online: bool,
+    /// What `online` comes from: `status` (a backhaul-edge's status and last will), `heartbeat`
+    /// (a seed fleet client's, issue #20) or `none` (a sender that says nothing of its liveness:
+    /// `online` is then only a guess, false).
+    pub liveness: String,
     pub batches: i64,
     pub detections: i64,
     pub last_seq: i64,
@@ -477,6 +483,16 @@ impl Store {
     /// The commands to devices (issue #18).
     pub fn commands(&self) -> Commands<'_> {
         Commands(self)
+    }
+
+    /// Whether `device_id` runs backhaul-edge: it has sent a status (issue #20: a seed sender's
+    /// message for such a device is refused, so the shared seed topic cannot write as it).
+    pub async fn runs_edge(&self, device_id: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 FROM devices WHERE device_id = $1 AND status_json IS NOT NULL")
+            .bind(device_id.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
     }
 
     /// Whether the database answers.
@@ -983,13 +999,16 @@ impl Store {
     }
 
     /// Records a heartbeat of `device_id` at `at_us` (µs since the Unix epoch): its last seen
-    /// time and liveness, no row of its own (issue #20). The device is created if new.
+    /// time, and its liveness unless it runs backhaul-edge (whose status and last will say), no
+    /// row of its own (issue #20). The device is created if new.
     pub async fn heartbeat(&self, device_id: &str, at_us: i64) -> Result<(), StoreError> {
         let _writer = self.writer().await;
         sqlx::query(
-            "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, online, heartbeat_at)
-             VALUES ($1, $2, $2, -1, 0, 0, 1, $2)
-             ON CONFLICT (device_id) DO UPDATE SET online = 1, heartbeat_at = excluded.heartbeat_at,
+            "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, heartbeat_at)
+             VALUES ($1, $2, $2, -1, 0, 0, $2)
+             ON CONFLICT (device_id) DO UPDATE SET
+                heartbeat_at = CASE WHEN excluded.heartbeat_at > COALESCE(devices.heartbeat_at, 0)
+                                    THEN excluded.heartbeat_at ELSE devices.heartbeat_at END,
                 last_seen = CASE WHEN excluded.last_seen > devices.last_seen THEN excluded.last_seen
                                  ELSE devices.last_seen END",
         )
@@ -1138,6 +1157,16 @@ async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>, counter: &str, by: i64)
 
 fn device_row(r: &AnyRow) -> Result<DeviceRow, sqlx::Error> {
     let status: Option<String> = r.try_get(8)?;
+    // A backhaul-edge says whether it is online (its status, its last will); a seed fleet client
+    // by its heartbeats; anything else (an HTTP agent, a gateway) cannot tell.
+    let heartbeat_at: Option<i64> = r.try_get(13)?;
+    let (online, liveness) = match (&status, heartbeat_at) {
+        (Some(_), _) => (r.try_get::<i64, _>(4)? != 0, "status"),
+        (None, Some(at)) => {
+            (Timestamp::now().unix_micros().saturating_sub(at) <= HEARTBEAT_TIMEOUT.as_micros() as i64, "heartbeat")
+        }
+        (None, None) => (r.try_get::<i64, _>(4)? != 0, "none"),
+    };
     let stored_at_status: i64 = r.try_get(12)?;
     let reported_at = r.try_get::<Option<i64>, _>(11)?.map(ts_string).unwrap_or_default();
     let parsed: Option<DeviceStatus> = status.as_deref().and_then(|s| serde_json::from_str(s).ok());
@@ -1162,11 +1191,8 @@ fn device_row(r: &AnyRow) -> Result<DeviceRow, sqlx::Error> {
         name: r.try_get(1)?,
         location: r.try_get(2)?,
         last_seen: ts_string(r.try_get(3)?),
-        // A device that sends heartbeats is online while they come.
-        online: r.try_get::<i64, _>(4)? != 0
-            && r.try_get::<Option<i64>, _>(13)?.is_none_or(|at| {
-                Timestamp::now().unix_micros().saturating_sub(at) <= HEARTBEAT_TIMEOUT.as_micros() as i64
-            }),
+        online,
+        liveness: liveness.into(),
         batches: r.try_get(5)?,
         detections: r.try_get(6)?,
         last_seq: r.try_get(7)?,

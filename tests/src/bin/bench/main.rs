@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release -p backhaul-tests --bin bench -- all            # everything, about 25 minutes
 //! cargo run --release -p backhaul-tests --bin bench -- all --quick    # smoke run, under a minute
-//! cargo run --release -p backhaul-tests --bin bench -- queue|cloud|forward|decode [--runs N] [--dir DIR]
+//! cargo run --release -p backhaul-tests --bin bench -- queue|cloud|live|forward|decode [--runs N] [--dir DIR]
 //! ```
 //!
 //! Needs Mosquitto and its clients (`mosquitto_pub`), valgrind for instruction counts, and Python 3
@@ -43,7 +43,7 @@ fn main() -> Result<()> {
             println!("{result}");
             Ok(())
         }
-        Some(group @ ("all" | "queue" | "cloud" | "forward" | "decode")) => {
+        Some(group @ ("all" | "queue" | "cloud" | "live" | "forward" | "decode")) => {
             let quick = flag("--quick");
             let runs: usize = value("--runs").map(|r| r.parse()).transpose()?.unwrap_or(if quick { 1 } else { 3 });
             let base = match value("--dir") {
@@ -71,6 +71,7 @@ fn main() -> Result<()> {
             };
             timed("queue", &mut |t| queue_benchmarks(d, runs, quick, t))?;
             timed("cloud", &mut |t| cloud_benchmarks(d, runs, quick, t))?;
+            timed("live", &mut |t| live_benchmarks(d, runs, quick, t))?;
             timed("forward", &mut |t| forward_benchmarks(d, runs, quick, t))?;
             timed("decode", &mut |_| decode_benchmarks(d, runs, quick))?;
             targets.print();
@@ -234,7 +235,13 @@ fn run_scenario(args: &[String]) -> Result<Value> {
         Some("cloud-http") => {
             cloud_http(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?, &arg(4)?, arg(5)?.parse()?)
         }
-        Some("cloud-live") => cloud_live(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?, arg(4)?.parse()?),
+        Some("cloud-live") => cloud_live(
+            Path::new(&arg(1)?),
+            arg(2)?.parse()?,
+            arg(3)?.parse()?,
+            arg(4)?.parse()?,
+            args.get(5).is_some_and(|k| k == "device"),
+        ),
         Some("cloud-restart") => cloud_restart(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
         Some("cloud-mqtt") => cloud_mqtt(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?, &arg(4)?),
         Some("edge-run") => edge_run(Path::new(&arg(1)?), &Run::parse(&args[2..])?),
