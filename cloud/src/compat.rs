@@ -28,7 +28,7 @@ use backhaul_shared::batch::{validate_device_id, SCHEMA_VERSION};
 use backhaul_shared::{
     Batch, BatchError, BatchId, Clock, Detection, Limits, Presence, Sensor, Telemetry, Timestamp, Zone,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::CompatConfig;
@@ -38,8 +38,8 @@ pub const MAX_CO2_PPM: u32 = 100_000;
 
 /// The seed agent's body (HTTP and MQTT): SPEC.md "Seed compatibility". `timestamp` (when the
 /// agent sent it) is read and not kept: a resend may carry a new one.
-#[derive(Debug, Deserialize)]
-struct AgentBody {
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AgentBody {
     device_id: String,
     #[serde(default)]
     name: Option<String>,
@@ -47,16 +47,19 @@ struct AgentBody {
     location: Option<String>,
     #[serde(default)]
     #[allow(dead_code)]
+    #[schema(value_type = Option<String>, format = DateTime)]
     timestamp: Option<Timestamp>,
     detections: Vec<AgentDetection>,
 }
 
-#[derive(Debug, Deserialize)]
-struct AgentDetection {
+/// One detection of the seed agent's body.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AgentDetection {
     device_hash: String,
     rssi: i16,
     zone: Zone,
     /// RFC 3339 with any UTC offset (the agent writes `+01:00`); stored in UTC.
+    #[schema(value_type = String, format = DateTime)]
     timestamp: Timestamp,
 }
 

@@ -262,11 +262,13 @@ impl<'de> Deserialize<'de> for Timestamp {
 /// One batch of detections from one device.
 ///
 /// Never reorder or rename these fields: they are the wire format, and the cloud hashes the bytes.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
     /// Always [`SCHEMA_VERSION`].
     pub schema: u32,
-    /// The idempotency key.
+    /// The idempotency key: a ULID, or a UUID.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "01JDX3Q4W8Z5N7K2M9P6R1T0VB"))]
     pub batch_id: BatchId,
     /// The device's id, also a topic level: 1..=64 bytes, no `/`, `+`, `#`.
     pub device_id: String,
@@ -279,6 +281,7 @@ pub struct Batch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
     /// When the batch was cut.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub timestamp: Timestamp,
     /// The detections, oldest first.
     pub detections: Vec<Detection>,
@@ -290,6 +293,7 @@ pub struct Batch {
 }
 
 /// How the times of a batch were taken (SPEC.md, wave 2: the batch's additive `clock` field).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Clock {
@@ -308,6 +312,7 @@ impl Clock {
 }
 
 /// One observation of one advertiser.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Detection {
@@ -338,6 +343,7 @@ impl Detection {
 }
 
 /// A passer-by, known only by a keyed hash of its address.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Presence {
     /// HMAC of the advertiser's address, hex (16 digits as the edge writes it).
@@ -345,10 +351,12 @@ pub struct Presence {
     /// dBm.
     pub rssi: i16,
     pub zone: Zone,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub timestamp: Timestamp,
 }
 
 /// Distance class derived from RSSI thresholds.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Zone {
@@ -358,6 +366,7 @@ pub enum Zone {
 }
 
 /// A Thingy:52 sensor reading. Absent values are omitted, never zero-filled.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sensor {
     /// The sensor node's address (the fleet's own hardware, not a passer-by).
@@ -378,16 +387,19 @@ pub struct Sensor {
     /// Battery %.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub battery: Option<u8>,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub timestamp: Timestamp,
 }
 
 /// Numbers reported by an entity of a fleet client (a robot's pose and velocity, issue #20), e.g.
 /// `{"kind": "telemetry", "entity_id": 7, "fields": {"pose.x": 120, "velocity.vx": -3},
 /// "timestamp": "..."}`. Field names are 1..=64 bytes of text; at most [`MAX_TELEMETRY_FIELDS`].
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Telemetry {
     pub entity_id: u32,
     pub fields: std::collections::BTreeMap<String, f64>,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub timestamp: Timestamp,
 }
 

@@ -29,14 +29,17 @@ crate::batch::ulid_id!(CommandId, "command id");
 
 /// What a command asks (the body of `POST /api/v1/devices/{device_id}/commands`). Unknown
 /// fields are refused, so a misspelt `until` is an error, not a replay without an end.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CommandKind {
     /// Requeue the retained, already acked batches whose ack time is in `[since, until)` under
     /// their original batch ids (the cloud counts them as duplicates, or stores what it lost).
     Replay {
+        #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
         since: Timestamp,
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
         until: Option<Timestamp>,
     },
     /// Send at most `rate_per_sec` batches per second with bursts of `burst` (each
@@ -148,6 +151,7 @@ pub struct CommandMessage {
 
 /// Where a command is. `queued` → `delivered` (published to the broker, or fetched over HTTP)
 /// → `done` or `failed` (the device answered). Final states never change.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandStatus {
@@ -188,12 +192,16 @@ impl FromStr for CommandStatus {
 
 /// A device's answer to a command: `status` is `done` or `failed`; `result` says what happened
 /// (e.g. `{"requeued_batches": 12}`, or `{"error": "..."}`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommandResult {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub command_id: CommandId,
     pub status: CommandStatus,
+    #[cfg_attr(feature = "openapi", schema(value_type = Value))]
     pub result: serde_json::Value,
     /// When the device finished running it.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub finished_at: Timestamp,
 }
 

@@ -235,6 +235,7 @@ impl AckStatus {
 
 /// An edge device's status, retained on `{prefix}/{device_id}/status`. The last will is
 /// `{"online":false}`, so every field but `online` is optional.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct DeviceStatus {
     pub online: bool,

@@ -73,13 +73,41 @@ fn the_document_names_every_route_with_its_statuses_and_every_route_needs_a_key_
             assert_eq!(r.status().as_u16(), want, "{method} {path}");
         }
     }
+    // Every POST says what its body is.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        if let Some(post) = item.get("post") {
+            let schema = &post["requestBody"]["content"]["application/json"]["schema"];
+            assert!(
+                schema["$ref"].as_str().is_some_and(|r| r.starts_with("#/components/schemas/")),
+                "POST {path}: {schema}"
+            );
+        }
+    }
     documented.sort();
     let mut routes: Vec<String> = ROUTES.iter().map(|s| s.to_string()).collect();
     routes.sort();
     assert_eq!(documented, routes);
     // A schema for every body it names.
     let schemas = doc["components"]["schemas"].as_object().unwrap();
-    for name in ["DeviceRow", "Ledger", "Backlog", "CommandRow", "ErrorBody", "LiveEvent", "RatePoint", "Stats"] {
+    for name in [
+        "DeviceRow",
+        "Ledger",
+        "Backlog",
+        "CommandRow",
+        "ErrorBody",
+        "LiveEvent",
+        "RatePoint",
+        "Stats",
+        // Request bodies, from the shared types themselves.
+        "BulkBody",
+        "Batch",
+        "Detection",
+        "Telemetry",
+        "AgentBody",
+        "DeviceStatus",
+        "CommandKind",
+        "CommandResult",
+    ] {
         assert!(schemas.contains_key(name), "no schema {name}: {:?}", schemas.keys().collect::<Vec<_>>());
     }
 }

@@ -69,10 +69,10 @@ pub(super) async fn page() -> Response {
 
 /// `GET /api/v1/live`: `text/event-stream` of `event: batch` frames (data: a
 /// [`crate::live::LiveEvent`] as JSON), `event: dropped` frames (`{"dropped": n}`: events this
-/// listener lost, for falling behind or for more than 400 events/s) and keep-alive comments every
+/// listener lost, for falling behind or for more than 50 events/s) and keep-alive comments every
 /// 15 s. A fleet key gets every device's batches, a device key its own. 503 with Retry-After when
 /// `max_live_clients` listeners are connected.
-#[utoipa::path(get, path = "/api/v1/live", tag = "dashboard", responses((status = 200, description = "text/event-stream: `event: batch` (data: a LiveEvent), `event: dropped` (data: `{\"dropped\": n}`) and keep-alive comments, until the cloud stops", content_type = "text/event-stream", body = String), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 503, description = "max_live_clients streams are open, or this device key holds its share of them: retry after Retry-After", body = super::openapi::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/live", tag = "dashboard", responses((status = 200, description = "text/event-stream: `event: batch` (data: a LiveEvent), `event: dropped` (data: `{\"dropped\": n}`) and keep-alive comments, until the cloud stops", content_type = "text/event-stream", body = String), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 503, description = "max_live_clients streams are open, or this device key holds its share of them: retry after Retry-After", body = super::openapi::ErrorBody, headers(("Retry-After" = String, description = "Seconds to wait before retrying")))))]
 pub(super) async fn live(State(app): State<Arc<App>>, caller: Caller) -> Response {
     let device = match caller.0 {
         KeyScope::Fleet => None,
@@ -148,7 +148,7 @@ pub(super) struct BatchesParams {
 /// (1..=1000, default 100), newest first: `{"device_id", "batches": [{"batch_id", "seq",
 /// "received_at", "detections", "via"}]}`. 404 for a device never seen; 403 for another device's
 /// key.
-#[utoipa::path(get, path = "/api/v1/devices/{device_id}/batches", tag = "dashboard", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)"), ("limit" = Option<i64>, Query, description = "1..=1000 (default 100)")), responses((status = 200, description = "The device's latest batches, newest first", body = super::openapi::Batches), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 404, description = "No such device (this cloud never heard from it)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/devices/{device_id}/batches", tag = "dashboard", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)"), ("limit" = Option<i64>, Query, description = "1..=1000 (default 100)")), responses((status = 200, description = "The device's latest batches, newest first", body = super::openapi::Batches), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 404, description = "No such device (this cloud never heard from it)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody, headers(("Retry-After" = String, description = "Seconds to wait before retrying")))))]
 pub(super) async fn batches(
     State(app): State<Arc<App>>,
     caller: Caller,

@@ -39,6 +39,16 @@ pub struct BulkAnswer {
     pub batch_id: String,
 }
 
+/// A bulk post's body: a batch (SPEC.md, "The batch", schema 1), or the seed BLE agent's body
+/// (no `schema`, `batch_id` or `seq`; issue #20, `crate::compat`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum BulkBody {
+    Batch(backhaul_shared::Batch),
+    Agent(crate::compat::AgentBody),
+}
+
 /// `{"status": "recorded"}` (or `already_final` for a command result sent again).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Recorded {
