@@ -63,13 +63,23 @@ pub struct AgentDetection {
     timestamp: Timestamp,
 }
 
-/// Whether `raw` is a JSON object without a `schema` field: a seed sender's body, not a batch.
+/// Whether `raw` is a JSON object with none of a batch's `schema`, `batch_id` and `seq`: the seed
+/// agent's body. A body with any of them is a batch (a third-party batch that forgot `schema` is
+/// told so, rather than stored under a derived key).
 pub fn is_seed_body(raw: &[u8]) -> bool {
     #[derive(Deserialize)]
     struct Probe {
-        schema: Option<serde::de::IgnoredAny>,
+        #[serde(default, deserialize_with = "present")]
+        schema: bool,
+        #[serde(default, deserialize_with = "present")]
+        batch_id: bool,
+        #[serde(default, deserialize_with = "present")]
+        seq: bool,
     }
-    matches!(serde_json::from_slice::<Probe>(raw), Ok(Probe { schema: None }))
+    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| true)
+    }
+    matches!(serde_json::from_slice::<Probe>(raw), Ok(Probe { schema: false, batch_id: false, seq: false }))
 }
 
 fn malformed(e: serde_path_to_error::Error<serde_json::Error>) -> BatchError {
@@ -424,6 +434,15 @@ mod tests {
         assert_ne!(other.batch_id, a.batch_id);
     }
 
+    #[test]
+    fn the_derived_key_of_a_known_payload_never_changes() {
+        // Canonical form v1: a change here stores every resend that straddles the upgrade twice.
+        let body = br#"{"device_id": "rpi-entrance-01", "detections": [
+            {"device_hash": "a1b2c3d4e5f60718", "rssi": -61, "zone": "near", "timestamp": "2026-11-30T11:00:00+01:00"}]}"#;
+        let b = agent_batch(body, None, &limits()).unwrap();
+        assert_eq!(b.batch_id.to_string(), "ee0d2417-e11e-8a05-bc6e-73204fbe2d37");
+    }
+
     trait Replace {
         fn replace(&self, from: &[u8], to: &[u8]) -> Vec<u8>;
     }
@@ -449,6 +468,9 @@ mod tests {
             assert!(e.field().starts_with(field), "{e} (field {})", e.field());
         }
         assert!(!is_seed_body(br#"{"schema": 1}"#));
+        assert!(!is_seed_body(br#"{"schema": null, "device_id": "pi", "detections": []}"#));
+        assert!(!is_seed_body(br#"{"batch_id": "x", "device_id": "pi", "detections": []}"#));
+        assert!(!is_seed_body(br#"{"seq": 3, "device_id": "pi", "detections": []}"#));
         assert!(!is_seed_body(b"[1]"));
     }
 

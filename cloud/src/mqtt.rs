@@ -654,7 +654,7 @@ async fn handle_seed(ingest: &Ingest, compat: &Compat, publish: &Publish, seed: 
     let raw = batch.to_json();
     let batch_id = batch.batch_id;
     loop {
-        match ingest.accept(batch.clone(), &raw, "mqtt").await {
+        match ingest.accept(batch.clone(), &raw, "mqtt-seed").await {
             Ok(Accepted::Conflict(_)) => {
                 return dead_letter(ingest, publish, device, "its derived batch id is stored with another payload")
                     .await

@@ -463,6 +463,13 @@ impl Batch {
         struct SchemaOnly {
             schema: Option<serde_json::Value>,
         }
+        if let Ok(SchemaOnly { schema: None }) = serde_json::from_slice::<SchemaOnly>(bytes) {
+            return Err(ValidationError::new(
+                "schema",
+                format!("is missing (this build reads schema {SCHEMA_VERSION})"),
+            )
+            .into());
+        }
         if let Ok(SchemaOnly { schema: Some(v) }) = serde_json::from_slice::<SchemaOnly>(bytes) {
             if v.as_u64() != Some(u64::from(SCHEMA_VERSION)) {
                 return Err(ValidationError::new(

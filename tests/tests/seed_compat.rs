@@ -118,6 +118,25 @@ fn the_agents_keyless_http_post_is_stored_once_in_utc_with_and_without_an_idempo
     let (code, _, _) = post_batch(&agent, &cloud, Some(DEVICE_KEY), Some(uuid), b.to_string().as_bytes());
     assert_eq!(code, 200);
     assert_eq!(detections(&cloud, DEVICE).len(), 3 + 2 + 2);
+    // Once a device runs backhaul-edge (it sent a status), a seed body in its name is refused.
+    let r = agent
+        .post(cloud.url("/api/v1/devices/rpi-other/status"))
+        .header("X-API-Key", FLEET_KEY)
+        .header("Content-Type", "application/json")
+        .send(r#"{"online": true, "queue_depth": 0}"#.as_bytes())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let (code, answer, _) =
+        post_batch(&agent, &cloud, Some(FLEET_KEY), None, agent_body("rpi-other", 5, 1).to_string().as_bytes());
+    assert_eq!(code, 409, "{answer}");
+    assert!(answer.contains("runs backhaul-edge"), "{answer}");
+    // A batch that only forgot `schema` is told so, not stored under a derived key.
+    let mut forgot = serde_json::to_value(backhaul_tests::wire_batch(DEVICE, 9, 1)).unwrap();
+    forgot.as_object_mut().unwrap().remove("schema");
+    let id = forgot["batch_id"].as_str().unwrap().to_owned();
+    let (code, answer, _) = post_batch(&agent, &cloud, Some(DEVICE_KEY), Some(&id), forgot.to_string().as_bytes());
+    assert_eq!(code, 400, "{answer}");
+    assert_eq!(serde_json::from_str::<Value>(&answer).unwrap()["field"], "schema", "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,8 +213,16 @@ async fn the_seed_mqtt_senders_are_stored_once_each_value_as_sent() {
     sender.client.publish("tfg/detections/raw", QoS::AtLeastOnce, false, "{\"device_id\": 1}").await.unwrap();
 
     tokio::task::block_in_place(|| {
+        // The second round is counted as 100 duplicates (the counts are written every 5 s), and
+        // nothing more is stored.
+        wait_for("the resent round counted as duplicates", T, || {
+            let (_, s) = get_json(&http(), &cloud, "/api/v1/stats");
+            (s["duplicates"].as_u64() >= Some(100)).then_some(())
+        })
+        .unwrap();
         let hall = cloud.wait_detections("rpi-hall-02", 200, T).unwrap();
         assert_eq!(hall["batches"], 100, "100 messages sent twice: stored once each");
+        assert_eq!(get_json(&http(), &cloud, "/api/v1/stats").1["duplicates"], 100);
         assert_eq!((hall["name"].clone(), hall["location"].clone()), (json!("Hall"), json!("Building B")));
         let rows = detections(&cloud, "rpi-hall-02");
         assert_eq!(rows.len(), 200);

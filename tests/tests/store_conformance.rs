@@ -644,6 +644,28 @@ async fn seed_senders_heartbeats_uuids_and_telemetry(url: String) {
     assert!(s.runs_edge("pi-edge").await.unwrap());
     assert!(!s.runs_edge("robot-1").await.unwrap());
 
+    // A Pi migrating under its seed agent's device id: the cloud holds the agent's batches, which
+    // its backhaul-edge never produced; the ledger leaves them out.
+    for seq in 0..2 {
+        let b = backhaul_tests::wire_batch("pi-migrating", 0, 1 + seq);
+        let raw = b.to_json();
+        let hash = format!("seed-{}", b.batch_id);
+        assert_eq!(s.store_batch(&b, &raw, &hash, "mqtt-seed").await.unwrap(), Outcome::Stored);
+    }
+    for seq in 1..=3 {
+        assert_eq!(store(&s, &backhaul_tests::wire_batch("pi-migrating", seq, 2)).await, Outcome::Stored);
+    }
+    let status = DeviceStatus { online: true, produced_batches: Some(3), queue_depth: Some(0), ..Default::default() };
+    s.device_status("pi-migrating", &status, false).await.unwrap();
+    let d = s.devices().await.unwrap().into_iter().find(|d| d.device_id == "pi-migrating").unwrap();
+    assert_eq!(d.batches, 5);
+    let l = d.ledger.unwrap();
+    assert_eq!((l.stored, l.difference, l.balanced), (3, 0, true), "{l:?}");
+    let stopped = DeviceStatus { online: false, ..status };
+    s.device_status("pi-migrating", &stopped, false).await.unwrap();
+    let l = s.devices().await.unwrap().into_iter().find(|d| d.device_id == "pi-migrating").unwrap().ledger.unwrap();
+    assert_eq!((l.stored, l.balanced), (3, true), "after a clean stop too: {l:?}");
+
     let at: Timestamp = "2026-11-30T10:00:00Z".parse().unwrap();
     let batch = Batch {
         schema: 1,

@@ -76,7 +76,7 @@ pub(super) async fn gate_body(
     next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
-#[utoipa::path(post, path = "/api/v1/detections/bulk", tag = "ingest", params(("Idempotency-Key" = String, Header, pattern = "^[0-9A-HJKMNP-TV-Z]{26}$", description = "The body's batch_id (a ULID)")), request_body(content = super::openapi::BulkBody, content_type = "application/json", description = "One batch (SPEC.md, \"The batch\"), or the seed agent's body (issue #20)"), responses((status = 201, description = "Stored", body = super::openapi::BulkAnswer), (status = 200, description = "Stored before with this payload: a duplicate, not stored again", body = super::openapi::BulkAnswer), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 422, description = "The body is not what this route takes (`field` names what is wrong)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody, headers(("Retry-After" = String, description = "Seconds to wait before retrying"))), (status = 408, description = "The body did not arrive within body_read_timeout", body = super::openapi::ErrorBody), (status = 413, description = "The body is over max_body_bytes", body = super::openapi::ErrorBody), (status = 429, description = "Too many ingests at once, or the device is over its rate: retry after Retry-After", body = super::openapi::ErrorBody, headers(("Retry-After" = String, description = "Seconds to wait before retrying")))))]
+#[utoipa::path(post, path = "/api/v1/detections/bulk", tag = "ingest", params(("Idempotency-Key" = Option<String>, Header, pattern = "^([0-9A-HJKMNP-TV-Z]{26}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$", description = "The body's batch_id: a ULID or a UUID; left out only with the seed agent's body (a key is derived)")), request_body(content = super::openapi::BulkBody, content_type = "application/json", description = "One batch (SPEC.md, \"The batch\"), or the seed agent's body (issue #20)"), responses((status = 201, description = "Stored", body = super::openapi::BulkAnswer), (status = 200, description = "Stored before with this payload: a duplicate, not stored again", body = super::openapi::BulkAnswer), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 409, description = "A seed agent's body for a device that runs backhaul-edge", body = super::openapi::ErrorBody), (status = 422, description = "The body is not what this route takes (`field` names what is wrong)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody, headers(("Retry-After" = String, description = "Seconds to wait before retrying"))), (status = 408, description = "The body did not arrive within body_read_timeout", body = super::openapi::ErrorBody), (status = 413, description = "The body is over max_body_bytes", body = super::openapi::ErrorBody), (status = 429, description = "Too many ingests at once, or the device is over its rate: retry after Retry-After", body = super::openapi::ErrorBody, headers(("Retry-After" = String, description = "Seconds to wait before retrying")))))]
 pub(super) async fn bulk(
     State(app): State<Arc<App>>,
     Caller(scope): Caller,
@@ -141,6 +141,19 @@ pub(super) async fn bulk(
             return error(StatusCode::BAD_REQUEST, e.to_string(), Some(e.field())).into_response();
         }
     };
+    if seed {
+        match app.ingest.runs_edge(&batch.device_id).await {
+            Ok(false) => {}
+            Ok(true) => {
+                let message = format!(
+                    "device `{}` runs backhaul-edge: a seed agent's body in its name is refused (stop the seed agent on that Pi)",
+                    batch.device_id
+                );
+                return error(StatusCode::CONFLICT, message, Some("device_id")).into_response();
+            }
+            Err(e) => return storage_down(e),
+        }
+    }
     let (body, hash) = if seed {
         let raw = Bytes::from(batch.to_json());
         let hash = crate::ingest::payload_hash(&raw);
@@ -205,7 +218,7 @@ pub(super) async fn bulk(
             eprintln!("FAILPOINT stall_http: the bulk post hangs before it is stored");
             std::future::pending::<()>().await;
         }
-        ingest.accept_hashed(batch, &body, hash, "http").await
+        ingest.accept_hashed(batch, &body, hash, if seed { "http-seed" } else { "http" }).await
     })
     .await;
     let accepted = match accepted {

@@ -146,8 +146,16 @@ const MIGRATIONS: &[&[&str]] = &[
         "CREATE INDEX IF NOT EXISTS commands_open ON commands (command_id) WHERE status IN ('queued', 'delivered')",
     ],
     // 7 (issue #20): a seed fleet client's last heartbeat; its liveness is that, not a status.
-    &["ALTER TABLE devices ADD COLUMN heartbeat_at BIGINT"],
+    // And the batches of seed senders (`via` `http-seed`, `mqtt-seed`), which a Pi's backhaul-edge
+    // never counted: the ledger leaves them out.
+    &[
+        "ALTER TABLE devices ADD COLUMN heartbeat_at BIGINT",
+        "ALTER TABLE devices ADD COLUMN seed_batches BIGINT NOT NULL DEFAULT 0",
+    ],
 ];
+
+/// How a seed sender's batches are marked in `batches.via` (`http-seed`, `mqtt-seed`, issue #20).
+pub const SEED_VIA_SUFFIX: &str = "-seed";
 
 /// A device that sends heartbeats (a seed fleet client, issue #20) is online while its last one is
 /// at most this old (they come every 500 ms; the cloud records one per [`HEARTBEAT_WRITE_EVERY`]).
@@ -603,7 +611,7 @@ impl Store {
                 continue;
             }
             let span = insert_batch(&mut tx, request, &batch_id, now).await?;
-            devices.entry(&request.batch.device_id).or_default().add(&request.batch, span);
+            devices.entry(&request.batch.device_id).or_default().add(&request.batch, span, &request.via);
             batches += 1;
             detections += request.batch.detections.len() as i64;
             outcomes.push(Outcome::Stored);
@@ -680,6 +688,8 @@ struct DeviceDelta {
     detections: i64,
     clock_unsynced_batches: i64,
     max_span_us: i64,
+    /// Of `batches`, those of seed senders (issue #20).
+    seed_batches: i64,
 }
 
 impl Default for DeviceDelta {
@@ -692,12 +702,14 @@ impl Default for DeviceDelta {
             detections: 0,
             clock_unsynced_batches: 0,
             max_span_us: 0,
+            seed_batches: 0,
         }
     }
 }
 
 impl DeviceDelta {
-    fn add(&mut self, batch: &Batch, span: i64) {
+    fn add(&mut self, batch: &Batch, span: i64, via: &str) {
+        self.seed_batches += i64::from(via.ends_with(SEED_VIA_SUFFIX));
         if batch.name.is_some() {
             self.name.clone_from(&batch.name);
         }
@@ -721,9 +733,10 @@ async fn upsert_device(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO devices (device_id, name, location, first_seen, last_seen, last_seq, batches, detections,
-            clock_unsynced_batches, max_span_us)
-         VALUES ($1, $2, $3, $4, $4, $5, $6, $7, $8, $9)
+            clock_unsynced_batches, max_span_us, seed_batches)
+         VALUES ($1, $2, $3, $4, $4, $5, $6, $7, $8, $9, $10)
          ON CONFLICT (device_id) DO UPDATE SET
+            seed_batches = devices.seed_batches + excluded.seed_batches,
             name = COALESCE(excluded.name, devices.name),
             location = COALESCE(excluded.location, devices.location),
             last_seen = excluded.last_seen,
@@ -743,6 +756,7 @@ async fn upsert_device(
     .bind(d.detections)
     .bind(d.clock_unsynced_batches)
     .bind(d.max_span_us)
+    .bind(d.seed_batches)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -984,7 +998,7 @@ impl Store {
                 status_json = CASE WHEN $5 = 1 AND devices.status_json IS NOT NULL THEN devices.status_json
                                    ELSE excluded.status_json END,
                 stored_at_status = CASE WHEN $5 = 1 AND devices.status_json IS NOT NULL THEN devices.stored_at_status
-                                        ELSE devices.batches END,
+                                        ELSE devices.batches - devices.seed_batches END,
                 status_at = CASE WHEN $5 = 1 AND devices.status_at IS NOT NULL THEN devices.status_at
                                  ELSE excluded.status_at END",
         )
@@ -1009,8 +1023,8 @@ impl Store {
              ON CONFLICT (device_id) DO UPDATE SET
                 heartbeat_at = CASE WHEN excluded.heartbeat_at > COALESCE(devices.heartbeat_at, 0)
                                     THEN excluded.heartbeat_at ELSE devices.heartbeat_at END,
-                last_seen = CASE WHEN excluded.last_seen > devices.last_seen THEN excluded.last_seen
-                                 ELSE devices.last_seen END",
+                last_seen = CASE WHEN excluded.last_seen > devices.last_seen AND devices.status_json IS NULL
+                                 THEN excluded.last_seen ELSE devices.last_seen END",
         )
         .bind(device_id)
         .bind(at_us)
@@ -1045,7 +1059,7 @@ impl Store {
             "SELECT d.device_id, d.name, d.location, d.last_seen, d.online, d.batches, d.detections, d.last_seq,
                     d.status_json,
                     (SELECT COALESCE(MAX(b.seq) + 1 - COUNT(DISTINCT b.seq), 0) FROM batches b WHERE b.device_id = d.device_id),
-                    d.clock_unsynced_batches, d.status_at, d.stored_at_status, d.heartbeat_at
+                    d.clock_unsynced_batches, d.status_at, d.stored_at_status, d.heartbeat_at, d.seed_batches
              FROM devices d ORDER BY d.device_id",
         )
         .fetch_all(&self.pool)
@@ -1165,7 +1179,7 @@ fn device_row(r: &AnyRow) -> Result<DeviceRow, sqlx::Error> {
         (None, Some(at)) => {
             (Timestamp::now().unix_micros().saturating_sub(at) <= HEARTBEAT_TIMEOUT.as_micros() as i64, "heartbeat")
         }
-        (None, None) => (r.try_get::<i64, _>(4)? != 0, "none"),
+        (None, None) => (false, "none"),
     };
     let stored_at_status: i64 = r.try_get(12)?;
     let reported_at = r.try_get::<Option<i64>, _>(11)?.map(ts_string).unwrap_or_default();
@@ -1174,7 +1188,7 @@ fn device_row(r: &AnyRow) -> Result<DeviceRow, sqlx::Error> {
     // everything stored, so the batches stored after that status was recorded (acked by the
     // broker, `ack = "broker"`) count.
     let stored = match &parsed {
-        Some(st) if !st.online => r.try_get::<i64, _>(5)?,
+        Some(st) if !st.online => r.try_get::<i64, _>(5)? - r.try_get::<i64, _>(14)?,
         _ => stored_at_status,
     };
     let ledger = parsed.as_ref().and_then(|st| ledger_of(st, stored, reported_at));
