@@ -49,9 +49,9 @@ pub struct CloudConfig {
     pub max_connections: usize,
     /// Dashboards' live streams (`GET /api/v1/live`) open at once; more are answered 503. Each
     /// holds one of `max_connections`, so it must be below it (ingest keeps the rest).
-    /// 0..=65,535; default 100.
-    #[serde(default = "default_max_live_clients")]
-    pub max_live_clients: usize,
+    /// 0..`max_connections`; default 100, or half of `max_connections` if that is less.
+    #[serde(default)]
+    pub max_live_clients: Option<usize>,
     /// A client must send a request's headers within this (or the connection is closed; idle
     /// keep-alive connections too). 1 s..=5 min; default 10 s.
     #[serde(default = "default_header_read_timeout")]
@@ -127,6 +127,13 @@ pub struct CompatConfig {
     pub fleet_topics: bool,
 }
 
+impl CloudConfig {
+    /// `max_live_clients`, or its default: 100, or half of `max_connections` if that is less.
+    pub fn live_clients(&self) -> usize {
+        self.max_live_clients.unwrap_or_else(|| (self.max_connections / 2).min(100))
+    }
+}
+
 impl CompatConfig {
     /// Whether any seed MQTT topic is on.
     pub fn any(&self) -> bool {
@@ -179,9 +186,7 @@ fn default_max_concurrent() -> usize {
 fn default_max_connections() -> usize {
     512
 }
-fn default_max_live_clients() -> usize {
-    100
-}
+
 fn default_header_read_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
@@ -279,7 +284,9 @@ fn check_ranges(loaded: &Loaded<CloudConfig>) -> Result<()> {
     in_range(loaded, "max_detections", c.max_detections, (1, 100_000))?;
     in_range(loaded, "max_concurrent_ingest", c.max_concurrent_ingest, (0, 4096))?;
     in_range(loaded, "max_connections", c.max_connections, (1, 65_536))?;
-    in_range(loaded, "max_live_clients", c.max_live_clients, (0, c.max_connections - 1))?;
+    if let Some(n) = c.max_live_clients {
+        in_range(loaded, "max_live_clients", n, (0, c.max_connections - 1))?;
+    }
     in_range(loaded, "header_read_timeout", c.header_read_timeout, (secs(1), secs(300)))?;
     in_range(loaded, "body_read_timeout", c.body_read_timeout, (secs(1), secs(600)))?;
     in_range(loaded, "ingest_stall_after", c.ingest_stall_after, (secs(5), secs(3600)))?;

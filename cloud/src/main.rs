@@ -262,7 +262,7 @@ fn serve(config_file: PathBuf) -> Result<()> {
             body_read_timeout: config.body_read_timeout.0,
             client_certificates: config.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()),
             commands_queued: commands_queued.clone(),
-            max_live_clients: config.max_live_clients as u64,
+            max_live_clients: config.live_clients() as u64,
         });
         let tls = match &config.tls {
             None => None,

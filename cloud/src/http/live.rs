@@ -155,13 +155,8 @@ pub(super) async fn batches(
     Path(device_id): Path<String>,
     Query(p): Query<BatchesParams>,
 ) -> Response {
-    if let Err(r) = caller.read_scope(Some(device_id.clone())) {
-        return r.into_response();
-    }
-    match app.ingest.commands().device_known(&device_id).await {
-        Ok(true) => {}
-        Ok(false) => return super::commands::unknown_device(&device_id),
-        Err(e) => return storage_down(e),
+    if let Err(r) = super::read::readable_device(&app, &caller, &device_id).await {
+        return r;
     }
     let limit = p.limit.unwrap_or(100).clamp(1, 1000);
     match app.ingest.recent_batches(&device_id, limit).await {

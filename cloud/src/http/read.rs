@@ -236,6 +236,17 @@ pub(super) async fn devices(State(app): State<Arc<App>>, caller: Caller) -> Resp
     }
 }
 
+/// For a route about one device: 403 unless the caller may read it, 404 if this cloud never
+/// heard from it.
+pub(super) async fn readable_device(app: &App, caller: &Caller, device_id: &str) -> Result<(), Response> {
+    caller.read_scope(Some(device_id.to_owned())).map_err(IntoResponse::into_response)?;
+    match app.ingest.commands().device_known(device_id).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(super::commands::unknown_device(device_id)),
+        Err(e) => Err(storage_down(e)),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct LimitParam {
@@ -244,20 +255,15 @@ pub(super) struct LimitParam {
 
 /// `GET /api/v1/devices/{device_id}/gaps`: the device's missing `seq` ranges, lowest first
 /// (`{"device_id", "gaps": [{"first", "last"}], "missing"}`, at most `limit` ranges, 1..=10000).
-#[utoipa::path(get, path = "/api/v1/devices/{device_id}/gaps", tag = "read", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)"), ("limit" = Option<i64>, Query, description = "Ranges at most, 1..=10000 (default 1000)")), responses((status = 200, description = "Missing seq ranges, lowest first", body = super::openapi::Gaps), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 404, description = "No such device (never heard from), or no such command", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody, headers(("Retry-After" = String, description = "Seconds to wait before retrying")))))]
+#[utoipa::path(get, path = "/api/v1/devices/{device_id}/gaps", tag = "read", params(("device_id" = String, Path, description = "The device (1..=64 bytes, no `/`, `+`, `#`)"), ("limit" = Option<i64>, Query, description = "Ranges at most, 1..=10000 (default 1000)")), responses((status = 200, description = "Missing seq ranges, lowest first", body = super::openapi::Gaps), (status = 400, description = "A malformed parameter or body (`field` names it)", body = super::openapi::ErrorBody), (status = 401, description = "No key, or a key this cloud does not know", body = super::openapi::ErrorBody), (status = 403, description = "The key may not do this: a device key on a fleet-wide route or for another device", body = super::openapi::ErrorBody), (status = 404, description = "No such device (this cloud never heard from it)", body = super::openapi::ErrorBody), (status = 503, description = "The database does not answer: retry after Retry-After", body = super::openapi::ErrorBody, headers(("Retry-After" = String, description = "Seconds to wait before retrying")))))]
 pub(super) async fn gaps(
     State(app): State<Arc<App>>,
     caller: Caller,
     Path(device_id): Path<String>,
     Query(p): Query<LimitParam>,
 ) -> Response {
-    if let Err(r) = caller.read_scope(Some(device_id.clone())) {
-        return r.into_response();
-    }
-    match app.ingest.commands().device_known(&device_id).await {
-        Ok(true) => {}
-        Ok(false) => return super::commands::unknown_device(&device_id),
-        Err(e) => return storage_down(e),
+    if let Err(r) = readable_device(&app, &caller, &device_id).await {
+        return r;
     }
     let limit = p.limit.unwrap_or(1000).clamp(1, 10_000);
     match app.ingest.gaps(&device_id, limit).await {
