@@ -34,6 +34,17 @@ pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(50
 /// Events one flush writes at most (50 events/s per listener: more than a person reads); the
 /// rest are dropped, counted (the rate chart counts every batch).
 pub const MAX_PER_FLUSH: usize = 25;
+/// Events all listeners together write per flush, at most: with many listeners each gets its share
+/// ([`per_flush`]), so 500 dashboards cost the cloud what 200 would (10,000 events/s in all).
+pub const ALL_PER_FLUSH: usize = 5_000;
+/// The least a listener gets per flush however many there are (10 events/s).
+pub const MIN_PER_FLUSH: usize = 5;
+
+/// Events one listener writes per flush when `listeners` are connected: its share of
+/// [`ALL_PER_FLUSH`], within [`MIN_PER_FLUSH`]..=[`MAX_PER_FLUSH`].
+pub fn per_flush(listeners: u64) -> usize {
+    (ALL_PER_FLUSH / usize::try_from(listeners.max(1)).unwrap_or(usize::MAX)).clamp(MIN_PER_FLUSH, MAX_PER_FLUSH)
+}
 
 /// An event as it goes out: its device (a device key's listener gets its own only) and its
 /// `event: batch` frame (text/event-stream, WHATWG HTML "Server-sent events").
@@ -307,7 +318,8 @@ impl Listener {
     ///
     /// Waits for any event (or `keepalive`: then a comment, `: keepalive`), then until
     /// [`FLUSH_EVERY`] has passed since `last`, and returns the frames of `device` that arrived, at
-    /// most [`MAX_PER_FLUSH`], then an `event: dropped` frame (`{"dropped": n}`) if any were lost.
+    /// most [`per_flush`] of the listeners connected, then an `event: dropped` frame
+    /// (`{"dropped": n}`) if any were lost.
     /// A device key's listener reads its device's own channel: it is woken by, and told of,
     /// nothing else.
     /// `None` when the process stops.
@@ -338,10 +350,11 @@ impl Listener {
                 Next::Closed => return None,
             }
             tokio::time::sleep_until(*last + FLUSH_EVERY).await;
+            let cap = per_flush(self.live.clients.load(Ordering::Relaxed));
             loop {
                 match self.events.try_recv() {
                     Ok(f) if mine(&f) => {
-                        if sent < MAX_PER_FLUSH {
+                        if sent < cap {
                             out.extend_from_slice(&f.bytes);
                             sent += 1;
                         } else {
@@ -439,6 +452,15 @@ mod tests {
         }
         drop(slow);
         assert_eq!(live.clients.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn each_listener_gets_its_share_of_the_events_all_may_write() {
+        assert_eq!(per_flush(0), MAX_PER_FLUSH);
+        assert_eq!(per_flush(1), MAX_PER_FLUSH);
+        assert_eq!(per_flush(200), MAX_PER_FLUSH);
+        assert_eq!(per_flush(500), 10);
+        assert_eq!(per_flush(100_000), MIN_PER_FLUSH);
     }
 
     #[test]
