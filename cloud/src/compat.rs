@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use backhaul_shared::batch::{validate_device_id, SCHEMA_VERSION};
+use backhaul_shared::batch::SCHEMA_VERSION;
 use backhaul_shared::{
     Batch, BatchError, BatchId, Clock, Detection, Limits, Presence, Sensor, Telemetry, Timestamp, Zone,
 };
@@ -392,11 +392,6 @@ impl Compat {
     pub fn heartbeat_failed(&self, client: &str) {
         self.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).remove(client);
     }
-}
-
-/// Checks a topic level that names a device (a gateway or client id), as the payload's would be.
-pub fn device_level(level: &str) -> Result<(), String> {
-    validate_device_id(level)
 }
 
 #[cfg(test)]

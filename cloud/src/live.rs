@@ -222,8 +222,10 @@ impl Live {
         out
     }
 
-    /// A new listener; counted in [`Self::clients`] until the [`Listener`] is dropped.
-    pub fn listen(self: &Arc<Self>) -> Listener {
+    /// A new fleet listener, admitted whatever the count (tests; the routes use
+    /// [`Self::try_listen`]).
+    #[cfg(test)]
+    fn listen(self: &Arc<Self>) -> Listener {
         self.clients.fetch_add(1, Ordering::Relaxed);
         self.listener(None)
     }
@@ -317,19 +319,11 @@ impl Listener {
     /// The next chunk to write for a listener limited to `device` (`None`: every device).
     ///
     /// Waits for any event (or `keepalive`: then a comment, `: keepalive`), then until
-    /// [`FLUSH_EVERY`] has passed since `last`, and returns the frames of `device` that arrived, at
-    /// most [`per_flush`] of the listeners connected, then an `event: dropped` frame
-    /// (`{"dropped": n}`) if any were lost.
-    /// A device key's listener reads its device's own channel: it is woken by, and told of,
-    /// nothing else.
-    /// `None` when the process stops.
-    pub async fn chunk(
-        &mut self,
-        device: Option<&str>,
-        last: &mut tokio::time::Instant,
-        keepalive: std::time::Duration,
-    ) -> Option<Bytes> {
-        let mine = |f: &Frame| device.is_none_or(|d| d == f.device_id);
+    /// [`FLUSH_EVERY`] has passed since `last`, and returns the frames that arrived, at most
+    /// [`per_flush`] of the listeners connected, then an `event: dropped` frame
+    /// (`{"dropped": n}`) if any were lost. A device key's listener reads its device's own channel:
+    /// it is woken by, and told of, nothing else. `None` when the process stops.
+    pub async fn chunk(&mut self, last: &mut tokio::time::Instant, keepalive: std::time::Duration) -> Option<Bytes> {
         let deadline = tokio::time::Instant::now() + keepalive;
         let mut out = Vec::new();
         let mut sent = 0;
@@ -341,11 +335,10 @@ impl Listener {
                 _ = tokio::time::sleep_until(deadline) => return Some(Bytes::from_static(b": keepalive\n\n")),
             };
             match first {
-                Next::Event(f) if mine(&f) => {
+                Next::Event(f) => {
                     out.extend_from_slice(&f.bytes);
                     sent += 1;
                 }
-                Next::Event(_) => {}
                 Next::Dropped(n) => dropped += n,
                 Next::Closed => return None,
             }
@@ -353,7 +346,7 @@ impl Listener {
             let cap = per_flush(self.live.clients.load(Ordering::Relaxed));
             loop {
                 match self.events.try_recv() {
-                    Ok(f) if mine(&f) => {
+                    Ok(f) => {
                         if sent < cap {
                             out.extend_from_slice(&f.bytes);
                             sent += 1;
@@ -362,7 +355,6 @@ impl Listener {
                             self.live.dropped.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    Ok(_) => {}
                     Err(broadcast::error::TryRecvError::Lagged(n)) => {
                         dropped += n;
                         self.live.dropped.fetch_add(n, Ordering::Relaxed);
@@ -491,14 +483,14 @@ mod tests {
             live.batch(&batch(1), false, "http");
         }
         // Nothing of its own: a keep-alive comment when it is due.
-        let chunk = own.chunk(Some("pi-2"), &mut last, std::time::Duration::from_millis(300)).await.unwrap();
+        let chunk = own.chunk(&mut last, std::time::Duration::from_millis(300)).await.unwrap();
         assert_eq!(&chunk[..], b": keepalive\n\n");
         let mut mine = batch(1);
         mine.device_id = "pi-2".into();
         for _ in 0..DEVICE_CAPACITY + 3 {
             live.batch(&mine, false, "http");
         }
-        let chunk = own.chunk(Some("pi-2"), &mut last, LONG).await.unwrap();
+        let chunk = own.chunk(&mut last, LONG).await.unwrap();
         let text = std::str::from_utf8(&chunk).unwrap();
         assert_eq!(text.matches("event: batch\n").count(), MAX_PER_FLUSH);
         let lost = DEVICE_CAPACITY + 3 - MAX_PER_FLUSH;
@@ -513,7 +505,7 @@ mod tests {
     async fn a_chunk_carries_at_most_max_per_flush_events_and_counts_the_rest_and_a_device_gets_its_own() {
         let live = Arc::new(Live::default());
         let mut all = live.listen();
-        let mut own = live.listen();
+        let mut own = live.try_listen(10, Some("pi-2")).unwrap();
         let (mut last_all, mut last_own) = (tokio::time::Instant::now(), tokio::time::Instant::now());
         let mut other = batch(1);
         other.device_id = "pi-2".into();
@@ -521,18 +513,18 @@ mod tests {
             live.batch(&batch(1), false, "http");
         }
         live.batch(&other, false, "http");
-        let chunk = all.chunk(None, &mut last_all, LONG).await.unwrap();
+        let chunk = all.chunk(&mut last_all, LONG).await.unwrap();
         let text = std::str::from_utf8(&chunk).unwrap();
         assert_eq!(text.matches("event: batch\n").count(), MAX_PER_FLUSH);
         assert!(text.ends_with("event: dropped\ndata: {\"dropped\":8}\n\n"), "{text}");
-        let chunk = own.chunk(Some("pi-2"), &mut last_own, LONG).await.unwrap();
+        let chunk = own.chunk(&mut last_own, LONG).await.unwrap();
         let text = std::str::from_utf8(&chunk).unwrap();
         assert_eq!(text.matches("event: batch\n").count(), 1);
         assert!(text.contains("\"device_id\":\"pi-2\""));
         assert!(!text.contains("dropped"));
         assert_eq!(live.dropped.load(Ordering::Relaxed), 8);
         live.close();
-        assert!(all.chunk(None, &mut last_all, LONG).await.is_none());
+        assert!(all.chunk(&mut last_all, LONG).await.is_none());
     }
 
     #[test]

@@ -577,7 +577,7 @@ async fn handle_seed(ingest: &Ingest, compat: &Compat, publish: &Publish, seed: 
     let device = match seed {
         SeedTopic::Agent => None,
         SeedTopic::Thingy { gateway: d, .. } | SeedTopic::Heartbeat { client: d } | SeedTopic::State { client: d } => {
-            if let Err(e) = crate::compat::device_level(d) {
+            if let Err(e) = backhaul_shared::batch::validate_device_id(d) {
                 return dead_letter(ingest, publish, None, &format!("the topic's device id {e}")).await;
             }
             Some(d)

@@ -101,13 +101,13 @@ pub(super) async fn live(State(app): State<Arc<App>>, caller: Caller) -> Respons
     };
     let last = tokio::time::Instant::now();
     let hello = Bytes::from_static(b"retry: 5000\n: connected\n\n");
-    let state = (listener, device, last, Some(hello));
-    let stream = futures_util::stream::unfold(state, |(mut listener, device, mut last, hello)| async move {
+    let state = (listener, last, Some(hello));
+    let stream = futures_util::stream::unfold(state, |(mut listener, mut last, hello)| async move {
         if let Some(hello) = hello {
-            return Some((Ok::<_, Infallible>(hello), (listener, device, last, None)));
+            return Some((Ok::<_, Infallible>(hello), (listener, last, None)));
         }
-        let chunk = listener.chunk(device.as_deref(), &mut last, KEEPALIVE).await?;
-        Some((Ok(chunk), (listener, device, last, None)))
+        let chunk = listener.chunk(&mut last, KEEPALIVE).await?;
+        Some((Ok(chunk), (listener, last, None)))
     });
     (
         [
