@@ -9,6 +9,10 @@ use backhaul_shared::BatchId;
 /// Key prefixes: the queue's logical trees, inside one sled tree so that a state change (a record
 /// moving from pending to acked together with the counters) can be one atomic `apply_batch`.
 pub(crate) const PENDING: u8 = b'p';
+/// `a` + seq: the ack marker of the batch under `p` + seq (see [`ack_marker_key`]).
+pub(crate) const ACK_MARKER: u8 = b'a';
+/// Layout 1 (before issue #17): an acked batch moved here under `h` + acked_at + seq. Read only
+/// to migrate it at open (see `Queue::open`); nothing writes it any more.
 pub(crate) const ACKED: u8 = b'h';
 pub(crate) const QUARANTINE: u8 = b'q';
 /// Batches the cloud refused for good (a `rejected` ack, HTTP 400/413/422), kept for inspection.
@@ -26,8 +30,8 @@ pub(crate) fn pending_key(seq: u64) -> [u8; 9] {
     k
 }
 
-/// `h` + acked_at (ms since the epoch, u64 BE) + seq (u64 BE): ordered by ack time, for pruning and
-/// for replaying "everything acked since T".
+/// Layout 1 only (migrated at open): `h` + acked_at (ms since the epoch, u64 BE) + seq (u64 BE).
+#[cfg(test)]
 pub(crate) fn acked_key(acked_at_ms: u64, seq: u64) -> [u8; 17] {
     let mut k = [ACKED; 17];
     k[1..9].copy_from_slice(&acked_at_ms.to_be_bytes());
@@ -47,6 +51,30 @@ pub(crate) fn dead_reason_key(seq: u64) -> [u8; 9] {
     let mut k = [DEAD_REASON; 9];
     k[1..].copy_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// `a` + seq (u64 BE): the ack marker. Its value is the ack time, ms since the epoch, u64 BE (see
+/// [`encode_ack_marker`]). A batch under `p` + seq with a marker is acked and retained for replay;
+/// without one it is pending. An ack writes only this (17 bytes) instead of moving the record
+/// (issue #17: the move wrote every batch twice). Ordered by seq: pruning walks the markers oldest
+/// first and deletes marker and record in one atomic write.
+pub(crate) fn ack_marker_key(seq: u64) -> [u8; 9] {
+    let mut k = [ACK_MARKER; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Bytes an ack marker counts against the budget (key + value).
+pub(crate) const ACK_MARKER_BYTES: u64 = 9 + 8;
+
+pub(crate) fn encode_ack_marker(acked_at_ms: u64) -> [u8; 8] {
+    acked_at_ms.to_be_bytes()
+}
+
+/// The ack time of a marker's value; a damaged (wrong-sized) value reads as 0, the oldest, so it
+/// is pruned first and never blocks pruning.
+pub(crate) fn decode_ack_marker(value: &[u8]) -> u64 {
+    value.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
 pub(crate) fn acked_key_time(key: &[u8]) -> Option<u64> {
@@ -254,10 +282,14 @@ pub struct Counters {
     /// Batches that were durable but that sled did not give back after a restart (damaged files),
     /// found by the [`Watermark`]: counted, and their seqs left as gaps the cloud reports.
     pub lost_batches: u64,
+    /// Not a count: every batch under `p` with a seq below this has an ack marker, so the pending
+    /// scan starts here after a restart instead of walking the retained acked batches. A lower
+    /// bound (0 in layout 1 records, which is always true).
+    pub ack_floor: u64,
 }
 
 impl Counters {
-    fn fields(&self) -> [u64; 15] {
+    fn fields(&self) -> [u64; 16] {
         [
             self.next_seq,
             self.pending_batches,
@@ -274,6 +306,7 @@ impl Counters {
             self.dead_bytes,
             self.dead_total,
             self.lost_batches,
+            self.ack_floor,
         ]
     }
 
@@ -284,7 +317,7 @@ impl Counters {
 
     pub(crate) fn decode(value: &[u8]) -> Result<Self, StoredError> {
         let p = record::decode(value)?;
-        let mut f = [0u64; 15];
+        let mut f = [0u64; 16];
         for (slot, chunk) in f.iter_mut().zip(p.chunks_exact(8)) {
             *slot = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
         }
@@ -304,6 +337,7 @@ impl Counters {
             dead_bytes: f[12],
             dead_total: f[13],
             lost_batches: f[14],
+            ack_floor: f[15],
         })
     }
 }
@@ -422,5 +456,10 @@ mod tests {
         assert!(acked_key(1, 9) < acked_key(2, 0));
         assert_eq!(pending_key_seq(&pending_key(77)), Some(77));
         assert_eq!(acked_key_time(&acked_key(123, 4)), Some(123));
+        assert!(ack_marker_key(255) < ack_marker_key(256));
+        assert!(ack_marker_key(u64::MAX) < pending_key(0), "markers sort before every record");
+        assert_eq!(pending_key_seq(&ack_marker_key(9)), Some(9));
+        assert_eq!(decode_ack_marker(&encode_ack_marker(1_700_000_000_123)), 1_700_000_000_123);
+        assert_eq!(decode_ack_marker(b"short"), 0);
     }
 }

@@ -8,12 +8,12 @@
 //!
 //! | key | value | meaning |
 //! | --- | --- | --- |
-//! | `p` + seq (BE) + chunk | framed [`layout::StoredBatch`], in pieces | pending: waiting, or in flight |
-//! | `h` + acked_at_ms (BE) + seq (BE) + chunk | the same record | acked, retained `retain_acked` for replay |
+//! | `p` + seq (BE) + chunk | framed [`layout::StoredBatch`], in pieces | a batch: pending (waiting, or in flight), or acked if it has a marker |
+//! | `a` + seq (BE) | acked_at_ms (u64 BE) | ack marker: the batch `p` + seq is acked, retained `retain_acked` for replay |
 //! | `q` + original key | the pieces as found | quarantined: failed its checksum |
 //! | `d` + seq (BE) + chunk | the same record | dead-lettered: refused by the cloud for good |
 //! | `r` + seq (BE) | UTF-8 text | why that dead letter was refused |
-//! | `mcounters` | framed [`Counters`] | counts as of the last metadata write (see below) |
+//! | `mcounters` | framed [`Counters`] | counts as of the last metadata write (see below), and the ack floor |
 //! | `msource_position` | opaque bytes | the newest source position as of that write |
 //!
 //! Every record goes through the shared CRC framing (`backhaul_shared::record`): the CRC covers
@@ -21,10 +21,19 @@
 //! batch's wire JSON (head plain, detections LZ4-compressed), its batch_id, seq, enqueue time,
 //! detection count and the source position after it.
 //!
+//! Layout 1 (before issue #17) moved an acked batch to `h` + acked_at + seq: every batch was
+//! written twice. Layout 2 writes a 17-byte marker instead and leaves the record where it was
+//! written. A queue in layout 1 is migrated at open, in atomic steps of [`MIGRATE_STEP`] records
+//! with the counters (an interrupted migration goes on at the next open). An older build opening a
+//! layout 2 queue sees the retained batches as pending and sends them again: the cloud absorbs
+//! them as duplicates.
+//!
 //! # States
 //! pending → in flight (handed out by [`Queue::next_batch`]) → acked ([`Queue::ack`]), or back to
 //! pending ([`Queue::nack`]). "In flight" lives only in memory: after a restart everything that was
 //! in flight is pending again, and is sent again (the cloud absorbs the duplicate by `batch_id`).
+//! Every batch below the ack floor ([`Counters::ack_floor`]) is acked: after a restart the pending
+//! scan starts there, not at the oldest retained batch.
 //!
 //! # Writes, and why the counters can be trusted
 //! - An enqueue writes only its record's chunks, with plain inserts (sled's atomic `apply_batch`
@@ -85,10 +94,12 @@
 //!   make room → seq = next_seq → insert the record's chunks → unlock → group sync.
 //! - read: `next_batch` → the oldest retried (nacked or requeued) batch, else the first record
 //!   after the cursor → check (quarantine on failure) → mark in flight.
-//! - ack: in memory at once; written as a move `p`+seq → `h`+now+seq with the next metadata write.
+//! - ack: in memory at once; written as a marker `a`+seq → now with the next metadata write (or,
+//!   with `retain_acked = 0`, as the record's removal), which then moves the ack floor.
+//! - prune: walk the markers oldest seq first; remove marker and record together.
 //! - recover: open → counters from `mcounters` plus the records past them (all records are counted
-//!   if the counters are missing or damaged) → nothing in flight, cursor at the start → prune acked
-//!   batches older than `retain_acked`.
+//!   if the counters are missing or damaged) → migrate layout 1 → nothing in flight, cursor at the
+//!   ack floor → prune acked batches older than `retain_acked`.
 
 mod chunks;
 pub(crate) mod layout;
@@ -354,13 +365,13 @@ struct State {
     cursor: u64,
     /// batch_id → (seq, record length) of every batch handed out since open and not yet acked.
     handed: HashMap<BatchId, (u64, usize)>,
-    /// Acked batches whose move from pending to acked is not written yet: seq → acked_at_ms.
+    /// Acked batches whose marker (or removal) is not written yet: seq → acked_at_ms.
     /// Written in groups (see [`ACK_WRITE_GROUP`]) with the counters; lost in a crash, they are
     /// simply sent again.
     unwritten_acks: std::collections::BTreeMap<u64, u64>,
     /// The source position stored with the newest batch.
     latest_position: Option<Vec<u8>>,
-    /// `retain_acked` is not zero: acked batches go to the acked tree.
+    /// `retain_acked` is not zero: acked batches keep their record and get a marker.
     retain_acked: bool,
     /// Every seq below this is durable: only those are handed out, so nothing is sent that a
     /// crash could take back (and whose seq would then be reused for other detections).
@@ -419,6 +430,8 @@ impl Queue {
         let store = Store::new(db, &path).map_err(dir_err)?;
         let storage = |source| QueueOpenError::Storage { path: path.clone(), source };
         let Loaded { mut counters, mut latest_position, .. } = load_counters(&store.tree, true).map_err(storage)?;
+        migrate_layout1(&store.tree, &mut counters).map_err(storage)?;
+        advance_ack_floor(&store.tree, &mut counters).map_err(storage)?;
         let watermark_path = data_dir.join("queue.watermark");
         let found = std::fs::read(&watermark_path).ok().and_then(|b| layout::Watermark::decode(&b));
         let mut found_loss = false;
@@ -467,6 +480,7 @@ impl Queue {
                     latest_position,
                     retain_acked,
                     durable_next_seq: counters.next_seq,
+                    cursor: counters.ack_floor,
                     ..State::default()
                 }),
                 space: Condvar::new(),
@@ -612,7 +626,8 @@ impl Queue {
         let store = Store::new(db, &self.inner.path)?;
         store.db.flush()?;
         store.log_file.sync_data()?;
-        let Loaded { counters, latest_position, tail } = load_counters(&store.tree, true)?;
+        let Loaded { mut counters, latest_position, tail } = load_counters(&store.tree, true)?;
+        advance_ack_floor(&store.tree, &mut counters)?;
         let mut st = self.lock_state();
         st.counters = counters;
         st.latest_position = latest_position;
@@ -626,7 +641,7 @@ impl Queue {
         st.in_flight.clear();
         st.handed.clear();
         st.retry.clear();
-        st.cursor = 0;
+        st.cursor = counters.ack_floor;
         st.applied += 1;
         sync.durable = st.applied;
         *slot = Some(store);
@@ -792,7 +807,7 @@ impl Queue {
             if !from_retry {
                 st.cursor = st.cursor.max(seq + 1);
             }
-            if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) {
+            if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) || is_acked(&store.tree, seq)? {
                 continue;
             }
             if let Some(batch) = hand_out_locked(store, &mut st, seq, &record)? {
@@ -803,7 +818,7 @@ impl Queue {
 
     /// Marks a batch acknowledged: it leaves pending (kept for replay for `retain_acked`).
     ///
-    /// The move is written to disk with the next group of acks ([`ACK_WRITE_GROUP`]), the next
+    /// The marker is written to disk with the next group of acks ([`ACK_WRITE_GROUP`]), the next
     /// [`Queue::flush`], [`Queue::prune_acked`], or any other write of the counters; an ack lost
     /// in a crash only means the batch is sent again, which the cloud absorbs as a duplicate.
     pub fn ack(&self, batch_id: BatchId) -> Result<AckOutcome, QueueError> {
@@ -818,7 +833,7 @@ impl Queue {
         st.counters.acked_total += 1;
         if st.retain_acked {
             st.counters.acked_batches += 1;
-            st.counters.acked_bytes += chunks::stored_size(17, value_len);
+            st.counters.acked_bytes += chunks::stored_size(9, value_len) + layout::ACK_MARKER_BYTES;
         }
         st.unwritten_acks.insert(seq, now_ms());
         if st.unwritten_acks.len() >= ACK_WRITE_GROUP {
@@ -883,25 +898,37 @@ impl Queue {
         let store = Store::get(&guard)?;
         let mut st = self.lock_state();
         let Some(last) = st.durable_next_seq.checked_sub(1) else { return Ok(None) };
-        // Newest first: walk the keys backwards; a record is read whole when its first chunk
-        // (index 0) is reached.
+        // Newest first: walk the keys backwards to the first batch that is neither in flight nor
+        // acked. Down to the cursor only: below it every batch was visited by the scan, so it is
+        // acked, in flight, or in `retry` (compared here by seq); the retained acked batches are
+        // never walked.
         let mut upto = layout::pending_key(last).to_vec();
         upto.extend_from_slice(&[0xff, 0xff]);
-        for item in store.tree.range(layout::pending_key(0).to_vec()..=upto).rev() {
-            let (key, _) = item?;
-            let Some(seq) = layout::pending_key_seq(&key).filter(|_| key.len() == 11 && key[9..] == [0, 0]) else {
-                continue;
-            };
-            if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) {
-                continue;
+        loop {
+            let retry_newest = st.retry.last().copied();
+            let mut walked = None;
+            for key in store.tree.range(layout::pending_key(st.cursor).to_vec()..=upto.clone()).keys().rev() {
+                let key = key?;
+                let Some(seq) = layout::pending_key_seq(&key).filter(|_| key.len() == 11 && key[9..] == [0, 0]) else {
+                    continue;
+                };
+                if retry_newest.is_some_and(|r| r >= seq) {
+                    break;
+                }
+                if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) || is_acked(&store.tree, seq)? {
+                    continue;
+                }
+                walked = Some(seq);
+                break;
             }
-            let Some(record) = chunks::get(&store.tree, &layout::pending_key(seq))? else { continue };
+            let Some(seq) = walked.or(retry_newest) else { return Ok(None) };
             st.retry.remove(&seq);
+            // Gone: dropped meanwhile (a retried seq); a damaged one is quarantined and skipped.
+            let Some(record) = chunks::get(&store.tree, &layout::pending_key(seq))? else { continue };
             if let Some(batch) = hand_out_locked(store, &mut st, seq, &record)? {
                 return Ok(Some(batch));
             }
         }
-        Ok(None)
     }
 
     /// Puts an in-flight batch back to pending (e.g. after a reconnect); it is handed out again
@@ -941,11 +968,12 @@ impl Queue {
     }
 
     /// Puts batches acked in `[since, until)` (ack time) back to pending under their original
-    /// `batch_id` and `seq`, for an operator's replay. Returns how many.
+    /// `batch_id` and `seq`, for an operator's replay: their markers are removed and the ack floor
+    /// lowered to the oldest of them, so a restart before they are sent finds them too. Walks every
+    /// marker (one per retained batch). Returns how many.
     pub fn requeue_acked(&self, since: SystemTime, until: Option<SystemTime>) -> Result<u64, QueueError> {
         let ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        let start = layout::acked_key(ms(since), 0);
-        let end = layout::acked_key(until.map(ms).unwrap_or(u64::MAX), 0);
+        let (since, until) = (ms(since), until.map(ms).unwrap_or(u64::MAX));
         let ticket = {
             let guard = self.read_store();
             let store = Store::get(&guard)?;
@@ -953,31 +981,41 @@ impl Queue {
             if !st.unwritten_acks.is_empty() {
                 write_meta(store, &mut st, sled::Batch::default())?;
             }
-            // Damaged records are quarantined first, so the move below is one atomic write.
+            let mut seqs = Vec::new();
+            for item in store.tree.range(layout::ack_marker_key(0)..=layout::ack_marker_key(u64::MAX)) {
+                let (key, value) = item?;
+                let acked_at = layout::decode_ack_marker(&value);
+                if let Some(seq) = layout::pending_key_seq(&key).filter(|_| (since..until).contains(&acked_at)) {
+                    seqs.push(seq);
+                }
+            }
+            // Damaged records are quarantined first, so the requeue below is one atomic write.
             let mut found = Vec::new();
-            for record in chunks::records(store.tree.range(start..end)) {
-                let record = record?;
+            for seq in seqs {
+                let Some(record) = chunks::get(&store.tree, &layout::pending_key(seq))? else { continue };
                 match StoredBatch::decode_header(&record.value) {
-                    Ok(h) => found.push((record, h.seq)),
+                    Ok(_) => found.push((seq, record.stored_size())),
                     Err(e) => quarantine_locked(store, &mut st, &record, &e)?,
                 }
             }
-            if found.is_empty() {
-                return Ok(0);
-            }
+            let Some(&(oldest, _)) = found.first() else { return Ok(0) };
             let mut write = sled::Batch::default();
             let mut counters = st.counters;
-            for (record, seq) in &found {
-                let pkey = layout::pending_key(*seq);
+            for &(seq, size) in &found {
+                write.remove(&layout::ack_marker_key(seq)[..]);
                 counters.acked_batches = counters.acked_batches.saturating_sub(1);
-                counters.acked_bytes = counters.acked_bytes.saturating_sub(record.stored_size());
+                counters.acked_bytes = counters.acked_bytes.saturating_sub(size + layout::ACK_MARKER_BYTES);
                 counters.pending_batches += 1;
-                counters.pending_bytes += chunks::stored_size(pkey.len(), record.value.len());
-                chunks::move_into(&mut write, record, &pkey);
+                counters.pending_bytes += size;
             }
+            counters.ack_floor = counters.ack_floor.min(oldest);
+            let before = st.counters;
             st.counters = counters;
-            write_meta(store, &mut st, write)?;
-            st.retry.extend(found.iter().map(|f| f.1));
+            if let Err(e) = write_meta(store, &mut st, write) {
+                st.counters = before;
+                return Err(e);
+            }
+            st.retry.extend(found.iter().map(|f| f.0));
             tracing::info!(batches = found.len(), "requeued acked batches for replay");
             (st.epoch, st.applied, found.len() as u64)
         };
@@ -986,8 +1024,8 @@ impl Queue {
     }
 
     /// The newest time a batch in this queue carries, for the clock floor (`crate::clock`): the
-    /// `timestamp` of the newest pending, retained acked and dead-lettered batch, and the time the
-    /// newest ack was written. `None` for an empty queue. Reads at most three records.
+    /// `timestamp` of the newest stored batch (pending or retained acked) and dead-lettered batch,
+    /// and the time of the newest ack marker. `None` for an empty queue. Reads at most two records.
     pub fn newest_batch_time(&self) -> Result<Option<Timestamp>, QueueError> {
         #[derive(Deserialize)]
         struct TimeOnly {
@@ -996,15 +1034,18 @@ impl Queue {
         let guard = self.inner.store.read().unwrap_or_else(|p| p.into_inner());
         let store = Store::get(&guard)?;
         let mut newest: Option<Timestamp> = None;
-        for tree_byte in [layout::PENDING, layout::ACKED, layout::DEAD] {
+        // The newest marker's ack time (acks are written about in seq order).
+        if let Some((_, value)) =
+            store.tree.range([layout::ACK_MARKER]..[layout::ACK_MARKER + 1]).next_back().transpose()?
+        {
+            let acked = layout::decode_ack_marker(&value);
+            newest = newest.max(Timestamp::from_unix_millis(acked as i64));
+        }
+        for tree_byte in [layout::PENDING, layout::DEAD] {
             let Some((key, _)) = store.tree.range([tree_byte]..[tree_byte + 1]).next_back().transpose()? else {
                 continue;
             };
             let Some(len) = chunks::prefix_len(&key).filter(|l| key.len() >= *l) else { continue };
-            if tree_byte == layout::ACKED {
-                let acked = layout::acked_key_time(&key).and_then(|ms| Timestamp::from_unix_millis(ms as i64));
-                newest = newest.max(acked);
-            }
             let Some(record) = chunks::get(&store.tree, &key[..len])? else { continue };
             // A damaged record says nothing here; it is quarantined when it is read for sending.
             let time = StoredBatch::decode(&record.value)
@@ -1119,7 +1160,17 @@ impl Queue {
             let record = record.map_err(QueueError::from)?;
             let (key, value) = (&record.prefix, &record.value);
             let (state, acked_at_ms) = match key.first() {
-                Some(&layout::PENDING) => ("pending", None),
+                Some(&layout::PENDING) => {
+                    let marker = layout::pending_key_seq(key)
+                        .map(|seq| store.tree.get(layout::ack_marker_key(seq)))
+                        .transpose()
+                        .map_err(QueueError::from)?
+                        .flatten();
+                    match marker {
+                        Some(m) => ("acked", Some(layout::decode_ack_marker(&m))),
+                        None => ("pending", None),
+                    }
+                }
                 Some(&layout::ACKED) => ("acked", layout::acked_key_time(key)),
                 Some(&layout::DEAD) => ("dead_letter", None),
                 Some(&layout::QUARANTINE) => ("quarantined", None),
@@ -1191,17 +1242,19 @@ impl Queue {
 }
 
 /// When the oldest batch not yet acknowledged (pending or in flight) was enqueued, ms since the
-/// epoch: the first record of the pending range whose ack is not still waiting in memory to be
-/// written (acks move their records in groups, see [`ACK_WRITE_GROUP`], so up to that many acked
-/// records are passed over by key). A record that fails its check is passed over too (it is
-/// quarantined when it is handed out). `None` on a read error: the age is not known.
+/// epoch: the first record from the ack floor on with neither a marker nor an ack still waiting
+/// in memory to be written (acks are written in groups, see [`ACK_WRITE_GROUP`]). A record that
+/// fails its check is passed over too (it is quarantined when it is handed out). `None` on a read
+/// error: the age is not known.
 fn oldest_unacked_enqueued_ms(store: &Store, st: &State) -> Option<u64> {
     let mut last = None;
-    for item in store.tree.range(layout::pending_key(0)..=layout::pending_key(u64::MAX)) {
-        let (key, _) = item.ok()?;
+    let from = layout::pending_key(st.counters.ack_floor);
+    for key in store.tree.range(from..=layout::pending_key(u64::MAX)).keys() {
+        let key = key.ok()?;
         let seq = layout::pending_key_seq(&key)?;
-        if last == Some(seq) || st.unwritten_acks.contains_key(&seq) {
-            continue; // another chunk of a record passed over, or an ack in memory
+        if last == Some(seq) || st.unwritten_acks.contains_key(&seq) || is_acked(&store.tree, seq).ok()? {
+            last = Some(seq);
+            continue; // another chunk of a record passed over, or an acked batch
         }
         last = Some(seq);
         let record = chunks::get(&store.tree, &layout::pending_key(seq)).ok()??;
@@ -1245,13 +1298,14 @@ fn drop_oldest_locked(store: &Store, st: &mut State, to_free: u64) -> Result<u64
     let mut write = sled::Batch::default();
     let mut counters = st.counters;
     let mut dropped = Vec::new();
-    for record in chunks::records(store.tree.range(layout::pending_key(0)..=layout::pending_key(u64::MAX))) {
+    let from = layout::pending_key(st.counters.ack_floor);
+    for record in chunks::records(store.tree.range(from..=layout::pending_key(u64::MAX))) {
         if freed >= to_free {
             break;
         }
         let record = record?;
         let Some(seq) = layout::pending_key_seq(&record.prefix) else { continue };
-        if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) {
+        if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) || is_acked(&store.tree, seq)? {
             continue;
         }
         let size = record.stored_size();
@@ -1307,7 +1361,15 @@ fn quarantine_locked(
     let mut counters = st.counters;
     counters.quarantined += 1;
     let size = record.stored_size();
+    let mut write = sled::Batch::default();
+    let marker = layout::pending_key_seq(key).map(layout::ack_marker_key);
     match key.first() {
+        Some(&layout::PENDING) if marker.map(|m| store.tree.contains_key(m)).transpose()? == Some(true) => {
+            // A retained acked batch (read by a replay): its marker goes with it.
+            write.remove(&marker.expect("checked")[..]);
+            counters.acked_batches = counters.acked_batches.saturating_sub(1);
+            counters.acked_bytes = counters.acked_bytes.saturating_sub(size + layout::ACK_MARKER_BYTES);
+        }
         Some(&layout::PENDING) => {
             counters.pending_batches = counters.pending_batches.saturating_sub(1);
             counters.pending_bytes = counters.pending_bytes.saturating_sub(size);
@@ -1322,7 +1384,6 @@ fn quarantine_locked(
         }
         _ => {}
     }
-    let mut write = sled::Batch::default();
     chunks::move_into(&mut write, record, &layout::quarantine_key(key));
     st.counters = counters;
     write_meta(store, st, write)?;
@@ -1335,7 +1396,10 @@ fn quarantine_locked(
     Ok(())
 }
 
-/// Removes acked batches oldest first: those acked before `before_ms`, or until `bytes` are freed.
+/// Removes retained acked batches (record and marker together) oldest seq first: those acked
+/// before `before_ms` (stopping at the first marker acked later: acks are written about in seq
+/// order, so a late one holds back at most the few after it, for at most `retain_acked`), or until
+/// `bytes` are freed. In atomic writes of at most [`PRUNE_STEP`] batches with the counters.
 fn prune_acked_locked(
     store: &Store,
     st: &mut State,
@@ -1346,77 +1410,143 @@ fn prune_acked_locked(
     if !st.unwritten_acks.is_empty() {
         write_meta(store, st, sled::Batch::default())?;
     }
-    let end = layout::acked_key(before_ms.unwrap_or(u64::MAX), 0);
-    remove_oldest_locked(store, st, Retained::Acked, &layout::acked_key(0, 0), &end, bytes)
-}
-
-/// Removes dead letters oldest first until `bytes` are freed (the budget needs the room).
-fn prune_dead_locked(store: &Store, st: &mut State, bytes: u64) -> Result<u64, QueueError> {
-    let n = remove_oldest_locked(
-        store,
-        st,
-        Retained::Dead,
-        &layout::dead_key(0),
-        &layout::dead_key(u64::MAX),
-        Some(bytes),
-    )?;
-    if n > 0 {
-        tracing::warn!(batches = n, "queue over its byte budget: removed the oldest dead-lettered batches");
+    let (mut n, mut freed) = (0u64, 0u64);
+    let mut from = 0;
+    loop {
+        let mut write = sled::Batch::default();
+        let mut counters = st.counters;
+        let mut step = 0;
+        let mut done = true;
+        for item in store.tree.range(layout::ack_marker_key(from)..=layout::ack_marker_key(u64::MAX)) {
+            if bytes.is_some_and(|b| freed >= b) {
+                break;
+            }
+            let (key, value) = item?;
+            let Some(seq) = layout::pending_key_seq(&key) else { continue };
+            if before_ms.is_some_and(|before| layout::decode_ack_marker(&value) >= before) {
+                break;
+            }
+            if step == PRUNE_STEP {
+                done = false;
+                from = seq;
+                break;
+            }
+            write.remove(key);
+            let size = match chunks::get(&store.tree, &layout::pending_key(seq))? {
+                Some(record) => {
+                    chunks::remove_into(&mut write, &record);
+                    record.stored_size()
+                }
+                None => 0, // a marker whose record is gone (quarantined): only the marker is left
+            };
+            counters.acked_batches = counters.acked_batches.saturating_sub(1);
+            counters.acked_bytes = counters.acked_bytes.saturating_sub(size + layout::ACK_MARKER_BYTES);
+            freed += size + layout::ACK_MARKER_BYTES;
+            n += 1;
+            step += 1;
+        }
+        if step > 0 {
+            st.counters = counters;
+            write_meta(store, st, write)?;
+        }
+        if done {
+            return Ok(n);
+        }
     }
-    Ok(n)
 }
 
-/// The trees of batches kept after their fate was decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Retained {
-    Acked,
-    Dead,
-}
-
-/// Removes the records of `kind` with keys from `from` to `to` (acked: `to` excluded; dead: the
-/// record under `to` included), oldest first, until `bytes` are freed if given; one atomic write
-/// with the counters.
-fn remove_oldest_locked(
-    store: &Store,
-    st: &mut State,
-    kind: Retained,
-    from: &[u8],
-    to: &[u8],
-    bytes: Option<u64>,
-) -> Result<u64, QueueError> {
+/// Removes dead letters oldest first until `bytes` are freed (the budget needs the room); one
+/// atomic write with the counters.
+fn prune_dead_locked(store: &Store, st: &mut State, bytes: u64) -> Result<u64, QueueError> {
     let mut write = sled::Batch::default();
     let mut counters = st.counters;
     let (mut n, mut freed) = (0u64, 0u64);
-    let mut upto = to.to_vec();
-    if kind == Retained::Dead {
-        upto.extend_from_slice(&[0xff, 0xff]); // the last key's chunks too
-    }
-    for record in chunks::records(store.tree.range(from.to_vec()..upto)) {
-        if bytes.is_some_and(|b| freed >= b) {
+    let mut upto = layout::dead_key(u64::MAX).to_vec();
+    upto.extend_from_slice(&[0xff, 0xff]); // the last key's chunks too
+    for record in chunks::records(store.tree.range(layout::dead_key(0).to_vec()..upto)) {
+        if freed >= bytes {
             break;
         }
         let record = record?;
         let size = record.stored_size();
         chunks::remove_into(&mut write, &record);
-        let (count, total) = match kind {
-            Retained::Acked => (&mut counters.acked_batches, &mut counters.acked_bytes),
-            Retained::Dead => {
-                if let Some(seq) = layout::pending_key_seq(&record.prefix) {
-                    write.remove(&layout::dead_reason_key(seq)[..]);
-                }
-                (&mut counters.dead_batches, &mut counters.dead_bytes)
-            }
-        };
-        *count = count.saturating_sub(1);
-        *total = total.saturating_sub(size);
+        if let Some(seq) = layout::pending_key_seq(&record.prefix) {
+            write.remove(&layout::dead_reason_key(seq)[..]);
+        }
+        counters.dead_batches = counters.dead_batches.saturating_sub(1);
+        counters.dead_bytes = counters.dead_bytes.saturating_sub(size);
         freed += size;
         n += 1;
     }
     if n > 0 {
         st.counters = counters;
         write_meta(store, st, write)?;
+        tracing::warn!(batches = n, "queue over its byte budget: removed the oldest dead-lettered batches");
     }
     Ok(n)
+}
+
+/// Whether the batch `seq` has an ack marker on disk.
+fn is_acked(tree: &sled::Tree, seq: u64) -> sled::Result<bool> {
+    tree.contains_key(layout::ack_marker_key(seq))
+}
+
+/// Moves `c.ack_floor` up to the first batch without an ack marker (or to `next_seq` if there is
+/// none). Walks keys only, from the old floor: each acked batch is passed once, and the walk stops
+/// at the first pending one.
+fn advance_ack_floor(tree: &sled::Tree, c: &mut Counters) -> sled::Result<()> {
+    let mut last = None;
+    for key in tree.range(layout::pending_key(c.ack_floor)..=layout::pending_key(u64::MAX)).keys() {
+        let key = key?;
+        let Some(seq) = layout::pending_key_seq(&key) else { continue };
+        if last == Some(seq) {
+            continue;
+        }
+        last = Some(seq);
+        if !is_acked(tree, seq)? {
+            c.ack_floor = seq;
+            return Ok(());
+        }
+    }
+    c.ack_floor = c.ack_floor.max(c.next_seq);
+    Ok(())
+}
+
+/// Batches per atomic write when pruning and when migrating layout 1.
+const PRUNE_STEP: usize = 4096;
+const MIGRATE_STEP: usize = 1024;
+
+/// Migrates the acked batches of layout 1 (moved to `h` + acked_at + seq) to layout 2: back under
+/// `p` + seq with an ack marker. Atomic steps of [`MIGRATE_STEP`] batches, each with the counters,
+/// so a crash during it leaves a queue that opens and goes on migrating. Returns how many moved.
+fn migrate_layout1(tree: &sled::Tree, c: &mut Counters) -> sled::Result<u64> {
+    let mut moved = 0u64;
+    loop {
+        let records = chunks::records(tree.range([layout::ACKED]..[layout::ACKED + 1]))
+            .take(MIGRATE_STEP)
+            .collect::<sled::Result<Vec<_>>>()?;
+        if records.is_empty() {
+            break;
+        }
+        let mut write = sled::Batch::default();
+        for record in &records {
+            let key = &record.prefix;
+            let (Some(acked_at), Some(seq)) = (layout::acked_key_time(key), key.get(9..17)) else { continue };
+            let seq = u64::from_be_bytes(seq.try_into().expect("8 bytes"));
+            chunks::move_into(&mut write, record, &layout::pending_key(seq));
+            write.insert(&layout::ack_marker_key(seq)[..], &layout::encode_ack_marker(acked_at)[..]);
+            c.acked_bytes = c.acked_bytes.saturating_sub(record.stored_size())
+                + chunks::stored_size(9, record.value.len())
+                + layout::ACK_MARKER_BYTES;
+        }
+        write.insert(layout::META_COUNTERS, c.encode());
+        tree.apply_batch(write)?;
+        moved += records.len() as u64;
+    }
+    if moved > 0 {
+        tracing::info!(batches = moved, "migrated the queue's retained acked batches to ack markers (layout 2)");
+    }
+    Ok(moved)
 }
 
 /// The counters are written at least every this many enqueues, so that an open after a crash
@@ -1432,14 +1562,16 @@ pub const ACK_WRITE_GROUP: usize = 64;
 /// Applies `write` together with every unwritten ack, the counters and the latest source position,
 /// as one atomic sled batch. Every write of the counters goes through here, so the counters on disk
 /// always describe the records on disk (up to the enqueues after `next_seq`, counted at open).
+///
+/// An ack is a marker (no read of the record) or, with `retain_acked = 0`, the record's removal.
+/// After the write the ack floor is moved in memory; it is persisted with the next write (a lower
+/// floor on disk is always true).
 fn write_meta(store: &Store, st: &mut State, mut write: sled::Batch) -> Result<(), QueueError> {
     for (&seq, &acked_at_ms) in &st.unwritten_acks {
-        if let Some(record) = chunks::get(&store.tree, &layout::pending_key(seq))? {
-            if st.retain_acked {
-                chunks::move_into(&mut write, &record, &layout::acked_key(acked_at_ms, seq));
-            } else {
-                chunks::remove_into(&mut write, &record);
-            }
+        if st.retain_acked {
+            write.insert(&layout::ack_marker_key(seq)[..], &layout::encode_ack_marker(acked_at_ms)[..]);
+        } else if let Some(record) = chunks::get(&store.tree, &layout::pending_key(seq))? {
+            chunks::remove_into(&mut write, &record);
         }
     }
     write.insert(layout::META_COUNTERS, st.counters.encode());
@@ -1449,6 +1581,10 @@ fn write_meta(store: &Store, st: &mut State, mut write: sled::Batch) -> Result<(
     store.tree.apply_batch(write)?;
     st.unwritten_acks.clear();
     st.applied += 1;
+    // The write is done: a failed walk only leaves the floor lower, which is still true.
+    if let Err(e) = advance_ack_floor(&store.tree, &mut st.counters) {
+        tracing::warn!(error = %e, "moving the queue's ack floor failed; a restart scans a little more");
+    }
     Ok(())
 }
 /// Result of [`Queue::verify`].
@@ -1822,7 +1958,15 @@ fn recount(tree: &sled::Tree, stored_position: Option<Vec<u8>>, repair: bool) ->
     for record in chunks::records(tree.iter()) {
         let record = record?;
         let key = &record.prefix;
+        let marked = match layout::pending_key_seq(key).filter(|_| key.first() == Some(&layout::PENDING)) {
+            Some(seq) => is_acked(tree, seq)?,
+            None => false,
+        };
         let (count, bytes) = match key.first() {
+            Some(&layout::PENDING) if marked => {
+                c.acked_bytes += layout::ACK_MARKER_BYTES;
+                (&mut c.acked_batches, &mut c.acked_bytes)
+            }
             Some(&layout::PENDING) => (&mut c.pending_batches, &mut c.pending_bytes),
             Some(&layout::ACKED) => (&mut c.acked_batches, &mut c.acked_bytes),
             Some(&layout::DEAD) => (&mut c.dead_batches, &mut c.dead_bytes),
@@ -1841,7 +1985,7 @@ fn recount(tree: &sled::Tree, stored_position: Option<Vec<u8>>, repair: bool) ->
         if let Ok(h) = StoredBatch::decode_header(&record.value) {
             c.produced_detections += u64::from(h.detections);
             max_seq = max_seq.max(Some(h.seq));
-            if key.first() == Some(&layout::PENDING) {
+            if key.first() == Some(&layout::PENDING) && !marked {
                 tail.push((h.batch_id, h.seq));
             }
             if let Some(pos) = h.source_position {

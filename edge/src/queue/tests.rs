@@ -430,6 +430,8 @@ enum Op {
     Nack(usize),
     Restart,
     Prune,
+    /// An operator's replay of everything acked: the retained batches become pending again.
+    Requeue,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -441,6 +443,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Nack),
         1 => Just(Op::Restart),
         1 => Just(Op::Prune),
+        1 => Just(Op::Requeue),
     ]
 }
 
@@ -453,7 +456,8 @@ struct Model {
     in_flight: BTreeMap<u64, BatchId>,
     /// Handed out, then nacked: comes back before anything newer.
     retry: BTreeMap<u64, BatchId>,
-    acked: u64,
+    /// Acked and retained: seq → (batch_id, detections).
+    acked: BTreeMap<u64, (BatchId, u8)>,
 }
 
 proptest! {
@@ -515,8 +519,8 @@ proptest! {
                     let (&seq, &id) = m.in_flight.iter().nth(i % m.in_flight.len()).unwrap();
                     prop_assert_eq!(queue.ack(id).unwrap(), AckOutcome::Acked);
                     m.in_flight.remove(&seq);
-                    m.pending.remove(&seq);
-                    m.acked += 1;
+                    let batch = m.pending.remove(&seq).unwrap();
+                    m.acked.insert(seq, batch);
                 }
                 Op::Nack(i) => {
                     if m.in_flight.is_empty() { continue; }
@@ -536,15 +540,34 @@ proptest! {
                     // retain_acked is 24 h: nothing is old enough.
                     prop_assert_eq!(queue.prune_acked().unwrap(), 0);
                 }
+                Op::Requeue => {
+                    let n = queue.requeue_acked(std::time::SystemTime::UNIX_EPOCH, None).unwrap();
+                    prop_assert_eq!(n, m.acked.len() as u64);
+                    for (seq, batch) in std::mem::take(&mut m.acked) {
+                        m.pending.insert(seq, batch);
+                        m.retry.insert(seq, batch.0);
+                    }
+                }
             }
             let s = q.as_ref().unwrap().stats().unwrap();
             prop_assert_eq!(s.in_flight, m.in_flight.len() as u64);
             prop_assert_eq!(s.pending + s.in_flight, m.pending.len() as u64);
-            prop_assert_eq!(s.acked_retained, m.acked);
+            prop_assert_eq!(s.acked_retained, m.acked.len() as u64);
             prop_assert_eq!(s.next_seq, m.next_seq);
         }
         let report = q.as_ref().unwrap().verify().unwrap();
         prop_assert!(report.bad.is_empty(), "{:?}", report.bad);
+        // The byte counts too, against a recount of the records and markers.
+        let queue = q.as_ref().unwrap();
+        let counted = {
+            let guard = queue.read_store();
+            recount(&Store::get(&guard).unwrap().tree, None, false).unwrap().counters
+        };
+        let kept = queue.lock_state().counters;
+        prop_assert_eq!(
+            (kept.pending_bytes, kept.acked_bytes),
+            (counted.pending_bytes, counted.acked_bytes)
+        );
     }
 }
 
@@ -849,4 +872,173 @@ fn disk_bytes_is_what_du_says_data_dir_occupies() {
     let du = std::process::Command::new("du").arg("-s").arg("-B1").arg(dir.path()).output().unwrap();
     let du: u64 = String::from_utf8_lossy(&du.stdout).split_whitespace().next().unwrap().parse().unwrap();
     assert_eq!(allocated_bytes(dir.path()), du);
+}
+
+/// A data_dir written by the release before ack markers (queue layout 1, commit 25f61a6, by
+/// `edge/tests/fixtures/make_layout1.rs.txt`): 40 batches; 0-24 acked and retained (moved to `h`),
+/// 25-27 dead-lettered, 28-29 in flight at close, 30-39 pending.
+#[test]
+fn a_queue_written_by_layout_1_is_migrated_at_open_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let untar = std::process::Command::new("tar")
+        .arg("-xzf")
+        .arg(fixtures.join("queue-layout1.tar.gz"))
+        .arg("-C")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(untar.success());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("queue-layout1.json")).unwrap()).unwrap();
+    let ids: Vec<String> =
+        manifest["batches"].as_array().unwrap().iter().map(|b| b["batch_id"].as_str().unwrap().to_owned()).collect();
+    // The acks are days old by the time this runs: keep them.
+    let cfg = QueueConfig { retain_acked: Duration::from_secs(100 * 365 * 86400), ..config() };
+    let legacy_keys = |q: &Queue| {
+        let guard = q.read_store();
+        Store::get(&guard).unwrap().tree.scan_prefix([layout::ACKED]).count()
+    };
+    {
+        let q = open(dir.path(), cfg.clone());
+        assert_eq!(legacy_keys(&q), 0, "every `h` record was moved");
+        let s = q.stats().unwrap();
+        assert_eq!(
+            (s.pending, s.in_flight, s.acked_retained, s.dead_letters, s.next_seq, s.produced_batches),
+            (12, 0, 25, 3, 40, 40),
+            "{s:?}"
+        );
+        assert_eq!(s.produced_detections, 2502);
+        // The byte counts agree with a recount of the migrated records.
+        let counted = {
+            let guard = q.read_store();
+            recount(&Store::get(&guard).unwrap().tree, None, false).unwrap().counters
+        };
+        assert_eq!(
+            (s.pending_bytes, s.acked_bytes, s.bytes - s.pending_bytes - s.acked_bytes),
+            (counted.pending_bytes, counted.acked_bytes, counted.dead_bytes)
+        );
+        assert!(q.verify().unwrap().bad.is_empty());
+        // The pending ones come out in order with their batch_ids, none of the acked ones.
+        let mut sent = Vec::new();
+        while let Some(b) = q.next_batch().unwrap() {
+            assert_eq!(b.batch_id.to_string(), ids[b.seq as usize]);
+            sent.push(b.seq);
+        }
+        assert_eq!(sent, (28..40).collect::<Vec<_>>());
+        assert_eq!(q.source_position().unwrap(), Some(b"pos-39".to_vec()));
+        let mut states = std::collections::BTreeMap::new();
+        q.export(|r| {
+            *states.entry(r.state).or_insert(0) += 1;
+            if r.state == "acked" {
+                assert!(r.acked_at_ms.is_some_and(|t| t > 1_700_000_000_000), "{r:?}");
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(states, [("acked", 25), ("dead_letter", 3), ("pending", 12)].into_iter().collect());
+    }
+    // Opened again: nothing to migrate; a replay of everything acked gives back the 25 batches.
+    let q = open(dir.path(), cfg);
+    assert_eq!(q.stats().unwrap().acked_retained, 25);
+    assert_eq!(q.requeue_acked(SystemTime::UNIX_EPOCH, None).unwrap(), 25);
+    let mut replayed = Vec::new();
+    while let Some(b) = q.next_batch().unwrap() {
+        assert_eq!(b.batch_id.to_string(), ids[b.seq as usize]);
+        replayed.push(b.seq);
+    }
+    assert_eq!(replayed, (0..25).chain(28..40).collect::<Vec<_>>());
+}
+
+#[test]
+fn an_ack_writes_a_marker_and_leaves_the_record_where_it_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), config());
+    let seqs: Vec<u64> = (0..5).map(|_| q.enqueue(new_batch(50)).unwrap().seq).collect();
+    let before: Vec<_> = seqs.iter().map(|&s| q.debug_pending_raw(s).unwrap().unwrap()).collect();
+    for _ in 0..3 {
+        let b = q.next_batch().unwrap().unwrap();
+        q.ack(b.batch_id).unwrap();
+    }
+    q.flush().unwrap();
+    {
+        let guard = q.read_store();
+        let tree = &Store::get(&guard).unwrap().tree;
+        for &seq in &seqs {
+            assert_eq!(is_acked(tree, seq).unwrap(), seq < 3, "seq {seq}");
+        }
+        assert_eq!(tree.scan_prefix([layout::ACKED]).count(), 0, "nothing is moved");
+    }
+    for (&seq, raw) in seqs.iter().zip(&before) {
+        assert_eq!(q.debug_pending_raw(seq).unwrap().as_ref(), Some(raw), "record {seq} untouched");
+    }
+    assert_eq!(q.lock_state().counters.ack_floor, 3);
+}
+
+#[test]
+fn after_a_restart_the_pending_scan_starts_at_the_ack_floor_and_a_replay_lowers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let q = open(dir.path(), config());
+        for _ in 0..300 {
+            q.enqueue(new_batch(1)).unwrap();
+        }
+        for _ in 0..250 {
+            let b = q.next_batch().unwrap().unwrap();
+            q.ack(b.batch_id).unwrap();
+        }
+    }
+    {
+        let q = open(dir.path(), config());
+        assert_eq!(q.lock_state().counters.ack_floor, 250);
+        assert_eq!(q.lock_state().cursor, 250);
+        assert_eq!(q.next_batch().unwrap().unwrap().seq, 250);
+        // A replay puts batches acked from now on back... and everything acked ever: all 250.
+        assert_eq!(q.requeue_acked(SystemTime::UNIX_EPOCH, None).unwrap(), 250);
+        assert_eq!(q.lock_state().counters.ack_floor, 0);
+        // Not sent before a restart.
+    }
+    let q = open(dir.path(), config());
+    let s = q.stats().unwrap();
+    assert_eq!((s.pending, s.acked_retained), (300, 0), "{s:?}");
+    let mut seqs = Vec::new();
+    while let Some(b) = q.next_batch().unwrap() {
+        seqs.push(b.seq);
+    }
+    assert_eq!(seqs, (0..300).collect::<Vec<_>>(), "the replayed batches are still sent after a restart");
+}
+
+#[test]
+fn pruning_removes_marker_and_record_together_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), config());
+    for _ in 0..10 {
+        q.enqueue(new_batch(5)).unwrap();
+    }
+    for _ in 0..6 {
+        let b = q.next_batch().unwrap().unwrap();
+        q.ack(b.batch_id).unwrap();
+    }
+    let used = q.stats().unwrap().bytes;
+    let n = {
+        let guard = q.read_store();
+        let store = Store::get(&guard).unwrap();
+        let mut st = q.lock_state();
+        // Free a little more than one batch: the two oldest go.
+        prune_acked_locked(store, &mut st, None, Some(batch_bytes(5) + layout::ACK_MARKER_BYTES + 1)).unwrap()
+    };
+    assert_eq!(n, 2);
+    let s = q.stats().unwrap();
+    assert_eq!((s.acked_retained, s.pending + s.in_flight), (4, 4));
+    assert!(s.bytes < used);
+    {
+        let guard = q.read_store();
+        let tree = &Store::get(&guard).unwrap().tree;
+        for seq in 0..2 {
+            assert!(!is_acked(tree, seq).unwrap());
+            assert!(chunks::get(tree, &layout::pending_key(seq)).unwrap().is_none());
+        }
+        assert!(is_acked(tree, 2).unwrap());
+    }
+    assert!(q.verify().unwrap().bad.is_empty());
 }
