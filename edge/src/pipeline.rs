@@ -8,7 +8,8 @@
 //!
 //! A batch is cut at `max_detections` or when its oldest detection is `max_age_ms` old, and
 //! enqueued durably before anything else happens to it; the forwarder is told only after the
-//! enqueue returned. The source's position goes into the same write, so after a kill -9 a
+//! enqueue returned. Every batch cut in one turn of the loop (a burst: up to 10,000 detections)
+//! is enqueued together with [`Queue::enqueue_many`], under one disk sync (issue #17). The source's position goes into the same write, so after a kill -9 a
 //! resumable source continues after the last durable batch.
 //!
 //! A cut bigger than the link can carry ([`Telemetry::max_payload_bytes`], from the broker's
@@ -59,6 +60,8 @@ pub fn run(
     let clock = Instant::now();
     let ms = |t: Instant| t.duration_since(clock).as_millis() as u64;
     let mut done = false;
+    // Batches cut in this turn, enqueued together at its end.
+    let mut ready = Vec::new();
     // Test-only fault injection (see `crate::failpoint_after`).
     let panic_at = crate::failpoint_after("panic_source_after:").map(|d| clock + d);
     loop {
@@ -68,9 +71,9 @@ pub fn run(
         }
         if stop.load(Ordering::Relaxed) {
             if let Some(cut) = batcher.flush() {
-                store(queue, device, cut, telemetry, stop, true, enqueued)?;
+                prepare(device, cut, telemetry, &mut ready);
             }
-            return Ok(());
+            return commit(queue, &mut ready, telemetry, stop, true, enqueued);
         }
         // An operator's `flush` command (issue #18): cut the open batch now.
         let asked = telemetry.flush_requests.load(Ordering::SeqCst);
@@ -78,7 +81,8 @@ pub fn run(
             let cut = batcher.flush();
             let detections = cut.as_ref().map_or(0, |c| c.detections.len() as u64);
             if let Some(cut) = cut {
-                store(queue, device, cut, telemetry, stop, false, enqueued)?;
+                prepare(device, cut, telemetry, &mut ready);
+                commit(queue, &mut ready, telemetry, stop, false, enqueued)?;
             }
             telemetry.last_flush_detections.store(detections, Ordering::SeqCst);
             telemetry.flushes_done.store(asked, Ordering::SeqCst);
@@ -96,7 +100,7 @@ pub fn run(
                             continue;
                         }
                         if let Some(cut) = batcher.push(d, position, ms(now)) {
-                            store(queue, device, cut, telemetry, stop, false, enqueued)?;
+                            prepare(device, cut, telemetry, &mut ready);
                         }
                     }
                     Next::Wait(w) => {
@@ -107,7 +111,7 @@ pub fn run(
                         done = true;
                         // Nothing more will come: no reason to wait for the batch's age.
                         if let Some(cut) = batcher.flush() {
-                            store(queue, device, cut, telemetry, stop, false, enqueued)?;
+                            prepare(device, cut, telemetry, &mut ready);
                         }
                         telemetry.source_done.store(true, Ordering::Relaxed);
                         tracing::info!("the source has produced everything it will");
@@ -118,8 +122,9 @@ pub fn run(
         }
         let now_ms = ms(Instant::now());
         if let Some(cut) = batcher.tick(now_ms) {
-            store(queue, device, cut, telemetry, stop, false, enqueued)?;
+            prepare(device, cut, telemetry, &mut ready);
         }
+        commit(queue, &mut ready, telemetry, stop, false, enqueued)?;
         if let Some(due) = batcher.due_at_ms() {
             nap = nap.min(Duration::from_millis(due.saturating_sub(now_ms)));
         }
@@ -140,17 +145,9 @@ fn drop_invalid(e: &DetectionError, telemetry: &Telemetry) {
     }
 }
 
-/// Enqueues a cut durably, waiting out a full queue or disk; gives up only on a stop (the batch's
-/// source position is then not stored, so a resumable source produces it again).
-fn store(
-    queue: &Queue,
-    device: &DeviceInfo,
-    cut: Cut,
-    telemetry: &Telemetry,
-    stop: &AtomicBool,
-    stopping: bool,
-    enqueued: &dyn Fn(),
-) -> Result<(), EnqueueError> {
+/// Makes a cut into the batches to enqueue (split to fit the link), each with its idempotency key
+/// made once, so every retry of its enqueue carries the same key.
+fn prepare(device: &DeviceInfo, cut: Cut, telemetry: &Telemetry, ready: &mut Vec<NewBatch>) {
     // From the clock floor while the wall clock is below it (a Pi without an RTC): crate::clock.
     let (timestamp, clock) = crate::clock::stamp_batch();
     let batch = NewBatch {
@@ -161,30 +158,75 @@ fn store(
         clock,
         detections: cut.detections,
         source_position: cut.source_position,
-        // Made once: every retry of this enqueue carries the same key.
         batch_id: Some(BatchId::new()),
     };
     let max_payload = usize::try_from(telemetry.max_payload_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
-    let batches = if max_payload == 0 {
-        vec![batch]
-    } else {
-        split_to_fit(batch.clone(), max_payload, &mut BatchId::new).unwrap_or_else(|| {
+    if max_payload == 0 {
+        ready.push(batch);
+        return;
+    }
+    match split_to_fit(batch.clone(), max_payload, &mut BatchId::new) {
+        Some(parts) => ready.extend(parts),
+        None => {
             tracing::error!(
                 max_payload,
                 "a single detection is larger than the largest message the link can carry: the batch is kept \
                  whole and stays queued (the forwarder pauses and says so); raise the broker's max_packet_size \
                  or transport.mqtt.max_message_bytes"
             );
-            vec![batch]
-        })
-    };
-    // One at a time: a batch stored is never enqueued again by a retry of the others (the queue
-    // finds an earlier attempt by its key only after a reopen).
-    for batch in batches {
-        if !enqueue_durably(queue, batch, telemetry, stop, stopping)? {
-            return Ok(()); // stopping: the rest is produced again by a resumable source
+            ready.push(batch);
         }
-        enqueued();
+    }
+}
+
+/// Enqueues every batch in `ready` durably, in order, under one sync, waiting out a full queue or
+/// disk; gives up only on a stop (the batches not stored then carry source positions that were not
+/// stored either, so a resumable source produces them again). `ready` is empty afterwards.
+fn commit(
+    queue: &Queue,
+    ready: &mut Vec<NewBatch>,
+    telemetry: &Telemetry,
+    stop: &AtomicBool,
+    stopping: bool,
+    enqueued: &dyn Fn(),
+) -> Result<(), EnqueueError> {
+    while !ready.is_empty() {
+        match queue.enqueue_many(ready.clone()) {
+            Ok(_) => {
+                ready.clear();
+                enqueued();
+            }
+            Err(e @ (EnqueueError::Full { .. } | EnqueueError::DiskFull)) => {
+                // The first `stored` are durable: never enqueue them again. (After a disk error
+                // the queue finds earlier attempts by their keys.)
+                if let EnqueueError::Full { stored, .. } = e {
+                    if stored > 0 {
+                        ready.drain(..stored.min(ready.len()));
+                        enqueued();
+                    }
+                }
+                tracing::error!(error = %e, batches = ready.len(), "the queue cannot take the batches in hand; the source waits and they are tried again");
+                if stopping || stop.load(Ordering::Relaxed) {
+                    ready.clear();
+                    return Ok(());
+                }
+                // Waiting for room is legitimate: keep the watchdog's heartbeat going.
+                telemetry.beat_source();
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            // Found before anything was written: one at a time, so only the batch that can never
+            // fit is discarded.
+            Err(EnqueueError::TooLarge { .. }) => {
+                for batch in std::mem::take(ready) {
+                    if enqueue_durably(queue, batch, telemetry, stop, stopping)? {
+                        enqueued();
+                    } else if stopping || stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -270,6 +312,52 @@ mod tests {
             batch_id: Some(BatchId::new()),
             ..crate::queue::tests::new_batch(detections)
         }
+    }
+
+    /// A burst: `n` detections at once, then nothing ever again.
+    struct Burst {
+        left: usize,
+        position: u64,
+    }
+
+    impl Source for Burst {
+        fn next(&mut self, _now: Instant) -> Next {
+            if self.left == 0 {
+                return Next::Done;
+            }
+            self.left -= 1;
+            self.position += 1;
+            let d = crate::queue::tests::new_batch(1).detections.remove(0);
+            Next::Detection(d, Some(self.position.to_le_bytes().to_vec()))
+        }
+    }
+
+    #[test]
+    fn the_batches_of_a_burst_share_one_disk_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open(dir.path(), crate::queue::QueueConfig::default()).unwrap();
+        let syncs_at_open = queue.stats().unwrap().syncs_since_open;
+        let telemetry = Telemetry::new("rpi-test", "test");
+        let device = DeviceInfo { device_id: "rpi-test".into(), name: None, location: None };
+        let stop = AtomicBool::new(false);
+        let wakes = std::sync::atomic::AtomicU64::new(0);
+        let enqueued = || {
+            wakes.fetch_add(1, Ordering::Relaxed);
+            // Stop once everything is in: the source said Done.
+            if telemetry.source_done.load(Ordering::Relaxed) {
+                stop.store(true, Ordering::Relaxed);
+            }
+        };
+        let mut batcher = Batcher::new(100, 60_000);
+        run(&mut Burst { left: 5_000, position: 0 }, &mut batcher, &queue, &device, &telemetry, &stop, &enqueued)
+            .unwrap();
+        let s = queue.stats().unwrap();
+        assert_eq!((s.produced_batches, s.produced_detections), (50, 5_000), "{s:?}");
+        assert_eq!(queue.source_position().unwrap(), Some(5_000u64.to_le_bytes().to_vec()));
+        // One sync (and one wake of the forwarder) for the 50 batches of the burst, not 50.
+        let syncs = s.syncs_since_open - syncs_at_open;
+        assert!(syncs <= 2, "{syncs} syncs for one burst of 50 batches");
+        assert_eq!(wakes.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -256,7 +256,14 @@ pub enum QueueOpenError {
 #[derive(Debug, Error)]
 pub enum EnqueueError {
     #[error("the queue is full ({used} of {max_bytes} bytes) and on_full = \"block\": waited {waited:?} for the forwarder to free space; is the link down? raise queue.max_bytes or use on_full = \"drop_oldest\"")]
-    Full { used: u64, max_bytes: u64, waited: Duration },
+    Full {
+        used: u64,
+        max_bytes: u64,
+        waited: Duration,
+        /// How many of the batches given to [`Queue::enqueue_many`] were stored (durably) before
+        /// the one that did not fit: a retry passes only the rest.
+        stored: usize,
+    },
     #[error("a batch of {size} bytes can never fit the queue budget of {max_bytes} bytes: raise queue.max_bytes or lower batch.max_detections")]
     TooLarge { size: u64, max_bytes: u64 },
     #[error("the disk holding the queue is full (ENOSPC); the batch was not stored: free space on the data_dir's filesystem")]
@@ -518,8 +525,11 @@ impl Queue {
     /// Stores several batches, in order, with one disk sync for all of them; returns once all are
     /// durable. For a producer that has more than one batch ready (a replay at full speed).
     ///
-    /// On an error, the batches before the failing one may be stored (and, under `drop_oldest`, a
-    /// full budget may drop an earlier batch of the same call, counted as any drop).
+    /// Errors: [`EnqueueError::TooLarge`] is found before anything is written. On
+    /// [`EnqueueError::Full`] (`on_full = "block"` timed out), the first `stored` batches are
+    /// stored and durable; retry with the rest. On [`EnqueueError::DiskFull`] some may be stored;
+    /// a retry with the same `batch_id`s finds them instead of storing them twice. Under
+    /// `drop_oldest`, a full budget may drop an earlier batch of the same call, counted as any drop.
     pub fn enqueue_many(&self, batches: Vec<NewBatch>) -> Result<Vec<Enqueued>, EnqueueError> {
         let max_bytes = self.inner.config.max_bytes;
         let prepared = batches
@@ -554,7 +564,8 @@ impl Queue {
     fn try_enqueue(&self, prepared: &[Prepared]) -> Result<Vec<Enqueued>, EnqueueError> {
         let enqueued_at_ms = now_ms();
         let mut done = Vec::with_capacity(prepared.len());
-        let (epoch, ticket) = {
+        let mut full = None;
+        let (epoch, ticket) = 'apply: {
             let guard = self.read_store();
             let store = Store::get(&guard).map_err(storage_error)?;
             let mut st = self.lock_state();
@@ -564,7 +575,16 @@ impl Queue {
                     done.push(Enqueued { seq, batch_id: p.batch_id, dropped: 0 });
                     continue;
                 }
-                let (st_back, dropped) = self.make_room(store, st, p.estimate)?;
+                let (st_back, dropped) = match self.make_room(store, st, p.estimate) {
+                    Ok(r) => r,
+                    // The ones before it are applied: make them durable and say how many.
+                    Err(EnqueueError::Full { used, max_bytes, waited, .. }) if !done.is_empty() => {
+                        full = Some(EnqueueError::Full { used, max_bytes, waited, stored: done.len() });
+                        let st = self.lock_state();
+                        break 'apply (st.epoch, st.applied);
+                    }
+                    Err(e) => return Err(e),
+                };
                 st = st_back;
                 let seq = st.counters.next_seq;
                 let record = StoredBatch {
@@ -600,7 +620,10 @@ impl Queue {
         };
         self.sync_to(epoch, ticket).map_err(storage_error)?;
         self.lock_state().recovered.clear();
-        Ok(done)
+        match full {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
     }
 
     fn lock_state(&self) -> MutexGuard<'_, State> {
@@ -691,7 +714,12 @@ impl Queue {
                 loop {
                     let left = timeout.saturating_sub(started.elapsed());
                     if left.is_zero() {
-                        return Err(EnqueueError::Full { used: used(&st), max_bytes: max, waited: started.elapsed() });
+                        return Err(EnqueueError::Full {
+                            used: used(&st),
+                            max_bytes: max,
+                            waited: started.elapsed(),
+                            stored: 0,
+                        });
                     }
                     st = self.inner.space.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
                     let over = (used(&st) + needed).saturating_sub(max);

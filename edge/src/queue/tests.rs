@@ -1042,3 +1042,29 @@ fn pruning_removes_marker_and_record_together_oldest_first() {
     }
     assert!(q.verify().unwrap().bad.is_empty());
 }
+
+#[test]
+fn enqueue_many_into_a_full_blocking_queue_stores_the_first_ones_durably_and_says_how_many() {
+    let dir = tempfile::tempdir().unwrap();
+    let per = batch_bytes(5);
+    let cfg = QueueConfig {
+        max_bytes: per * 2 + per / 2,
+        on_full: OnFull::Block,
+        block_timeout: Duration::from_millis(100),
+        ..config()
+    };
+    let q = open(dir.path(), cfg.clone());
+    let batches: Vec<NewBatch> = (0..4).map(|_| NewBatch { batch_id: Some(BatchId::new()), ..new_batch(5) }).collect();
+    let err = q.enqueue_many(batches.clone()).unwrap_err();
+    assert!(matches!(err, EnqueueError::Full { stored: 2, .. }), "{err}");
+    // The two are durable and handed out; a retry with the rest stores nothing twice.
+    assert_eq!(q.stats().unwrap().pending, 2);
+    let first = q.next_batch().unwrap().unwrap();
+    assert_eq!(first.batch_id, batches[0].batch_id.unwrap());
+    q.ack(first.batch_id).unwrap();
+    drop(q);
+    let q = open(dir.path(), QueueConfig { retain_acked: Duration::ZERO, ..cfg });
+    let done = q.enqueue_many(batches[2..3].to_vec()).unwrap();
+    assert_eq!(done[0].seq, 2);
+    assert_eq!(q.stats().unwrap().produced_batches, 3);
+}
