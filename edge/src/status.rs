@@ -193,7 +193,13 @@ pub struct QueueStatus {
     pub dead_letters: u64,
     /// Batches lost in damaged queue files, found at a start.
     pub lost: u64,
+    /// Logical bytes of the stored batches (keys and compressed records).
     pub bytes: u64,
+    /// What `bytes` may reach now: the limit the disk budget steers so that data_dir stays within
+    /// `max_bytes` on disk (`queue::Stats::budget_bytes`).
+    #[serde(default)]
+    pub budget_bytes: u64,
+    /// `queue.max_bytes`: the budget of data_dir on disk.
     pub max_bytes: u64,
     /// What data_dir occupies on disk (allocated size), bytes: see `queue::Stats::disk_bytes`.
     #[serde(default)]
@@ -406,6 +412,7 @@ impl StatusSource {
                 dead_letters: s.dead_letters,
                 lost: s.lost_batches,
                 bytes: s.bytes,
+                budget_bytes: s.budget_bytes,
                 max_bytes: self.queue.config().max_bytes,
                 disk_bytes,
                 oldest_pending_age_s: s.oldest_pending_age_s,
@@ -496,14 +503,25 @@ pub fn prometheus(r: &StatusReport) -> String {
     metric("queue_pending_batches", "gauge", "Batches waiting to be sent.", q.pending as f64);
     metric("queue_in_flight_batches", "gauge", "Batches sent and not yet acknowledged.", q.in_flight as f64);
     metric("queue_acked_retained_batches", "gauge", "Acknowledged batches kept for replay.", q.acked_retained as f64);
-    metric("queue_bytes", "gauge", "Bytes the queue's budget counts.", q.bytes as f64);
+    metric(
+        "queue_bytes",
+        "gauge",
+        "Logical bytes of the stored batches (keys and compressed records).",
+        q.bytes as f64,
+    );
+    metric(
+        "queue_budget_bytes",
+        "gauge",
+        "What queue_bytes may reach now: the limit steered so that data_dir stays within max_bytes on disk.",
+        q.budget_bytes as f64,
+    );
     metric(
         "queue_disk_bytes",
         "gauge",
         "Bytes data_dir occupies on disk (allocated size, sled's overhead included).",
         q.disk_bytes as f64,
     );
-    metric("queue_max_bytes", "gauge", "The queue's byte budget.", q.max_bytes as f64);
+    metric("queue_max_bytes", "gauge", "The queue's budget: bytes data_dir may occupy on disk.", q.max_bytes as f64);
     metric(
         "queue_oldest_pending_age_seconds",
         "gauge",

@@ -82,12 +82,25 @@
 //!   gaps) and a resumable source goes on after them.
 //!
 //! # Byte budget
-//! `max_bytes` bounds the bytes of keys and records (compressed) of pending, retained acked and
-//! dead-lettered batches. When a new batch does not fit, retained acked batches are pruned first
-//! (oldest first: they are delivered), then dead letters, then `drop_oldest` drops the oldest pending batches that are neither in
-//! flight nor acked, while `block` makes `enqueue` wait for acks to free space, up to
-//! `block_timeout`, then fail with [`EnqueueError::Full`]. sled's files are larger than the logical
-//! bytes (its log keeps old versions until segments are cleaned), so leave headroom on the disk.
+//! `max_bytes` bounds what `data_dir` occupies on disk (allocated blocks, as `du` counts them;
+//! databases set aside as `corrupt-*` are not counted), sled's own overhead included
+//! ([`Budget::Disk`], issue #17). sled's files are about twice the logical bytes of the records in
+//! them (measured: 1.8-2.1x; its log keeps old page versions until segments are cleaned), so the
+//! queue keeps a *logical limit* on the bytes of keys and records (compressed) of pending,
+//! retained acked and dead-lettered batches, and steers it by measuring the disk: it starts at
+//! 45% of `max_bytes`; while the disk is over 95% of `max_bytes` *and growing* it shrinks in
+//! proportion to 85% of it (sled reuses freed space before it grows its file, but returns it only
+//! when the file's last segments are free, so a disk that is over and not growing is left alone
+//! rather than pruned again and again); while the disk is under 80% of `max_bytes` it grows into
+//! the room (to 85%) at the measured ratio. It stays within a third and all of `max_bytes`: sled's garbage
+//! is not proportional to what it holds, and a budget that shrank without a floor would drop
+//! pending batches for it. Measured every
+//! [`BUDGET_MEASURE_EVERY`] or every 1/64 of `max_bytes` enqueued, whichever comes first.
+//!
+//! When a new batch does not fit the logical limit, retained acked batches are pruned first
+//! (oldest first: they are delivered), then dead letters, then `drop_oldest` drops the oldest
+//! pending batches that are neither in flight nor acked, while `block` makes `enqueue` wait for
+//! acks to free space, up to `block_timeout`, then fail with [`EnqueueError::Full`].
 //!
 //! # Walk-through
 //! - write: `enqueue` → serialize the wire JSON and compress it (outside the lock) → lock state →
@@ -140,11 +153,23 @@ pub enum OnFull {
     Block,
 }
 
+/// What `max_bytes` counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Budget {
+    /// What `data_dir` occupies on disk, within 10% (see the module docs, "Byte budget").
+    #[default]
+    Disk,
+    /// The logical bytes of keys and records only: exact, for tests and benchmarks that count
+    /// records. sled's files are then about twice that.
+    Logical,
+}
+
 /// Queue settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueConfig {
-    /// Budget for pending + retained acked records, in bytes.
+    /// Budget, in bytes: of `data_dir` on disk, or of the records (see [`Budget`]).
     pub max_bytes: u64,
+    pub budget: Budget,
     pub on_full: OnFull,
     /// Longest `enqueue` waits for space under `OnFull::Block`.
     pub block_timeout: Duration,
@@ -159,6 +184,7 @@ impl Default for QueueConfig {
     fn default() -> Self {
         Self {
             max_bytes: 512 << 20,
+            budget: Budget::Disk,
             on_full: OnFull::DropOldest,
             block_timeout: Duration::from_secs(30),
             retain_acked: Duration::from_secs(24 * 3600),
@@ -216,8 +242,11 @@ pub struct Stats {
     pub pending: u64,
     pub in_flight: u64,
     pub acked_retained: u64,
-    /// Bytes of pending, retained and dead-lettered records (what the budget counts).
+    /// Bytes of pending, retained and dead-lettered records (logical: keys and compressed values).
     pub bytes: u64,
+    /// What `bytes` may reach now: the logical limit the disk budget steers (see "Byte budget";
+    /// `max_bytes` itself with [`Budget::Logical`]).
+    pub budget_bytes: u64,
     pub pending_bytes: u64,
     pub acked_bytes: u64,
     /// Age of the oldest batch not yet acknowledged (pending or in flight); `None` when there is
@@ -255,7 +284,7 @@ pub enum QueueOpenError {
 
 #[derive(Debug, Error)]
 pub enum EnqueueError {
-    #[error("the queue is full ({used} of {max_bytes} bytes) and on_full = \"block\": waited {waited:?} for the forwarder to free space; is the link down? raise queue.max_bytes or use on_full = \"drop_oldest\"")]
+    #[error("the queue is full ({used} of the {max_bytes} bytes of batches that fit queue.max_bytes on disk) and on_full = \"block\": waited {waited:?} for the forwarder to free space; is the link down? raise queue.max_bytes or use on_full = \"drop_oldest\"")]
     Full {
         used: u64,
         max_bytes: u64,
@@ -390,6 +419,19 @@ struct State {
     recovered: HashMap<BatchId, u64>,
     /// Number of writes applied (for group commit).
     applied: u64,
+    /// The logical limit steered by the disk (see "Byte budget").
+    budget: DiskBudget,
+}
+
+#[derive(Debug, Default)]
+struct DiskBudget {
+    /// What the records may take, logical bytes; 0: not set yet (half of `max_bytes`).
+    logical_limit: u64,
+    /// `data_dir`'s allocated bytes at the last measurement.
+    disk_bytes: u64,
+    measured_at: Option<Instant>,
+    /// Logical bytes enqueued since then.
+    written_since: u64,
 }
 
 #[derive(Debug, Default)]
@@ -679,8 +721,9 @@ impl Queue {
         mut st: MutexGuard<'a, State>,
         needed: u64,
     ) -> Result<(MutexGuard<'a, State>, u64), EnqueueError> {
-        let max = self.inner.config.max_bytes;
         let used = |st: &State| st.counters.pending_bytes + st.counters.acked_bytes + st.counters.dead_bytes;
+        let max = self.logical_limit(&mut st);
+        st.budget.written_since += needed;
         if used(&st) + needed <= max {
             return Ok((st, 0));
         }
@@ -730,6 +773,41 @@ impl Queue {
                 }
             }
         }
+    }
+
+    /// The logical limit of the records' bytes, measuring the disk when it is due (see "Byte
+    /// budget" in the module docs).
+    fn logical_limit(&self, st: &mut State) -> u64 {
+        let max = self.inner.config.max_bytes;
+        if self.inner.config.budget == Budget::Logical || max == u64::MAX {
+            return max;
+        }
+        let b = &mut st.budget;
+        if b.logical_limit == 0 {
+            b.logical_limit = max / 20 * 9;
+        }
+        let due = b.measured_at.is_none_or(|t| t.elapsed() >= BUDGET_MEASURE_EVERY) || b.written_since >= max / 64;
+        if !due {
+            return b.logical_limit;
+        }
+        let used = st.counters.pending_bytes + st.counters.acked_bytes + st.counters.dead_bytes;
+        let disk = self.inner.path.parent().map_or(0, budget_disk_bytes);
+        let b = &mut st.budget;
+        let target = max / 20 * 17;
+        if disk > max / 20 * 19 && disk > b.disk_bytes {
+            // Near the budget and growing: shrink in proportion.
+            b.logical_limit = u64::try_from(u128::from(used) * u128::from(target) / u128::from(disk)).unwrap_or(0);
+        } else if disk < max / 5 * 4 {
+            // Room: grow into it at the measured ratio of disk to logical bytes.
+            let ratio = (disk as f64 / used.max(1) as f64).clamp(1.0, 4.0);
+            let grow = ((target - disk) as f64 / ratio) as u64;
+            b.logical_limit = b.logical_limit.max(used.saturating_add(grow));
+        }
+        b.logical_limit = b.logical_limit.clamp(max / 3, max);
+        b.disk_bytes = disk;
+        b.measured_at = Some(Instant::now());
+        b.written_since = 0;
+        b.logical_limit
     }
 
     /// Makes everything applied up to `ticket` durable, sharing the sync with concurrent callers.
@@ -1098,6 +1176,12 @@ impl Queue {
         let st = self.lock_state();
         let c = st.counters;
         let in_flight = st.in_flight.len() as u64;
+        let max = self.inner.config.max_bytes;
+        let budget_bytes = match (self.inner.config.budget, st.budget.logical_limit) {
+            (Budget::Disk, 0) if max != u64::MAX => max / 20 * 9,
+            (Budget::Disk, limit) if limit > 0 => limit,
+            _ => max,
+        };
         // The counters live in memory: they are reported even while the database is closed after
         // a disk error (a full disk is exactly when an operator looks); only the age needs it. The
         // age is read under the same lock, from the state the queue acts on: nothing unacked
@@ -1114,6 +1198,7 @@ impl Queue {
             in_flight,
             acked_retained: c.acked_batches,
             bytes: c.pending_bytes + c.acked_bytes + c.dead_bytes,
+            budget_bytes,
             pending_bytes: c.pending_bytes,
             acked_bytes: c.acked_bytes,
             oldest_pending_age_s,
@@ -1789,6 +1874,23 @@ fn private_dir(data_dir: &Path) -> std::io::Result<()> {
         Ok(())
     }
 }
+
+/// What the disk budget counts: `data_dir`'s allocated bytes without the databases set aside as
+/// `corrupt-*` (kept for an operator to inspect, not the queue's to prune).
+fn budget_disk_bytes(data_dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let own = std::fs::symlink_metadata(data_dir).map_or(0, |m| m.blocks() * 512);
+    let Ok(entries) = std::fs::read_dir(data_dir) else { return own };
+    own + entries
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("corrupt-"))
+        .map(|e| allocated_bytes(&e.path()))
+        .sum::<u64>()
+}
+
+/// How often the disk budget measures `data_dir` at most (also every 1/64 of `max_bytes`
+/// enqueued): a directory walk of a few files.
+pub const BUDGET_MEASURE_EVERY: Duration = Duration::from_millis(100);
 
 /// The allocated size of `path` and everything under it, bytes (`st_blocks` x 512, what `du -B1`
 /// reports); entries that vanish while it walks count 0.
