@@ -399,6 +399,10 @@ struct State {
     retry: BTreeSet<u64>,
     /// Next seq to look at in the pending range.
     cursor: u64,
+    /// Seqs at or above the cursor that `next_newest_batch` handed out or passed over (in flight,
+    /// acked, or nacked into `retry`, which it compares on its own), as disjoint ranges lo → hi,
+    /// inclusive: its walk jumps over them (see `newest_unhanded`).
+    newest_handed: std::collections::BTreeMap<u64, u64>,
     /// batch_id → (seq, record length) of every batch handed out since open and not yet acked.
     handed: HashMap<BatchId, (u64, usize)>,
     /// Acked batches whose marker (or removal) is not written yet: seq → acked_at_ms.
@@ -706,6 +710,7 @@ impl Queue {
         st.in_flight.clear();
         st.handed.clear();
         st.retry.clear();
+        st.newest_handed.clear();
         st.cursor = counters.ack_floor;
         st.applied += 1;
         sync.durable = st.applied;
@@ -912,6 +917,9 @@ impl Queue {
             // (one handed out by `next_newest_batch`), which must not be skipped.
             if !from_retry {
                 st.cursor = st.cursor.max(seq + 1);
+                while st.newest_handed.first_key_value().is_some_and(|(_, &hi)| hi < st.cursor) {
+                    st.newest_handed.pop_first();
+                }
             }
             if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) || is_acked(&store.tree, seq)? {
                 continue;
@@ -1004,31 +1012,12 @@ impl Queue {
         let store = Store::get(&guard)?;
         let mut st = self.lock_state();
         let Some(last) = st.durable_next_seq.checked_sub(1) else { return Ok(None) };
-        // Newest first: walk the keys backwards to the first batch that is neither in flight nor
-        // acked. Down to the cursor only: below it every batch was visited by the scan, so it is
-        // acked, in flight, or in `retry` (compared here by seq); the retained acked batches are
-        // never walked.
-        let mut upto = layout::pending_key(last).to_vec();
-        upto.extend_from_slice(&[0xff, 0xff]);
         loop {
             let retry_newest = st.retry.last().copied();
-            let mut walked = None;
-            for key in store.tree.range(layout::pending_key(st.cursor).to_vec()..=upto.clone()).keys().rev() {
-                let key = key?;
-                let Some(seq) = layout::pending_key_seq(&key).filter(|_| key.len() == 11 && key[9..] == [0, 0]) else {
-                    continue;
-                };
-                if retry_newest.is_some_and(|r| r >= seq) {
-                    break;
-                }
-                if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) || is_acked(&store.tree, seq)? {
-                    continue;
-                }
-                walked = Some(seq);
-                break;
-            }
+            let walked = newest_unhanded(store, &mut st, last, retry_newest)?;
             let Some(seq) = walked.or(retry_newest) else { return Ok(None) };
             st.retry.remove(&seq);
+            mark_handed(&mut st.newest_handed, seq);
             // Gone: dropped meanwhile (a retried seq); a damaged one is quarantined and skipped.
             let Some(record) = chunks::get(&store.tree, &layout::pending_key(seq))? else { continue };
             if let Some(batch) = hand_out_locked(store, &mut st, seq, &record)? {
@@ -1376,6 +1365,80 @@ fn oldest_unacked_enqueued_ms(store: &Store, st: &State) -> Option<u64> {
         }
     }
     None
+}
+
+/// The newest durable batch at or above the cursor that is neither in flight nor acked, and newer
+/// than `retry_newest`: the keys walked backwards from `last`, jumping over the ranges already
+/// handed out from this end ([`State::newest_handed`]), so that draining a backlog from the newest
+/// end does not walk its acked batches again on every call. Below the cursor every batch was
+/// visited by the scan: it is acked, in flight, or in `retry`. Batches passed over are added to
+/// the ranges.
+fn newest_unhanded(
+    store: &Store,
+    st: &mut State,
+    last: u64,
+    retry_newest: Option<u64>,
+) -> Result<Option<u64>, QueueError> {
+    let mut upper = last;
+    let mut passed = Vec::new();
+    let found = 'walk: loop {
+        if upper < st.cursor || retry_newest.is_some_and(|r| r >= upper) {
+            break None;
+        }
+        if let Some((&lo, &hi)) = st.newest_handed.range(..=upper).next_back() {
+            if hi >= upper {
+                match lo.checked_sub(1) {
+                    Some(below) => {
+                        upper = below;
+                        continue;
+                    }
+                    None => break None,
+                }
+            }
+        }
+        let lower = st.newest_handed.range(..upper).next_back().map_or(0, |(_, &hi)| hi + 1).max(st.cursor);
+        let mut to = layout::pending_key(upper).to_vec();
+        to.extend_from_slice(&[0xff, 0xff]);
+        for key in store.tree.range(layout::pending_key(lower).to_vec()..=to).keys().rev() {
+            let key = key?;
+            let Some(seq) = layout::pending_key_seq(&key).filter(|_| key.len() == 11 && key[9..] == [0, 0]) else {
+                continue;
+            };
+            if retry_newest.is_some_and(|r| r >= seq) {
+                break 'walk None;
+            }
+            if st.in_flight.contains(&seq) || st.unwritten_acks.contains_key(&seq) || is_acked(&store.tree, seq)? {
+                passed.push(seq);
+                continue;
+            }
+            break 'walk Some(seq);
+        }
+        match lower.checked_sub(1) {
+            Some(below) if lower > st.cursor => upper = below,
+            _ => break None,
+        }
+    };
+    for seq in passed {
+        mark_handed(&mut st.newest_handed, seq);
+    }
+    Ok(found)
+}
+
+/// Adds `seq` to the disjoint ranges (lo → hi, inclusive), merging neighbours.
+fn mark_handed(ranges: &mut std::collections::BTreeMap<u64, u64>, seq: u64) {
+    let (mut lo, mut hi) = (seq, seq);
+    if let Some((&l, &h)) = ranges.range(..=seq).next_back() {
+        if h >= seq {
+            return;
+        }
+        if h + 1 == seq {
+            lo = l;
+        }
+    }
+    if let Some(h) = seq.checked_add(1).and_then(|next| ranges.remove(&next)) {
+        hi = h;
+    }
+    ranges.insert(lo, hi);
 }
 
 /// Decodes a pending record and marks it in flight; a record that fails its check is quarantined
