@@ -187,8 +187,9 @@ impl Default for BatchConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueSection {
-    /// The queue's byte budget: at least one batch of `batch.max_detections` detections of the
-    /// largest kind ([`min_queue_bytes`]), at most 16 TiB.
+    /// The queue's byte budget, bytes of `data_dir` on disk (`queue::Budget::Disk`; about half
+    /// of it holds batches): at least one batch of `batch.max_detections` detections of the
+    /// largest kind ([`min_queue_bytes`]), at most 16 TiB. sled needs a few MiB whatever it says.
     pub max_bytes: ByteSize,
     pub on_full: OnFull,
     /// How long acked batches are kept for `replay`: 0s (none)..=366 days.

@@ -430,7 +430,8 @@ max_detections = 500
 max_age_ms = 5000
 
 [queue]
-# What the queue may hold; past it the oldest pending batch is dropped (or on_full = "block").
+# What data_dir may occupy on disk (about half of it holds batches); past it retained batches are
+# pruned, then the oldest pending batch is dropped (or on_full = "block").
 max_bytes = "512MiB"
 on_full = "drop_oldest"
 # Acked batches kept for `backhaul-edge replay`.
