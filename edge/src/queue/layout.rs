@@ -253,6 +253,9 @@ fn parse_header(p: &[u8]) -> Result<(RecordHeader, usize), StoredError> {
 ///
 /// Stored as a framed list of u64 LE in this order. Never reorder; append new fields at the end (an
 /// older record simply has fewer, and the missing ones read as 0).
+///
+/// The queue changes them only through `Counters::apply` (see the `ledger` module), one `Change`
+/// at a time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
     /// The seq the next enqueued batch gets.

@@ -3,6 +3,10 @@ use std::collections::BTreeMap;
 use backhaul_shared::{Batch, Limits, Presence, Zone};
 use proptest::prelude::*;
 
+use super::ledger::write_meta;
+use super::recover::recount;
+use super::retain::{is_acked, prune_acked_locked};
+use super::write::WireParts;
 use super::*;
 
 pub(crate) fn new_batch(detections: usize) -> NewBatch {
