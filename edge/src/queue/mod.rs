@@ -162,7 +162,8 @@ pub enum OnFull {
 /// What `max_bytes` counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Budget {
-    /// What `data_dir` occupies on disk, within 10% (see the module docs, "Byte budget").
+    /// What `data_dir` occupies on disk, steered toward it by measurement (see the module docs,
+    /// "Byte budget"; the README's "Queue layout 2" says how close it stays).
     #[default]
     Disk,
     /// The logical bytes of keys and records only: exact, for tests and benchmarks that count
@@ -299,7 +300,7 @@ pub enum EnqueueError {
         /// the one that did not fit: a retry passes only the rest.
         stored: usize,
     },
-    #[error("a batch of {size} bytes can never fit the queue budget of {max_bytes} bytes: raise queue.max_bytes or lower batch.max_detections")]
+    #[error("a batch of {size} bytes can never fit the queue (it may hold as little as {max_bytes} bytes of batches): raise queue.max_bytes or lower batch.max_detections")]
     TooLarge { size: u64, max_bytes: u64 },
     #[error("the disk holding the queue is full (ENOSPC); the batch was not stored: free space on the data_dir's filesystem")]
     DiskFull,
@@ -424,9 +425,13 @@ struct State {
     durable_next_seq: u64,
     /// Raised by every reopen after a disk error: a write applied before it is not known durable.
     epoch: u64,
-    /// After a reopen: batches found on disk past the counters, so that a retried enqueue does not
-    /// store them twice.
+    /// After a reopen: batches found on disk that a retried enqueue must not store twice (past
+    /// the counters, or applied by an enqueue that had not returned), batch_id → seq.
     recovered: HashMap<BatchId, u64>,
+    /// batch_id → seq of every batch applied by an enqueue that has not returned yet: a reopen
+    /// after a disk error keeps those still on disk in `recovered` (a prune or a drop in the same
+    /// `enqueue_many` may have written counters past them, so the tail scan would miss them).
+    unsynced: HashMap<BatchId, u64>,
     /// Number of writes applied (for group commit).
     applied: u64,
     /// The logical limit steered by the disk (see "Byte budget").
@@ -435,8 +440,12 @@ struct State {
 
 #[derive(Debug, Default)]
 struct DiskBudget {
-    /// What the records may take, logical bytes; 0: not set yet (half of `max_bytes`).
+    /// What the records may take, logical bytes; 0: not set yet (45% of `max_bytes`).
     logical_limit: u64,
+    /// When the limit was last shrunk, and the disk then: a shrink waits [`BUDGET_SHRINK_COOLDOWN`]
+    /// and real growth (1/64 of `max_bytes`) after the last one, so sled's garbage spikes do not
+    /// compound into cut after cut.
+    last_shrink: Option<(Instant, u64)>,
     /// `data_dir`'s allocated bytes at the last measurement.
     disk_bytes: u64,
     measured_at: Option<Instant>,
@@ -529,6 +538,9 @@ pub enum ExportError {
 /// How often the disk budget measures `data_dir` at most (also every 1/64 of `max_bytes`
 /// enqueued): a directory walk of a few files.
 pub const BUDGET_MEASURE_EVERY: Duration = Duration::from_millis(100);
+
+/// Shortest time between two shrinks of the disk budget's logical limit.
+pub const BUDGET_SHRINK_COOLDOWN: Duration = Duration::from_secs(2);
 
 const fn libc_enospc() -> i32 {
     28 // ENOSPC on Linux

@@ -2,6 +2,7 @@
 //! database aside), the counters as of the records on disk (the tail past them counted in, a torn
 //! last enqueue discarded, a recount when they are missing), and the reopen after a disk error.
 
+use std::collections::HashMap;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -138,7 +139,19 @@ impl Queue {
         st.durable_next_seq = counters.next_seq;
         // Writes applied before now may be lost: their enqueues must not count as durable.
         st.epoch += 1;
-        st.recovered = tail.into_iter().collect();
+        let mut recovered: HashMap<BatchId, u64> = tail.into_iter().collect();
+        // Applied by enqueues that had not returned: kept if their record is still there, whole.
+        for (batch_id, seq) in std::mem::take(&mut st.unsynced) {
+            let kept = chunks::get(&store.tree, &layout::pending_key(seq))
+                .ok()
+                .flatten()
+                .and_then(|r| StoredBatch::decode_header(&r.value).ok())
+                .is_some_and(|h| h.batch_id == batch_id);
+            if kept {
+                recovered.insert(batch_id, seq);
+            }
+        }
+        st.recovered = recovered;
         // Start over as after a restart: everything not acked on disk is pending and is sent again
         // (acks not written before the failure are forgotten; the cloud absorbs the resends).
         st.unwritten_acks.clear();

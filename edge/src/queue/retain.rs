@@ -85,9 +85,9 @@ impl Queue {
 }
 
 /// Removes retained acked batches (record and marker together) oldest seq first: those acked
-/// before `before_ms` (stopping at the first marker acked later: acks are written about in seq
-/// order, so a late one holds back at most the few after it, for at most `retain_acked`), or until
-/// `bytes` are freed. In atomic writes of at most [`PRUNE_STEP`] batches with the counters.
+/// before `before_ms` (stopping at the first marker acked later: while a backlog drains from both
+/// ends, or after a replay, an old seq acked late holds back the pruning by age of the seqs after
+/// it until it is old enough itself; pruning for room ignores age), or until `bytes` are freed. In atomic writes of at most [`PRUNE_STEP`] batches with the counters.
 pub(super) fn prune_acked_locked(
     store: &Store,
     st: &mut State,

@@ -1128,3 +1128,28 @@ fn the_disk_budget_keeps_data_dir_within_ten_percent_of_max_bytes() {
     assert!(peak <= max / 20 * 23, "data_dir reached {peak} bytes on disk for max_bytes = {max}: {s:?}");
     eprintln!("max_bytes {max}: data_dir peaked at {peak} bytes ({:.3}x); {s:?}", peak as f64 / max as f64);
 }
+
+/// Review finding (issue #17): an `enqueue_many` whose batch B pruned for room wrote the counters
+/// past its earlier batch A; a disk error then reopened the database before the call returned.
+/// The reopen's tail scan starts at the counters, so only the call's own record of what it applied
+/// keeps the retry from storing A a second time under a new seq.
+#[test]
+fn a_retry_after_a_reopen_finds_a_batch_applied_before_the_counters_moved_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), config());
+    let a = NewBatch { batch_id: Some(BatchId::new()), ..new_batch(3) };
+    let first = q.enqueue_many(vec![a.clone()]).unwrap()[0];
+    {
+        // As the interrupted call left it: A applied and not returned, counters written past it.
+        let guard = q.read_store();
+        let mut st = q.lock_state();
+        st.unsynced.insert(first.batch_id, first.seq);
+        write_meta(Store::get(&guard).unwrap(), &mut st, sled::Batch::default()).unwrap();
+    }
+    q.reopen().unwrap();
+    let again = q.enqueue_many(vec![a]).unwrap();
+    assert_eq!(again[0].seq, first.seq, "found, not stored twice");
+    let s = q.stats().unwrap();
+    assert_eq!((s.produced_batches, s.next_seq, s.pending), (1, 1, 1), "{s:?}");
+    assert!(q.lock_state().unsynced.is_empty() && q.lock_state().recovered.is_empty());
+}

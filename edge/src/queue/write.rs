@@ -17,7 +17,7 @@ use super::ledger::{write_meta, Change};
 use super::retain::{is_acked, prune_acked_locked, prune_dead_locked};
 use super::{
     chunks, now_ms, Budget, Durability, EnqueueError, Enqueued, NewBatch, OnFull, Queue, QueueError, State, Store,
-    BUDGET_MEASURE_EVERY,
+    BUDGET_MEASURE_EVERY, BUDGET_SHRINK_COOLDOWN,
 };
 
 impl Queue {
@@ -36,7 +36,11 @@ impl Queue {
     /// a retry with the same `batch_id`s finds them instead of storing them twice. Under
     /// `drop_oldest`, a full budget may drop an earlier batch of the same call, counted as any drop.
     pub fn enqueue_many(&self, batches: Vec<NewBatch>) -> Result<Vec<Enqueued>, EnqueueError> {
-        let max_bytes = self.inner.config.max_bytes;
+        // Under the disk budget the logical limit can be as low as a third of max_bytes.
+        let max_bytes = match self.inner.config.budget {
+            Budget::Disk if self.inner.config.max_bytes != u64::MAX => self.inner.config.max_bytes / 3,
+            _ => self.inner.config.max_bytes,
+        };
         let prepared = batches
             .into_iter()
             .map(|batch| {
@@ -105,6 +109,7 @@ impl Queue {
                 // Plain inserts: the counters on disk are brought up to date at open by counting
                 // the records past their `next_seq` (sled's `apply_batch` would cost two extra log
                 // buffer writes, each waited for with sync_file_range).
+                st.unsynced.insert(p.batch_id, seq);
                 chunks::insert(&store.tree, &layout::pending_key(seq), &record).map_err(|e| storage_error(e.into()))?;
                 st.counters.apply(Change::Enqueued {
                     seq,
@@ -124,7 +129,14 @@ impl Queue {
             (st.epoch, st.applied)
         };
         self.sync_to(epoch, ticket).map_err(storage_error)?;
-        self.lock_state().recovered.clear();
+        {
+            // Durable now: a later retry with these keys is a new call's business.
+            let mut st = self.lock_state();
+            for d in &done {
+                st.unsynced.remove(&d.batch_id);
+                st.recovered.remove(&d.batch_id);
+            }
+        }
         match full {
             Some(e) => Err(e),
             None => Ok(done),
@@ -210,10 +222,20 @@ impl Queue {
         let used = st.counters.pending_bytes + st.counters.acked_bytes + st.counters.dead_bytes;
         let disk = self.inner.path.parent().map_or(0, budget_disk_bytes);
         let b = &mut st.budget;
+        b.measured_at = Some(Instant::now());
+        b.written_since = 0;
+        if disk == 0 {
+            return b.logical_limit; // the walk failed: nothing to steer by
+        }
         let target = max / 20 * 17;
-        if disk > max / 20 * 19 && disk > b.disk_bytes {
-            // Near the budget and growing: shrink in proportion.
-            b.logical_limit = u64::try_from(u128::from(used) * u128::from(target) / u128::from(disk)).unwrap_or(0);
+        let grown = b
+            .last_shrink
+            .is_none_or(|(at, then)| at.elapsed() >= BUDGET_SHRINK_COOLDOWN && disk > then.saturating_add(max / 64));
+        if disk > max / 20 * 19 && disk > b.disk_bytes && grown {
+            // Near the budget and growing: shrink the limit in proportion.
+            b.logical_limit =
+                u64::try_from(u128::from(b.logical_limit) * u128::from(target) / u128::from(disk)).unwrap_or(0);
+            b.last_shrink = Some((Instant::now(), disk));
         } else if disk < max / 5 * 4 {
             // Room: grow into it at the measured ratio of disk to logical bytes.
             let ratio = (disk as f64 / used.max(1) as f64).clamp(1.0, 4.0);
@@ -222,8 +244,6 @@ impl Queue {
         }
         b.logical_limit = b.logical_limit.clamp(max / 3, max);
         b.disk_bytes = disk;
-        b.measured_at = Some(Instant::now());
-        b.written_since = 0;
         b.logical_limit
     }
 
