@@ -775,8 +775,9 @@ fn check_ranges(loaded: &Loaded<EdgeConfig>) -> Result<(), ConfigError> {
         q.max_bytes,
         (min_bytes, ByteSize(16 << 40)),
         &format!(
-            "the budget must hold at least one batch of batch.max_detections = {} detections; raise \
-             queue.max_bytes or lower batch.max_detections",
+            "bytes of data_dir on disk: at least one batch of batch.max_detections = {} detections (raise \
+             queue.max_bytes or lower batch.max_detections), at most 16 TiB; sled needs a few MiB \
+             whatever the budget",
             b.max_detections
         ),
     )?;

@@ -370,6 +370,11 @@ fn queue_command(action: QueueAction) -> Result<ExitCode> {
             let queue = open_offline(&data_dir)?;
             let mut stats = serde_json::to_value(queue.stats()?)?;
             stats["disk_bytes"] = queue.disk_bytes().into();
+            // Opened without a budget and just now: these describe this tool, not the service.
+            if let Some(fields) = stats.as_object_mut() {
+                fields.remove("budget_bytes");
+                fields.remove("syncs_since_open");
+            }
             println!("{}", serde_json::to_string_pretty(&stats)?);
             Ok(ExitCode::SUCCESS)
         }

@@ -711,13 +711,14 @@ pub fn render(r: &StatusReport) -> String {
     }
     let _ = writeln!(
         out,
-        "queue      {} pending, {} in flight, oldest {}; {} of {} bytes ({} on disk)",
+        "queue      {} pending, {} in flight, oldest {}; {} of {} bytes of batches; {} of {} bytes on disk",
         q.pending,
         q.in_flight,
         age(q.oldest_pending_age_s),
         q.bytes,
-        q.max_bytes,
-        q.disk_bytes
+        if q.budget_bytes > 0 { q.budget_bytes } else { q.max_bytes },
+        q.disk_bytes,
+        q.max_bytes
     );
     let _ = writeln!(
         out,
