@@ -306,11 +306,21 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Replay { since, until, data_dir } => {
             let since = parse_time(&since).context("--since")?;
             let until = until.as_deref().map(parse_time).transpose().context("--until")?;
+            if until.is_some_and(|u| u <= since) {
+                anyhow::bail!("--until is not after --since: the window is empty; give one that ends after it starts");
+            }
             let queue = open_offline(&data_dir)?;
             let n = queue.requeue_acked(since, until)?;
             println!(
                 "requeued {n} acked batches under their original batch_id; they are sent again when the service runs"
             );
+            if n == 0 {
+                eprintln!(
+                    "nothing acked in that window is still retained: acked batches are kept for queue.retain_acked, \
+                     and pruned sooner when queue.max_bytes needs the room (`backhaul-edge queue stats` shows \
+                     acked_retained); check --since and --until"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -54,6 +54,21 @@ fn stats_verify_export_and_replay_work_on_a_real_data_dir() {
     let (code, out, err) = run("backhaul-edge", &["replay", "--since", &since, "--data-dir", data_dir], &[]).unwrap();
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("requeued 1 acked batches"), "{out}");
+    // The offline tool has no budget of its own to report.
+    assert!(stats.get("budget_bytes").is_none(), "{stats}");
+    // An empty window is an error; a window with nothing retained in it says why that may be.
+    let (code, _, err) =
+        run("backhaul-edge", &["replay", "--since", &since, "--until", &since, "--data-dir", data_dir], &[]).unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("--until is not after --since"), "{err}");
+    let (code, out, err) = run(
+        "backhaul-edge",
+        &["replay", "--since", "2020-01-01T00:00:00Z", "--until", "2020-01-02T00:00:00Z", "--data-dir", data_dir],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("requeued 0") && err.contains("retain_acked"), "{out} {err}");
     let q = Queue::open(dir.path(), QueueConfig::default()).unwrap();
     assert_eq!(q.next_batch().unwrap().unwrap().batch_id, acked_id);
     drop(q);

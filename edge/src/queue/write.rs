@@ -361,14 +361,27 @@ fn drop_oldest_locked(store: &Store, st: &mut State, to_free: u64) -> Result<u64
     for (seq, _) in &dropped {
         st.retry.remove(seq);
     }
-    tracing::warn!(
-        batches = dropped.len(),
-        detections = dropped.iter().map(|d| d.1).sum::<u64>(),
-        first_seq = dropped.first().map(|d| d.0),
-        last_seq = dropped.last().map(|d| d.0),
-        total_dropped = counters.dropped_batches,
-        "queue over its byte budget: dropped the oldest pending batches (on_full = drop_oldest)"
-    );
+    // A full queue drops on every enqueue: a warning at most every 10 s (the counts are in
+    // /status and /metrics), the rest at debug level, to spare the SD card.
+    static LAST_WARN_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = now_ms();
+    let last = LAST_WARN_MS.load(std::sync::atomic::Ordering::Relaxed);
+    let detections = dropped.iter().map(|d| d.1).sum::<u64>();
+    let (first_seq, last_seq) = (dropped.first().map(|d| d.0), dropped.last().map(|d| d.0));
+    if now.saturating_sub(last) >= 10_000 {
+        LAST_WARN_MS.store(now, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            batches = dropped.len(),
+            detections,
+            first_seq,
+            last_seq,
+            total_dropped = counters.dropped_batches,
+            "queue over its byte budget: dropped the oldest pending batches (on_full = drop_oldest); \
+             further drops in the next 10 s are logged at debug level and counted in /status"
+        );
+    } else {
+        tracing::debug!(batches = dropped.len(), detections, first_seq, last_seq, "dropped the oldest pending batches");
+    }
     Ok(dropped.len() as u64)
 }
 
