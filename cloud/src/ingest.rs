@@ -6,6 +6,7 @@
 use backhaul_shared::{Batch, BatchError, DeviceStatus, Limits};
 use sha2::{Digest, Sha256};
 
+pub use crate::store::Lookup;
 use crate::store::{DetectionQuery, DetectionRow, DeviceRow, Outcome, Stats, Store, StoreError};
 
 /// What became of a batch.
@@ -55,18 +56,20 @@ impl Ingest {
     /// Stores a parsed batch exactly once. `raw` are the bytes it was parsed from.
     pub async fn accept(&self, batch: Batch, raw: &[u8], via: &'static str) -> Result<Accepted, StoreError> {
         let hash = payload_hash(raw);
-        self.accept_hashed(batch, raw, hash, via).await
+        self.accept_hashed(batch, raw, hash, via, Lookup::First).await
     }
 
-    /// [`Self::accept`] with `hash` = [`payload_hash`]`(raw)` already computed.
+    /// [`Self::accept`] with `hash` = [`payload_hash`]`(raw)` already computed, and `lookup`
+    /// saying whether [`Self::duplicate_of`] has already looked this batch_id up with it.
     pub async fn accept_hashed(
         &self,
         batch: Batch,
         raw: &[u8],
         hash: String,
         via: &'static str,
+        lookup: Lookup,
     ) -> Result<Accepted, StoreError> {
-        Ok(match self.store.store_batch(&batch, raw, &hash, via).await? {
+        Ok(match self.store.store_batch(&batch, raw, &hash, via, lookup).await? {
             Outcome::Stored => {
                 self.live.batch(&batch, false, via);
                 Accepted::Stored(batch)

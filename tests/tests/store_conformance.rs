@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
-use backhaul_cloud::store::{DetectionQuery, DetectionRow, Outcome, Reprocessed, Store};
+use backhaul_cloud::store::{DetectionQuery, DetectionRow, Lookup, Outcome, Reprocessed, Store};
 use backhaul_shared::{Batch, BatchId, Detection, DeviceStatus, Limits, Presence, Sensor, Timestamp, Zone};
 use backhaul_tests::postgres::Postgres;
 use sqlx::Executor;
@@ -29,6 +29,7 @@ const CASES: &[(&str, Case)] = &[
     ("one_batch_raced_by_many_writers_is_stored_once", |u| Box::pin(one_batch_raced_by_many_writers_is_stored_once(u))),
     ("batches_with_identical_times_page_by_batch_id", |u| Box::pin(batches_with_identical_times_page_by_batch_id(u))),
     ("a_newer_schema_is_refused", |u| Box::pin(a_newer_schema_is_refused(u))),
+    ("replicas_started_together_migrate_once", |u| Box::pin(replicas_started_together_migrate_once(u))),
     ("commands_are_queued_published_answered_once_and_expire", |u| {
         Box::pin(commands_are_queued_published_answered_once_and_expire(u))
     }),
@@ -120,14 +121,14 @@ fn batch(device: &str, seq: u64, times: &[i64]) -> Batch {
 async fn store(s: &Store, b: &Batch) -> Outcome {
     let raw = b.to_json();
     let hash = format!("{:x}", fastrand::u128(..));
-    s.store_batch(b, &raw, &hash, "test").await.unwrap()
+    s.store_batch(b, &raw, &hash, "test", Lookup::First).await.unwrap()
 }
 
 /// Stores `b` with a hash derived from its bytes (so a resend is a duplicate).
 async fn store_same(s: &Store, b: &Batch) -> Outcome {
     let raw = b.to_json();
     let hash = format!("{}-{}", b.batch_id, raw.len());
-    s.store_batch(b, &raw, &hash, "test").await.unwrap()
+    s.store_batch(b, &raw, &hash, "test", Lookup::First).await.unwrap()
 }
 
 async fn outcomes_and_counters(url: String) {
@@ -456,6 +457,35 @@ async fn a_newer_schema_is_refused(url: String) {
     assert!(e.contains("999") && e.contains("newer"), "{e}");
 }
 
+/// Issue #15: replicas started together on a new database (a fleet's cloud after a deploy, or a
+/// systemd restart of all of them) all start, and each migration is applied once. Without the
+/// migration lock they read the same version and race: PostgreSQL fails one on the catalog
+/// (`CREATE TABLE` of the same table) or on `ALTER TABLE ... ADD COLUMN` of a column just added,
+/// and SQLite the same on the column.
+async fn replicas_started_together_migrate_once(url: String) {
+    let mut starts = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let url = url.clone();
+        starts.spawn(async move { Store::connect(&url).await.map(drop) });
+    }
+    while let Some(started) = starts.join_next().await {
+        started.unwrap().expect("every replica starts");
+    }
+    let pool = raw(&url).await;
+    let row = sqlx::query("SELECT COUNT(*), COUNT(DISTINCT version), MAX(version) FROM schema_version")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    use sqlx::Row;
+    let (rows, distinct, max): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((rows, distinct), (max, max), "each migration recorded once");
+    // And the store works: a batch and its resend.
+    let s = Store::connect(&url).await.unwrap();
+    let b = batch("pi-a", 0, &[BASE]);
+    assert_eq!(store_same(&s, &b).await, Outcome::Stored);
+    assert_eq!(store_same(&s, &b).await, Outcome::Duplicate);
+}
+
 async fn commands_are_queued_published_answered_once_and_expire(url: String) {
     use backhaul_cloud::store::{republish_delay, CommandFilter, Finished};
     use backhaul_shared::command::{CommandKind, CommandResult, CommandStatus};
@@ -650,7 +680,7 @@ async fn seed_senders_heartbeats_uuids_and_telemetry(url: String) {
         let b = backhaul_tests::wire_batch("pi-migrating", 0, 1 + seq);
         let raw = b.to_json();
         let hash = format!("seed-{}", b.batch_id);
-        assert_eq!(s.store_batch(&b, &raw, &hash, "mqtt-seed").await.unwrap(), Outcome::Stored);
+        assert_eq!(s.store_batch(&b, &raw, &hash, "mqtt-seed", Lookup::First).await.unwrap(), Outcome::Stored);
     }
     for seq in 1..=3 {
         assert_eq!(store(&s, &backhaul_tests::wire_batch("pi-migrating", seq, 2)).await, Outcome::Stored);

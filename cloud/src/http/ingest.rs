@@ -14,7 +14,7 @@ use serde_json::json;
 use super::auth::{authenticate, Caller};
 use super::{closing, error, storage_down, ApiError, App};
 use crate::config::KeyScope;
-use crate::ingest::Accepted;
+use crate::ingest::{Accepted, Lookup};
 
 /// Before a body is read (issue #14: 400 unauthenticated requests declaring 1 MB bodies took the
 /// cloud from 10 to 409 MiB): a declared `Content-Length` over `max_body_bytes` is a 413 at once,
@@ -218,7 +218,10 @@ pub(super) async fn bulk(
             eprintln!("FAILPOINT stall_http: the bulk post hangs before it is stored");
             std::future::pending::<()>().await;
         }
-        ingest.accept_hashed(batch, &body, hash, if seed { "http-seed" } else { "http" }).await
+        // A batch's own bytes were looked up by `known_duplicate` (its Idempotency-Key equals its
+        // batch_id, checked above); a seed body's mapped batch was not.
+        let (via, lookup) = if seed { ("http-seed", Lookup::First) } else { ("http", Lookup::Done) };
+        ingest.accept_hashed(batch, &body, hash, via, lookup).await
     })
     .await;
     let accepted = match accepted {

@@ -15,13 +15,11 @@
 //!
 //! Never reorder or rename these columns: they are persisted.
 
+use super::backend::on_pool;
+use super::{ts_string, Store, StoreError};
 use backhaul_shared::command::{CommandId, CommandKind, CommandMessage, CommandResult, CommandStatus};
 use backhaul_shared::Timestamp;
 use serde::Serialize;
-use sqlx::any::AnyRow;
-use sqlx::Row;
-
-use super::{ts_string, Store, StoreError};
 
 /// How long a command may stay unanswered before the cloud fails it as expired: an hour past
 /// the age at which an edge refuses to run it ([`backhaul_shared::command::COMMAND_TTL`]), so a
@@ -81,20 +79,21 @@ pub enum Filter {
 
 const COLUMNS: &str = "command_id, device_id, kind, body, status, result, created_at, delivered_at, done_at";
 
-fn row(r: &AnyRow) -> Result<CommandRow, sqlx::Error> {
-    let body: String = r.try_get(3)?;
-    let result: Option<String> = r.try_get(5)?;
-    Ok(CommandRow {
-        command_id: r.try_get(0)?,
-        device_id: r.try_get(1)?,
-        kind: r.try_get(2)?,
+/// The [`COLUMNS`], in order.
+type Columns = (String, String, String, String, String, Option<String>, i64, Option<i64>, Option<i64>);
+
+fn row((command_id, device_id, kind, body, status, result, created_at, delivered_at, done_at): Columns) -> CommandRow {
+    CommandRow {
+        command_id,
+        device_id,
+        kind,
         command: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
-        status: r.try_get(4)?,
+        status,
         result: result.map(|s| serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s))),
-        created_at: ts_string(r.try_get(6)?),
-        delivered_at: r.try_get::<Option<i64>, _>(7)?.map(ts_string),
-        done_at: r.try_get::<Option<i64>, _>(8)?.map(ts_string),
-    })
+        created_at: ts_string(created_at),
+        delivered_at: delivered_at.map(ts_string),
+        done_at: done_at.map(ts_string),
+    }
 }
 
 /// The commands room of the store: see the module docs.
@@ -108,16 +107,18 @@ impl Commands<'_> {
         let body = serde_json::to_string(kind).expect("a command serializes");
         let now = Timestamp::now().unix_micros();
         let _writer = self.0.writer().await;
-        sqlx::query(
-            "INSERT INTO commands (command_id, device_id, kind, body, status, created_at) VALUES ($1, $2, $3, $4, 'queued', $5)",
-        )
-        .bind(id.to_string())
-        .bind(device_id)
-        .bind(kind.name())
-        .bind(&body)
-        .bind(now)
-        .execute(&self.0.pool)
-        .await?;
+        let sql =
+            "INSERT INTO commands (command_id, device_id, kind, body, status, created_at) VALUES ($1, $2, $3, $4, 'queued', $5)";
+        let command_id = id.to_string();
+        on_pool!(&self.0.db, p => sqlx::query(sql)
+            .bind(&command_id)
+            .bind(device_id)
+            .bind(kind.name())
+            .bind(&body)
+            .bind(now)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
         Ok(CommandRow {
             command_id: id.to_string(),
             device_id: device_id.to_owned(),
@@ -133,19 +134,19 @@ impl Commands<'_> {
 
     /// Whether `device_id` has ever sent a batch or a status to this cloud.
     pub async fn device_known(&self, device_id: &str) -> Result<bool, StoreError> {
-        Ok(sqlx::query("SELECT 1 FROM devices WHERE device_id = $1")
-            .bind(device_id)
-            .fetch_optional(&self.0.pool)
-            .await?
-            .is_some())
+        let sql = "SELECT 1 FROM devices WHERE device_id = $1";
+        Ok(on_pool!(&self.0.db, p => sqlx::query(sql).bind(device_id).fetch_optional(p).await?.is_some()))
     }
 
     /// One command of `device_id`, if it exists.
     pub async fn get(&self, device_id: &str, command_id: &str) -> Result<Option<CommandRow>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM commands WHERE device_id = $1 AND command_id = $2");
-        let r =
-            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(device_id).bind(command_id).fetch_optional(&self.0.pool).await?;
-        Ok(r.as_ref().map(row).transpose()?)
+        let r: Option<Columns> = on_pool!(&self.0.db, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+            .bind(device_id)
+            .bind(command_id)
+            .fetch_optional(p)
+            .await)?;
+        Ok(r.map(row))
     }
 
     /// `device_id`'s commands, at most `limit`: the open ones ([`Filter::Open`], what a device
@@ -161,12 +162,14 @@ impl Commands<'_> {
         let sql = format!(
             "SELECT {COLUMNS} FROM commands WHERE device_id = $1{condition} ORDER BY command_id{order} LIMIT {limit_at}"
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(device_id);
-        if let Some(s) = status {
-            q = q.bind(s);
-        }
-        let rows = q.bind(limit).fetch_all(&self.0.pool).await?;
-        Ok(rows.iter().map(row).collect::<Result<_, _>>()?)
+        let rows: Vec<Columns> = on_pool!(&self.0.db, p => {
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(device_id);
+            if let Some(s) = status {
+                q = q.bind(s);
+            }
+            q.bind(limit).fetch_all(p).await
+        })?;
+        Ok(rows.into_iter().map(row).collect())
     }
 
     /// Marks a command handed to its device: `queued` becomes `delivered`. `publishes`: the
@@ -177,21 +180,21 @@ impl Commands<'_> {
         let n = publishes.unwrap_or(0);
         let next = now + republish_delay(n).as_micros() as i64;
         let _writer = self.0.writer().await;
-        sqlx::query(
-            "UPDATE commands SET status = CASE WHEN status = 'queued' THEN 'delivered' ELSE status END,
+        let sql = "UPDATE commands SET status = CASE WHEN status = 'queued' THEN 'delivered' ELSE status END,
                 delivered_at = COALESCE(delivered_at, $1),
                 published_at = CASE WHEN $2 > 0 THEN $1 ELSE published_at END,
                 publishes = CASE WHEN $2 > 0 THEN $2 ELSE publishes END,
                 next_publish_at = $3
-             WHERE device_id = $4 AND command_id = $5",
-        )
-        .bind(now)
-        .bind(n)
-        .bind(next)
-        .bind(device_id)
-        .bind(command_id)
-        .execute(&self.0.pool)
-        .await?;
+             WHERE device_id = $4 AND command_id = $5";
+        on_pool!(&self.0.db, p => sqlx::query(sql)
+            .bind(now)
+            .bind(n)
+            .bind(next)
+            .bind(device_id)
+            .bind(command_id)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
         Ok(())
     }
 
@@ -199,12 +202,8 @@ impl Commands<'_> {
     pub async fn postpone(&self, device_id: &str, command_id: &str) -> Result<(), StoreError> {
         let next = Timestamp::now().unix_micros() + 3_600_000_000;
         let _writer = self.0.writer().await;
-        sqlx::query("UPDATE commands SET next_publish_at = $1 WHERE device_id = $2 AND command_id = $3")
-            .bind(next)
-            .bind(device_id)
-            .bind(command_id)
-            .execute(&self.0.pool)
-            .await?;
+        let sql = "UPDATE commands SET next_publish_at = $1 WHERE device_id = $2 AND command_id = $3";
+        on_pool!(&self.0.db, p => sqlx::query(sql).bind(next).bind(device_id).bind(command_id).execute(p).await.map(|r| r.rows_affected()))?;
         Ok(())
     }
 
@@ -221,18 +220,18 @@ impl Commands<'_> {
         let now = Timestamp::now().unix_micros();
         let id = result.command_id.to_string();
         let _writer = self.0.writer().await;
-        let done = sqlx::query(
+        let sql =
             "UPDATE commands SET status = $1, result = $2, done_at = $3, delivered_at = COALESCE(delivered_at, $3)
-             WHERE device_id = $4 AND command_id = $5 AND status IN ('queued', 'delivered')",
-        )
-        .bind(result.status.as_str())
-        .bind(text)
-        .bind(now)
-        .bind(device_id)
-        .bind(&id)
-        .execute(&self.0.pool)
-        .await?
-        .rows_affected();
+                   WHERE device_id = $4 AND command_id = $5 AND status IN ('queued', 'delivered')";
+        let done = on_pool!(&self.0.db, p => sqlx::query(sql)
+            .bind(result.status.as_str())
+            .bind(&text)
+            .bind(now)
+            .bind(device_id)
+            .bind(&id)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
         drop(_writer);
         if done > 0 {
             return Ok(Finished::Recorded);
@@ -250,21 +249,15 @@ impl Commands<'_> {
     /// answers a redelivery from its record). Each with the publishes made so far.
     pub async fn to_publish(&self, limit: i64) -> Result<Vec<(String, CommandMessage, i64)>, StoreError> {
         let now = Timestamp::now().unix_micros();
-        let rows = sqlx::query(
-            "SELECT c.device_id, c.command_id, c.body, c.publishes FROM commands c
+        let sql = "SELECT c.device_id, c.command_id, c.body, c.publishes FROM commands c
              WHERE (c.status = 'queued' AND (c.next_publish_at IS NULL OR c.next_publish_at < $1))
                 OR (c.status = 'delivered' AND c.next_publish_at < $1
                     AND EXISTS (SELECT 1 FROM devices d WHERE d.device_id = c.device_id AND d.online = 1))
-             ORDER BY c.command_id LIMIT $2",
-        )
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&self.0.pool)
-        .await?;
+             ORDER BY c.command_id LIMIT $2";
+        let rows: Vec<(String, String, String, i64)> =
+            on_pool!(&self.0.db, p => sqlx::query_as(sql).bind(now).bind(limit).fetch_all(p).await)?;
         let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let (device, id, body): (String, String, String) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
-            let publishes: i64 = r.try_get(3)?;
+        for (device, id, body, publishes) in rows {
             let (Ok(command_id), Ok(command)) = (id.parse::<CommandId>(), serde_json::from_str(&body)) else {
                 tracing::warn!(command_id = %id, "a stored command does not parse; skipped");
                 continue;
@@ -283,15 +276,14 @@ impl Commands<'_> {
         })
         .to_string();
         let _writer = self.0.writer().await;
-        Ok(sqlx::query(
-            "UPDATE commands SET status = 'failed', result = $1, done_at = $2
-             WHERE status IN ('queued', 'delivered') AND created_at < $3",
-        )
-        .bind(result)
-        .bind(now)
-        .bind(created_before_us)
-        .execute(&self.0.pool)
-        .await?
-        .rows_affected())
+        let sql = "UPDATE commands SET status = 'failed', result = $1, done_at = $2
+                   WHERE status IN ('queued', 'delivered') AND created_at < $3";
+        Ok(on_pool!(&self.0.db, p => sqlx::query(sql)
+            .bind(&result)
+            .bind(now)
+            .bind(created_before_us)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?)
     }
 }

@@ -21,9 +21,8 @@
 use std::cmp::Reverse;
 
 use backhaul_shared::{Batch, Detection};
-use sqlx::any::AnyRow;
-use sqlx::Row;
 
+use super::backend::{on_pool, on_tx};
 use super::{ts_string, zone_str, DetectionQuery, DetectionRow, Store, StoreError};
 
 /// A batch whose detections span more than this (µs, one hour) is *wide*: it is left out of
@@ -200,9 +199,9 @@ impl Store {
             return Ok(Vec::new());
         }
         for r in self.legacy_detections(q, page.limit).await? {
-            let row = legacy_row(&r)?;
-            let key = (r.try_get::<i64, _>(4)?, row.batch_id.clone(), r.try_get::<i64, _>(2)?);
-            page.offer(key, || row);
+            let (ts, idx) = (r.4, r.2);
+            let row = legacy_row(r);
+            page.offer((ts, row.batch_id.clone(), idx), || row);
         }
 
         // Narrow batches from hi plus the widest span of the batches read; wide ones (any span)
@@ -213,11 +212,13 @@ impl Store {
                 q.device_id.as_deref().map(|_| " AND device_id = $1").unwrap_or_default()
             );
             // Only the fixed clause above is spliced in; values are bound.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            if let Some(d) = &q.device_id {
-                query = query.bind(d.clone());
-            }
-            query.fetch_one(&self.pool).await?.try_get(0)?
+            on_pool!(&self.db, p => {
+                let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql));
+                if let Some(d) = &q.device_id {
+                    query = query.bind(d);
+                }
+                query.fetch_one(p).await
+            })?
         };
         let mut narrow = Scan::new(false, hi.saturating_add(span.max(0)));
         let mut wide = Scan::new(true, i64::MAX);
@@ -253,12 +254,14 @@ impl Store {
     }
 
     /// Rows of the `detections` table (batches stored before migration 4) for `q`: at most a page.
-    async fn legacy_detections(&self, q: &DetectionQuery, limit: usize) -> Result<Vec<AnyRow>, StoreError> {
+    async fn legacy_detections(&self, q: &DetectionQuery, limit: usize) -> Result<Vec<LegacyColumns>, StoreError> {
         // Rows of a batch that has a payload are read from it (rows that a build before migration 5
-        // still projected on a shared database are not read twice).
+        // still projected on a shared database are not read twice). INTEGER columns are int4 on
+        // PostgreSQL: cast, so both backends decode an i64.
         let mut sql = String::from(
-            "SELECT device_id, batch_id, idx, kind, ts, rssi, device_hash, zone, node, temp, humidity, co2_ppm,
-                    window_open, battery FROM detections
+            "SELECT device_id, batch_id, CAST(idx AS BIGINT), kind, ts, CAST(rssi AS BIGINT), device_hash, zone, node,
+                    temp, CAST(humidity AS BIGINT), co2_ppm, CAST(window_open AS BIGINT), CAST(battery AS BIGINT)
+               FROM detections
               WHERE NOT EXISTS (SELECT 1 FROM batches b WHERE b.batch_id = detections.batch_id AND b.payload IS NOT NULL)",
         );
         let mut n = 0;
@@ -282,21 +285,24 @@ impl Store {
             ));
         }
         sql.push_str(&format!(" ORDER BY ts DESC, batch_id DESC, idx DESC LIMIT {}", next()));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // Only placeholders are spliced in; values are bound.
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        if let Some(d) = &q.device_id {
-            query = query.bind(d.clone());
-        }
-        if let Some(s) = q.since_us {
-            query = query.bind(s);
-        }
-        if let Some(u) = q.until_us {
-            query = query.bind(u);
-        }
-        if let Some((ts, batch, idx)) = &q.after {
-            query = query.bind(*ts).bind(*ts).bind(batch.clone()).bind(batch.clone()).bind(*idx);
-        }
-        Ok(query.bind(i64::try_from(limit).unwrap_or(i64::MAX)).fetch_all(&self.pool).await?)
+        Ok(on_pool!(&self.db, p => {
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+            if let Some(d) = &q.device_id {
+                query = query.bind(d);
+            }
+            if let Some(s) = q.since_us {
+                query = query.bind(s);
+            }
+            if let Some(u) = q.until_us {
+                query = query.bind(u);
+            }
+            if let Some((ts, batch, idx)) = &q.after {
+                query = query.bind(*ts).bind(*ts).bind(batch).bind(batch).bind(*idx);
+            }
+            query.bind(limit).fetch_all(p).await
+        })?)
     }
 
     /// Re-derives the index fields of stored batches from their payloads (`backhaul-cloud
@@ -310,39 +316,38 @@ impl Store {
     pub async fn reprocess(&self, since_us: Option<i64>, device_id: Option<&str>) -> Result<Reprocessed, StoreError> {
         let device_clause = if device_id.is_some() { " AND device_id = $2" } else { "" };
         let since = since_us.unwrap_or(i64::MIN);
-        let bind = |sql: String| {
-            // Only the fixed clauses above are spliced in; values are bound.
-            let q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(since);
+        // Only the fixed clauses are spliced in; values are bound.
+        let sql = format!("SELECT COUNT(*) FROM batches WHERE received_at >= $1{device_clause} AND payload IS NULL");
+        let skipped: i64 = on_pool!(&self.db, p => {
+            let q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(since);
             match device_id {
-                Some(d) => q.bind(d.to_owned()),
+                Some(d) => q.bind(d),
                 None => q,
             }
-        };
-        let skipped: i64 =
-            bind(format!("SELECT COUNT(*) FROM batches WHERE received_at >= $1{device_clause} AND payload IS NULL"))
-                .fetch_one(&self.pool)
-                .await?
-                .try_get(0)?;
-        let ids: Vec<String> = bind(format!(
-            "SELECT batch_id FROM batches WHERE received_at >= $1{device_clause} AND payload IS NOT NULL
-              ORDER BY batch_id"
-        ))
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<_, _>>()?;
+            .fetch_one(p)
+            .await
+        })?;
+        let sql = format!(
+            "SELECT batch_id FROM batches WHERE received_at >= $1{device_clause} AND payload IS NOT NULL ORDER BY batch_id"
+        );
+        let ids: Vec<String> = on_pool!(&self.db, p => {
+            let q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(since);
+            match device_id {
+                Some(d) => q.bind(d),
+                None => q,
+            }
+            .fetch_all(p)
+            .await
+        })?;
         let mut done = Reprocessed { skipped: u64::try_from(skipped).unwrap_or(0), ..Default::default() };
         // Payloads are read and decoded outside any transaction; each chunk's updates are one
         // short write transaction, so `serve`'s writes wait milliseconds, not a decode of 256 batches.
         for chunk in ids.chunks(256) {
             let mut updates = Vec::with_capacity(chunk.len());
             for batch_id in chunk {
-                let row = sqlx::query("SELECT payload FROM batches WHERE batch_id = $1")
-                    .bind(batch_id.clone())
-                    .fetch_one(&self.pool)
-                    .await?;
-                let payload: Vec<u8> = row.try_get(0)?;
+                let sql = "SELECT payload FROM batches WHERE batch_id = $1";
+                let payload: Vec<u8> =
+                    on_pool!(&self.db, p => sqlx::query_scalar(sql).bind(batch_id).fetch_one(p).await)?;
                 match decode(&payload) {
                     Ok(batch) => {
                         let times = batch.detections.iter().map(|d| d.timestamp().unix_micros());
@@ -358,20 +363,25 @@ impl Store {
             let _writer = self.writer().await;
             let mut tx = self.begin_write().await?;
             for (batch_id, device_id, first_ts, last_ts) in &updates {
-                sqlx::query("UPDATE batches SET first_ts = $1, last_ts = $2 WHERE batch_id = $3")
-                    .bind(*first_ts)
-                    .bind(*last_ts)
-                    .bind(batch_id.clone())
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(
-                    "UPDATE devices SET max_span_us = CASE WHEN $1 > max_span_us THEN $1 ELSE max_span_us END
-                      WHERE device_id = $2",
-                )
-                .bind(narrow_span(*first_ts, *last_ts))
-                .bind(device_id.clone())
-                .execute(&mut *tx)
-                .await?;
+                let span = narrow_span(*first_ts, *last_ts);
+                on_tx!(&mut tx, t => async {
+                    sqlx::query("UPDATE batches SET first_ts = $1, last_ts = $2 WHERE batch_id = $3")
+                        .bind(*first_ts)
+                        .bind(*last_ts)
+                        .bind(batch_id)
+                        .execute(&mut **t)
+                        .await?;
+                    sqlx::query(
+                        "UPDATE devices SET max_span_us = CASE WHEN $1 > max_span_us THEN $1 ELSE max_span_us END
+                          WHERE device_id = $2",
+                    )
+                    .bind(span)
+                    .bind(device_id)
+                    .execute(&mut **t)
+                    .await
+                    .map(|r| r.rows_affected())
+                }
+                .await)?;
             }
             tx.commit().await?;
             done.reindexed += updates.len() as u64;
@@ -445,21 +455,23 @@ impl Scan {
         }
         sql.push_str(&format!(" ORDER BY last_ts DESC, batch_id DESC LIMIT {}", next()));
         // Only placeholders and the fixed clauses above are spliced in; values are bound.
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(lo).bind(hi);
-        if !self.wide {
-            query = query.bind(self.top);
-        }
-        if let Some(d) = &q.device_id {
-            query = query.bind(d.clone());
-        }
-        if let Some((last_ts, batch_id)) = &self.below {
-            query = query.bind(*last_ts).bind(*last_ts).bind(batch_id.clone());
-        }
-        let rows = query.bind(self.chunk).fetch_all(&store.pool).await?;
+        let rows: Vec<(String, i64, Option<Vec<u8>>)> = on_pool!(&store.db, p => {
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(lo).bind(hi);
+            if !self.wide {
+                query = query.bind(self.top);
+            }
+            if let Some(d) = &q.device_id {
+                query = query.bind(d);
+            }
+            if let Some((last_ts, batch_id)) = &self.below {
+                query = query.bind(*last_ts).bind(*last_ts).bind(batch_id);
+            }
+            query.bind(self.chunk).fetch_all(p).await
+        })?;
         self.done = (rows.len() as i64) < self.chunk;
         self.chunk = (self.chunk * 2).min(MAX_CHUNK);
-        for r in rows {
-            let candidate = Candidate { batch_id: r.try_get(0)?, last_ts: r.try_get(1)?, payload: r.try_get(2)? };
+        for (batch_id, last_ts, payload) in rows {
+            let candidate = Candidate { batch_id, last_ts, payload };
             self.below = Some((candidate.last_ts, candidate.batch_id.clone()));
             self.buffer.push_back(candidate);
         }
@@ -478,26 +490,58 @@ pub struct Reprocessed {
     pub skipped: u64,
 }
 
-fn legacy_row(r: &AnyRow) -> Result<DetectionRow, sqlx::Error> {
-    let ts: i64 = r.try_get(4)?;
-    let batch_id: String = r.try_get(1)?;
-    let idx: i64 = r.try_get(2)?;
-    Ok(DetectionRow {
-        device_id: r.try_get(0)?,
+/// The columns [`Store::legacy_detections`] selects, in order: device_id, batch_id, idx, kind, ts,
+/// rssi, device_hash, zone, node, temp, humidity, co2_ppm, window_open, battery.
+type LegacyColumns = (
+    String,
+    String,
+    i64,
+    String,
+    i64,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<f64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+
+fn legacy_row(r: LegacyColumns) -> DetectionRow {
+    let (
+        device_id,
+        batch_id,
+        idx,
+        kind,
+        ts,
+        rssi,
+        device_hash,
+        zone,
+        node,
+        temp,
+        humidity,
+        co2_ppm,
+        window_open,
+        battery,
+    ) = r;
+    DetectionRow {
+        device_id,
         cursor: format!("{ts}.{batch_id}.{idx}"),
         batch_id,
-        kind: r.try_get(3)?,
+        kind,
         timestamp: ts_string(ts),
-        rssi: r.try_get(5)?,
-        device_hash: r.try_get(6)?,
-        zone: r.try_get(7)?,
-        node: r.try_get(8)?,
-        temp: r.try_get(9)?,
-        humidity: r.try_get(10)?,
-        co2_ppm: r.try_get(11)?,
-        window_open: r.try_get::<Option<i64>, _>(12)?.map(|v| v != 0),
-        battery: r.try_get(13)?,
+        rssi,
+        device_hash,
+        zone,
+        node,
+        temp,
+        humidity,
+        co2_ppm,
+        window_open: window_open.map(|v| v != 0),
+        battery,
         entity_id: None,
         fields: None,
-    })
+    }
 }

@@ -1,5 +1,6 @@
-//! Storage through sqlx's `Any` driver, so the same code runs on SQLite (the embedded default: WAL,
-//! `synchronous=FULL`) and PostgreSQL. Timestamps are integers (UTC microseconds), as `Any` needs.
+//! Storage on SQLite (the embedded default: WAL, `synchronous=FULL`) or PostgreSQL (replicas), each
+//! through its own sqlx driver behind [`backend::Backend`] (`sqlite.rs`, `postgres.rs`); the SQL they
+//! share is portable and written once here. Timestamps are integers (UTC microseconds).
 //!
 //! The schema is created by the migrations below, applied in order and recorded in
 //! `schema_version`. Never edit or reorder a released migration; add a new one.
@@ -34,12 +35,15 @@ use std::time::Duration;
 
 use backhaul_shared::{Batch, DeviceStatus, Timestamp, Zone};
 use serde::Serialize;
-use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Executor, Row};
 use thiserror::Error;
 
+mod backend;
 mod commands;
 mod detections;
+mod postgres;
+mod sqlite;
+
+use backend::{on_pool, on_tx, Db, Tx};
 
 pub use commands::{republish_delay, CommandRow, Commands, Filter as CommandFilter, Finished, EXPIRE_AFTER};
 pub use detections::Reprocessed;
@@ -189,6 +193,16 @@ struct WriteRequest {
     reply: tokio::sync::oneshot::Sender<Result<Outcome, String>>,
 }
 
+/// Whether [`Store::store_batch`]'s caller has looked the batch_id up already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// Not yet: read it before taking the write path (most resends end there).
+    First,
+    /// Yes, and it was not stored with this payload (e.g. [`Store::duplicate_of`] found nothing):
+    /// straight to the write, which reads it again in its transaction.
+    Done,
+}
+
 /// What storing a batch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -201,7 +215,7 @@ pub enum Outcome {
 
 #[derive(Debug)]
 pub struct Store {
-    pool: AnyPool,
+    db: Db,
     /// SQLite allows one writer: writes queue here rather than fail with SQLITE_BUSY.
     write_lock: Option<tokio::sync::Mutex<()>>,
     /// Duplicates and conflicts counted since the last write: a duplicate is found with a read,
@@ -382,59 +396,21 @@ fn zone_str(z: Zone) -> &'static str {
     }
 }
 
-/// Creates a new SQLite database file as 0600 whatever the umask (SQLite gives its `-wal` and
-/// `-shm` files the database's mode): it holds every device's detections. An existing file is left
-/// as it is; `:memory:` has no file.
-fn create_private(url: &str) -> Result<(), StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
-    let path = path.split('?').next().unwrap_or_default();
-    if path.is_empty() || path == ":memory:" {
-        return Ok(());
-    }
-    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(StoreError::Db(sqlx::Error::Io(e))),
-    }
-}
-
 fn ts_string(us: i64) -> String {
     Timestamp::from_unix_micros(us).map(|t| t.to_string()).unwrap_or_default()
 }
 
 impl Store {
-    /// Connects and applies the migrations.
+    /// Connects (`sqlite:PATH`, created 0600 if missing; or `postgres://...`) and applies the
+    /// migrations.
+    ///
+    /// Errors: the database's ([`StoreError::Db`]); [`StoreError::NewerSchema`] when a newer build
+    /// migrated it.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        sqlx::any::install_default_drivers();
-        let sqlite = url.starts_with("sqlite:");
-        let url = if sqlite && !url.contains("mode=") {
-            format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
-        } else {
-            url.to_owned()
-        };
-        if sqlite {
-            create_private(&url)?;
-        }
-        let pool = AnyPoolOptions::new()
-            .max_connections(if sqlite { 4 } else { 16 })
-            .acquire_timeout(Duration::from_secs(10))
-            .after_connect(move |conn, _meta| {
-                Box::pin(async move {
-                    if sqlite {
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = FULL").await?;
-                        conn.execute("PRAGMA busy_timeout = 10000").await?;
-                        conn.execute("PRAGMA foreign_keys = ON").await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(&url)
-            .await?;
+        let db = Db::open(url).await?;
         let store = Self {
-            pool,
-            write_lock: sqlite.then(|| tokio::sync::Mutex::new(())),
+            write_lock: db.single_writer().then(|| tokio::sync::Mutex::new(())),
+            db,
             unwritten_duplicates: Default::default(),
             unwritten_rejected: Default::default(),
             pending: Default::default(),
@@ -444,48 +420,65 @@ impl Store {
         Ok(store)
     }
 
+    /// Closes the pool (waits for connections in use to be returned).
+    pub async fn close(&self) {
+        self.db.close().await;
+    }
+
+    /// Applies the migrations this database lacks, one transaction each, under the backend's
+    /// migration lock: replicas started together migrate one at a time, and each reads the
+    /// version under the lock.
     async fn migrate(&self) -> Result<(), StoreError> {
-        self.pool.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)").await?;
-        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
         let known = MIGRATIONS.len() as i64;
-        if current > known {
-            return Err(StoreError::NewerSchema { found: current, known });
-        }
-        if current < known {
-            tracing::info!(
-                from = current,
-                to = known,
-                "migrating the database (a large one takes a while; the start waits)"
-            );
-        }
         // A migration of a large database can outlast systemd's start timeout (the service then
         // restarts, rolls the migration back, and loops): ask for more time while it runs.
-        let extend = tokio::spawn(async {
-            loop {
-                backhaul_shared::link::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(90_000_000)]);
-                tokio::time::sleep(Duration::from_secs(30)).await;
+        let mut _stop_extending = None;
+        loop {
+            let mut tx = self.db.begin_migration().await?;
+            let current: i64 = on_tx!(&mut tx, t => async {
+                sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+                    .execute(&mut **t)
+                    .await?;
+                sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetch_one(&mut **t).await
             }
-        });
-        let _stop_extending = crate::AbortOnDrop(extend);
-        for (i, statements) in MIGRATIONS.iter().enumerate() {
-            let version = i as i64 + 1;
-            if version <= current {
-                continue;
+            .await)?;
+            if current > known {
+                return Err(StoreError::NewerSchema { found: current, known });
             }
-            let blob = if self.write_lock.is_some() { "BLOB" } else { "BYTEA" };
-            let mut tx = self.pool.begin().await?;
-            for sql in *statements {
-                // Only the column type is spliced in, from the two constants above.
-                tx.execute(sqlx::AssertSqlSafe(sql.replace("{blob}", blob))).await?;
+            if current == known {
+                tx.commit().await?;
+                return Ok(());
             }
-            sqlx::query("INSERT INTO schema_version (version) VALUES ($1)").bind(version).execute(&mut *tx).await?;
+            if _stop_extending.is_none() {
+                tracing::info!(
+                    from = current,
+                    to = known,
+                    "migrating the database (a large one takes a while; the start waits)"
+                );
+                _stop_extending = Some(crate::AbortOnDrop(tokio::spawn(async {
+                    loop {
+                        backhaul_shared::link::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(90_000_000)]);
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                })));
+            }
+            let version = current + 1;
+            let blob = self.db.blob();
+            on_tx!(&mut tx, t => async {
+                for sql in MIGRATIONS[current as usize] {
+                    // Only the column type is spliced in, from the backend's constant.
+                    sqlx::query(sqlx::AssertSqlSafe(sql.replace("{blob}", blob))).execute(&mut **t).await?;
+                }
+                sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+                    .bind(version)
+                    .execute(&mut **t)
+                    .await
+                    .map(|r| r.rows_affected())
+            }
+            .await)?;
             tx.commit().await?;
             tracing::info!(version, "database migrated");
         }
-        Ok(())
     }
 
     /// The commands to devices (issue #18).
@@ -496,32 +489,34 @@ impl Store {
     /// Whether `device_id` runs backhaul-edge: it has sent a status (issue #20: a seed sender's
     /// message for such a device is refused, so the shared seed topic cannot write as it).
     pub async fn runs_edge(&self, device_id: &str) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT 1 FROM devices WHERE device_id = $1 AND status_json IS NOT NULL")
-            .bind(device_id.to_owned())
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.is_some())
+        let sql = "SELECT 1 FROM devices WHERE device_id = $1 AND status_json IS NOT NULL";
+        Ok(on_pool!(&self.db, p => sqlx::query(sql).bind(device_id).fetch_optional(p).await?.is_some()))
     }
 
     /// Whether the database answers.
     pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").fetch_one(&self.pool).await.is_ok()
+        on_pool!(&self.db, p => sqlx::query("SELECT 1").fetch_one(p).await.is_ok())
     }
 
     /// Stores a validated batch in one transaction: the batch_id with its payload hash, the device,
     /// the detections and the counters; or counts a duplicate or a conflict. Concurrent new batches
-    /// share a transaction (group commit); each is still all or nothing.
+    /// share a transaction (group commit); each is still all or nothing. `lookup`: whether the
+    /// caller has already looked the batch_id up (then the read before the write is skipped; the
+    /// write still finds a batch stored meanwhile).
     pub async fn store_batch(
         &self,
         batch: &Batch,
         raw: &[u8],
         payload_sha256: &str,
         via: &str,
+        lookup: Lookup,
     ) -> Result<Outcome, StoreError> {
         let batch_id = batch.batch_id.to_string();
         // The common resend: already stored. A read, no write lock, no transaction.
-        if let Some(outcome) = self.seen(&self.pool, &batch_id, payload_sha256).await? {
-            return Ok(outcome);
+        if lookup == Lookup::First {
+            if let Some(outcome) = self.seen(None, &batch_id, payload_sha256).await? {
+                return Ok(outcome);
+            }
         }
         let payload = lz4_flex::compress_prepend_size(raw);
         if self.write_lock.is_none() {
@@ -540,8 +535,8 @@ impl Store {
                 }];
                 match self.write_group(&own).await {
                     Ok(outcomes) => return Ok(outcomes[0]),
-                    Err(StoreError::Db(e)) if lost_a_race(&e) && attempt < RACE_ATTEMPTS => {
-                        if let Some(outcome) = self.seen(&self.pool, &batch_id, payload_sha256).await? {
+                    Err(StoreError::Db(e)) if self.db.lost_a_race(&e) && attempt < RACE_ATTEMPTS => {
+                        if let Some(outcome) = self.seen(None, &batch_id, payload_sha256).await? {
                             return Ok(outcome);
                         }
                         // A deadlock victim (counters, devices), not stored: write it again.
@@ -606,7 +601,7 @@ impl Store {
         for request in group {
             let batch_id = request.batch.batch_id.to_string();
             // Again inside the transaction: stored meanwhile, or twice in this group.
-            if let Some(outcome) = self.seen(&mut *tx, &batch_id, &request.hash).await? {
+            if let Some(outcome) = self.seen(Some(&mut tx), &batch_id, &request.hash).await? {
                 outcomes.push(outcome);
                 continue;
             }
@@ -632,48 +627,31 @@ impl Store {
 /// Writes of one batch on PostgreSQL before its error is the caller's (see [`Store::store_batch`]).
 const RACE_ATTEMPTS: u32 = 4;
 
-/// A write that lost to a concurrent one: the batch_id was committed meanwhile (unique violation,
-/// SQLSTATE 23505), or PostgreSQL aborted this transaction to break a deadlock (40P01) or a
-/// serialization failure (40001). Retrying is right for each.
-fn lost_a_race(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(d) => {
-            d.is_unique_violation() || matches!(d.code().as_deref(), Some("23505" | "40P01" | "40001"))
-        }
-        _ => false,
-    }
-}
-
 /// The index row of one new batch and its compressed payload, in `tx` (the ack path: no detection
 /// rows, see the module doc). Returns the span it adds to its device's `max_span_us`.
-async fn insert_batch(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    request: &WriteRequest,
-    batch_id: &str,
-    now: i64,
-) -> Result<i64, sqlx::Error> {
+async fn insert_batch(tx: &mut Tx, request: &WriteRequest, batch_id: &str, now: i64) -> Result<i64, sqlx::Error> {
     let batch = &request.batch;
     let n = batch.detections.len() as i64;
     let seq = i64::try_from(batch.seq).unwrap_or(i64::MAX);
     let times = batch.detections.iter().map(|d| d.timestamp().unix_micros());
     let (first_ts, last_ts) = (times.clone().min(), times.max());
-    sqlx::query(
-        "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via, payload,
-                              projected, first_ts, last_ts)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10)",
-    )
-    .bind(batch_id.to_owned())
-    .bind(&batch.device_id)
-    .bind(seq)
-    .bind(&request.hash)
-    .bind(now)
-    .bind(n)
-    .bind(&request.via)
-    .bind(request.payload.clone())
-    .bind(first_ts)
-    .bind(last_ts)
-    .execute(&mut **tx)
-    .await?;
+    let sql = "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via, payload,
+                                    projected, first_ts, last_ts)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10)";
+    on_tx!(tx, t => sqlx::query(sql)
+        .bind(batch_id)
+        .bind(&batch.device_id)
+        .bind(seq)
+        .bind(&request.hash)
+        .bind(now)
+        .bind(n)
+        .bind(&request.via)
+        .bind(&request.payload)
+        .bind(first_ts)
+        .bind(last_ts)
+        .execute(&mut **t)
+        .await
+        .map(|r| r.rows_affected()))?;
     Ok(detections::narrow_span(first_ts, last_ts))
 }
 
@@ -725,14 +703,8 @@ impl DeviceDelta {
 }
 
 /// Adds a group's [`DeviceDelta`] to the device's row (created on its first batch), in `tx`.
-async fn upsert_device(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    device_id: &str,
-    d: &DeviceDelta,
-    now: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO devices (device_id, name, location, first_seen, last_seen, last_seq, batches, detections,
+async fn upsert_device(tx: &mut Tx, device_id: &str, d: &DeviceDelta, now: i64) -> Result<(), sqlx::Error> {
+    let sql = "INSERT INTO devices (device_id, name, location, first_seen, last_seen, last_seq, batches, detections,
             clock_unsynced_batches, max_span_us, seed_batches)
          VALUES ($1, $2, $3, $4, $4, $5, $6, $7, $8, $9, $10)
          ON CONFLICT (device_id) DO UPDATE SET
@@ -745,41 +717,39 @@ async fn upsert_device(
             detections = devices.detections + excluded.detections,
             clock_unsynced_batches = devices.clock_unsynced_batches + excluded.clock_unsynced_batches,
             max_span_us = CASE WHEN excluded.max_span_us > devices.max_span_us THEN excluded.max_span_us
-                ELSE devices.max_span_us END",
-    )
-    .bind(device_id.to_owned())
-    .bind(d.name.clone())
-    .bind(d.location.clone())
-    .bind(now)
-    .bind(d.last_seq)
-    .bind(d.batches)
-    .bind(d.detections)
-    .bind(d.clock_unsynced_batches)
-    .bind(d.max_span_us)
-    .bind(d.seed_batches)
-    .execute(&mut **tx)
-    .await?;
+                ELSE devices.max_span_us END";
+    on_tx!(tx, t => sqlx::query(sql)
+        .bind(device_id)
+        .bind(&d.name)
+        .bind(&d.location)
+        .bind(now)
+        .bind(d.last_seq)
+        .bind(d.batches)
+        .bind(d.detections)
+        .bind(d.clock_unsynced_batches)
+        .bind(d.max_span_us)
+        .bind(d.seed_batches)
+        .execute(&mut **t)
+        .await
+        .map(|r| r.rows_affected()))?;
     Ok(())
 }
 
 impl Store {
-    /// Whether `batch_id` is stored: a duplicate (same payload hash) or a conflict, counted.
-    async fn seen<'e, E>(
+    /// Whether `batch_id` is stored: a duplicate (same payload hash) or a conflict, counted. Read
+    /// in `tx` if given, else on the pool.
+    async fn seen(
         &self,
-        executor: E,
+        tx: Option<&mut Tx>,
         batch_id: &str,
         payload_sha256: &str,
-    ) -> Result<Option<Outcome>, StoreError>
-    where
-        E: sqlx::Executor<'e, Database = sqlx::Any>,
-    {
+    ) -> Result<Option<Outcome>, StoreError> {
         use std::sync::atomic::Ordering::Relaxed;
-        let existing: Option<String> = sqlx::query("SELECT payload_sha256 FROM batches WHERE batch_id = $1")
-            .bind(batch_id)
-            .fetch_optional(executor)
-            .await?
-            .map(|r| r.try_get(0))
-            .transpose()?;
+        let sql = "SELECT payload_sha256 FROM batches WHERE batch_id = $1";
+        let existing: Option<String> = match tx {
+            Some(tx) => on_tx!(tx, t => sqlx::query_scalar(sql).bind(batch_id).fetch_optional(&mut **t).await)?,
+            None => on_pool!(&self.db, p => sqlx::query_scalar(sql).bind(batch_id).fetch_optional(p).await)?,
+        };
         Ok(existing.map(|hash| {
             if hash == payload_sha256 {
                 self.unwritten_duplicates.fetch_add(1, Relaxed);
@@ -797,18 +767,15 @@ impl Store {
     ///
     /// Errors: the database's ([`StoreError::Db`]).
     pub async fn duplicate_of(&self, batch_id: &str, payload_sha256: &str) -> Result<Option<StoredBatch>, StoreError> {
-        let row = sqlx::query("SELECT device_id, payload_sha256, seq, detections FROM batches WHERE batch_id = $1")
-            .bind(batch_id.to_owned())
-            .fetch_optional(&self.pool)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let hash: String = row.try_get(1)?;
+        let sql = "SELECT device_id, payload_sha256, seq, detections FROM batches WHERE batch_id = $1";
+        let row: Option<(String, String, i64, i64)> =
+            on_pool!(&self.db, p => sqlx::query_as(sql).bind(batch_id).fetch_optional(p).await)?;
+        let Some((device_id, hash, seq, detections)) = row else { return Ok(None) };
         if hash != payload_sha256 {
             return Ok(None);
         }
-        let (seq, detections): (i64, i64) = (row.try_get(2)?, row.try_get(3)?);
         Ok(Some(StoredBatch {
-            device_id: row.try_get(0)?,
+            device_id,
             seq: u64::try_from(seq).unwrap_or(0),
             detections: u64::try_from(detections).unwrap_or(0),
         }))
@@ -817,25 +784,20 @@ impl Store {
     /// `device_id`'s latest `limit` batches by `seq`, newest first (the dashboard's batches over
     /// time, issue #19).
     pub async fn recent_batches(&self, device_id: &str, limit: i64) -> Result<Vec<BatchRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT batch_id, seq, received_at, detections, via FROM batches WHERE device_id = $1
-             ORDER BY seq DESC LIMIT $2",
-        )
-        .bind(device_id.to_owned())
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(BatchRow {
-                    batch_id: r.try_get(0)?,
-                    seq: r.try_get(1)?,
-                    received_at: ts_string(r.try_get(2)?),
-                    detections: r.try_get(3)?,
-                    via: r.try_get(4)?,
-                })
+        let sql = "SELECT batch_id, seq, received_at, detections, via FROM batches WHERE device_id = $1
+                   ORDER BY seq DESC LIMIT $2";
+        let rows: Vec<(String, i64, i64, i64, String)> =
+            on_pool!(&self.db, p => sqlx::query_as(sql).bind(device_id).bind(limit).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(batch_id, seq, received_at, detections, via)| BatchRow {
+                batch_id,
+                seq,
+                received_at: ts_string(received_at),
+                detections,
+                via,
             })
-            .collect()
+            .collect())
     }
 
     /// Counts a duplicate answered without [`Self::store_batch`] (written with the next write).
@@ -845,10 +807,7 @@ impl Store {
 
     /// Adds the duplicates and conflicts counted in memory to the counters, in `tx`; returns what
     /// it took, for [`Self::commit_counted`].
-    async fn write_unwritten_counts(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    ) -> Result<(i64, i64), sqlx::Error> {
+    async fn write_unwritten_counts(&self, tx: &mut Tx) -> Result<(i64, i64), sqlx::Error> {
         use std::sync::atomic::Ordering::Relaxed;
         let dup = self.unwritten_duplicates.swap(0, Relaxed);
         let rej = self.unwritten_rejected.swap(0, Relaxed);
@@ -872,11 +831,7 @@ impl Store {
 
     /// Commits `tx`, which carries the counts `taken` by [`Self::write_unwritten_counts`]; if the
     /// commit fails they are kept for the next write.
-    async fn commit_counted(
-        &self,
-        tx: sqlx::Transaction<'static, sqlx::Any>,
-        (dup, rej): (i64, i64),
-    ) -> Result<(), sqlx::Error> {
+    async fn commit_counted(&self, tx: Tx, (dup, rej): (i64, i64)) -> Result<(), sqlx::Error> {
         use std::sync::atomic::Ordering::Relaxed;
         let result = tx.commit().await;
         if result.is_err() {
@@ -886,19 +841,9 @@ impl Store {
         result
     }
 
-    /// A write transaction. On SQLite its first statement takes the database's write lock: a
-    /// deferred transaction that reads first and writes later fails at once (SQLITE_BUSY_SNAPSHOT,
-    /// no waiting) when another connection wrote in between, e.g. a `reprocess` in another process
-    /// (found by trying it: 40% of posts answered 503 while `reprocess` ran); one that writes first
-    /// waits for the lock (`busy_timeout`, 10 s). The effect of `BEGIN IMMEDIATE`; an earlier
-    /// attempt with it once saw the full-disk test (`tests/tests/cloud_http.rs`) answer 503 after
-    /// space returned, not understood then, so the plain BEGIN stays. That test passes with this.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        if self.write_lock.is_some() {
-            tx.execute("UPDATE counters SET value = value WHERE name = 'batches'").await?;
-        }
-        Ok(tx)
+    /// A write transaction: see [`backend::Backend::begin_write`].
+    async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
+        self.db.begin_write().await
     }
 
     /// Writes the duplicates and conflicts counted in memory (`serve` calls it every 5 s and at
@@ -942,17 +887,19 @@ impl Store {
     ) -> Result<(), StoreError> {
         let _writer = self.writer().await;
         let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO dead_letters (received_at, via, topic, device_id, size, error) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(Timestamp::now().unix_micros())
-        .bind(via)
-        .bind(topic.map(str::to_owned))
-        .bind(device_id.map(str::to_owned))
-        .bind(size as i64)
-        .bind(error.chars().take(500).collect::<String>())
-        .execute(&mut *tx)
-        .await?;
+        let sql =
+            "INSERT INTO dead_letters (received_at, via, topic, device_id, size, error) VALUES ($1, $2, $3, $4, $5, $6)";
+        let error: String = error.chars().take(500).collect();
+        on_tx!(&mut tx, t => sqlx::query(sql)
+            .bind(Timestamp::now().unix_micros())
+            .bind(via)
+            .bind(topic)
+            .bind(device_id)
+            .bind(size as i64)
+            .bind(&error)
+            .execute(&mut **t)
+            .await
+            .map(|r| r.rows_affected()))?;
         // Counters in one fixed order everywhere (batches, detections, dead_letters, panics, duplicates,
         // rejected), so concurrent PostgreSQL transactions cannot deadlock on them.
         bump(&mut tx, "dead_letters", 1).await?;
@@ -978,20 +925,15 @@ impl Store {
         let _writer = self.writer().await;
         let now = Timestamp::now().unix_micros();
         if *status == (DeviceStatus { online: status.online, ..DeviceStatus::default() }) {
-            sqlx::query(
-                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, online)
-                 VALUES ($1, $2, $2, -1, 0, 0, $3)
-                 ON CONFLICT (device_id) DO UPDATE SET online = excluded.online",
-            )
-            .bind(device_id)
-            .bind(now)
-            .bind(i64::from(status.online))
-            .execute(&self.pool)
-            .await?;
+            let sql = "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, online)
+                       VALUES ($1, $2, $2, -1, 0, 0, $3)
+                       ON CONFLICT (device_id) DO UPDATE SET online = excluded.online";
+            let online = i32::from(status.online);
+            on_pool!(&self.db, p => sqlx::query(sql).bind(device_id).bind(now).bind(online).execute(p).await.map(|r| r.rows_affected()))?;
             return Ok(());
         }
         let json = serde_json::to_string(status).unwrap_or_default();
-        sqlx::query(
+        let sql =
             "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, online, status_json, status_at)
              VALUES ($1, $2, $2, -1, 0, 0, $3, $4, $2)
              ON CONFLICT (device_id) DO UPDATE SET online = excluded.online,
@@ -1000,15 +942,17 @@ impl Store {
                 stored_at_status = CASE WHEN $5 = 1 AND devices.status_json IS NOT NULL THEN devices.stored_at_status
                                         ELSE devices.batches - devices.seed_batches END,
                 status_at = CASE WHEN $5 = 1 AND devices.status_at IS NOT NULL THEN devices.status_at
-                                 ELSE excluded.status_at END",
-        )
-        .bind(device_id)
-        .bind(now)
-        .bind(i64::from(status.online))
-        .bind(json)
-        .bind(i64::from(retained))
-        .execute(&self.pool)
-        .await?;
+                                 ELSE excluded.status_at END";
+        let (online, retained) = (i32::from(status.online), i32::from(retained));
+        on_pool!(&self.db, p => sqlx::query(sql)
+            .bind(device_id)
+            .bind(now)
+            .bind(online)
+            .bind(&json)
+            .bind(retained)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
         Ok(())
     }
 
@@ -1017,28 +961,22 @@ impl Store {
     /// row of its own (issue #20). The device is created if new.
     pub async fn heartbeat(&self, device_id: &str, at_us: i64) -> Result<(), StoreError> {
         let _writer = self.writer().await;
-        sqlx::query(
-            "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, heartbeat_at)
+        let sql = "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, batches, detections, heartbeat_at)
              VALUES ($1, $2, $2, -1, 0, 0, $2)
              ON CONFLICT (device_id) DO UPDATE SET
                 heartbeat_at = CASE WHEN excluded.heartbeat_at > COALESCE(devices.heartbeat_at, 0)
                                     THEN excluded.heartbeat_at ELSE devices.heartbeat_at END,
                 last_seen = CASE WHEN excluded.last_seen > devices.last_seen AND devices.status_json IS NULL
-                                 THEN excluded.last_seen ELSE devices.last_seen END",
-        )
-        .bind(device_id)
-        .bind(at_us)
-        .execute(&self.pool)
-        .await?;
+                                 THEN excluded.last_seen ELSE devices.last_seen END";
+        on_pool!(&self.db, p => sqlx::query(sql).bind(device_id).bind(at_us).execute(p).await.map(|r| r.rows_affected()))?;
         Ok(())
     }
 
     pub async fn stats(&self) -> Result<Stats, StoreError> {
-        let rows = sqlx::query("SELECT name, value FROM counters").fetch_all(&self.pool).await?;
+        let sql = "SELECT name, value FROM counters";
+        let rows: Vec<(String, i64)> = on_pool!(&self.db, p => sqlx::query_as(sql).fetch_all(p).await)?;
         let mut s = Stats { batches: 0, detections: 0, duplicates: 0, rejected: 0, dead_letters: 0, panics: 0 };
-        for r in rows {
-            let name: String = r.try_get(0)?;
-            let value: i64 = r.try_get(1)?;
+        for (name, value) in rows {
             match name.as_str() {
                 "batches" => s.batches = value,
                 "detections" => s.detections = value,
@@ -1055,16 +993,14 @@ impl Store {
     }
 
     pub async fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT d.device_id, d.name, d.location, d.last_seen, d.online, d.batches, d.detections, d.last_seq,
-                    d.status_json,
+        // `online` is INTEGER (int4 on PostgreSQL): cast, so both backends decode an i64.
+        let sql = "SELECT d.device_id, d.name, d.location, d.last_seen, CAST(d.online AS BIGINT), d.batches, d.detections,
+                    d.last_seq, d.status_json,
                     (SELECT COALESCE(MAX(b.seq) + 1 - COUNT(DISTINCT b.seq), 0) FROM batches b WHERE b.device_id = d.device_id),
                     d.clock_unsynced_batches, d.status_at, d.stored_at_status, d.heartbeat_at, d.seed_batches
-             FROM devices d ORDER BY d.device_id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(device_row).collect::<Result<_, sqlx::Error>>().map_err(Into::into)
+             FROM devices d ORDER BY d.device_id";
+        let rows: Vec<DeviceColumns> = on_pool!(&self.db, p => sqlx::query_as(sql).fetch_all(p).await)?;
+        Ok(rows.into_iter().map(device_row).collect())
     }
 }
 
@@ -1073,25 +1009,17 @@ impl Store {
     /// or not arrived yet), lowest first, at most `limit`; counted from 0, as `gaps` in
     /// `GET /api/v1/devices` (an edge's seqs start at 0).
     pub async fn gaps(&self, device_id: &str, limit: i64) -> Result<Vec<SeqGap>, StoreError> {
-        let first: Option<i64> = sqlx::query("SELECT MIN(seq) FROM batches WHERE device_id = $1")
-            .bind(device_id)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
+        let sql = "SELECT MIN(seq) FROM batches WHERE device_id = $1";
+        let first: Option<i64> = on_pool!(&self.db, p => sqlx::query_scalar(sql).bind(device_id).fetch_one(p).await)?;
         let mut gaps = Vec::new();
         if let Some(first) = first.filter(|f| *f > 0) {
             gaps.push(SeqGap { first: 0, last: first - 1 });
         }
-        let rows = sqlx::query(
-            "SELECT seq, next FROM (SELECT seq, LEAD(seq) OVER (ORDER BY seq) AS next FROM batches WHERE device_id = $1) t
-             WHERE next - seq > 1 ORDER BY seq LIMIT $2",
-        )
-        .bind(device_id)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        for r in rows {
-            let (seq, next): (i64, i64) = (r.try_get(0)?, r.try_get(1)?);
+        let sql = "SELECT seq, next FROM (SELECT seq, LEAD(seq) OVER (ORDER BY seq) AS next FROM batches WHERE device_id = $1) t
+                   WHERE next - seq > 1 ORDER BY seq LIMIT $2";
+        let rows: Vec<(i64, i64)> =
+            on_pool!(&self.db, p => sqlx::query_as(sql).bind(device_id).bind(limit).fetch_all(p).await)?;
+        for (seq, next) in rows {
             gaps.push(SeqGap { first: seq + 1, last: next - 1 });
         }
         gaps.truncate(usize::try_from(limit).unwrap_or(0));
@@ -1101,25 +1029,22 @@ impl Store {
     /// The newest dead letters (unusable messages kept for inspection), newest first, at most
     /// `limit`.
     pub async fn dead_letters(&self, limit: i64) -> Result<Vec<DeadLetterRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT received_at, via, topic, device_id, size, error FROM dead_letters ORDER BY received_at DESC LIMIT $1",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(DeadLetterRow {
-                    received_at: ts_string(r.try_get(0)?),
-                    via: r.try_get(1)?,
-                    topic: r.try_get(2)?,
-                    device_id: r.try_get(3)?,
-                    size: r.try_get(4)?,
-                    error: r.try_get(5)?,
-                })
+        let sql = "SELECT received_at, via, topic, device_id, size, error FROM dead_letters
+                   ORDER BY received_at DESC LIMIT $1";
+        // received_at, via, topic, device_id, size, error
+        type Columns = (i64, String, Option<String>, Option<String>, i64, String);
+        let rows: Vec<Columns> = on_pool!(&self.db, p => sqlx::query_as(sql).bind(limit).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(received_at, via, topic, device_id, size, error)| DeadLetterRow {
+                received_at: ts_string(received_at),
+                via,
+                topic,
+                device_id,
+                size,
+                error,
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+            .collect())
     }
 }
 
@@ -1160,35 +1085,65 @@ pub struct BatchRow {
     pub via: String,
 }
 
-async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>, counter: &str, by: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE counters SET value = value + $1 WHERE name = $2")
-        .bind(by)
-        .bind(counter)
-        .execute(&mut **tx)
-        .await?;
+async fn bump(tx: &mut Tx, counter: &str, by: i64) -> Result<(), sqlx::Error> {
+    let sql = "UPDATE counters SET value = value + $1 WHERE name = $2";
+    on_tx!(tx, t => sqlx::query(sql).bind(by).bind(counter).execute(&mut **t).await.map(|r| r.rows_affected()))?;
     Ok(())
 }
 
-fn device_row(r: &AnyRow) -> Result<DeviceRow, sqlx::Error> {
-    let status: Option<String> = r.try_get(8)?;
+/// The columns [`Store::devices`] selects, in order.
+type DeviceColumns = (
+    String,         // device_id
+    Option<String>, // name
+    Option<String>, // location
+    i64,            // last_seen
+    i64,            // online
+    i64,            // batches
+    i64,            // detections
+    i64,            // last_seq
+    Option<String>, // status_json
+    i64,            // gaps
+    i64,            // clock_unsynced_batches
+    Option<i64>,    // status_at
+    i64,            // stored_at_status
+    Option<i64>,    // heartbeat_at
+    i64,            // seed_batches
+);
+
+fn device_row(r: DeviceColumns) -> DeviceRow {
+    let (
+        device_id,
+        name,
+        location,
+        last_seen,
+        online,
+        batches,
+        detections,
+        last_seq,
+        status,
+        gaps,
+        clock_unsynced_batches,
+        status_at,
+        stored_at_status,
+        heartbeat_at,
+        seed_batches,
+    ) = r;
     // A backhaul-edge says whether it is online (its status, its last will); a seed fleet client
     // by its heartbeats; anything else (an HTTP agent, a gateway) cannot tell.
-    let heartbeat_at: Option<i64> = r.try_get(13)?;
     let (online, liveness) = match (&status, heartbeat_at) {
-        (Some(_), _) => (r.try_get::<i64, _>(4)? != 0, "status"),
+        (Some(_), _) => (online != 0, "status"),
         (None, Some(at)) => {
             (Timestamp::now().unix_micros().saturating_sub(at) <= HEARTBEAT_TIMEOUT.as_micros() as i64, "heartbeat")
         }
         (None, None) => (false, "none"),
     };
-    let stored_at_status: i64 = r.try_get(12)?;
-    let reported_at = r.try_get::<Option<i64>, _>(11)?.map(ts_string).unwrap_or_default();
+    let reported_at = status_at.map(ts_string).unwrap_or_default();
     let parsed: Option<DeviceStatus> = status.as_deref().and_then(|s| serde_json::from_str(s).ok());
     // After a clean stop (its last full status says offline) nothing more comes: compare with
     // everything stored, so the batches stored after that status was recorded (acked by the
     // broker, `ack = "broker"`) count.
     let stored = match &parsed {
-        Some(st) if !st.online => r.try_get::<i64, _>(5)? - r.try_get::<i64, _>(14)?,
+        Some(st) if !st.online => batches - seed_batches,
         _ => stored_at_status,
     };
     let ledger = parsed.as_ref().and_then(|st| ledger_of(st, stored, reported_at));
@@ -1198,27 +1153,46 @@ fn device_row(r: &AnyRow) -> Result<DeviceRow, sqlx::Error> {
         drain_rate: st.drain_rate,
         eta_s: st.eta_s,
     });
-    Ok(DeviceRow {
+    DeviceRow {
         ledger,
         backlog,
-        device_id: r.try_get(0)?,
-        name: r.try_get(1)?,
-        location: r.try_get(2)?,
-        last_seen: ts_string(r.try_get(3)?),
+        device_id,
+        name,
+        location,
+        last_seen: ts_string(last_seen),
         online,
         liveness: liveness.into(),
-        batches: r.try_get(5)?,
-        detections: r.try_get(6)?,
-        last_seq: r.try_get(7)?,
+        batches,
+        detections,
+        last_seq,
         status: status.and_then(|s| serde_json::from_str(&s).ok()),
-        gaps: r.try_get(9)?,
-        clock_unsynced_batches: r.try_get(10)?,
-    })
+        gaps,
+        clock_unsynced_batches,
+    }
+}
+
+#[cfg(test)]
+impl Store {
+    /// The SQLite pool, for tests that look at the rows.
+    fn sqlite(&self) -> &sqlx::SqlitePool {
+        match &self.db {
+            Db::Sqlite(p) => p,
+            Db::Postgres(_) => panic!("not SQLite"),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sqlx::Executor;
+
+    /// A connection pool of one to a new SQLite database at `url`, without the store's migrations.
+    async fn raw_sqlite(url: &str) -> sqlx::SqlitePool {
+        use std::str::FromStr;
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url).unwrap().create_if_missing(true);
+        sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap()
+    }
 
     /// Issue #14: outside systemd (umask 022) the database was world-readable.
     #[tokio::test]
@@ -1266,11 +1240,11 @@ mod tests {
                 clock: Default::default(),
             };
             let raw = b.to_json();
-            assert_eq!(store.store_batch(&b, &raw, "h", "test").await.unwrap(), Outcome::Stored);
+            assert_eq!(store.store_batch(&b, &raw, "h", "test", Lookup::First).await.unwrap(), Outcome::Stored);
         }
         let count = |sql: &'static str| {
-            let pool = store.pool.clone();
-            async move { sqlx::query(sql).fetch_one(&pool).await.unwrap().try_get::<i64, _>(0).unwrap() }
+            let pool = store.sqlite().clone();
+            async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap() }
         };
         assert_eq!(count("SELECT COUNT(*) FROM detections").await, 0, "no detection rows on the ack path");
         let q =
@@ -1323,8 +1297,7 @@ mod tests {
         let id = batch.batch_id.to_string();
         let old = backhaul_shared::BatchId::new().to_string();
         {
-            sqlx::any::install_default_drivers();
-            let pool = AnyPoolOptions::new().max_connections(1).connect(&format!("{url}?mode=rwc")).await.unwrap();
+            let pool = raw_sqlite(&url).await;
             pool.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)").await.unwrap();
             for (i, statements) in MIGRATIONS[..4].iter().enumerate() {
                 for sql in *statements {
@@ -1385,11 +1358,9 @@ mod tests {
             .map(|(us, b)| (t(*us).to_string(), (*b).clone()))
             .collect();
         assert_eq!(rows, want);
-        let span: i64 = sqlx::query("SELECT max_span_us FROM devices WHERE device_id = 'pi'")
-            .fetch_one(&store.pool)
+        let span: i64 = sqlx::query_scalar("SELECT max_span_us FROM devices WHERE device_id = 'pi'")
+            .fetch_one(store.sqlite())
             .await
-            .unwrap()
-            .try_get(0)
             .unwrap();
         assert_eq!(span, 20);
     }
@@ -1401,8 +1372,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite:{}", dir.path().join("ingest.db").display());
         {
-            sqlx::any::install_default_drivers();
-            let pool = AnyPoolOptions::new().max_connections(1).connect(&format!("{url}?mode=rwc")).await.unwrap();
+            let pool = raw_sqlite(&url).await;
             pool.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)").await.unwrap();
             for sql in MIGRATIONS[0] {
                 pool.execute(*sql).await.unwrap();
@@ -1431,12 +1401,12 @@ mod tests {
         for (seq, clock) in [(5, backhaul_shared::Clock::Unsynced), (6, backhaul_shared::Clock::Synced)] {
             let b = batch("old-pi", seq, clock);
             assert_eq!(
-                store.store_batch(&b, &b.to_json(), &b.batch_id.to_string(), "test").await.unwrap(),
+                store.store_batch(&b, &b.to_json(), &b.batch_id.to_string(), "test", Lookup::First).await.unwrap(),
                 Outcome::Stored
             );
         }
         let b = batch("new-pi", 0, backhaul_shared::Clock::Unsynced);
-        store.store_batch(&b, &b.to_json(), "h", "test").await.unwrap();
+        store.store_batch(&b, &b.to_json(), "h", "test", Lookup::First).await.unwrap();
         let devices = store.devices().await.unwrap();
         let row = |id: &str| devices.iter().find(|d| d.device_id == id).unwrap().clone();
         assert_eq!((row("old-pi").batches, row("old-pi").clock_unsynced_batches), (7, 1));

@@ -518,7 +518,7 @@ pub fn cloud_restart(dir: &Path, total: usize, per: usize) -> Result<Value> {
                     let batch = backhaul_shared::Batch::from_json(&raw, &limits)?;
                     tasks.push(tokio::spawn(async move {
                         let hash = backhaul_cloud::ingest::payload_hash(&raw);
-                        store.store_batch(&batch, &raw, &hash, "bench").await
+                        store.store_batch(&batch, &raw, &hash, "bench", backhaul_cloud::store::Lookup::First).await
                     }));
                 }
                 for t in tasks {
