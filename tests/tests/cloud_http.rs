@@ -288,6 +288,24 @@ fn devices_report_gaps_and_detections_page_newest_first() {
     hashes.sort();
     hashes.dedup();
     assert_eq!(hashes.len(), 16, "no detection twice");
+    // Pages of 4 over 16: exactly four, the last without `next_cursor` (it used to lead to one
+    // more, empty, page).
+    let mut pages = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/detections?device_id={DEVICE}&limit=4&cursor={c}"),
+            None => format!("/api/v1/detections?device_id={DEVICE}&limit=4"),
+        };
+        let (status, page) = get_json(&agent, &cloud, &path);
+        assert_eq!(status, 200, "{page}");
+        pages.push(page["detections"].as_array().unwrap().len());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, [4, 4, 4, 4]);
 
     // A bad time names the parameter.
     let mut r =

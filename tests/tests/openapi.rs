@@ -115,20 +115,39 @@ fn the_document_names_every_route_with_its_statuses_and_every_route_needs_a_key_
 #[test]
 fn a_malformed_query_or_path_is_a_json_400_naming_the_problem() {
     let cloud = Cloud::start(CloudOptions::default()).unwrap();
-    for path in [
-        "/api/v1/detections?limit=abc",
-        "/api/v1/dead-letters?limit=1.5",
-        "/api/v1/ingest-rate?seconds=-1",
+    // Each with the parameter its `field` must name (a fresh operator's try: none was named).
+    let device = DEVICE;
+    let b = wire_batch(DEVICE, 0, 1);
+    let stored = post_batch(&http(), &cloud, Some(DEVICE_KEY), Some(&b.batch_id.to_string()), &b.to_json());
+    assert_eq!(stored.0, 201, "{}", stored.1);
+    for (path, field) in [
+        ("/api/v1/detections?limit=abc".to_owned(), "limit"),
+        ("/api/v1/dead-letters?limit=1.5".to_owned(), "limit"),
+        ("/api/v1/ingest-rate?seconds=-1".to_owned(), "seconds"),
+        ("/api/v1/detections?since=2026-11-30T10:00:00Z&limit=".to_owned(), "limit"),
         // A misspelt parameter is refused, not ignored (a typo in device_id would read the fleet).
-        "/api/v1/detections?devce_id=pi",
+        ("/api/v1/detections?devce_id=pi".to_owned(), ""),
+        // A limit out of its range is refused, not quietly changed (limit=0 was a page of 1).
+        ("/api/v1/detections?limit=0".to_owned(), "limit"),
+        ("/api/v1/detections?limit=1001".to_owned(), "limit"),
+        ("/api/v1/dead-letters?limit=-3".to_owned(), "limit"),
+        (format!("/api/v1/devices/{device}/gaps?limit=10001"), "limit"),
+        (format!("/api/v1/devices/{device}/batches?limit=0"), "limit"),
+        (format!("/api/v1/devices/{device}/commands?limit=0"), "limit"),
     ] {
-        let mut r = http().get(cloud.url(path)).header("X-API-Key", FLEET_KEY).call().unwrap();
-        assert_eq!(r.status().as_u16(), 400, "{path}");
+        let mut r = http().get(cloud.url(&path)).header("X-API-Key", FLEET_KEY).call().unwrap();
+        let status = r.status().as_u16();
         let ct = r.headers().get("content-type").unwrap().to_str().unwrap().to_owned();
         assert!(ct.starts_with("application/json"), "{path}: {ct}");
         let body: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        assert_eq!(status, 400, "{path}: {body}");
         let e = body["error"].as_str().unwrap();
-        assert!(e.contains("openapi.json"), "{path}: {e}");
+        if field.is_empty() {
+            assert!(e.contains("devce_id") && e.contains("openapi.json"), "{path}: {e}");
+        } else {
+            assert_eq!(body["field"], field, "{path}: {body}");
+            assert!(e.contains(field), "{path}: {e}");
+        }
     }
     let (code, body) =
         get_json(&http(), &cloud, "/api/v1/detections?since=2026-11-30T10:00:00Z&until=2026-11-30T09:00:00Z");

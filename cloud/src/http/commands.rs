@@ -115,7 +115,10 @@ pub(super) async fn list(
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, e, Some("status")).into_response(),
     };
-    let limit = q.limit.unwrap_or(100).clamp(1, MAX_LIST);
+    let limit = match super::limit_param(q.limit, 100, MAX_LIST) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
     let fetching = status == Some(CommandStatus::Queued) && (caller.0 != KeyScope::Fleet || q.fetch == Some(1));
     if !fetching {
         match app.ingest.commands().device_known(&device_id).await {

@@ -158,7 +158,10 @@ pub(super) async fn batches(
     if let Err(r) = super::read::readable_device(&app, &caller, &device_id).await {
         return r;
     }
-    let limit = p.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = match super::limit_param(p.limit, 100, 1000) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
     match app.ingest.recent_batches(&device_id, limit).await {
         Ok(rows) => Json(json!({ "device_id": device_id, "batches": rows })).into_response(),
         Err(e) => storage_down(e),

@@ -123,23 +123,43 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// axum's `Query`, answering a malformed query string with a JSON 400 that says what is wrong
-/// (axum's own rejection is plain text).
+/// The query string (`application/x-www-form-urlencoded`), deserialized: a malformed one gets a
+/// JSON 400 whose `field` names the parameter at fault (axum's own `Query` answers plain text and
+/// names none).
 #[derive(Debug)]
 struct Query<T>(pub T);
 
 impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for Query<T> {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
-        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
-            Ok(q) => Ok(Self(q.0)),
-            Err(e) => Err(error(
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        let params = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(params).map(Self).map_err(|e| {
+            let field = e.path().to_string();
+            let field = (field != ".").then_some(field);
+            let message = match &field {
+                Some(f) => format!("query parameter `{f}`: {}", e.inner()),
+                None => format!("the query string: {}", e.inner()),
+            };
+            error(
                 StatusCode::BAD_REQUEST,
-                format!("{}; this route's parameters are in /api/v1/openapi.json", e.body_text()),
-                None,
-            )),
-        }
+                format!("{message}; this route's parameters are in /api/v1/openapi.json"),
+                field.as_deref(),
+            )
+        })
+    }
+}
+
+/// A `limit` query parameter: `default` when absent, else it must lie in `1..=max`.
+///
+/// Errors: 400 naming `limit` and its range (a 0 or an over-large page is the caller's mistake,
+/// not something to answer with a page of another size).
+fn limit_param(limit: Option<i64>, default: i64, max: i64) -> Result<i64, ApiError> {
+    match limit {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(error(StatusCode::BAD_REQUEST, format!("limit must be 1..={max} (got {n})"), Some("limit"))),
     }
 }
 

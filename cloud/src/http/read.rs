@@ -21,7 +21,7 @@ pub(super) struct DevicesList {
     devices: Vec<DeviceRow>,
 }
 
-/// `GET /api/v1/detections`: a page, newest first; `next_cursor` is set when the page is full.
+/// `GET /api/v1/detections`: a page, newest first; `next_cursor` is set when more rows follow.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct DetectionsPage {
     detections: Vec<DetectionRow>,
@@ -265,7 +265,10 @@ pub(super) async fn gaps(
     if let Err(r) = readable_device(&app, &caller, &device_id).await {
         return r;
     }
-    let limit = p.limit.unwrap_or(1000).clamp(1, 10_000);
+    let limit = match super::limit_param(p.limit, 1000, 10_000) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
     match app.ingest.gaps(&device_id, limit).await {
         Ok(gaps) => {
             let missing: i64 = gaps.iter().map(|g| g.last - g.first + 1).sum();
@@ -283,7 +286,10 @@ pub(super) async fn dead_letters(State(app): State<Arc<App>>, caller: Caller, Qu
     if let Err(r) = caller.fleet_only() {
         return r.into_response();
     }
-    let limit = p.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = match super::limit_param(p.limit, 100, 1000) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
     match app.ingest.dead_letters(limit).await {
         Ok(rows) => Json(json!({ "dead_letters": rows })).into_response(),
         Err(e) => storage_down(e),
@@ -341,11 +347,18 @@ pub(super) async fn detections(
                 .into_response()
         }
     };
-    let limit = p.limit.unwrap_or(100).clamp(1, 1000);
-    let q = DetectionQuery { device_id: p.device_id, since_us, until_us, limit, after };
+    let limit = match super::limit_param(p.limit, 100, 1000) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
+    // One row more than the page: `next_cursor` only when another page has rows (a full last page
+    // used to lead to one empty page).
+    let q = DetectionQuery { device_id: p.device_id, since_us, until_us, limit: limit + 1, after };
     match app.ingest.detections(&q).await {
-        Ok(rows) => {
-            let next_cursor = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.cursor.clone())).flatten();
+        Ok(mut rows) => {
+            let more = rows.len() as i64 > limit;
+            rows.truncate(limit as usize);
+            let next_cursor = more.then(|| rows.last().map(|r| r.cursor.clone())).flatten();
             Json(DetectionsPage { detections: rows, next_cursor }).into_response()
         }
         Err(e) => storage_down(e),
