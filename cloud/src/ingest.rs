@@ -90,12 +90,12 @@ impl Ingest {
         })
     }
 
-    /// Whether the database answers.
     /// The commands to devices (issue #18): their own room of the store.
     pub fn commands(&self) -> crate::store::Commands<'_> {
         self.store.commands()
     }
 
+    /// Whether the database answers.
     pub async fn ping(&self) -> bool {
         self.store.ping().await
     }

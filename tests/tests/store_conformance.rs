@@ -27,6 +27,9 @@ const CASES: &[(&str, Case)] = &[
         Box::pin(reprocess_repairs_the_time_index_without_duplicates(u))
     }),
     ("one_batch_raced_by_many_writers_is_stored_once", |u| Box::pin(one_batch_raced_by_many_writers_is_stored_once(u))),
+    ("one_batch_id_raced_with_two_payloads_is_stored_once", |u| {
+        Box::pin(one_batch_id_raced_with_two_payloads_is_stored_once(u))
+    }),
     ("batches_with_identical_times_page_by_batch_id", |u| Box::pin(batches_with_identical_times_page_by_batch_id(u))),
     ("a_newer_schema_is_refused", |u| Box::pin(a_newer_schema_is_refused(u))),
     ("replicas_started_together_migrate_once", |u| Box::pin(replicas_started_together_migrate_once(u))),
@@ -433,6 +436,42 @@ async fn one_batch_raced_by_many_writers_is_stored_once(url: String) {
     assert_eq!(s.detections(&q).await.unwrap().len(), 18);
 }
 
+/// One batch_id sent by 12 writers at once with two different payloads, straight to the write path
+/// (as the HTTP route does after its own lookup), so that on SQLite several land in one group
+/// insert: one is stored, the writers with its payload get `Duplicate`, the others `Conflict`, and
+/// the stored row is the one whose writer was told `Stored`.
+async fn one_batch_id_raced_with_two_payloads_is_stored_once(url: String) {
+    let s = std::sync::Arc::new(Store::connect(&url).await.unwrap());
+    let b = batch("pi-a", 0, &[BASE]);
+    let raw = b.to_json();
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let (s, b, raw) = (s.clone(), b.clone(), raw.clone());
+        let hash = format!("payload-{}", i % 2);
+        tasks.push(tokio::spawn(async move {
+            let outcome = s.store_batch(&b, &raw, &hash, "test", Lookup::Done).await.unwrap();
+            (hash, outcome)
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    let winners: Vec<&String> = outcomes.iter().filter(|(_, o)| *o == Outcome::Stored).map(|(h, _)| h).collect();
+    assert_eq!(winners.len(), 1, "{outcomes:?}");
+    for (hash, outcome) in &outcomes {
+        let want = if hash == winners[0] { [Outcome::Stored, Outcome::Duplicate] } else { [Outcome::Conflict; 2] };
+        assert!(want.contains(outcome), "{hash}: {outcome:?} ({outcomes:?})");
+    }
+    // The stored row is the winner's: a resend with its hash is a duplicate, the other's a conflict.
+    assert_eq!(s.store_batch(&b, &raw, winners[0], "test", Lookup::First).await.unwrap(), Outcome::Duplicate);
+    let other = if winners[0] == "payload-0" { "payload-1" } else { "payload-0" };
+    assert_eq!(s.store_batch(&b, &raw, other, "test", Lookup::First).await.unwrap(), Outcome::Conflict);
+    s.flush_counts().await.unwrap();
+    let st = s.stats().await.unwrap();
+    assert_eq!((st.batches, st.detections, st.duplicates + st.rejected), (1, 1, 13), "{st:?}");
+}
+
 /// Twelve batches whose detections all carry the same time: pages order them by batch_id (and
 /// index), whatever the limit, across chunk boundaries of the scan.
 async fn batches_with_identical_times_page_by_batch_id(url: String) {
@@ -460,8 +499,8 @@ async fn a_newer_schema_is_refused(url: String) {
 /// Issue #15: replicas started together on a new database (a fleet's cloud after a deploy, or a
 /// systemd restart of all of them) all start, and each migration is applied once. Without the
 /// migration lock they read the same version and race: PostgreSQL fails one on the catalog
-/// (`CREATE TABLE` of the same table) or on `ALTER TABLE ... ADD COLUMN` of a column just added,
-/// and SQLite the same on the column.
+/// (a duplicate `pg_type` row for `schema_version`, both creating it), and SQLite one with
+/// "database is locked" (a deferred transaction that read first cannot take the write lock).
 async fn replicas_started_together_migrate_once(url: String) {
     let mut starts = tokio::task::JoinSet::new();
     for _ in 0..6 {

@@ -38,6 +38,7 @@ pub(super) trait Backend: sqlx::Database {
 }
 
 /// The pool of the backend a `database` URL names.
+/// Each variant holds its backend's own sqlx pool.
 #[derive(Debug, Clone)]
 pub(super) enum Db {
     Sqlite(SqlitePool),
@@ -51,8 +52,9 @@ pub(super) enum Tx {
 }
 
 /// Runs `$body` with `$p` bound to the backend's native pool (`&SqlitePool` or `&PgPool`): the
-/// body is compiled once per backend. Its value must have the same type for both (decode rows
-/// into tuples inside it).
+/// body is compiled once per backend. Its value must have the same type for both: rows are
+/// decoded into tuples inside it, and a statement ends `.map(|r| r.rows_affected())` (each
+/// driver has its own result type).
 macro_rules! on_pool {
     ($db:expr, $p:ident => $body:expr) => {
         match $db {
@@ -90,6 +92,7 @@ impl Db {
         matches!(self, Db::Sqlite(_))
     }
 
+    /// [`Backend::BLOB`] of this backend.
     pub(super) fn blob(&self) -> &'static str {
         match self {
             Db::Sqlite(_) => Sqlite::BLOB,
@@ -97,6 +100,16 @@ impl Db {
         }
     }
 
+    /// A plain transaction, for one whose first statement writes (so on SQLite it takes the write
+    /// lock at once, as [`Backend::begin_write`] makes sure of otherwise).
+    pub(super) async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        Ok(match self {
+            Db::Sqlite(p) => Tx::Sqlite(p.begin().await?),
+            Db::Postgres(p) => Tx::Postgres(p.begin().await?),
+        })
+    }
+
+    /// [`Backend::begin_write`] of this backend.
     pub(super) async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
             Db::Sqlite(p) => Tx::Sqlite(Sqlite::begin_write(p).await?),
@@ -104,6 +117,7 @@ impl Db {
         })
     }
 
+    /// [`Backend::begin_migration`] of this backend.
     pub(super) async fn begin_migration(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
             Db::Sqlite(p) => Tx::Sqlite(Sqlite::begin_migration(p).await?),
@@ -111,19 +125,17 @@ impl Db {
         })
     }
 
+    /// [`Backend::lost_a_race`] of this backend.
     pub(super) fn lost_a_race(&self, e: &sqlx::Error) -> bool {
         match self {
             Db::Sqlite(_) => Sqlite::lost_a_race(e),
             Db::Postgres(_) => Postgres::lost_a_race(e),
         }
     }
-
-    pub(super) async fn close(&self) {
-        on_pool!(self, p => p.close().await)
-    }
 }
 
 impl Tx {
+    /// Commits; on error the transaction is rolled back (sqlx does it when it is dropped).
     pub(super) async fn commit(self) -> Result<(), sqlx::Error> {
         on_tx!(self, t => t.commit().await)
     }

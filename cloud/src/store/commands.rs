@@ -15,11 +15,12 @@
 //!
 //! Never reorder or rename these columns: they are persisted.
 
-use super::backend::on_pool;
-use super::{ts_string, Store, StoreError};
 use backhaul_shared::command::{CommandId, CommandKind, CommandMessage, CommandResult, CommandStatus};
 use backhaul_shared::Timestamp;
 use serde::Serialize;
+
+use super::backend::on_pool;
+use super::{ts_string, Store, StoreError};
 
 /// How long a command may stay unanswered before the cloud fails it as expired: an hour past
 /// the age at which an edge refuses to run it ([`backhaul_shared::command::COMMAND_TTL`]), so a
@@ -141,7 +142,7 @@ impl Commands<'_> {
     /// One command of `device_id`, if it exists.
     pub async fn get(&self, device_id: &str, command_id: &str) -> Result<Option<CommandRow>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM commands WHERE device_id = $1 AND command_id = $2");
-        let r: Option<Columns> = on_pool!(&self.0.db, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+        let r: Option<Columns> = on_pool!(&self.0.db, p => sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(device_id)
             .bind(command_id)
             .fetch_optional(p)
@@ -163,7 +164,7 @@ impl Commands<'_> {
             "SELECT {COLUMNS} FROM commands WHERE device_id = $1{condition} ORDER BY command_id{order} LIMIT {limit_at}"
         );
         let rows: Vec<Columns> = on_pool!(&self.0.db, p => {
-            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(device_id);
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(device_id);
             if let Some(s) = status {
                 q = q.bind(s);
             }

@@ -420,19 +420,22 @@ impl Store {
         Ok(store)
     }
 
-    /// Closes the pool (waits for connections in use to be returned).
-    pub async fn close(&self) {
-        self.db.close().await;
-    }
-
     /// Applies the migrations this database lacks, one transaction each, under the backend's
     /// migration lock: replicas started together migrate one at a time, and each reads the
     /// version under the lock.
     async fn migrate(&self) -> Result<(), StoreError> {
         let known = MIGRATIONS.len() as i64;
         // A migration of a large database can outlast systemd's start timeout (the service then
-        // restarts, rolls the migration back, and loops): ask for more time while it runs.
-        let mut _stop_extending = None;
+        // restarts, rolls the migration back, and loops): ask for more time while it runs, and
+        // while this replica waits for the lock held by another that migrates.
+        let extend = tokio::spawn(async {
+            loop {
+                backhaul_shared::link::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(90_000_000)]);
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        });
+        let _stop_extending = crate::AbortOnDrop(extend);
+        let mut announced = false;
         loop {
             let mut tx = self.db.begin_migration().await?;
             let current: i64 = on_tx!(&mut tx, t => async {
@@ -449,18 +452,13 @@ impl Store {
                 tx.commit().await?;
                 return Ok(());
             }
-            if _stop_extending.is_none() {
+            if !announced {
+                announced = true;
                 tracing::info!(
                     from = current,
                     to = known,
                     "migrating the database (a large one takes a while; the start waits)"
                 );
-                _stop_extending = Some(crate::AbortOnDrop(tokio::spawn(async {
-                    loop {
-                        backhaul_shared::link::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(90_000_000)]);
-                        tokio::time::sleep(Duration::from_secs(30)).await;
-                    }
-                })));
             }
             let version = current + 1;
             let blob = self.db.blob();
@@ -498,8 +496,9 @@ impl Store {
         on_pool!(&self.db, p => sqlx::query("SELECT 1").fetch_one(p).await.is_ok())
     }
 
-    /// Stores a validated batch in one transaction: the batch_id with its payload hash, the device,
-    /// the detections and the counters; or counts a duplicate or a conflict. Concurrent new batches
+    /// Stores a validated batch in one transaction: its row in `batches` (index fields, payload
+    /// hash, compressed payload; see the module doc), its device's row and the counters; or counts
+    /// a duplicate or a conflict. Concurrent new batches
     /// share a transaction (group commit); each is still all or nothing. `lookup`: whether the
     /// caller has already looked the batch_id up (then the read before the write is skipped; the
     /// write still finds a batch stored meanwhile).
@@ -588,71 +587,141 @@ impl Store {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes a group of new batches in one transaction.
+    /// Writes a group of new batches in one transaction, in a number of statements that does not
+    /// grow with the group: one multi-row `INSERT ... ON CONFLICT (batch_id) DO NOTHING RETURNING
+    /// batch_id` per [`INSERT_ROWS`] batches, one upsert per device, one update of the counters.
+    /// Each statement is a round trip, and on SQLite a hand-off to sqlx's worker thread and back: at
+    /// 50 detections per batch, a statement (or two) per batch cost more than the rest of the
+    /// ingest. A batch_id the insert did not return is stored already (by another writer, a
+    /// replica, or twice in this group): it is read back and answered as a duplicate or a conflict.
     async fn write_group(&self, group: &[WriteRequest]) -> Result<Vec<Outcome>, StoreError> {
         let now = Timestamp::now().unix_micros();
-        let mut tx = self.begin_write().await?;
+        // The first statement writes (the insert), so SQLite's write lock is taken at once.
+        let mut tx = self.db.begin().await?;
+        let rows: Vec<NewRow> = group.iter().map(NewRow::of).collect();
+        // Each batch_id once per insert: which of two rows with one key a multi-row insert keeps
+        // is then not a question.
+        let mut offered = std::collections::HashSet::new();
+        let firsts: Vec<(&WriteRequest, &NewRow)> =
+            group.iter().zip(&rows).filter(|(_, row)| offered.insert(row.batch_id.as_str())).collect();
+        let mut inserted = std::collections::HashSet::new();
+        for chunk in firsts.chunks(INSERT_ROWS) {
+            inserted.extend(insert_batches(&mut tx, chunk, now).await?);
+        }
         let mut outcomes = Vec::with_capacity(group.len());
         // What the new batches add to each device's row and to the counters: one statement per
-        // device and per counter for the whole group, not per batch. Devices in sorted order, so
+        // device and one for the counters, for the whole group. Devices in sorted order, so
         // concurrent transactions (PostgreSQL replicas) take their rows in the same order.
         let mut devices: std::collections::BTreeMap<&str, DeviceDelta> = Default::default();
         let (mut batches, mut detections) = (0i64, 0i64);
-        for request in group {
-            let batch_id = request.batch.batch_id.to_string();
-            // Again inside the transaction: stored meanwhile, or twice in this group.
-            if let Some(outcome) = self.seen(Some(&mut tx), &batch_id, &request.hash).await? {
-                outcomes.push(outcome);
+        for (request, row) in group.iter().zip(&rows) {
+            if inserted.remove(&row.batch_id) {
+                devices.entry(&request.batch.device_id).or_default().add(&request.batch, row.span, &request.via);
+                batches += 1;
+                detections += row.detections;
+                outcomes.push(Outcome::Stored);
                 continue;
             }
-            let span = insert_batch(&mut tx, request, &batch_id, now).await?;
-            devices.entry(&request.batch.device_id).or_default().add(&request.batch, span, &request.via);
-            batches += 1;
-            detections += request.batch.detections.len() as i64;
-            outcomes.push(Outcome::Stored);
+            match self.seen(Some(&mut tx), &row.batch_id, &request.hash).await? {
+                Some(outcome) => outcomes.push(outcome),
+                None => {
+                    return Err(StoreError::Group(format!(
+                        "batch {} was neither inserted nor found stored (a bug to report)",
+                        row.batch_id
+                    )))
+                }
+            }
         }
         for (device_id, delta) in &devices {
             upsert_device(&mut tx, device_id, delta, now).await?;
         }
-        if batches > 0 {
-            bump(&mut tx, "batches", batches).await?;
-            bump(&mut tx, "detections", detections).await?;
-        }
-        let taken = self.write_unwritten_counts(&mut tx).await?;
+        let taken = self.write_counts(&mut tx, &[("batches", batches), ("detections", detections)]).await?;
         self.commit_counted(tx, taken).await?;
         Ok(outcomes)
+    }
+}
+
+/// Batches per `INSERT` statement of a group: 10 parameters each, within SQLite's 32,766 and
+/// PostgreSQL's 65,535 bound parameters per statement.
+const INSERT_ROWS: usize = 256;
+
+/// The index fields of a new batch's row in `batches` (see the module doc).
+struct NewRow {
+    batch_id: String,
+    seq: i64,
+    detections: i64,
+    /// UTC µs of its earliest and latest detection (none without detections).
+    first_ts: Option<i64>,
+    last_ts: Option<i64>,
+    /// What it adds to its device's `max_span_us` ([`detections::narrow_span`]).
+    span: i64,
+}
+
+impl NewRow {
+    fn of(request: &WriteRequest) -> Self {
+        let batch = &request.batch;
+        let times = batch.detections.iter().map(|d| d.timestamp().unix_micros());
+        let (first_ts, last_ts) = (times.clone().min(), times.max());
+        Self {
+            batch_id: batch.batch_id.to_string(),
+            seq: i64::try_from(batch.seq).unwrap_or(i64::MAX),
+            detections: batch.detections.len() as i64,
+            first_ts,
+            last_ts,
+            span: detections::narrow_span(first_ts, last_ts),
+        }
     }
 }
 
 /// Writes of one batch on PostgreSQL before its error is the caller's (see [`Store::store_batch`]).
 const RACE_ATTEMPTS: u32 = 4;
 
-/// The index row of one new batch and its compressed payload, in `tx` (the ack path: no detection
-/// rows, see the module doc). Returns the span it adds to its device's `max_span_us`.
-async fn insert_batch(tx: &mut Tx, request: &WriteRequest, batch_id: &str, now: i64) -> Result<i64, sqlx::Error> {
-    let batch = &request.batch;
-    let n = batch.detections.len() as i64;
-    let seq = i64::try_from(batch.seq).unwrap_or(i64::MAX);
-    let times = batch.detections.iter().map(|d| d.timestamp().unix_micros());
-    let (first_ts, last_ts) = (times.clone().min(), times.max());
-    let sql = "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via, payload,
-                                    projected, first_ts, last_ts)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10)";
-    on_tx!(tx, t => sqlx::query(sql)
-        .bind(batch_id)
-        .bind(&batch.device_id)
-        .bind(seq)
-        .bind(&request.hash)
-        .bind(now)
-        .bind(n)
-        .bind(&request.via)
-        .bind(&request.payload)
-        .bind(first_ts)
-        .bind(last_ts)
-        .execute(&mut **t)
-        .await
-        .map(|r| r.rows_affected()))?;
-    Ok(detections::narrow_span(first_ts, last_ts))
+/// The index rows of new batches with their compressed payloads, in `tx`, each batch_id once (the
+/// ack path: no detection rows, see the module doc). Returns the batch_ids inserted: one already
+/// stored is left as it is.
+async fn insert_batches(tx: &mut Tx, rows: &[(&WriteRequest, &NewRow)], now: i64) -> Result<Vec<String>, sqlx::Error> {
+    let mut sql = String::from(
+        "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via, payload,
+                              projected, first_ts, last_ts) VALUES ",
+    );
+    for i in 0..rows.len() {
+        let p = i * 10;
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 1, ${}, ${})",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5,
+            p + 6,
+            p + 7,
+            p + 8,
+            p + 9,
+            p + 10
+        ));
+    }
+    sql.push_str(" ON CONFLICT (batch_id) DO NOTHING RETURNING batch_id");
+    // Only placeholders are spliced in; values are bound.
+    on_tx!(tx, t => {
+        let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql));
+        for (request, row) in rows {
+            q = q
+                .bind(&row.batch_id)
+                .bind(&request.batch.device_id)
+                .bind(row.seq)
+                .bind(&request.hash)
+                .bind(now)
+                .bind(row.detections)
+                .bind(&request.via)
+                .bind(&request.payload)
+                .bind(row.first_ts)
+                .bind(row.last_ts);
+        }
+        q.fetch_all(&mut **t).await
+    })
 }
 
 /// What the new batches of one group add to their device's row.
@@ -808,25 +877,46 @@ impl Store {
     /// Adds the duplicates and conflicts counted in memory to the counters, in `tx`; returns what
     /// it took, for [`Self::commit_counted`].
     async fn write_unwritten_counts(&self, tx: &mut Tx) -> Result<(i64, i64), sqlx::Error> {
+        self.write_counts(tx, &[]).await
+    }
+
+    /// Adds `add` (counter, amount) and the duplicates and conflicts counted in memory to the
+    /// counters, in one statement in `tx` (none if all are 0); returns the in-memory counts it took,
+    /// for [`Self::commit_counted`].
+    async fn write_counts(&self, tx: &mut Tx, add: &[(&'static str, i64)]) -> Result<(i64, i64), sqlx::Error> {
         use std::sync::atomic::Ordering::Relaxed;
         let dup = self.unwritten_duplicates.swap(0, Relaxed);
         let rej = self.unwritten_rejected.swap(0, Relaxed);
-        let result = async {
-            if dup != 0 {
-                bump(tx, "duplicates", dup).await?;
-            }
-            if rej != 0 {
-                bump(tx, "rejected", rej).await?;
-            }
-            Ok(())
+        let counts: Vec<(&str, i64)> =
+            add.iter().copied().chain([("duplicates", dup), ("rejected", rej)]).filter(|(_, by)| *by != 0).collect();
+        if counts.is_empty() {
+            return Ok((0, 0));
         }
-        .await;
-        if result.is_err() {
+        // `value + CASE name WHEN $1 THEN $2 ... END WHERE name IN ($1, ...)`: only the placeholders
+        // are spliced in. PostgreSQL takes the rows' locks in the index's (name) order, the same in
+        // every transaction, so concurrent replicas cannot deadlock on them.
+        let mut cases = String::new();
+        let mut names = Vec::new();
+        for i in 0..counts.len() {
+            cases.push_str(&format!(" WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2));
+            names.push(format!("${}", 2 * i + 1));
+        }
+        let sql =
+            format!("UPDATE counters SET value = value + CASE name{cases} END WHERE name IN ({})", names.join(", "));
+        let result = on_tx!(tx, t => {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (name, by) in &counts {
+                q = q.bind(*name).bind(*by);
+            }
+            q.execute(&mut **t).await.map(|r| r.rows_affected())
+        });
+        if let Err(e) = result {
             // Not written: keep them for the next write.
             self.unwritten_duplicates.fetch_add(dup, Relaxed);
             self.unwritten_rejected.fetch_add(rej, Relaxed);
+            return Err(e);
         }
-        result.map(|()| (dup, rej))
+        Ok((dup, rej))
     }
 
     /// Commits `tx`, which carries the counts `taken` by [`Self::write_unwritten_counts`]; if the

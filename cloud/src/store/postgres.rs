@@ -47,7 +47,7 @@ impl Backend for Postgres {
     fn lost_a_race(e: &sqlx::Error) -> bool {
         match e {
             sqlx::Error::Database(d) => {
-                d.is_unique_violation() || matches!(d.code().as_deref(), Some("23505" | "40P01" | "40001"))
+                d.is_unique_violation() || matches!(d.code().as_deref(), Some("40P01" | "40001"))
             }
             _ => false,
         }

@@ -318,12 +318,15 @@ pub struct Run {
     pub rate: Option<f64>,
     /// `retain_acked = "0s"`: acked batches are deleted, not kept for replay.
     pub retain0: bool,
+    /// `transport.max_inflight` (default: the edge's, 32).
+    pub inflight: Option<u32>,
 }
 
 impl Run {
     pub fn parse(args: &[String]) -> Result<Self> {
-        let arg =
-            |i: usize| args.get(i).cloned().context("edge-run MODE TOTAL PER backlog|live [pin] [rate=N] [retain0]");
+        let arg = |i: usize| {
+            args.get(i).cloned().context("edge-run MODE TOTAL PER backlog|live [pin] [rate=N] [retain0] [inflight=N]")
+        };
         let mut run = Run {
             mode: arg(0)?,
             total: arg(1)?.parse()?,
@@ -332,14 +335,16 @@ impl Run {
             launch: Launch::Plain,
             rate: None,
             retain0: false,
+            inflight: None,
         };
         for flag in &args[4..] {
             match flag.as_str() {
                 "pin" => run.launch = Launch::Pinned,
                 "retain0" => run.retain0 = true,
-                other => match other.strip_prefix("rate=") {
-                    Some(r) => run.rate = Some(r.parse()?),
-                    None => bail!("unknown edge-run flag {other:?}"),
+                other => match (other.strip_prefix("rate="), other.strip_prefix("inflight=")) {
+                    (Some(r), _) => run.rate = Some(r.parse()?),
+                    (_, Some(n)) => run.inflight = Some(n.parse()?),
+                    _ => bail!("unknown edge-run flag {other:?}"),
                 },
             }
         }
@@ -348,7 +353,7 @@ impl Run {
 }
 
 pub fn edge_run(dir: &Path, run: &Run) -> Result<Value> {
-    let Run { ref mode, total, per, backlog, launch, rate, retain0 } = *run;
+    let Run { ref mode, total, per, backlog, launch, rate, retain0, inflight } = *run;
     let mode = mode.as_str();
     let work = tempfile::tempdir_in(dir)?;
     let data = work.path().join("edge");
@@ -375,6 +380,7 @@ pub fn edge_run(dir: &Path, run: &Run) -> Result<Value> {
     let status_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let rate = if backlog { 1.0 } else { rate.unwrap_or(1e9) };
     let retain = if retain0 { "retain_acked = \"0s\"\n" } else { "" };
+    let inflight = inflight.map(|n| format!("max_inflight = {n}\n")).unwrap_or_default();
     // HTTP goes through a counting relay: ureq's connections may close and reopen, and closed
     // connections are gone from `ss`. (MQTT has one connection; `ss` reads it without a hop.)
     let relay = match &cloud {
@@ -389,7 +395,7 @@ pub fn edge_run(dir: &Path, run: &Run) -> Result<Value> {
              [source]\nkind = \"simulated\"\ncount = {total}\nrate = {rate}\ndevices = 10000\n\
              [batch]\nmax_detections = {per}\n\
              [queue]\nmax_bytes = \"100GiB\"\n{retain}\
-             [transport]\nmode = \"{transport_mode}\"\nrate_per_sec = 1000000\nburst = 100000\n\
+             [transport]\nmode = \"{transport_mode}\"\nrate_per_sec = 1000000\nburst = 100000\n{inflight}\
              [transport.mqtt]\nurl = \"{}\"\nack = \"{ack}\"\n[transport.http]\nurl = \"http://127.0.0.1:{}\"\n",
             data.display(),
             broker.url(),
@@ -631,6 +637,7 @@ pub fn instructions(dir: &Path, mode: &str, n: u64, per: usize) -> Result<Value>
         launch: Launch::Callgrind,
         rate: None,
         retain0: false,
+        inflight: None,
     };
     let one = edge_run(dir, &run(n))?;
     let two = edge_run(dir, &run(2 * n))?;
