@@ -589,7 +589,7 @@ impl Store {
 
     /// Writes a group of new batches in one transaction, in a number of statements that does not
     /// grow with the group: one multi-row `INSERT ... ON CONFLICT (batch_id) DO NOTHING RETURNING
-    /// batch_id` per [`INSERT_ROWS`] batches, one upsert per device, one update of the counters.
+    /// batch_id` per [`INSERT_ROWS`] batches, one upsert per device, one update per counter.
     /// Each statement is a round trip, and on SQLite a hand-off to sqlx's worker thread and back: at
     /// 50 detections per batch, a statement (or two) per batch cost more than the rest of the
     /// ingest. A batch_id the insert did not return is stored already (by another writer, a
@@ -610,7 +610,7 @@ impl Store {
         }
         let mut outcomes = Vec::with_capacity(group.len());
         // What the new batches add to each device's row and to the counters: one statement per
-        // device and one for the counters, for the whole group. Devices in sorted order, so
+        // device and per counter, for the whole group. Devices in sorted order, so
         // concurrent transactions (PostgreSQL replicas) take their rows in the same order.
         let mut devices: std::collections::BTreeMap<&str, DeviceDelta> = Default::default();
         let (mut batches, mut detections) = (0i64, 0i64);
@@ -881,35 +881,27 @@ impl Store {
     }
 
     /// Adds `add` (counter, amount) and the duplicates and conflicts counted in memory to the
-    /// counters, in one statement in `tx` (none if all are 0); returns the in-memory counts it took,
-    /// for [`Self::commit_counted`].
+    /// counters, in `tx`, one statement per counter that changes; returns the in-memory counts it
+    /// took, for [`Self::commit_counted`].
+    ///
+    /// One statement per counter, in one fixed order everywhere (batches, detections,
+    /// dead_letters, panics, duplicates, rejected), so concurrent PostgreSQL transactions take the
+    /// rows' locks in the same order. A single `UPDATE ... WHERE name IN (...)` does not: its scan
+    /// meets the rows in their physical order, which changes as they are updated, and replicas
+    /// then deadlock (measured: new batches at 50 per batch fell from 35,000 to 19,000 det/s).
     async fn write_counts(&self, tx: &mut Tx, add: &[(&'static str, i64)]) -> Result<(i64, i64), sqlx::Error> {
         use std::sync::atomic::Ordering::Relaxed;
         let dup = self.unwritten_duplicates.swap(0, Relaxed);
         let rej = self.unwritten_rejected.swap(0, Relaxed);
-        let counts: Vec<(&str, i64)> =
-            add.iter().copied().chain([("duplicates", dup), ("rejected", rej)]).filter(|(_, by)| *by != 0).collect();
-        if counts.is_empty() {
-            return Ok((0, 0));
-        }
-        // `value + CASE name WHEN $1 THEN $2 ... END WHERE name IN ($1, ...)`: only the placeholders
-        // are spliced in. PostgreSQL takes the rows' locks in the index's (name) order, the same in
-        // every transaction, so concurrent replicas cannot deadlock on them.
-        let mut cases = String::new();
-        let mut names = Vec::new();
-        for i in 0..counts.len() {
-            cases.push_str(&format!(" WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2));
-            names.push(format!("${}", 2 * i + 1));
-        }
-        let sql =
-            format!("UPDATE counters SET value = value + CASE name{cases} END WHERE name IN ({})", names.join(", "));
-        let result = on_tx!(tx, t => {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (name, by) in &counts {
-                q = q.bind(*name).bind(*by);
+        let result = async {
+            for (name, by) in add.iter().copied().chain([("duplicates", dup), ("rejected", rej)]) {
+                if by != 0 {
+                    bump(tx, name, by).await?;
+                }
             }
-            q.execute(&mut **t).await.map(|r| r.rows_affected())
-        });
+            Ok(())
+        }
+        .await;
         if let Err(e) = result {
             // Not written: keep them for the next write.
             self.unwritten_duplicates.fetch_add(dup, Relaxed);
