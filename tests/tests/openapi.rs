@@ -131,6 +131,8 @@ fn a_malformed_query_or_path_is_a_json_400_naming_the_problem() {
         ("/api/v1/detections?limit=0".to_owned(), "limit"),
         ("/api/v1/detections?limit=1001".to_owned(), "limit"),
         ("/api/v1/dead-letters?limit=-3".to_owned(), "limit"),
+        // An empty device_id matched nothing and answered an empty page.
+        ("/api/v1/detections?device_id=".to_owned(), "device_id"),
         (format!("/api/v1/devices/{device}/gaps?limit=10001"), "limit"),
         (format!("/api/v1/devices/{device}/batches?limit=0"), "limit"),
         (format!("/api/v1/devices/{device}/commands?limit=0"), "limit"),

@@ -312,6 +312,10 @@ pub(super) async fn detections(
     caller: Caller,
     Query(mut p): Query<DetectionParams>,
 ) -> Response {
+    // An empty or impossible device_id matches nothing: say so rather than answer an empty page.
+    if let Some(Err(e)) = p.device_id.as_deref().map(backhaul_shared::batch::validate_device_id) {
+        return error(StatusCode::BAD_REQUEST, format!("device_id {e}"), Some("device_id")).into_response();
+    }
     p.device_id = match caller.read_scope(p.device_id.take()) {
         Ok(d) => d,
         Err(r) => return r.into_response(),

@@ -22,7 +22,9 @@ impl Backend for Postgres {
     const BLOB: &'static str = "BYTEA";
 
     async fn open(url: &str) -> Result<Pool<Self>, StoreError> {
-        let options = PgConnectOptions::from_str(url)?;
+        // The server's NOTICEs (e.g. `relation "schema_version" already exists, skipping` at every
+        // start) would be logged at INFO and look like a fault: only warnings and errors.
+        let options = PgConnectOptions::from_str(url)?.options([("client_min_messages", "warning")]);
         Ok(PgPoolOptions::new()
             .max_connections(CONNECTIONS)
             .acquire_timeout(Duration::from_secs(10))

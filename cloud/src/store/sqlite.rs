@@ -13,6 +13,9 @@ use super::StoreError;
 
 /// Connections in the pool: the writer and readers (WAL lets them read while it writes).
 const CONNECTIONS: u32 = 4;
+/// Opens of the pool that found the database locked before the error is the caller's (see
+/// [`Backend::open`]).
+const OPEN_ATTEMPTS: u32 = 20;
 /// How long a statement waits for another process's write lock (e.g. `reprocess`), then fails
 /// with SQLITE_BUSY: the ingest answers 503 and the sender retries.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,11 +31,25 @@ impl Backend for Sqlite {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
-        Ok(SqlitePoolOptions::new()
-            .max_connections(CONNECTIONS)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-            .await?)
+        // Processes opening a new database at the same moment (replicas, or `serve` and
+        // `reprocess`) race on switching it to WAL, and SQLite answers that race with "database is
+        // locked" at once, without waiting (the busy timeout does not cover it; exqlite issue #138
+        // reproduces it with the sqlite3 shell). The loser tries again: the database is in WAL by then.
+        let mut attempt = 1;
+        loop {
+            let pool = SqlitePoolOptions::new()
+                .max_connections(CONNECTIONS)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options.clone())
+                .await;
+            match pool {
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("5") && attempt < OPEN_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return Ok(other?),
+            }
+        }
     }
 
     /// A transaction whose first statement writes (a no-op `UPDATE` of a counter), so it takes the
