@@ -316,22 +316,14 @@ impl Store {
     pub async fn reprocess(&self, since_us: Option<i64>, device_id: Option<&str>) -> Result<Reprocessed, StoreError> {
         let device_clause = if device_id.is_some() { " AND device_id = $2" } else { "" };
         let since = since_us.unwrap_or(i64::MIN);
-        // Only the fixed clauses are spliced in; values are bound.
-        let sql = format!("SELECT COUNT(*) FROM batches WHERE received_at >= $1{device_clause} AND payload IS NULL");
-        let skipped: i64 = on_pool!(&self.db, p => {
-            let q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(since);
-            match device_id {
-                Some(d) => q.bind(d),
-                None => q,
-            }
-            .fetch_one(p)
-            .await
-        })?;
+        // One read of the batch_ids in range, each with whether it has a payload. Only the fixed
+        // clause is spliced in; values are bound.
         let sql = format!(
-            "SELECT batch_id FROM batches WHERE received_at >= $1{device_clause} AND payload IS NOT NULL ORDER BY batch_id"
+            "SELECT batch_id, CASE WHEN payload IS NULL THEN 0 ELSE 1 END FROM batches
+              WHERE received_at >= $1{device_clause} ORDER BY batch_id"
         );
-        let ids: Vec<String> = on_pool!(&self.db, p => {
-            let q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(since);
+        let rows: Vec<(String, i32)> = on_pool!(&self.db, p => {
+            let q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(since);
             match device_id {
                 Some(d) => q.bind(d),
                 None => q,
@@ -339,7 +331,10 @@ impl Store {
             .fetch_all(p)
             .await
         })?;
-        let mut done = Reprocessed { skipped: u64::try_from(skipped).unwrap_or(0), ..Default::default() };
+        let (with, without): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(_, has_payload)| *has_payload != 0);
+        let skipped = without.len();
+        let ids: Vec<String> = with.into_iter().map(|(id, _)| id).collect();
+        let mut done = Reprocessed { skipped: skipped as u64, ..Default::default() };
         // Payloads are read and decoded outside any transaction; each chunk's updates are one
         // short write transaction, so `serve`'s writes wait milliseconds, not a decode of 256 batches.
         for chunk in ids.chunks(256) {
