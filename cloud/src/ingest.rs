@@ -40,7 +40,12 @@ pub struct Ingest {
 
 /// The payload's SHA-256, hex: a resend must be byte-identical to count as a duplicate.
 pub fn payload_hash(raw: &[u8]) -> String {
-    Sha256::digest(raw).iter().map(|b| format!("{b:02x}")).collect()
+    use std::fmt::Write;
+    let mut hex = String::with_capacity(64);
+    for b in Sha256::digest(raw) {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
 }
 
 impl Ingest {
@@ -53,10 +58,20 @@ impl Ingest {
         Batch::from_json(raw, &self.limits)
     }
 
-    /// Stores a parsed batch exactly once. `raw` are the bytes it was parsed from.
-    pub async fn accept(&self, batch: Batch, raw: &[u8], via: &'static str) -> Result<Accepted, StoreError> {
+    /// Stores a parsed batch exactly once. `raw` are the bytes it was parsed from; `lookup`:
+    /// whether the batch_id is read before the write path ([`Lookup::First`], for senders that
+    /// resend in floods, e.g. a seed agent after a reconnect), or the write finds a batch stored
+    /// before in its transaction ([`Lookup::Done`]: a backhaul-edge's batch over MQTT is most
+    /// often new, and that read was one more hand-off per batch).
+    pub async fn accept(
+        &self,
+        batch: Batch,
+        raw: &[u8],
+        via: &'static str,
+        lookup: Lookup,
+    ) -> Result<Accepted, StoreError> {
         let hash = payload_hash(raw);
-        self.accept_hashed(batch, raw, hash, via, Lookup::First).await
+        self.accept_hashed(batch, raw, hash, via, lookup).await
     }
 
     /// [`Self::accept`] with `hash` = [`payload_hash`]`(raw)` already computed, and `lookup`

@@ -44,7 +44,7 @@ use tokio::task::JoinHandle;
 
 use crate::compat::{Compat, SeedTopic};
 use crate::config::{parse_mqtt_url, ApiKeys, MqttConfig};
-use crate::ingest::{Accepted, Ingest};
+use crate::ingest::{Accepted, Ingest, Lookup};
 
 /// Room in a PUBLISH packet for what is not payload: the fixed header, the topic (at most
 /// `{prefix}/{device}/batches`, both bounded by the topic rules) and properties.
@@ -654,7 +654,7 @@ async fn handle_seed(ingest: &Ingest, compat: &Compat, publish: &Publish, seed: 
     let raw = batch.to_json();
     let batch_id = batch.batch_id;
     loop {
-        match ingest.accept(batch.clone(), &raw, "mqtt-seed").await {
+        match ingest.accept(batch.clone(), &raw, "mqtt-seed", Lookup::First).await {
             Ok(Accepted::Conflict(_)) => {
                 return dead_letter(ingest, publish, device, "its derived batch id is stored with another payload")
                     .await
@@ -738,7 +738,7 @@ async fn handle_batch(ingest: &Ingest, acks: &AckSender, publish: &Publish, devi
     let mut batch = Some(batch);
     let accepted = loop {
         let b = batch.take().expect("put back on every retry");
-        match ingest.accept(b.clone(), &publish.payload, "mqtt").await {
+        match ingest.accept(b.clone(), &publish.payload, "mqtt", Lookup::Done).await {
             Ok(a) => break a,
             Err(e) => {
                 tracing::error!(error = %e, %batch_id, "storing a batch failed; retrying (nothing is acked meanwhile)");

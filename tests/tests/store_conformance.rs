@@ -27,6 +27,7 @@ const CASES: &[(&str, Case)] = &[
         Box::pin(reprocess_repairs_the_time_index_without_duplicates(u))
     }),
     ("one_batch_raced_by_many_writers_is_stored_once", |u| Box::pin(one_batch_raced_by_many_writers_is_stored_once(u))),
+    ("groups_across_devices_add_up_on_each_device", |u| Box::pin(groups_across_devices_add_up_on_each_device(u))),
     ("one_batch_id_raced_with_two_payloads_is_stored_once", |u| {
         Box::pin(one_batch_id_raced_with_two_payloads_is_stored_once(u))
     }),
@@ -434,6 +435,68 @@ async fn one_batch_raced_by_many_writers_is_stored_once(url: String) {
     assert_eq!((device.batches, device.detections, device.last_seq, device.gaps), (17, 18, 16, 0), "{device:?}");
     let q = DetectionQuery { limit: 1000, ..Default::default() };
     assert_eq!(s.detections(&q).await.unwrap().len(), 18);
+}
+
+/// Many new batches of several devices at once, straight to the write path (as MQTT stores
+/// them), so that on SQLite they share group transactions: the devices' rows are written by one
+/// multi-row upsert per group (a device with rows already, and new ones) and the counters by one
+/// statement; each device's row must add up. Then the same batches again: a group of only
+/// duplicates writes nothing, and its counts reach the counters through `flush_counts`.
+async fn groups_across_devices_add_up_on_each_device(url: String) {
+    let s = std::sync::Arc::new(Store::connect(&url).await.unwrap());
+    store(&s, &batch("pi-old", 0, &[BASE])).await;
+    let devices = ["pi-old", "pi-new-1", "pi-new-2", "pi-new-3"];
+    let mut batches = Vec::new();
+    for round in 1..=6u64 {
+        for (d, device) in devices.iter().enumerate() {
+            let times: Vec<i64> = (0..=d as i64).map(|i| BASE + round as i64 * 10 + i).collect();
+            let mut b = batch(device, round, &times);
+            b.name = Some(format!("{device} r{round}"));
+            if *device == "pi-new-2" && round % 2 == 0 {
+                b.clock = backhaul_shared::Clock::Unsynced;
+            }
+            batches.push(b);
+        }
+    }
+    let write_all = |expect: Outcome| {
+        let tasks: Vec<_> = batches
+            .iter()
+            .cloned()
+            .map(|b| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let raw = b.to_json();
+                    let hash = format!("{}-{}", b.batch_id, raw.len());
+                    s.store_batch(&b, &raw, &hash, "test", Lookup::Done).await.unwrap()
+                })
+            })
+            .collect();
+        async move {
+            for t in tasks {
+                assert_eq!(t.await.unwrap(), expect);
+            }
+        }
+    };
+    write_all(Outcome::Stored).await;
+    let st = s.stats().await.unwrap();
+    assert_eq!((st.batches, st.detections, st.duplicates), (25, 1 + 6 * (1 + 2 + 3 + 4), 0), "{st:?}");
+    let rows: BTreeMap<_, _> = s.devices().await.unwrap().into_iter().map(|d| (d.device_id.clone(), d)).collect();
+    for (d, device) in devices.iter().enumerate() {
+        let row = &rows[*device];
+        let (batches, detections) = if *device == "pi-old" { (7, 7) } else { (6, 6 * (d as i64 + 1)) };
+        assert_eq!((row.batches, row.detections, row.last_seq), (batches, detections, 6), "{row:?}");
+        let first_seq = if *device == "pi-old" { 0 } else { 1 };
+        assert_eq!(row.gaps, first_seq, "{row:?}");
+        assert_eq!(row.clock_unsynced_batches, if *device == "pi-new-2" { 3 } else { 0 }, "{row:?}");
+        assert!(row.name.as_deref().is_some_and(|n| n.starts_with(device)), "{row:?}");
+    }
+    write_all(Outcome::Duplicate).await;
+    assert_eq!(s.stats().await.unwrap().duplicates, 24, "counted in memory meanwhile");
+    s.flush_counts().await.unwrap();
+    drop(s);
+    let s = Store::connect(&url).await.unwrap();
+    let again = s.stats().await.unwrap();
+    assert_eq!((again.batches, again.detections, again.duplicates), (25, st.detections, 24), "{again:?}");
 }
 
 /// One batch_id sent by 12 writers at once with two different payloads, straight to the write path
