@@ -126,6 +126,17 @@ macro_rules! ulid_id {
                 Self(ulid::Ulid::new())
             }
 
+            /// A new id, made now, above every id of this type this process made with it: ULIDs
+            /// made in one millisecond are otherwise in random order (`ulid::Generator`, which
+            /// increments the random part within a millisecond). For ids whose order is their
+            /// order of creation (commands are published by id).
+            pub fn new_monotonic() -> Self {
+                static GENERATOR: std::sync::Mutex<ulid::Generator> = std::sync::Mutex::new(ulid::Generator::new());
+                let mut generator = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
+                // Overflow of the random part within one millisecond (2^80 ids): a plain new one.
+                Self(generator.generate().unwrap_or_else(|_| ulid::Ulid::new()))
+            }
+
             /// Milliseconds since the Unix epoch at which the id was made.
             pub fn timestamp_ms(self) -> u64 {
                 self.0.timestamp_ms()
@@ -735,6 +746,13 @@ mod tests {
         for good in ["rpi-entrance-01", "pi.1", "...", "gw-lab", "Café"] {
             validate_device_id(good).unwrap();
         }
+    }
+
+    #[test]
+    fn monotonic_ids_are_in_creation_order_within_a_millisecond() {
+        let ids: Vec<crate::command::CommandId> =
+            (0..2_000).map(|_| crate::command::CommandId::new_monotonic()).collect();
+        assert!(ids.windows(2).all(|w| w[0].to_string() < w[1].to_string()), "not in creation order");
     }
 
     #[test]

@@ -712,6 +712,28 @@ impl NewRow {
     }
 }
 
+/// The `VALUES` of a multi-row statement: `rows` copies of `row` (a parenthesised list of
+/// placeholders `$1..=$per` and literals), joined by commas, row `i`'s placeholders renumbered
+/// from `i * per + 1`. Only placeholders are spliced into SQL this way; values are bound.
+fn values_list(row: &str, per: usize, rows: usize) -> String {
+    let mut out = String::with_capacity(rows * (row.len() + 2 * per + 2));
+    for i in 0..rows {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        let mut rest = row;
+        while let Some(at) = rest.find('$') {
+            out.push_str(&rest[..=at]);
+            let digits = rest[at + 1..].bytes().take_while(u8::is_ascii_digit).count();
+            let n: usize = rest[at + 1..at + 1 + digits].parse().expect("`$` starts a placeholder");
+            out.push_str(&(i * per + n).to_string());
+            rest = &rest[at + 1 + digits..];
+        }
+        out.push_str(rest);
+    }
+    out
+}
+
 /// Writes of one batch on PostgreSQL before its error is the caller's (see [`Store::store_batch`]).
 const RACE_ATTEMPTS: u32 = 4;
 
@@ -723,25 +745,7 @@ async fn insert_batches(tx: &mut Tx, rows: &[&WriteRequest], now: i64) -> Result
         "INSERT INTO batches (batch_id, device_id, seq, payload_sha256, received_at, detections, via, payload,
                               projected, first_ts, last_ts) VALUES ",
     );
-    for i in 0..rows.len() {
-        let p = i * 10;
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!(
-            "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 1, ${}, ${})",
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5,
-            p + 6,
-            p + 7,
-            p + 8,
-            p + 9,
-            p + 10
-        ));
-    }
+    sql.push_str(&values_list("($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10)", 10, rows.len()));
     sql.push_str(" ON CONFLICT (batch_id) DO NOTHING RETURNING batch_id");
     // Only placeholders are spliced in; values are bound.
     on_tx!(tx, t => {
@@ -831,26 +835,7 @@ async fn upsert_devices(
             "INSERT INTO devices (device_id, name, location, first_seen, last_seen, last_seq, batches, detections,
                 clock_unsynced_batches, max_span_us, seed_batches) VALUES ",
         );
-        for i in 0..chunk.len() {
-            let p = i * 10;
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                p + 1,
-                p + 2,
-                p + 3,
-                p + 4,
-                p + 4,
-                p + 5,
-                p + 6,
-                p + 7,
-                p + 8,
-                p + 9,
-                p + 10
-            ));
-        }
+        sql.push_str(&values_list("($1, $2, $3, $4, $4, $5, $6, $7, $8, $9, $10)", 10, chunk.len()));
         sql.push_str(
             " ON CONFLICT (device_id) DO UPDATE SET
             seed_batches = devices.seed_batches + excluded.seed_batches,
@@ -1384,6 +1369,15 @@ mod tests {
         use std::str::FromStr;
         let options = sqlx::sqlite::SqliteConnectOptions::from_str(url).unwrap().create_if_missing(true);
         sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap()
+    }
+
+    #[test]
+    fn values_list_renumbers_each_rows_placeholders() {
+        assert_eq!(values_list("($1, $2, 1, $2)", 2, 1), "($1, $2, 1, $2)");
+        assert_eq!(values_list("($1, $2, 1, $2)", 2, 3), "($1, $2, 1, $2), ($3, $4, 1, $4), ($5, $6, 1, $6)");
+        let ten = values_list("($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", 10, 12);
+        assert!(ten.ends_with("($111, $112, $113, $114, $115, $116, $117, $118, $119, $120)"), "{ten}");
+        assert_eq!(values_list("($1)", 1, 0), "");
     }
 
     /// Issue #14: outside systemd (umask 022) the database was world-readable.
