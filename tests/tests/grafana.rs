@@ -80,10 +80,13 @@ fn every_metric_the_grafana_dashboard_names_is_served_by_the_edge_or_the_cloud()
         assert_eq!(r.status().as_u16(), 200);
         r.body_mut().read_to_string().unwrap()
     };
-    // The device's status (with its backlog) arrives every status_interval.
-    let cloud_text = wait_for("the device's backlog in the cloud's metrics", T, || {
+    // The device's status (with its backlog) arrives every status_interval; its ledger balances
+    // once a status reports the batches stored (one sent mid-drain may count some as queued).
+    let cloud_text = wait_for("the device's backlog and a balanced ledger in the cloud's metrics", T, || {
         let text = cloud_metrics();
-        text.contains(&format!("backhaul_cloud_device_backlog_batches{{device_id=\"{DEVICE}\"}}")).then_some(text)
+        (text.contains(&format!("backhaul_cloud_device_backlog_batches{{device_id=\"{DEVICE}\"}}"))
+            && text.contains(&format!("backhaul_cloud_device_ledger_balanced{{device_id=\"{DEVICE}\"}} 1")))
+        .then_some(text)
     })
     .unwrap();
     let edge_text = edge.metrics().unwrap();
