@@ -3,7 +3,8 @@
 
 paho-mqtt publishes the same batch payloads with QoS 1, as fast as its in-flight window allows,
 with no durability (nothing on disk) and no cloud (nobody acks end to end). Timed from the first
-publish to the last PUBACK. Prints one JSON line: {"seconds": S, "acked": N}.
+publish to the last PUBACK. Prints one JSON line: {"seconds": S, "acked": N, "cpu_seconds": C},
+C being this process's CPU time (user + system, all threads) over the same span.
 
 usage: paho_publish.py HOST PORT PAYLOAD_FILE INFLIGHT TOPIC
 """
@@ -47,10 +48,12 @@ client.loop_start()
 if not connected.wait(10):
     sys.exit("paho: no CONNACK within 10 s")
 start = time.perf_counter()
+cpu_start = time.process_time()
 for p in payloads:
     client.publish(topic, p, qos=1)
 if not done.wait(600):
     sys.exit(f"paho: only {acked} of {len(payloads)} PUBACKs within 600 s")
 seconds = time.perf_counter() - start
+cpu_seconds = time.process_time() - cpu_start
 client.loop_stop()
-print(json.dumps({"seconds": seconds, "acked": acked}))
+print(json.dumps({"seconds": seconds, "acked": acked, "cpu_seconds": cpu_seconds}))

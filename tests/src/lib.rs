@@ -190,6 +190,11 @@ impl Mosquitto {
         self.port
     }
 
+    /// The broker process's id while it runs (for a benchmark's CPU accounting).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }

@@ -249,6 +249,34 @@ pub fn wire_batches(n: usize, per: usize) -> Vec<(String, Vec<u8>)> {
     wire_batches_ending(n, per, 0, 0)
 }
 
+/// `parse PER DETECTIONS`: the cloud's parse and check of wire batches ([`backhaul_shared::Batch::from_json`])
+/// on one core, the step every ingest path runs before the store: `DETECTIONS` detections in
+/// realistic batches of `PER` ([`wire_batches`]), parsed five times over after one warm-up pass.
+/// Reports ns per detection (best of the five passes) and MB/s of wire JSON.
+pub fn parse_batches(per: usize, detections: usize) -> Result<Value> {
+    let batches = wire_batches(detections.div_ceil(per), per);
+    let limits = backhaul_shared::Limits::default();
+    let bytes: usize = batches.iter().map(|(_, raw)| raw.len()).sum();
+    let pass = || -> Result<f64> {
+        let start = Instant::now();
+        for (_, raw) in &batches {
+            std::hint::black_box(backhaul_shared::Batch::from_json(raw, &limits)?);
+        }
+        Ok(start.elapsed().as_secs_f64())
+    };
+    pass()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        best = best.min(pass()?);
+    }
+    let total = (batches.len() * per) as f64;
+    Ok(json!({
+        "ns_per_detection": best / total * 1e9,
+        "detections_per_s": total / best,
+        "wire_mb_per_s": bytes as f64 / best / 1e6,
+    }))
+}
+
 /// [`wire_batches`] whose windows end `earlier_us` before now, with seqs from `first_seq`.
 pub fn wire_batches_ending(n: usize, per: usize, earlier_us: i64, first_seq: u64) -> Vec<(String, Vec<u8>)> {
     let rounds = n.div_ceil(8) as i64;

@@ -26,7 +26,7 @@ pub fn forward_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Ta
     );
     println!();
     println!(
-        "| backlog drain | detections | detections/s | vs mosquitto_pub | vs paho | restart to first ack, ms | wire bytes / detection, up + down | edge disk bytes written / detection | edge peak RSS MiB | edge CPU s per 1M detections |"
+        "| backlog drain | detections | detections/s | vs mosquitto_pub | vs paho | restart to first ack, ms | wire bytes / detection, up + down | edge disk bytes written / detection | edge peak RSS MiB | CPU s per 1M detections: edge (or publisher) + broker + cloud = all |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     // 100 per batch, 200,000 detections: the end-to-end scenario of issue #15.
@@ -40,21 +40,23 @@ pub fn forward_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Ta
         let (t, p) = (total.to_string(), per.to_string());
         let r = child(&[s("publish-baseline"), s(&d), s("mosquitto_pub"), t.clone(), p.clone()], runs)?;
         let pub_rate = median(&r, "detections_per_s");
-        let paho_rate = match &python {
+        let pub_cpu = format!("? + {:.2}", median(&r, "broker_cpu_s_per_million"));
+        let paho = match &python {
             Ok(py) => {
                 let r = child(&[s("publish-baseline"), s(&d), py.clone(), t.clone(), p.clone()], runs)?;
-                Some(median(&r, "detections_per_s"))
+                Some((median(&r, "detections_per_s"), cpu_sum(&r, &["publisher", "broker"])))
             }
             Err(_) => None,
         };
+        let paho_rate = paho.as_ref().map(|(rate, _)| *rate);
         let vs_paho = |rate: f64| paho_rate.map_or(String::new(), |b| format!("{:.2}x", rate / b));
         println!(
-            "| baseline: `mosquitto_pub -l -q 1 -M 32`, {per} det/batch | {total} | {pub_rate:.0} | 1.0x | {} | | | | | |",
+            "| baseline: `mosquitto_pub -l -q 1 -M 32`, {per} det/batch | {total} | {pub_rate:.0} | 1.0x | {} | | | | | {pub_cpu} |",
             vs_paho(pub_rate)
         );
-        if let Some(rate) = paho_rate {
+        if let Some((rate, cpu)) = &paho {
             println!(
-                "| baseline: seed agent's transport (paho-mqtt, Python), {per} det/batch | {total} | {rate:.0} | {:.2}x | 1.0x | | | | | |",
+                "| baseline: seed agent's transport (paho-mqtt, Python), {per} det/batch | {total} | {rate:.0} | {:.2}x | 1.0x | | | | | {cpu} |",
                 rate / pub_rate
             );
         } else {
@@ -72,7 +74,7 @@ pub fn forward_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Ta
             let r = child(&args, runs)?;
             let rate = median(&r, "detections_per_s");
             println!(
-                "| backhaul {}{}, {per} det/batch | {total} | {rate:.0} | {:.2}x | {} | {:.0} | {} | {:.1} | {:.1} | {:.2} |",
+                "| backhaul {}{}, {per} det/batch | {total} | {rate:.0} | {:.2}x | {} | {:.0} | {} | {:.1} | {:.1} | {} |",
                 path_label(mode),
                 if flag.is_some() { ", `retain_acked = \"0s\"`" } else { "" },
                 rate / pub_rate,
@@ -81,7 +83,7 @@ pub fn forward_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Ta
                 wire(&r),
                 median(&r, "disk_bytes_per_detection"),
                 median(&r, "edge_peak_rss_mib"),
-                median(&r, "edge_cpu_s_per_million"),
+                cpu_sum(&r, &["edge", "broker", "cloud"]),
             );
             if flag.is_some() {
                 continue;
@@ -299,6 +301,15 @@ pub enum Launch {
     Callgrind,
 }
 
+/// `a + b + c = sum` of the runs' median `{part}_cpu_s_per_million` (CPU seconds per million
+/// detections, user + system); a part that was not measured (no process) is left out.
+fn cpu_sum(runs: &[Value], parts: &[&str]) -> String {
+    let values: Vec<f64> =
+        parts.iter().map(|part| median(runs, &format!("{part}_cpu_s_per_million"))).filter(|v| v.is_finite()).collect();
+    let shown: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
+    format!("{} = {:.2}", shown.join(" + "), values.iter().sum::<f64>())
+}
+
 /// `backhaul-edge run` (release, next to this binary) through a real Mosquitto (or HTTP) into a
 /// real cloud, timed from the edge's start to the last ack.
 ///
@@ -406,6 +417,13 @@ pub fn edge_run(dir: &Path, run: &Run) -> Result<Value> {
     if !exe.is_file() {
         bail!("{} not found: cargo build --release --workspace", exe.display());
     }
+    // CPU seconds of the broker and the cloud over the run, so the end-to-end path's cost can be
+    // set beside a baseline's (publisher and broker only).
+    let others_cpu = || {
+        let of = |pid: Option<u32>| pid.and_then(cpu_seconds).unwrap_or(f64::NAN);
+        (of(broker.pid()), of(cloud.as_ref().map(|c| c.child.id())))
+    };
+    let (broker_before, cloud_before) = others_cpu();
     let callgrind_out = work.path().join("callgrind.out");
     let mut command = match launch {
         Launch::Plain => Command::new(&exe),
@@ -471,6 +489,8 @@ pub fn edge_run(dir: &Path, run: &Run) -> Result<Value> {
     let secs = start.elapsed().as_secs_f64();
     rss = rss.max(proc_field(pid, "status", "VmHWM:").unwrap_or(0.0) / 1024.0);
     cpu = cpu.max(cpu_seconds(pid).unwrap_or(0.0));
+    let (broker_cpu, cloud_cpu) = others_cpu();
+    let (broker_cpu, cloud_cpu) = (broker_cpu - broker_before, cloud_cpu - cloud_before);
     // Bytes over the edge's own TCP connections; only counts connections still open, so a run
     // that reconnected has no figure.
     let (up, down, connections) = match (&relay, tcp_bytes(pid, broker.port())) {
@@ -513,6 +533,8 @@ pub fn edge_run(dir: &Path, run: &Run) -> Result<Value> {
         "first_ack_ms": first_ack_ms,
         "edge_peak_rss_mib": rss,
         "edge_cpu_s_per_million": cpu / total as f64 * 1e6,
+        "broker_cpu_s_per_million": broker_cpu / total as f64 * 1e6,
+        "cloud_cpu_s_per_million": cloud_cpu / total as f64 * 1e6,
         "disk_bytes_per_detection": written / total as f64,
         "wire_up_per_detection": up,
         "wire_down_per_detection": down,
@@ -663,6 +685,9 @@ pub fn publish_baseline(dir: &Path, tool: &str, total: u64, per: usize) -> Resul
     std::fs::write(&file, text)?;
     let broker = backhaul_tests::Mosquitto::start()?;
     let topic = "backhaul/rpi-bench-01/batches";
+    let broker_cpu = || broker.pid().and_then(cpu_seconds).unwrap_or(f64::NAN);
+    let broker_before = broker_cpu();
+    let mut publisher_cpu = f64::NAN;
     let secs = if tool == "mosquitto_pub" {
         let start = Instant::now();
         let out = Command::new("mosquitto_pub")
@@ -686,7 +711,14 @@ pub fn publish_baseline(dir: &Path, tool: &str, total: u64, per: usize) -> Resul
             bail!("paho baseline failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         let r: Value = serde_json::from_slice(&out.stdout)?;
+        publisher_cpu = r["cpu_seconds"].as_f64().unwrap_or(f64::NAN);
         r["seconds"].as_f64().context("seconds")?
     };
-    Ok(json!({ "detections_per_s": total as f64 / secs, "batches_per_s": batches as f64 / secs }))
+    let per_million = |cpu: f64| cpu / total as f64 * 1e6;
+    Ok(json!({
+        "detections_per_s": total as f64 / secs,
+        "batches_per_s": batches as f64 / secs,
+        "publisher_cpu_s_per_million": per_million(publisher_cpu),
+        "broker_cpu_s_per_million": per_million(broker_cpu() - broker_before),
+    }))
 }

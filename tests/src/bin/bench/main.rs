@@ -250,6 +250,7 @@ fn run_scenario(args: &[String]) -> Result<Value> {
         Some("publish-baseline") => publish_baseline(Path::new(&arg(1)?), &arg(2)?, arg(3)?.parse()?, arg(4)?.parse()?),
         Some("instructions") => instructions(Path::new(&arg(1)?), &arg(2)?, arg(3)?.parse()?, arg(4)?.parse()?),
         Some("decode") => decode_replay(Path::new(&arg(1)?), arg(2)?.parse()?, arg(3)?.parse()?),
+        Some("parse") => cloud::parse_batches(arg(1)?.parse()?, arg(2)?.parse()?),
         Some("fill") => {
             let q = Queue::open(Path::new(&arg(1)?), QueueConfig { max_bytes: u64::MAX, ..QueueConfig::default() })?;
             let (total, per): (u64, usize) = (arg(2)?.parse()?, arg(3)?.parse()?);
