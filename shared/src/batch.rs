@@ -356,16 +356,38 @@ impl Detection {
 }
 
 /// Reads a detection without serde's buffering of an internally tagged enum when `kind` is its
-/// first key, as every serializer of [`Detection`] writes it: the rest of the object goes straight
-/// to the variant's struct. Otherwise (a sender that orders keys another way) the object is
-/// buffered as a JSON value first, as serde's derive would buffer it. The same inputs are accepted
-/// and refused as with the derive (`kind` once, each variant's fields once, unknown fields ignored).
+/// first key, as [`Detection`]'s own `Serialize` writes it: the rest of the object goes straight to
+/// the variant's struct. Anything else (another key order, e.g. a re-serialized `serde_json::Value`
+/// with sorted keys, or the array form) goes to serde's derive ([`Tagged`]) as before, so the same
+/// inputs are accepted and refused either way (pinned against the derive by
+/// `a_detection_reads_as_the_derive_reads_it`): stored batches stay readable.
 ///
 /// Why: in the cloud's profile of an MQTT drain (`perf record`, 100 detections per batch), serde's
-/// buffering and the allocations it makes were about 15% of the cloud's CPU (issue #15).
+/// buffering and the allocations it makes were about 15% of the cloud's CPU; `bench scenario parse`
+/// measured 600 → 405 ns per detection (issue #15).
 impl<'de> Deserialize<'de> for Detection {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(DetectionVisitor)
+        deserializer.deserialize_any(DetectionVisitor)
+    }
+}
+
+/// serde's derive of the wire form: what [`Detection`] was read with before the fast path, and
+/// still is for any object whose first key is not `kind`.
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Tagged {
+    Presence(Presence),
+    Sensor(Sensor),
+    Telemetry(Telemetry),
+}
+
+impl From<Tagged> for Detection {
+    fn from(t: Tagged) -> Self {
+        match t {
+            Tagged::Presence(p) => Detection::Presence(p),
+            Tagged::Sensor(s) => Detection::Sensor(s),
+            Tagged::Telemetry(t) => Detection::Telemetry(t),
+        }
     }
 }
 
@@ -392,7 +414,8 @@ impl<'de> Deserialize<'de> for Kind {
                     "presence" => Ok(Kind::Presence),
                     "sensor" => Ok(Kind::Sensor),
                     "telemetry" => Ok(Kind::Telemetry),
-                    other => Err(E::custom(format_args!("unknown kind {other:?}: must be {KIND_EXPECTED}"))),
+                    // The derive's message, so the error reads the same whatever the key order.
+                    other => Err(E::unknown_variant(other, &["presence", "sensor", "telemetry"])),
                 }
             }
         }
@@ -400,7 +423,7 @@ impl<'de> Deserialize<'de> for Kind {
     }
 }
 
-/// A detection object's first key: `kind`, or another key, kept to buffer its value.
+/// A detection object's first key: `kind`, or another key (handed back to the derive).
 enum FirstKey {
     Kind,
     Other(String),
@@ -433,12 +456,11 @@ impl<'de> serde::de::Visitor<'de> for DetectionVisitor {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Detection, A::Error> {
         use serde::de::value::MapAccessDeserializer;
-        use serde::de::Error;
         let first = match map.next_key::<FirstKey>()? {
-            None => return Err(A::Error::missing_field("kind")),
             Some(FirstKey::Kind) => {
                 let kind = map.next_value::<Kind>()?;
-                // A second `kind` would be an unknown field to the variant's struct: refuse it.
+                // A second `kind` would be an unknown field to the variant's struct: refuse it,
+                // as the derive does.
                 let rest = MapAccessDeserializer::new(NoSecondKind(map));
                 return Ok(match kind {
                     Kind::Presence => Detection::Presence(Presence::deserialize(rest)?),
@@ -446,25 +468,42 @@ impl<'de> serde::de::Visitor<'de> for DetectionVisitor {
                     Kind::Telemetry => Detection::Telemetry(Telemetry::deserialize(rest)?),
                 });
             }
-            Some(FirstKey::Other(key)) => key,
+            Some(FirstKey::Other(key)) => Some(key),
+            None => None,
         };
-        let mut object = serde_json::Map::new();
-        object.insert(first, map.next_value()?);
-        while let Some(key) = map.next_key::<String>()? {
-            let value = map.next_value()?;
-            if let Some(key) = object.insert(key.clone(), value).map(|_| key) {
-                return Err(A::Error::custom(format_args!("duplicate field `{key}`")));
-            }
+        // The derive reads the whole object again: the key read above first, then the rest.
+        Tagged::deserialize(MapAccessDeserializer::new(Replay { first, map })).map(Detection::from)
+    }
+
+    /// The array form (`["presence", hash, rssi, zone, timestamp]`), which the derive reads.
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Detection, A::Error> {
+        Tagged::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(Detection::from)
+    }
+}
+
+/// A map whose first key was read already: hands that key out again, then the map's entries (its
+/// value was not read, so it comes from the map).
+struct Replay<A> {
+    first: Option<String>,
+    map: A,
+}
+
+impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for Replay<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: serde::de::DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
+        match self.first.take() {
+            Some(key) => seed.deserialize(serde::de::value::StringDeserializer::new(key)).map(Some),
+            None => self.map.next_key_seed(seed),
         }
-        let kind = object.remove("kind").ok_or_else(|| A::Error::missing_field("kind"))?;
-        let kind = Kind::deserialize(kind).map_err(A::Error::custom)?;
-        let rest = serde_json::Value::Object(object);
-        match kind {
-            Kind::Presence => Presence::deserialize(rest).map(Detection::Presence),
-            Kind::Sensor => Sensor::deserialize(rest).map(Detection::Sensor),
-            Kind::Telemetry => Telemetry::deserialize(rest).map(Detection::Telemetry),
-        }
-        .map_err(A::Error::custom)
+    }
+
+    fn next_value_seed<V: serde::de::DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.map.size_hint().map(|n| n + usize::from(self.first.is_some()))
     }
 }
 
@@ -696,12 +735,7 @@ impl Batch {
         let mut de = serde_json::Deserializer::from_slice(bytes);
         match serde_path_to_error::deserialize::<_, Batch>(&mut de) {
             Err(e) => {
-                // A field missing from a detection ends its path in `..` (an empty last segment).
                 let path = e.path().to_string();
-                let path = match path.strip_suffix("..") {
-                    Some(object) => object.to_owned(),
-                    None => path,
-                };
                 let message = e.into_inner().to_string();
                 refine_detection_error(bytes, &path, &message).unwrap_or(BatchError::Malformed { field: path, message })
             }
@@ -845,8 +879,9 @@ pub fn validate_detection(d: &Detection) -> Result<(), DetectionError> {
     Ok(())
 }
 
-/// A detection whose `kind` is not its first key is read through a buffer, which hides the path
-/// inside it (`detections[3]` instead of `detections[3].rssi`). On that error path only, read the
+/// A detection whose `kind` is not its first key is read by serde's derive through a buffer, which
+/// hides the path inside it (`detections[3]` instead of `detections[3].rssi`); a missing field is
+/// named at the detection either way. On that error path only, read the
 /// offending detection again on its own to name the field. Not for a duplicate key (`message`
 /// says so): a JSON value keeps only the last of two, so reading it again would blame another one.
 fn refine_detection_error(bytes: &[u8], path: &str, message: &str) -> Option<BatchError> {
@@ -856,6 +891,9 @@ fn refine_detection_error(bytes: &[u8], path: &str, message: &str) -> Option<Bat
     let index: usize = path.strip_prefix("detections[")?.strip_suffix(']')?.parse().ok()?;
     let root: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     let element = root.get("detections")?.get(index)?;
+    if !element.is_object() {
+        return None; // the error names the detection: it is not an object
+    }
     let at = |f: &str| format!("detections[{index}].{f}");
     let kind = element.get("kind").and_then(|k| k.as_str());
     let result = match kind {
@@ -1218,19 +1256,26 @@ mod tests {
         v.to_string().replace(r#""detections":[]"#, &format!(r#""detections":[{}]"#, detections.join(",")))
     }
 
-    /// `Detection` is read by hand (`kind` first: no buffering); the same detection with `kind`
-    /// anywhere else in the object is the same detection, and every way to get `kind` or a field
-    /// wrong is refused naming the field, with `kind` first or not.
+    /// `Detection` is read by hand with `kind` first and by serde's derive ([`Tagged`]) otherwise:
+    /// the two agree on every input here (accepted alike and read alike, or refused alike), in
+    /// every order of the keys, with repeated, unknown, nested and escaped keys.
     #[test]
-    fn a_detection_reads_the_same_whatever_the_order_of_its_keys() {
+    fn a_detection_reads_as_the_derive_reads_it() {
+        let same = |text: &str| -> bool {
+            let fast = serde_json::from_str::<Detection>(text);
+            let derive = serde_json::from_str::<Tagged>(text).map(Detection::from);
+            match (&fast, &derive) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{text}"),
+                (Err(_), Err(_)) => {}
+                _ => panic!("{text}: by hand {fast:?}, by the derive {derive:?}"),
+            }
+            fast.is_ok()
+        };
         let example = parse(SPEC_EXAMPLE).unwrap();
         let telemetry = r#"{"kind":"telemetry","entity_id":7,"fields":{"pose.x":120,"velocity.vx":-3},"timestamp":"2026-11-21T10:29:59Z"}"#;
-        let telemetry: serde_json::Value = serde_json::from_str(telemetry).unwrap();
-        let mut want = example.detections.clone();
-        want.push(serde_json::from_value(telemetry.clone()).unwrap());
         let mut objects: Vec<serde_json::Value> =
             example.detections.iter().map(|d| serde_json::to_value(d).unwrap()).collect();
-        objects.push(telemetry);
+        objects.push(serde_json::from_str(telemetry).unwrap());
         for d in &objects {
             let n = d.as_object().unwrap().len();
             let kind_at = d.as_object().unwrap().keys().position(|k| k == "kind").unwrap();
@@ -1241,58 +1286,89 @@ mod tests {
                 moved.insert(shift, kind_at);
                 for order in [rotated, moved] {
                     let text = detection_in_order(d, &order);
-                    let read: Detection = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
-                    let want = serde_json::from_value::<Detection>(d.clone()).unwrap();
-                    assert_eq!(read, want, "{text}");
+                    assert!(same(&text), "{text}");
+                    assert_eq!(
+                        serde_json::from_str::<Detection>(&text).unwrap(),
+                        serde_json::from_value(d.clone()).unwrap()
+                    );
                 }
             }
         }
-        let all: Vec<String> = objects.iter().map(|d| d.to_string()).collect();
-        assert_eq!(parse(&example_with_detections(&all)).unwrap().detections, want);
+        // `kind` first (by hand) and last (the derive), with one change each.
+        let fields = r#""device_hash":"a3f2","rssi":-58,"zone":"near","timestamp":"2026-11-21T10:29:55Z""#;
+        let cases: Vec<(String, &str, bool)> = vec![
+            (fields.into(), "", true),
+            (fields.into(), r#","fw":"1.2""#, true),
+            (fields.into(), r#","fw":1,"fw":2"#, true),
+            (fields.into(), r#","x":{"$serde_json::private::RawValue":"nope"}"#, true),
+            (fields.into(), r#","x":[{"y":[1,{"z":null}]}]"#, true),
+            (fields.into(), r#","rssi":-60"#, false),
+            (fields.into(), r#","kind":"presence""#, false),
+            (fields.into(), r#","kind":"sensor""#, false),
+            (fields.replace(r#""rssi""#, r#""\u0072ssi""#), "", true),
+            (fields.replace(r#""device_hash":"a3f2","#, ""), "", false),
+            (fields.replace(r#""rssi":-58,"#, ""), "", false),
+            (fields.replace("-58", r#""loud""#), "", false),
+            (fields.replace("near", "inside"), "", false),
+        ];
+        for (body, extra, ok) in &cases {
+            for kind in [r#""kind":"presence""#, r#""kind":"sensor""#, r#""kind":1"#, r#""kind":"beacon""#] {
+                let ok = *ok && kind == r#""kind":"presence""#;
+                for text in [format!("{{{kind},{body}{extra}}}"), format!("{{{body},{kind}{extra}}}")] {
+                    assert_eq!(same(&text), ok, "{text}");
+                }
+            }
+        }
+        // Not an object with a kind: the array form (which the derive reads), and worse.
+        for text in [
+            r#"["presence","a3f2",-58,"near","2026-11-21T10:29:55Z"]"#,
+            r#"["sensor"]"#,
+            "[]",
+            "{}",
+            r#"{"kind":"presence"}"#,
+            r#""presence""#,
+            "null",
+            "5",
+        ] {
+            same(text);
+        }
 
-        let presence = |kind_first: bool, extra: &str| {
-            let fields = r#""device_hash":"a3f2","rssi":-58,"zone":"near","timestamp":"2026-11-21T10:29:55Z""#;
+        // Refused batches name the field, `kind` first or not.
+        let presence = |kind_first: bool, body: &str| {
             let kind = r#""kind":"presence""#;
-            let body = if kind_first { format!("{kind},{fields}{extra}") } else { format!("{fields},{kind}{extra}") };
+            let body = if kind_first { format!("{kind},{body}") } else { format!("{body},{kind}") };
             example_with_detections(&[format!("{{{body}}}")])
         };
+        let refused = |json: &str, field: &str, says: &str| {
+            let err = parse(json).expect_err(json);
+            assert_eq!(err.field(), field, "{json}: {err}");
+            assert!(err.to_string().contains(says), "{json}: {err}");
+        };
         for kind_first in [true, false] {
-            assert!(parse(&presence(kind_first, "")).is_ok());
-            // Unknown fields are ignored, as before.
-            assert!(parse(&presence(kind_first, r#","firmware":"1.2""#)).is_ok());
-            let refused = |json: &str, field: &str, says: &str| {
-                let err = parse(json).expect_err(json);
-                assert_eq!(err.field(), field, "{json}: {err}");
-                assert!(err.to_string().contains(says), "{json}: {err}");
-            };
-            // A duplicate is named where it is found (`kind` first: as the field, or else the detection).
+            assert!(parse(&presence(kind_first, fields)).is_ok());
             for (extra, says) in
                 [(r#","kind":"sensor""#, "duplicate field `kind`"), (r#","rssi":-60"#, "duplicate field `rssi`")]
             {
-                let json = presence(kind_first, extra);
+                // Named where it is found: as the field (`kind` first), else the detection.
+                let json = presence(kind_first, &format!("{fields}{extra}"));
                 let err = parse(&json).expect_err(&json);
                 assert!(err.field().starts_with("detections[0]") && err.to_string().contains(says), "{json}: {err}");
             }
-            let kind = |v: &str| presence(kind_first, "").replace(r#""kind":"presence""#, &format!(r#""kind":{v}"#));
             for bad in [r#""beacon""#, r#""Presence""#, "1", "null", "[]"] {
-                refused(&kind(bad), "detections[0].kind", r#""presence", "sensor" or "telemetry""#);
+                let json = presence(kind_first, fields).replace(r#""kind":"presence""#, &format!(r#""kind":{bad}"#));
+                refused(&json, "detections[0].kind", "");
             }
-            let without = |field: &str| {
-                let json = presence(kind_first, "");
-                let start = json.find(&format!(r#""{field}":"#)).unwrap();
-                let end = start + json[start..].find([',', '}']).unwrap();
-                let cut = if json.as_bytes()[end] == b',' { end + 1 } else { end };
-                let json = format!("{}{}", &json[..start], &json[cut..]);
-                json.replace(",}", "}")
-            };
-            refused(&without("kind"), "detections[0].kind", "must be");
-            refused(&without("rssi"), "detections[0]", "missing field `rssi`");
+            refused(
+                &presence(kind_first, &fields.replace(r#""rssi":-58,"#, "")),
+                "detections[0]",
+                "missing field `rssi`",
+            );
             refused(&kind_first_value_wrong(kind_first), "detections[0].rssi", "");
         }
-        // Not an object: an array (which serde's derive read as the fields in order), a string.
-        for bad in [r#"["presence","a3f2",-58,"near","2026-11-21T10:29:55Z"]"#, r#""presence""#, "{}"] {
-            assert!(parse(&example_with_detections(&[bad.into()])).is_err(), "{bad}");
-        }
+        refused(&example_with_detections(&[format!("{{{fields}}}")]), "detections[0].kind", "must be");
+        refused(&example_with_detections(&[r#""presence""#.into()]), "detections[0]", "");
+        let all: Vec<String> = objects.iter().map(|d| d.to_string()).collect();
+        assert_eq!(parse(&example_with_detections(&all)).unwrap().detections.len(), 3);
     }
 
     /// A presence whose `rssi` is a string, `kind` first or not.
