@@ -30,7 +30,12 @@ impl Backend for Sqlite {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // Statement journals (a multi-row insert in a transaction keeps one, to undo just that
+            // statement) in memory instead of a temp file past 64 KiB: no effect on what survives
+            // a crash (the WAL does that). Measured side by side: +6-10% at 50 per batch over
+            // HTTP (`bench scenario cloud-http DIR 1000000 50 sqlite 1`), cloud CPU -7%.
+            .pragma("temp_store", "memory");
         // Processes opening a new database at the same moment (replicas, or `serve` and
         // `reprocess`) race on switching it to WAL, and SQLite answers that race with "database is
         // locked" at once, without waiting (the busy timeout does not cover it; exqlite issue #138
@@ -98,5 +103,28 @@ fn create_private(url: &str) -> Result<(), StoreError> {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(StoreError::Db(sqlx::Error::Io(e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a batch's ack rests on: every connection of the pool writes through a WAL with
+    /// `synchronous=FULL` (2); statement journals stay in memory (`temp_store=MEMORY`, 2).
+    #[tokio::test]
+    async fn every_connection_is_wal_with_full_sync_and_memory_temp_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("t.db").display());
+        let pool = <Sqlite as Backend>::open(&url).await.unwrap();
+        let mut held = Vec::new();
+        for _ in 0..CONNECTIONS {
+            let mut c = pool.acquire().await.unwrap();
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut *c).await.unwrap();
+            let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&mut *c).await.unwrap();
+            let temp: i64 = sqlx::query_scalar("PRAGMA temp_store").fetch_one(&mut *c).await.unwrap();
+            assert_eq!((mode.as_str(), sync, temp), ("wal", 2, 2));
+            held.push(c);
+        }
     }
 }
