@@ -182,42 +182,16 @@ pub enum StoreError {
     Group(String),
 }
 
-/// A new batch waiting for the next group transaction: what its rows need of it (not the batch:
-/// a deep copy of its detections per batch cost more than the copy's use).
+/// A batch waiting for the next group transaction.
 #[derive(Debug)]
 struct WriteRequest {
-    summary: Summary,
-    /// Its row's index fields, computed before the writer's turn.
+    /// Computed before the writer's turn.
     row: NewRow,
     hash: String,
     via: String,
     /// The bytes the batch arrived as, compressed (see the module doc).
     payload: Vec<u8>,
     reply: tokio::sync::oneshot::Sender<Result<Outcome, String>>,
-}
-
-/// The fields of a batch its `batches` row and its device's row are written from.
-#[derive(Debug, Clone)]
-struct Summary {
-    device_id: String,
-    name: Option<String>,
-    location: Option<String>,
-    seq: u64,
-    detections: usize,
-    clock_synced: bool,
-}
-
-impl Summary {
-    fn of(batch: &Batch) -> Self {
-        Self {
-            device_id: batch.device_id.clone(),
-            name: batch.name.clone(),
-            location: batch.location.clone(),
-            seq: batch.seq,
-            detections: batch.detections.len(),
-            clock_synced: batch.clock.is_synced(),
-        }
-    }
 }
 
 /// Whether [`Store::store_batch`] reads the batch_id before it takes the write path.
@@ -557,7 +531,6 @@ impl Store {
             for attempt in 1..=RACE_ATTEMPTS {
                 let (reply, _) = tokio::sync::oneshot::channel();
                 let own = [WriteRequest {
-                    summary: Summary::of(batch),
                     row: row.clone(),
                     hash: payload_sha256.to_owned(),
                     via: via.to_owned(),
@@ -579,7 +552,6 @@ impl Store {
         }
         let (reply, mut answer) = tokio::sync::oneshot::channel();
         self.lock_pending().push(WriteRequest {
-            summary: Summary::of(batch),
             row,
             hash: payload_sha256.to_owned(),
             via: via.to_owned(),
@@ -624,8 +596,8 @@ impl Store {
     /// grow with the group: one multi-row `INSERT ... ON CONFLICT (batch_id) DO NOTHING RETURNING
     /// batch_id` per [`INSERT_ROWS`] batches, one multi-row upsert of the devices' rows per
     /// [`DEVICE_ROWS`] devices, and the counters ([`Self::write_counts`]; none when the group
-    /// stored nothing). Each statement is a round trip, and on SQLite a hand-off to sqlx's worker thread and back: at
-    /// 50 detections per batch, a statement (or two) per batch cost more than the rest of the
+    /// stored nothing). Each statement is a round trip, and on SQLite a hand-off to sqlx's worker
+    /// thread and back: at 50 detections per batch, a statement (or two) per batch cost more than the rest of the
     /// ingest. A batch_id the insert did not return is stored already (by another writer, a
     /// replica, or twice in this group): it is read back and answered as a duplicate or a conflict.
     async fn write_group(&self, group: &[WriteRequest]) -> Result<Vec<Outcome>, StoreError> {
@@ -649,7 +621,7 @@ impl Store {
         for request in group {
             let row = &request.row;
             if inserted.remove(&row.batch_id) {
-                devices.entry(&request.summary.device_id).or_default().add(&request.summary, row.span, &request.via);
+                devices.entry(&row.device_id).or_default().add(row, &request.via);
                 batches += 1;
                 detections += row.detections;
                 outcomes.push(Outcome::Stored);
@@ -684,10 +656,15 @@ impl Store {
 /// PostgreSQL's 65,535 bound parameters per statement.
 const INSERT_ROWS: usize = 256;
 
-/// The index fields of a new batch's row in `batches` (see the module doc).
+/// What a new batch's row in `batches` (its index fields, see the module doc) and its device's
+/// row are written from: not the batch itself, whose detections a copy would duplicate.
 #[derive(Debug, Clone)]
 struct NewRow {
     batch_id: String,
+    device_id: String,
+    name: Option<String>,
+    location: Option<String>,
+    clock_synced: bool,
     seq: i64,
     detections: i64,
     /// UTC µs of its earliest and latest detection (none without detections).
@@ -703,6 +680,10 @@ impl NewRow {
         let (first_ts, last_ts) = (times.clone().min(), times.max());
         Self {
             batch_id: batch.batch_id.to_string(),
+            device_id: batch.device_id.clone(),
+            name: batch.name.clone(),
+            location: batch.location.clone(),
+            clock_synced: batch.clock.is_synced(),
             seq: i64::try_from(batch.seq).unwrap_or(i64::MAX),
             detections: batch.detections.len() as i64,
             first_ts,
@@ -754,7 +735,7 @@ async fn insert_batches(tx: &mut Tx, rows: &[&WriteRequest], now: i64) -> Result
             let row = &request.row;
             q = q
                 .bind(&row.batch_id)
-                .bind(&request.summary.device_id)
+                .bind(&row.device_id)
                 .bind(row.seq)
                 .bind(&request.hash)
                 .bind(now)
@@ -799,19 +780,19 @@ impl Default for DeviceDelta {
 }
 
 impl DeviceDelta {
-    fn add(&mut self, batch: &Summary, span: i64, via: &str) {
+    fn add(&mut self, row: &NewRow, via: &str) {
         self.seed_batches += i64::from(via.ends_with(SEED_VIA_SUFFIX));
-        if batch.name.is_some() {
-            self.name.clone_from(&batch.name);
+        if row.name.is_some() {
+            self.name.clone_from(&row.name);
         }
-        if batch.location.is_some() {
-            self.location.clone_from(&batch.location);
+        if row.location.is_some() {
+            self.location.clone_from(&row.location);
         }
-        self.last_seq = self.last_seq.max(i64::try_from(batch.seq).unwrap_or(i64::MAX));
+        self.last_seq = self.last_seq.max(row.seq);
         self.batches += 1;
-        self.detections += batch.detections as i64;
-        self.clock_unsynced_batches += i64::from(!batch.clock_synced);
-        self.max_span_us = self.max_span_us.max(span);
+        self.detections += row.detections;
+        self.clock_unsynced_batches += i64::from(!row.clock_synced);
+        self.max_span_us = self.max_span_us.max(row.span);
     }
 }
 
