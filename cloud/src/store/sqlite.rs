@@ -31,10 +31,14 @@ impl Backend for Sqlite {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true)
-            // Statement journals (a multi-row insert in a transaction keeps one, to undo just that
-            // statement) in memory instead of a temp file past 64 KiB: no effect on what survives
-            // a crash (the WAL does that). Measured side by side: +6-10% at 50 per batch over
-            // HTTP (`bench scenario cloud-http DIR 1000000 50 sqlite 1`), cloud CPU -7%.
+            // SQLite's temp files in memory: statement journals (a multi-row insert in a
+            // transaction keeps one, to undo just that statement; it spilled to a file past
+            // 64 KiB), sorts and temporary indexes. No effect on what survives a crash (the WAL
+            // does that). What it holds stays small here: the sorts are over the batches table
+            // (one short key per batch) or top-N under a LIMIT. A new query or migration that
+            // sorts the detection projection without an index would sort it in RAM: index it.
+            // Measured side by side, both with the hand-read detections: +6-10% at 50 per batch
+            // over HTTP (`bench scenario cloud-http DIR 1000000 50 sqlite 1`), cloud CPU -7%.
             .pragma("temp_store", "memory");
         // Processes opening a new database at the same moment (replicas, or `serve` and
         // `reprocess`) race on switching it to WAL, and SQLite answers that race with "database is

@@ -254,6 +254,9 @@ pub fn wire_batches(n: usize, per: usize) -> Vec<(String, Vec<u8>)> {
 /// realistic batches of `PER` ([`wire_batches`]), parsed five times over after one warm-up pass.
 /// Reports ns per detection (best of the five passes) and MB/s of wire JSON.
 pub fn parse_batches(per: usize, detections: usize) -> Result<Value> {
+    if per == 0 || detections == 0 {
+        bail!("parse PER DETECTIONS: both at least 1");
+    }
     let batches = wire_batches(detections.div_ceil(per), per);
     let limits = backhaul_shared::Limits::default();
     let bytes: usize = batches.iter().map(|(_, raw)| raw.len()).sum();

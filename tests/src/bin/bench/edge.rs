@@ -83,7 +83,8 @@ pub fn forward_benchmarks(dir: &Path, runs: usize, quick: bool, targets: &mut Ta
                 wire(&r),
                 median(&r, "disk_bytes_per_detection"),
                 median(&r, "edge_peak_rss_mib"),
-                cpu_sum(&r, &["edge", "broker", "cloud"]),
+                // `broker` mode has no cloud.
+                cpu_sum(&r, if mode == "broker" { &["edge", "broker"] } else { &["edge", "broker", "cloud"] }),
             );
             if flag.is_some() {
                 continue;
@@ -302,12 +303,13 @@ pub enum Launch {
 }
 
 /// `a + b + c = sum` of the runs' median `{part}_cpu_s_per_million` (CPU seconds per million
-/// detections, user + system); a part that was not measured (no process) is left out.
+/// detections, user + system), for the processes of the run; a part that was not measured is
+/// `?`, and so is the sum.
 fn cpu_sum(runs: &[Value], parts: &[&str]) -> String {
-    let values: Vec<f64> =
-        parts.iter().map(|part| median(runs, &format!("{part}_cpu_s_per_million"))).filter(|v| v.is_finite()).collect();
-    let shown: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
-    format!("{} = {:.2}", shown.join(" + "), values.iter().sum::<f64>())
+    let values: Vec<f64> = parts.iter().map(|part| median(runs, &format!("{part}_cpu_s_per_million"))).collect();
+    let show = |v: f64| if v.is_finite() { format!("{v:.2}") } else { "?".to_owned() };
+    let shown: Vec<String> = values.iter().map(|&v| show(v)).collect();
+    format!("{} = {}", shown.join(" + "), show(values.iter().sum()))
 }
 
 /// `backhaul-edge run` (release, next to this binary) through a real Mosquitto (or HTTP) into a
