@@ -185,9 +185,12 @@ pub enum StoreError {
 /// A batch waiting for the next group transaction.
 #[derive(Debug)]
 struct WriteRequest {
-    /// Computed before the writer's turn.
+    /// The batch's index fields for its `batches` row and what it adds to its device's row,
+    /// computed before the writer's turn (no copy of its detections).
     row: NewRow,
+    /// [`crate::ingest::payload_hash`] of the bytes it arrived as: a resend must match it.
     hash: String,
+    /// The adapter it came through (`http`, `mqtt`, ...).
     via: String,
     /// The bytes the batch arrived as, compressed (see the module doc).
     payload: Vec<u8>,
