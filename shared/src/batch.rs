@@ -391,36 +391,14 @@ impl From<Tagged> for Detection {
     }
 }
 
-/// The message for a `kind` that names no variant.
-const KIND_EXPECTED: &str = "\"presence\", \"sensor\" or \"telemetry\"";
-
-/// A detection's variant, as its `kind` names it.
+/// A detection's variant, as its `kind` names it: read as serde's derive reads [`Tagged`]'s tag
+/// (a string only, with the derive's messages), so an error reads the same whatever the key order.
+#[derive(Deserialize)]
+#[serde(variant_identifier, rename_all = "snake_case")]
 enum Kind {
     Presence,
     Sensor,
     Telemetry,
-}
-
-impl<'de> Deserialize<'de> for Kind {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KindVisitor;
-        impl serde::de::Visitor<'_> for KindVisitor {
-            type Value = Kind;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(KIND_EXPECTED)
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Kind, E> {
-                match v {
-                    "presence" => Ok(Kind::Presence),
-                    "sensor" => Ok(Kind::Sensor),
-                    "telemetry" => Ok(Kind::Telemetry),
-                    // The derive's message, so the error reads the same whatever the key order.
-                    other => Err(E::unknown_variant(other, &["presence", "sensor", "telemetry"])),
-                }
-            }
-        }
-        deserializer.deserialize_str(KindVisitor)
-    }
 }
 
 /// A detection object's first key: `kind`, or another key (handed back to the derive).
@@ -1312,7 +1290,14 @@ mod tests {
             (fields.replace("near", "inside"), "", false),
         ];
         for (body, extra, ok) in &cases {
-            for kind in [r#""kind":"presence""#, r#""kind":"sensor""#, r#""kind":1"#, r#""kind":"beacon""#] {
+            for kind in [
+                r#""kind":"presence""#,
+                r#""kind":"sensor""#,
+                r#""kind":1"#,
+                r#""kind":"beacon""#,
+                r#""kind":{"presence":null}"#,
+                r#""kind":null"#,
+            ] {
                 let ok = *ok && kind == r#""kind":"presence""#;
                 for text in [format!("{{{kind},{body}{extra}}}"), format!("{{{body},{kind}{extra}}}")] {
                     assert_eq!(same(&text), ok, "{text}");

@@ -600,8 +600,8 @@ impl Store {
     /// batch_id` per [`INSERT_ROWS`] batches, one multi-row upsert of the devices' rows per
     /// [`DEVICE_ROWS`] devices, and the counters ([`Self::write_counts`]; none when the group
     /// stored nothing). Each statement is a round trip, and on SQLite a hand-off to sqlx's worker
-    /// thread and back: at 50 detections per batch, a statement (or two) per batch cost more than the rest of the
-    /// ingest. A batch_id the insert did not return is stored already (by another writer, a
+    /// thread and back: at 50 detections per batch, a statement (or two) per batch cost more than
+    /// the rest of the ingest. A batch_id the insert did not return is stored already (by another writer, a
     /// replica, or twice in this group): it is read back and answered as a duplicate or a conflict.
     async fn write_group(&self, group: &[WriteRequest]) -> Result<Vec<Outcome>, StoreError> {
         let now = Timestamp::now().unix_micros();
